@@ -1,0 +1,88 @@
+"""Backend choice: explicit choices, the environment variable, and the fallback without a
+compiler."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import shira_kernels
+from shira_kernels import backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        with shira_kernels.use_backend("fast"):
+            pass
+
+
+def test_explicit_choice_that_cannot_run_raises_with_reason():
+    w, i, v = [torch.zeros(4)], [torch.tensor([1])], [torch.ones(1)]
+    with shira_kernels.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' was requested .* CUDA tensors only"):
+            shira_kernels.scatter_swap_(w, i, v)
+    assert torch.equal(w[0], torch.zeros(4))
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.requested() is None
+    with shira_kernels.use_backend("reference"):
+        assert backends.select("cpu") == "reference"
+        with shira_kernels.use_backend("cpu"):
+            assert backends.select("cpu") == "cpu"
+        assert backends.requested() == "reference"
+    assert backends.requested() is None
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.select("cpu") == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "auto")
+    assert backends.select("cpu") == "cpu"
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        backends.select("cpu")
+
+
+def test_automatic_choice_on_cpu_is_the_native_kernel(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.select("cpu") == "cpu"
+    assert "cpu" in backends.available("cpu") and "reference" in backends.available("cpu")
+    assert "cuda" not in backends.available("cpu")
+
+
+def _run_without_compiler(code: str, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
+               SHIRA_KERNELS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    env.pop(backends.ENV_VAR, None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_without_a_compiler_runs_on_the_reference_and_says_why_once(tmp_path):
+    result = _run_without_compiler("""
+        import logging, torch, shira_kernels
+        logging.basicConfig(level=logging.WARNING)
+        w, i, v = [torch.zeros(5)], [torch.tensor([0, 3])], [torch.ones(2)]
+        shira_kernels.scatter_swap_(w, i, v)
+        shira_kernels.scatter_swap_(w, i, v)
+        shira_kernels.scatter_swap_(w, i, v)
+        print(w[0].tolist(), shira_kernels.backends.select("cpu"))
+        try:
+            with shira_kernels.use_backend("cpu"):
+                shira_kernels.scatter_swap_(w, i, v)
+        except RuntimeError as e:
+            print("explicit:", e)
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[1.0, 0.0, 0.0, 1.0, 0.0] reference" in result.stdout
+    assert "explicit: backend 'cpu' was requested" in result.stdout
+    assert "no C++ compiler" in result.stdout
+    # The reason for falling back is logged once, not on every call.
+    assert result.stderr.count("cpu backend not used for cpu tensors") == 1, result.stderr
