@@ -1,0 +1,4 @@
+"""Ops, one file per family: reference (the spec), torch.library op, public function."""
+from .scatter_swap import scatter_swap_, scatter_swap_reference, validate_indices
+
+__all__ = ["scatter_swap_", "scatter_swap_reference", "validate_indices"]

@@ -1,0 +1,212 @@
+"""Batched scatter-swap: trade weights[i].view(-1)[indices[i]] with values[i], for every i at once.
+
+The kernel behind exact adapter switching: swapping an adapter's values in stores the base
+entries in their place, and swapping again restores the base bit for bit (no arithmetic is done,
+only bit patterns move). Layout: reference (the specification) → launch table shared by the
+native backends → validation → torch.library op → public function.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import _native, backends
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the specification every backend is tested against.
+# ---------------------------------------------------------------------------------------------
+def scatter_swap_reference(weights, indices, values) -> None:
+    for weight, index, value in zip(weights, indices, values):
+        flat = weight.view(-1)
+        old = flat[index]
+        flat[index] = value
+        value.copy_(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch table for the native backends: one row per tensor (addresses, length, element size,
+# index width) and one row per block of work (tensor, start). Built once for a given list of
+# tensors and reused from a small cache, so a repeated switch pays no setup.
+# ---------------------------------------------------------------------------------------------
+BLOCK = {"cpu": 4096, "triton": 1024, "cuda": 2048}
+_TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_TABLE_CACHE_SIZE = 32
+
+
+def swap_table(weights, indices, values, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tasks int64 [T, 6], blocks int64 [B, 2]) on the tensors' device, cached by address."""
+    device = weights[0].device
+    rows = tuple((w.data_ptr(), i.data_ptr(), v.data_ptr(), i.numel(), w.element_size(),
+                  int(i.dtype == torch.int64)) for w, i, v in zip(weights, indices, values))
+    key = (device, block, rows)
+    table = _TABLE_CACHE.get(key)
+    if table is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return table
+    tasks = torch.tensor(rows, dtype=torch.int64).view(-1, 6)
+    per_task = (tasks[:, 3] + block - 1) // block
+    task_of_block = torch.repeat_interleave(torch.arange(len(rows)), per_task)
+    first_block = torch.cumsum(per_task, 0) - per_task
+    starts = (torch.arange(task_of_block.numel()) - first_block[task_of_block]) * block
+    table = (tasks.to(device), torch.stack([task_of_block, starts], 1).contiguous().to(device))
+    _TABLE_CACHE[key] = table
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return table
+
+
+def _native_kernel(backend: str):
+    def run(weights, indices, values) -> None:
+        tasks, blocks = swap_table(weights, indices, values, BLOCK[backend])
+        if backend == "triton":
+            from ..triton.scatter_swap import scatter_swap
+        else:
+            scatter_swap = _native.module(backend).scatter_swap
+        scatter_swap(tasks, blocks, BLOCK[backend])
+    return run
+
+
+_KERNELS = {"reference": scatter_swap_reference, "cpu": _native_kernel("cpu"),
+            "triton": _native_kernel("triton"), "cuda": _native_kernel("cuda")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: cheap metadata checks on every call; the index range and uniqueness checks read
+# the indices, so their result is kept per index tensor and redone only when it changes
+# (torch bumps a tensor's _version on every in-place write).
+# ---------------------------------------------------------------------------------------------
+_INDEX_STATS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _index_stats(index: torch.Tensor) -> tuple[int, int, bool]:
+    """(min, max, all unique) of a 1-D index tensor, cached while the tensor is unchanged."""
+    cached = _INDEX_STATS.get(index)
+    if cached is not None and cached[0] == index._version:
+        return cached[1]
+    if index.numel() == 0:
+        stats = (0, -1, True)
+    else:
+        lo, hi = torch.aminmax(index)
+        steps = index[1:] - index[:-1]
+        unique = bool((steps > 0).all()) or torch.unique(index).numel() == index.numel()
+        stats = (int(lo), int(hi), unique)
+    _INDEX_STATS[index] = (index._version, stats)
+    return stats
+
+
+def validate_indices(indices: torch.Tensor, numel: int, *, name: str = "indices") -> None:
+    """Raise ValueError unless ``indices`` are 1-D int32/int64, in [0, numel) and unique."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(indices.shape)}")
+    lo, hi, unique = _index_stats(indices)
+    if lo < 0 or hi >= numel:
+        raise ValueError(f"{name} has entries out of range: min {lo}, max {hi}, "
+                         f"but the weight has {numel} entries")
+    if not unique:
+        raise ValueError(f"{name} has repeated entries; each weight entry may be swapped once")
+
+
+def _as_tensor_list(seq, name: str) -> list[torch.Tensor]:
+    if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    for i, t in enumerate(seq):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return list(seq)
+
+
+def _check_disjoint(weights, values) -> None:
+    # Weights and values are all written: no two of them may share memory, or the parallel
+    # swap would race (values may be views into one flat buffer as long as they do not overlap).
+    spans = []
+    for name, seq in (("weights", weights), ("values", values)):
+        for i, t in enumerate(seq):
+            if t.numel():
+                start = t.data_ptr()
+                spans.append((start, start + t.numel() * t.element_size(), f"{name}[{i}]"))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{a} and {b} overlap in memory; every weight and value tensor "
+                             "must be distinct")
+
+
+def _check_swap_args(weights, indices, values):
+    weights = _as_tensor_list(weights, "weights")
+    indices = _as_tensor_list(indices, "indices")
+    values = _as_tensor_list(values, "values")
+    if not len(weights) == len(indices) == len(values):
+        raise ValueError("weights, indices and values must have the same length, got "
+                         f"{len(weights)}, {len(indices)} and {len(values)}")
+    if not weights:
+        return weights, indices, values
+    device = weights[0].device
+    for i, (w, idx, v) in enumerate(zip(weights, indices, values)):
+        if w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"weights[{i}] has dtype {w.dtype}; supported: float32, float16, bfloat16")
+        if w.device != device:
+            raise ValueError(f"weights[{i}] is on {w.device} but weights[0] is on {device}")
+        if not w.is_contiguous():
+            raise ValueError(f"weights[{i}] must be contiguous (it is swapped in place)")
+        if idx.device != device:
+            raise ValueError(f"indices[{i}] is on {idx.device} but weights[0] is on {device}")
+        if v.dtype != w.dtype:
+            raise TypeError(f"values[{i}] has dtype {v.dtype} but weights[{i}] has {w.dtype}")
+        if v.device != device:
+            raise ValueError(f"values[{i}] is on {v.device} but weights[0] is on {device}")
+        if v.dim() != 1 or not v.is_contiguous():
+            raise ValueError(f"values[{i}] must be a contiguous 1-D tensor, got shape "
+                             f"{tuple(v.shape)}")
+        validate_indices(idx, w.numel(), name=f"indices[{i}]")
+        if v.numel() != idx.numel():
+            raise ValueError(f"values[{i}] has {v.numel()} entries but indices[{i}] has "
+                             f"{idx.numel()}")
+    _check_disjoint(weights, values)
+    return weights, [idx.contiguous() for idx in indices], values
+
+
+# ---------------------------------------------------------------------------------------------
+# The op (torch.library), with a fake kernel so torch.compile can trace it.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("shira::scatter_swap_", mutates_args=("weights", "values"))
+def _scatter_swap_op(weights: list[torch.Tensor], indices: list[torch.Tensor],
+                     values: list[torch.Tensor]) -> None:
+    if weights:
+        _KERNELS[backends.select(weights[0].device)](weights, indices, values)
+
+
+@_scatter_swap_op.register_fake
+def _(weights, indices, values) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function.
+# ---------------------------------------------------------------------------------------------
+def scatter_swap_(weights: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
+                  values: Sequence[torch.Tensor]) -> None:
+    """For every i at once, swap ``weights[i].view(-1)[indices[i]]`` with ``values[i]`` in place.
+
+    Lists of equal length; weights contiguous fp32/fp16/bf16 on one device, values 1-D of the
+    weight's dtype, indices 1-D int32/int64, unique and in range. Calling it twice restores
+    both lists bit for bit. All arguments are checked before anything is written, so a call
+    that raises leaves every tensor as it was.
+    """
+    weights, indices, values = _check_swap_args(weights, indices, values)
+    if not weights:
+        return
+    # A state operation, not part of any graph: detach so parameters can be swapped in place.
+    with torch.no_grad():
+        torch.ops.shira.scatter_swap_([w.detach() for w in weights], indices,
+                                      [v.detach() for v in values])
