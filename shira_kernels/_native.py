@@ -53,12 +53,12 @@ def _spec(kind: str) -> tuple[list[Path], dict]:
     src = csrc_dir()
     if kind == "cpu":
         sources = sorted((src / "cpu").glob("*.cpp"))
-        flags = {"extra_cflags": ["-O3", "-march=native", "-fopenmp", "-std=c++17"],
+        flags = {"extra_cflags": ["-O3", "-march=native", "-fopenmp"],
                  "extra_ldflags": ["-fopenmp"]}
     else:
         sources = sorted((src / "cuda").glob("*.cu")) + sorted((src / "cuda").glob("*.cpp"))
-        flags = {"extra_cflags": ["-O3", "-std=c++17"],
-                 "extra_cuda_cflags": ["-O3", "-std=c++17", "--use_fast_math"]}
+        flags = {"extra_cflags": ["-O3"],
+                 "extra_cuda_cflags": ["-O3"]}
     return sources, flags
 
 

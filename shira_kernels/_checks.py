@@ -1,0 +1,44 @@
+"""Index checks shared by the ops and the formats. Reading indices costs a pass over them, so
+the result is kept per index tensor and redone only when it changes (torch bumps a tensor's
+_version on every in-place write): repeated calls with the same adapter stay cheap."""
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_INDEX_STATS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _index_stats(index: torch.Tensor) -> tuple[int, int, bool]:
+    """(min, max, all unique) of a 1-D index tensor, cached while the tensor is unchanged."""
+    cached = _INDEX_STATS.get(index)
+    if cached is not None and cached[0] == index._version:
+        return cached[1]
+    if index.numel() == 0:
+        stats = (0, -1, True)
+    else:
+        lo, hi = torch.aminmax(index)
+        steps = index[1:] - index[:-1]
+        unique = bool((steps > 0).all()) or torch.unique(index).numel() == index.numel()
+        stats = (int(lo), int(hi), unique)
+    _INDEX_STATS[index] = (index._version, stats)
+    return stats
+
+
+def validate_indices(indices: torch.Tensor, numel: int, *, name: str = "indices") -> None:
+    """Raise ValueError unless ``indices`` are 1-D int32/int64, in [0, numel) and unique."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(indices.shape)}")
+    lo, hi, unique = _index_stats(indices)
+    if lo < 0 or hi >= numel:
+        raise ValueError(f"{name} has entries out of range: min {lo}, max {hi}, "
+                         f"but the weight has {numel} entries")
+    if not unique:
+        raise ValueError(f"{name} has repeated entries; each weight entry may be swapped once")
