@@ -1,0 +1,186 @@
+"""Helpers for timing scatter_swap_ against the ways adapters are usually switched.
+
+Shared by bench/ (pytest-benchmark) and the report script; imports only torch and the standard
+library so the package's command line can use it without pytest.
+
+A *swap case* is a set of Llama-style linear weights together with a SHiRA-style sparse adapter
+for each (sorted, unique int32 flat indices and their values) and a LoRA adapter of the same rank
+(A [r, in], B [out, r]), so the swap and the LoRA merges can be timed on the same layers.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "SwapCase", "llama_linear_shapes", "make_swap_case", "median_time", "copy_bandwidth",
+    "swap_traffic_bytes", "torch_loop_swap", "lora_addmm_fuse", "peft_lora_merge",
+    "DEFAULT_LORA_SCALE", "CACHE_LINE",
+]
+
+CACHE_LINE = 64
+# lora_alpha / r for a typical alpha = 2r; only the arithmetic matters here, not the value.
+DEFAULT_LORA_SCALE = 2.0
+
+_PROJECTIONS = (
+    ("self_attn.q_proj", "hh"), ("self_attn.k_proj", "hh"), ("self_attn.v_proj", "hh"),
+    ("self_attn.o_proj", "hh"), ("mlp.gate_proj", "ih"), ("mlp.up_proj", "ih"),
+    ("mlp.down_proj", "hi"),
+)
+
+
+def llama_linear_shapes(hidden: int = 4096, intermediate: int = 11008,
+                        blocks: int = 2) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (out_features, in_features)) of the seven projections in each of ``blocks`` blocks."""
+    size = {"h": hidden, "i": intermediate}
+    return [(f"layers.{b}.{proj}", (size[kind[0]], size[kind[1]]))
+            for b in range(blocks) for proj, kind in _PROJECTIONS]
+
+
+@dataclass
+class SwapCase:
+    """Weights, a sparse adapter (indices, values) and a LoRA adapter (A, B) per layer."""
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    dtype: torch.dtype
+    r: int
+    weights: list[torch.Tensor]
+    indices: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lora_A: list[torch.Tensor] = field(default_factory=list)
+    lora_B: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.weights)
+
+    @property
+    def swapped_entries(self) -> int:
+        return sum(i.numel() for i in self.indices)
+
+    def describe(self) -> str:
+        dims = sorted(set(self.shapes))
+        return (f"{len(self.weights)} weights {', '.join(f'{m}x{n}' for m, n in dims)}, "
+                f"{str(self.dtype).removeprefix('torch.')}, r={self.r}: "
+                f"{self.weight_bytes / 2**30:.2f} GiB of weights, "
+                f"{self.swapped_entries:,} swapped entries")
+
+
+def _distinct_sorted(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct indices in [0, numel), uniformly chosen, sorted ascending (int64)."""
+    if k > numel:
+        raise ValueError(f"cannot choose {k} distinct entries out of {numel}")
+    if 2 * k > numel:
+        return torch.randperm(numel, generator=gen)[:k].sort().values
+    # Sparse: draw with replacement, drop repeats, keep a uniform subset of the right size.
+    # Avoids a randperm over all numel entries (hundreds of MB for an MLP weight).
+    want = k
+    while True:
+        draw = torch.randint(numel, (want + want // 16 + 64,), generator=gen)
+        uniq = torch.unique(draw)
+        if uniq.numel() >= k:
+            keep = torch.randperm(uniq.numel(), generator=gen)[:k]
+            return uniq[keep].sort().values
+        want *= 2
+
+
+def make_swap_case(shapes, r: int = 32, dtype: torch.dtype = torch.float32,
+                   seed: int = 0) -> SwapCase:
+    """Build the tensors for ``shapes`` (a list of (name, (out, in)) or of (out, in)).
+
+    Each out×in weight gets r·(out+in) distinct random flat indices (sorted, int32; the number
+    of parameters a rank-r LoRA would have) with randn values, and LoRA factors A [r, in] and
+    B [out, r] of small random values; everything in ``dtype``, contiguous, on the CPU.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    names, dims = [], []
+    for k, item in enumerate(shapes):
+        if isinstance(item[0], str):
+            name, (m, n) = item
+        else:
+            name, (m, n) = f"weight{k}", item
+        names.append(name)
+        dims.append((int(m), int(n)))
+    weights, indices, values, lora_a, lora_b = [], [], [], [], []
+    for m, n in dims:
+        if m * n >= 2**31:
+            raise ValueError(f"a {m}x{n} weight has too many entries for int32 indices")
+        weights.append(torch.randn(m, n, generator=gen, dtype=torch.float32).to(dtype))
+        k = r * (m + n)
+        indices.append(_distinct_sorted(m * n, k, gen).to(torch.int32))
+        values.append(torch.randn(k, generator=gen, dtype=torch.float32).to(dtype))
+        lora_a.append((torch.randn(r, n, generator=gen) * 0.01).to(dtype))
+        lora_b.append((torch.randn(m, r, generator=gen) * 0.01).to(dtype))
+    return SwapCase(names=names, shapes=dims, dtype=dtype, r=r, weights=weights,
+                    indices=indices, values=values, lora_A=lora_a, lora_B=lora_b)
+
+
+def median_time(fn, *, warmup: int = 1, repeat: int = 5) -> tuple[float, list[float]]:
+    """Call ``fn()`` ``warmup`` times untimed, then ``repeat`` times; (median s, all times s)."""
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, *, repeat: int = 5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` over ``nbytes`` of uint8, read + write counted."""
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    src.fill_(1)  # touch every page so the first timed copy does not pay for page faults
+    dst = torch.zeros_like(src)
+    seconds, _ = median_time(lambda: dst.copy_(src), warmup=1, repeat=repeat)
+    return 2 * nbytes / seconds
+
+
+def swap_traffic_bytes(case: SwapCase) -> int:
+    """The least memory traffic a swap of ``case`` needs, in bytes.
+
+    Every distinct cache line of a weight that holds a swapped entry is read and written back
+    once; the indices are read once; the values are read and written once.
+    """
+    total = 0
+    for w, idx, v in zip(case.weights, case.indices, case.values):
+        if idx.numel():
+            offset = w.data_ptr() % CACHE_LINE  # allocations are usually line-aligned; be exact
+            lines = torch.unique((idx.to(torch.int64) * w.element_size() + offset) // CACHE_LINE)
+            total += 2 * CACHE_LINE * lines.numel()
+        total += idx.numel() * idx.element_size()
+        total += 2 * v.numel() * v.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The alternatives timed against scatter_swap_.
+# ---------------------------------------------------------------------------------------------
+def torch_loop_swap(case: SwapCase) -> None:
+    """The swap written with torch indexing, one layer after another (self-inverse too)."""
+    with torch.no_grad():
+        for w, idx, v in zip(case.weights, case.indices, case.values):
+            flat = w.view(-1)
+            old = flat[idx]
+            flat[idx] = v
+            v.copy_(old)
+
+
+def lora_addmm_fuse(case: SwapCase, scale: float = DEFAULT_LORA_SCALE) -> None:
+    """Fuse the LoRA adapter into each weight in place: W += scale · B @ A."""
+    with torch.no_grad():
+        for w, a, b in zip(case.weights, case.lora_A, case.lora_B):
+            w.addmm_(b, a, alpha=scale)
+
+
+def peft_lora_merge(case: SwapCase, scale: float = DEFAULT_LORA_SCALE) -> None:
+    """Merge as PEFT does: the delta in float32, cast to the weight's dtype, then added."""
+    with torch.no_grad():
+        for w, a, b in zip(case.weights, case.lora_A, case.lora_B):
+            delta = (b.float() @ a.float()) * scale
+            w += delta.to(w.dtype)
