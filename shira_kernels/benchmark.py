@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .masks import sample_distinct
+
 __all__ = [
     "SwapCase", "llama_linear_shapes", "make_swap_case", "median_time", "copy_bandwidth",
     "swap_traffic_bytes", "torch_loop_swap", "lora_addmm_fuse", "peft_lora_merge",
@@ -69,24 +71,6 @@ class SwapCase:
                 f"{self.swapped_entries:,} swapped entries")
 
 
-def _distinct_sorted(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """``k`` distinct indices in [0, numel), uniformly chosen, sorted ascending (int64)."""
-    if k > numel:
-        raise ValueError(f"cannot choose {k} distinct entries out of {numel}")
-    if 2 * k > numel:
-        return torch.randperm(numel, generator=gen)[:k].sort().values
-    # Sparse: draw with replacement, drop repeats, keep a uniform subset of the right size.
-    # Avoids a randperm over all numel entries (hundreds of MB for an MLP weight).
-    want = k
-    while True:
-        draw = torch.randint(numel, (want + want // 16 + 64,), generator=gen)
-        uniq = torch.unique(draw)
-        if uniq.numel() >= k:
-            keep = torch.randperm(uniq.numel(), generator=gen)[:k]
-            return uniq[keep].sort().values
-        want *= 2
-
-
 def make_swap_case(shapes, r: int = 32, dtype: torch.dtype = torch.float32,
                    seed: int = 0) -> SwapCase:
     """Build the tensors for ``shapes`` (a list of (name, (out, in)) or of (out, in)).
@@ -110,7 +94,7 @@ def make_swap_case(shapes, r: int = 32, dtype: torch.dtype = torch.float32,
             raise ValueError(f"a {m}x{n} weight has too many entries for int32 indices")
         weights.append(torch.randn(m, n, generator=gen, dtype=torch.float32).to(dtype))
         k = r * (m + n)
-        indices.append(_distinct_sorted(m * n, k, gen).to(torch.int32))
+        indices.append(sample_distinct(m * n, k, gen).sort().values.to(torch.int32))
         values.append(torch.randn(k, generator=gen, dtype=torch.float32).to(dtype))
         lora_a.append((torch.randn(r, n, generator=gen) * 0.01).to(dtype))
         lora_b.append((torch.randn(m, r, generator=gen) * 0.01).to(dtype))
