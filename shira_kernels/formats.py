@@ -1,0 +1,194 @@
+"""Data formats: SparseDelta, a sparse [out, in] update to a weight.
+
+Canonical form: sorted unique flat indices (row·in + col; int32 while out·in < 2³¹, else int64)
+and values in the same order. Because the indices are sorted, CSR order *is* flat order: the
+values need no permutation for the row-wise kernels. Everything the kernels need beyond that
+(COO rows, CSR offsets and columns, the transposed CSR for gy·S) is derived once per index
+tensor and cached, never per call; the cache follows the index tensor (recomputed only if it is
+written in place, which bumps its version, or replaced, e.g. by .to(device)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ._checks import validate_indices
+
+__all__ = ["SparseDelta", "SparseStructure", "flat_index_dtype"]
+
+
+def flat_index_dtype(shape: tuple[int, int]) -> torch.dtype:
+    return torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
+
+
+def _column_dtype(extent: int) -> torch.dtype:
+    # int16 halves the index traffic of the row-wise kernels for widths up to 32767.
+    return torch.int16 if extent <= 32767 else torch.int32
+
+
+@dataclass(frozen=True)
+class SparseStructure:
+    """The derived index arrays of a SparseDelta (all on the indices' device).
+
+    rows:        int32 [nnz], the row of each entry (COO, for the sddmm)
+    cols:        int16/int32 [nnz], the column of each entry (CSR column indices too)
+    row_offsets: int64 [out + 1], CSR offsets
+    t_offsets:   int64 [in + 1], offsets of the transposed CSR (S as [in, out], for gy·S)
+    t_cols:      int16/int32 [nnz], its column indices (= rows of S, in column-major order)
+    t_perm:      int64 [nnz], values[t_perm] are the values in transposed order
+    """
+    rows: torch.Tensor
+    cols: torch.Tensor
+    row_offsets: torch.Tensor
+    t_offsets: torch.Tensor
+    t_cols: torch.Tensor
+    t_perm: torch.Tensor
+
+    @staticmethod
+    def build(flat_indices: torch.Tensor, shape: tuple[int, int]) -> "SparseStructure":
+        out_features, in_features = shape
+        flat = flat_indices.long()
+        rows = torch.div(flat, in_features, rounding_mode="floor")
+        cols = flat - rows * in_features
+        row_offsets = torch.zeros(out_features + 1, dtype=torch.int64, device=flat.device)
+        row_offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
+        # Transposed order: by column, then row (stable sort of the already row-sorted entries).
+        t_perm = torch.sort(cols, stable=True).indices
+        t_offsets = torch.zeros(in_features + 1, dtype=torch.int64, device=flat.device)
+        t_offsets[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
+        return SparseStructure(
+            rows=rows.to(torch.int32), cols=cols.to(_column_dtype(in_features)),
+            row_offsets=row_offsets, t_offsets=t_offsets,
+            t_cols=rows[t_perm].to(_column_dtype(out_features)), t_perm=t_perm)
+
+
+_STRUCTURES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _structure_of(flat_indices: torch.Tensor, shape: tuple[int, int]) -> SparseStructure:
+    cached = _STRUCTURES.get(flat_indices)
+    if cached is not None and cached[0] == (flat_indices._version, shape):
+        return cached[1]
+    structure = SparseStructure.build(flat_indices, shape)
+    _STRUCTURES[flat_indices] = ((flat_indices._version, shape), structure)
+    return structure
+
+
+class SparseDelta:
+    """A sparse update S of shape (out, in): sorted unique flat indices and their values.
+
+    Build one with from_flat, from_mask or from_coo (they sort and check); the constructor
+    itself takes indices that are already canonical and checks them (cached per index tensor).
+    Inside torch.compile the checks are skipped and the structure must come with the delta
+    (``structure=``, or ``with_values`` on a delta whose structure was used before), as
+    ShiraLinear does with its buffers.
+    """
+
+    def __init__(self, shape, flat_indices: torch.Tensor, values: torch.Tensor, *,
+                 structure: SparseStructure | None = None):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"shape must be (out, in) with both ≥ 1, got {shape}")
+        if not isinstance(values, torch.Tensor) or values.dim() != 1:
+            raise ValueError("values must be a 1-D tensor")
+        if values.numel() != flat_indices.numel():
+            raise ValueError(f"values has {values.numel()} entries but flat_indices has "
+                             f"{flat_indices.numel()}")
+        if values.device != flat_indices.device:
+            raise ValueError(f"values is on {values.device} but flat_indices on "
+                             f"{flat_indices.device}")
+        if not torch.compiler.is_compiling():
+            validate_indices(flat_indices, shape[0] * shape[1], name="flat_indices")
+        self.shape = shape
+        self.flat_indices = flat_indices
+        self.values = values
+        self._structure = structure
+
+    # -- constructors ----------------------------------------------------------------------
+    @classmethod
+    def from_flat(cls, flat_indices, shape, values=None, *, dtype=torch.float32) -> "SparseDelta":
+        """From flat indices in any order (values follow them); zeros when values is None."""
+        shape = (int(shape[0]), int(shape[1]))
+        flat_indices = torch.as_tensor(flat_indices)
+        if flat_indices.dtype not in (torch.int32, torch.int64) or flat_indices.dim() != 1:
+            raise TypeError("flat_indices must be a 1-D int32 or int64 tensor")
+        validate_indices(flat_indices, shape[0] * shape[1], name="flat_indices")
+        order = torch.argsort(flat_indices)
+        flat = flat_indices[order].to(flat_index_dtype(shape))
+        if values is None:
+            values = torch.zeros(flat.numel(), dtype=dtype, device=flat.device)
+        else:
+            values = torch.as_tensor(values, device=flat.device)
+            if values.shape != flat_indices.shape:
+                raise ValueError(f"values has shape {tuple(values.shape)} but flat_indices has "
+                                 f"{tuple(flat_indices.shape)}")
+            values = values[order]
+        return cls(shape, flat, values)
+
+    @classmethod
+    def from_coo(cls, rows, cols, shape, values=None, *, dtype=torch.float32) -> "SparseDelta":
+        rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        if rows.shape != cols.shape or rows.dim() != 1:
+            raise ValueError("rows and cols must be 1-D tensors of the same length")
+        out_features, in_features = int(shape[0]), int(shape[1])
+        for name, t, extent in (("rows", rows, out_features), ("cols", cols, in_features)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= extent):
+                raise ValueError(f"{name} has entries outside [0, {extent})")
+        return cls.from_flat(rows.long() * in_features + cols.long(), shape, values, dtype=dtype)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, values=None, *, dtype=torch.float32) -> "SparseDelta":
+        """From a boolean [out, in] mask; values, if given, is a dense [out, in] tensor whose
+        masked entries are taken."""
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise TypeError("mask must be a 2-D bool tensor")
+        flat = torch.nonzero(mask.reshape(-1)).view(-1)
+        if values is not None:
+            if values.shape != mask.shape:
+                raise ValueError(f"values has shape {tuple(values.shape)} but mask has "
+                                 f"{tuple(mask.shape)}")
+            values = values.reshape(-1)[flat]
+        return cls.from_flat(flat, mask.shape, values, dtype=dtype)
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.flat_indices.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def structure(self) -> SparseStructure:
+        """The derived index arrays, computed once per index tensor."""
+        if self._structure is None:
+            self._structure = _structure_of(self.flat_indices, self.shape)
+        return self._structure
+
+    def with_values(self, values: torch.Tensor) -> "SparseDelta":
+        """The same sparsity pattern (and structure) with other values."""
+        return SparseDelta(self.shape, self.flat_indices, values, structure=self.structure)
+
+    def to(self, *args, **kwargs) -> "SparseDelta":
+        values = self.values.to(*args, **kwargs)
+        return SparseDelta(self.shape, self.flat_indices.to(values.device), values)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dense = torch.zeros(self.shape, dtype=dtype or self.dtype, device=self.device)
+        dense.view(-1)[self.flat_indices.long()] = self.values.to(dense.dtype)
+        return dense
+
+    def __repr__(self) -> str:
+        return (f"SparseDelta(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
+                f"dtype={self.dtype}, device={self.device})")

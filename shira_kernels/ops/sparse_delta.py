@@ -1,0 +1,310 @@
+"""Sparse-delta matmul: y = x·(W + scale·S)ᵀ + b with S a SparseDelta, and its parts.
+
+The parts (each a torch.library op with reference, cpu, triton and cuda kernels):
+  spmm     y + scale·x·Sᵀ for S in CSR          (forward; with Sᵀ's CSR also gx += gy·S)
+  sddmm    g[j] = Σ_t gy[t, row_j]·x[t, col_j]   (gradient of S's values: no dense m×n grad)
+  csr_add  out = W + scale·S                     (copy W, then add on S's entries only)
+
+sparse_delta_linear runs one of two strategies, each a single dense matmul plus O(nnz) work:
+  "spmm"   y = x·Wᵀ + b, then y += scale·x·Sᵀ                  (best for few tokens)
+  "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b   (best for many)
+"auto" switches at a token count measured by bench/report_sparse_delta.py. Its backward gives
+x (gy·W + scale·gy·S, or gy·W'), S's values (scale·sddmm), the bias, and W only if W asks.
+The backward never builds a dense m×n gradient unless W requires grad, and never copies W
+beyond the one scratch buffer of "merge".
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .. import _native, backends
+from .._checks import FLOAT_DTYPES
+from ..formats import SparseDelta
+
+STRATEGIES = ("auto", "spmm", "merge")
+# Token count from which "merge" beats "spmm" (auto strategy), per device type; measured on
+# 4096x4096 and 4096x11008 layers at r=32 (docs/benchmarks/sparse_delta_cpu.md).
+MERGE_FROM_TOKENS = {"cpu": 256, "cuda": 512}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the specification of each part.
+# ---------------------------------------------------------------------------------------------
+def _csr_to_dense(offsets, cols, values, n_cols) -> torch.Tensor:
+    n_rows = offsets.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=offsets.device), offsets.diff())
+    dense = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=values.device)
+    dense[rows, cols.long()] = values.float()
+    return dense
+
+
+def spmm_reference(y, x, offsets, cols, values, scale: float) -> torch.Tensor:
+    dense = _csr_to_dense(offsets, cols, values, x.shape[1])
+    return (y.float() + scale * (x.float() @ dense.T)).to(y.dtype)
+
+
+def sddmm_reference(gy, x, rows, cols) -> torch.Tensor:
+    # The dense gradient gyᵀ·x read at S's entries.
+    return (gy.float().T @ x.float())[rows.long(), cols.long()]
+
+
+def scatter_add_reference(out, weight, flat_indices, values, scale: float) -> None:
+    flat = flat_indices.long()
+    out.view(-1)[flat] = (weight.view(-1)[flat].float() + scale * values.float()).to(out.dtype)
+
+
+def sparse_delta_linear_reference(x, weight, bias, delta: SparseDelta, scale: float = 1.0):
+    """Clone W, add the dense delta, F.linear: what PEFT's SHiRA layer does."""
+    return F.linear(x, weight + scale * delta.to_dense(weight.dtype), bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels per backend.
+# ---------------------------------------------------------------------------------------------
+def _kernels(backend: str):
+    if backend == "reference":
+        return spmm_reference, sddmm_reference, scatter_add_reference
+    if backend == "triton":
+        from ..triton import sparse_delta as mod
+        return mod.spmm, mod.sddmm, mod.scatter_add
+    mod = _native.module(backend)
+    return mod.spmm, mod.sddmm, mod.scatter_add
+
+
+def _select(device):
+    return _kernels(backends.select(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops with fake kernels.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("shira::spmm", mutates_args=())
+def _spmm_op(y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, cols: torch.Tensor,
+             values: torch.Tensor, scale: float) -> torch.Tensor:
+    return _select(y.device)[0](y.contiguous(), x.contiguous(), offsets, cols,
+                                values.contiguous(), scale)
+
+
+@_spmm_op.register_fake
+def _(y, x, offsets, cols, values, scale):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("shira::sddmm", mutates_args=())
+def _sddmm_op(gy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+              cols: torch.Tensor) -> torch.Tensor:
+    return _select(gy.device)[1](gy.contiguous(), x.contiguous(), rows, cols)
+
+
+@_sddmm_op.register_fake
+def _(gy, x, rows, cols):
+    return gy.new_empty(rows.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("shira::csr_add", mutates_args=("out",))
+def _csr_add_op(weight: torch.Tensor, flat_indices: torch.Tensor, values: torch.Tensor,
+                scale: float, out: torch.Tensor) -> None:
+    if out.data_ptr() != weight.data_ptr():
+        out.copy_(weight)
+    _select(weight.device)[2](out, weight, flat_indices, values.contiguous(), scale)
+
+
+@_csr_add_op.register_fake
+def _(weight, flat_indices, values, scale, out):
+    return None
+
+
+# Scratch buffers for the "merge" strategy: one per (shape, dtype, device) and thread, reused
+# by every layer of that shape, so merging never allocates (or page-faults) per call.
+_scratch = threading.local()
+
+
+def _merged_weight(weight, flat, values, scale) -> torch.Tensor:
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (tuple(weight.shape), weight.dtype, weight.device)
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    _csr_add_op(weight, flat, values, scale, buf)
+    return buf
+
+
+_STRUCT_ARGS = "Tensor flat, Tensor offsets, Tensor cols, Tensor rows, Tensor t_offsets, Tensor t_cols, Tensor t_perm"
+
+
+@torch.library.custom_op("shira::sparse_delta_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
+               cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
+               t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
+               strategy: str) -> torch.Tensor:
+    if strategy == "merge":
+        return F.linear(x, _merged_weight(weight, flat, values, scale), bias)
+    return _spmm_op(F.linear(x, weight, bias), x, offsets, cols, values, scale)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm, scale,
+      strategy):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("shira::sparse_delta_linear_backward", mutates_args=())
+def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
+                        cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
+                        t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
+                        strategy: str, need_x: bool,
+                        need_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gy = gy.contiguous()
+    gx = gw = gy.new_empty(0)
+    if need_x:
+        if strategy == "merge":
+            gx = gy @ _merged_weight(weight, flat, values, scale)
+        else:
+            gx = _spmm_op(gy @ weight, gy, t_offsets, t_cols, values[t_perm], scale)
+    gvalues = (scale * _sddmm_op(gy, x, rows, cols)).to(values.dtype)
+    if need_weight:
+        gw = gy.T @ x
+    return gx, gvalues, gw
+
+
+@_linear_backward_op.register_fake
+def _(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm, scale,
+      strategy, need_x, need_weight):
+    gx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_x else (0,))
+    gw = gy.new_empty(tuple(weight.shape) if need_weight else (0,))
+    return gx, values.new_empty(values.shape), gw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, values, *struct, scale, strategy = inputs
+    ctx.save_for_backward(x, weight, values, *struct)
+    ctx.scale, ctx.strategy, ctx.has_bias = scale, strategy, bias is not None
+
+
+def _backward(ctx, gy):
+    x, weight, values, *struct = ctx.saved_tensors
+    need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
+    gx, gvalues, gw = torch.ops.shira.sparse_delta_linear_backward(
+        gy, x, weight, values, *struct, ctx.scale, ctx.strategy, need_x, need_w)
+    gb = gy.sum(0) if ctx.has_bias and need_b else None
+    return ((gx if need_x else None), (gw if need_w else None), gb,
+            (gvalues if need_v else None)) + (None,) * 9
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast the op runs in the autocast dtype, like F.linear.
+torch.library.register_autocast("shira::sparse_delta_linear", "cpu", torch.bfloat16)
+torch.library.register_autocast("shira::sparse_delta_linear", "cuda", torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions: validate once, then call the op.
+# ---------------------------------------------------------------------------------------------
+def _check_delta(delta, shape, what: str) -> SparseDelta:
+    if not isinstance(delta, SparseDelta):
+        raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
+    if tuple(delta.shape) != tuple(shape):
+        raise ValueError(f"delta has shape {tuple(delta.shape)} but {what} needs {tuple(shape)}")
+    return delta
+
+
+def _check_float(name: str, t, dtype=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the other inputs have {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def spmm(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta, scale: float = 1.0):
+    """y + scale·x·Sᵀ for x [T, in], y [T, out], S = delta [out, in]."""
+    _check_float("x", x)
+    _check_float("y", y, x.dtype, x.device)
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x must be [T, in] and y [T, out], got {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_delta(delta, (y.shape[1], x.shape[1]), "y and x")
+    _check_float("delta.values", delta.values, x.dtype, x.device)
+    s = delta.structure
+    return _spmm_op(y, x, s.row_offsets, s.cols, delta.values, float(scale))
+
+
+def spmm_t(gx: torch.Tensor, gy: torch.Tensor, delta: SparseDelta, scale: float = 1.0):
+    """gx + scale·gy·S for gy [T, out], gx [T, in]: the gradient of x through S."""
+    _check_float("gy", gy)
+    _check_float("gx", gx, gy.dtype, gy.device)
+    if gx.dim() != 2 or gy.dim() != 2 or gx.shape[0] != gy.shape[0]:
+        raise ValueError(f"gy must be [T, out] and gx [T, in], got {tuple(gy.shape)} and {tuple(gx.shape)}")
+    _check_delta(delta, (gy.shape[1], gx.shape[1]), "gy and gx")
+    _check_float("delta.values", delta.values, gy.dtype, gy.device)
+    s = delta.structure
+    return _spmm_op(gx, gy, s.t_offsets, s.t_cols, delta.values[s.t_perm], float(scale))
+
+
+def sddmm(gy: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
+    """fp32 [nnz]: Σ_t gy[t, row_j]·x[t, col_j] for each entry j of delta."""
+    _check_float("gy", gy)
+    _check_float("x", x, gy.dtype, gy.device)
+    if gy.dim() != 2 or x.dim() != 2 or gy.shape[0] != x.shape[0]:
+        raise ValueError(f"gy must be [T, out] and x [T, in], got {tuple(gy.shape)} and {tuple(x.shape)}")
+    _check_delta(delta, (gy.shape[1], x.shape[1]), "gy and x")
+    if delta.device != gy.device:
+        raise ValueError(f"delta is on {delta.device} but gy is on {gy.device}")
+    s = delta.structure
+    return _sddmm_op(gy, x, s.rows, s.cols)
+
+
+def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """W + scale·S (entries computed in fp32 and rounded once), into ``out`` if given."""
+    _check_float("weight", weight)
+    if weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
+    _check_delta(delta, weight.shape, "weight")
+    _check_float("delta.values", delta.values, weight.dtype, weight.device)
+    if out is None:
+        out = torch.empty_like(weight)
+    else:
+        _check_float("out", out, weight.dtype, weight.device)
+        if out.shape != weight.shape or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous with shape {tuple(weight.shape)}")
+    _csr_add_op(weight, delta.flat_indices, delta.values, float(scale), out)
+    return out
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        delta: SparseDelta, scale: float = 1.0, strategy: str = "auto"):
+    """x·(W + scale·S)ᵀ + b for x of any leading shape [..., in]; differentiable in x, S's
+    values, the bias and (only if it requires grad) W."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    _check_float("x", x)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = None if autocast else x.dtype
+    _check_float("weight", weight, dtype, x.device)
+    if weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
+                         f"{weight.shape[1]}")
+    if bias is not None:
+        _check_float("bias", bias, dtype, x.device)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    _check_delta(delta, weight.shape, "weight")
+    _check_float("delta.values", delta.values, dtype, x.device)
+    x2 = x.reshape(-1, x.shape[-1])
+    if strategy == "auto":
+        threshold = MERGE_FROM_TOKENS.get(x.device.type, 256)
+        strategy = "merge" if x2.shape[0] >= threshold else "spmm"
+    s = delta.structure
+    y = _linear_op(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols,
+                   s.rows, s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
+    return y.view(*x.shape[:-1], weight.shape[0])

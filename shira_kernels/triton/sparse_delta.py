@@ -1,0 +1,87 @@
+"""Sparse-delta matmul parts in Triton: spmm (y + scale·x·Sᵀ, CSR), sddmm (gradient of S's
+values) and scatter_add (W + scale·S on S's entries). Accumulation in fp32 throughout."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _spmm_kernel(y_in, y_out, x, offsets, cols, values, scale, tokens, n_rows, n_cols,
+                 BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
+    # One program per (output feature r, tile of tokens): the row's entries are read once per
+    # tile and applied to all its tokens.
+    r = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < tokens
+    start = tl.load(offsets + r)
+    end = tl.load(offsets + r + 1)
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_NZ):
+        j = j0 + tl.arange(0, BLOCK_NZ)
+        j_mask = j < end
+        c = tl.load(cols + j, mask=j_mask, other=0).to(tl.int64)
+        v = tl.load(values + j, mask=j_mask, other=0.0).to(tl.float32)
+        xt = tl.load(x + t[:, None] * n_cols + c[None, :],
+                     mask=t_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xt * v[None, :], axis=1)
+    y = tl.load(y_in + t * n_rows + r, mask=t_mask, other=0.0).to(tl.float32)
+    tl.store(y_out + t * n_rows + r, (y + scale * acc).to(y_out.dtype.element_ty), mask=t_mask)
+
+
+@triton.jit
+def _sddmm_kernel(gy, x, rows, cols, g, tokens, nnz, n_out, n_in,
+                  BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
+    # One program per block of entries, looping over all tokens; wide token tiles keep the
+    # fp32 sum close to a pairwise one (few sequential adds), as accurate as a dense matmul.
+    j = tl.program_id(0).to(tl.int64) * BLOCK_NZ + tl.arange(0, BLOCK_NZ)
+    j_mask = j < nnz
+    r = tl.load(rows + j, mask=j_mask, other=0).to(tl.int64)
+    c = tl.load(cols + j, mask=j_mask, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_NZ], dtype=tl.float32)
+    for t0 in range(0, tokens, BLOCK_T):
+        t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        m = (t < tokens)[:, None] & j_mask[None, :]
+        a = tl.load(gy + t[:, None] * n_out + r[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(x + t[:, None] * n_in + c[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=0)
+    tl.store(g + j, acc, mask=j_mask)
+
+
+@triton.jit
+def _scatter_add_kernel(out, weight, idx, values, scale, nnz, BLOCK: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = j < nnz
+    k = tl.load(idx + j, mask=m, other=0).to(tl.int64)
+    w = tl.load(weight + k, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(values + j, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + k, (w + scale * v).to(out.dtype.element_ty), mask=m)
+
+
+def spmm(y_in, x, offsets, cols, values, scale: float):
+    tokens, n_rows = y_in.shape
+    y_out = torch.empty_like(y_in)
+    if tokens and n_rows:
+        block_t = min(64, triton.next_power_of_2(tokens))
+        grid = (n_rows, triton.cdiv(tokens, block_t))
+        _spmm_kernel[grid](y_in, y_out, x, offsets, cols, values, float(scale), tokens, n_rows,
+                           x.shape[1], BLOCK_T=block_t, BLOCK_NZ=32)
+    return y_out
+
+
+def sddmm(gy, x, rows, cols):
+    nnz = rows.numel()
+    g = torch.empty(nnz, dtype=torch.float32, device=gy.device)
+    if nnz:
+        block_nz = 64
+        _sddmm_kernel[(triton.cdiv(nnz, block_nz),)](
+            gy, x, rows, cols, g, gy.shape[0], nnz, gy.shape[1], x.shape[1],
+            BLOCK_T=128, BLOCK_NZ=block_nz)
+    return g
+
+
+def scatter_add(out, weight, idx, values, scale: float) -> None:
+    nnz = idx.numel()
+    if nnz:
+        block = 1024
+        _scatter_add_kernel[(triton.cdiv(nnz, block),)](out, weight, idx, values, float(scale),
+                                                        nnz, BLOCK=block)

@@ -1,0 +1,229 @@
+"""Sparse-delta matmul and its parts, every backend against the reference. Tolerances come
+from PyTorch's own error in the same dtype: our error against a float64 result may be at most
+twice torch's own (plus one rounding of the output)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import shira_kernels
+from shira_kernels.formats import SparseDelta
+from shira_kernels.ops import sparse_delta as sd
+
+from conftest import DTYPES
+
+# (tokens, out, in): odd sizes, 0 and 1 token, a wide layer, a long sequence.
+SHAPES = [(0, 5, 7), (1, 3, 4097), (3, 33, 65), (2049, 17, 33)]
+SHAPE_IDS = ["T0", "T1-in4097", "T3", "T2049"]
+
+
+def assert_within_torch_error(ours, torch_result, exact, what=""):
+    """|ours − exact| ≤ 2·|torch − exact| + one rounding of the output, elementwise max."""
+    exact = exact.double()
+    if exact.numel() == 0:
+        assert ours.numel() == 0
+        return
+    eps = torch.finfo(torch_result.dtype).eps
+    err_torch = (torch_result.double() - exact).abs().max().item()
+    err_ours = (ours.double() - exact).abs().max().item()
+    limit = 2 * err_torch + eps * exact.abs().max().item()
+    assert err_ours <= limit, f"{what}: error {err_ours:.3g} > limit {limit:.3g} (torch's {err_torch:.3g})"
+
+
+def make_delta(out_f, in_f, dtype, density=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out_f, in_f, generator=g) < density
+    mask[0, 0] = True
+    values = torch.randn(out_f, in_f, generator=g).to(dtype)
+    return SparseDelta.from_mask(mask, values)
+
+
+def randn(*shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_spmm_and_spmm_t(backend, dtype, shape):
+    tokens, out_f, in_f = shape
+    delta = make_delta(out_f, in_f, dtype)
+    x, y = randn(tokens, in_f, dtype=dtype, seed=1), randn(tokens, out_f, dtype=dtype, seed=2)
+    dense = delta.to_dense()
+    exact = y.double() + 0.5 * x.double() @ dense.double().T
+    assert_within_torch_error(shira_kernels.spmm(y, x, delta, 0.5), y + 0.5 * (x @ dense.T), exact, "spmm")
+    gy, gx = randn(tokens, out_f, dtype=dtype, seed=3), randn(tokens, in_f, dtype=dtype, seed=4)
+    exact = gx.double() + 2.0 * gy.double() @ dense.double()
+    assert_within_torch_error(shira_kernels.spmm_t(gx, gy, delta, 2.0), gx + 2.0 * (gy @ dense), exact, "spmm_t")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_sddmm(backend, dtype, shape):
+    tokens, out_f, in_f = shape
+    delta = make_delta(out_f, in_f, dtype)
+    gy, x = randn(tokens, out_f, dtype=dtype, seed=5), randn(tokens, in_f, dtype=dtype, seed=6)
+    g = shira_kernels.sddmm(gy, x, delta)
+    assert g.dtype == torch.float32 and g.shape == (delta.nnz,)
+    s = delta.structure
+    rows, cols = s.rows.long(), s.cols.long()
+    exact = (gy.double().T @ x.double())[rows, cols]
+    assert_within_torch_error(g, (gy.T @ x)[rows, cols], exact, "sddmm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_csr_add(backend, dtype):
+    delta = make_delta(37, 4097, dtype, density=0.05)
+    weight = randn(37, 4097, dtype=dtype, seed=7)
+    before = weight.clone()
+    out = shira_kernels.csr_add(weight, delta, 0.25)
+    assert torch.equal(weight, before)
+    dense = delta.to_dense()
+    exact = weight.double() + 0.25 * dense.double()
+    assert_within_torch_error(out, weight + 0.25 * dense, exact, "csr_add")
+    untouched = dense == 0
+    assert torch.equal(out[untouched], weight[untouched])
+    buffer = torch.full_like(weight, float("nan"))
+    assert shira_kernels.csr_add(weight, delta, 0.25, out=buffer) is buffer
+    assert torch.equal(buffer, out)
+
+
+def _linear_case(shape, dtype, bias=True, weight_grad=False, seed=0):
+    tokens, out_f, in_f = shape
+    delta = make_delta(out_f, in_f, dtype, seed=seed)
+    values = delta.values.clone().requires_grad_(True)
+    weight = randn(out_f, in_f, dtype=dtype, seed=seed + 1).requires_grad_(weight_grad)
+    b = randn(out_f, dtype=dtype, seed=seed + 2).requires_grad_(True) if bias else None
+    x = randn(2, tokens, in_f, dtype=dtype, seed=seed + 3).requires_grad_(True)
+    gy = randn(2, tokens, out_f, dtype=dtype, seed=seed + 4)
+    return x, weight, b, delta.with_values(values), gy
+
+
+def _grads(y, gy, tensors):
+    return torch.autograd.grad(y, tensors, gy, allow_unused=True)
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "merge"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_sparse_delta_linear_and_gradients(backend, dtype, shape, strategy):
+    x, weight, bias, delta, gy = _linear_case(shape, dtype, weight_grad=(strategy == "merge"))
+    inputs = [x, delta.values, bias] + ([weight] if weight.requires_grad else [])
+    y = shira_kernels.sparse_delta_linear(x, weight, bias, delta, 0.5, strategy=strategy)
+    assert y.shape == (*x.shape[:-1], weight.shape[0]) and y.dtype == dtype
+    ours = [y] + list(_grads(y, gy, inputs))
+    # torch's own result in this dtype (the clone-and-add formulation), and the exact one.
+    ref = sd.sparse_delta_linear_reference(x, weight, bias, delta, 0.5)
+    theirs = [ref] + list(_grads(ref, gy, inputs))
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, bias, delta.values)]
+    x64, w64, b64, v64 = as64
+    d64 = delta.with_values(v64)
+    ref64 = sd.sparse_delta_linear_reference(x64, w64, b64, d64, 0.5)
+    inputs64 = [x64, v64, b64] + ([w64] if weight.requires_grad else [])
+    exact = [ref64] + list(_grads(ref64, gy.double(), inputs64))
+    for name, o, t, e in zip(["y", "grad x", "grad values", "grad bias", "grad weight"], ours, theirs, exact):
+        assert_within_torch_error(o, t, e, name)
+
+
+def test_gradient_of_weight_only_when_asked(backend):
+    x, weight, bias, delta, gy = _linear_case((4, 6, 10), torch.float32)
+    y = shira_kernels.sparse_delta_linear(x, weight, bias, delta)
+    y.backward(gy)
+    assert weight.grad is None and delta.values.grad is not None and x.grad is not None
+
+
+def test_auto_strategy_switches_at_the_measured_token_count(monkeypatch):
+    calls = []
+    real = sd._linear_op
+    monkeypatch.setattr(sd, "_linear_op", lambda *a: calls.append(a[-1]) or real(*a))
+    threshold = sd.MERGE_FROM_TOKENS["cpu"]
+    x, weight, bias, delta, _ = _linear_case((1, 6, 10), torch.float32)
+    shira_kernels.sparse_delta_linear(x[:, :1], weight, bias, delta)
+    shira_kernels.sparse_delta_linear(torch.randn(threshold, 10), weight, bias, delta)
+    assert calls == ["spmm", "merge"]
+
+
+def test_autocast_runs_in_bfloat16(backend):
+    x, weight, bias, delta, _ = _linear_case((5, 6, 10), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = shira_kernels.sparse_delta_linear(x, weight, bias, delta)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert delta.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph_traces_the_module():
+    x, weight, bias, delta, gy = _linear_case((3, 6, 10), torch.float32)
+    delta.structure  # derived eagerly, as ShiraLinear keeps it in buffers
+
+    def f(x, values):
+        return shira_kernels.sparse_delta_linear(x, weight, bias, delta.with_values(values))
+
+    expected = f(x, delta.values)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y = compiled(x, delta.values)
+    torch.testing.assert_close(y, expected)
+    y.backward(gy)
+    assert delta.values.grad is not None
+
+
+def test_opcheck_every_op(backend):
+    x, weight, bias, delta, _ = _linear_case((3, 6, 10), torch.float32)
+    s = delta.structure
+    values = delta.values.detach()
+    x2 = x.detach().reshape(-1, 10)
+    y = torch.randn(x2.shape[0], 6)
+    opcheck(torch.ops.shira.spmm.default, (y, x2, s.row_offsets, s.cols, values, 0.5))
+    opcheck(torch.ops.shira.sddmm.default, (y, x2, s.rows, s.cols))
+    opcheck(torch.ops.shira.csr_add.default, (weight, delta.flat_indices, values, 0.5, torch.empty_like(weight)))
+    struct = (delta.flat_indices, s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols, s.t_perm)
+    for strategy in ("spmm", "merge"):
+        opcheck(torch.ops.shira.sparse_delta_linear.default,
+                (x2.requires_grad_(), weight, bias, delta.values, *struct, 0.5, strategy))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument.
+# ---------------------------------------------------------------------------------------------
+def test_bad_inputs_name_the_argument():
+    x, weight, bias, delta, _ = _linear_case((3, 6, 10), torch.float32)
+    x, bias = x.detach(), bias.detach()
+    with pytest.raises(ValueError, match="last dim must be in_features = 10"):
+        shira_kernels.sparse_delta_linear(torch.randn(3, 9), weight, bias, delta)
+    with pytest.raises(TypeError, match="weight has dtype torch.float16"):
+        shira_kernels.sparse_delta_linear(x, weight.half(), bias, delta)
+    with pytest.raises(TypeError, match="delta.values has dtype torch.bfloat16"):
+        shira_kernels.sparse_delta_linear(x, weight, bias, delta.to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"bias has shape \(5,\)"):
+        shira_kernels.sparse_delta_linear(x, weight, bias[:5], delta)
+    with pytest.raises(ValueError, match=r"delta has shape \(6, 10\) but weight needs \(10, 6\)"):
+        shira_kernels.sparse_delta_linear(torch.randn(2, 6), weight.T.contiguous(), None, delta)
+    with pytest.raises(TypeError, match="delta must be a SparseDelta"):
+        shira_kernels.sparse_delta_linear(x, weight, bias, delta.values)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        shira_kernels.sparse_delta_linear(x, weight, bias, delta, strategy="fast")
+    with pytest.raises(ValueError, match="weight must be a contiguous 2-D tensor"):
+        shira_kernels.sparse_delta_linear(x, torch.randn(10, 6).T, bias, delta)
+    out = torch.zeros(6, 10)
+    with pytest.raises(ValueError, match=r"out must be contiguous with shape \(6, 10\)"):
+        shira_kernels.csr_add(weight, delta, out=torch.zeros(6, 11))
+    assert torch.equal(out, torch.zeros(6, 10))
+
+
+def test_sparse_delta_format():
+    rows, cols = torch.tensor([2, 0, 1, 0]), torch.tensor([1, 3, 0, 0])
+    delta = SparseDelta.from_coo(rows, cols, (3, 4), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert delta.flat_indices.tolist() == [0, 3, 4, 9] and delta.flat_indices.dtype == torch.int32
+    assert delta.values.tolist() == [4.0, 2.0, 3.0, 1.0]
+    s = delta.structure
+    assert s.row_offsets.tolist() == [0, 2, 3, 4] and s.cols.dtype == torch.int16
+    assert delta.structure is s  # derived once
+    dense = delta.to_dense()
+    assert dense[2, 1] == 1.0 and dense[0, 3] == 2.0 and dense.count_nonzero() == 4
+    again = SparseDelta.from_mask(dense != 0, dense)
+    assert torch.equal(again.flat_indices, delta.flat_indices) and torch.equal(again.values, delta.values)
+    with pytest.raises(ValueError, match="repeated"):
+        SparseDelta.from_flat(torch.tensor([1, 1]), (2, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        SparseDelta.from_flat(torch.tensor([4]), (2, 2))
+    with pytest.raises(ValueError, match="cols has entries outside"):
+        SparseDelta.from_coo(torch.tensor([0]), torch.tensor([4]), (3, 4))
