@@ -160,7 +160,7 @@ def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         strategy: str, need_x: bool,
                         need_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gy = gy.contiguous()
-    gx = gw = gy.new_empty(0)
+    gx, gw = gy.new_empty(0), gy.new_empty(0)
     if need_x:
         if strategy == "merge":
             gx = gy @ _merged_weight(weight, flat, values, scale)

@@ -1,0 +1,171 @@
+"""ShiraLinear: a drop-in nn.Linear with a SHiRA sparse adapter, and helpers to apply it.
+
+The base weight and bias stay the very Parameters of the original layer (frozen), so
+isinstance checks, .weight, .bias and the base's state_dict keys are unchanged. The adapter is
+a trainable vector ``shira_values`` over the entries named by the buffer ``shira_indices``
+(sorted flat indices; saved in the state_dict). The derived CSR structure lives in
+non-persistent buffers, so .to() moves it and torch.compile sees plain tensors.
+
+Unfused, forward runs sparse_delta_linear (no clone of W, no dense gradient). merge() swaps the
+adapted entries into W with scatter_swap_ (forward is then a plain linear: zero overhead) and
+unmerge() swaps the base entries back, bit for bit.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import SparseDelta, SparseStructure
+from ..masks import make_mask, mask_to_indices
+from ..ops.scatter_swap import scatter_swap_
+from ..ops.sparse_delta import STRATEGIES, sparse_delta_linear
+
+_STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
+
+
+class ShiraLinear(nn.Linear):
+    """nn.Linear plus a sparse adapter: y = x·(W + scale·S)ᵀ + b, S trained on fixed entries."""
+
+    shira_indices: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 indices: torch.Tensor, scale: float = 1.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_adapter(indices, scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int | None = None, density: float | None = None,
+                    mask: str | torch.Tensor = "rand", seed: int = 0, scale: float = 1.0,
+                    grads: Iterable[torch.Tensor] | None = None) -> "ShiraLinear":
+        """Wrap ``linear`` (its weight Parameter is reused, not copied, and frozen).
+
+        mask: "rand" | "struct" | "wm" | "grad" | "snip" (grad/snip need ``grads``, gradients of
+        the weight from calibration batches) or a bool tensor of the weight's shape; the budget
+        is r·(out+in) entries (``r``) or a fraction of them (``density``).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, ShiraLinear):
+            raise TypeError("linear is already a ShiraLinear")
+        if not linear.weight.is_contiguous():
+            raise ValueError("linear.weight must be contiguous (adapted entries are swapped into it)")
+        if isinstance(mask, str) and r is None and density is None:
+            r = 32
+        chosen = make_mask(mask, linear.weight.detach(), r=r, density=density, seed=seed, grads=grads)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer._init_adapter(mask_to_indices(chosen).to(linear.weight.device), scale)
+        return layer
+
+    def _init_adapter(self, indices: torch.Tensor, scale: float) -> None:
+        delta = SparseDelta(self.weight.shape, indices, torch.zeros(
+            indices.numel(), dtype=self.weight.dtype, device=self.weight.device))
+        self.scale = float(scale)
+        self.strategy = "auto"
+        self.merged = False
+        # SHiRA starts from zero: the adapted model equals the base until it is trained.
+        self.shira_values = nn.Parameter(delta.values)
+        self.register_buffer("shira_indices", indices)
+        self._set_structure(delta.structure)
+        self.register_buffer("_shira_swapped", None, persistent=False)
+        self.register_load_state_dict_post_hook(ShiraLinear._after_load)
+
+    def _set_structure(self, structure: SparseStructure) -> None:
+        for name in _STRUCTURE_FIELDS:
+            self.register_buffer(f"_shira_{name}", getattr(structure, name), persistent=False)
+
+    @staticmethod
+    def _after_load(module: "ShiraLinear", incompatible_keys) -> None:
+        # Loaded indices may differ from the ones the structure was derived from.
+        module._set_structure(SparseDelta(module.weight.shape, module.shira_indices,
+                                          module.shira_values).structure)
+
+    def _structure(self) -> SparseStructure:
+        return SparseStructure(*(getattr(self, f"_shira_{name}") for name in _STRUCTURE_FIELDS))
+
+    @property
+    def delta(self) -> SparseDelta:
+        """The adapter as a SparseDelta (shares the indices, values and structure)."""
+        return SparseDelta(self.weight.shape, self.shira_indices, self.shira_values,
+                           structure=self._structure())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        return sparse_delta_linear(x, self.weight, self.bias, self.delta, self.scale,
+                                   strategy=self.strategy)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Put W + scale·S into the weight (only S's entries are written); forward is then a
+        plain linear. The base entries are kept for unmerge()."""
+        if self.merged:
+            return
+        flat = self.weight.view(-1)
+        index = self.shira_indices
+        adapted = (flat[index.long()].float() + self.scale * self.shira_values.float()).to(flat.dtype)
+        scatter_swap_([self.weight], [index], [adapted])
+        self._shira_swapped = adapted  # now holds the base entries
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight bit for bit."""
+        if not self.merged:
+            return
+        scatter_swap_([self.weight], [self.shira_indices], [self._shira_swapped])
+        self._shira_swapped = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, nnz={self.shira_indices.numel()}, scale={self.scale}"
+                f"{', merged' if self.merged else ''}")
+
+
+def replace_linear(model: nn.Module, target_modules: Iterable[str] | None = None, *,
+                   filter: Callable[[str, nn.Module], bool] | None = None,
+                   factory: Callable[[nn.Linear], nn.Module] | None = None,
+                   **from_linear_kwargs) -> list[str]:
+    """Replace the nn.Linear layers of ``model`` chosen by ``target_modules`` (names or name
+    suffixes, as in PEFT) or ``filter(fqn, module)`` with ``factory(linear)`` (default:
+    ShiraLinear.from_linear with ``from_linear_kwargs``; each layer's mask gets its own seed).
+    Returns the replaced names."""
+    if (target_modules is None) == (filter is None):
+        raise ValueError("give exactly one of target_modules or filter")
+    if target_modules is not None:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        filter = lambda name, _: any(name == t or name.endswith("." + t) for t in targets)  # noqa: E731
+    seed = from_linear_kwargs.pop("seed", 0)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and not isinstance(module, ShiraLinear)
+              and filter(name, module)]
+    if not chosen:
+        raise ValueError("no nn.Linear layer of the model matches target_modules / filter")
+    for i, (name, module) in enumerate(chosen):
+        new = (factory(module) if factory is not None
+               else ShiraLinear.from_linear(module, seed=seed + i, **from_linear_kwargs))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return [name for name, _ in chosen]
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> int:
+    """Freeze every parameter but the adapters' (``shira_values``); returns how many stay
+    trainable."""
+    count = 0
+    for name, param in model.named_parameters():
+        train = name.rsplit(".", 1)[-1] == "shira_values"
+        param.requires_grad_(train)
+        count += param.numel() if train else 0
+    return count

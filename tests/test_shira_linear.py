@@ -1,0 +1,170 @@
+"""ShiraLinear and replace_linear: drop-in behaviour, gradients against the reference
+formulation, exact merge/unmerge, training, state_dict, torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import shira_kernels
+from shira_kernels.nn import ShiraLinear, mark_only_adapters_trainable, replace_linear
+
+from conftest import DTYPES
+from test_sparse_delta import assert_within_torch_error
+
+
+def trained_layer(in_f=33, out_f=17, dtype=torch.float32, r=2, seed=0):
+    torch.manual_seed(seed)
+    layer = ShiraLinear.from_linear(nn.Linear(in_f, out_f).to(dtype), r=r, seed=seed)
+    with torch.no_grad():
+        layer.shira_values.copy_(torch.randn(layer.shira_values.shape))
+    return layer
+
+
+def test_from_linear_is_a_drop_in_replacement():
+    base = nn.Linear(10, 6)
+    keys = set(base.state_dict())
+    layer = ShiraLinear.from_linear(base, r=1)
+    assert isinstance(layer, nn.Linear)
+    assert layer.weight is base.weight and layer.bias is base.bias  # no copy
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert keys <= set(layer.state_dict()) and {"shira_values", "shira_indices"} <= set(layer.state_dict())
+    assert layer.shira_values.numel() == 1 * (10 + 6) and layer.shira_values.requires_grad
+    x = torch.randn(4, 10)
+    assert torch.equal(layer(x), base(x))  # the adapter starts at zero
+    assert layer.delta.nnz == 16 and layer.delta.shape == (6, 10)
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "merge"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_equals_the_clone_and_add_formulation(backend, dtype, strategy):
+    layer = trained_layer(dtype=dtype)
+    layer.strategy = strategy
+    x = torch.randn(2, 5, 33).to(dtype).requires_grad_(True)
+    gy = torch.randn(2, 5, 17).to(dtype)
+    y = layer(x)
+    ours = [y, *torch.autograd.grad(y, [x, layer.shira_values], gy)]
+
+    def reference(x, values, weight, bias):
+        w = weight.clone()
+        w.view(-1)[layer.shira_indices.long()] += layer.scale * values
+        return F.linear(x, w, bias)
+
+    ref = reference(x, layer.shira_values, layer.weight, layer.bias)
+    theirs = [ref, *torch.autograd.grad(ref, [x, layer.shira_values], gy)]
+    x64 = x.detach().double().requires_grad_(True)
+    v64 = layer.shira_values.detach().double().requires_grad_(True)
+    ref64 = reference(x64, v64, layer.weight.double(), layer.bias.double())
+    exact = [ref64, *torch.autograd.grad(ref64, [x64, v64], gy.double())]
+    for name, o, t, e in zip(["y", "grad x", "grad values"], ours, theirs, exact):
+        assert_within_torch_error(o, t, e, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_and_unmerge_are_exact(backend, dtype):
+    layer = trained_layer(dtype=dtype)
+    base = layer.weight.detach().clone()
+    x = torch.randn(3, 33).to(dtype)
+    unfused = layer(x)
+    layer.merge()
+    assert layer.merged
+    changed = (layer.weight != base).view(-1).nonzero().view(-1)
+    assert set(changed.tolist()) <= set(layer.shira_indices.tolist())
+    assert_within_torch_error(layer(x), unfused, unfused.double(), "merged forward")
+    layer.merge()  # merging twice is a no-op
+    layer.unmerge()
+    assert torch.equal(layer.weight, base)
+    layer.unmerge()
+    assert torch.equal(layer.weight, base)
+
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 64)
+        self.down = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_training_lowers_the_loss_and_changes_only_masked_entries(backend):
+    torch.manual_seed(0)
+    model = TinyModel()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    names = replace_linear(model, ["up", "down"], r=2)
+    assert names == ["up", "down"]
+    assert mark_only_adapters_trainable(model) == 2 * (16 + 64) + 2 * (64 + 4)
+    x, target = torch.randn(64, 16), torch.randn(64, 4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    for name in ("up", "down"):
+        layer = getattr(model, name)
+        assert torch.equal(layer.weight, base[f"{name}.weight"])  # unfused: W never written
+        layer.merge()
+        changed = (layer.weight != base[f"{name}.weight"]).view(-1).nonzero().view(-1)
+        assert len(changed) > 0 and set(changed.tolist()) <= set(layer.shira_indices.tolist())
+        layer.unmerge()
+        assert torch.equal(layer.weight, base[f"{name}.weight"])
+
+
+def test_state_dict_round_trip_with_another_mask():
+    src = trained_layer(seed=1)
+    dst = ShiraLinear.from_linear(nn.Linear(33, 17), r=2, seed=2)
+    assert not torch.equal(src.shira_indices, dst.shira_indices)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(4, 33)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    assert torch.equal(dst._shira_row_offsets, src._shira_row_offsets)  # structure re-derived
+
+
+def test_to_moves_and_casts_the_adapter():
+    layer = trained_layer().to(torch.bfloat16)
+    assert layer.shira_values.dtype == torch.bfloat16 and layer.shira_indices.dtype == torch.int32
+    assert layer(torch.randn(2, 33, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_torch_compile_fullgraph_of_a_model_with_shira_layers():
+    torch.manual_seed(0)
+    model = TinyModel()
+    replace_linear(model, filter=lambda name, m: True, r=2)
+    x = torch.randn(8, 16)
+    expected = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert model.up.shira_values.grad is not None
+
+
+def test_masks_are_passed_through():
+    base = nn.Linear(8, 4)
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[1, 2] = mask[3, 7] = True
+    layer = ShiraLinear.from_linear(base, mask=mask)
+    assert layer.shira_indices.tolist() == [1 * 8 + 2, 3 * 8 + 7]
+    wm = ShiraLinear.from_linear(nn.Linear(8, 4), mask="wm", density=0.25)
+    assert wm.shira_values.numel() == 8
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        ShiraLinear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(TypeError, match="already a ShiraLinear"):
+        ShiraLinear.from_linear(trained_layer())
+    with pytest.raises(ValueError):
+        ShiraLinear.from_linear(nn.Linear(8, 4), mask=torch.zeros(3, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="budget does not fit"):
+        ShiraLinear.from_linear(nn.Linear(8, 4), r=100)
+    model = TinyModel()
+    with pytest.raises(ValueError, match="exactly one of target_modules or filter"):
+        replace_linear(model)
+    with pytest.raises(ValueError, match="no nn.Linear layer"):
+        replace_linear(model, ["nothing"])
+    assert isinstance(model.up, nn.Linear) and not isinstance(model.up, ShiraLinear)
