@@ -34,7 +34,7 @@ def test_from_linear_is_a_drop_in_replacement():
     assert layer.delta.nnz == 16 and layer.delta.shape == (6, 10)
 
 
-@pytest.mark.parametrize("strategy", ["spmm", "merge"])
+@pytest.mark.parametrize("strategy", ["spmm", "swap", "merge"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradient_equals_the_clone_and_add_formulation(backend, dtype, strategy):
     layer = trained_layer(dtype=dtype)

@@ -102,11 +102,12 @@ def _grads(y, gy, tensors):
     return torch.autograd.grad(y, tensors, gy, allow_unused=True)
 
 
-@pytest.mark.parametrize("strategy", ["spmm", "merge"])
+@pytest.mark.parametrize("strategy", ["spmm", "swap", "merge"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_sparse_delta_linear_and_gradients(backend, dtype, shape, strategy):
-    x, weight, bias, delta, gy = _linear_case(shape, dtype, weight_grad=(strategy == "merge"))
+    x, weight, bias, delta, gy = _linear_case(shape, dtype, weight_grad=(strategy != "spmm"))
+    base = weight.detach().clone()
     inputs = [x, delta.values, bias] + ([weight] if weight.requires_grad else [])
     y = shira_kernels.sparse_delta_linear(x, weight, bias, delta, 0.5, strategy=strategy)
     assert y.shape == (*x.shape[:-1], weight.shape[0]) and y.dtype == dtype
@@ -122,6 +123,7 @@ def test_sparse_delta_linear_and_gradients(backend, dtype, shape, strategy):
     exact = [ref64] + list(_grads(ref64, gy.double(), inputs64))
     for name, o, t, e in zip(["y", "grad x", "grad values", "grad bias", "grad weight"], ours, theirs, exact):
         assert_within_torch_error(o, t, e, name)
+    assert torch.equal(weight.detach(), base)  # "swap" restores W bit for bit
 
 
 def test_gradient_of_weight_only_when_asked(backend):
@@ -135,11 +137,11 @@ def test_auto_strategy_switches_at_the_measured_token_count(monkeypatch):
     calls = []
     real = sd._linear_op
     monkeypatch.setattr(sd, "_linear_op", lambda *a: calls.append(a[-1]) or real(*a))
-    threshold = sd.MERGE_FROM_TOKENS["cpu"]
+    threshold = sd.SWAP_FROM_TOKENS["cpu"]
     x, weight, bias, delta, _ = _linear_case((1, 6, 10), torch.float32)
-    shira_kernels.sparse_delta_linear(x[:, :1], weight, bias, delta)
+    shira_kernels.sparse_delta_linear(torch.randn(threshold - 1, 10), weight, bias, delta)
     shira_kernels.sparse_delta_linear(torch.randn(threshold, 10), weight, bias, delta)
-    assert calls == ["spmm", "merge"]
+    assert calls == ["spmm", "swap"]
 
 
 def test_autocast_runs_in_bfloat16(backend):
@@ -176,7 +178,7 @@ def test_opcheck_every_op(backend):
     opcheck(torch.ops.shira.sddmm.default, (y, x2, s.rows, s.cols))
     opcheck(torch.ops.shira.csr_add.default, (weight, delta.flat_indices, values, 0.5, torch.empty_like(weight)))
     struct = (delta.flat_indices, s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols, s.t_perm)
-    for strategy in ("spmm", "merge"):
+    for strategy in ("spmm", "swap", "merge"):
         opcheck(torch.ops.shira.sparse_delta_linear.default,
                 (x2.requires_grad_(), weight, bias, delta.values, *struct, 0.5, strategy))
 

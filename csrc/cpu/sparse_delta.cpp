@@ -57,6 +57,18 @@ void scatter_add(const T* weight, T* out, const I* idx, const T* values, float s
 template <typename C>
 void shira_spmm_cpu(const float* xT, int64_t tokens, const int64_t* offsets, const C* cols,
                     const float* values, int64_t rows, float* accT) {
+  if (tokens == 1) {
+    // One token (decoding): a gathered dot product per row; no token loop to amortise.
+#pragma omp parallel for schedule(static, 64)
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0.0f;
+      // simd: several partial sums, as accurate as a blocked dense dot (and vectorised).
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = offsets[r]; j < offsets[r + 1]; ++j) acc += values[j] * xT[cols[j]];
+      accT[r] = acc;
+    }
+    return;
+  }
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
     const int64_t tc = std::min(kTokenChunk, tokens - t0);
     // Rows hold different numbers of entries: dynamic chunks keep the threads busy.

@@ -74,6 +74,12 @@ _KERNELS = {"reference": scatter_swap_reference, "cpu": _native_kernel("cpu"),
             "triton": _native_kernel("triton"), "cuda": _native_kernel("cuda")}
 
 
+def swap_unchecked(weights, indices, values) -> None:
+    """The swap on the selected backend without validation, for ops whose arguments were
+    validated at their own entry (e.g. sparse_delta_linear's "swap" strategy)."""
+    _KERNELS[backends.select(weights[0].device)](weights, indices, values)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation: cheap metadata checks on every call; range and uniqueness via _checks' cache.
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def _check_swap_args(weights, indices, values):
 def _scatter_swap_op(weights: list[torch.Tensor], indices: list[torch.Tensor],
                      values: list[torch.Tensor]) -> None:
     if weights:
-        _KERNELS[backends.select(weights[0].device)](weights, indices, values)
+        swap_unchecked(weights, indices, values)
 
 
 @_scatter_swap_op.register_fake

@@ -5,16 +5,21 @@ The parts (each a torch.library op with reference, cpu, triton and cuda kernels)
   sddmm    g[j] = Σ_t gy[t, row_j]·x[t, col_j]   (gradient of S's values: no dense m×n grad)
   csr_add  out = W + scale·S                     (copy W, then add on S's entries only)
 
-sparse_delta_linear runs one of two strategies, each a single dense matmul plus O(nnz) work:
-  "spmm"   y = x·Wᵀ + b, then y += scale·x·Sᵀ                  (best for few tokens)
-  "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b   (best for many)
-"auto" switches at a token count measured by bench/report_sparse_delta.py. Its backward gives
-x (gy·W + scale·gy·S, or gy·W'), S's values (scale·sddmm), the bias, and W only if W asks.
-The backward never builds a dense m×n gradient unless W requires grad, and never copies W
-beyond the one scratch buffer of "merge".
+sparse_delta_linear runs one of three strategies, each one dense matmul plus extra work:
+  "spmm"   y = x·Wᵀ + b, then y += scale·x·Sᵀ            O(tokens·nnz): best for few tokens
+  "swap"   swap W + scale·S into W's entries (scatter_swap_), y = x·Wᵀ + b, swap the base
+           entries back: O(nnz), no copy of W, W restored bit for bit before returning. W is
+           briefly modified, so another thread must not read W during the call
+  "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b: O(out·in) copy, for
+           callers that need W untouched while many tokens run
+"auto" picks spmm below a token count measured by bench/report_shira_linear.py, else swap. The
+backward gives x (gy·W + scale·gy·S, or gy·W' as the strategy says), S's values
+(scale·sddmm), the bias, and W only if W asks: it never builds a dense m×n gradient unless W
+requires grad, and never copies W beyond the one scratch buffer of "merge".
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -23,11 +28,12 @@ import torch.nn.functional as F
 from .. import _native, backends
 from .._checks import FLOAT_DTYPES
 from ..formats import SparseDelta
+from .scatter_swap import swap_unchecked
 
-STRATEGIES = ("auto", "spmm", "merge")
-# Token count from which "merge" beats "spmm" (auto strategy), per device type; measured on
-# 4096x4096 and 4096x11008 layers at r=32 (docs/benchmarks/sparse_delta_cpu.md).
-MERGE_FROM_TOKENS = {"cpu": 256, "cuda": 512}
+STRATEGIES = ("auto", "spmm", "swap", "merge")
+# Token count from which "swap" beats "spmm" (auto strategy), per device type; measured on
+# 4096x4096 and 11008x4096 layers at r=32 (docs/benchmarks/shira_linear_cpu.md).
+SWAP_FROM_TOKENS = {"cpu": 16, "cuda": 64}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,19 +123,40 @@ def _(weight, flat_indices, values, scale, out):
     return None
 
 
-# Scratch buffers for the "merge" strategy: one per (shape, dtype, device) and thread, reused
-# by every layer of that shape, so merging never allocates (or page-faults) per call.
+# Scratch buffers, one per (kind, shape, dtype, device) and thread, reused by every layer of
+# that shape: no allocation (or page faults) per call, and for "swap" a stable address, so
+# scatter_swap_'s launch table is built once.
 _scratch = threading.local()
 
 
-def _merged_weight(weight, flat, values, scale) -> torch.Tensor:
+def _scratch_buffer(kind: str, like: torch.Tensor, shape) -> torch.Tensor:
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (tuple(weight.shape), weight.dtype, weight.device)
+    key = (kind, tuple(shape), like.dtype, like.device)
     buf = buffers.get(key)
     if buf is None:
-        buf = buffers[key] = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        buf = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def _merged_weight(weight, flat, values, scale) -> torch.Tensor:
+    buf = _scratch_buffer("merge", weight, weight.shape)
     _csr_add_op(weight, flat, values, scale, buf)
     return buf
+
+
+@contextlib.contextmanager
+def _adapted_in_place(weight, flat, values, scale):
+    """W + scale·S stands in W's entries for the duration; then the base bits go back."""
+    # .data: the temporary write is invisible to autograd's version counter, so W saved for
+    # another backward stays valid (it is restored bit for bit before anyone could read it).
+    w = weight.data
+    adapted = _scratch_buffer("swap", w, flat.shape)
+    adapted.copy_(torch.add(w.view(-1)[flat].float(), values.float(), alpha=scale))
+    swap_unchecked([w], [flat], [adapted])
+    try:
+        yield
+    finally:
+        swap_unchecked([w], [flat], [adapted])
 
 
 _STRUCT_ARGS = "Tensor flat, Tensor offsets, Tensor cols, Tensor rows, Tensor t_offsets, Tensor t_cols, Tensor t_perm"
@@ -143,6 +170,9 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                strategy: str) -> torch.Tensor:
     if strategy == "merge":
         return F.linear(x, _merged_weight(weight, flat, values, scale), bias)
+    if strategy == "swap":
+        with _adapted_in_place(weight, flat, values, scale):
+            return F.linear(x, weight, bias)
     return _spmm_op(F.linear(x, weight, bias), x, offsets, cols, values, scale)
 
 
@@ -164,6 +194,9 @@ def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if need_x:
         if strategy == "merge":
             gx = gy @ _merged_weight(weight, flat, values, scale)
+        elif strategy == "swap":
+            with _adapted_in_place(weight, flat, values, scale):
+                gx = gy @ weight
         else:
             gx = _spmm_op(gy @ weight, gy, t_offsets, t_cols, values[t_perm], scale)
     gvalues = (scale * _sddmm_op(gy, x, rows, cols)).to(values.dtype)
@@ -302,8 +335,8 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     _check_float("delta.values", delta.values, dtype, x.device)
     x2 = x.reshape(-1, x.shape[-1])
     if strategy == "auto":
-        threshold = MERGE_FROM_TOKENS.get(x.device.type, 256)
-        strategy = "merge" if x2.shape[0] >= threshold else "spmm"
+        threshold = SWAP_FROM_TOKENS.get(x.device.type, 64)
+        strategy = "swap" if x2.shape[0] >= threshold else "spmm"
     s = delta.structure
     y = _linear_op(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols,
                    s.rows, s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
