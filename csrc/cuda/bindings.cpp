@@ -60,6 +60,153 @@ void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64
              "scatter_swap");
 }
 
+// --- SHiRA sparse-delta ops ------------------------------------------------
+
+// Maps a floating dtype to the ShiraDType code of kernels.h.
+int dtype_code(const torch::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return kShiraFloat32;
+    case torch::kFloat16: return kShiraFloat16;
+    case torch::kBFloat16: return kShiraBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return -1;  // unreachable
+}
+
+// A CUDA, contiguous tensor of the given rank on `device`.
+void check_operand(const torch::Tensor& t, const char* name, int64_t dim,
+                   const torch::Device& device) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_same_dtype(const torch::Tensor& t, const char* name, const torch::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
+              " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// Byte width of an int16 / int32 column-index tensor.
+int col_index_size(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kInt16 || t.scalar_type() == torch::kInt32, name,
+              " must be int16 or int32, got ", t.scalar_type());
+  return static_cast<int>(t.element_size());
+}
+
+// spmm(y_in [T,out], x [T,in], row_offsets int64 [out+1], col_indices int16/int32 [nnz],
+//      values [nnz], scale) -> y_out [T,out]
+// y_out[t, r] = y_in[t, r] + scale * sum_{j in row r} values[j] * x[t, col_indices[j]].
+// With the CSC structure of S (the CSR of S^T) it computes gx = gy * S. Not
+// checked (it would need a device sync): row_offsets is non-decreasing with
+// row_offsets[0] == 0, row_offsets[out] == nnz, and col_indices are in [0, in).
+torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
+                   const torch::Tensor& row_offsets, const torch::Tensor& col_indices,
+                   const torch::Tensor& values, double scale) {
+  const torch::Device device = x.device();
+  check_operand(x, "x", 2, device);
+  check_operand(y_in, "y_in", 2, device);
+  check_operand(row_offsets, "row_offsets", 1, device);
+  check_operand(col_indices, "col_indices", 1, device);
+  check_operand(values, "values", 1, device);
+  const int dtype = dtype_code(x, "x");
+  check_same_dtype(y_in, "y_in", x, "x");
+  check_same_dtype(values, "values", x, "x");
+  TORCH_CHECK(row_offsets.scalar_type() == torch::kInt64, "row_offsets must be int64, got ",
+              row_offsets.scalar_type());
+  const int col_size = col_index_size(col_indices, "col_indices");
+  TORCH_CHECK(row_offsets.size(0) >= 1, "row_offsets must have at least one entry");
+
+  const int64_t num_tokens = x.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t out_features = row_offsets.size(0) - 1;
+  const int64_t nnz = values.size(0);
+  TORCH_CHECK(y_in.size(0) == num_tokens && y_in.size(1) == out_features, "y_in must have shape [",
+              num_tokens, ", ", out_features, "] (x is ", x.sizes(), ", row_offsets has ",
+              row_offsets.size(0), " entries), got ", y_in.sizes());
+  TORCH_CHECK(col_indices.size(0) == nnz, "col_indices and values must have the same length, got ",
+              col_indices.size(0), " and ", nnz);
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  torch::Tensor y_out = torch::empty_like(y_in);
+  if (y_out.numel() == 0) return y_out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_cuda(shira_launch_spmm(y_in.data_ptr(), y_out.data_ptr(), x.data_ptr(),
+                               row_offsets.data_ptr<int64_t>(), col_indices.data_ptr(), col_size,
+                               values.data_ptr(), dtype, num_tokens, out_features, in_features,
+                               nnz, static_cast<float>(scale), stream),
+             "spmm");
+  return y_out;
+}
+
+// sddmm(gy [T,out], x [T,in], rows int32 [nnz], cols int16/int32 [nnz]) -> fp32 [nnz]
+// g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]]. Not checked: rows in [0, out),
+// cols in [0, in).
+torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch::Tensor& rows,
+                    const torch::Tensor& cols) {
+  const torch::Device device = x.device();
+  check_operand(gy, "gy", 2, device);
+  check_operand(x, "x", 2, device);
+  check_operand(rows, "rows", 1, device);
+  check_operand(cols, "cols", 1, device);
+  const int dtype = dtype_code(x, "x");
+  check_same_dtype(gy, "gy", x, "x");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt32, "rows must be int32, got ", rows.scalar_type());
+  const int col_size = col_index_size(cols, "cols");
+  TORCH_CHECK(gy.size(0) == x.size(0), "gy and x must have the same number of rows (tokens), got ",
+              gy.sizes(), " and ", x.sizes());
+  const int64_t nnz = rows.size(0);
+  TORCH_CHECK(cols.size(0) == nnz, "rows and cols must have the same length, got ", nnz, " and ",
+              cols.size(0));
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  torch::Tensor g = torch::empty({nnz}, x.options().dtype(torch::kFloat32));
+  if (nnz == 0) return g;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_cuda(shira_launch_sddmm(gy.data_ptr(), x.data_ptr(), rows.data_ptr<int32_t>(),
+                                cols.data_ptr(), col_size, g.data_ptr<float>(), dtype, x.size(0),
+                                gy.size(1), x.size(1), nnz, stream),
+             "sddmm");
+  return g;
+}
+
+// scatter_add(out, weight, flat_indices int32/int64 [nnz], values [nnz], scale) -> None
+// out.view(-1)[k] = weight.view(-1)[k] + scale * values[j] for k = flat_indices[j]
+// (out and weight: same dtype and numel, any contiguous shape)
+// (fp32 math, one rounding); other entries of out are left as they are.
+// Not checked: flat_indices are unique and in [0, weight.numel()).
+void scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
+                 const torch::Tensor& flat_indices, const torch::Tensor& values, double scale) {
+  const torch::Device device = weight.device();
+  check_operand(out, "out", out.dim(), device);
+  check_operand(weight, "weight", weight.dim(), device);
+  check_operand(flat_indices, "flat_indices", 1, device);
+  check_operand(values, "values", 1, device);
+  const int dtype = dtype_code(weight, "weight");
+  check_same_dtype(out, "out", weight, "weight");
+  check_same_dtype(values, "values", weight, "weight");
+  // Both are contiguous, so equal numel means the same flat layout.
+  TORCH_CHECK(out.numel() == weight.numel(), "out and weight must have the same numel, got ",
+              out.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(flat_indices.scalar_type() == torch::kInt32 ||
+                  flat_indices.scalar_type() == torch::kInt64,
+              "flat_indices must be int32 or int64, got ", flat_indices.scalar_type());
+  const int64_t nnz = flat_indices.size(0);
+  TORCH_CHECK(values.size(0) == nnz, "flat_indices and values must have the same length, got ",
+              nnz, " and ", values.size(0));
+  if (nnz == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_cuda(shira_launch_scatter_add(out.data_ptr(), weight.data_ptr(), flat_indices.data_ptr(),
+                                      static_cast<int>(flat_indices.element_size()),
+                                      values.data_ptr(), dtype, nnz, static_cast<float>(scale),
+                                      stream),
+             "scatter_add");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -68,4 +215,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "In-place batched swap weight[index[j]] <-> value[j] described by int64 "
         "task/block tables",
         py::arg("tasks"), py::arg("blocks"), py::arg("block"));
+  m.def("spmm", &spmm,
+        "y_in + scale * x @ S^T for a CSR S (row_offsets, col_indices, values); "
+        "returns a new tensor",
+        py::arg("y_in"), py::arg("x"), py::arg("row_offsets"), py::arg("col_indices"),
+        py::arg("values"), py::arg("scale"));
+  m.def("sddmm", &sddmm,
+        "fp32 g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]] on a COO sparsity pattern",
+        py::arg("gy"), py::arg("x"), py::arg("rows"), py::arg("cols"));
+  m.def("scatter_add", &scatter_add,
+        "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place",
+        py::arg("out"), py::arg("weight"), py::arg("flat_indices"), py::arg("values"),
+        py::arg("scale"));
 }

@@ -1,0 +1,407 @@
+// SHiRA sparse-delta kernels: CSR spmm, sddmm (the gradient of the sparse
+// values) and a scaled scatter-add of the sparse values into a dense weight.
+//
+// Element types are float, __half and __nv_bfloat16; every product and sum is
+// accumulated in fp32 and rounded once, when it is stored. No torch headers
+// here on purpose: this file must build with plain nvcc.
+
+#include "kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdint>
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned int kFullMask = 0xffffffffu;
+constexpr int kThreads = 256;               // threads per block, all kernels
+constexpr int64_t kMaxGridY = 65535;        // hardware limit of gridDim.y
+constexpr int64_t kMaxGridX = INT_MAX;      // hardware limit of gridDim.x
+
+// ---------------------------------------------------------------------------
+// Element conversions (fp32 <-> storage type).
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------
+// spmm: y_out[t, r] = y_in[t, r] + scale * sum_j values[j] * x[t, cols[j]],
+// j over [row_offsets[r], row_offsets[r + 1]).
+//
+// A group of kGroup consecutive lanes (a power of two dividing the warp) owns
+// one row r and one tile of kTokens tokens. The group walks the row's nonzeros
+// kGroup at a time (coalesced loads of cols/values) and applies each loaded
+// nonzero to all tokens of the tile, so a row is read once per tile rather
+// than once per token. Partial sums are reduced with xor shuffles inside the
+// group, and lane (k % kGroup) stores token k.
+//
+// Nothing here assumes rows vs in_features: called with the CSC structure of
+// S (i.e. the CSR of S^T) it computes gx = gy * S.
+//
+// y_in and y_out may be the same buffer: each element is read and then written
+// by the same thread, so they are deliberately not __restrict__.
+
+template <typename T, typename Col>
+struct SpmmArgs {
+  const T* y_in;
+  T* y_out;
+  const T* x;
+  const int64_t* row_offsets;
+  const Col* cols;
+  const T* values;
+  float scale;
+  int64_t num_tokens;
+  int64_t rows;         // = y's row length (y is [num_tokens, rows])
+  int64_t in_features;  // = x's row length (x is [num_tokens, in_features])
+};
+
+template <typename T, typename Col, int kGroup, int kTokens>
+__global__ void __launch_bounds__(kThreads) spmm_kernel(const SpmmArgs<T, Col> a) {
+  static_assert(kGroup >= 1 && kGroup <= kWarpSize && (kWarpSize % kGroup) == 0,
+                "a group must tile the warp");
+  static_assert(kThreads % kWarpSize == 0, "blocks must be whole warps");
+  constexpr int kGroupsPerBlock = kThreads / kGroup;
+
+  const T* __restrict__ x = a.x;
+  const Col* __restrict__ cols = a.cols;
+  const T* __restrict__ values = a.values;
+
+  const int sub = static_cast<int>(threadIdx.x) % kGroup;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
+                    static_cast<int64_t>(threadIdx.x) / kGroup;
+  const bool row_ok = r < a.rows;
+  // Lanes past the last row keep an empty range instead of returning: every
+  // lane of the warp must reach the full-mask shuffles below.
+  int64_t begin = 0;
+  int64_t end = 0;
+  if (row_ok) {
+    begin = a.row_offsets[r];
+    end = a.row_offsets[r + 1];
+  }
+
+  const int64_t num_tiles = ceil_div(a.num_tokens, kTokens);
+  // blockIdx.y / gridDim.y are uniform across the block, so every warp runs
+  // the same number of iterations (and shuffles) here.
+  for (int64_t tile = blockIdx.y; tile < num_tiles; tile += gridDim.y) {
+    const int64_t t0 = tile * kTokens;
+    const int64_t ntok = min64(kTokens, a.num_tokens - t0);
+    const T* x_tile = x + t0 * a.in_features;
+
+    float acc[kTokens];
+#pragma unroll
+    for (int k = 0; k < kTokens; ++k) acc[k] = 0.0f;
+
+    for (int64_t j = begin + sub; j < end; j += kGroup) {
+      const float v = to_float(values[j]);
+      const T* xc = x_tile + static_cast<int64_t>(cols[j]);
+#pragma unroll
+      for (int k = 0; k < kTokens; ++k) {
+        if (k < ntok) acc[k] = fmaf(v, to_float(xc[k * a.in_features]), acc[k]);
+      }
+    }
+
+#pragma unroll
+    for (int k = 0; k < kTokens; ++k) {
+#pragma unroll
+      for (int offset = kGroup / 2; offset > 0; offset /= 2)
+        acc[k] += __shfl_xor_sync(kFullMask, acc[k], offset);
+    }
+
+    if (row_ok) {
+#pragma unroll
+      for (int k = 0; k < kTokens; ++k) {
+        if (k % kGroup == sub && k < ntok) {
+          const int64_t i = (t0 + k) * a.rows + r;
+          a.y_out[i] = from_float<T>(fmaf(a.scale, acc[k], to_float(a.y_in[i])));
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename Col, int kGroup, int kTokens>
+cudaError_t launch_spmm_shape(const SpmmArgs<T, Col>& a, cudaStream_t stream) {
+  constexpr int64_t kGroupsPerBlock = kThreads / kGroup;
+  const int64_t blocks_x = ceil_div(a.rows, kGroupsPerBlock);
+  if (blocks_x > kMaxGridX) return cudaErrorInvalidValue;
+  const int64_t blocks_y = min64(ceil_div(a.num_tokens, kTokens), kMaxGridY);
+  const dim3 grid(static_cast<unsigned int>(blocks_x), static_cast<unsigned int>(blocks_y));
+  spmm_kernel<T, Col, kGroup, kTokens><<<grid, dim3(kThreads), 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, typename Col, int kGroup>
+cudaError_t launch_spmm_group(const SpmmArgs<T, Col>& a, cudaStream_t stream) {
+  // One token (decode): keep registers low. Otherwise 8 tokens per tile.
+  if (a.num_tokens == 1) return launch_spmm_shape<T, Col, kGroup, 1>(a, stream);
+  return launch_spmm_shape<T, Col, kGroup, 8>(a, stream);
+}
+
+template <typename T, typename Col>
+cudaError_t launch_spmm_typed(const void* y_in, void* y_out, const void* x,
+                              const int64_t* row_offsets, const void* col_indices,
+                              const void* values, int64_t num_tokens, int64_t rows,
+                              int64_t in_features, int64_t nnz, float scale,
+                              cudaStream_t stream) {
+  SpmmArgs<T, Col> a;
+  a.y_in = static_cast<const T*>(y_in);
+  a.y_out = static_cast<T*>(y_out);
+  a.x = static_cast<const T*>(x);
+  a.row_offsets = row_offsets;
+  a.cols = static_cast<const Col*>(col_indices);
+  a.values = static_cast<const T*>(values);
+  a.scale = scale;
+  a.num_tokens = num_tokens;
+  a.rows = rows;
+  a.in_features = in_features;
+
+  // Size the lane group to the average row length, so short rows do not
+  // leave most of a warp idle.
+  const int64_t avg = ceil_div(nnz, rows);
+  if (avg <= 8) return launch_spmm_group<T, Col, 4>(a, stream);
+  if (avg <= 16) return launch_spmm_group<T, Col, 8>(a, stream);
+  if (avg <= 32) return launch_spmm_group<T, Col, 16>(a, stream);
+  return launch_spmm_group<T, Col, 32>(a, stream);
+}
+
+template <typename T>
+cudaError_t launch_spmm_dtype(int col_index_size, const void* y_in, void* y_out, const void* x,
+                              const int64_t* row_offsets, const void* col_indices,
+                              const void* values, int64_t num_tokens, int64_t rows,
+                              int64_t in_features, int64_t nnz, float scale,
+                              cudaStream_t stream) {
+  if (col_index_size == 2)
+    return launch_spmm_typed<T, int16_t>(y_in, y_out, x, row_offsets, col_indices, values,
+                                         num_tokens, rows, in_features, nnz, scale, stream);
+  if (col_index_size == 4)
+    return launch_spmm_typed<T, int32_t>(y_in, y_out, x, row_offsets, col_indices, values,
+                                         num_tokens, rows, in_features, nnz, scale, stream);
+  return cudaErrorInvalidValue;
+}
+
+// ---------------------------------------------------------------------------
+// sddmm: g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]].
+//
+// One thread per nonzero, looping over tokens. In CSR order neighbouring
+// nonzeros share a row (the gy load is a broadcast) and have ascending columns
+// (the x loads of a warp fall in one token row). When there are too few
+// nonzeros to fill the GPU, the token range is split over gridDim.y and the
+// partial sums are atomically added into a zeroed g.
+
+constexpr int64_t kSddmmTargetBlocks = 512;    // enough resident work for a large GPU
+constexpr int64_t kSddmmMinTokensPerSplit = 64;
+
+template <typename T, typename Col>
+__global__ void __launch_bounds__(kThreads)
+sddmm_kernel(const T* __restrict__ gy, const T* __restrict__ x,
+             const int32_t* __restrict__ rows, const Col* __restrict__ cols,
+             float* __restrict__ g, int64_t nnz, int64_t num_tokens, int64_t out_features,
+             int64_t in_features, int64_t tokens_per_split, bool accumulate) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= nnz) return;  // no shuffles or barriers in this kernel
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_split;
+  const int64_t t_end = min64(t_begin + tokens_per_split, num_tokens);
+
+  const T* gp = gy + static_cast<int64_t>(rows[j]);
+  const T* xp = x + static_cast<int64_t>(cols[j]);
+  // Four independent chains to keep several loads in flight.
+  float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
+  int64_t t = t_begin;
+  for (; t + 4 <= t_end; t += 4) {
+    acc0 = fmaf(to_float(gp[(t + 0) * out_features]), to_float(xp[(t + 0) * in_features]), acc0);
+    acc1 = fmaf(to_float(gp[(t + 1) * out_features]), to_float(xp[(t + 1) * in_features]), acc1);
+    acc2 = fmaf(to_float(gp[(t + 2) * out_features]), to_float(xp[(t + 2) * in_features]), acc2);
+    acc3 = fmaf(to_float(gp[(t + 3) * out_features]), to_float(xp[(t + 3) * in_features]), acc3);
+  }
+  for (; t < t_end; ++t)
+    acc0 = fmaf(to_float(gp[t * out_features]), to_float(xp[t * in_features]), acc0);
+  const float sum = (acc0 + acc1) + (acc2 + acc3);
+
+  if (accumulate)
+    atomicAdd(g + j, sum);
+  else
+    g[j] = sum;
+}
+
+template <typename T, typename Col>
+cudaError_t launch_sddmm_typed(const void* gy, const void* x, const int32_t* rows,
+                               const void* cols, float* g, int64_t num_tokens,
+                               int64_t out_features, int64_t in_features, int64_t nnz,
+                               cudaStream_t stream) {
+  const int64_t blocks_x = ceil_div(nnz, kThreads);
+  if (blocks_x > kMaxGridX) return cudaErrorInvalidValue;
+
+  int64_t splits = 1;
+  if (blocks_x < kSddmmTargetBlocks && num_tokens >= 2 * kSddmmMinTokensPerSplit) {
+    splits = min64(ceil_div(kSddmmTargetBlocks, blocks_x), num_tokens / kSddmmMinTokensPerSplit);
+    splits = min64(splits, kMaxGridY);
+  }
+  // With num_tokens == 0 this is one split of no tokens: the kernel stores 0.
+  const int64_t tokens_per_split = splits > 1 ? ceil_div(num_tokens, splits) : num_tokens;
+  if (splits > 1) splits = ceil_div(num_tokens, tokens_per_split);  // drop empty splits
+  const bool accumulate = splits > 1;
+  if (accumulate) {
+    const cudaError_t err =
+        cudaMemsetAsync(g, 0, static_cast<size_t>(nnz) * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
+
+  const dim3 grid(static_cast<unsigned int>(blocks_x), static_cast<unsigned int>(splits));
+  sddmm_kernel<T, Col><<<grid, dim3(kThreads), 0, stream>>>(static_cast<const T*>(gy), static_cast<const T*>(x), rows, static_cast<const Col*>(cols), g, nnz, num_tokens, out_features, in_features, tokens_per_split, accumulate);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_sddmm_dtype(int col_index_size, const void* gy, const void* x,
+                               const int32_t* rows, const void* cols, float* g,
+                               int64_t num_tokens, int64_t out_features, int64_t in_features,
+                               int64_t nnz, cudaStream_t stream) {
+  if (col_index_size == 2)
+    return launch_sddmm_typed<T, int16_t>(gy, x, rows, cols, g, num_tokens, out_features,
+                                          in_features, nnz, stream);
+  if (col_index_size == 4)
+    return launch_sddmm_typed<T, int32_t>(gy, x, rows, cols, g, num_tokens, out_features,
+                                          in_features, nnz, stream);
+  return cudaErrorInvalidValue;
+}
+
+// ---------------------------------------------------------------------------
+// scatter_add: out[idx[j]] = round(float(weight[idx[j]]) + scale * float(values[j])).
+//
+// The indices are assumed unique (duplicates would race). out and weight may
+// be the same buffer (each element is read and written by one thread). The
+// multiply and add are rounded separately (no fma contraction) so the result
+// is exactly the fp32 expression above, rounded once to the storage type.
+
+template <typename T, typename Index>
+__global__ void __launch_bounds__(kThreads)
+scatter_add_kernel(T* out, const T* weight, const Index* __restrict__ idx,
+                   const T* __restrict__ values, float scale, int64_t nnz) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < nnz;
+       j += stride) {
+    const int64_t k = static_cast<int64_t>(idx[j]);
+    const float delta = __fmul_rn(scale, to_float(values[j]));
+    out[k] = from_float<T>(__fadd_rn(to_float(weight[k]), delta));
+  }
+}
+
+constexpr int64_t kScatterMaxBlocks = 1 << 16;  // grid-stride beyond this
+
+template <typename T, typename Index>
+cudaError_t launch_scatter_add_typed(void* out, const void* weight, const void* flat_indices,
+                                     const void* values, int64_t nnz, float scale,
+                                     cudaStream_t stream) {
+  const int64_t blocks = min64(ceil_div(nnz, kThreads), kScatterMaxBlocks);
+  scatter_add_kernel<T, Index><<<dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(weight), static_cast<const Index*>(flat_indices), static_cast<const T*>(values), scale, nnz);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_scatter_add_dtype(int index_size, void* out, const void* weight,
+                                     const void* flat_indices, const void* values, int64_t nnz,
+                                     float scale, cudaStream_t stream) {
+  if (index_size == 4)
+    return launch_scatter_add_typed<T, int32_t>(out, weight, flat_indices, values, nnz, scale,
+                                                stream);
+  if (index_size == 8)
+    return launch_scatter_add_typed<T, int64_t>(out, weight, flat_indices, values, nnz, scale,
+                                                stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Launchers (declared in kernels.h).
+
+cudaError_t shira_launch_spmm(const void* y_in, void* y_out, const void* x,
+                              const int64_t* row_offsets, const void* col_indices,
+                              int col_index_size, const void* values, int dtype,
+                              int64_t num_tokens, int64_t rows, int64_t in_features,
+                              int64_t nnz, float scale, cudaStream_t stream) {
+  if (num_tokens < 0 || rows < 0 || in_features < 0 || nnz < 0) return cudaErrorInvalidValue;
+  if (num_tokens == 0 || rows == 0) return cudaSuccess;  // no output elements
+  if (y_in == nullptr || y_out == nullptr || row_offsets == nullptr)
+    return cudaErrorInvalidValue;
+  if (nnz > 0 && (x == nullptr || col_indices == nullptr || values == nullptr))
+    return cudaErrorInvalidValue;
+  switch (dtype) {
+    case kShiraFloat32:
+      return launch_spmm_dtype<float>(col_index_size, y_in, y_out, x, row_offsets, col_indices,
+                                      values, num_tokens, rows, in_features, nnz, scale, stream);
+    case kShiraFloat16:
+      return launch_spmm_dtype<__half>(col_index_size, y_in, y_out, x, row_offsets, col_indices,
+                                       values, num_tokens, rows, in_features, nnz, scale, stream);
+    case kShiraBFloat16:
+      return launch_spmm_dtype<__nv_bfloat16>(col_index_size, y_in, y_out, x, row_offsets,
+                                              col_indices, values, num_tokens, rows, in_features,
+                                              nnz, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* rows,
+                               const void* cols, int col_index_size, float* g, int dtype,
+                               int64_t num_tokens, int64_t out_features, int64_t in_features,
+                               int64_t nnz, cudaStream_t stream) {
+  if (num_tokens < 0 || out_features < 0 || in_features < 0 || nnz < 0)
+    return cudaErrorInvalidValue;
+  if (nnz == 0) return cudaSuccess;  // no output elements
+  if (rows == nullptr || cols == nullptr || g == nullptr) return cudaErrorInvalidValue;
+  if (num_tokens > 0 && (gy == nullptr || x == nullptr)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case kShiraFloat32:
+      return launch_sddmm_dtype<float>(col_index_size, gy, x, rows, cols, g, num_tokens,
+                                       out_features, in_features, nnz, stream);
+    case kShiraFloat16:
+      return launch_sddmm_dtype<__half>(col_index_size, gy, x, rows, cols, g, num_tokens,
+                                        out_features, in_features, nnz, stream);
+    case kShiraBFloat16:
+      return launch_sddmm_dtype<__nv_bfloat16>(col_index_size, gy, x, rows, cols, g, num_tokens,
+                                               out_features, in_features, nnz, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t shira_launch_scatter_add(void* out, const void* weight, const void* flat_indices,
+                                     int index_size, const void* values, int dtype, int64_t nnz,
+                                     float scale, cudaStream_t stream) {
+  if (nnz < 0) return cudaErrorInvalidValue;
+  if (nnz == 0) return cudaSuccess;
+  if (out == nullptr || weight == nullptr || flat_indices == nullptr || values == nullptr)
+    return cudaErrorInvalidValue;
+  switch (dtype) {
+    case kShiraFloat32:
+      return launch_scatter_add_dtype<float>(index_size, out, weight, flat_indices, values, nnz,
+                                             scale, stream);
+    case kShiraFloat16:
+      return launch_scatter_add_dtype<__half>(index_size, out, weight, flat_indices, values, nnz,
+                                              scale, stream);
+    case kShiraBFloat16:
+      return launch_scatter_add_dtype<__nv_bfloat16>(index_size, out, weight, flat_indices,
+                                                     values, nnz, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
