@@ -1,10 +1,11 @@
 """shira_kernels: fast, exact kernels for sparse (SHiRA) and 1-bit adapters in PyTorch."""
 from . import backends, masks, nn
 from .backends import use_backend
-from .formats import SparseDelta
-from .ops import (csr_add, scatter_swap_, sddmm, sparse_delta_linear, spmm, spmm_t,
+from .formats import BinaryWeight, SparseDelta
+from .ops import (binary_linear, binary_lora, csr_add, scatter_swap_, sddmm, sparse_delta_linear,
+                  spmm, spmm_t,
                   validate_indices)
 
 __version__ = "0.1.0"
-__all__ = ["SparseDelta", "backends", "masks", "nn", "csr_add", "scatter_swap_", "sddmm", "sparse_delta_linear",
+__all__ = ["BinaryWeight", "SparseDelta", "backends", "binary_linear", "binary_lora", "masks", "nn", "csr_add", "scatter_swap_", "sddmm", "sparse_delta_linear",
            "spmm", "spmm_t", "use_backend", "validate_indices", "__version__"]

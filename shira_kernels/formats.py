@@ -1,5 +1,7 @@
-"""Data formats: SparseDelta, a sparse [out, in] update to a weight.
+"""Data formats: SparseDelta, a sparse [out, in] update to a weight, and BinaryWeight, a 1-bit
+weight (packed signs and fp32 α, μ).
 
+SparseDelta:
 Canonical form: sorted unique flat indices (row·in + col; int32 while out·in < 2³¹, else int64)
 and values in the same order. Because the indices are sorted, CSR order *is* flat order: the
 values need no permutation for the row-wise kernels. Everything the kernels need beyond that
@@ -16,7 +18,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import validate_indices
 
-__all__ = ["SparseDelta", "SparseStructure", "flat_index_dtype"]
+__all__ = ["BinaryWeight", "SparseDelta", "SparseStructure", "flat_index_dtype", "pack_signs",
+           "unpack_signs"]
 
 
 def flat_index_dtype(shape: tuple[int, int]) -> torch.dtype:
@@ -192,3 +195,101 @@ class SparseDelta:
     def __repr__(self) -> str:
         return (f"SparseDelta(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+# ---------------------------------------------------------------------------------------------
+# BinaryWeight: a 1-bit weight W ≈ μ + α·s, s = ±1.
+# ---------------------------------------------------------------------------------------------
+def _bit_shifts(device) -> torch.Tensor:
+    # Made per call (not a module constant) so that fake-tensor tracing sees no real tensor.
+    return torch.arange(32, dtype=torch.int64, device=device)
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """Bool [out, in] (True = +1) → int32 [out, ceil(in/32)]: bit k of word j is column 32·j + k
+    (least significant bit first); each row is padded with 0 bits on its own."""
+    if signs.dtype != torch.bool or signs.dim() != 2:
+        raise TypeError("signs must be a 2-D bool tensor")
+    out_features, in_features = signs.shape
+    words = (in_features + 31) // 32
+    padded = torch.zeros(out_features, words * 32, dtype=torch.int64, device=signs.device)
+    padded[:, :in_features] = signs
+    packed = (padded.view(out_features, words, 32) << _bit_shifts(signs.device)).sum(-1)
+    # Two's complement: words with bit 31 set are negative int32 values.
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of pack_signs: int32 [out, words] → bool [out, in_features]."""
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise TypeError("packed must be a 2-D int32 tensor")
+    if not (packed.shape[1] - 1) * 32 < in_features <= packed.shape[1] * 32:
+        raise ValueError(f"{packed.shape[1]} words per row cannot hold {in_features} columns")
+    bits = (packed.long().unsqueeze(-1) >> _bit_shifts(packed.device)) & 1
+    return bits.view(packed.shape[0], -1)[:, :in_features].bool()
+
+
+class BinaryWeight:
+    """W ≈ μ + α·s with s ∈ {−1, +1}: packed signs int32 [out, ceil(in/32)] and α, μ in fp32,
+    either per tensor (shape [1]) or per output row (shape [out])."""
+
+    def __init__(self, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                 in_features: int):
+        if packed.dtype != torch.int32 or packed.dim() != 2:
+            raise TypeError("packed must be a 2-D int32 tensor")
+        in_features = int(in_features)
+        if not (packed.shape[1] - 1) * 32 < in_features <= packed.shape[1] * 32:
+            raise ValueError(f"packed has {packed.shape[1]} words per row, which cannot hold "
+                             f"in_features={in_features}")
+        out_features = packed.shape[0]
+        for name, t in (("alpha", alpha), ("mu", mu)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                raise TypeError(f"{name} must be a float32 tensor")
+            if t.shape not in ((1,), (out_features,)):
+                raise ValueError(f"{name} must have shape (1,) or ({out_features},), got "
+                                 f"{tuple(t.shape)}")
+            if t.device != packed.device:
+                raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+        self.packed = packed.contiguous()
+        self.alpha = alpha.contiguous()
+        self.mu = mu.contiguous()
+        self.shape = (out_features, in_features)
+
+    @classmethod
+    def from_signs(cls, signs: torch.Tensor, alpha, mu) -> "BinaryWeight":
+        device = signs.device
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=device).reshape(-1)
+        mu = torch.as_tensor(mu, dtype=torch.float32, device=device).reshape(-1)
+        return cls(pack_signs(signs), alpha, mu, signs.shape[1])
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, method: str = "petl") -> "BinaryWeight":
+        """Quantize a float [out, in] weight to 1 bit (shira_kernels.quant has the methods)."""
+        from .quant import binarize
+
+        signs, alpha, mu = binarize(weight.detach(), method)
+        return cls.from_signs(signs, alpha, mu)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.alpha, self.mu))
+
+    def signs(self) -> torch.Tensor:
+        """Bool [out, in], True where s = +1."""
+        return unpack_signs(self.packed, self.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        s = self.signs().float() * 2 - 1
+        return (self.mu.view(-1, 1) + self.alpha.view(-1, 1) * s).to(dtype)
+
+    def to(self, device) -> "BinaryWeight":
+        return BinaryWeight(self.packed.to(device), self.alpha.to(device), self.mu.to(device),
+                            self.shape[1])
+
+    def __repr__(self) -> str:
+        kind = "per row" if self.alpha.numel() > 1 else "per tensor"
+        return f"BinaryWeight(shape={self.shape}, α/μ {kind}, {self.nbytes} bytes, device={self.device})"

@@ -28,3 +28,14 @@ void shira_sddmm_cpu(const float* gyT, const float* xT, int64_t tokens, const in
 template <typename I>
 void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* idx,
                            const void* values, float scale, int64_t nnz);
+
+// 1-bit weights, W = mu + alpha * s with s = +-1; signs packed LSB first, 1 = +1.
+// Table lookup for few tokens: with x fp32 [T, in] (zero-padded to groups*8 columns) and the
+// sign bytes in transposed order, bytes_t [groups, out] (byte g of row o holds the signs of
+// columns 8g..8g+7), P[t, o] = sum_i x[t, i] * s[o, i]. Per token, a 256-entry table of signed
+// sums for every group of 8 features turns each output into one lookup per 8 features.
+void shira_binary_lut_cpu(const float* x, int64_t tokens, int64_t groups, const uint8_t* bytes_t,
+                          int64_t out, float* P);
+// Unpack rows [row0, row0 + rows) of packed int32 [*, words] into fp32 +-1 [rows, in].
+void shira_unpack_signs_cpu(const int32_t* packed, int64_t words, int64_t in, int64_t row0,
+                            int64_t rows, float* signs);

@@ -1,7 +1,8 @@
 """Ops, one file per family: reference (the spec), torch.library op, public function."""
 from .._checks import validate_indices
+from .binary import binary_linear, binary_lora
 from .scatter_swap import scatter_swap_, scatter_swap_reference
 from .sparse_delta import csr_add, sddmm, sparse_delta_linear, spmm, spmm_t
 
-__all__ = ["csr_add", "scatter_swap_", "scatter_swap_reference", "sddmm", "sparse_delta_linear",
+__all__ = ["binary_linear", "binary_lora", "csr_add", "scatter_swap_", "scatter_swap_reference", "sddmm", "sparse_delta_linear",
            "spmm", "spmm_t", "validate_indices"]

@@ -1,0 +1,220 @@
+"""1-bit adapter matmuls: W = μ + α·s with s = ±1 packed 32 to an int32 word.
+
+  binary_linear(x, bw, bias)  y = x·(μ + α·s)ᵀ + b, computed as α·(x·sᵀ) + μ·Σx + b
+  binary_lora(x, down, up, scale, activation)
+                              y = scale·up(act(down(x))) for 1-bit down [r, in] and up [out, r]
+                              (Bi-LoRA: activation None; Bi-AdaptFormer: "relu")
+
+The signs are never expanded to a dense weight in memory. On the CPU, few tokens use table
+lookup (per token, a table of partial sums of x for every sign pattern of 8 features; each
+output is then one lookup per 8 features) and many tokens unpack blocks of rows to ±1 and use
+a dense matmul on the block; LUT_MAX_TOKENS is the measured crossover. fp32 accumulation.
+The gradient of x is provided (gy·W, from the dequantized weight); training the 1-bit weights
+goes through quant.fake_quantize instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import _native, backends
+from .._checks import FLOAT_DTYPES
+from ..formats import BinaryWeight
+
+ACTIVATIONS = (None, "relu")
+# Largest token count for which the CPU table lookup beats unpack + matmul (measured by
+# bench/report_binary.py on 4096x4096 and 768x768 weights).
+LUT_MAX_TOKENS = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the specification.
+# ---------------------------------------------------------------------------------------------
+def _dequantized(packed, alpha, mu, in_features) -> torch.Tensor:
+    return BinaryWeight(packed, alpha, mu, in_features).dequantize()
+
+
+def binary_linear_reference(x, packed, alpha, mu, bias, in_features) -> torch.Tensor:
+    y = x.float() @ _dequantized(packed, alpha, mu, in_features).T
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def binary_lora_reference(x, down, up, scale: float, relu: bool) -> torch.Tensor:
+    h = x.float() @ _dequantized(*down).T
+    if relu:
+        h = h.relu()
+    return (scale * (h @ _dequantized(*up).T)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels per backend.
+# ---------------------------------------------------------------------------------------------
+_BYTES_T: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _bytes_t(packed: torch.Tensor) -> torch.Tensor:
+    """The sign bytes in [words·4, out] order for the CPU table lookup (little-endian words:
+    byte b of word j holds columns 32·j + 8·b … + 7). Derived once per packed tensor."""
+    cached = _BYTES_T.get(packed)
+    if cached is None or cached[0] != packed._version:
+        cached = (packed._version, packed.view(torch.uint8).t().contiguous())
+        _BYTES_T[packed] = cached
+    return cached[1]
+
+
+
+def _linear_kernel(backend: str):
+    if backend == "reference":
+        return binary_linear_reference
+    if backend == "triton":
+        from ..triton.binary import binary_linear
+        return binary_linear
+    mod = _native.module(backend)
+    if backend == "cuda":
+        return mod.binary_linear
+
+    def cpu(x, packed, alpha, mu, bias, in_features):
+        xs, rowsum = mod.binary_matmul(x, packed, _bytes_t(packed), LUT_MAX_TOKENS)
+        y = torch.addcmul(rowsum.unsqueeze(1) * mu, xs, alpha)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    return cpu
+
+
+def _lora_kernel(backend: str):
+    if backend == "reference":
+        return binary_lora_reference
+    if backend == "triton":
+        from ..triton.binary import binary_lora
+        return binary_lora
+    mod = _native.module(backend)
+    if backend == "cuda":
+        return lambda x, down, up, scale, relu: mod.binary_lora(x, *down, *up, scale, relu)
+
+    def cpu(x, down, up, scale, relu):
+        return mod.binary_lora(x, down[0], _bytes_t(down[0]), down[1], down[2],
+                               up[0], _bytes_t(up[0]), up[1], up[2], scale, relu, LUT_MAX_TOKENS)
+    return cpu
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops (fake kernels; the gradient of x).
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("shira::binary_linear", mutates_args=())
+def _binary_linear_op(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
+                      mu: torch.Tensor, bias: torch.Tensor | None,
+                      in_features: int) -> torch.Tensor:
+    return _linear_kernel(backends.select(x.device))(x.contiguous(), packed, alpha, mu, bias,
+                                                     in_features)
+
+
+@_binary_linear_op.register_fake
+def _(x, packed, alpha, mu, bias, in_features):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, packed, alpha, mu, bias, in_features = inputs
+    ctx.save_for_backward(packed, alpha, mu)
+    ctx.in_features, ctx.has_bias = in_features, bias is not None
+
+
+def _linear_backward(ctx, gy):
+    packed, alpha, mu = ctx.saved_tensors
+    gx = (gy.float() @ _dequantized(packed, alpha, mu, ctx.in_features)).to(gy.dtype)
+    gb = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return gx, None, None, None, gb, None
+
+
+_binary_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("shira::binary_lora", mutates_args=())
+def _binary_lora_op(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.Tensor,
+                    down_mu: torch.Tensor, down_in: int, up_packed: torch.Tensor,
+                    up_alpha: torch.Tensor, up_mu: torch.Tensor, up_in: int, scale: float,
+                    relu: bool) -> torch.Tensor:
+    down = (down_packed, down_alpha, down_mu, down_in)
+    up = (up_packed, up_alpha, up_mu, up_in)
+    kernel = _lora_kernel(backends.select(x.device))
+    if kernel is binary_lora_reference:
+        return kernel(x, down, up, scale, relu)
+    return kernel(x.contiguous(), down[:3], up[:3], scale, relu)
+
+
+@_binary_lora_op.register_fake
+def _(x, down_packed, down_alpha, down_mu, down_in, up_packed, up_alpha, up_mu, up_in, scale,
+      relu):
+    return x.new_empty((x.shape[0], up_packed.shape[0]))
+
+
+def _lora_setup(ctx, inputs, output):
+    x, dp, da, dm, din, up, ua, um, uin, scale, relu = inputs
+    ctx.save_for_backward(x, dp, da, dm, up, ua, um)
+    ctx.down_in, ctx.up_in, ctx.scale, ctx.relu = din, uin, scale, relu
+
+
+def _lora_backward(ctx, gy):
+    x, dp, da, dm, up, ua, um = ctx.saved_tensors
+    down_w = _dequantized(dp, da, dm, ctx.down_in)
+    gh = ctx.scale * (gy.float() @ _dequantized(up, ua, um, ctx.up_in))
+    if ctx.relu:
+        gh = gh * (x.float() @ down_w.T > 0)
+    return (gh @ down_w).to(gy.dtype), *([None] * 10)
+
+
+_binary_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+# ---------------------------------------------------------------------------------------------
+def _check_x(x, in_features: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported: float32, float16, bfloat16")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be {what}'s "
+                         f"in_features = {in_features}")
+
+
+def _check_binary(name: str, bw, device) -> None:
+    if not isinstance(bw, BinaryWeight):
+        raise TypeError(f"{name} must be a BinaryWeight, got {type(bw).__name__}")
+    if bw.device != device:
+        raise ValueError(f"{name} is on {bw.device} but x is on {device}")
+
+
+def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None = None):
+    """x·(μ + α·s)ᵀ + b for x [..., in] and a BinaryWeight bw [out, in]; the result has x's
+    dtype (fp32 accumulation)."""
+    _check_binary("bw", bw, getattr(x, "device", None))
+    _check_x(x, bw.shape[1], "bw")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (bw.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape ({bw.shape[0]},)")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias has dtype {bias.dtype} on {bias.device}; x has {x.dtype} on {x.device}")
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _binary_linear_op(x2, bw.packed, bw.alpha, bw.mu, bias, bw.shape[1])
+    return y.view(*x.shape[:-1], bw.shape[0])
+
+
+def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: float = 1.0,
+                activation: str | None = None) -> torch.Tensor:
+    """scale·up(act(down(x))) with 1-bit down [r, in] and up [out, r], in one kernel per block of
+    tokens (the r intermediate values stay in registers or cache)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    device = getattr(x, "device", None)
+    _check_binary("down", down, device)
+    _check_binary("up", up, device)
+    _check_x(x, down.shape[1], "down")
+    if up.shape[1] != down.shape[0]:
+        raise ValueError(f"up has in_features {up.shape[1]} but down has {down.shape[0]} outputs")
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _binary_lora_op(x2, down.packed, down.alpha, down.mu, down.shape[1], up.packed,
+                        up.alpha, up.mu, up.shape[1], float(scale), activation == "relu")
+    return y.view(*x.shape[:-1], up.shape[0])

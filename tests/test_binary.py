@@ -1,0 +1,172 @@
+"""1-bit weights: the packed format, the quantizers, binary_linear and binary_lora on every
+backend against the reference (tolerance from torch's own error in the same dtype)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import shira_kernels
+from shira_kernels.formats import BinaryWeight, pack_signs, unpack_signs
+from shira_kernels.ops.binary import binary_linear, binary_lora
+from shira_kernels.quant import PETL_LEVEL, binarize, fake_quantize
+
+from conftest import DTYPES
+from test_sparse_delta import assert_within_torch_error
+
+
+@pytest.mark.parametrize("width", [1, 31, 32, 33, 4097])
+def test_pack_unpack_are_exact_inverses(width):
+    g = torch.Generator().manual_seed(width)
+    signs = torch.rand(5, width, generator=g) < 0.5
+    packed = pack_signs(signs)
+    assert packed.dtype == torch.int32 and packed.shape == (5, (width + 31) // 32)
+    assert torch.equal(unpack_signs(packed, width), signs)
+
+
+def test_bit_order_is_lsb_first_and_rows_are_padded_alone():
+    signs = torch.zeros(2, 33, dtype=torch.bool)
+    signs[0, 0] = signs[0, 31] = signs[0, 32] = True
+    signs[1, 1] = True
+    packed = pack_signs(signs)
+    assert packed[0].tolist() == [1 | -(2**31), 1]  # bit 31 set: a negative int32
+    assert packed[1].tolist() == [2, 0]
+
+
+def test_petl_quantizer_levels():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    bw = BinaryWeight.from_float(w, "petl")
+    mean, std = w.mean(), w.std()
+    deq = bw.dequantize()
+    assert bw.alpha.shape == (1,) and bw.mu.shape == (1,)
+    torch.testing.assert_close(bw.mu, mean.view(1))
+    torch.testing.assert_close(bw.alpha, (PETL_LEVEL * std).view(1))
+    torch.testing.assert_close(deq, torch.where(w >= mean, mean + PETL_LEVEL * std, mean - PETL_LEVEL * std))
+    assert abs(PETL_LEVEL - 0.6744897501960817) < 1e-12
+    torch.testing.assert_close(fake_quantize(w, "petl"), deq)
+
+
+def test_row_quantizer():
+    w = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    bw = BinaryWeight.from_float(w, "row")
+    mu = w.mean(1)
+    torch.testing.assert_close(bw.mu, mu)
+    torch.testing.assert_close(bw.alpha, (w - mu[:, None]).abs().mean(1))
+    torch.testing.assert_close(fake_quantize(w, "row"), bw.dequantize(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["petl", "row"])
+def test_straight_through_gradient_reaches_w_through_mean_and_scale(method):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    g = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+    (fake_quantize(w, method) * g).sum().backward()
+    # Written out: w_q = w + spread·D with D = (code − z) held constant, so the gradient is
+    # g plus the path through the spread (std or α) and, by the centring, the mean.
+    w2 = w.detach().clone().requires_grad_(True)
+    if method == "petl":
+        mu, spread = w2.mean(), w2.std() + 1e-5
+        level = PETL_LEVEL * w2.std() / spread
+    else:
+        mu = w2.mean(1, keepdim=True)
+        alpha = (w2 - mu).abs().mean(1, keepdim=True)
+        spread, level = alpha + 1e-5, alpha / (alpha + 1e-5)
+    z = (w2 - mu) / spread
+    D = (torch.where(z >= 0, level, -level) - z).detach()
+    ((w2 + spread * D) * g).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+    assert not torch.allclose(w.grad, g)  # the statistics' path is really there
+
+
+def test_binary_weight_checks():
+    with pytest.raises(ValueError, match="cannot hold in_features=65"):
+        BinaryWeight(torch.zeros(2, 2, dtype=torch.int32), torch.ones(1), torch.zeros(1), 65)
+    with pytest.raises(ValueError, match=r"alpha must have shape \(1,\) or \(2,\)"):
+        BinaryWeight(torch.zeros(2, 2, dtype=torch.int32), torch.ones(3), torch.zeros(1), 40)
+    with pytest.raises(TypeError, match="mu must be a float32 tensor"):
+        BinaryWeight(torch.zeros(2, 2, dtype=torch.int32), torch.ones(1), torch.zeros(1).double(), 40)
+    with pytest.raises(ValueError, match="method must be one of"):
+        BinaryWeight.from_float(torch.randn(3, 3), "ternary")
+
+
+def _weight(out_f, in_f, method, seed):
+    return BinaryWeight.from_float(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)), method)
+
+
+def _x(tokens, in_f, dtype, seed):
+    return torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0, 9, 768), (1, 5, 4097), (197, 33, 768), (3, 1, 31)],
+                         ids=["T0", "T1-in4097", "T197", "T3-out1"])
+@pytest.mark.parametrize("method", ["petl", "row"])
+def test_binary_linear(backend, dtype, shape, method):
+    tokens, out_f, in_f = shape
+    bw = _weight(out_f, in_f, method, seed=tokens)
+    x = _x(tokens, in_f, dtype, seed=1).requires_grad_(True)
+    bias = torch.randn(out_f).to(dtype)
+    y = binary_linear(x, bw, bias)
+    assert y.shape == (tokens, out_f) and y.dtype == dtype
+    w = bw.dequantize()
+    theirs = F.linear(x, w.to(dtype), bias)
+    exact = F.linear(x.double(), w.double(), bias.double())
+    assert_within_torch_error(y, theirs, exact, "y")
+    gy = _x(tokens, out_f, dtype, seed=2)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    (gx_torch,) = torch.autograd.grad(theirs, x, gy)
+    assert_within_torch_error(gx, gx_torch, gy.double() @ w.double(), "grad x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", [1, 32])
+@pytest.mark.parametrize("tokens", [0, 1, 197])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_binary_lora(backend, dtype, rank, tokens, activation):
+    down, up = _weight(rank, 768, "petl", seed=rank), _weight(768, rank, "row", seed=rank + 1)
+    x = _x(tokens, 768, dtype, seed=3).requires_grad_(True)
+    y = binary_lora(x, down, up, 0.5, activation)
+    assert y.shape == (tokens, 768) and y.dtype == dtype
+    act = torch.relu if activation == "relu" else (lambda t: t)
+
+    def dense(x, d, u):
+        return 0.5 * F.linear(act(F.linear(x, d)), u)
+
+    theirs = dense(x, down.dequantize(dtype), up.dequantize(dtype))
+    x64 = x.detach().double().requires_grad_(True)
+    exact = dense(x64, down.dequantize(torch.float64), up.dequantize(torch.float64))
+    assert_within_torch_error(y, theirs, exact, "y")
+    gy = _x(tokens, 768, dtype, seed=4)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    (gx_torch,) = torch.autograd.grad(theirs, x, gy)
+    (gx_exact,) = torch.autograd.grad(exact, x64, gy.double())
+    assert_within_torch_error(gx, gx_torch, gx_exact, "grad x")
+
+
+def test_leading_dims_and_opcheck(backend):
+    bw = _weight(6, 40, "row", seed=5)
+    x = torch.randn(2, 3, 40)
+    y = binary_linear(x, bw)
+    assert y.shape == (2, 3, 6)
+    torch.testing.assert_close(y, F.linear(x, bw.dequantize()), rtol=1e-5, atol=1e-5)
+    opcheck(torch.ops.shira.binary_linear.default,
+            (x.view(6, 40).requires_grad_(), bw.packed, bw.alpha, bw.mu, None, 40))
+    down, up = _weight(4, 40, "petl", 6), _weight(6, 4, "petl", 7)
+    opcheck(torch.ops.shira.binary_lora.default,
+            (x.view(6, 40).requires_grad_(), down.packed, down.alpha, down.mu, 40, up.packed,
+             up.alpha, up.mu, 4, 0.5, True))
+
+
+def test_bad_inputs():
+    bw = _weight(6, 40, "row", seed=5)
+    with pytest.raises(ValueError, match="last dim must be bw's in_features = 40"):
+        binary_linear(torch.randn(3, 41), bw)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        binary_linear(torch.zeros(3, 40, dtype=torch.int64), bw)
+    with pytest.raises(TypeError, match="bw must be a BinaryWeight"):
+        binary_linear(torch.randn(3, 40), bw.dequantize())
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(6,\)"):
+        binary_linear(torch.randn(3, 40), bw, torch.zeros(5))
+    down, up = _weight(4, 40, "petl", 6), _weight(6, 5, "petl", 7)
+    with pytest.raises(ValueError, match="up has in_features 5 but down has 4 outputs"):
+        binary_lora(torch.randn(2, 40), down, up)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        binary_lora(torch.randn(2, 40), down, _weight(6, 4, "petl", 7), activation="gelu")
