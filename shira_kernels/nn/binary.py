@@ -1,0 +1,113 @@
+"""1-bit adapter modules: BinaryAdapter (AdaptFormer's parallel bottleneck, down → ReLU → up)
+and BinaryLoRALinear (an nn.Linear plus a 1-bit LoRA branch).
+
+Training: the branch keeps float weights and fake-quantizes them on every forward with the
+straight-through estimator (quant.fake_quantize). Inference: .pack() replaces the float weights
+with packed sign words and fp32 α, μ (buffers; the state_dict then holds nothing else for the
+branch) and forward runs binary_lora, one kernel for down, activation and up.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import BinaryWeight
+from ..ops.binary import ACTIVATIONS, binary_lora
+from ..quant import METHODS, fake_quantize
+
+
+class BinaryAdapter(nn.Module):
+    """y = scale · up(act(down(x))) with 1-bit down [rank, in] and up [out, rank].
+
+    activation "relu" (AdaptFormer, the default) or None (LoRA). method: the quantizer,
+    "petl" (per tensor, the paper's) or "row" (per output row).
+    """
+
+    def __init__(self, in_features: int, rank: int, out_features: int | None = None, *,
+                 scale: float = 1.0, activation: str | None = "relu", method: str = "petl",
+                 device=None, dtype=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if rank < 1 or in_features < 1:
+            raise ValueError(f"rank and in_features must be positive, got {rank} and {in_features}")
+        self.in_features, self.rank = in_features, rank
+        self.out_features = out_features or in_features
+        self.scale, self.activation, self.method = float(scale), activation, method
+        self.packed = False
+        # LoRA's initialisation: down random (Kaiming-uniform), up zero, so the branch starts at 0.
+        self.down = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(h) if self.activation == "relu" else h
+
+    def binary_weights(self) -> tuple[BinaryWeight, BinaryWeight]:
+        """(down, up) as BinaryWeights: the packed buffers, or the float weights quantized."""
+        if self.packed:
+            return (BinaryWeight(self.down_packed, self.down_alpha, self.down_mu, self.in_features),
+                    BinaryWeight(self.up_packed, self.up_alpha, self.up_mu, self.rank))
+        return (BinaryWeight.from_float(self.down, self.method),
+                BinaryWeight.from_float(self.up, self.method))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            down, up = self.binary_weights()
+            return binary_lora(x, down, up, self.scale, self.activation)
+        down = fake_quantize(self.down, self.method).to(x.dtype)
+        up = fake_quantize(self.up, self.method).to(x.dtype)
+        return self.scale * F.linear(self._act(F.linear(x, down)), up)
+
+    @torch.no_grad()
+    def pack(self) -> "BinaryAdapter":
+        """Switch to the packed inference form (irreversible: the float weights are dropped)."""
+        if self.packed:
+            return self
+        down, up = self.binary_weights()
+        del self.down, self.up
+        for name, bw in (("down", down), ("up", up)):
+            self.register_buffer(f"{name}_packed", bw.packed)
+            self.register_buffer(f"{name}_alpha", bw.alpha)
+            self.register_buffer(f"{name}_mu", bw.mu)
+        self.packed = True
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, rank={self.rank}, out={self.out_features}, "
+                f"scale={self.scale}, activation={self.activation}, method={self.method}"
+                f"{', packed' if self.packed else ''}")
+
+
+class BinaryLoRALinear(nn.Linear):
+    """A frozen base nn.Linear plus a 1-bit LoRA branch: y = x·Wᵀ + b + scale·up(down(x)).
+    The base Parameters are reused (not copied); .weight, .bias and their keys stay as they
+    were. The branch lives in .lora (a BinaryAdapter without activation)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, *, scale: float = 1.0,
+                    method: str = "petl") -> "BinaryLoRALinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer.lora = BinaryAdapter(linear.in_features, rank, linear.out_features, scale=scale,
+                                   activation=None, method=method, device=linear.weight.device)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora(x)
+
+    def pack(self) -> "BinaryLoRALinear":
+        self.lora.pack()
+        return self

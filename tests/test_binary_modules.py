@@ -1,0 +1,82 @@
+"""BinaryAdapter and BinaryLoRALinear: training with the STE, packing, size, equal outputs."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shira_kernels.nn import BinaryAdapter, BinaryLoRALinear
+
+
+def _state_bytes(module, prefix=""):
+    return sum(t.numel() * t.element_size() for k, t in module.state_dict().items()
+               if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("method", ["petl", "row"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_packed_output_equals_fake_quantized_output(backend, method, activation):
+    torch.manual_seed(0)
+    adapter = BinaryAdapter(768, 32, scale=0.1, activation=activation, method=method)
+    with torch.no_grad():
+        adapter.up.normal_()
+    x = torch.randn(3, 197, 768)
+    with torch.no_grad():
+        fake = adapter(x)
+        adapter.pack()
+        packed = adapter(x)
+    assert packed.shape == fake.shape
+    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4 * fake.abs().max().item())
+
+
+def test_packed_state_dict_is_16x_smaller_than_fp16():
+    adapter = BinaryAdapter(768, 32, method="petl")
+    fp16_bytes = _state_bytes(adapter.half())
+    adapter.float().pack()
+    assert set(adapter.state_dict()) == {"down_packed", "down_alpha", "down_mu",
+                                         "up_packed", "up_alpha", "up_mu"}
+    # 1 bit per entry against 16: the sign words are exactly 1/16 of the fp16 weights; the four
+    # fp32 statistics (α, μ of down and up) add 16 bytes, so the whole is 15.96x smaller here.
+    sign_bytes = sum(adapter.state_dict()[k].numel() * 4 for k in ("down_packed", "up_packed"))
+    assert fp16_bytes == 16 * sign_bytes
+    assert _state_bytes(adapter) == sign_bytes + 16
+    assert fp16_bytes / _state_bytes(adapter) > 15.9
+    buffer = io.BytesIO()
+    torch.save(adapter.state_dict(), buffer)
+    restored = BinaryAdapter(768, 32, method="petl").pack()
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer))
+    x = torch.randn(4, 768)
+    torch.testing.assert_close(restored(x), adapter(x), rtol=0, atol=0)
+
+
+def test_bi_lora_trains_with_the_straight_through_estimator(backend):
+    torch.manual_seed(0)
+    base = nn.Linear(32, 8)
+    layer = BinaryLoRALinear.from_linear(base, rank=4, scale=1.0, method="row")
+    assert layer.weight is base.weight and not layer.weight.requires_grad
+    x, target = torch.randn(128, 32), torch.randn(128, 8)
+    opt = torch.optim.Adam(layer.lora.parameters(), lr=0.02)
+    losses = []
+    for _ in range(60):
+        loss = F.mse_loss(layer(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    with torch.no_grad():
+        trained = layer(x)
+        layer.pack()
+        torch.testing.assert_close(layer(x), trained, rtol=1e-4, atol=1e-4)
+    assert {"weight", "bias", "lora.down_packed", "lora.up_packed"} <= set(layer.state_dict())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        BinaryAdapter(8, 2, activation="gelu")
+    with pytest.raises(ValueError, match="method must be one of"):
+        BinaryAdapter(8, 2, method="ternary")
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        BinaryLoRALinear.from_linear(nn.Conv1d(2, 2, 1), rank=2)
