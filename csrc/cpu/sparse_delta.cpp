@@ -24,6 +24,10 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+inline void prefetch_span(const float* p, int64_t n) {
+  for (int64_t k = 0; k < n; k += 16) __builtin_prefetch(p + k);
+}
+
 template <typename T>
 struct Float;  // load/store one element of the weight's dtype as fp32
 template <>
@@ -76,7 +80,10 @@ void shira_spmm_cpu(const float* xT, int64_t tokens, const int64_t* offsets, con
     for (int64_t r = 0; r < rows; ++r) {
       float* acc = accT + r * tokens + t0;
       std::fill(acc, acc + tc, 0.0f);
-      for (int64_t j = offsets[r]; j < offsets[r + 1]; ++j) {
+      const int64_t end = offsets[r + 1];
+      for (int64_t j = offsets[r]; j < end; ++j) {
+        // The gathered rows are random: fetch the one after next while this one is used.
+        if (j + 2 < end) prefetch_span(xT + static_cast<int64_t>(cols[j + 2]) * tokens + t0, tc);
         const float v = values[j];
         const float* xs = xT + static_cast<int64_t>(cols[j]) * tokens + t0;
 #pragma omp simd
@@ -93,6 +100,7 @@ void shira_sddmm_cpu(const float* gyT, const float* xT, int64_t tokens, const in
     const int64_t tc = std::min(kTokenChunk, tokens - t0);
 #pragma omp parallel for schedule(static)
     for (int64_t j = 0; j < nnz; ++j) {
+      if (j + 2 < nnz) prefetch_span(xT + static_cast<int64_t>(cols[j + 2]) * tokens + t0, tc);
       const float* a = gyT + static_cast<int64_t>(rows[j]) * tokens + t0;
       const float* b = xT + static_cast<int64_t>(cols[j]) * tokens + t0;
       float sum = 0.0f;
