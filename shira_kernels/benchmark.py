@@ -168,3 +168,151 @@ def peft_lora_merge(case: SwapCase, scale: float = DEFAULT_LORA_SCALE) -> None:
         for w, a, b in zip(case.weights, case.lora_A, case.lora_B):
             delta = (b.float() @ a.float()) * scale
             w += delta.to(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# One adapted linear layer, several ways: ShiraLinear, PEFT's ShiRA and PEFT's LoRA.
+# Used by bench/bench_shira_linear.py and bench/report_shira_linear.py. peft is imported only
+# inside the functions that need it.
+# ---------------------------------------------------------------------------------------------
+ADAPTER_VALUE_STD = 0.01  # the random adapter values set before timing; only non-zero matters
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError("comparing against PEFT needs the peft package: pip install peft") \
+            from exc
+    return peft
+
+
+def peft_available() -> bool:
+    """Whether ``import peft`` works (the PEFT comparisons are skipped where it does not)."""
+    try:
+        _import_peft()
+    except ImportError:
+        return False
+    return True
+
+
+def make_linear(out_features: int, in_features: int, *, dtype: torch.dtype = torch.float32,
+                bias: bool = True, seed: int = 0) -> torch.nn.Linear:
+    """An nn.Linear with seeded random weight (and bias) in ``dtype``, on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        bound = in_features ** -0.5
+        layer.weight.copy_(torch.empty(out_features, in_features).uniform_(-bound, bound,
+                                                                           generator=gen))
+        if bias:
+            layer.bias.copy_(torch.empty(out_features).uniform_(-bound, bound, generator=gen))
+    return layer
+
+
+def clone_linear(linear: torch.nn.Linear) -> torch.nn.Linear:
+    """A copy of ``linear`` with its own (contiguous) weight and bias."""
+    copy = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           dtype=linear.weight.dtype, device=linear.weight.device)
+    with torch.no_grad():
+        copy.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            copy.bias.copy_(linear.bias)
+    return copy
+
+
+def _fill_random_(param: torch.Tensor, seed: int, std: float = ADAPTER_VALUE_STD) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def shira_linear_layer(linear: torch.nn.Linear, r: int = 32, seed: int = 0,
+                       strategy: str = "auto"):
+    """ShiraLinear.from_linear(linear, r=r, mask="rand", seed=seed) with random (non-zero)
+    ``shira_values``. The layer reuses ``linear``'s weight and bias and freezes them."""
+    from .nn import ShiraLinear
+
+    layer = ShiraLinear.from_linear(linear, r=r, mask="rand", seed=seed)
+    _fill_random_(layer.shira_values, seed + 1)
+    layer.strategy = strategy
+    return layer
+
+
+class _OneLayer(torch.nn.Module):
+    """The smallest model PEFT can adapt: one linear called ``proj``."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_adapted(linear: torch.nn.Linear, config):
+    peft = _import_peft()
+    model = peft.get_peft_model(_OneLayer(linear), config)
+    layer = model.get_submodule("base_model.model.proj")
+    if layer.get_base_layer() is not linear:
+        raise RuntimeError("PEFT did not wrap the given linear as expected")
+    return layer
+
+
+def peft_shira_layer(linear: torch.nn.Linear, r: int = 32, seed: int = 0):
+    """PEFT's ShiRA layer (peft.tuners.shira.Linear) around ``linear``, random mask of
+    r·(out+in) entries (random_seed=seed), ``shira_weight`` set to random values.
+
+    Built with get_peft_model on a one-layer container; the returned layer is the adapted module
+    itself: call it as ``layer(x)``; ``layer.merge()`` / ``layer.unmerge()`` are PEFT's. It holds
+    ``linear`` as its base layer (not copied; PEFT freezes it). Its forward clones the base
+    weight, adds the adapter as a dense sum of a sparse COO tensor, then runs F.linear.
+    """
+    peft = _import_peft()
+    config = peft.ShiraConfig(r=r, target_modules=["proj"], random_seed=seed)
+    layer = _peft_adapted(linear, config)
+    for param in layer.shira_weight.values():
+        _fill_random_(param, seed + 1)
+    return layer
+
+
+def peft_lora_layer(linear: torch.nn.Linear, r: int = 32, seed: int = 0):
+    """PEFT's LoRA layer (peft.tuners.lora.Linear) around ``linear``: rank r, lora_alpha 2r,
+    no dropout; A keeps PEFT's initialisation, B (zeros in PEFT) is set to small random values
+    so the adapter is non-trivial. Call as ``layer(x)``; merge()/unmerge() are PEFT's. Holds
+    ``linear`` as its base layer (not copied; PEFT freezes it)."""
+    peft = _import_peft()
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"])
+    layer = _peft_adapted(linear, config)
+    for module in layer.lora_B.values():
+        _fill_random_(module.weight, seed + 1)
+    return layer
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters of ``module`` that require grad (the adapter's, for the layers above)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def training_step(layer: torch.nn.Module, x: torch.Tensor, params=None):
+    """A function running one training step of ``layer`` on ``x``: the gradients of ``params``
+    (default: the trainable ones) and of x, if it requires grad, are set to None, then forward,
+    loss = mean of the squared output, backward. Nothing is updated."""
+    params = trainable_parameters(layer) if params is None else list(params)
+
+    def step():
+        for p in params:
+            p.grad = None
+        if x.requires_grad:
+            x.grad = None
+        loss = layer(x).square().mean()
+        loss.backward()
+        return loss
+
+    return step
+
+
+__all__ += [
+    "ADAPTER_VALUE_STD", "peft_available", "make_linear", "clone_linear", "shira_linear_layer",
+    "peft_shira_layer", "peft_lora_layer", "trainable_parameters", "training_step",
+]

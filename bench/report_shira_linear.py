@@ -1,0 +1,813 @@
+"""Time ShiraLinear on the CPU against nn.Linear and PEFT's ShiRA and LoRA layers.
+
+    python bench/report_shira_linear.py [--quick] [--repeat N] [--out docs/benchmarks/shira_linear_cpu.md]
+
+One run measures, for each layer shape (default 4096x4096 and 11008x4096, r = 32, fp32):
+  * forward latency (inference, torch.no_grad) at 1, 16, 128 and 2048 tokens: nn.Linear,
+    ShiraLinear unfused ("auto"), ShiraLinear fused (merged), ShiraLinear with each explicit
+    strategy (spmm, swap, merge), PEFT ShiRA and PEFT LoRA;
+  * the spmm/swap crossover: both strategies against nn.Linear at 1 to 256 tokens, and the
+    smallest token count from which swap is never slower than spmm (what SWAP_FROM_TOKENS
+    should be);
+  * one training step (forward, loss, backward) at 128 and 2048 tokens: ShiraLinear, PEFT ShiRA,
+    PEFT LoRA, and a frozen nn.Linear as the floor;
+  * the peak memory of one training step per method, each in a fresh subprocess;
+and checks the issue's targets against the measured ratios. The variants of one configuration
+are timed interleaved (round robin), so a change in the machine's load hits them alike. A
+markdown report is written to --out (use --out - to only print it).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("shira_kernels") is None:  # run from a source checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import shira_kernels  # noqa: E402
+from shira_kernels import benchmark as sb  # noqa: E402
+from shira_kernels.ops import sparse_delta  # noqa: E402
+
+FULL_SHAPES = [(4096, 4096), (11008, 4096)]
+QUICK_SHAPES = [(512, 512), (1376, 512)]
+FORWARD_TOKENS = [1, 16, 128, 2048]
+CROSSOVER_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+TRAIN_TOKENS = [128, 2048]
+DTYPE = torch.float32
+
+LINEAR, UNFUSED, FUSED = "nn.Linear", "ShiraLinear unfused (auto)", "ShiraLinear fused (merged)"
+SPMM, SWAP, MERGE = "ShiraLinear spmm", "ShiraLinear swap", "ShiraLinear merge"
+PEFT_SHIRA, PEFT_LORA = "PEFT ShiRA", "PEFT LoRA"
+SHIRA_TRAIN, FLOOR = "ShiraLinear (auto)", "nn.Linear, frozen (input grad only)"
+MEMORY_METHODS = {"shira": SHIRA_TRAIN, "peft_shira": PEFT_SHIRA, "peft_lora": PEFT_LORA,
+                  "linear": FLOOR}
+
+TARGET_UNFUSED, TARGET_FUSED, TARGET_SHIRA_SPEEDUP = 1.10, 1.02, 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine.
+# ---------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def _cpu_ticks() -> dict[int, tuple[str, int]]:
+    """{pid: (name, utime + stime)} of every process but this one and its children."""
+    ticks, me = {}, os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == me:  # a memory-probe subprocess of this run
+            continue
+        ticks[int(entry.name)] = (name, int(fields[11]) + int(fields[12]))
+    return ticks
+
+
+def _busy_between(before, after, seconds: float, threshold: float) -> list[tuple[str, float]]:
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for pid, (name, ticks) in after.items():
+        if pid in before:
+            percent = 100.0 * (ticks - before[pid][1]) / hz / seconds
+            if percent > threshold:
+                busy.append((f"{name} (pid {pid})", percent))
+    return sorted(busy, key=lambda item: -item[1])
+
+
+def busy_processes(threshold: float = 30.0, interval: float = 1.0) -> list[tuple[str, float]]:
+    """Other processes using more than ``threshold`` % of one core over ``interval`` seconds."""
+    if not Path("/proc/self/stat").exists():
+        return []
+    before = _cpu_ticks()
+    time.sleep(interval)
+    return _busy_between(before, _cpu_ticks(), interval, threshold)
+
+
+class LoadMonitor:
+    """Samples, every ``period`` seconds while the run goes on, which other processes used more
+    than ``threshold`` % of a core (reading /proc costs next to nothing)."""
+
+    def __init__(self, period: float = 5.0, threshold: float = 30.0):
+        self.period, self.threshold = period, threshold
+        self.samples, self.busy = 0, []  # busy: (seconds into the run, [(name, %)])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = time.perf_counter()
+
+    def __enter__(self):
+        if Path("/proc/self/stat").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self):
+        before, t0 = _cpu_ticks(), time.perf_counter()
+        while not self._stop.wait(self.period):
+            after, t1 = _cpu_ticks(), time.perf_counter()
+            busy = _busy_between(before, after, t1 - t0, self.threshold)
+            self.samples += 1
+            if busy:
+                self.busy.append((t1 - self._start, busy))
+            before, t0 = after, t1
+
+    def note(self) -> str:
+        if not self.samples:
+            return "not sampled"
+        if not self.busy:
+            return (f"no other process above {self.threshold:.0f}% CPU in any of "
+                    f"{self.samples} samples ({self.period:g} s apart)")
+        worst: dict[str, float] = {}
+        for _, busy in self.busy:
+            for name, pct in busy:
+                worst[name] = max(worst.get(name, 0.0), pct)
+        names = ", ".join(f"{n} up to {p:.0f}%" for n, p in
+                          sorted(worst.items(), key=lambda kv: -kv[1])[:6])
+        return (f"**not quiet**: another process above {self.threshold:.0f}% CPU in "
+                f"{len(self.busy)} of {self.samples} samples ({self.period:g} s apart): {names}")
+
+
+def load_note(busy) -> str:
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    if not busy:
+        return f"no other process above 30% CPU; load average {load}"
+    listed = ", ".join(f"{name} {pct:.0f}%" for name, pct in busy[:6])
+    return f"**not quiet**: {listed}; load average {load}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------------
+def interleaved(variants: dict, *, repeat: int, min_time: float, max_rounds: int) -> dict:
+    """Time the callables of ``variants`` round robin: one untimed warm-up round, then at least
+    ``repeat`` rounds, more (up to ``max_rounds``) while a configuration has taken less than
+    ``min_time`` seconds; each round starts at the next variant. {name: (median s, times)}."""
+    names = list(variants)
+    start = time.perf_counter()
+    for name in names:
+        variants[name]()
+    warm = time.perf_counter() - start
+    rounds = max(repeat, min(max_rounds, math.ceil(min_time / max(warm, 1e-9))))
+    times = {name: [] for name in names}
+    for k in range(rounds):
+        for j in range(len(names)):
+            name = names[(k + j) % len(names)]
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.2f}"
+
+
+def _spread(times) -> str:
+    return f"{_ms(min(times))}–{_ms(max(times))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers of one shape.
+# ---------------------------------------------------------------------------------------------
+class Layers:
+    """nn.Linear, a ShiraLinear and PEFT's ShiRA and LoRA layers sharing one base weight (the
+    ShiraLinear's strategy is set per call), and a fused ShiraLinear on its own copy."""
+
+    def __init__(self, shape, r: int, with_peft: bool):
+        out_f, in_f = shape
+        self.shape = shape
+        self.linear = sb.make_linear(out_f, in_f, dtype=DTYPE, seed=0)
+        self.shira = sb.shira_linear_layer(self.linear, r=r, seed=0)
+        self.fused = sb.shira_linear_layer(sb.clone_linear(self.linear), r=r, seed=0)
+        self.fused.merge()
+        self.peft_shira = sb.peft_shira_layer(self.linear, r=r, seed=0) if with_peft else None
+        self.peft_lora = sb.peft_lora_layer(self.linear, r=r, seed=0) if with_peft else None
+
+    def label(self) -> str:
+        return f"{self.shape[0]}x{self.shape[1]}"
+
+    def strategy_fn(self, strategy: str, x):
+        layer = self.shira
+
+        def run():
+            layer.strategy = strategy
+            return layer(x)
+        return run
+
+    def forward_variants(self, x, strategies=("spmm", "swap", "merge"), full=True) -> dict:
+        v = {LINEAR: lambda: self.linear(x)}
+        if full:
+            v[UNFUSED] = self.strategy_fn("auto", x)
+            v[FUSED] = lambda: self.fused(x)
+        for s in strategies:
+            v[f"ShiraLinear {s}"] = self.strategy_fn(s, x)
+        if full and self.peft_shira is not None:
+            v[PEFT_SHIRA] = lambda: self.peft_shira(x)
+            v[PEFT_LORA] = lambda: self.peft_lora(x)
+        return v
+
+
+def _no_grad(variants: dict) -> dict:
+    def wrap(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+    return {name: wrap(fn) for name, fn in variants.items()}
+
+
+def _inputs(shape, tokens: int, requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(1000 + tokens)
+    return torch.randn(tokens, shape[1], generator=gen, dtype=DTYPE).requires_grad_(requires_grad)
+
+
+def _bits_sum(t: torch.Tensor) -> int:
+    return int(t.detach().view(torch.int32).sum(dtype=torch.int64))
+
+
+def check_layers(layers: Layers) -> list[str]:
+    """Cheap sanity checks before timing: every ShiraLinear path gives W + S's output; the base
+    weight is unchanged afterwards; the PEFT adapters change the output."""
+    notes = []
+    x = _inputs(layers.shape, 4)
+    before = _bits_sum(layers.linear.weight)
+    with torch.no_grad():
+        delta = layers.shira.delta
+        ref = F.linear(x.double(), layers.linear.weight.double()
+                       + layers.shira.scale * delta.to_dense(torch.float64), layers.linear.bias.double())
+        base = layers.linear(x)
+        scale = ref.abs().max().item()
+        for strategy in ("auto", "spmm", "swap", "merge"):
+            layers.shira.strategy = strategy
+            err = (layers.shira(x).double() - ref).abs().max().item()
+            ok = err <= 1e-4 * max(scale, 1.0)
+            notes.append(f"ShiraLinear {strategy}: max |y − y_ref| = {err:.2e} "
+                         f"({'ok' if ok else '**too large**'})")
+        err = (layers.fused(x).double() - ref).abs().max().item()
+        notes.append(f"ShiraLinear fused: max |y − y_ref| = {err:.2e} "
+                     f"({'ok' if err <= 1e-4 * max(scale, 1.0) else '**too large**'})")
+        layers.shira.strategy = "auto"
+        for name, layer in ((PEFT_SHIRA, layers.peft_shira), (PEFT_LORA, layers.peft_lora)):
+            if layer is not None:
+                diff = (layer(x) - base).abs().max().item()
+                notes.append(f"{name}: max |y − y_base| = {diff:.2e} "
+                             f"({'non-trivial' if diff > 0 else '**adapter is zero**'})")
+    same = _bits_sum(layers.linear.weight) == before
+    notes.append("base weight bit-identical after all calls: " + ("yes" if same else "**NO**"))
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements.
+# ---------------------------------------------------------------------------------------------
+def measure_forward(layers: Layers, args) -> dict:
+    out = {}
+    for tokens in args.forward_tokens:
+        x = _inputs(layers.shape, tokens)
+        res = interleaved(_no_grad(layers.forward_variants(x)), repeat=args.repeat,
+                          min_time=args.min_time, max_rounds=args.max_rounds)
+        out[tokens] = res
+        base = res[LINEAR][0]
+        print(f"[{layers.label()}] forward T={tokens}: " + ", ".join(
+            f"{n} {m / base:.2f}x" for n, (m, _) in res.items() if n != LINEAR)
+            + f" (nn.Linear {_ms(base)} ms)", flush=True)
+    return out
+
+
+def measure_crossover(layers: Layers, args) -> dict:
+    """spmm and swap against nn.Linear at args.crossover_tokens; where swap is still slower
+    than spmm at the largest of them, the token count keeps doubling up to
+    args.crossover_limit until swap is no slower."""
+    out = {}
+    tokens_list = list(args.crossover_tokens)
+    while tokens_list:
+        tokens = tokens_list.pop(0)
+        x = _inputs(layers.shape, tokens)
+        res = interleaved(_no_grad(layers.forward_variants(x, ("spmm", "swap"), full=False)),
+                          repeat=args.repeat, min_time=args.min_time, max_rounds=args.max_rounds)
+        out[tokens] = res
+        base = res[LINEAR][0]
+        print(f"[{layers.label()}] crossover T={tokens}: spmm {res[SPMM][0] / base:.3f}x, "
+              f"swap {res[SWAP][0] / base:.3f}x", flush=True)
+        if not tokens_list and res[SWAP][0] > res[SPMM][0] and 2 * tokens <= args.crossover_limit:
+            tokens_list.append(2 * tokens)
+    return out
+
+
+def train_variants(layers: Layers, x) -> dict:
+    layers.shira.strategy = "auto"
+    v = {SHIRA_TRAIN: sb.training_step(layers.shira, x)}
+    if layers.peft_shira is not None:
+        v[PEFT_SHIRA] = sb.training_step(layers.peft_shira, x)
+        v[PEFT_LORA] = sb.training_step(layers.peft_lora, x)
+    v[FLOOR] = sb.training_step(layers.linear, x, params=[])
+    return v
+
+
+def measure_training(layers: Layers, args) -> dict:
+    out = {}
+    for tokens in args.train_tokens:
+        x = _inputs(layers.shape, tokens, requires_grad=True)
+        res = interleaved(train_variants(layers, x), repeat=args.repeat,
+                          min_time=args.min_time, max_rounds=args.max_rounds)
+        for layer in (layers.shira, layers.peft_shira, layers.peft_lora):
+            if layer is not None:
+                for p in sb.trainable_parameters(layer):
+                    p.grad = None
+        out[tokens] = res
+        print(f"[{layers.label()}] train T={tokens}: " + ", ".join(
+            f"{n} {_ms(m)} ms" for n, (m, _) in res.items()), flush=True)
+    return out
+
+
+# Peak memory of one training step, in a fresh subprocess per (method, shape, tokens).
+def _status_mib(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, glibc only
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_of(fn) -> dict:
+    """RSS before ``fn()`` and the peak RSS while it ran, in MiB, with the method used."""
+    _trim()
+    if _reset_peak() and _status_mib("VmHWM") is not None:
+        before = _status_mib("VmRSS")
+        fn()
+        return {"before": before, "peak": _status_mib("VmHWM"), "how": "VmHWM after clear_refs"}
+    import resource  # fallback: a high-water mark since the process started
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fn()
+    return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "how": "ru_maxrss growth"}
+
+
+def memory_probe(spec: dict) -> dict:
+    """Run in the subprocess: build one method's layer and input, run one untimed step, then
+    measure the next step (gradients set to None first, as in every timed step)."""
+    torch.set_num_threads(spec["threads"])
+    if spec["method"] == "calibrate":
+        nbytes = 256 * 2**20
+
+        def touch():
+            t = torch.empty(nbytes // 4, dtype=torch.float32)
+            t.fill_(1.0)
+            del t
+        res = _peak_of(touch)
+        res["expected"] = nbytes / 2**20
+        return res
+    shape = tuple(spec["shape"])
+    linear = sb.make_linear(*shape, dtype=DTYPE, seed=0)
+    method, r = spec["method"], spec["r"]
+    if method == "shira":
+        layer = sb.shira_linear_layer(linear, r=r, seed=0)
+    elif method == "peft_shira":
+        layer = sb.peft_shira_layer(linear, r=r, seed=0)
+    elif method == "peft_lora":
+        layer = sb.peft_lora_layer(linear, r=r, seed=0)
+    else:
+        layer = linear.requires_grad_(False)
+    x = _inputs(shape, spec["tokens"], requires_grad=True)
+    params = sb.trainable_parameters(layer)
+    step = sb.training_step(layer, x, params)
+    step()  # one-time work (lazy initialisation, scratch buffers) is not the step's
+    for p in params:
+        p.grad = None
+    x.grad = None
+    return _peak_of(step)
+
+
+def run_probe(spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("PROBE "):
+            return json.loads(line[len("PROBE "):])
+    raise RuntimeError(f"memory probe {spec} failed:\n{done.stderr[-3000:]}")
+
+
+def measure_memory(shapes, args, with_peft: bool) -> dict:
+    threads = torch.get_num_threads()
+    out = {"calibrate": run_probe({"method": "calibrate", "threads": threads})}
+    print(f"memory calibration: a 256 MiB tensor measured as "
+          f"{out['calibrate']['peak'] - out['calibrate']['before']:.1f} MiB "
+          f"({out['calibrate']['how']})", flush=True)
+    methods = ["shira", "peft_shira", "peft_lora", "linear"] if with_peft else ["shira", "linear"]
+    for shape in shapes:
+        for tokens in args.memory_tokens:
+            for method in methods:
+                res = run_probe({"method": method, "shape": list(shape), "tokens": tokens,
+                                 "r": args.r, "threads": threads})
+                out[(shape, tokens, method)] = res
+                print(f"[{shape[0]}x{shape[1]}] memory T={tokens} {MEMORY_METHODS[method]}: "
+                      f"+{res['peak'] - res['before']:.1f} MiB", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+# ---------------------------------------------------------------------------------------------
+def crossover_point(res: dict) -> int | None:
+    """The smallest token count from which swap ≤ spmm at every larger measured count."""
+    point = None
+    for tokens in sorted(res, reverse=True):
+        if res[tokens][SWAP][0] <= res[tokens][SPMM][0]:
+            point = tokens
+        else:
+            break
+    return point
+
+
+def forward_tables(label: str, res: dict) -> list[str]:
+    tokens = sorted(res)
+    names = list(res[tokens[0]])
+    lines = [f"Ratio to nn.Linear (median / median), {label}:", "",
+             "| variant | " + " | ".join(f"T={t}" for t in tokens) + " |",
+             "|---|" + "---:|" * len(tokens)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{res[t][name][0] / res[t][LINEAR][0]:.3f}" for t in tokens) + " |")
+    lines += ["", "| tokens | variant | median ms | spread ms (min–max) | × nn.Linear | rounds |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for t in tokens:
+        base = res[t][LINEAR][0]
+        for name in names:
+            median, times = res[t][name]
+            lines.append(f"| {t} | {name} | {_ms(median)} | {_spread(times)} | "
+                         f"{median / base:.3f} | {len(times)} |")
+    return lines
+
+
+def crossover_table(results: list[dict]) -> list[str]:
+    tokens = sorted({t for r in results for t in r["crossover"]})
+    head = "| tokens | " + " | ".join(
+        f"{r['label']} spmm × | {r['label']} swap × | {r['label']} swap/spmm" for r in results)
+    lines = [head + " |", "|---:|" + "---:|---:|---:|" * len(results)]
+    for t in tokens:
+        cells = []
+        for r in results:
+            c = r["crossover"].get(t)
+            if c is None:
+                cells.append("– | – | –")
+                continue
+            base, spmm, swap = c[LINEAR][0], c[SPMM][0], c[SWAP][0]
+            mark = " ✓" if swap <= spmm else ""
+            cells.append(f"{spmm / base:.3f} | {swap / base:.3f} | {swap / spmm:.3f}{mark}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def training_table(label: str, res: dict) -> list[str]:
+    lines = ["| tokens | method | median ms | spread ms (min–max) | × PEFT LoRA | × PEFT ShiRA | "
+             "rounds |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for t in sorted(res):
+        lora = res[t].get(PEFT_LORA, (None,))[0]
+        shira = res[t].get(PEFT_SHIRA, (None,))[0]
+        for name, (median, times) in res[t].items():
+            lines.append(f"| {t} | {name} | {_ms(median)} | {_spread(times)} | "
+                         f"{median / lora:.3f} | {median / shira:.3f} | {len(times)} |"
+                         if lora else
+                         f"| {t} | {name} | {_ms(median)} | {_spread(times)} | – | – | "
+                         f"{len(times)} |")
+    return lines
+
+
+def memory_table(memory: dict, shapes, args, with_peft: bool) -> list[str]:
+    methods = ["shira", "peft_shira", "peft_lora", "linear"] if with_peft else ["shira", "linear"]
+    lines = ["| shape | tokens | method | RSS before the step MiB | peak increase in the step MiB "
+             "| × PEFT LoRA |", "|---|---:|---|---:|---:|---:|"]
+    for shape in shapes:
+        for t in args.memory_tokens:
+            lora = memory.get((shape, t, "peft_lora"))
+            lora_inc = lora["peak"] - lora["before"] if lora else None
+            for m in methods:
+                res = memory[(shape, t, m)]
+                inc = res["peak"] - res["before"]
+                ratio = f"{inc / lora_inc:.2f}" if lora_inc else "–"
+                lines.append(f"| {shape[0]}x{shape[1]} | {t} | {MEMORY_METHODS[m]} | "
+                             f"{res['before']:.0f} | {inc:.1f} | {ratio} |")
+    return lines
+
+
+def targets(results: list[dict], memory: dict | None, shapes, args,
+            with_peft: bool) -> list[tuple[str, str, str]]:
+    """(target, PASS/MISS/n.a., the measured figures)."""
+    rows = []
+
+    def verdict(ok):
+        return "PASS" if ok else "MISS"
+
+    def listing(figures, fmt="{:.3f}×"):
+        return "; ".join(f"{s} T={t}: " + fmt.format(v) for s, t, v in figures)
+
+    unfused = f"unfused forward at ≥128 tokens within {TARGET_UNFUSED:.2f}× of nn.Linear"
+    fused = f"fused forward within {TARGET_FUSED:.2f}× of nn.Linear (every token count)"
+    if "forward" in args.sections:
+        figures = [(r["label"], t, r["forward"][t][UNFUSED][0] / r["forward"][t][LINEAR][0])
+                   for r in results for t in r["forward"] if t >= 128]
+        if figures:
+            rows.append((unfused, verdict(max(v for *_, v in figures) <= TARGET_UNFUSED),
+                         listing(figures)))
+        figures = [(r["label"], t, r["forward"][t][FUSED][0] / r["forward"][t][LINEAR][0])
+                   for r in results for t in r["forward"]]
+        worst = max(v for *_, v in figures)
+        rows.append((fused, verdict(worst <= TARGET_FUSED),
+                     f"worst {worst:.3f}×; " + listing(figures)))
+    else:
+        rows += [(unfused, "n.a.", "not measured"), (fused, "n.a.", "not measured")]
+
+    not_lora = "training step no slower than PEFT LoRA (ShiraLinear / LoRA ≤ 1.00)"
+    vs_shira = f"training step ≥ {TARGET_SHIRA_SPEEDUP:.0f}× faster than PEFT ShiRA"
+    peak = "training-step peak memory no higher than PEFT LoRA's"
+    if not with_peft:
+        return rows + [(name, "n.a.", "peft is not installed") for name in (not_lora, vs_shira, peak)]
+    if "train" in args.sections:
+        figures = [(r["label"], t, r["train"][t][SHIRA_TRAIN][0] / r["train"][t][PEFT_LORA][0])
+                   for r in results for t in r["train"]]
+        rows.append((not_lora, verdict(max(v for *_, v in figures) <= 1.0), listing(figures)))
+        figures = [(r["label"], t, r["train"][t][PEFT_SHIRA][0] / r["train"][t][SHIRA_TRAIN][0])
+                   for r in results for t in r["train"]]
+        rows.append((vs_shira, verdict(min(v for *_, v in figures) >= TARGET_SHIRA_SPEEDUP),
+                     listing(figures, "{:.2f}× faster")))
+    else:
+        rows += [(not_lora, "n.a.", "not measured"), (vs_shira, "n.a.", "not measured")]
+    if memory is not None:
+        figures = []
+        for shape in shapes:
+            for t in args.memory_tokens:
+                ours, lora = memory[(shape, t, "shira")], memory[(shape, t, "peft_lora")]
+                figures.append((f"{shape[0]}x{shape[1]}", t, ours["peak"] - ours["before"],
+                                lora["peak"] - lora["before"]))
+        rows.append((peak, verdict(all(o <= l for *_, o, l in figures)),
+                     "; ".join(f"{s} T={t}: {o:.1f} vs {l:.1f} MiB" for s, t, o, l in figures)))
+    else:
+        rows.append((peak, "n.a.", "not measured"))
+    return rows
+
+
+def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elapsed) -> str:
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    shapes = [r["shape"] for r in results]
+    peft_version = "not installed"
+    if with_peft:
+        import peft
+        peft_version = peft.__version__
+    threshold = sparse_delta.SWAP_FROM_TOKENS["cpu"]
+    sections = args.sections
+    out = [
+        "# ShiraLinear on the CPU: forward, crossover, training step, memory",
+        "",
+        f"Made by `{command_line()}` on {now}; the run took {elapsed / 60:.1f} min.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}",
+        f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}; "
+        f"Python {platform.python_version()}; shira_kernels {shira_kernels.__version__}; "
+        f"peft {peft_version}",
+        f"- shira_kernels backend used for CPU tensors: {shira_kernels.backends.select('cpu')}",
+        f"- other load at the start: {load_note(busy_start)}",
+        f"- other load during the run: {monitor.note()}",
+        f"- other load at the end: {load_note(busy_end)}",
+        "",
+        "## Setup",
+        "",
+        f"One linear layer per shape (out×in: {', '.join(r['label'] for r in results)}), fp32, "
+        f"with bias, random weights. Every adapter has r = {args.r}: ShiraLinear and PEFT ShiRA "
+        f"train r·(out+in) entries at random positions (their masks differ: each library draws "
+        f"its own), PEFT LoRA is rank {args.r} with lora_alpha {2 * args.r} and no dropout; all "
+        f"adapter values are random and non-zero (std {sb.ADAPTER_VALUE_STD}). nn.Linear, the "
+        "unfused ShiraLinear and both PEFT layers wrap the same base weight; the fused "
+        "ShiraLinear is merged into its own copy. The strategy rows are the same ShiraLinear "
+        "with `.strategy` set to spmm, swap or merge; \"auto\" uses spmm below "
+        f"SWAP_FROM_TOKENS['cpu'] = {threshold} tokens, swap from there on.",
+        "",
+        "Forward calls run under torch.no_grad(). A training step sets the gradients to None, "
+        "runs the forward, loss = mean(y²) and backward; the base weight and bias are frozen, "
+        "the adapter is trainable and the input requires grad (as for a layer inside a "
+        "network), nothing is updated. The floor row is the frozen nn.Linear with the same "
+        "loss: only the input gradient.",
+        "",
+        "The variants of one configuration are timed round robin (each round calls every "
+        "variant once, starting one further along each time) after one untimed warm-up round: "
+        f"at least {args.repeat} rounds, more (at most {args.max_rounds}) until a configuration "
+        f"has run about {args.min_time:g} s. Times are medians; the spread is min–max; ratios "
+        "are ratios of medians measured side by side in the same rounds.",
+        "",
+        f"Sections measured: {', '.join(s for s in SECTIONS if s in sections)}.",
+        "",
+        "## Checks before timing",
+        "",
+    ]
+    for r in results:
+        out += [f"- {r['label']}: " + "; ".join(r["checks"])]
+    out += [""]
+    if "forward" in sections:
+        for r in results:
+            out += [f"## Forward, {r['label']}", ""] + forward_tables(r["label"], r["forward"]) \
+                + [""]
+    if "crossover" in sections:
+        points = {r["label"]: crossover_point(r["crossover"]) for r in results}
+        overall = None if None in points.values() else max(points.values())
+        out += ["## spmm / swap crossover", "",
+                "Ratio to nn.Linear at each token count for the two unfused strategies (✓: swap "
+                f"≤ spmm). Where swap is still slower at {max(args.crossover_tokens)} tokens, "
+                f"the count keeps doubling (up to {args.crossover_limit}) for that shape until "
+                "it is not.", ""] + crossover_table(results) + [""]
+        for r in results:
+            p = points[r["label"]]
+            out.append(f"- {r['label']}: swap ≤ spmm from {p} tokens on (at every larger "
+                       "measured count)" if p is not None else f"- {r['label']}: swap is "
+                       f"slower than spmm at {max(r['crossover'])} tokens")
+        out += ["", f"**measured crossover: {overall} tokens**" if overall is not None else
+                "**measured crossover: none within the measured token counts**",
+                "",
+                f"(SWAP_FROM_TOKENS['cpu'] is {threshold} in this checkout. The crossover is the "
+                "smallest measured count from which swap is no slower than spmm on every shape; "
+                "the true point lies between it and the count measured before it.)", ""]
+    if "train" in sections:
+        for r in results:
+            out += [f"## Training step, {r['label']}", ""] \
+                + training_table(r["label"], r["train"]) + [""]
+    if memory is not None:
+        cal = memory["calibrate"]
+        out += [
+            "## Peak memory of one training step", "",
+            "Each row is a fresh Python subprocess that builds the layer and input, runs one "
+            "untimed step, sets the gradients to None, calls gc.collect() and malloc_trim(0), "
+            "then measures the next step: the peak resident set size during the step minus the "
+            "resident set size just before it. The peak is the kernel's high-water mark "
+            "(VmHWM in /proc/self/status), reset to the current RSS just before the step by "
+            "writing 5 to /proc/self/clear_refs (where that is not possible, the growth of "
+            "getrusage's ru_maxrss). torch's CPU allocator does not cache, so tensor memory "
+            "shows up in RSS; calibration: one 256 MiB fp32 tensor, allocated and filled in a "
+            f"probe, was measured as {cal['peak'] - cal['before']:.1f} MiB ({cal['how']}). The "
+            "step's gradients (kept after it) and every temporary count; the model and input "
+            "(in the 'before' column) do not.", ""]
+        out += memory_table(memory, shapes, args, with_peft) + [""]
+    out += ["## Targets", "", "| target | result | measured |", "|---|---|---|"]
+    for name, verdict, figures in targets(results, memory, shapes, args, with_peft):
+        out.append(f"| {name} | **{verdict}** | {figures} |")
+    out += ["", "This is a shared machine and wall times are noisy from run to run; the ratios, "
+            "measured side by side in one run, are what to compare.", ""]
+    return "\n".join(out)
+
+
+SECTIONS = ("forward", "crossover", "train", "memory")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.replace(" ", "").split(",") if t]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"small shapes ({', '.join(f'{m}x{n}' for m, n in QUICK_SHAPES)}) and "
+                        "fewer rounds, to try the script")
+    p.add_argument("--shapes", default=None, help="comma list of OUTxIN (overrides --quick's)")
+    p.add_argument("--r", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=None,
+                   help="least timed rounds per configuration (default 5, --quick 3)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="add rounds until a configuration has run this many seconds "
+                        "(default 1.5, --quick 0.2)")
+    p.add_argument("--max-rounds", type=int, default=40)
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma list of what to measure (default all: {','.join(SECTIONS)})")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--crossover-tokens", default=",".join(map(str, CROSSOVER_TOKENS)))
+    p.add_argument("--crossover-limit", type=int, default=2048,
+                   help="how far the crossover search may double past --crossover-tokens")
+    p.add_argument("--memory-tokens", default=",".join(map(str, TRAIN_TOKENS)))
+    p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "shira_linear_cpu.md"),
+                   help="markdown file to write, or - to print only")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_probe is not None:
+        print("PROBE " + json.dumps(memory_probe(json.loads(args.memory_probe))), flush=True)
+        return 0
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
+    else:
+        shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = args.sections - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    if args.no_memory:
+        args.sections.discard("memory")
+    args.repeat = args.repeat or (3 if args.quick else 5)
+    args.min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 1.5)
+    args.forward_tokens, args.train_tokens = FORWARD_TOKENS, TRAIN_TOKENS
+    args.crossover_tokens = _int_list(args.crossover_tokens)
+    args.memory_tokens = _int_list(args.memory_tokens)
+    with_peft = sb.peft_available()
+    if not with_peft:
+        print("peft is not installed (pip install peft): the PEFT rows are left out", flush=True)
+
+    started = time.perf_counter()
+    busy_start = busy_processes()
+    print(f"other load: {load_note(busy_start)}", flush=True)
+    results = []
+    with LoadMonitor() as monitor:
+        for shape in shapes:
+            t0 = time.perf_counter()
+            layers = Layers(shape, args.r, with_peft)
+            res = {"shape": shape, "label": layers.label(), "checks": check_layers(layers)}
+            print(f"[{layers.label()}] built and checked in {time.perf_counter() - t0:.1f} s: "
+                  + "; ".join(res["checks"]), flush=True)
+            if "forward" in args.sections:
+                res["forward"] = measure_forward(layers, args)
+            if "crossover" in args.sections:
+                res["crossover"] = measure_crossover(layers, args)
+            if "train" in args.sections:
+                res["train"] = measure_training(layers, args)
+            results.append(res)
+            del layers
+            gc.collect()
+        memory = measure_memory(shapes, args, with_peft) if "memory" in args.sections else None
+    busy_end = busy_processes()
+    text = report(results, memory, args, busy_start, busy_end, monitor, with_peft,
+                  time.perf_counter() - started)
+    print()
+    print(text)
+    if "crossover" in args.sections:
+        points = [crossover_point(r["crossover"]) for r in results]
+        print()
+        print("measured crossover: " + (f"{max(points)} tokens" if None not in points
+                                        else "none within the measured counts"))
+    if args.out != "-":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
