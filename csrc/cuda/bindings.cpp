@@ -207,6 +207,112 @@ void scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
              "scatter_add");
 }
 
+// --- 1-bit (binary) weight ops ----------------------------------------------
+
+// alpha / mu of a binary weight with `rows` rows: fp32, contiguous, numel 1
+// (per tensor) or rows (per row). Returns 1 when per row, else 0.
+int check_binary_scale(const torch::Tensor& t, const char* name, int64_t rows,
+                       const torch::Device& device) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.numel() == 1 || t.numel() == rows, name, " must have 1 or ", rows,
+              " elements (per tensor or per row), got shape ", t.sizes());
+  return t.numel() == rows && rows != 1 ? 1 : 0;
+}
+
+// Packed signs of a binary weight: int32, contiguous [rows, ceil(cols / 32)].
+void check_binary_packed(const torch::Tensor& t, const char* name, int64_t cols,
+                         const torch::Device& device) {
+  check_operand(t, name, 2, device);
+  TORCH_CHECK(t.scalar_type() == torch::kInt32, name, " must be int32, got ", t.scalar_type());
+  const int64_t words = (cols + 31) / 32;
+  TORCH_CHECK(t.size(1) == words, name, " must have ceil(", cols, " / 32) = ", words,
+              " words per row, got shape ", t.sizes());
+}
+
+// binary_linear(x [T,in], packed int32 [out, ceil(in/32)], alpha, mu, bias?, in_features)
+//   -> y [T,out] of x's dtype
+// y[t, o] = alpha_o * sum_i x[t, i] s[o, i] + mu_o * sum_i x[t, i] + bias[o], with s[o, i] = +1
+// where bit (i % 32) of packed[o, i / 32] is set and -1 otherwise.
+// alpha / mu: fp32 with 1 or out elements; bias: [out] of x's dtype, or None.
+torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                            const torch::Tensor& alpha, const torch::Tensor& mu,
+                            const c10::optional<torch::Tensor>& bias, int64_t in_features) {
+  const torch::Device device = x.device();
+  check_operand(x, "x", 2, device);
+  const int dtype = dtype_code(x, "x");
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  TORCH_CHECK(x.size(1) == in_features, "x must have shape [T, ", in_features, "], got ",
+              x.sizes());
+  check_binary_packed(packed, "packed", in_features, device);
+  const int64_t out_features = packed.size(0);
+  const int alpha_per_row = check_binary_scale(alpha, "alpha", out_features, device);
+  const int mu_per_row = check_binary_scale(mu, "mu", out_features, device);
+  const void* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    const torch::Tensor& b = *bias;
+    check_operand(b, "bias", 1, device);
+    check_same_dtype(b, "bias", x, "x");
+    TORCH_CHECK(b.size(0) == out_features, "bias must have shape [", out_features, "], got ",
+                b.sizes());
+    bias_ptr = b.data_ptr();
+  }
+
+  const int64_t num_tokens = x.size(0);
+  const c10::cuda::CUDAGuard device_guard(device);
+  torch::Tensor y = torch::empty({num_tokens, out_features}, x.options());
+  if (y.numel() == 0) return y;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_cuda(shira_launch_binary_linear(x.data_ptr(), packed.data_ptr<int32_t>(),
+                                        alpha.data_ptr<float>(), alpha_per_row,
+                                        mu.data_ptr<float>(), mu_per_row, bias_ptr, y.data_ptr(),
+                                        dtype, num_tokens, in_features, out_features, stream),
+             "binary_linear");
+  return y;
+}
+
+// binary_lora(x [T,in], down_packed int32 [r, ceil(in/32)], down_alpha, down_mu,
+//             up_packed int32 [out, ceil(r/32)], up_alpha, up_mu, scale, relu) -> y [T,out]
+// y = scale * up(act(down(x))) with both factors binary (alpha / mu: fp32 with
+// 1 element or one per row of that factor), act = ReLU if relu else identity,
+// 1 <= r <= 64. The hidden activations stay on chip in fp32.
+torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_packed,
+                          const torch::Tensor& down_alpha, const torch::Tensor& down_mu,
+                          const torch::Tensor& up_packed, const torch::Tensor& up_alpha,
+                          const torch::Tensor& up_mu, double scale, bool relu) {
+  const torch::Device device = x.device();
+  check_operand(x, "x", 2, device);
+  const int dtype = dtype_code(x, "x");
+  const int64_t in_features = x.size(1);
+  check_binary_packed(down_packed, "down_packed", in_features, device);
+  const int64_t rank = down_packed.size(0);
+  TORCH_CHECK(rank >= 1 && rank <= 64,
+              "binary_lora supports ranks 1..64 (down_packed.size(0)), got rank ", rank);
+  check_binary_packed(up_packed, "up_packed", rank, device);
+  const int64_t out_features = up_packed.size(0);
+  const int down_alpha_per_row = check_binary_scale(down_alpha, "down_alpha", rank, device);
+  const int down_mu_per_row = check_binary_scale(down_mu, "down_mu", rank, device);
+  const int up_alpha_per_row = check_binary_scale(up_alpha, "up_alpha", out_features, device);
+  const int up_mu_per_row = check_binary_scale(up_mu, "up_mu", out_features, device);
+
+  const int64_t num_tokens = x.size(0);
+  const c10::cuda::CUDAGuard device_guard(device);
+  torch::Tensor y = torch::empty({num_tokens, out_features}, x.options());
+  if (y.numel() == 0) return y;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_cuda(shira_launch_binary_lora(
+                 x.data_ptr(), down_packed.data_ptr<int32_t>(), down_alpha.data_ptr<float>(),
+                 down_alpha_per_row, down_mu.data_ptr<float>(), down_mu_per_row,
+                 up_packed.data_ptr<int32_t>(), up_alpha.data_ptr<float>(), up_alpha_per_row,
+                 up_mu.data_ptr<float>(), up_mu_per_row, static_cast<float>(scale), relu ? 1 : 0,
+                 y.data_ptr(), dtype, num_tokens, in_features, rank, out_features, stream),
+             "binary_lora");
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -227,4 +333,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place",
         py::arg("out"), py::arg("weight"), py::arg("flat_indices"), py::arg("values"),
         py::arg("scale"));
+  m.def("binary_linear", &binary_linear,
+        "y = alpha * (x @ S^T) + mu * x.sum(-1, keepdim=True) (+ bias) for packed 1-bit signs S "
+        "[out, ceil(in/32)] int32; alpha / mu fp32 per tensor or per row",
+        py::arg("x"), py::arg("packed"), py::arg("alpha"), py::arg("mu"), py::arg("bias"),
+        py::arg("in_features"));
+  m.def("binary_lora", &binary_lora,
+        "y = scale * up(act(down(x))) with 1-bit down [r, in] and up [out, r] (r <= 64), "
+        "act = ReLU if relu else identity",
+        py::arg("x"), py::arg("down_packed"), py::arg("down_alpha"), py::arg("down_mu"),
+        py::arg("up_packed"), py::arg("up_alpha"), py::arg("up_mu"), py::arg("scale"),
+        py::arg("relu"));
 }

@@ -79,3 +79,47 @@ cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* row
 cudaError_t shira_launch_scatter_add(void* out, const void* weight, const void* flat_indices,
                                      int index_size, const void* values, int dtype, int64_t nnz,
                                      float scale, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// 1-bit (binary) weights (csrc/cuda/binary.cu).
+//
+// A binary weight W [rows, cols] is W[o, i] = mu_o + alpha_o * s[o, i], s = +-1.
+// packed: int32 [rows, words], words = ceil(cols / 32), row-major; bit k of
+// word j of row o (LSB first) is the sign of column 32 * j + k, 1 meaning +1.
+// Each row is padded on its own; padding bits are ignored. alpha / mu are fp32
+// with one value (*_per_row == 0) or one per row (*_per_row != 0).
+// x / y / bias are of dtype (a ShiraDType code), row-major and contiguous;
+// sums are accumulated in fp32 and rounded once when y is stored.
+
+// y[t, o] = alpha_o * sum_i x[t, i] s[o, i] + mu_o * sum_i x[t, i] + bias[o]
+// for t < num_tokens, o < out_features. x: [num_tokens, in_features];
+// packed: [out_features, ceil(in_features / 32)]; bias: [out_features] of
+// dtype, or nullptr for none; y: [num_tokens, out_features], fully written.
+// Returns cudaSuccess without launching when num_tokens == 0 or
+// out_features == 0, cudaErrorInvalidValue for bad sizes / codes, otherwise
+// cudaGetLastError().
+cudaError_t shira_launch_binary_linear(const void* x, const int32_t* packed, const float* alpha,
+                                       int alpha_per_row, const float* mu, int mu_per_row,
+                                       const void* bias, void* y, int dtype, int64_t num_tokens,
+                                       int64_t in_features, int64_t out_features,
+                                       cudaStream_t stream);
+
+// Binary LoRA: y = scale * up(act(down(x))), act = ReLU if relu != 0 else identity,
+// with down a binary [rank, in_features] weight and up a binary
+// [out_features, rank] weight (each with its own alpha / mu):
+//   h[t, k] = act(down_alpha_k * sum_i x[t, i] s_down[k, i] + down_mu_k * sum_i x[t, i])
+//   y[t, o] = scale * (up_alpha_o * sum_k h[t, k] s_up[o, k] + up_mu_o * sum_k h[t, k])
+// h stays on chip (h is fp32, not rounded to dtype). x: [num_tokens, in_features];
+// down_packed: [rank, ceil(in_features / 32)]; up_packed: [out_features,
+// ceil(rank / 32)]; y: [num_tokens, out_features], fully written.
+// rank must be in [1, 64]. Returns cudaSuccess without launching when
+// num_tokens == 0 or out_features == 0, cudaErrorInvalidValue for bad sizes /
+// codes, otherwise cudaGetLastError().
+cudaError_t shira_launch_binary_lora(const void* x, const int32_t* down_packed,
+                                     const float* down_alpha, int down_alpha_per_row,
+                                     const float* down_mu, int down_mu_per_row,
+                                     const int32_t* up_packed, const float* up_alpha,
+                                     int up_alpha_per_row, const float* up_mu, int up_mu_per_row,
+                                     float scale, int relu, void* y, int dtype,
+                                     int64_t num_tokens, int64_t in_features, int64_t rank,
+                                     int64_t out_features, cudaStream_t stream);
