@@ -1,11 +1,14 @@
 """shira_kernels: fast, exact kernels for sparse (SHiRA) and 1-bit adapters in PyTorch."""
-from . import backends, masks, nn
+from . import backends, io, masks, nn
+from .adapters import AdapterBank
 from .backends import use_backend
 from .formats import BinaryWeight, SparseDelta
 from .ops import (binary_linear, binary_lora, csr_add, scatter_swap_, sddmm, sparse_delta_linear,
-                  spmm, spmm_t,
-                  validate_indices)
+                  spmm, spmm_t, validate_indices)
+from .transfer import lora_to_sparse, sparse_diff
 
 __version__ = "0.1.0"
-__all__ = ["BinaryWeight", "SparseDelta", "backends", "binary_linear", "binary_lora", "masks", "nn", "csr_add", "scatter_swap_", "sddmm", "sparse_delta_linear",
-           "spmm", "spmm_t", "use_backend", "validate_indices", "__version__"]
+__all__ = ["AdapterBank", "BinaryWeight", "SparseDelta", "backends", "binary_linear",
+           "binary_lora", "csr_add", "io", "lora_to_sparse", "masks", "nn", "scatter_swap_",
+           "sddmm", "sparse_delta_linear", "sparse_diff", "spmm", "spmm_t", "use_backend",
+           "validate_indices", "__version__"]

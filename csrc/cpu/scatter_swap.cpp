@@ -37,7 +37,7 @@ void shira_scatter_swap_cpu(const int64_t* tasks, const int64_t* blocks, int64_t
                             int64_t block) {
   // Every block holds `block` entries (a task's last one fewer), so a static schedule over the
   // blocks of all tasks balances the threads however unequal the tasks are.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (num_blocks > 1)
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t* task = tasks + 6 * blocks[2 * b];
     const int64_t begin = blocks[2 * b + 1];

@@ -1,0 +1,582 @@
+"""AdapterBank: many named SHiRA adapters for one model, switched in and out of its weights
+exactly, with one batched scatter_swap_ per switch.
+
+How it works. For every adapter and layer the bank keeps the sorted flat indices and ONE value
+buffer. While the adapter is inactive the buffer holds the values that must stand in W while it
+is active: round(base + scale·delta), computed in fp32 and rounded once to W's dtype when the
+adapter is added. Activating swaps buffer and W's entries, so the buffer then holds the base
+entries; deactivating swaps them back. Only bit patterns move, so the base comes back bit for
+bit after any sequence of switches.
+
+Switching A → B directly is also one swap over all layers. On a layer both touch, the swap runs
+over the union U of their indices with a scratch buffer holding B's values at B's entries and
+A's held-aside base at A-only entries; afterwards W holds B's values at B's entries and the base
+at A-only ones, and two gathers on the small vectors restore the bookkeeping (A's buffer gets its
+active values back from the scratch; B's buffer gets the base from the scratch for B∖A and from
+A's old buffer for A∩B). The union and its index maps are built once per (A, B) pair and kept,
+as are all buffers, so their addresses stay stable and scatter_swap_'s launch tables are reused.
+A layer only one of the two touches simply swaps with that adapter's own buffer.
+
+A fusion, ``activate(["a", "b"], weights=[1.0, 0.5])``, is a derived adapter over the union of
+the adapters' indices with values round(base + Σ weight_k·scale_k·delta_k) (sum in fp32, one
+rounding). It is computed once per (names, weights) and cached (the least recently used inactive
+fusions are dropped past ``max_fusions``); it switches like any adapter.
+
+Threads. Every method that reads or writes the weights holds ``bank.lock`` (a threading.RLock).
+A forward running in another thread while a switch happens could read half-switched weights;
+to exclude that, take the same lock around forwards: either ``bank.guard_forward()`` (forward
+pre- and post-hooks on the model that acquire and release it; the post-hook also runs when the
+forward raises) or ``with bank.reading(): model(x)``. Forwards are then serialized with switches
+and with one another. Without either, switching while another thread runs the model is a race.
+
+Rules the bank relies on: the model's structure does not change while the bank is in use (build
+the bank after replace_linear), no ShiraLinear of the model is merged (its merge swaps entries
+of the same weights; the bank refuses to work while one is), and nothing else writes the
+weights while an adapter is active. All adapted layers must live on one device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ._checks import FLOAT_DTYPES, validate_indices
+from .formats import SparseDelta, flat_index_dtype
+from .nn.shira_linear import ShiraLinear
+from .ops.scatter_swap import scatter_swap_
+
+__all__ = ["AdapterBank"]
+
+
+class _Entry:
+    """One adapter (or fusion) on one layer. ``buf`` holds the active values while the owner is
+    inactive and the held-aside base entries while it is active. ``delta``/``scale`` are kept
+    for adapters (fusions and save() need them), None for fusions."""
+
+    __slots__ = ("indices", "buf", "delta", "scale")
+
+    def __init__(self, indices, buf, delta=None, scale=None):
+        self.indices, self.buf, self.delta, self.scale = indices, buf, delta, scale
+
+
+class _Slot:
+    """What can be active: an adapter (key: its name) or a fusion (key: (names, weights)).
+    ``entries`` maps layer → _Entry in the bank's layer order."""
+
+    __slots__ = ("key", "entries")
+
+    def __init__(self, key, entries: dict[str, _Entry]):
+        self.key, self.entries = key, entries
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.key,) if isinstance(self.key, str) else self.key[0]
+
+
+class _Both:
+    """Index maps of an A → B switch on a layer both touch (over the small vectors only)."""
+
+    __slots__ = ("a", "b", "union", "scratch", "fill", "pos_a", "map_b")
+
+    def __init__(self, a: _Entry, b: _Entry):
+        ia, ib = a.indices.long(), b.indices.long()
+        na, nb = ia.numel(), ib.numel()
+        union, inverse = torch.unique(torch.cat([ib, ia]), sorted=True, return_inverse=True)
+        nu = union.numel()
+        pos_b, pos_a = inverse[:nb], inverse[nb:]
+        arange_a = torch.arange(na, device=ia.device)
+        # Scratch source is cat(B.buf, A.buf): B's active values win on A∩B, A's held base
+        # fills A∖B.
+        fill = torch.empty(nu, dtype=torch.long, device=ia.device)
+        fill[pos_a] = nb + arange_a
+        fill[pos_b] = torch.arange(nb, device=ia.device)
+        # After the swap, B's base comes from cat(scratch, A's old buf): the scratch (what W
+        # held) is the base on B∖A, A's old buffer is the base on A∩B.
+        a_of_u = torch.full((nu,), -1, dtype=torch.long, device=ia.device)
+        a_of_u[pos_a] = arange_a
+        a_at_b = a_of_u[pos_b]
+        # int32 maps (index_select takes them) keep a cached pair at about 12 bytes per union
+        # entry plus the union and the scratch.
+        map_dtype = torch.int32 if nu + na < 2**31 else torch.long
+        self.a, self.b = a, b
+        self.union = union.to(a.indices.dtype)
+        self.scratch = torch.empty(nu, dtype=a.buf.dtype, device=a.buf.device)
+        self.fill, self.pos_a = fill.to(map_dtype), pos_a.to(map_dtype)
+        self.map_b = torch.where(a_at_b >= 0, a_at_b + nu, pos_b).to(map_dtype)
+
+
+class _PairPlan:
+    """Everything a direct A → B switch needs, built once and reused (stable addresses)."""
+
+    __slots__ = ("layers", "indices", "values", "both")
+
+    def __init__(self, a: _Slot, b: _Slot, layer_order: dict[str, int]):
+        self.layers, self.indices, self.values, self.both = [], [], [], []
+        for layer in sorted(set(a.entries) | set(b.entries), key=layer_order.__getitem__):
+            ea, eb = a.entries.get(layer), b.entries.get(layer)
+            if ea is not None and eb is not None:
+                both = _Both(ea, eb)
+                self.both.append(both)
+                index, value = both.union, both.scratch
+            else:  # one side only: a plain swap with that side's own buffer
+                entry = ea if ea is not None else eb
+                index, value = entry.indices, entry.buf
+            self.layers.append(layer)
+            self.indices.append(index)
+            self.values.append(value)
+
+
+def _finite_number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class _ForwardGuard:
+    """Handle returned by AdapterBank.guard_forward(); remove() takes the hooks off again."""
+
+    def __init__(self, bank: "AdapterBank", handles):
+        self._bank, self._handles = bank, handles
+
+    def remove(self) -> None:
+        with self._bank.lock:
+            for handle in self._handles:
+                handle.remove()
+            if self._bank._guard is self:
+                self._bank._guard = None
+
+    def __enter__(self) -> "_ForwardGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class AdapterBank:
+    """Many named sparse adapters for one model; exact switching, fusion, save and load.
+
+    The layers that can take adapters are the model's nn.Linear modules (ShiraLinear included),
+    addressed by their names in ``model.named_modules()``. A layer whose weight Parameter is
+    shared with an earlier one is addressed by the earlier name only.
+
+    >>> bank = AdapterBank(model)
+    >>> bank.add("task_a", {"fc1": delta_a1, "fc2": (delta_a2, 0.5)}, scale=2.0)
+    >>> bank.add_from_model("task_b", trained_shira_model)
+    >>> bank.activate("task_a"); bank.activate("task_b")      # one batched swap each
+    >>> bank.activate(["task_a", "task_b"], weights=[1.0, 0.5])  # fusion
+    >>> bank.deactivate()                                       # base weights, bit for bit
+
+    Caches: ``max_pairs`` direct-switch plans (least recently used dropped; one costs about
+    16 bytes + one weight element per entry of the union of the two adapters, on layers both
+    touch) and ``max_fusions`` fusions (indices + one value buffer each). A dropped plan is
+    rebuilt on the next such switch, which then costs one sort of the two index sets.
+
+    See the module docstring for how switching works and for thread safety (``lock``,
+    ``guard_forward()``, ``reading()``).
+    """
+
+    def __init__(self, model: nn.Module, *, max_fusions: int = 8, max_pairs: int = 64):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.lock = threading.RLock()
+        self.max_fusions = int(max_fusions)
+        self.max_pairs = int(max_pairs)
+        self._layers: dict[str, nn.Linear] = {}
+        self._alias: dict[str, str] = {}
+        first_owner: dict[int, str] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                owner = first_owner.setdefault(id(module.weight), name)
+                if owner != name:  # tied weight: two names for one tensor would swap it twice
+                    self._alias[name] = owner
+                else:
+                    self._layers[name] = module
+        if not self._layers:
+            raise ValueError("the model has no nn.Linear layer to take adapters")
+        self._order = {name: i for i, name in enumerate(self._layers)}
+        self._adapters: dict[str, _Slot] = {}
+        self._fusions: OrderedDict[tuple, _Slot] = OrderedDict()
+        self._pairs: OrderedDict[tuple[_Slot, _Slot], _PairPlan] = OrderedDict()
+        self._active: _Slot | None = None
+        self._guard: _ForwardGuard | None = None
+        self._held = threading.local()  # per-thread depth of guarded forwards
+        self._check_unmerged()
+
+    # -- what is there ----------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the layers that can take adapters, in model order."""
+        return tuple(self._layers)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the adapters, in the order they were added."""
+        return tuple(self._adapters)
+
+    def __contains__(self, name) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._adapters))
+
+    @property
+    def active(self) -> str | tuple[str, ...] | None:
+        """None (base weights), an adapter's name, or the names of the active fusion."""
+        slot = self._active
+        if slot is None:
+            return None
+        return slot.key if isinstance(slot.key, str) else slot.key[0]
+
+    @property
+    def active_weights(self) -> tuple[float, ...] | None:
+        """The weights of the active fusion (None unless a fusion is active)."""
+        slot = self._active
+        return None if slot is None or isinstance(slot.key, str) else slot.key[1]
+
+    def __repr__(self) -> str:
+        return (f"AdapterBank({len(self._layers)} layers, adapters={list(self._adapters)}, "
+                f"active={self.active!r})")
+
+    def _slot(self, name: str) -> _Slot:
+        slot = self._adapters.get(name)
+        if slot is None:
+            raise KeyError(f"no adapter named {name!r} (have {list(self._adapters)})")
+        return slot
+
+    def deltas(self, name: str) -> dict[str, tuple[SparseDelta, float]]:
+        """Adapter ``name`` as given: {layer: (SparseDelta, scale)} (copies)."""
+        with self.lock:
+            return {layer: (SparseDelta(self._layers[layer].weight.shape, e.indices.clone(),
+                                        e.delta.clone()), e.scale)
+                    for layer, e in self._slot(name).entries.items()}
+
+    def prepared(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: (indices, values)}: the values that stand in W while ``name`` is active
+        (copies)."""
+        with self.lock:
+            slot = self._slot(name)
+            out = {}
+            for layer, e in slot.entries.items():
+                if slot is self._active:  # the buffer holds the base; W holds the values
+                    values = self._layers[layer].weight.detach().view(-1)[e.indices.long()]
+                else:
+                    values = e.buf.clone()
+                out[layer] = (e.indices.clone(), values)
+            return out
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _check_unmerged(self) -> None:
+        for name, module in self._layers.items():
+            if isinstance(module, ShiraLinear) and module.merged:
+                raise RuntimeError(
+                    f"layer {name!r} is a merged ShiraLinear; unmerge() it before using the "
+                    "AdapterBank (its merge swaps entries of the same weight, so the bank's "
+                    "held-aside base entries would be wrong)")
+
+    def _check_new_name(self, name) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"an adapter named {name!r} is already in the bank; remove() it first")
+
+    def _layer(self, layer, where: str) -> nn.Linear:
+        if layer in self._alias:
+            raise ValueError(f"{where}: layer {layer!r} shares its weight with layer "
+                             f"{self._alias[layer]!r}; address it by that name")
+        module = self._layers.get(layer)
+        if module is None:
+            raise ValueError(f"{where}: the model has no nn.Linear layer named {layer!r}")
+        return module
+
+    def _validated(self, name: str, adapter, scale) -> list[tuple[str, torch.Tensor,
+                                                                  torch.Tensor, float]]:
+        """[(layer, canonical indices, values, scale)] in layer order, on the weights' device;
+        private copies, so later edits of the caller's tensors cannot reach the bank."""
+        if not isinstance(adapter, Mapping) or not adapter:
+            raise ValueError(f"adapter {name!r} must be a non-empty mapping layer name → "
+                             "SparseDelta or (SparseDelta, scale)")
+        default_scale = _finite_number(scale, f"adapter {name!r}: scale")
+        out = []
+        for layer, item in adapter.items():
+            where = f"adapter {name!r}, layer {layer!r}"
+            module = self._layer(layer, f"adapter {name!r}")
+            layer_scale = default_scale
+            if isinstance(item, tuple) and len(item) == 2:
+                item, layer_scale = item
+                layer_scale = _finite_number(layer_scale, f"{where}: scale")
+            if not isinstance(item, SparseDelta):
+                raise TypeError(f"{where}: expected a SparseDelta or (SparseDelta, scale), got "
+                                f"{type(item).__name__}")
+            weight = module.weight
+            if weight.dtype not in FLOAT_DTYPES or not weight.is_contiguous():
+                raise ValueError(f"{where}: the weight must be a contiguous float32/float16/"
+                                 f"bfloat16 tensor, got {weight.dtype}"
+                                 f"{'' if weight.is_contiguous() else ' (not contiguous)'}")
+            if tuple(item.shape) != tuple(weight.shape):
+                raise ValueError(f"{where}: the delta has shape {tuple(item.shape)} but the "
+                                 f"weight has {tuple(weight.shape)}")
+            indices, values = item.flat_indices, item.values
+            try:  # re-checked: the delta's tensors may have been edited since it was built
+                validate_indices(indices, weight.numel(), name="indices")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: {e}") from None
+            if (values.dtype not in FLOAT_DTYPES or values.dim() != 1
+                    or values.numel() != indices.numel()):
+                raise ValueError(f"{where}: values must be 1-D float32/float16/bfloat16 with one "
+                                 f"entry per index, got {values.dtype} of shape "
+                                 f"{tuple(values.shape)} for {indices.numel()} indices")
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{where}: the delta has non-finite values")
+            indices = indices.detach().to(weight.device)
+            values = values.detach().to(weight.device)
+            if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+                order = torch.argsort(indices)
+                indices, values = indices[order], values[order]
+            out.append((layer, indices.to(flat_index_dtype(weight.shape)).clone().contiguous(),
+                        values.clone().contiguous(), layer_scale))
+        out.sort(key=lambda item: self._order[item[0]])
+        return out
+
+    # -- base entries -----------------------------------------------------------------------------
+    def _base_entries(self, layer: str, indices: torch.Tensor) -> torch.Tensor:
+        """The BASE weight's entries at ``indices`` (int64): W's, except where the active slot
+        holds the base aside."""
+        weight = self._layers[layer].weight.detach()
+        values = weight.view(-1)[indices]  # advanced indexing: a copy
+        held = self._active.entries.get(layer) if self._active is not None else None
+        if held is not None and held.indices.numel() and indices.numel():
+            held_indices = held.indices.long()
+            pos = torch.searchsorted(held_indices, indices).clamp_(max=held_indices.numel() - 1)
+            hit = held_indices[pos] == indices
+            values[hit] = held.buf[pos[hit]]
+        return values
+
+    def _file_base(self, layer: str, shape: tuple[int, int], indices: torch.Tensor) -> torch.Tensor:
+        # The base_entries hook of shira_format: names the layer when it cannot be answered.
+        module = self._layer(layer, "adapter file")
+        if tuple(module.weight.shape) != tuple(shape):
+            raise ValueError(f"layer {layer!r}: the weight has shape {tuple(module.weight.shape)} "
+                             f"but the adapter's delta has {tuple(shape)}")
+        return self._base_entries(layer, indices.to(module.weight.device).long())
+
+    # -- adding and removing ----------------------------------------------------------------------
+    def add(self, name: str, adapter: Mapping, scale: float = 1.0) -> None:
+        """Add adapter ``name``: {layer: SparseDelta} or {layer: (SparseDelta, layer_scale)}.
+
+        Everything is checked first (ValueError naming the adapter and the layer; the bank and
+        the model are unchanged on failure). The values that will stand in W are prepared here,
+        from the base entries even while another adapter is active.
+        """
+        with self.lock:
+            self._check_new_name(name)
+            self._check_unmerged()
+            entries = {}
+            with torch.no_grad():
+                for layer, indices, values, layer_scale in self._validated(name, adapter, scale):
+                    base = self._base_entries(layer, indices.long())
+                    # fp32 arithmetic, one rounding to W's dtype (as ShiraLinear.merge does).
+                    active = (base.float() + layer_scale * values.float()).to(base.dtype)
+                    entries[layer] = _Entry(indices, active, values, layer_scale)
+            self._adapters[name] = _Slot(name, entries)
+
+    def add_from_model(self, name: str, model: nn.Module) -> None:
+        """Add every ShiraLinear of ``model`` (this bank's model or one of the same structure)
+        as adapter ``name``: its indices, current values and scale, under its module name."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        adapter = {layer: (SparseDelta(module.weight.shape, module.shira_indices.detach(),
+                                       module.shira_values.detach()), module.scale)
+                   for layer, module in model.named_modules() if isinstance(module, ShiraLinear)}
+        if not adapter:
+            raise ValueError(f"adapter {name!r}: the model has no ShiraLinear layer")
+        self.add(name, adapter)
+
+    def remove(self, name: str) -> None:
+        """Remove adapter ``name`` (and the cached fusions that use it); not while active."""
+        with self.lock:
+            slot = self._slot(name)
+            if self._active is not None and name in self._active.names:
+                raise RuntimeError(f"adapter {name!r} is active ({self.active!r}); deactivate() "
+                                   "or switch away first")
+            del self._adapters[name]
+            dropped = {slot} | {f for key, f in self._fusions.items() if name in key[0]}
+            for fusion in dropped - {slot}:
+                del self._fusions[fusion.key]
+            self._forget_pairs(dropped)
+
+    def _forget_pairs(self, slots) -> None:
+        for key in [key for key in self._pairs if key[0] in slots or key[1] in slots]:
+            del self._pairs[key]
+
+    # -- switching --------------------------------------------------------------------------------
+    def activate(self, name, weights: Sequence[float] | None = None) -> None:
+        """Make adapter ``name`` active, or the fusion of a list of names (``weights`` default
+        to 1 each); None deactivates. One batched scatter_swap_ whatever was active before."""
+        with self.lock:
+            if name is None:
+                if weights is not None:
+                    raise ValueError("weights are only for a fusion (a list of names)")
+                self._switch(None)
+            elif isinstance(name, str):
+                if weights is not None:
+                    raise ValueError("weights are only for a fusion; pass a list of names")
+                self._switch(self._slot(name))
+            else:
+                self._check_unmerged()
+                self._switch(self._fusion(name, weights))
+
+    def deactivate(self) -> None:
+        """Restore the base weights (bit for bit)."""
+        with self.lock:
+            self._switch(None)
+
+    def _switch(self, target: _Slot | None) -> None:
+        current = self._active
+        if target is current:
+            return
+        self._check_unmerged()
+        if current is None or target is None:
+            slot = target if target is not None else current
+            layers = list(slot.entries)
+            indices = [e.indices for e in slot.entries.values()]
+            values = [e.buf for e in slot.entries.values()]
+            both = ()
+        else:
+            plan = self._pair_plan(current, target)
+            layers, indices, values, both = plan.layers, plan.indices, plan.values, plan.both
+            with torch.no_grad():
+                for m in both:
+                    torch.index_select(torch.cat([m.b.buf, m.a.buf]), 0, m.fill, out=m.scratch)
+        # Validates everything before writing: if it raises, W and the buffers are unchanged
+        # (only scratch space was written).
+        scatter_swap_([self._layers[layer].weight for layer in layers], indices, values)
+        with torch.no_grad():
+            for m in both:
+                held = torch.cat([m.scratch, m.a.buf])  # read A's held base before overwriting
+                torch.index_select(m.scratch, 0, m.pos_a, out=m.a.buf)
+                torch.index_select(held, 0, m.map_b, out=m.b.buf)
+        self._active = target
+
+    def _pair_plan(self, a: _Slot, b: _Slot) -> _PairPlan:
+        key = (a, b)
+        plan = self._pairs.get(key)
+        if plan is not None:
+            self._pairs.move_to_end(key)
+            return plan
+        plan = _PairPlan(a, b, self._order)
+        self._pairs[key] = plan
+        while len(self._pairs) > max(self.max_pairs, 1):
+            self._pairs.popitem(last=False)
+        return plan
+
+    # -- fusions ----------------------------------------------------------------------------------
+    def _fusion(self, names, weights) -> _Slot:
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
+            raise ValueError(f"a fusion needs a non-empty list of adapter names, got {names!r}")
+        names = tuple(names)
+        if len(set(names)) != len(names):
+            raise ValueError(f"a fusion lists an adapter twice: {names!r}")
+        for name in names:
+            self._slot(name)
+        if weights is None:
+            weights = (1.0,) * len(names)
+        if isinstance(weights, torch.Tensor):
+            weights = weights.tolist()
+        weights = tuple(_finite_number(w, "a fusion weight") for w in weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} names but {len(weights)} weights")
+        key = (names, weights)
+        slot = self._fusions.get(key)
+        if slot is not None:
+            self._fusions.move_to_end(key)
+            return slot
+        slot = _Slot(key, self._fused_entries(names, weights))
+        self._fusions[key] = slot
+        # Drop the least recently used fusions past the limit, never the active one.
+        for old_key in list(self._fusions):
+            if len(self._fusions) <= max(self.max_fusions, 1):
+                break
+            old = self._fusions[old_key]
+            if old is not self._active and old is not slot:
+                del self._fusions[old_key]
+                self._forget_pairs({old})
+        return slot
+
+    @torch.no_grad()
+    def _fused_entries(self, names, weights) -> dict[str, _Entry]:
+        parts: dict[str, list[tuple[_Entry, float]]] = {}
+        for name, weight in zip(names, weights):
+            for layer, entry in self._adapters[name].entries.items():
+                parts.setdefault(layer, []).append((entry, weight * entry.scale))
+        entries = {}
+        for layer in sorted(parts, key=self._order.__getitem__):
+            layer_parts = parts[layer]
+            union, inverse = torch.unique(torch.cat([e.indices.long() for e, _ in layer_parts]),
+                                          sorted=True, return_inverse=True)
+            total = torch.zeros(union.numel(), dtype=torch.float32, device=union.device)
+            start = 0
+            for entry, coefficient in layer_parts:
+                n = entry.indices.numel()
+                total.index_add_(0, inverse[start:start + n], coefficient * entry.delta.float())
+                start += n
+            base = self._base_entries(layer, union)
+            active = (base.float() + total).to(base.dtype)  # one rounding onto the base
+            entries[layer] = _Entry(union.to(layer_parts[0][0].indices.dtype), active)
+        return entries
+
+    # -- thread safety ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reading(self):
+        """``with bank.reading(): model(x)``: no switch can happen during the block."""
+        with self.lock:
+            yield self
+
+    def guard_forward(self) -> _ForwardGuard:
+        """Make every forward of the model hold ``lock`` (forward pre- and post-hooks), so that
+        forwards and switches exclude each other. Returns a handle whose remove() (or ``with``
+        exit) takes the hooks off; calling it again returns the same handle."""
+        with self.lock:
+            if self._guard is None:
+                pre = self.model.register_forward_pre_hook(self._enter_forward, prepend=True)
+                post = self.model.register_forward_hook(self._exit_forward, always_call=True)
+                self._guard = _ForwardGuard(self, (pre, post))
+            return self._guard
+
+    def _enter_forward(self, module, args) -> None:
+        self.lock.acquire()
+        self._held.depth = getattr(self._held, "depth", 0) + 1
+
+    def _exit_forward(self, module, args, output) -> None:
+        # always_call: runs when the forward raised too; the depth guards against a pre-hook
+        # registered before ours having raised before we acquired.
+        if getattr(self._held, "depth", 0) > 0:
+            self._held.depth -= 1
+            self.lock.release()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, name: str, path) -> None:
+        """Write adapter ``name`` to ``path`` (shira_kernels.io.shira_format), with the checksum
+        of the bank's base entries under it."""
+        from .io.shira_format import save_adapter
+
+        with self.lock:
+            save_adapter(path, self.deltas(name), base_entries=self._file_base)
+
+    def load(self, name: str, path) -> None:
+        """Add the adapter in ``path`` as ``name``. The file must have been saved against this
+        base (checksum); any problem is a ValueError and leaves the bank unchanged."""
+        from .io.shira_format import load_adapter
+
+        with self.lock:
+            self._check_new_name(name)
+            self.add(name, load_adapter(path, base_entries=self._file_base))
