@@ -1,0 +1,229 @@
+"""DyLoRALinear: a drop-in nn.Linear with a LoRA branch trained for every rank 1..r_max (DyLoRA).
+
+    y = x·Wᵀ + bias + (alpha / b) · (x·A[:b]ᵀ)·B[:, :b]ᵀ,   A [r_max, in], B [out, r_max]
+
+The base weight and bias are the very Parameters of the wrapped layer (frozen); the adapter is
+``lora_A`` (Kaiming-uniform, as in LoRA) and ``lora_B`` (zeros, so the layer starts equal to the
+base). The state_dict holds weight, bias, lora_A and lora_B and nothing else.
+
+Training: every forward in training mode draws b uniformly from 1..r_max with a torch.Generator
+the layer owns (``seed`` makes the draws and the initialisation of A reproducible; the drawn rank
+is kept in ``last_rank``). By default only component b (row b−1 of A, column b−1 of B) gets a
+gradient and components 1..b−1 are used detached (``train_lower=False``, the DyLoRA update);
+with ``train_lower=True`` all of the first b components train. The input still gets its
+gradient through all b components either way.
+
+Truncation is a multiplication of the rank-space activation x·Aᵀ [.., r_max] by a rank mask
+(ones for the first b) and a scale alpha/b, never a slice: the computation, and so any graph
+torch.compile makes of it, is the same for every b. At inference those are the buffers
+``rank_mask`` (float32 [r_max]) and ``rank_scale`` (float32 []), written in place by
+``set_rank``, so switching the rank copies nothing and recompiles nothing. The cost is that the
+two small matmuls always run at r_max. In training the draw happens in a function that
+torch.compile does not trace (one graph break per layer, so compile training with
+fullgraph=False); it writes separate training buffers, so training never changes the inference
+rank.
+
+merge(rank) writes W + (alpha/b)·B[:, :b]·A[:b] into the weight (computed in fp32, rounded once
+to W's dtype), after which forward is a plain linear. To make unmerge() restore W bit for bit,
+merge keeps a full copy of the base weight (out·in elements of W's dtype, as much memory as W
+itself) until unmerge: a LoRA update touches every entry, and subtracting it again would not
+round back to the original bits in half precision. Save state_dicts unmerged: while merged the
+weight holds the merged values and the copy is not saved.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DyLoRALinear"]
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class DyLoRALinear(nn.Linear):
+    """nn.Linear plus a DyLoRA branch of maximum rank r_max; see the module docstring."""
+
+    rank_mask: torch.Tensor
+    rank_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r_max: int,
+                 alpha: float | None = None, seed: int | None = None, train_lower: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._init_adapter(r_max, alpha, seed, train_lower)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r_max: int, *, alpha: float | None = None,
+                    seed: int | None = None, train_lower: bool = False) -> "DyLoRALinear":
+        """Wrap ``linear``: its weight and bias Parameters are reused (not copied) and frozen.
+
+        alpha: the scale at rank b is alpha/b; None means alpha = r_max (scale 1 at full rank).
+        seed: seeds the layer's generator (A's initialisation, then the rank draws); None draws
+        a seed from torch's global RNG, so torch.manual_seed still makes the layer reproducible.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if type(linear).forward is not nn.Linear.forward:
+            # An adapter layer (ShiraLinear, DyLoRALinear, ...) would lose its own forward.
+            raise TypeError(f"linear must be a plain nn.Linear, but {type(linear).__name__} "
+                            f"overrides forward")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer._init_adapter(r_max, alpha, seed, train_lower)
+        return layer
+
+    def _init_adapter(self, r_max, alpha, seed, train_lower) -> None:
+        r_max = _check_positive_int(r_max, "r_max")
+        if alpha is None:
+            alpha = float(r_max)
+        if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                or not math.isfinite(alpha) or alpha <= 0):
+            raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if not isinstance(train_lower, bool):
+            raise ValueError(f"train_lower must be a bool, got {train_lower!r}")
+        self.r_max, self.alpha, self.seed = r_max, float(alpha), int(seed)
+        self.train_lower = train_lower
+        self.merged = False
+        self.merged_rank: int | None = None
+        self.last_rank: int | None = None
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+        device, dtype = self.weight.device, self.weight.dtype
+        a = torch.empty(r_max, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=self.generator)
+        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r_max, device=device,
+                                               dtype=dtype))
+
+        # The rank state is a runtime setting, not part of the checkpoint.
+        def buffer(name, shape, dtype=torch.float32):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device),
+                                 persistent=False)
+
+        buffer("rank_mask", (r_max,))
+        buffer("rank_scale", ())
+        buffer("_train_mask", (r_max,))
+        buffer("_train_scale", ())
+        buffer("_train_grad", (r_max,), torch.bool)
+        self.register_buffer("_merge_backup", None, persistent=False)
+        self._rank = r_max
+        self._write_rank(self.rank_mask, self.rank_scale, r_max)
+
+    # -- rank ------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """The inference rank (set_rank); r_max until changed."""
+        return self._rank
+
+    def _check_rank(self, rank, name: str = "rank") -> int:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+            raise ValueError(f"{name} must be an int in 1..{self.r_max}, got {rank!r}")
+        if not 1 <= rank <= self.r_max:
+            raise ValueError(f"{name} must be in 1..{self.r_max} (r_max), got {rank}")
+        return int(rank)
+
+    @torch.no_grad()
+    def _write_rank(self, mask: torch.Tensor, scale: torch.Tensor, b: int) -> None:
+        mask.zero_()
+        mask[:b] = 1
+        scale.fill_(self.alpha / b)
+
+    def set_rank(self, rank: int) -> "DyLoRALinear":
+        """Use the first ``rank`` components at inference (1 ≤ rank ≤ r_max). Only the rank_mask
+        and rank_scale buffers change, in place: no copy of A or B, no recompilation."""
+        b = self._check_rank(rank)
+        if self.merged and b != self.merged_rank:
+            raise RuntimeError(f"the layer is merged at rank {self.merged_rank}; unmerge() before "
+                               f"set_rank({b})")
+        self._write_rank(self.rank_mask, self.rank_scale, b)
+        self._rank = b
+        return self
+
+    @torch.compiler.disable
+    def _sample_rank(self) -> None:
+        # Runs eagerly even inside torch.compile (a graph break): the generator is Python state.
+        b = int(torch.randint(1, self.r_max + 1, (1,), generator=self.generator))
+        self._write_rank(self._train_mask, self._train_scale, b)
+        with torch.no_grad():
+            self._train_grad.copy_(self._train_mask.bool() if self.train_lower
+                                   else torch.arange(self.r_max) == b - 1)
+        self.last_rank = b
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            if self.training:
+                raise RuntimeError("the layer is merged; unmerge() before training")
+            return F.linear(x, self.weight, self.bias)
+        a, b = self.lora_A, self.lora_B
+        if self.training:
+            self._sample_rank()
+            if not self.train_lower:
+                # Only the sampled component trains; the ones below it are used detached.
+                a = torch.where(self._train_grad[:, None], a, a.detach())
+                b = torch.where(self._train_grad[None, :], b, b.detach())
+            weights = self._train_mask * self._train_scale
+        else:
+            weights = self.rank_mask * self.rank_scale
+        h = F.linear(x, a)
+        h = h * weights.to(h.dtype)
+        return F.linear(x, self.weight, self.bias) + F.linear(h, b)
+
+    # -- merge -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_weight(self, rank: int | None = None) -> torch.Tensor:
+        """(alpha/b)·B[:, :b]·A[:b] in fp32 [out, in], b = rank or the current rank."""
+        b = self._rank if rank is None else self._check_rank(rank)
+        return (self.lora_B[:, :b].float() @ self.lora_A[:b].float()) * (self.alpha / b)
+
+    @torch.no_grad()
+    def merge(self, rank: int | None = None) -> "DyLoRALinear":
+        """Write W + delta_weight(b) into the weight (one rounding to W's dtype), b = rank or the
+        current rank; the layer's rank becomes b. Keeps a full copy of W for unmerge()."""
+        b = self._rank if rank is None else self._check_rank(rank)
+        if self.merged:
+            if b != self.merged_rank:
+                raise RuntimeError(f"the layer is already merged at rank {self.merged_rank}; "
+                                   f"unmerge() before merging at rank {b}")
+            return self
+        self.set_rank(b)
+        self._merge_backup = self.weight.detach().clone()
+        self.weight.copy_((self.weight.float() + self.delta_weight(b)).to(self.weight.dtype))
+        self.merged, self.merged_rank = True, b
+        return self
+
+    @torch.no_grad()
+    def unmerge(self) -> "DyLoRALinear":
+        """Restore the base weight bit for bit (and free the copy)."""
+        if not self.merged:
+            return self
+        self.weight.copy_(self._merge_backup)
+        self._merge_backup = None
+        self.merged, self.merged_rank = False, None
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r_max={self.r_max}, rank={self._rank}, "
+                f"alpha={self.alpha}, train_lower={self.train_lower}"
+                f"{f', merged at rank {self.merged_rank}' if self.merged else ''}")
