@@ -16,7 +16,6 @@ import datetime as dt
 import importlib.util
 import os
 import platform
-import shlex
 import sys
 from pathlib import Path
 
@@ -30,25 +29,6 @@ import shira_kernels  # noqa: E402
 from shira_kernels import benchmark as sb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(Path.cwd().resolve())
-    except ValueError:
-        pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -136,11 +116,11 @@ def report(results: list[dict], args) -> str:
     out = [
         "# scatter_swap_ on the CPU",
         "",
-        f"Made by `{command_line()}` on {now}.",
+        f"Made by `{sb.command_line()}` on {now}.",
         "",
         "## Machine",
         "",
-        f"- CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}",
+        f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}",
         f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}; "
         f"Python {platform.python_version()}; shira_kernels {shira_kernels.__version__}",
         f"- backends available for CPU tensors: {', '.join(shira_kernels.backends.available('cpu'))}",

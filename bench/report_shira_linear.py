@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -66,30 +65,14 @@ TARGET_UNFUSED, TARGET_FUSED, TARGET_SHIRA_SPEEDUP = 1.10, 1.02, 2.0
 # ---------------------------------------------------------------------------------------------
 # The machine.
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(Path.cwd().resolve())
-    except ValueError:
-        pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
 def _cpu_ticks() -> dict[int, tuple[str, int]]:
-    """{pid: (name, utime + stime)} of every process but this one and its children."""
-    ticks, me = {}, os.getpid()
+    """{pid: (name, utime + stime)} of every process but this one and its descendants (the
+    memory probes, a compiler building the native kernels)."""
+    procs = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
+        if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
@@ -97,10 +80,15 @@ def _cpu_ticks() -> dict[int, tuple[str, int]]:
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == me:  # a memory-probe subprocess of this run
-            continue
-        ticks[int(entry.name)] = (name, int(fields[11]) + int(fields[12]))
-    return ticks
+        procs[int(entry.name)] = (name, int(fields[1]), int(fields[11]) + int(fields[12]))
+    ours, grew = {os.getpid()}, True
+    while grew:
+        grew = False
+        for pid, (_, ppid, _) in procs.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    return {pid: (name, ticks) for pid, (name, _, ticks) in procs.items() if pid not in ours}
 
 
 def _busy_between(before, after, seconds: float, threshold: float) -> list[tuple[str, float]]:
@@ -621,11 +609,11 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
     out = [
         "# ShiraLinear on the CPU: forward, crossover, training step, memory",
         "",
-        f"Made by `{command_line()}` on {now}; the run took {elapsed / 60:.1f} min.",
+        f"Made by `{sb.command_line()}` on {now}; the run took {elapsed / 60:.1f} min.",
         "",
         "## Machine",
         "",
-        f"- CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}",
+        f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}",
         f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}; "
         f"Python {platform.python_version()}; shira_kernels {shira_kernels.__version__}; "
         f"peft {peft_version}",

@@ -316,3 +316,33 @@ __all__ += [
     "ADAPTER_VALUE_STD", "peft_available", "make_linear", "clone_linear", "shira_linear_layer",
     "peft_shira_layer", "peft_lora_layer", "trainable_parameters", "training_step",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing a run: the machine and the command that made a report.
+# ---------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line() -> str:
+    """The command that is running, as `python <script relative to cwd> <args>`."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])

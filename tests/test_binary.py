@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-import shira_kernels
 from shira_kernels.formats import BinaryWeight, pack_signs, unpack_signs
 from shira_kernels.ops.binary import binary_linear, binary_lora
-from shira_kernels.quant import PETL_LEVEL, binarize, fake_quantize
+from shira_kernels.quant import PETL_LEVEL, fake_quantize
 
 from conftest import DTYPES
 from test_sparse_delta import assert_within_torch_error

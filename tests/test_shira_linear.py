@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import shira_kernels
 from shira_kernels.nn import ShiraLinear, mark_only_adapters_trainable, replace_linear
 
 from conftest import DTYPES

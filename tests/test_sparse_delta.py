@@ -3,7 +3,6 @@ from PyTorch's own error in the same dtype: our error against a float64 result m
 twice torch's own (plus one rounding of the output)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.library import opcheck
 
 import shira_kernels

@@ -80,9 +80,10 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
 }
 
 // out[idx] = weight[idx] + scale * values (fp32 arithmetic, rounded once); other entries of
-// out are left as they are (the caller copied the weight there).
+// out are left as they are (the caller copied the weight there). saved, if given, receives the
+// weight's entries first (out may be weight: an in-place add that can be swapped back).
 void scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::Tensor& idx,
-                 const torch::Tensor& values, double scale) {
+                 const torch::Tensor& values, double scale, c10::optional<torch::Tensor> saved) {
   TORCH_CHECK(out.is_contiguous() && weight.is_contiguous() && values.is_contiguous() &&
                   idx.is_contiguous(), "scatter_add: contiguous tensors expected");
   TORCH_CHECK(out.scalar_type() == weight.scalar_type() && values.scalar_type() == weight.scalar_type(),
@@ -91,12 +92,18 @@ void scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::T
   const int dtype = st == torch::kFloat ? 0 : st == torch::kHalf ? 1 : 2;
   TORCH_CHECK(st == torch::kFloat || st == torch::kHalf || st == torch::kBFloat16,
               "scatter_add: float32, float16 or bfloat16 expected");
+  void* saved_ptr = nullptr;
+  if (saved.has_value()) {
+    TORCH_CHECK(saved->is_contiguous() && saved->scalar_type() == st && saved->numel() == idx.numel(),
+                "scatter_add: saved must be contiguous, of the weight's dtype, one entry per index");
+    saved_ptr = saved->data_ptr();
+  }
   if (idx.scalar_type() == torch::kInt64) {
     shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), idx.data_ptr<int64_t>(),
-                          values.data_ptr(), static_cast<float>(scale), idx.numel());
+                          values.data_ptr(), static_cast<float>(scale), idx.numel(), saved_ptr);
   } else {
     shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), idx.data_ptr<int32_t>(),
-                          values.data_ptr(), static_cast<float>(scale), idx.numel());
+                          values.data_ptr(), static_cast<float>(scale), idx.numel(), saved_ptr);
   }
 }
 
@@ -166,5 +173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("scatter_add", &scatter_add, "out[idx] = weight[idx] + scale * values",
+        pybind11::arg("out"), pybind11::arg("weight"), pybind11::arg("idx"), pybind11::arg("values"),
+        pybind11::arg("scale"), pybind11::arg("saved") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

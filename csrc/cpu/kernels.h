@@ -24,10 +24,12 @@ void shira_sddmm_cpu(const float* gyT, const float* xT, int64_t tokens, const in
                      const C* cols, int64_t nnz, float* g);
 
 // out[idx[j]] = round(float(weight[idx[j]]) + scale · float(values[j])) for j < nnz, in the
-// weight's dtype (dtype: 0 fp32, 1 fp16, 2 bf16), I = int32_t | int64_t.
+// weight's dtype (dtype: 0 fp32, 1 fp16, 2 bf16), I = int32_t | int64_t. If saved is not null,
+// saved[j] receives weight[idx[j]]'s bits first: with out == weight this adds S into W in place
+// in one pass and keeps the base entries to be swapped back.
 template <typename I>
 void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* idx,
-                           const void* values, float scale, int64_t nnz);
+                           const void* values, float scale, int64_t nnz, void* saved);
 
 // 1-bit weights, W = mu + alpha * s with s = +-1; signs packed LSB first, 1 = +1.
 // Table lookup for few tokens: with x fp32 [T, in] (zero-padded to groups*8 columns) and the

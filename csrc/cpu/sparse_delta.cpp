@@ -48,11 +48,13 @@ struct Float<uint16_t> {  // bf16 bit patterns
 
 template <typename T, typename I>
 void scatter_add(const T* weight, T* out, const I* idx, const T* values, float scale,
-                 int64_t nnz) {
-#pragma omp parallel for schedule(static)
+                 int64_t nnz, T* saved) {
+#pragma omp parallel for schedule(static) if (nnz > 4096)
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t k = static_cast<int64_t>(idx[j]);
-    Float<T>::store(out + k, Float<T>::load(weight + k) + scale * Float<T>::load(values + j));
+    const T old = weight[k];
+    if (saved) saved[j] = old;  // the exact bits, so they can be swapped back
+    Float<T>::store(out + k, Float<T>::load(&old) + scale * Float<T>::load(values + j));
   }
 }
 
@@ -113,19 +115,19 @@ void shira_sddmm_cpu(const float* gyT, const float* xT, int64_t tokens, const in
 
 template <typename I>
 void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* idx,
-                           const void* values, float scale, int64_t nnz) {
+                           const void* values, float scale, int64_t nnz, void* saved) {
   switch (dtype) {
     case 0:
       scatter_add(static_cast<const float*>(weight), static_cast<float*>(out), idx,
-                  static_cast<const float*>(values), scale, nnz);
+                  static_cast<const float*>(values), scale, nnz, static_cast<float*>(saved));
       break;
     case 1:
       scatter_add(static_cast<const _Float16*>(weight), static_cast<_Float16*>(out), idx,
-                  static_cast<const _Float16*>(values), scale, nnz);
+                  static_cast<const _Float16*>(values), scale, nnz, static_cast<_Float16*>(saved));
       break;
     default:
       scatter_add(static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), idx,
-                  static_cast<const uint16_t*>(values), scale, nnz);
+                  static_cast<const uint16_t*>(values), scale, nnz, static_cast<uint16_t*>(saved));
   }
 }
 
@@ -138,6 +140,6 @@ template void shira_sddmm_cpu<int16_t>(const float*, const float*, int64_t, cons
 template void shira_sddmm_cpu<int32_t>(const float*, const float*, int64_t, const int32_t*,
                                        const int32_t*, int64_t, float*);
 template void shira_scatter_add_cpu<int32_t>(int, const void*, void*, const int32_t*,
-                                             const void*, float, int64_t);
+                                             const void*, float, int64_t, void*);
 template void shira_scatter_add_cpu<int64_t>(int, const void*, void*, const int64_t*,
-                                             const void*, float, int64_t);
+                                             const void*, float, int64_t, void*);

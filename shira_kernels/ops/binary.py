@@ -15,7 +15,6 @@ goes through quant.fake_quantize instead.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from torch.utils.weak import WeakIdKeyDictionary
 

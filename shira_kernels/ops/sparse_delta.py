@@ -31,9 +31,10 @@ from ..formats import SparseDelta
 from .scatter_swap import swap_unchecked
 
 STRATEGIES = ("auto", "spmm", "swap", "merge")
-# Token count from which "swap" beats "spmm" (auto strategy), per device type; measured on
-# 4096x4096 and 11008x4096 layers at r=32 (docs/benchmarks/shira_linear_cpu.md).
-SWAP_FROM_TOKENS = {"cpu": 16, "cuda": 64}
+# Token count from which "swap" beats "spmm" (auto strategy), per device type. CPU: measured on
+# 4096x4096 and 11008x4096 layers at r=32 (docs/benchmarks/shira_linear_cpu.md, crossover
+# table). CUDA: not yet measured on a GPU; the same value until it is.
+SWAP_FROM_TOKENS = {"cpu": 512, "cuda": 512}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +58,13 @@ def sddmm_reference(gy, x, rows, cols) -> torch.Tensor:
     return (gy.float().T @ x.float())[rows.long(), cols.long()]
 
 
-def scatter_add_reference(out, weight, flat_indices, values, scale: float) -> None:
+def scatter_add_reference(out, weight, flat_indices, values, scale: float, saved=None) -> None:
+    """out[idx] = round(weight[idx] + scale·values); saved (if given) gets weight[idx] first."""
     flat = flat_indices.long()
-    out.view(-1)[flat] = (weight.view(-1)[flat].float() + scale * values.float()).to(out.dtype)
+    base = weight.view(-1)[flat]
+    if saved is not None:
+        saved.copy_(base)
+    out.view(-1)[flat] = (base.float() + scale * values.float()).to(out.dtype)
 
 
 def sparse_delta_linear_reference(x, weight, bias, delta: SparseDelta, scale: float = 1.0):
@@ -77,7 +82,14 @@ def _kernels(backend: str):
         from ..triton import sparse_delta as mod
         return mod.spmm, mod.sddmm, mod.scatter_add
     mod = _native.module(backend)
-    return mod.spmm, mod.sddmm, mod.scatter_add
+    if backend == "cpu":
+        return mod.spmm, mod.sddmm, mod.scatter_add
+
+    def scatter_add(out, weight, idx, values, scale, saved=None):
+        if saved is not None:  # the CUDA kernel has no saving pass: gather first
+            saved.copy_(weight.view(-1)[idx.long()])
+        mod.scatter_add(out, weight, idx, values, scale)
+    return mod.spmm, mod.sddmm, scatter_add
 
 
 def _select(device):
@@ -150,13 +162,13 @@ def _adapted_in_place(weight, flat, values, scale):
     # .data: the temporary write is invisible to autograd's version counter, so W saved for
     # another backward stays valid (it is restored bit for bit before anyone could read it).
     w = weight.data
-    adapted = _scratch_buffer("swap", w, flat.shape)
-    adapted.copy_(torch.add(w.view(-1)[flat].float(), values.float(), alpha=scale))
-    swap_unchecked([w], [flat], [adapted])
+    saved = _scratch_buffer("swap", w, flat.shape)
+    # One pass: W[idx] += scale·S (fp32, rounded once) while the base bits go to `saved`.
+    _select(w.device)[2](w, w, flat, values.contiguous(), scale, saved)
     try:
         yield
     finally:
-        swap_unchecked([w], [flat], [adapted])
+        swap_unchecked([w], [flat], [saved])
 
 
 _STRUCT_ARGS = "Tensor flat, Tensor offsets, Tensor cols, Tensor rows, Tensor t_offsets, Tensor t_cols, Tensor t_perm"

@@ -48,13 +48,16 @@ def _sddmm_kernel(gy, x, rows, cols, g, tokens, nnz, n_out, n_in,
 
 
 @triton.jit
-def _scatter_add_kernel(out, weight, idx, values, scale, nnz, BLOCK: tl.constexpr):
+def _scatter_add_kernel(out, weight, idx, values, saved, scale, nnz, SAVE: tl.constexpr,
+                        BLOCK: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = j < nnz
     k = tl.load(idx + j, mask=m, other=0).to(tl.int64)
-    w = tl.load(weight + k, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(weight + k, mask=m, other=0.0)
+    if SAVE:  # the base entries, exactly, to be swapped back later
+        tl.store(saved + j, w, mask=m)
     v = tl.load(values + j, mask=m, other=0.0).to(tl.float32)
-    tl.store(out + k, (w + scale * v).to(out.dtype.element_ty), mask=m)
+    tl.store(out + k, (w.to(tl.float32) + scale * v).to(out.dtype.element_ty), mask=m)
 
 
 def spmm(y_in, x, offsets, cols, values, scale: float):
@@ -79,9 +82,10 @@ def sddmm(gy, x, rows, cols):
     return g
 
 
-def scatter_add(out, weight, idx, values, scale: float) -> None:
+def scatter_add(out, weight, idx, values, scale: float, saved=None) -> None:
     nnz = idx.numel()
     if nnz:
         block = 1024
-        _scatter_add_kernel[(triton.cdiv(nnz, block),)](out, weight, idx, values, float(scale),
-                                                        nnz, BLOCK=block)
+        _scatter_add_kernel[(triton.cdiv(nnz, block),)](
+            out, weight, idx, values, saved if saved is not None else values, float(scale), nnz,
+            SAVE=saved is not None, BLOCK=block)

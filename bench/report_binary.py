@@ -1,0 +1,139 @@
+"""Time the 1-bit ops on the CPU against dense matmuls, in one run.
+
+    python bench/report_binary.py [--quick] [--out docs/benchmarks/binary_cpu.md]
+
+binary_linear is compared, on the same inputs, with a dense fp32 and a dense bf16 matmul of the
+dequantized weight, and with unpack-then-matmul (dequantize() then a matmul, per call), at 1, 8,
+128 and 2048 tokens on 768x768, 4096x4096 and 11008x4096 (out x in). binary_lora is compared
+with the dense fp32 adapter (two matmuls, ReLU between) at ViT-B shapes (in = out = 768,
+r = 32) at 1 and 197 tokens. The table-lookup / unpack crossover is measured as well.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("shira_kernels") is None:  # run from a source checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import shira_kernels  # noqa: E402
+from shira_kernels import benchmark as sb  # noqa: E402
+from shira_kernels.formats import BinaryWeight  # noqa: E402
+from shira_kernels.ops import binary as binary_ops  # noqa: E402
+
+
+def _time(fn, repeat):
+    with torch.no_grad():
+        return sb.median_time(fn, warmup=1, repeat=repeat)
+
+
+def linear_rows(shape, tokens, repeat):
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(0)
+    bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g))
+    w32 = bw.dequantize()
+    w16 = w32.to(torch.bfloat16)
+    x = torch.randn(tokens, in_f, generator=g)
+    x16 = x.to(torch.bfloat16)
+    variants = {
+        "binary_linear (this package)": lambda: shira_kernels.binary_linear(x, bw),
+        "dense fp32 matmul": lambda: x @ w32.T,
+        "dense bf16 matmul": lambda: x16 @ w16.T,
+        "unpack then fp32 matmul": lambda: x @ bw.dequantize().T,
+    }
+    return {name: _time(fn, repeat) for name, fn in variants.items()}
+
+
+def lut_crossover(shape, repeat, tokens_list):
+    out_f, in_f = shape
+    bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)))
+    saved = binary_ops.LUT_MAX_TOKENS
+    rows = []
+    try:
+        for tokens in tokens_list:
+            x = torch.randn(tokens, in_f)
+            binary_ops.LUT_MAX_TOKENS = 10**9
+            lut, _ = _time(lambda: shira_kernels.binary_linear(x, bw), repeat)
+            binary_ops.LUT_MAX_TOKENS = 0
+            unpack, _ = _time(lambda: shira_kernels.binary_linear(x, bw), repeat)
+            rows.append((tokens, lut, unpack))
+    finally:
+        binary_ops.LUT_MAX_TOKENS = saved
+    return rows
+
+
+def lora_rows(tokens, repeat, dim=768, rank=32):
+    g = torch.Generator().manual_seed(2)
+    down = BinaryWeight.from_float(torch.randn(rank, dim, generator=g))
+    up = BinaryWeight.from_float(torch.randn(dim, rank, generator=g))
+    d32, u32 = down.dequantize(), up.dequantize()
+    x = torch.randn(tokens, dim, generator=g)
+    variants = {
+        "binary_lora (this package)": lambda: shira_kernels.binary_lora(x, down, up, 0.1, "relu"),
+        "dense fp32 adapter (2 matmuls)": lambda: 0.1 * F.linear(torch.relu(F.linear(x, d32)), u32),
+    }
+    return {name: _time(fn, repeat) for name, fn in variants.items()}
+
+
+def fmt_table(rows: dict, reference: str) -> list[str]:
+    ref = rows[reference][0]
+    out = ["| variant | median ms | spread ms | × " + reference + " |", "|---|---:|---:|---:|"]
+    for name, (median, times) in rows.items():
+        out.append(f"| {name} | {median * 1e3:.3f} | {min(times) * 1e3:.3f}–{max(times) * 1e3:.3f} "
+                   f"| {median / ref:.2f} |")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--out", default="docs/benchmarks/binary_cpu.md", help="'-' only prints")
+    args = parser.parse_args(argv)
+    shapes = [(96, 96), (256, 512)] if args.quick else [(768, 768), (4096, 4096), (11008, 4096)]
+    token_counts = [1, 8] if args.quick else [1, 8, 128, 2048]
+    started = dt.datetime.now(dt.timezone.utc)
+    lines = ["# 1-bit ops on the CPU", "",
+             f"Made by `{sb.command_line()}` on {started:%Y-%m-%d %H:%M} UTC.", "",
+             f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}; torch "
+             f"{torch.__version__}, {torch.get_num_threads()} threads; backend for CPU tensors: "
+             f"{shira_kernels.backends.select('cpu')}",
+             f"- binary_linear uses table lookup up to LUT_MAX_TOKENS = {binary_ops.LUT_MAX_TOKENS} "
+             "tokens, then unpacks blocks of rows and multiplies with at::mm.",
+             "- Times are medians of the given repeats after one warm-up; this is a shared machine, "
+             "so compare the ratios measured side by side.", ""]
+    lines += ["## binary_linear", ""]
+    for shape in shapes:
+        for tokens in token_counts:
+            print(f"binary_linear {shape[0]}x{shape[1]} T={tokens}", file=sys.stderr, flush=True)
+            rows = linear_rows(shape, tokens, args.repeat if tokens < 2048 else 3)
+            lines += [f"### {shape[0]}x{shape[1]}, {tokens} token(s)", ""]
+            lines += fmt_table(rows, "binary_linear (this package)") + [""]
+    lines += ["## Table lookup vs unpack + matmul (binary_linear on the CPU)", "",
+              "| shape | tokens | lookup ms | unpack+mm ms | lookup / unpack |", "|---|---:|---:|---:|---:|"]
+    for shape in shapes[-2:]:
+        for tokens, lut, unpack in lut_crossover(shape, args.repeat, [1, 2, 4, 8, 16, 32]):
+            lines.append(f"| {shape[0]}x{shape[1]} | {tokens} | {lut * 1e3:.3f} | {unpack * 1e3:.3f} "
+                         f"| {lut / unpack:.2f} |")
+    lines += ["", "## binary_lora (ViT-B: in = out = 768, r = 32, ReLU)", ""]
+    for tokens in ([1, 197] if not args.quick else [1, 9]):
+        lines += [f"### {tokens} token(s)", ""]
+        lines += fmt_table(lora_rows(tokens, args.repeat), "binary_lora (this package)") + [""]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out != "-":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
