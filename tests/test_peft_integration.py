@@ -1,0 +1,467 @@
+"""PEFT interoperability: SHiRA checkpoints that PEFT writes go into an AdapterBank and come out
+in a form PEFT loads (outputs compared with PEFT's own), and accelerate() runs PEFT's ShiRA
+layers on this package's kernels with PEFT's outputs, gradients, training, saving and
+bookkeeping (and an exact unmerge)."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+pytest.importorskip("peft")
+from peft import PeftModel, ShiraConfig, get_peft_model  # noqa: E402
+from peft.tuners.shira.layer import Linear as PeftShiraLinear  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from shira_kernels import AdapterBank, SparseDelta  # noqa: E402
+from shira_kernels.integrations import peft as skpeft  # noqa: E402
+
+TARGETS = ["fc1", "fc2", "blocks.0.0"]
+SHAPES = {"fc1": (24, 16), "fc2": (12, 24), "blocks.0.0": (8, 12)}
+R = 2
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    # PEFT warns on every sparse_coo_tensor and on repeated merges; not what these tests check.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class Tiny(nn.Module):
+    def __init__(self, fc1_out=24):
+        super().__init__()
+        self.fc1 = nn.Linear(16, fc1_out)
+        self.fc2 = nn.Linear(fc1_out, 12, bias=False)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(12, 8))])
+
+    def forward(self, x):
+        return self.blocks[0](torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def tiny(dtype=torch.float32, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return Tiny(**kwargs).to(dtype)
+
+
+def randomize(model, seed=5, std=0.3, adapter="default"):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(f"shira_weight.{adapter}"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def shira(base, seed=1, values_seed=5, **config):
+    config = {"r": R, "target_modules": TARGETS, "random_seed": seed, **config}
+    model = get_peft_model(copy.deepcopy(base), ShiraConfig(**config))
+    randomize(model, values_seed)
+    return model
+
+
+def bits(t):
+    t = t.detach()
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def snapshot(model):
+    return {k: bits(v).clone() for k, v in model.state_dict().items()}
+
+
+def same_bits(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def shira_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "shira_weight" in n}
+
+
+# =============================================================================================
+# Checkpoints
+# =============================================================================================
+def test_add_peft_matches_peft(tmp_path):
+    base = tiny()
+    pm = shira(base)
+    pm.save_pretrained(tmp_path)
+    x = torch.randn(5, 16)
+    bank = AdapterBank(copy.deepcopy(base))
+    y_base = bank.model(x)
+    bank.add_peft("a", tmp_path)
+    assert set(bank.deltas("a")) == set(TARGETS)
+    bank.activate("a")
+    y_bank = bank.model(x)
+    merged = copy.deepcopy(pm).merge_and_unload()
+    torch.testing.assert_close(y_bank, merged(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_bank, pm(x), rtol=1e-5, atol=1e-5)
+    bank.deactivate()
+    assert torch.equal(bank.model(x), y_base)
+
+    # PEFT's scaling (set_scale at inference; not saved) is add_peft's scale.
+    for module in pm.modules():
+        if isinstance(module, PeftShiraLinear):
+            module.set_scale("default", 0.5)
+    bank.add_peft("half", tmp_path, scale=0.5)
+    bank.activate("half")
+    torch.testing.assert_close(bank.model(x), pm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_add_peft_non_default_adapter_and_windows_indices(tmp_path):
+    base = tiny()
+    pm = shira(base)
+    pm.add_adapter("other", ShiraConfig(r=R, target_modules=["fc1"], random_seed=9))
+    randomize(pm, seed=11, adapter="other")
+    pm.save_pretrained(tmp_path, selected_adapters=["other"])
+    bank = AdapterBank(copy.deepcopy(base))
+    with pytest.raises(ValueError, match="subdirectory.*other"):
+        bank.add_peft("o", tmp_path)
+    # PEFT on Windows stores the indices as float32; they are read as integers.
+    file = tmp_path / "other" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors = {k: v.float() if k.endswith("shira_indices") else v for k, v in tensors.items()}
+    save_file(tensors, file)
+    bank.add_peft("o", tmp_path / "other")
+    pm.set_adapter("other")
+    bank.activate("o")
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(bank.model(x), pm(x), rtol=1e-5, atol=1e-5)
+
+
+def random_bank_adapter(gen, scales):
+    adapter = {}
+    for layer, shape in SHAPES.items():
+        nnz = R * (shape[0] + shape[1])
+        flat = torch.randperm(shape[0] * shape[1], generator=gen)[:nnz]
+        adapter[layer] = (SparseDelta.from_flat(flat, shape, torch.randn(nnz, generator=gen)),
+                          scales.get(layer, 1.0))
+    return adapter
+
+
+def test_save_peft_loads_in_peft(tmp_path):
+    base = tiny()
+    bank = AdapterBank(copy.deepcopy(base))
+    bank.add("a", random_bank_adapter(torch.Generator().manual_seed(3), {"fc2": 0.5}))
+    assert bank.save_peft("a", tmp_path / "out", base_model_name_or_path="tiny") == R
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SHIRA" and config["r"] == R
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+    x = torch.randn(6, 16)
+    bank.activate("a")
+    torch.testing.assert_close(loaded(x), bank.model(x), rtol=1e-5, atol=1e-5)
+    # ... and back: the scale is folded into the values.
+    other = AdapterBank(copy.deepcopy(base))
+    other.add_peft("b", tmp_path / "out")
+    for layer, (delta, scale) in bank.deltas("a").items():
+        back, back_scale = other.deltas("b")[layer]
+        assert back_scale == 1.0 and torch.equal(back.flat_indices, delta.flat_indices)
+        torch.testing.assert_close(back.values, delta.values * scale)
+
+
+def test_tiny_llama_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    pm = get_peft_model(copy.deepcopy(base), ShiraConfig(
+        r=2, target_modules=["q_proj", "v_proj", "down_proj"], random_seed=4))
+    randomize(pm, std=0.2)
+    pm.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 64, (1, 7))
+    bank = AdapterBank(copy.deepcopy(base))
+    bank.add_peft("a", tmp_path / "peft")
+    assert "model.layers.0.mlp.down_proj" in bank.deltas("a")
+    bank.activate("a")
+    logits = bank.model(ids).logits
+    torch.testing.assert_close(logits, pm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    bank.save_peft("a", tmp_path / "ours")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def _edit_tensors(fn):
+    def edit(directory):
+        file = directory / "adapter_model.safetensors"
+        tensors = load_file(file)
+        fn(tensors)
+        save_file(tensors, file)
+    return edit
+
+
+def _edit_config(**changes):
+    def edit(directory):
+        file = directory / "adapter_config.json"
+        config = json.loads(file.read_text())
+        config.update(changes)
+        file.write_text(json.dumps(config))
+    return edit
+
+
+W1, I1 = "base_model.model.fc1.shira_weight", "base_model.model.fc1.shira_indices"
+
+
+def _rename_fc1(t):
+    t["base_model.model.fc9.shira_weight"] = t.pop(W1)
+    t["base_model.model.fc9.shira_indices"] = t.pop(I1)
+
+
+def _repeat_entry(t):
+    t[I1][:, 1] = t[I1][:, 0]
+
+
+def _out_of_range(t):
+    t[I1][0, -1] = 100
+
+
+CORRUPTIONS = {
+    "no config": (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json"),
+    "no weights": (lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model"),
+    "bad json": (lambda d: (d / "adapter_config.json").write_text("{"), "JSON"),
+    "not shira": (_edit_config(peft_type="LORA"), "SHIRA"),
+    "bad r": (_edit_config(r=0), "r must be"),
+    "wrong r": (_edit_config(r=3), "blocks.0.0.*shape mismatch"),
+    "unknown layer": (_edit_tensors(_rename_fc1), "fc9"),
+    "missing indices": (_edit_tensors(lambda t: t.pop(I1)), "fc1.*shira_indices"),
+    "extra tensor": (_edit_tensors(lambda t: t.update({"base_model.model.head.weight":
+                                                       torch.zeros(2)})), "head.weight"),
+    "indices shape": (_edit_tensors(lambda t: t.update({I1: t[I1].reshape(-1)})), r"\[2, nnz\]"),
+    "fractional indices": (_edit_tensors(lambda t: t.update({I1: t[I1].float() + 0.5})),
+                           "whole numbers"),
+    "nan value": (_edit_tensors(lambda t: t[W1].__setitem__(0, float("nan"))), "non-finite"),
+    "value count": (_edit_tensors(lambda t: t.update({W1: t[W1][:-1].clone()})), "fc1"),
+    "out of range": (_edit_tensors(_out_of_range), "fc1.*shape mismatch"),
+    "repeated entry": (_edit_tensors(_repeat_entry), "fc1.*repeated"),
+    "truncated": (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:-7]), "safetensors"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_add_peft_errors_change_nothing(tmp_path, corruption):
+    base = tiny()
+    shira(base).save_pretrained(tmp_path)
+    edit, message = CORRUPTIONS[corruption]
+    edit(tmp_path)
+    bank = AdapterBank(copy.deepcopy(base))
+    bank.add("x", random_bank_adapter(torch.Generator().manual_seed(0), {}))
+    bank.activate("x")
+    before = snapshot(bank.model)
+    with pytest.raises(ValueError, match=message):
+        bank.add_peft("a", tmp_path)
+    assert bank.names == ("x",) and bank.active == "x" and same_bits(snapshot(bank.model), before)
+
+
+def test_add_peft_other_model_and_name_errors(tmp_path):
+    base = tiny()
+    shira(tiny(fc1_out=32)).save_pretrained(tmp_path / "wide")
+    shira(base).save_pretrained(tmp_path / "ok")
+    bank = AdapterBank(copy.deepcopy(base))
+    with pytest.raises(ValueError, match="'fc1'.*shape mismatch"):
+        bank.add_peft("a", tmp_path / "wide")
+    bank.add_peft("a", tmp_path / "ok")
+    with pytest.raises(ValueError, match="already"):
+        bank.add_peft("a", tmp_path / "ok")
+    assert bank.names == ("a",)
+
+
+def test_save_peft_errors(tmp_path):
+    bank = AdapterBank(tiny())
+    gen = torch.Generator().manual_seed(0)
+    bank.add("odd", {"fc1": SparseDelta.from_flat(torch.arange(7), (24, 16),
+                                                  torch.randn(7, generator=gen))})
+    uneven = random_bank_adapter(gen, {})
+    uneven["fc2"] = (SparseDelta.from_flat(torch.arange(3 * 36), (12, 24),
+                                           torch.randn(108, generator=gen)), 1.0)
+    bank.add("uneven", uneven)
+    with pytest.raises(ValueError, match="fc1.*multiple of 40"):
+        bank.save_peft("odd", tmp_path / "odd")
+    with pytest.raises(ValueError, match="fc2.*r = 3"):
+        bank.save_peft("uneven", tmp_path / "uneven")
+    with pytest.raises(KeyError):
+        bank.save_peft("missing", tmp_path / "missing")
+    assert not any(tmp_path.iterdir())
+
+
+# =============================================================================================
+# accelerate
+# =============================================================================================
+@pytest.mark.parametrize("strategy", ["auto", "spmm", "swap"])
+def test_accelerate_matches_peft_training(strategy):
+    pm = shira(tiny())
+    pa = skpeft.accelerate(copy.deepcopy(pm), strategy=strategy)
+    assert skpeft.accelerated_layers(pa) == [f"base_model.model.{t}" for t in TARGETS]
+    assert same_bits(snapshot(pa), snapshot(pm))
+    params = {n: p for n, p in pa.named_parameters()}
+    assert [n for n, p in params.items() if p.requires_grad] == [
+        n for n, p in pm.named_parameters() if p.requires_grad]
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+            for m in (pm, pa)]
+    for step in range(2):
+        x = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(step))
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [m(xi) for m, xi in zip((pm, pa), xs)]
+        torch.testing.assert_close(ys[1], ys[0], rtol=1e-5, atol=1e-5)
+        for y in ys:
+            y.square().mean().backward()
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
+        ga, gm = shira_grads(pa), shira_grads(pm)
+        for name in gm:
+            torch.testing.assert_close(ga[name], gm[name], rtol=1e-4, atol=1e-6)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    sa, sm = pa.state_dict(), pm.state_dict()
+    assert sa.keys() == sm.keys()
+    for k in sm:
+        torch.testing.assert_close(sa[k], sm[k], rtol=1e-4, atol=1e-5)
+    assert all(params[n] is p for n, p in pa.named_parameters())  # the same Parameters
+    assert all(p.grad is None for n, p in pa.named_parameters() if "base_layer" in n)
+
+
+class _WeightSized(TorchDispatchMode):
+    """Records ops whose output is a dense tensor of a weight's shape that is not the weight
+    itself (or a view of it)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.shapes = {tuple(w.shape) for w in weights}
+        self.storages = {w.untyped_storage().data_ptr() for w in weights}
+        self.hits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.layout == torch.strided
+                    and tuple(t.shape) in self.shapes
+                    and t.untyped_storage().data_ptr() not in self.storages):
+                self.hits.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_accelerate_makes_no_dense_weight_or_gradient(tokens):
+    pm = shira(tiny())
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    x = torch.randn(tokens, 16)
+    found = {}
+    for label, model in (("peft", pm), ("accelerated", pa)):
+        weights = [m.get_base_layer().weight for m in model.modules()
+                   if isinstance(m, PeftShiraLinear)]
+        with _WeightSized(weights) as mode:
+            model(x.clone().requires_grad_()).square().mean().backward()
+        found[label] = mode.hits
+    assert found["peft"], "the check must see PEFT's dense weight copies"
+    assert found["accelerated"] == []
+
+
+def test_accelerate_bookkeeping():
+    base = tiny()
+    pm = shira(base)
+    pm.add_adapter("b", ShiraConfig(r=R, target_modules=["fc1", "fc2"], random_seed=7))
+    randomize(pm, seed=8, adapter="b")
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    x = torch.randn(20, 16)
+
+    def check(tol=1e-5):
+        torch.testing.assert_close(pa(x), pm(x), rtol=tol, atol=tol)
+
+    check()
+    with pa.disable_adapter(), pm.disable_adapter():
+        torch.testing.assert_close(pa(x), base(x))
+        check()
+    for active in ("b", ["default", "b"], "default"):  # two active: PEFT's own forward
+        for m in (pm, pa):
+            m.base_model.set_adapter(active)
+        check()
+    weights = {n: bits(p).clone() for n, p in pa.named_parameters() if "base_layer.weight" in n}
+    for m in (pm, pa):
+        m.merge_adapter()
+    check()
+    with pa.disable_adapter(), pm.disable_adapter():  # unmerges, as PEFT does
+        check()
+    assert all(torch.equal(bits(p), weights[n]) for n, p in pa.named_parameters() if n in weights)
+    for m in (pm, pa):
+        m.merge_adapter(["default", "b"])
+        m.unmerge_adapter()
+    assert all(torch.equal(bits(p), weights[n]) for n, p in pa.named_parameters() if n in weights)
+    check()
+    for m in (pm, pa):
+        m.delete_adapter("b")
+    check()
+    merged_a, merged_m = copy.deepcopy(pa).merge_and_unload(), copy.deepcopy(pm).merge_and_unload()
+    assert type(merged_a.fc1) is nn.Linear
+    torch.testing.assert_close(merged_a(x), merged_m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_save_and_load(tmp_path):
+    base = tiny()
+    pm = shira(base)
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    x = torch.randn(8, 16)
+    pa(x).square().mean().backward()
+    torch.optim.SGD([p for p in pa.parameters() if p.requires_grad], lr=0.1).step()
+    pa.save_pretrained(tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    for name, p in pa.named_parameters():
+        if "shira_weight" in name:
+            key = name.replace(".default", "")
+            assert torch.equal(saved[key], p.detach())
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(loaded(x), pa(x), rtol=1e-5, atol=1e-5)
+    skpeft.accelerate(loaded)
+    torch.testing.assert_close(loaded(x), pa(x), rtol=1e-5, atol=1e-5)
+    bank = AdapterBank(copy.deepcopy(base))
+    bank.add_peft("trained", tmp_path / "a")
+    bank.activate("trained")
+    torch.testing.assert_close(bank.model(x), pa(x), rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_bf16_unmerge_is_exact():
+    pm = shira(tiny(torch.bfloat16))
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    x = torch.randn(20, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(pa(x), pm(x), rtol=3e-2, atol=3e-2)
+    layers = {label: [m for m in model.modules() if isinstance(m, PeftShiraLinear)]
+              for label, model in (("peft", pm), ("accelerated", pa))}
+    before = {label: [bits(m.get_base_layer().weight).clone() for m in ms]
+              for label, ms in layers.items()}
+    drift = {}
+    for label, model in (("peft", pm), ("accelerated", pa)):
+        for _ in range(3):
+            model.merge_adapter()
+            if label == "accelerated":
+                merged = [m.get_base_layer().weight.detach().float().clone() for m in layers[label]]
+            model.unmerge_adapter()
+        drift[label] = sum(int((bits(m.get_base_layer().weight) != b).sum())
+                           for m, b in zip(layers[label], before[label]))
+    total = sum(m.shira_weight["default"].numel() for m in layers["peft"])
+    print(f"\nbf16, 3 merge/unmerge rounds: entries differing from the base: PEFT "
+          f"{drift['peft']} of {total} adapted, accelerated {drift['accelerated']}")
+    assert drift["accelerated"] == 0
+    # The merged weights are W + S rounded once, what PEFT's merge computes.
+    pm.merge_adapter()
+    for m, w in zip(layers["peft"], merged):
+        torch.testing.assert_close(m.get_base_layer().weight.float(), w, rtol=1e-2, atol=1e-2)
+
+
+def test_accelerate_errors_restore_copy():
+    with pytest.raises(ValueError, match="no PEFT SHiRA layer"):
+        skpeft.accelerate(tiny())
+    pm = shira(tiny())
+    with pytest.raises(ValueError, match="strategy"):
+        skpeft.accelerate(pm, strategy="dense")
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(copy.deepcopy(pa)(x), pm(x), rtol=1e-5, atol=1e-5)
+    pa.merge_adapter()
+    skpeft.restore(pa)
+    assert skpeft.accelerated_layers(pa) == []
+    assert type(pa.base_model.model.fc1) is PeftShiraLinear
+    torch.testing.assert_close(pa(x), pm(x), rtol=1e-5, atol=1e-5)
+    pa.unmerge_adapter()  # PEFT's own unmerge now
+    torch.testing.assert_close(pa(x), pm(x), rtol=1e-5, atol=1e-5)
