@@ -2,6 +2,11 @@
 
   shira-kernels info    versions, devices, which backend runs each device and why others don't,
                         and a short scatter-swap timing against a torch indexing loop.
+  shira-kernels demo    a short story: two SHiRA adapters trained, switched, fused, saved and
+                        reloaded with the AdapterBank (under a minute on a laptop CPU).
+  shira-kernels bench   this package against PEFT ShiRA / LoRA on a Llama-shaped model: adapter
+                        switching and drift, forward, training step and memory, 1-bit matmuls;
+                        a table, DIR/results.json, DIR/results.md and plots (--quick: minutes).
 """
 from __future__ import annotations
 
@@ -90,6 +95,31 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from . import bench_suite
+
+    try:
+        cfg = bench_suite.make_config(quick=args.quick, device=args.device,
+                                      size=args.size_override, r=args.r, repeat=args.repeat,
+                                      drift_switches=args.drift_switches, seed=args.seed)
+    except ValueError as exc:
+        print(f"shira-kernels bench: {exc}", file=sys.stderr)
+        return 2
+    command = "shira-kernels " + " ".join(args.argv)
+    try:
+        bench_suite.run_bench(cfg, args.out, command=command, progress=not args.no_progress)
+    except RuntimeError as exc:
+        print(f"shira-kernels bench: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from . import demo as story
+
+    return story.run(steps=args.steps, seed=args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shira-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +130,37 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--intermediate", type=int, default=5504,
                         help="MLP size of the timed block")
     p_info.set_defaults(run=info)
+
+    p_demo = sub.add_parser("demo", help="train, switch, fuse, save and reload two adapters")
+    p_demo.add_argument("--steps", type=int, default=40, help="training steps per adapter")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.set_defaults(run=demo)
+
+    p_bench = sub.add_parser(
+        "bench", help="measure against PEFT ShiRA/LoRA; table, results.json/.md, plots",
+        description="Switch time and drift, forward latency, training step time and memory, "
+                    "1-bit matmuls, measured side by side. Without peft the PEFT comparisons "
+                    "are skipped and without matplotlib the plots (pip install "
+                    "'shira-kernels[bench]' installs both).")
+    p_bench.add_argument("--quick", action="store_true",
+                         help="a smaller model and fewer rounds (a few minutes on 2 CPU cores)")
+    p_bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p_bench.add_argument("--out", default="results", metavar="DIR",
+                         help="where results.json, results.md and the plots go (default: results)")
+    p_bench.add_argument("--size-override", default=None, metavar="H,I,B",
+                         help="hidden, intermediate and number of blocks of the model, e.g. "
+                              "64,160,2 (also $SHIRA_KERNELS_BENCH_SIZE)")
+    p_bench.add_argument("--r", type=int, default=None,
+                         help="adapter budget r (default hidden/128, at least 1)")
+    p_bench.add_argument("--repeat", type=int, default=None,
+                         help="timed rounds per configuration (default 5 with --quick, else 9)")
+    p_bench.add_argument("--drift-switches", type=int, default=1000,
+                         help="switches before the drift of the base weights is measured")
+    p_bench.add_argument("--seed", type=int, default=0)
+    p_bench.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    p_bench.set_defaults(run=bench)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.run(args)
 
 

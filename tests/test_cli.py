@@ -1,0 +1,163 @@
+"""The command line: `info`, `demo` and `bench` (at a tiny size), run in this process."""
+import importlib.util
+import json
+import re
+import sys
+
+import pytest
+
+from shira_kernels import bench_suite, cli
+
+HAVE_PEFT = importlib.util.find_spec("peft") is not None
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+TINY = ["--quick", "--size-override", "64,160,2", "--repeat", "2", "--drift-switches", "20"]
+
+TOP_FIELDS = {"schema", "created", "command", "elapsed_s", "machine", "versions", "config",
+              "skipped", "comparisons", "measurements", "plots"}
+MACHINE_FIELDS = {"platform", "cpu", "cpu_count", "torch_threads", "device", "gpu", "backend"}
+VERSION_FIELDS = {"shira_kernels", "python", "torch", "cuda", "triton", "peft", "matplotlib"}
+CONFIG_FIELDS = {"quick", "device", "hidden", "intermediate", "blocks", "r", "repeat",
+                 "drift_switches", "switch_blocks", "forward_tokens", "train_tokens",
+                 "binary_tokens", "drift_hidden", "drift_intermediate", "size_source"}
+MEASUREMENT_FIELDS = {"id", "group", "metric", "method", "role", "unit", "median", "min", "max",
+                      "n", "ratio", "best_alternative", "skipped", "params", "extra"}
+EXPECTED = {  # group → methods that must appear (PEFT's measured or marked skipped)
+    "switch": {bench_suite.BANK, bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA,
+               bench_suite.LORA_MERGE},
+    "drift": {bench_suite.BANK, bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA,
+              bench_suite.LORA_MERGE},
+    "forward": {bench_suite.BASE, bench_suite.UNFUSED, bench_suite.FUSED,
+                bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA},
+    "train": {bench_suite.SHIRA, bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA},
+    "memory": {bench_suite.SHIRA, bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA},
+    "binary": {bench_suite.BINARY_LINEAR, bench_suite.DENSE_LINEAR, bench_suite.BINARY_LORA,
+               bench_suite.DENSE_LORA},
+}
+
+
+def test_info_without_timing(capsys):
+    assert cli.main(["info", "--no-timing"]) == 0
+    out = capsys.readouterr().out
+    assert "versions" in out and "backends for cpu tensors" in out
+
+
+def test_demo_each_adapter_is_best_on_its_own_task(capsys):
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    losses = {}
+    for line in out.splitlines():
+        match = re.match(r"\s*adapter (A|B) active\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s*$", line)
+        if match:
+            losses[match.group(1)] = {"A": float(match.group(2)), "B": float(match.group(3))}
+    assert set(losses) == {"A", "B"}, out
+    assert losses["A"]["A"] < losses["B"]["A"]
+    assert losses["B"]["B"] < losses["A"]["B"]
+    # The training printed falling losses.
+    train = [float(v) for v in re.findall(r"training loss ([0-9.]+)", out)]
+    assert len(train) >= 4 and train[-1] < train[0]
+    assert "FAILED" not in out and "all claims held" in out
+
+
+def test_bench_size_from_flag_or_environment(monkeypatch):
+    monkeypatch.setenv(bench_suite.SIZE_ENV, "128,256,3")
+    cfg = bench_suite.make_config(quick=True)
+    assert (cfg.hidden, cfg.intermediate, cfg.blocks) == (128, 256, 3)
+    assert cfg.switch_blocks == [1, 3] and cfg.size_source.startswith("$")
+    cfg = bench_suite.make_config(quick=True, size="64x160x2")
+    assert (cfg.hidden, cfg.intermediate, cfg.blocks) == (64, 160, 2)
+    monkeypatch.delenv(bench_suite.SIZE_ENV)
+    assert (bench_suite.make_config(quick=True).hidden,
+            bench_suite.make_config().hidden) == (bench_suite.QUICK_SIZE[0],
+                                                  bench_suite.FULL_SIZE[0])
+    assert cli.main(["bench", "--size-override", "64,160"]) == 2
+
+
+def test_llama_shaped_model_names_the_projections_like_llama():
+    model = bench_suite.LlamaShapedModel.build(64, 160, 2)
+    names = [name for name, _ in bench_suite.sb.llama_linear_shapes(64, 160, 2)]
+    linears = dict(model.named_modules())
+    assert all(name in linears for name in names)
+    assert [tuple(linears[n].weight.shape) for n in names[:7]] == \
+        [(64, 64)] * 4 + [(160, 64), (160, 64), (64, 160)]
+
+
+def test_bench_quick_tiny(tmp_path, capsys):
+    out_dir = tmp_path / "results"
+    assert cli.main(["bench", *TINY, "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr()
+    assert "metric" in printed.out and "best alternative" in printed.out
+    data = json.loads((out_dir / "results.json").read_text())
+    assert (out_dir / "results.md").is_file()
+    assert TOP_FIELDS <= set(data)
+    assert data["schema"] == bench_suite.SCHEMA
+    assert MACHINE_FIELDS <= set(data["machine"])
+    assert VERSION_FIELDS <= set(data["versions"])
+    assert CONFIG_FIELDS <= set(data["config"])
+    assert data["config"]["hidden"] == 64 and data["config"]["blocks"] == 2
+
+    by_group = {}
+    for m in data["measurements"]:
+        assert MEASUREMENT_FIELDS <= set(m), m
+        by_group.setdefault(m["group"], {})[m["method"]] = by_group.get(m["group"], {}).get(
+            m["method"], []) + [m]
+        if m["skipped"]:
+            assert m["median"] is None
+        else:
+            assert m["n"] >= 1 and m["min"] <= m["median"] <= m["max"]
+    for group, methods in EXPECTED.items():
+        assert methods <= set(by_group.get(group, {})), (group, set(by_group.get(group, {})))
+    switch_layers = {m["params"]["layers"] for ms in by_group["switch"].values() for m in ms}
+    assert switch_layers == {7, 14}
+
+    for group in EXPECTED:
+        for method in (bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA):
+            for m in by_group[group].get(method, []):
+                if HAVE_PEFT:
+                    assert m["skipped"] is None and m["median"] is not None, m
+                else:
+                    assert "peft is not installed" in m["skipped"], m
+    if not HAVE_PEFT:
+        assert any("PEFT" in s["what"] for s in data["skipped"])
+        assert "shira-kernels[bench]" in printed.out
+
+    # The bank restores the base exactly; the others need not.
+    (bank,) = by_group["drift"][bench_suite.BANK]
+    assert bank["median"] == 0 and bank["extra"]["bit_exact"]
+    assert bank["params"]["switches"] == 20
+
+    # Every comparison names ours and the best alternative, with a ratio.
+    assert data["comparisons"]
+    for c in data["comparisons"]:
+        assert {"metric", "unit", "ours", "best_alternative", "ratio"} <= set(c)
+        if c["best_alternative"] is not None and c["best_alternative"]["median"] > 0:
+            assert c["ratio"] == pytest.approx(c["ours"]["median"] /
+                                               c["best_alternative"]["median"])
+
+    if HAVE_MATPLOTLIB:
+        assert set(data["plots"]) == {"switch_time_vs_layers.png",
+                                      "forward_latency_vs_tokens.png",
+                                      "training_time_memory.png"}
+        for name in data["plots"]:
+            assert (out_dir / name).stat().st_size > 1000
+    else:
+        assert data["plots"] == [] and any(s["what"] == "plots" for s in data["skipped"])
+
+
+def test_bench_without_peft_says_what_it_skipped(tmp_path, capsys, monkeypatch):
+    """With peft unimportable, the PEFT comparisons are marked skipped and the rest runs
+    (only the cheap sections: switching and drift)."""
+    monkeypatch.setitem(sys.modules, "peft", None)
+    assert not bench_suite.sb.peft_available()
+    cfg = bench_suite.make_config(quick=True, size="64,160,1", repeat=1, drift_switches=4)
+    results = bench_suite.Results()
+    progress = bench_suite.Progress(3, enabled=False)
+    device = bench_suite.torch.device("cpu")
+    bench_suite.measure_switch(cfg, results, progress, device, with_peft=False)
+    bench_suite.measure_drift(cfg, results, progress, device, with_peft=False)
+    results.finish()
+    methods = {(m.group, m.method): m for m in results.items}
+    for group in ("switch", "drift"):
+        for method in (bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA):
+            assert "pip install 'shira-kernels[bench]'" in methods[(group, method)].skipped
+        assert methods[(group, bench_suite.BANK)].ratio is not None
+    assert methods[("drift", bench_suite.BANK)].median == 0
