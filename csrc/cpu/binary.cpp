@@ -63,8 +63,8 @@ void shira_binary_lut_cpu(const float* x, int64_t tokens, int64_t groups, const 
 
 namespace {
 
-// The 8 signs of every byte value as floats: unpacking copies 32 bytes per sign byte instead
-// of testing bits one by one.
+// The 8 signs of every byte value as floats: dequantizing a sign byte is then 8 independent
+// multiply-adds that vectorise, not 8 bit tests.
 struct ByteSigns {
   float v[256][8];
   ByteSigns() {
@@ -76,14 +76,21 @@ const ByteSigns kByteSigns;
 
 }  // namespace
 
-void shira_unpack_signs_cpu(const int32_t* packed, int64_t words, int64_t in, int64_t row0,
-                            int64_t rows, float* signs) {
+void shira_dequantize_rows_cpu(const int32_t* packed, int64_t words, int64_t in, int64_t row0,
+                               int64_t rows, const float* alpha, bool alpha_per_row,
+                               const float* mu, bool mu_per_row, float scale, float* out) {
   const int64_t full_bytes = in / 8;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * in > 65536)
   for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(packed + (row0 + r) * words);
-    float* dst = signs + r * in;
-    for (int64_t b = 0; b < full_bytes; ++b) std::copy(kByteSigns.v[bytes[b]], kByteSigns.v[bytes[b]] + 8, dst + 8 * b);
-    for (int64_t i = full_bytes * 8; i < in; ++i) dst[i] = kByteSigns.v[bytes[i >> 3]][i & 7];
+    const int64_t row = row0 + r;
+    const float a = scale * alpha[alpha_per_row ? row : 0], m = scale * mu[mu_per_row ? row : 0];
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(packed + row * words);
+    float* dst = out + r * in;
+    for (int64_t b = 0; b < full_bytes; ++b) {
+      const float* s = kByteSigns.v[bytes[b]];
+#pragma omp simd
+      for (int k = 0; k < 8; ++k) dst[8 * b + k] = m + a * s[k];
+    }
+    for (int64_t i = full_bytes * 8; i < in; ++i) dst[i] = m + a * kByteSigns.v[bytes[i >> 3]][i & 7];
   }
 }

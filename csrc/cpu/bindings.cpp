@@ -107,40 +107,57 @@ void scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::T
   }
 }
 
-// x [T, in] @ S^T for S = +-1 signs packed in int32 [out, words], as fp32 [T, out], and the
-// row sums of x (fp32 [T]): y = alpha * (x @ S^T) + mu * rowsum(x) is finished by the caller.
-// Few tokens: table lookup over the sign bytes (bytes_t [words * 4, out], transposed once by
-// the caller). Many tokens: unpack blocks of rows to +-1 fp32 and multiply with at::mm.
-std::vector<torch::Tensor> binary_matmul(const torch::Tensor& x, const torch::Tensor& packed,
-                                         const torch::Tensor& bytes_t, int64_t lut_max_tokens) {
+// y = scale * (x @ (mu + alpha * s)^T) (+ bias) in fp32 for 1-bit signs packed in int32
+// [out, words] and alpha, mu fp32 of numel 1 or out. Few tokens: table lookup over the sign
+// bytes (bytes_t [words * 4, out], transposed once by the caller) gives x @ s^T, finished as
+// alpha * (x @ s^T) + mu * rowsum(x). Many tokens: blocks of rows are unpacked straight to
+// their dequantized values (scale folded in) and multiplied with at::mm, no epilogue.
+torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                            const torch::Tensor& bytes_t, const torch::Tensor& alpha,
+                            const torch::Tensor& mu, const c10::optional<torch::Tensor>& bias,
+                            double scale, int64_t lut_max_tokens) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && packed.scalar_type() == torch::kInt32 &&
-                  packed.is_contiguous(), "binary_matmul: x [T, in] and packed int32 [out, words]");
+                  packed.is_contiguous(), "binary_linear: x [T, in] and packed int32 [out, words]");
   const int64_t tokens = x.size(0), in = x.size(1), out = packed.size(0), words = packed.size(1);
   TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
+  TORCH_CHECK(alpha.scalar_type() == torch::kFloat && mu.scalar_type() == torch::kFloat &&
+                  alpha.is_contiguous() && mu.is_contiguous() &&
+                  (alpha.numel() == 1 || alpha.numel() == out) && (mu.numel() == 1 || mu.numel() == out),
+              "alpha and mu must be contiguous fp32 of numel 1 or out");
   torch::Tensor xf = x.to(torch::kFloat).contiguous();
-  torch::Tensor rowsum = xf.sum(1);
-  torch::Tensor P = torch::empty({tokens, out}, xf.options());
-  if (tokens == 0 || out == 0) return {P, rowsum};
-  if (tokens <= lut_max_tokens) {
+  torch::Tensor y;
+  if (tokens == 0 || out == 0) {
+    y = torch::zeros({tokens, out}, xf.options());
+  } else if (tokens <= lut_max_tokens) {
     TORCH_CHECK(bytes_t.scalar_type() == torch::kUInt8 && bytes_t.is_contiguous() &&
                     bytes_t.size(0) == words * 4 && bytes_t.size(1) == out,
                 "bytes_t must be uint8 [words * 4, out]");
     torch::Tensor xp = torch::zeros({tokens, words * 32}, xf.options());
     xp.narrow(1, 0, in).copy_(xf);
+    y = torch::empty({tokens, out}, xf.options());
     shira_binary_lut_cpu(xp.data_ptr<float>(), tokens, words * 4, bytes_t.data_ptr<uint8_t>(), out,
-                         P.data_ptr<float>());
-    return {P, rowsum};
+                         y.data_ptr<float>());
+    y.mul_(alpha).add_(xf.sum(1, /*keepdim=*/true) * mu);
+    if (scale != 1.0) y.mul_(scale);
+  } else {
+    y = torch::empty({tokens, out}, xf.options());
+    const int64_t block = std::max<int64_t>(64, (int64_t{1} << 21) / std::max<int64_t>(in, 1));
+    torch::Tensor tile = torch::empty({std::min(block, out), in}, xf.options());
+    for (int64_t r0 = 0; r0 < out; r0 += block) {
+      const int64_t rows = std::min(block, out - r0);
+      torch::Tensor t = tile.narrow(0, 0, rows);
+      shira_dequantize_rows_cpu(packed.data_ptr<int32_t>(), words, in, r0, rows,
+                                alpha.data_ptr<float>(), alpha.numel() > 1, mu.data_ptr<float>(),
+                                mu.numel() > 1, static_cast<float>(scale), t.data_ptr<float>());
+      if (rows == out) {
+        at::mm_out(y, xf, t.t());
+      } else {
+        y.narrow(1, r0, rows).copy_(at::mm(xf, t.t()));
+      }
+    }
   }
-  const int64_t block = std::max<int64_t>(64, (int64_t{1} << 21) / std::max<int64_t>(in, 1));
-  torch::Tensor tile = torch::empty({std::min(block, out), in}, xf.options());
-  for (int64_t r0 = 0; r0 < out; r0 += block) {
-    const int64_t rows = std::min(block, out - r0);
-    torch::Tensor t = tile.narrow(0, 0, rows);
-    shira_unpack_signs_cpu(packed.data_ptr<int32_t>(), words, in, r0, rows, t.data_ptr<float>());
-    torch::Tensor dst = P.narrow(1, r0, rows);
-    at::mm_out(dst, xf, t.t());
-  }
-  return {P, rowsum};
+  if (bias.has_value()) y.add_(bias->to(torch::kFloat), scale);
+  return y;
 }
 
 // y = scale * up(act(down(x))) for 1-bit down [r, in] and up [out, r] (alpha/mu fp32 [1] or
@@ -151,12 +168,11 @@ torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_pack
                           const torch::Tensor& up_bytes_t, const torch::Tensor& up_alpha,
                           const torch::Tensor& up_mu, double scale, bool relu,
                           int64_t lut_max_tokens) {
-  auto down = binary_matmul(x, down_packed, down_bytes_t, lut_max_tokens);
-  torch::Tensor h = down[0].mul_(down_alpha).add_(down[1].unsqueeze(1) * down_mu);
+  torch::Tensor h = binary_linear(x, down_packed, down_bytes_t, down_alpha, down_mu, c10::nullopt,
+                                  1.0, lut_max_tokens);
   if (relu) h.relu_();
-  auto up = binary_matmul(h, up_packed, up_bytes_t, lut_max_tokens);
-  torch::Tensor y = up[0].mul_(up_alpha).add_(up[1].unsqueeze(1) * up_mu).mul_(scale);
-  return y.to(x.scalar_type());
+  return binary_linear(h, up_packed, up_bytes_t, up_alpha, up_mu, c10::nullopt, scale,
+                       lut_max_tokens).to(x.scalar_type());
 }
 
 }  // namespace
@@ -168,7 +184,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("sddmm", &sddmm, "gradient of S's values: sum over tokens of gy[:, row] * x[:, col]",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("binary_matmul", &binary_matmul, "x @ S^T for packed 1-bit signs S, and rowsum(x)",
+  m.def("binary_linear", &binary_linear, "scale * x @ (mu + alpha * s)^T (+ bias), fp32, for packed 1-bit signs s",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
         pybind11::call_guard<pybind11::gil_scoped_release>());

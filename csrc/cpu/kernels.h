@@ -38,6 +38,8 @@ void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* id
 // sums for every group of 8 features turns each output into one lookup per 8 features.
 void shira_binary_lut_cpu(const float* x, int64_t tokens, int64_t groups, const uint8_t* bytes_t,
                           int64_t out, float* P);
-// Unpack rows [row0, row0 + rows) of packed int32 [*, words] into fp32 +-1 [rows, in].
-void shira_unpack_signs_cpu(const int32_t* packed, int64_t words, int64_t in, int64_t row0,
-                            int64_t rows, float* signs);
+// Dequantize rows [row0, row0 + rows) of packed int32 [*, words] into fp32 [rows, in]:
+// out[r][i] = scale * (mu[r] + alpha[r] * s[r][i]) (alpha/mu per row, or one value each).
+void shira_dequantize_rows_cpu(const int32_t* packed, int64_t words, int64_t in, int64_t row0,
+                               int64_t rows, const float* alpha, bool alpha_per_row,
+                               const float* mu, bool mu_per_row, float scale, float* out);

@@ -32,9 +32,7 @@ import json
 import logging
 import math
 import numbers
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES
 from ..formats import SparseDelta, flat_index_dtype
+from ..io._files import write_atomically
 from ..ops.scatter_swap import scatter_swap_
 from ..ops.sparse_delta import STRATEGIES, sparse_delta_linear
 
@@ -252,20 +251,6 @@ def load_peft_into_bank(bank, name: str, path, *, scale: float = 1.0) -> None:
         bank.add(name, peft_adapter_deltas(path, shapes, scale=scale))
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_peft_adapter(path, deltas: Mapping[str, object], *,
                        base_model_name_or_path: str | None = None,
                        task_type: str | None = None) -> int:
@@ -334,8 +319,8 @@ def write_peft_adapter(path, deltas: Mapping[str, object], *,
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     data = save(tensors, metadata={"format": "pt"})
-    _write_atomically(directory / SAFETENSORS_NAME, data)
-    _write_atomically(directory / CONFIG_NAME,
+    write_atomically(directory / SAFETENSORS_NAME, data)
+    write_atomically(directory / CONFIG_NAME,
                       (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return r
 

@@ -17,9 +17,7 @@ other shapes, padding bits are ignored when reading and written as 0.
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -28,6 +26,7 @@ import torch
 
 from ..formats import BinaryWeight
 from ..quant import PETL_LEVEL
+from ._files import write_atomically
 
 __all__ = ["PetlVitCheckpoint", "load_petl_vit", "petl_vit_layout", "save_petl_vit"]
 
@@ -249,24 +248,4 @@ def save_petl_vit(path, checkpoint_or_weights, config=None, stats=None) -> None:
             mean, std = mu, _std_of(alpha)
         chunks.append(_matrix_bytes(weight.signs().cpu()))
         chunks.append(_STATS.pack(mean, std))
-    _write_atomically(Path(path), b"".join(chunks))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    folder = path.parent
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode an ordinary open would.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(Path(path), b"".join(chunks))

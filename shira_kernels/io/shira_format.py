@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES, validate_indices
 from ..formats import SparseDelta, flat_index_dtype
+from ._files import write_atomically
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "base_checksum", "check_base", "load_adapter",
            "read_adapter", "save_adapter"]
@@ -124,21 +123,6 @@ def _normalize(adapter_deltas, scales) -> dict[str, tuple[SparseDelta, float]]:
     return out
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # A crash mid-write must not leave a truncated file under the final name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_adapter(path, adapter_deltas, scales=1.0, base_model: nn.Module | None = None, *,
                  base_entries: BaseEntries | None = None) -> None:
     """Write one adapter to ``path`` (a .safetensors file).
@@ -174,7 +158,7 @@ def save_adapter(path, adapter_deltas, scales=1.0, base_model: nn.Module | None 
                        "base_sha256": base_sha}
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "layers": json.dumps(meta)}
-    _write_atomically(Path(path), save(tensors, metadata=metadata))
+    write_atomically(Path(path), save(tensors, metadata=metadata))
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from ..formats import BinaryWeight
 from ..ops.binary import ACTIVATIONS, binary_lora
 from ..quant import METHODS, fake_quantize
+from ._wrap import adopt_linear
 
 
 class BinaryAdapter(nn.Module):
@@ -94,13 +95,7 @@ class BinaryLoRALinear(nn.Linear):
                     method: str = "petl") -> "BinaryLoRALinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight, layer.bias = linear.weight, linear.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        layer = adopt_linear(cls, linear)
         layer.lora = BinaryAdapter(linear.in_features, rank, linear.out_features, scale=scale,
                                    activation=None, method=method, device=linear.weight.device)
         return layer

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._wrap import adopt_linear
+
 __all__ = ["DyLoRALinear"]
 
 
@@ -78,14 +80,7 @@ class DyLoRALinear(nn.Linear):
             # An adapter layer (ShiraLinear, DyLoRALinear, ...) would lose its own forward.
             raise TypeError(f"linear must be a plain nn.Linear, but {type(linear).__name__} "
                             f"overrides forward")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        layer = adopt_linear(cls, linear)
         layer._init_adapter(r_max, alpha, seed, train_lower)
         return layer
 

@@ -22,6 +22,7 @@ from ..formats import SparseDelta, SparseStructure
 from ..masks import make_mask, mask_to_indices
 from ..ops.scatter_swap import scatter_swap_
 from ..ops.sparse_delta import STRATEGIES, sparse_delta_linear
+from ._wrap import adopt_linear
 
 _STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
 
@@ -55,14 +56,7 @@ class ShiraLinear(nn.Linear):
         if isinstance(mask, str) and r is None and density is None:
             r = 32
         chosen = make_mask(mask, linear.weight.detach(), r=r, density=density, seed=seed, grads=grads)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        layer = adopt_linear(cls, linear)
         layer._init_adapter(mask_to_indices(chosen).to(linear.weight.device), scale)
         return layer
 

@@ -6,9 +6,10 @@
                               (Bi-LoRA: activation None; Bi-AdaptFormer: "relu")
 
 The signs are never expanded to a dense weight in memory. On the CPU, few tokens use table
-lookup (per token, a table of partial sums of x for every sign pattern of 8 features; each
-output is then one lookup per 8 features) and many tokens unpack blocks of rows to ±1 and use
-a dense matmul on the block; LUT_MAX_TOKENS is the measured crossover. fp32 accumulation.
+lookup (per token, a table of signed sums of x for every sign pattern of 8 features; each
+output is then one lookup per 8 features) and many tokens unpack blocks of rows straight to
+their dequantized values and use a dense matmul on the block; LUT_MAX_TOKENS is the measured
+crossover. fp32 accumulation.
 The gradient of x is provided (gy·W, from the dequantized weight); training the 1-bit weights
 goes through quant.fake_quantize instead.
 """
@@ -24,8 +25,8 @@ from ..formats import BinaryWeight
 
 ACTIVATIONS = (None, "relu")
 # Largest token count for which the CPU table lookup beats unpack + matmul (measured by
-# bench/report_binary.py on 4096x4096 and 768x768 weights).
-LUT_MAX_TOKENS = 4
+# bench/report_binary.py on 4096x4096 and 11008x4096 weights: docs/benchmarks/binary_cpu.md).
+LUT_MAX_TOKENS = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +65,11 @@ def _bytes_t(packed: torch.Tensor) -> torch.Tensor:
 
 
 
+def _lut_bytes(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Only the table-lookup path reads the transposed bytes; many tokens need none.
+    return _bytes_t(packed) if x.shape[0] <= LUT_MAX_TOKENS else packed.new_empty(0, dtype=torch.uint8)
+
+
 def _linear_kernel(backend: str):
     if backend == "reference":
         return binary_linear_reference
@@ -75,9 +81,8 @@ def _linear_kernel(backend: str):
         return mod.binary_linear
 
     def cpu(x, packed, alpha, mu, bias, in_features):
-        xs, rowsum = mod.binary_matmul(x, packed, _bytes_t(packed), LUT_MAX_TOKENS)
-        y = torch.addcmul(rowsum.unsqueeze(1) * mu, xs, alpha)
-        return (y if bias is None else y + bias.float()).to(x.dtype)
+        return mod.binary_linear(x, packed, _lut_bytes(packed, x), alpha, mu, bias, 1.0,
+                                 LUT_MAX_TOKENS).to(x.dtype)
     return cpu
 
 
@@ -92,8 +97,8 @@ def _lora_kernel(backend: str):
         return lambda x, down, up, scale, relu: mod.binary_lora(x, *down, *up, scale, relu)
 
     def cpu(x, down, up, scale, relu):
-        return mod.binary_lora(x, down[0], _bytes_t(down[0]), down[1], down[2],
-                               up[0], _bytes_t(up[0]), up[1], up[2], scale, relu, LUT_MAX_TOKENS)
+        return mod.binary_lora(x, down[0], _lut_bytes(down[0], x), down[1], down[2], up[0],
+                               _lut_bytes(up[0], x), up[1], up[2], scale, relu, LUT_MAX_TOKENS)
     return cpu
 
 

@@ -34,7 +34,7 @@ STRATEGIES = ("auto", "spmm", "swap", "merge")
 # Token count from which "swap" beats "spmm" (auto strategy), per device type. CPU: measured on
 # 4096x4096 and 11008x4096 layers at r=32 (docs/benchmarks/shira_linear_cpu.md, crossover
 # table). CUDA: not yet measured on a GPU; the same value until it is.
-SWAP_FROM_TOKENS = {"cpu": 512, "cuda": 512}
+SWAP_FROM_TOKENS = {"cpu": 128, "cuda": 128}
 
 
 # ---------------------------------------------------------------------------------------------
