@@ -7,5 +7,6 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["shira_kernels", "shira_kernels.*"]) + ["shira_kernels.csrc"],
     package_dir={"shira_kernels.csrc": "csrc"},
-    package_data={"shira_kernels.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"]},
+    package_data={"shira_kernels.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu",
+                                         "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]},
 )

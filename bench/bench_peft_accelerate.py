@@ -33,32 +33,17 @@ import torch
 
 from shira_kernels import benchmark as sb
 
+from conftest import env, env_ints, env_shapes
+
 pytestmark = pytest.mark.skipif(not sb.peft_available(),
                                 reason="peft is not installed (pip install peft)")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.replace(" ", "").split(",") if t]
-
-
-def _shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for item in text.replace(" ", "").split(","):
-        if item:
-            out_f, in_f = item.lower().split("x")
-            shapes.append((int(out_f), int(in_f)))
-    return shapes
-
-
-SHAPES = _shapes(_env("SHIRA_BENCH_SHAPES", "4096x4096"))
-TRAIN_TOKENS = _ints(_env("SHIRA_BENCH_TRAIN_TOKENS",
+SHAPES = env_shapes(env("SHIRA_BENCH_SHAPES", "4096x4096"))
+TRAIN_TOKENS = env_ints(env("SHIRA_BENCH_TRAIN_TOKENS",
                           os.environ.get("SHIRA_BENCH_TOKENS", "").strip() or "128,2048"))
-RANK = int(_env("SHIRA_BENCH_R", "32"))
-ROUNDS = int(_env("SHIRA_BENCH_ROUNDS", "3"))
+RANK = int(env("SHIRA_BENCH_R", "32"))
+ROUNDS = int(env("SHIRA_BENCH_ROUNDS", "3"))
 WARMUP_ROUNDS = 1
 DTYPE = torch.float32
 VARIANTS = ("peft-ShiRA", "peft-ShiRA-accelerated")

@@ -77,7 +77,7 @@ def _build(kind: str):
         raise RuntimeError(f"no C++ compiler: {compiler!r} not found on PATH (set CXX)")
     sources, flags = _spec(kind)
     key = hashlib.sha256()
-    for path in sources + sorted(csrc_dir().rglob("*.h")):
+    for path in sources + sorted(csrc_dir().rglob("*.h")) + sorted(csrc_dir().rglob("*.cuh")):
         key.update(path.name.encode() + path.read_bytes())
     key.update(repr((flags, torch.__version__, platform.python_version(), _cpu_model())).encode())
     name = f"shira_{kind}_{key.hexdigest()[:16]}"

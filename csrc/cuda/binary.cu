@@ -12,6 +12,7 @@
 // registers or in small shared-memory tiles, never into a dense global weight.
 // No torch headers here on purpose: this file must build with plain nvcc.
 
+#include "common.cuh"
 #include "kernels.h"
 
 #include <cuda_bf16.h>
@@ -22,34 +23,8 @@
 
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned int kFullMask = 0xffffffffu;
-constexpr int kThreads = 256;  // threads per block, all kernels
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int64_t kMaxGridY = 65535;    // hardware limit of gridDim.y
-constexpr int64_t kMaxGridX = INT_MAX;  // hardware limit of gridDim.x
 constexpr uint32_t kSignBit = 0x80000000u;
-
-// ---------------------------------------------------------------------------
-// Element conversions (fp32 <-> storage type).
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // v * s for a sign s carried in the top bit of `neg_mask` (set = -1, clear = +1):
 // flipping the fp32 sign bit is exact, so this is a multiply by +-1 in one op.

@@ -5,6 +5,7 @@
 // accumulated in fp32 and rounded once, when it is stored. No torch headers
 // here on purpose: this file must build with plain nvcc.
 
+#include "common.cuh"
 #include "kernels.h"
 
 #include <cuda_bf16.h>
@@ -14,33 +15,6 @@
 #include <cstdint>
 
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr unsigned int kFullMask = 0xffffffffu;
-constexpr int kThreads = 256;               // threads per block, all kernels
-constexpr int64_t kMaxGridY = 65535;        // hardware limit of gridDim.y
-constexpr int64_t kMaxGridX = INT_MAX;      // hardware limit of gridDim.x
-
-// ---------------------------------------------------------------------------
-// Element conversions (fp32 <-> storage type).
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------
 // spmm: y_out[t, r] = y_in[t, r] + scale * sum_j values[j] * x[t, cols[j]],
