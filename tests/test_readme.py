@@ -10,6 +10,6 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # it saves a file
     namespace = {}
     exec(compile(code, str(README), "exec"), namespace)
-    bank, model = namespace["bank"], namespace["model"]
+    bank = namespace["bank"]
     assert bank.active is None and (tmp_path / "task.safetensors").exists()
     assert "task" in bank
