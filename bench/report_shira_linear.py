@@ -19,7 +19,6 @@ markdown report is written to --out (use --out - to only print it).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import gc
 import importlib.util
@@ -352,48 +351,6 @@ def measure_training(layers: Layers, args) -> dict:
 
 
 # Peak memory of one training step, in a fresh subprocess per (method, shape, tokens).
-def _status_mib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, glibc only
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_of(fn) -> dict:
-    """RSS before ``fn()`` and the peak RSS while it ran, in MiB, with the method used."""
-    _trim()
-    if _reset_peak() and _status_mib("VmHWM") is not None:
-        before = _status_mib("VmRSS")
-        fn()
-        return {"before": before, "peak": _status_mib("VmHWM"), "how": "VmHWM after clear_refs"}
-    import resource  # fallback: a high-water mark since the process started
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fn()
-    return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "how": "ru_maxrss growth"}
-
-
 def memory_probe(spec: dict) -> dict:
     """Run in the subprocess: build one method's layer and input, run one untimed step, then
     measure the next step (gradients set to None first, as in every timed step)."""
@@ -405,7 +362,7 @@ def memory_probe(spec: dict) -> dict:
             t = torch.empty(nbytes // 4, dtype=torch.float32)
             t.fill_(1.0)
             del t
-        res = _peak_of(touch)
+        res = sb.rss_peak_during(touch)
         res["expected"] = nbytes / 2**20
         return res
     shape = tuple(spec["shape"])
@@ -426,7 +383,7 @@ def memory_probe(spec: dict) -> dict:
     for p in params:
         p.grad = None
     x.grad = None
-    return _peak_of(step)
+    return sb.rss_peak_during(step)
 
 
 def run_probe(spec: dict) -> dict:

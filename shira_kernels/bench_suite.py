@@ -29,7 +29,6 @@ torch.cuda.max_memory_allocated() during the step minus the memory allocated bef
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import gc
 import itertools
@@ -828,48 +827,6 @@ def measure_binary(cfg: BenchConfig, results: Results, progress: Progress, devic
 _MEMORY_METHODS = {"shira": SHIRA, "peft_shira": PEFT_SHIRA, "peft_lora": PEFT_LORA}
 
 
-def _proc_status_mib(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
-
-
-def _release_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss_peak_during(fn) -> dict:
-    """Resident set size before ``fn()`` and its peak while ``fn()`` ran, MiB (Linux: VmHWM
-    reset through /proc/self/clear_refs; elsewhere the growth of ru_maxrss, a lower bound)."""
-    _release_freed_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = _proc_status_mib("VmHWM") is not None
-    except OSError:
-        reset = False
-    if reset:
-        before = _proc_status_mib("VmRSS")
-        fn()
-        return {"before": before, "peak": _proc_status_mib("VmHWM"),
-                "how": "VmHWM after clear_refs"}
-    import resource
-    factor = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor
-    fn()
-    return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor,
-            "how": "ru_maxrss growth (a lower bound)"}
-
-
 def _training_model(cfg: BenchConfig, method: str, device):
     base = LlamaShapedModel.build(cfg.hidden, cfg.intermediate, cfg.blocks, device=device,
                                   seed=cfg.seed)
@@ -899,7 +856,7 @@ def memory_probe(spec: dict) -> dict:
             return {"before": before / 2**20,
                     "peak": torch.cuda.max_memory_allocated(device) / 2**20,
                     "how": "torch.cuda.max_memory_allocated"}
-        return _rss_peak_during(step)
+        return sb.rss_peak_during(step)
 
 
 def _probe_env() -> dict:

@@ -346,3 +346,54 @@ def command_line() -> str:
     except ValueError:
         pass
     return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of a CPU step. torch's CPU allocator does not cache, so tensor memory shows in
+# the resident set size; the kernel's high-water mark (VmHWM) can be reset just before a step.
+# ---------------------------------------------------------------------------------------------
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _release_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_peak_during(fn) -> dict:
+    """Resident set size before ``fn()`` and its peak while ``fn()`` ran, MiB (Linux: VmHWM
+    reset through /proc/self/clear_refs; elsewhere the growth of ru_maxrss, a lower bound)."""
+    _release_freed_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = _proc_status_mib("VmHWM") is not None
+    except OSError:
+        reset = False
+    if reset:
+        before = _proc_status_mib("VmRSS")
+        fn()
+        return {"before": before, "peak": _proc_status_mib("VmHWM"),
+                "how": "VmHWM after clear_refs"}
+    import resource
+    import sys
+
+    factor = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor
+    fn()
+    return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor,
+            "how": "ru_maxrss growth (a lower bound)"}
