@@ -25,7 +25,6 @@ not installed. Nothing here asserts on time.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -33,18 +32,13 @@ import torch
 
 from shira_kernels import benchmark as sb
 
-from conftest import env, env_ints, env_shapes
+from conftest import RANK, ROUNDS, TRAIN_TOKENS, WARMUP_ROUNDS, env, env_shapes
 
 pytestmark = pytest.mark.skipif(not sb.peft_available(),
                                 reason="peft is not installed (pip install peft)")
 
 
 SHAPES = env_shapes(env("SHIRA_BENCH_SHAPES", "4096x4096"))
-TRAIN_TOKENS = env_ints(env("SHIRA_BENCH_TRAIN_TOKENS",
-                          os.environ.get("SHIRA_BENCH_TOKENS", "").strip() or "128,2048"))
-RANK = int(env("SHIRA_BENCH_R", "32"))
-ROUNDS = int(env("SHIRA_BENCH_ROUNDS", "3"))
-WARMUP_ROUNDS = 1
 DTYPE = torch.float32
 VARIANTS = ("peft-ShiRA", "peft-ShiRA-accelerated")
 

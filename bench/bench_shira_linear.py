@@ -23,14 +23,13 @@ Nothing here asserts on time; bench/report_shira_linear.py writes the summary re
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from shira_kernels import benchmark as sb
 
-from conftest import env, env_ints, env_shapes
+from conftest import RANK, ROUNDS, TRAIN_TOKENS, WARMUP_ROUNDS, env, env_ints, env_shapes
 
 HAS_PEFT = sb.peft_available()
 NEEDS_PEFT = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed (pip install peft)")
@@ -38,11 +37,6 @@ NEEDS_PEFT = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed (pip
 
 SHAPES = env_shapes(env("SHIRA_BENCH_SHAPES", "4096x4096,11008x4096"))
 TOKENS = env_ints(env("SHIRA_BENCH_TOKENS", "1,16,128,2048"))
-TRAIN_TOKENS = env_ints(env("SHIRA_BENCH_TRAIN_TOKENS",
-                          os.environ.get("SHIRA_BENCH_TOKENS", "").strip() or "128,2048"))
-RANK = int(env("SHIRA_BENCH_R", "32"))
-ROUNDS = int(env("SHIRA_BENCH_ROUNDS", "3"))
-WARMUP_ROUNDS = 1
 DTYPE = torch.float32
 
 

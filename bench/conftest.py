@@ -26,3 +26,11 @@ def env_shapes(text: str) -> list[tuple[int, int]]:
             out_f, in_f = item.lower().split("x")
             shapes.append((int(out_f), int(in_f)))
     return shapes
+
+
+# Settings both PEFT-facing benchmark files use (overridable from the environment).
+TRAIN_TOKENS = env_ints(env("SHIRA_BENCH_TRAIN_TOKENS",
+                            os.environ.get("SHIRA_BENCH_TOKENS", "").strip() or "128,2048"))
+RANK = int(env("SHIRA_BENCH_R", "32"))
+ROUNDS = int(env("SHIRA_BENCH_ROUNDS", "3"))
+WARMUP_ROUNDS = 1

@@ -129,9 +129,7 @@ def main(argv=None) -> int:
         lines += fmt_table(lora_rows(tokens, args.repeat), "binary_lora (this package)") + [""]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out != "-":
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    sb.write_report(text, args.out)
     return 0
 
 

@@ -173,11 +173,7 @@ def main(argv=None) -> int:
     text = report(results, args)
     print()
     print(text)
-    if args.out != "-":
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"\nwritten to {out}")
+    sb.write_report(text, args.out)
     return 0
 
 

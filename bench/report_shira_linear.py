@@ -746,11 +746,7 @@ def main(argv=None) -> int:
         print()
         print("measured crossover: " + (f"{max(points)} tokens" if None not in points
                                         else "none within the measured counts"))
-    if args.out != "-":
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"\nwritten to {out}")
+    sb.write_report(text, args.out)
     return 0
 
 

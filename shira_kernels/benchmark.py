@@ -334,6 +334,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def write_report(text: str, out: str) -> None:
+    """Print nothing more; write ``text`` to ``out`` (a path; "-" writes nothing) and say so."""
+    from pathlib import Path
+
+    if out != "-":
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.rstrip("\n") + "\n")
+        print(f"\nwritten to {path}")
+
+
 def command_line() -> str:
     """The command that is running, as `python <script relative to cwd> <args>`."""
     import shlex
