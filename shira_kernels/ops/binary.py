@@ -187,7 +187,7 @@ def _check_x(x, in_features: int, what: str) -> None:
 def _check_binary(name: str, bw, device) -> None:
     if not isinstance(bw, BinaryWeight):
         raise TypeError(f"{name} must be a BinaryWeight, got {type(bw).__name__}")
-    if bw.device != device:
+    if device is not None and bw.device != device:  # (a non-tensor x is named by _check_x)
         raise ValueError(f"{name} is on {bw.device} but x is on {device}")
 
 
