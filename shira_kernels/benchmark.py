@@ -125,18 +125,19 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, *, repeat: int = 5) -> float:
     return 2 * nbytes / seconds
 
 
-def swap_traffic_bytes(case: SwapCase) -> int:
+def swap_traffic_bytes(case: SwapCase, line: int = CACHE_LINE) -> int:
     """The least memory traffic a swap of ``case`` needs, in bytes.
 
-    Every distinct cache line of a weight that holds a swapped entry is read and written back
-    once; the indices are read once; the values are read and written once.
+    Every distinct cache line (``line`` bytes: 64 on a CPU, a 32-byte sector on a GPU) of a
+    weight that holds a swapped entry is read and written back once; the indices are read once;
+    the values are read and written once.
     """
     total = 0
     for w, idx, v in zip(case.weights, case.indices, case.values):
         if idx.numel():
-            offset = w.data_ptr() % CACHE_LINE  # allocations are usually line-aligned; be exact
-            lines = torch.unique((idx.to(torch.int64) * w.element_size() + offset) // CACHE_LINE)
-            total += 2 * CACHE_LINE * lines.numel()
+            offset = w.data_ptr() % line  # allocations are usually line-aligned; be exact
+            lines = torch.unique((idx.to(torch.int64) * w.element_size() + offset) // line)
+            total += 2 * line * lines.numel()
         total += idx.numel() * idx.element_size()
         total += 2 * v.numel() * v.element_size()
     return total

@@ -41,12 +41,12 @@ def bits(t):
 
 
 def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
 def assert_bits_equal(model, saved):
     for name, p in model.named_parameters():
-        assert torch.equal(bits(p), bits(saved[name])), f"{name} differs from the saved weights"
+        assert torch.equal(bits(p.cpu()), bits(saved[name])), f"{name} differs from the saved weights"
 
 
 def expected_prepared(base_weight, parts):
@@ -83,7 +83,7 @@ def expected_state(base, adapters, active, weights=None):
 def check_weights(model, base, state):
     """W equals the expected values at the active entries and the base everywhere else."""
     for layer in SHAPES:
-        w = model.get_submodule(layer).weight.detach().reshape(-1)
+        w = model.get_submodule(layer).weight.detach().cpu().reshape(-1)
         want = base[f"{layer}.weight"].reshape(-1).clone()
         if layer in state:
             idx, values = state[layer]
@@ -215,8 +215,8 @@ def test_identical_masks_and_empty_layers_switch_exactly():
 
 
 # -- exactness over long random sequences ---------------------------------------------------------
-def _random_switches(dtype, steps, check_every, seed, **bank_options):
-    model = small_model(dtype, seed=seed)
+def _random_switches(dtype, steps, check_every, seed, device="cpu", **bank_options):
+    model = small_model(dtype, seed=seed).to(device)
     base = snapshot(model)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -266,12 +266,12 @@ def test_ten_thousand_random_switches_restore_the_base_bit_for_bit(dtype):
     assert counts["fusion"] > 500 and counts["off"] > 300
 
 
-def test_random_switches_on_every_backend(backend):
+def test_random_switches_on_every_backend(backend, device):
     steps = 40 if backend == "triton" else 300  # Triton runs interpreted on CPU
     # Small caches: pair plans and fusions are dropped and rebuilt (fusions from the base
     # while something else is active) along the way.
-    _random_switches(torch.bfloat16, steps=steps, check_every=7, seed=6, max_pairs=3,
-                     max_fusions=1)
+    _random_switches(torch.bfloat16, steps=steps, check_every=7, seed=6, device=device,
+                     max_pairs=3, max_fusions=1)
 
 
 # -- adding while active, fusions -----------------------------------------------------------------

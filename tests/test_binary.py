@@ -86,30 +86,31 @@ def test_binary_weight_checks():
         BinaryWeight.from_float(torch.randn(3, 3), "ternary")
 
 
-def _weight(out_f, in_f, method, seed):
-    return BinaryWeight.from_float(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)), method)
+def _weight(out_f, in_f, method, seed, device="cpu"):
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+    return BinaryWeight.from_float(w, method).to(device)
 
 
-def _x(tokens, in_f, dtype, seed):
-    return torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def _x(tokens, in_f, dtype, seed, device="cpu"):
+    return torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(0, 9, 768), (1, 5, 4097), (197, 33, 768), (3, 1, 31)],
                          ids=["T0", "T1-in4097", "T197", "T3-out1"])
 @pytest.mark.parametrize("method", ["petl", "row"])
-def test_binary_linear(backend, dtype, shape, method):
+def test_binary_linear(backend, device, dtype, shape, method):
     tokens, out_f, in_f = shape
-    bw = _weight(out_f, in_f, method, seed=tokens)
-    x = _x(tokens, in_f, dtype, seed=1).requires_grad_(True)
-    bias = torch.randn(out_f).to(dtype)
+    bw = _weight(out_f, in_f, method, seed=tokens, device=device)
+    x = _x(tokens, in_f, dtype, seed=1, device=device).requires_grad_(True)
+    bias = torch.randn(out_f).to(device, dtype)
     y = binary_linear(x, bw, bias)
     assert y.shape == (tokens, out_f) and y.dtype == dtype
     w = bw.dequantize()
     theirs = F.linear(x, w.to(dtype), bias)
     exact = F.linear(x.double(), w.double(), bias.double())
     assert_within_torch_error(y, theirs, exact, "y")
-    gy = _x(tokens, out_f, dtype, seed=2)
+    gy = _x(tokens, out_f, dtype, seed=2, device=device)
     (gx,) = torch.autograd.grad(y, x, gy)
     (gx_torch,) = torch.autograd.grad(theirs, x, gy)
     assert_within_torch_error(gx, gx_torch, gy.double() @ w.double(), "grad x")
@@ -119,9 +120,10 @@ def test_binary_linear(backend, dtype, shape, method):
 @pytest.mark.parametrize("rank", [1, 32])
 @pytest.mark.parametrize("tokens", [0, 1, 197])
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_binary_lora(backend, dtype, rank, tokens, activation):
-    down, up = _weight(rank, 768, "petl", seed=rank), _weight(768, rank, "row", seed=rank + 1)
-    x = _x(tokens, 768, dtype, seed=3).requires_grad_(True)
+def test_binary_lora(backend, device, dtype, rank, tokens, activation):
+    down = _weight(rank, 768, "petl", seed=rank, device=device)
+    up = _weight(768, rank, "row", seed=rank + 1, device=device)
+    x = _x(tokens, 768, dtype, seed=3, device=device).requires_grad_(True)
     y = binary_lora(x, down, up, 0.5, activation)
     assert y.shape == (tokens, 768) and y.dtype == dtype
     act = torch.relu if activation == "relu" else (lambda t: t)
@@ -133,22 +135,22 @@ def test_binary_lora(backend, dtype, rank, tokens, activation):
     x64 = x.detach().double().requires_grad_(True)
     exact = dense(x64, down.dequantize(torch.float64), up.dequantize(torch.float64))
     assert_within_torch_error(y, theirs, exact, "y")
-    gy = _x(tokens, 768, dtype, seed=4)
+    gy = _x(tokens, 768, dtype, seed=4, device=device)
     (gx,) = torch.autograd.grad(y, x, gy)
     (gx_torch,) = torch.autograd.grad(theirs, x, gy)
     (gx_exact,) = torch.autograd.grad(exact, x64, gy.double())
     assert_within_torch_error(gx, gx_torch, gx_exact, "grad x")
 
 
-def test_leading_dims_and_opcheck(backend):
-    bw = _weight(6, 40, "row", seed=5)
-    x = torch.randn(2, 3, 40)
+def test_leading_dims_and_opcheck(backend, device):
+    bw = _weight(6, 40, "row", seed=5, device=device)
+    x = torch.randn(2, 3, 40, device=device)
     y = binary_linear(x, bw)
     assert y.shape == (2, 3, 6)
     torch.testing.assert_close(y, F.linear(x, bw.dequantize()), rtol=1e-5, atol=1e-5)
     opcheck(torch.ops.shira.binary_linear.default,
             (x.view(6, 40).requires_grad_(), bw.packed, bw.alpha, bw.mu, None, 40))
-    down, up = _weight(4, 40, "petl", 6), _weight(6, 4, "petl", 7)
+    down, up = _weight(4, 40, "petl", 6, device), _weight(6, 4, "petl", 7, device)
     opcheck(torch.ops.shira.binary_lora.default,
             (x.view(6, 40).requires_grad_(), down.packed, down.alpha, down.mu, 40, up.packed,
              up.alpha, up.mu, 4, 0.5, True))

@@ -16,12 +16,13 @@ def _state_bytes(module, prefix=""):
 
 @pytest.mark.parametrize("method", ["petl", "row"])
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_packed_output_equals_fake_quantized_output(backend, method, activation):
+def test_packed_output_equals_fake_quantized_output(backend, device, method, activation):
     torch.manual_seed(0)
     adapter = BinaryAdapter(768, 32, scale=0.1, activation=activation, method=method)
     with torch.no_grad():
         adapter.up.normal_()
-    x = torch.randn(3, 197, 768)
+    adapter.to(device)
+    x = torch.randn(3, 197, 768).to(device)
     with torch.no_grad():
         fake = adapter(x)
         adapter.pack()
@@ -51,12 +52,12 @@ def test_packed_state_dict_is_16x_smaller_than_fp16():
     torch.testing.assert_close(restored(x), adapter(x), rtol=0, atol=0)
 
 
-def test_bi_lora_trains_with_the_straight_through_estimator(backend):
+def test_bi_lora_trains_with_the_straight_through_estimator(backend, device):
     torch.manual_seed(0)
-    base = nn.Linear(32, 8)
+    base = nn.Linear(32, 8).to(device)
     layer = BinaryLoRALinear.from_linear(base, rank=4, scale=1.0, method="row")
     assert layer.weight is base.weight and not layer.weight.requires_grad
-    x, target = torch.randn(128, 32), torch.randn(128, 8)
+    x, target = torch.randn(128, 32).to(device), torch.randn(128, 8).to(device)
     opt = torch.optim.Adam(layer.lora.parameters(), lr=0.02)
     losses = []
     for _ in range(60):

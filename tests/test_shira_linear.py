@@ -11,12 +11,12 @@ from conftest import DTYPES
 from test_sparse_delta import assert_within_torch_error
 
 
-def trained_layer(in_f=33, out_f=17, dtype=torch.float32, r=2, seed=0):
+def trained_layer(in_f=33, out_f=17, dtype=torch.float32, r=2, seed=0, device="cpu"):
     torch.manual_seed(seed)
     layer = ShiraLinear.from_linear(nn.Linear(in_f, out_f).to(dtype), r=r, seed=seed)
     with torch.no_grad():
         layer.shira_values.copy_(torch.randn(layer.shira_values.shape))
-    return layer
+    return layer.to(device)
 
 
 def test_from_linear_is_a_drop_in_replacement():
@@ -35,11 +35,11 @@ def test_from_linear_is_a_drop_in_replacement():
 
 @pytest.mark.parametrize("strategy", ["spmm", "swap", "merge"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gradient_equals_the_clone_and_add_formulation(backend, dtype, strategy):
-    layer = trained_layer(dtype=dtype)
+def test_gradient_equals_the_clone_and_add_formulation(backend, device, dtype, strategy):
+    layer = trained_layer(dtype=dtype, device=device)
     layer.strategy = strategy
-    x = torch.randn(2, 5, 33).to(dtype).requires_grad_(True)
-    gy = torch.randn(2, 5, 17).to(dtype)
+    x = torch.randn(2, 5, 33).to(device, dtype).requires_grad_(True)
+    gy = torch.randn(2, 5, 17).to(device, dtype)
     y = layer(x)
     ours = [y, *torch.autograd.grad(y, [x, layer.shira_values], gy)]
 
@@ -59,10 +59,10 @@ def test_gradient_equals_the_clone_and_add_formulation(backend, dtype, strategy)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merge_and_unmerge_are_exact(backend, dtype):
-    layer = trained_layer(dtype=dtype)
+def test_merge_and_unmerge_are_exact(backend, device, dtype):
+    layer = trained_layer(dtype=dtype, device=device)
     base = layer.weight.detach().clone()
-    x = torch.randn(3, 33).to(dtype)
+    x = torch.randn(3, 33).to(device, dtype)
     unfused = layer(x)
     layer.merge()
     assert layer.merged
@@ -86,14 +86,14 @@ class TinyModel(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-def test_training_lowers_the_loss_and_changes_only_masked_entries(backend):
+def test_training_lowers_the_loss_and_changes_only_masked_entries(backend, device):
     torch.manual_seed(0)
-    model = TinyModel()
+    model = TinyModel().to(device)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     names = replace_linear(model, ["up", "down"], r=2)
     assert names == ["up", "down"]
     assert mark_only_adapters_trainable(model) == 2 * (16 + 64) + 2 * (64 + 4)
-    x, target = torch.randn(64, 16), torch.randn(64, 4)
+    x, target = torch.randn(64, 16).to(device), torch.randn(64, 4).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     losses = []
     for _ in range(30):
