@@ -238,11 +238,81 @@ def measure_binary(device, tokens_list, rep: int) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+def _q_proj_case(device, tokens):
+    m, n = LAYERS["q_proj 4096x4096"]
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(m, n, generator=gen) * n ** -0.5).to(device, torch.bfloat16)
+    flat = sb.sample_distinct(m * n, R * (m + n), gen).sort().values
+    delta = SparseDelta.from_flat(flat, (m, n), 0.01 * torch.randn(flat.numel(), generator=gen))
+    delta = delta.to(device, torch.bfloat16)
+    delta.values.requires_grad_(True)
+    x = torch.randn(tokens, n, device=device, dtype=torch.bfloat16, requires_grad=True)
+    return weight, delta, x, torch.randn(tokens, m, device=device, dtype=torch.bfloat16)
+
+
+def profile(device) -> None:
+    """Where a training step's time goes (torch.profiler), and sddmm against the dense
+    gradient read at S's entries (cuBLAS, all of it or 512 rows at a time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for tokens in (1, 2048):
+        weight, delta, x, gy = _q_proj_case(device, tokens)
+        for strategy in ("spmm", "swap"):
+            def step():
+                x.grad = delta.values.grad = None
+                shira_kernels.sparse_delta_linear(x, weight, None, delta, strategy=strategy).backward(gy)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+            print(f"\n### profile: q_proj training step, {tokens} tokens, {strategy} (5 steps)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
+                                            max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=8,
+                                            max_name_column_width=60))
+    rows = []
+    for tokens in (1, 16, 128, 2048, 8192):
+        weight, delta, x, gy = _q_proj_case(device, tokens)
+        s = delta.structure
+        r_idx, c_idx = s.rows.long(), s.cols.long()
+        xd = x.detach()
+
+        def dense():
+            return torch.mm(gy.T, xd, out_dtype=torch.float32)[r_idx, c_idx]
+
+        def blocked(rows_per=512):
+            out = torch.empty(delta.nnz, device=device)
+            starts = s.row_offsets
+            for r0 in range(0, weight.shape[0], rows_per):
+                a, b = int(starts[r0]), int(starts[min(r0 + rows_per, weight.shape[0])])
+                chunk = torch.mm(gy[:, r0:r0 + rows_per].T, xd, out_dtype=torch.float32)
+                out[a:b] = chunk[r_idx[a:b] - r0, c_idx[a:b]]
+            return out
+
+        ref = (gy.double().T @ xd.double())[r_idx, c_idx]
+        fns = {f"sddmm ({b})": (b, lambda: shira_kernels.sddmm(gy, xd, delta)) for b in GPU_BACKENDS}
+        fns["dense gyT·x (cuBLAS, fp32 out), gathered"] = (None, dense)
+        fns["512-row blocks of gyT·x, gathered"] = (None, blocked)
+        for name, (backend, fn) in fns.items():
+            with shira_kernels.use_backend(backend):
+                err = rel_error(fn(), ref)
+                rows.append([tokens, name, f"{err:.1e}", f"{timed(fn, 40):.4f}"])
+    print("\n### sddmm on q_proj (262,144 entries), bf16\n")
+    print(table(["tokens", "method", "rel. error", "ms"], rows))
+
+
+# ---------------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="-", help="markdown report path (json beside it)")
     parser.add_argument("--blocks", type=int, default=32, help="Llama-7B blocks for the switch")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile a training step and compare sddmm ways (printed)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the script on the CPU (cpu/reference backends, toy sizes)")
     args = parser.parse_args()
@@ -256,6 +326,9 @@ def main() -> int:
         print("report_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.profile:
+        profile(device)
+        return 0
     rep = 20 if args.quick else 60
     tokens = [1, 128, 2048] if args.quick or args.dry_run else [1, 16, 128, 512, 2048, 8192]
     if args.dry_run:

@@ -93,3 +93,20 @@ def test_cuda_torch_compile_with_inductor_matches_eager():
     torch.testing.assert_close(g, g_expected)
     # What the compiled graph computes is the adapted layer, not the base one.
     assert not torch.allclose(y, F.gelu(F.linear(x, layer.weight, layer.bias)))
+
+
+@pytest.mark.parametrize("backend_name", GPU_BACKENDS)
+def test_cuda_backward_runs_on_the_backend_the_forward_chose(backend_name, monkeypatch):
+    # Autograd runs CUDA backwards on its own thread; use_backend must still hold there.
+    seen = []
+    real = backends.select
+    monkeypatch.setattr(backends, "select", lambda device: seen.append(real(device)) or seen[-1])
+    weight, delta = _llama_layer(64, 96, 2, torch.float32)
+    values = delta.values.clone().requires_grad_(True)
+    x = torch.randn(5, 96, device="cuda", requires_grad=True)
+    with shira_kernels.use_backend(backend_name):
+        y = shira_kernels.sparse_delta_linear(x, weight, None, delta.with_values(values),
+                                              strategy="spmm")
+        seen.clear()
+        y.sum().backward()
+    assert seen and set(seen) == {backend_name}

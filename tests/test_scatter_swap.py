@@ -85,7 +85,7 @@ def test_1000_swaps_restore_bit_for_bit(backend, device, dtype):
     weights, indices, values = make_case([700, 5, 1000], dtype, seed=3, device=device)
     # Special bit patterns must survive as they are: NaN, infinities, -0.0, subnormals.
     weights[0][:4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40]).to(device, dtype)
-    indices[0] = torch.cat([torch.arange(4), indices[0][indices[0] >= 4]]).to(indices[0].dtype)
+    indices[0] = torch.cat([torch.arange(4, device=device), indices[0][indices[0] >= 4]]).to(indices[0].dtype)
     values[0] = torch.randn(indices[0].numel()).to(device, dtype)
     base_w, base_v = clone_all(weights), clone_all(values)
     for step in range(1000):

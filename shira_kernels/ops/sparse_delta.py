@@ -229,13 +229,17 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, values, *struct, scale, strategy = inputs
     ctx.save_for_backward(x, weight, values, *struct)
     ctx.scale, ctx.strategy, ctx.has_bias = scale, strategy, bias is not None
+    # CUDA backwards run on autograd's device thread, which does not see the forward's
+    # use_backend() (a context variable): the backward re-enters the same choice.
+    ctx.backend = backends.requested()
 
 
 def _backward(ctx, gy):
     x, weight, values, *struct = ctx.saved_tensors
     need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
-    gx, gvalues, gw = torch.ops.shira.sparse_delta_linear_backward(
-        gy, x, weight, values, *struct, ctx.scale, ctx.strategy, need_x, need_w)
+    with backends.use_backend(ctx.backend):
+        gx, gvalues, gw = torch.ops.shira.sparse_delta_linear_backward(
+            gy, x, weight, values, *struct, ctx.scale, ctx.strategy, need_x, need_w)
     gb = gy.sum(0) if ctx.has_bias and need_b else None
     return ((gx if need_x else None), (gw if need_w else None), gb,
             (gvalues if need_v else None)) + (None,) * 9
