@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call of a lent GPU machine (or any machine with a CUDA torch):
 # versions, the CUDA build, every backend test on CUDA tensors (compiled Triton, not the
-# interpreter), bench/report_gpu.py and `shira-kernels bench --device cuda`. Everything lands
+# interpreter), bench/report_gpu.py (and its --profile) and `shira-kernels bench --device cuda`.
+# STEPS picks and orders them (default: info tests report bench; also: profile). Everything lands
 # in $OUT (default gpu-out/): log.txt, gpu_report.md/.json, main_gpu.tar.gz.
 # Uses the machine's own python3 and its torch/triton/peft; the package runs from the tree.
 set -u
@@ -26,6 +27,9 @@ for s in $STEPS; do case $s in
     # -k cuda: the cuda-<backend> cases of every backend test, test_cuda_gpu.py, the nvcc checks.
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests -k cuda -q -p no:cacheprovider \
       -n "${WORKERS:-8}" --timeout 240 -rfE --tb=short ${PYTEST_ARGS:-} ;;
+  profile)
+    step "bench/report_gpu.py --profile"
+    timeout "${PROFILE_TIMEOUT:-150}" python3 bench/report_gpu.py --profile ;;
   report)
     step "bench/report_gpu.py"
     timeout "${REPORT_TIMEOUT:-300}" python3 bench/report_gpu.py --out "$OUT/gpu_report.md" ${REPORT_ARGS:-} ;;
