@@ -24,6 +24,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _native, backends
 from .._checks import FLOAT_DTYPES
@@ -35,6 +36,12 @@ STRATEGIES = ("auto", "spmm", "swap", "merge")
 # 4096x4096 and 11008x4096 layers at r=32 (docs/benchmarks/shira_linear_cpu.md, crossover
 # table). CUDA: not yet measured on a GPU; the same value until it is.
 SWAP_FROM_TOKENS = {"cpu": 128, "cuda": 128}
+# Token count from which the training backward on CUDA tensors forms S's value gradient from
+# row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
+# 2048-8192 tokens on an H200, equal at 128 (docs/benchmarks/gpu_h200.md, sddmm table). The
+# block is at most SDDMM_BLOCK_BYTES of fp32 gradient, never the whole m×n.
+DENSE_SDDMM_FROM_TOKENS = 512
+SDDMM_BLOCK_BYTES = 16 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +101,43 @@ def _kernels(backend: str):
 
 def _select(device):
     return _kernels(backends.select(device))
+
+
+_ROW_BLOCKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _row_blocks(rows, cols, offsets, n_in: int, rows_per_block: int):
+    """[(first row, entry range, entries' flat index in the block)], cached per index tensor."""
+    key = (rows_per_block, n_in)
+    cached = _ROW_BLOCKS.get(rows)
+    if cached is None or cached[0] != key:
+        starts = offsets.tolist()  # once per structure (a device sync on CUDA)
+        n_out = len(starts) - 1
+        blocks = []
+        for r0 in range(0, n_out, rows_per_block):
+            a, b = starts[r0], starts[min(r0 + rows_per_block, n_out)]
+            if b > a:
+                local = (rows[a:b].long() - r0) * n_in + cols[a:b].long()
+                blocks.append((r0, a, b, local))
+        cached = _ROW_BLOCKS[rows] = (key, blocks)
+    return cached[1]
+
+
+def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int = SDDMM_BLOCK_BYTES):
+    """sddmm as row blocks of the dense gyᵀ·x (fp32 result, at most block_bytes of it at a
+    time), each read at S's entries in those rows. On a GPU the products run on tensor cores,
+    far faster than gathering per entry once there are many tokens."""
+    n_in = x.shape[1]
+    per = max(1, block_bytes // (4 * n_in))
+    g = torch.empty(rows.numel(), dtype=torch.float32, device=gy.device)
+    for r0, a, b, local in _row_blocks(rows, cols, offsets, n_in, per):
+        lhs = gy[:, r0:r0 + per].T
+        if gy.is_cuda and gy.dtype != torch.float32:
+            block = torch.mm(lhs, x, out_dtype=torch.float32)  # fp32 sums, not rounded to bf16
+        else:
+            block = lhs.float() @ x.float()
+        g[a:b] = block.view(-1)[local]
+    return g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +229,11 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if strategy == "swap":
         with _adapted_in_place(weight, flat, values, scale):
             return F.linear(x, weight, bias)
-    return _spmm_op(F.linear(x, weight, bias), x, offsets, cols, values, scale)
+    # The parts are called directly, not through their ops: each op call costs tens of
+    # microseconds of Python, as much as the GPU work of a decoding step.
+    spmm = _select(x.device)[0]
+    return spmm(F.linear(x, weight, bias), x.contiguous(), offsets, cols, values.contiguous(),
+                scale)
 
 
 @_linear_op.register_fake
@@ -201,7 +249,8 @@ def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
                         strategy: str, need_x: bool,
                         need_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gy = gy.contiguous()
+    gy, x = gy.contiguous(), x.contiguous()
+    spmm, sddmm, _ = _select(gy.device)
     gx, gw = gy.new_empty(0), gy.new_empty(0)
     if need_x:
         if strategy == "merge":
@@ -210,8 +259,12 @@ def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             with _adapted_in_place(weight, flat, values, scale):
                 gx = gy @ weight
         else:
-            gx = _spmm_op(gy @ weight, gy, t_offsets, t_cols, values[t_perm], scale)
-    gvalues = (scale * _sddmm_op(gy, x, rows, cols)).to(values.dtype)
+            gx = spmm(gy @ weight, gy, t_offsets, t_cols, values[t_perm].contiguous(), scale)
+    if gy.is_cuda and gy.shape[0] >= DENSE_SDDMM_FROM_TOKENS and sddmm is not sddmm_reference:
+        g = sddmm_row_blocks(gy, x, rows, cols, offsets)
+    else:
+        g = sddmm(gy, x, rows, cols)
+    gvalues = (scale * g).to(values.dtype)
     if need_weight:
         gw = gy.T @ x
     return gx, gvalues, gw
