@@ -90,8 +90,10 @@ def available(device_type: str) -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
 
 
-def select(device: torch.device | str) -> str:
-    """The backend that runs an op whose tensors live on ``device``."""
+def select(device: torch.device | str, order: dict[str, tuple[str, ...]] | None = None) -> str:
+    """The backend that runs an op whose tensors live on ``device``. ``order`` lets an op
+    whose kernels rank differently on a device (measured) replace that device's automatic
+    order; an explicit choice still wins."""
     device_type = torch.device(device).type
     name = requested()
     if name is not None:
@@ -101,7 +103,8 @@ def select(device: torch.device | str) -> str:
                 f"backend {name!r} was requested (use_backend or {ENV_VAR}) but cannot run "
                 f"{device_type} tensors: {reason}")
         return name
-    for name in _PREFERENCE.get(device_type, ("reference",)):
+    preference = (order or {}).get(device_type) or _PREFERENCE.get(device_type, ("reference",))
+    for name in preference:
         reason = unavailable_reason(name, device_type)
         if reason is None:
             return name

@@ -57,6 +57,30 @@ def test_automatic_choice_on_cpu_is_the_native_kernel(monkeypatch):
     assert "cuda" not in backends.available("cpu")
 
 
+def test_an_op_can_reorder_the_automatic_choice_but_not_an_explicit_one(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    order = {"cpu": ("reference", "cpu")}
+    assert backends.select("cpu", order) == "reference"
+    assert backends.select("cpu", {"cuda": ("triton",)}) == "cpu"  # other devices untouched
+    with shira_kernels.use_backend("cpu"):
+        assert backends.select("cpu", order) == "cpu"
+
+
+def test_ops_with_a_measured_order_on_cuda_use_it(monkeypatch):
+    # scatter_swap_ (always) and binary_linear (above GEMV_MAX_TOKENS tokens) try Triton first
+    # on CUDA tensors; read without a GPU by recording what the ops ask for.
+    from shira_kernels.ops import binary, scatter_swap
+
+    asked = []
+    monkeypatch.setattr(backends, "select", lambda device, order=None: asked.append(order) or "reference")
+    scatter_swap.swap_unchecked([torch.zeros(3)], [torch.tensor([1])], [torch.ones(1)])
+    bw = shira_kernels.BinaryWeight.from_float(torch.randn(4, 40))
+    shira_kernels.binary_linear(torch.randn(binary.GEMV_MAX_TOKENS, 40), bw)
+    shira_kernels.binary_linear(torch.randn(binary.GEMV_MAX_TOKENS + 1, 40), bw)
+    triton_first = ("triton", "cuda", "reference")
+    assert asked == [{"cuda": triton_first}, None, {"cuda": triton_first}]
+
+
 def _run_without_compiler(code: str, tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
                SHIRA_KERNELS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))

@@ -27,6 +27,11 @@ ACTIVATIONS = (None, "relu")
 # Largest token count for which the CPU table lookup beats unpack + matmul (measured by
 # bench/report_binary.py on 4096x4096 and 11008x4096 weights: docs/benchmarks/binary_cpu.md).
 LUT_MAX_TOKENS = 16
+# On CUDA tensors the CUDA kernel's warp-per-row path wins up to GEMV_MAX_TOKENS tokens; above,
+# Triton's tensor-core tiles are 3-10x faster than its fp32 tiles (H200, bf16 x:
+# docs/benchmarks/gpu_h200.md), so Triton is tried first there.
+GEMV_MAX_TOKENS = 8
+TILED_ORDER = {"cuda": ("triton", "cuda", "reference")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +114,9 @@ def _lora_kernel(backend: str):
 def _binary_linear_op(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
                       mu: torch.Tensor, bias: torch.Tensor | None,
                       in_features: int) -> torch.Tensor:
-    return _linear_kernel(backends.select(x.device))(x.contiguous(), packed, alpha, mu, bias,
-                                                     in_features)
+    order = TILED_ORDER if x.shape[0] > GEMV_MAX_TOKENS else None
+    return _linear_kernel(backends.select(x.device, order))(x.contiguous(), packed, alpha, mu,
+                                                            bias, in_features)
 
 
 @_binary_linear_op.register_fake

@@ -32,10 +32,11 @@ from ..formats import SparseDelta
 from .scatter_swap import swap_unchecked
 
 STRATEGIES = ("auto", "spmm", "swap", "merge")
-# Token count from which "swap" beats "spmm" (auto strategy), per device type. CPU: measured on
-# 4096x4096 and 11008x4096 layers at r=32 (docs/benchmarks/shira_linear_cpu.md, crossover
-# table). CUDA: not yet measured on a GPU; the same value until it is.
-SWAP_FROM_TOKENS = {"cpu": 128, "cuda": 128}
+# Token count from which "swap" beats "spmm" (auto strategy), per device type, measured on
+# 4096x4096 and 11008x4096 layers at r=32. CPU: docs/benchmarks/shira_linear_cpu.md, crossover
+# table. CUDA (H200, bf16, docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs,
+# at 128 the two runs disagree; 256 was not measured.
+SWAP_FROM_TOKENS = {"cpu": 128, "cuda": 512}
 # Token count from which the training backward on CUDA tensors forms S's value gradient from
 # row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
 # 2048-8192 tokens on an H200, equal at 128 (docs/benchmarks/gpu_h200.md, sddmm table). The
