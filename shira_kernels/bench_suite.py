@@ -72,6 +72,9 @@ TRAIN_TOKENS = 128
 BINARY_TOKENS = (1, 128)
 BINARY_RANK = 32
 
+# What one run can measure; `--only` picks a subset (forward includes the training step).
+GROUPS = ("forward", "switch", "drift", "binary", "memory")
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Method names (the same name means the same method in every group).
@@ -112,6 +115,7 @@ class BenchConfig:
     binary_rank: int = BINARY_RANK
     drift_hidden: int = 0
     drift_intermediate: int = 0
+    groups: list[str] = field(default_factory=lambda: list(GROUPS))
     forward_dtype: str = "float32"
     switch_dtype: str = "bfloat16"
     lora_scale: float = sb.DEFAULT_LORA_SCALE
@@ -141,7 +145,8 @@ def default_r(hidden: int) -> int:
 
 def make_config(*, quick: bool = False, device: str = "cpu", size: str | None = None,
                 r: int | None = None, repeat: int | None = None,
-                drift_switches: int = 1000, seed: int = 0) -> BenchConfig:
+                drift_switches: int = 1000, seed: int = 0,
+                only: str | None = None) -> BenchConfig:
     source = "default"
     if size is None and os.environ.get(SIZE_ENV):
         size, source = os.environ[SIZE_ENV], f"${SIZE_ENV}"
@@ -154,9 +159,17 @@ def make_config(*, quick: bool = False, device: str = "cpu", size: str | None = 
         raise ValueError(f"r={r} is too large for {hidden}x{hidden} weights")
     if drift_switches < 2:
         raise ValueError("--drift-switches must be at least 2")
+    groups = list(GROUPS)
+    if only is not None:
+        groups = [g.strip() for g in only.split(",") if g.strip()]
+        unknown = sorted(set(groups) - set(GROUPS))
+        if unknown or not groups:
+            raise ValueError(f"--only takes a comma-separated subset of {','.join(GROUPS)}, "
+                             f"got {only!r}")
     cfg = BenchConfig(quick=quick, device=device, hidden=hidden, intermediate=intermediate,
                       blocks=blocks, r=r, repeat=repeat or (5 if quick else 9),
-                      drift_switches=int(drift_switches), seed=seed, size_source=source)
+                      drift_switches=int(drift_switches), seed=seed, size_source=source,
+                      groups=[g for g in GROUPS if g in groups])
     cfg.switch_blocks = sorted({1, max(1, blocks // 2), blocks})
     cfg.drift_hidden = min(hidden, DRIFT_MAX[0])
     cfg.drift_intermediate = min(intermediate, DRIFT_MAX[1])
@@ -1108,8 +1121,24 @@ def plots(data: dict, out_dir: Path) -> tuple[list[str], str | None]:
         plt.close(fig)
         written.append(str(path))
 
+    groups = {m["group"] for m in ms}
     # Switch time against the number of layers.
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if "switch" in groups:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        _switch_plot(ax, ms, data)
+        save(fig, "switch_time_vs_layers.png")
+    if "forward" in groups:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        _forward_plot(ax, ms, data)
+        save(fig, "forward_latency_vs_tokens.png")
+    if groups & {"train", "memory"}:
+        fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2))
+        _training_plot(axes, ms, data)
+        save(fig, "training_time_memory.png")
+    return written, None
+
+
+def _switch_plot(ax, ms, data) -> None:
     for method in dict.fromkeys(m["method"] for m in ms if m["group"] == "switch"):
         pts = sorted((m["params"]["layers"], m["median"], m["min"], m["max"]) for m in ms
                      if m["group"] == "switch" and m["method"] == method)
@@ -1121,10 +1150,9 @@ def plots(data: dict, out_dir: Path) -> tuple[list[str], str | None]:
            title=f"Adapter switch time ({data['config']['switch_dtype']})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    save(fig, "switch_time_vs_layers.png")
 
-    # Forward latency against tokens.
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+
+def _forward_plot(ax, ms, data) -> None:
     for method in dict.fromkeys(m["method"] for m in ms if m["group"] == "forward"):
         pts = sorted((m["params"]["tokens"], m["median"]) for m in ms
                      if m["group"] == "forward" and m["method"] == method)
@@ -1135,10 +1163,10 @@ def plots(data: dict, out_dir: Path) -> tuple[list[str], str | None]:
     ax.set_xticks(tokens, [str(t) for t in tokens])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    save(fig, "forward_latency_vs_tokens.png")
 
-    # Training step time and memory per method.
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9.6, 4.2))
+
+def _training_plot(axes, ms, data) -> None:
+    ax_t, ax_m = axes
     for ax, group, label in ((ax_t, "train", "training step (ms)"),
                              (ax_m, "memory", "training-step peak memory (MiB)")):
         rows = [m for m in ms if m["group"] == group]
@@ -1151,9 +1179,7 @@ def plots(data: dict, out_dir: Path) -> tuple[list[str], str | None]:
         ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
         ax.set_ylabel(label)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"Training, {data['config']['train_tokens']} tokens")
-    save(fig, "training_time_memory.png")
-    return written, None
+    ax_t.figure.suptitle(f"Training, {data['config']['train_tokens']} tokens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1186,8 +1212,9 @@ def run_bench(cfg: BenchConfig, out_dir, *, command: str = "shira-kernels bench"
     if not with_peft:
         skipped.append({"what": "PEFT ShiRA and PEFT LoRA (switching, drift, forward, training, "
                                 "memory)", "reason": _PEFT_SKIP})
-    steps = (1 + len(cfg.forward_tokens) + 1 + len(cfg.switch_blocks)
-             + (4 if with_peft else 2) + len(cfg.binary_tokens) + 1 + 1)
+    per_group = {"forward": 2 + len(cfg.forward_tokens), "switch": len(cfg.switch_blocks),
+                 "drift": 4 if with_peft else 2, "binary": len(cfg.binary_tokens), "memory": 1}
+    steps = sum(per_group[g] for g in cfg.groups) + 1
     bar = Progress(steps, enabled=progress)
     load = _busy_note()
     if load:
@@ -1196,11 +1223,11 @@ def run_bench(cfg: BenchConfig, out_dir, *, command: str = "shira-kernels bench"
         bar.note(f"skipping {s['what']}: {s['reason']}")
     results = Results()
     try:
-        measure_forward_and_train(cfg, results, bar, device, with_peft)
-        measure_switch(cfg, results, bar, device, with_peft)
-        measure_drift(cfg, results, bar, device, with_peft)
-        measure_binary(cfg, results, bar, device)
-        measure_memory(cfg, results, bar, device, with_peft)
+        measures = {"forward": measure_forward_and_train, "switch": measure_switch,
+                    "drift": measure_drift, "memory": measure_memory,
+                    "binary": lambda c, r, b, d, _: measure_binary(c, r, b, d)}
+        for group in cfg.groups:
+            measures[group](cfg, results, bar, device, with_peft)
         bar.step("results and plots")
         results.finish()
         data = {

@@ -101,7 +101,8 @@ def bench(args: argparse.Namespace) -> int:
     try:
         cfg = bench_suite.make_config(quick=args.quick, device=args.device,
                                       size=args.size_override, r=args.r, repeat=args.repeat,
-                                      drift_switches=args.drift_switches, seed=args.seed)
+                                      drift_switches=args.drift_switches, seed=args.seed,
+                                      only=args.only)
     except ValueError as exc:
         print(f"shira-kernels bench: {exc}", file=sys.stderr)
         return 2
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--drift-switches", type=int, default=1000,
                          help="switches before the drift of the base weights is measured")
     p_bench.add_argument("--seed", type=int, default=0)
+    p_bench.add_argument("--only", default=None, metavar="GROUPS",
+                         help="measure only these, comma-separated: forward (with the training "
+                              "step), switch, drift, binary, memory (default: all)")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p_bench.set_defaults(run=bench)
     args = parser.parse_args(argv)

@@ -161,3 +161,16 @@ def test_bench_without_peft_says_what_it_skipped(tmp_path, capsys, monkeypatch):
             assert "pip install 'shira-kernels[bench]'" in methods[(group, method)].skipped
         assert methods[(group, bench_suite.BANK)].ratio is not None
     assert methods[("drift", bench_suite.BANK)].median == 0
+
+
+def test_bench_only_some_groups(tmp_path, capsys):
+    out_dir = tmp_path / "switch_only"
+    assert cli.main(["bench", *TINY, "--only", "switch,drift", "--no-progress",
+                     "--out", str(out_dir)]) == 0
+    data = json.loads((out_dir / "results.json").read_text())
+    assert {m["group"] for m in data["measurements"]} == {"switch", "drift"}
+    assert data["config"]["groups"] == ["switch", "drift"]
+    if HAVE_MATPLOTLIB:
+        assert data["plots"] == ["switch_time_vs_layers.png"]
+    assert cli.main(["bench", "--only", "switch,speed"]) == 2
+    assert "--only takes a comma-separated subset" in capsys.readouterr().err
