@@ -16,7 +16,11 @@
   1-bit     binary_linear and binary_lora per backend against the dense bf16 products
 
 Every output is checked against the op's reference before it is timed (relative error
-column); times are medians of triton.testing.do_bench (CUDA events, L2 flushed per call).
+column: ‖out − ref‖/‖ref‖ against the fp32 reference of the adapted layer; F.linear and LoRA
+compute another function, so their large error shows that the check can tell); times are
+medians of triton.testing.do_bench (CUDA events, L2 flushed per call). --profile prints a
+torch.profiler view of training steps and sddmm against cuBLAS's dense gradient instead;
+--dry-run runs the script on CPU tensors at toy sizes (to check it without a GPU).
 """
 from __future__ import annotations
 
