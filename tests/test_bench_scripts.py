@@ -1,0 +1,29 @@
+"""The GPU report script, run end to end on CPU tensors at toy sizes (--dry-run), so that it
+still works when a GPU session comes: its timing code is the only part left unexercised."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_report_dry_run(tmp_path):
+    out = tmp_path / "gpu.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report_gpu.py"), "--dry-run",
+                           "--blocks", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for section in ("## Ceilings", "## Adapter switch", "## sparse_delta_linear", "## 1-bit"):
+        assert section in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    switch = data["Adapter switch, 1 Llama-7B blocks"]
+    assert switch["exact"] == {"scatter_swap_ (cpu)": True, "scatter_swap_ (reference)": True}
+    linear = data["sparse_delta_linear"]
+    for key, row in linear.items():
+        if key == "swap_beats_spmm_from_tokens":
+            continue
+        for method, err in row["rel_error"].items():
+            if method.startswith(("cpu ", "reference ", "clone")):
+                assert err < 1e-2, (key, method, err)  # bf16 against the fp32 reference
