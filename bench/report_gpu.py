@@ -155,17 +155,24 @@ def linear_methods(x, weight, bias, delta, lora):
     return methods
 
 
+def adapted_layer(m: int, n: int, device, gen):
+    """A bf16 m×n weight and a SHiRA-Rand delta of r·(m+n) entries whose values train."""
+    weight = (torch.randn(m, n, generator=gen) * n ** -0.5).to(device, torch.bfloat16)
+    flat = sb.sample_distinct(m * n, R * (m + n), gen).sort().values
+    delta = SparseDelta.from_flat(flat, (m, n), 0.01 * torch.randn(flat.numel(), generator=gen))
+    delta = delta.to(device, torch.bfloat16)
+    delta.values.requires_grad_(True)
+    return weight, delta
+
+
 def measure_linear(device, tokens_list, rep: int) -> tuple[str, dict]:
     out_text, data = [], {}
     crossover = {}
     for layer, (m, n) in LAYERS.items():
         gen = torch.Generator().manual_seed(m)
-        weight = (torch.randn(m, n, generator=gen) * n ** -0.5).to(device, torch.bfloat16)
+        weight, delta = adapted_layer(m, n, device, gen)
+        values = delta.values
         bias = torch.zeros(m, device=device, dtype=torch.bfloat16)
-        flat = sb.sample_distinct(m * n, R * (m + n), gen).sort().values
-        values = (0.01 * torch.randn(flat.numel(), generator=gen)).to(device, torch.bfloat16)
-        delta = SparseDelta.from_flat(flat, (m, n), values).to(device)
-        values = delta.values.requires_grad_(True)
         a = (0.01 * torch.randn(R, n, generator=gen)).to(device, torch.bfloat16).requires_grad_(True)
         b = (0.01 * torch.randn(m, R, generator=gen)).to(device, torch.bfloat16).requires_grad_(True)
         rows = []
@@ -244,12 +251,7 @@ def measure_binary(device, tokens_list, rep: int) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------
 def _q_proj_case(device, tokens):
     m, n = LAYERS["q_proj 4096x4096"]
-    gen = torch.Generator().manual_seed(1)
-    weight = (torch.randn(m, n, generator=gen) * n ** -0.5).to(device, torch.bfloat16)
-    flat = sb.sample_distinct(m * n, R * (m + n), gen).sort().values
-    delta = SparseDelta.from_flat(flat, (m, n), 0.01 * torch.randn(flat.numel(), generator=gen))
-    delta = delta.to(device, torch.bfloat16)
-    delta.values.requires_grad_(True)
+    weight, delta = adapted_layer(m, n, device, torch.Generator().manual_seed(1))
     x = torch.randn(tokens, n, device=device, dtype=torch.bfloat16, requires_grad=True)
     return weight, delta, x, torch.randn(tokens, m, device=device, dtype=torch.bfloat16)
 

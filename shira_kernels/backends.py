@@ -29,6 +29,8 @@ ENV_VAR = "SHIRA_KERNELS_BACKEND"
 # Automatic order per device type. Triton on CPU tensors is the interpreter: correct but slow,
 # so it is never chosen automatically.
 _PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# The order for an op whose Triton kernel measured faster than its CUDA one (select's `order`).
+TRITON_FIRST = {"cuda": ("triton", "cuda", "reference")}
 
 _explicit: contextvars.ContextVar[str | None] = contextvars.ContextVar("shira_backend", default=None)
 _logged: set[tuple[str, str]] = set()

@@ -31,7 +31,6 @@ LUT_MAX_TOKENS = 16
 # Triton's tensor-core tiles are 3-10x faster than its fp32 tiles (H200, bf16 x:
 # docs/benchmarks/gpu_h200.md), so Triton is tried first there.
 GEMV_MAX_TOKENS = 8
-TILED_ORDER = {"cuda": ("triton", "cuda", "reference")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ def _lora_kernel(backend: str):
 def _binary_linear_op(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
                       mu: torch.Tensor, bias: torch.Tensor | None,
                       in_features: int) -> torch.Tensor:
-    order = TILED_ORDER if x.shape[0] > GEMV_MAX_TOKENS else None
+    order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
     return _linear_kernel(backends.select(x.device, order))(x.contiguous(), packed, alpha, mu,
                                                             bias, in_features)
 

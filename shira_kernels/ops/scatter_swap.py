@@ -76,13 +76,10 @@ _KERNELS = {"reference": scatter_swap_reference, "cpu": _native_kernel("cpu"),
 
 # On CUDA tensors the Triton kernel swaps 2.5x faster than the CUDA one (32 Llama-7B blocks,
 # bf16, H200: 3.8 ms against 9.5 ms; docs/benchmarks/gpu_h200.md), so it is tried first.
-ORDER = {"cuda": ("triton", "cuda", "reference")}
-
-
 def swap_unchecked(weights, indices, values) -> None:
     """The swap on the selected backend without validation, for ops whose arguments were
     validated at their own entry (e.g. sparse_delta_linear's "swap" strategy)."""
-    _KERNELS[backends.select(weights[0].device, ORDER)](weights, indices, values)
+    _KERNELS[backends.select(weights[0].device, backends.TRITON_FIRST)](weights, indices, values)
 
 
 # ---------------------------------------------------------------------------------------------

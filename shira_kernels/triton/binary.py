@@ -35,20 +35,25 @@ def _dequantized(bits, a, m):
 
 
 @triton.jit
+def _x_tile(x, t, t_mask, n_in, w0, BW: tl.constexpr):
+    """x[t, 32·w0 … 32·(w0+BW)) in x's dtype, zero past the tokens and the columns."""
+    cols = w0 * 32 + tl.arange(0, BW * 32)
+    return tl.load(x + t[:, None] * n_in + cols[None, :],
+                   mask=t_mask[:, None] & (cols < n_in)[None, :], other=0.0)
+
+
+@triton.jit
 def _x_dot_wt(x, t, t_mask, n_in, packed, rows, row_mask, n_words, alpha, mu,
               PER_ROW: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, HALF: tl.constexpr):
     """fp32 [BT, rows]: x[t]·Wᵀ for the 1-bit W = μ + α·s of the given rows."""
     a, m = _row_stats(alpha, mu, rows, row_mask, PER_ROW)
     acc = tl.zeros((BT, rows.shape[0]), tl.float32)
-    cols0 = tl.arange(0, BW * 32)
     if x.dtype.element_ty == tl.float32:
         # fp32: FMA dots on the dequantized W, one 64-term chain per tile, the tiles summed
         # with compensation (one chain over 4096+ columns is 10x less accurate than cuBLAS).
         comp = tl.zeros((BT, rows.shape[0]), tl.float32)
         for w0 in range(0, n_words, BW):
-            cols = w0 * 32 + cols0
-            xt = tl.load(x + t[:, None] * n_in + cols[None, :],
-                         mask=t_mask[:, None] & (cols < n_in)[None, :], other=0.0)
+            xt = _x_tile(x, t, t_mask, n_in, w0, BW)
             wt = _dequantized(_sign_bits(packed, rows, row_mask, n_words, w0, BW), a, m)
             part = tl.dot(xt, tl.trans(wt), input_precision="ieee") - comp
             total = acc + part
@@ -60,9 +65,7 @@ def _x_dot_wt(x, t, t_mask, n_in, packed, rows, row_mask, n_words, alpha, mu,
         # then W·x = α·(x·sᵀ) + μ·Σx.
         xsum = tl.zeros((BT,), tl.float32)
         for w0 in range(0, n_words, BW):
-            cols = w0 * 32 + cols0
-            xt = tl.load(x + t[:, None] * n_in + cols[None, :],
-                         mask=t_mask[:, None] & (cols < n_in)[None, :], other=0.0)
+            xt = _x_tile(x, t, t_mask, n_in, w0, BW)
             signs = tl.where(_sign_bits(packed, rows, row_mask, n_words, w0, BW) != 0, 1.0, -1.0)
             if HALF:
                 acc = tl.dot(xt, tl.trans(signs.to(xt.dtype)), acc)
