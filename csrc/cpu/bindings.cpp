@@ -20,11 +20,6 @@ void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64
                          block);
 }
 
-// Activations as fp32 [features, tokens] in one pass (transpose and cast together).
-torch::Tensor transposed_float(const torch::Tensor& x) {
-  return torch::empty({x.size(1), x.size(0)}, x.options().dtype(torch::kFloat)).copy_(x.t());
-}
-
 void check_sparse(const torch::Tensor& offsets, const torch::Tensor& cols,
                   const torch::Tensor& values) {
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous(),
@@ -35,6 +30,13 @@ void check_sparse(const torch::Tensor& offsets, const torch::Tensor& cols,
               "column indices and values must be contiguous and of one length");
 }
 
+int dtype_code(const torch::Tensor& t, const char* what) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == torch::kFloat || st == torch::kHalf || st == torch::kBFloat16,
+              what, ": float32, float16 or bfloat16 expected");
+  return st == torch::kFloat ? 0 : st == torch::kHalf ? 1 : 2;
+}
+
 // y_in + scale * x @ S^T, S [rows, x.size(1)] in CSR; the result has y_in's dtype.
 torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
                    const torch::Tensor& offsets, const torch::Tensor& cols,
@@ -43,21 +45,24 @@ torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
   const int64_t tokens = x.size(0), rows = offsets.size(0) - 1;
   TORCH_CHECK(x.dim() == 2 && y_in.dim() == 2 && y_in.size(0) == tokens && y_in.size(1) == rows,
               "spmm: x [T, in] and y [T, out] expected");
-  if (tokens == 0) return y_in.clone();
-  const torch::Tensor xT = transposed_float(x);
+  TORCH_CHECK(x.scalar_type() == y_in.scalar_type() && x.is_contiguous() && y_in.is_contiguous(),
+              "spmm: x and y must be contiguous and of one dtype");
+  const int dtype = dtype_code(x, "spmm");
   const torch::Tensor vals = values.to(torch::kFloat).contiguous();
-  torch::Tensor accT = torch::empty({rows, tokens}, xT.options());
+  torch::Tensor out = torch::empty_like(y_in);
   if (cols.scalar_type() == torch::kInt16) {
-    shira_spmm_cpu(xT.data_ptr<float>(), tokens, offsets.data_ptr<int64_t>(),
-                   cols.data_ptr<int16_t>(), vals.data_ptr<float>(), rows, accT.data_ptr<float>());
+    shira_spmm_cpu(dtype, x.data_ptr(), y_in.data_ptr(), out.data_ptr(), tokens, x.size(1), rows,
+                   offsets.data_ptr<int64_t>(), cols.data_ptr<int16_t>(), vals.data_ptr<float>(),
+                   static_cast<float>(scale));
   } else {
-    shira_spmm_cpu(xT.data_ptr<float>(), tokens, offsets.data_ptr<int64_t>(),
-                   cols.data_ptr<int32_t>(), vals.data_ptr<float>(), rows, accT.data_ptr<float>());
+    shira_spmm_cpu(dtype, x.data_ptr(), y_in.data_ptr(), out.data_ptr(), tokens, x.size(1), rows,
+                   offsets.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), vals.data_ptr<float>(),
+                   static_cast<float>(scale));
   }
-  return torch::add(y_in, accT.t(), scale).to(y_in.scalar_type());
+  return out;
 }
 
-// g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]], fp32 [nnz].
+// g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]], fp32 [nnz]; rows sorted ascending.
 torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch::Tensor& rows,
                     const torch::Tensor& cols) {
   TORCH_CHECK(rows.scalar_type() == torch::kInt32 && rows.is_contiguous(), "rows must be int32");
@@ -65,16 +70,18 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
                   cols.is_contiguous() && cols.numel() == rows.numel(),
               "cols must be int16/int32 and as long as rows");
   TORCH_CHECK(gy.dim() == 2 && x.dim() == 2 && gy.size(0) == x.size(0), "sddmm: gy [T, out] and x [T, in]");
-  torch::Tensor g = torch::zeros({rows.numel()}, gy.options().dtype(torch::kFloat));
-  const int64_t tokens = x.size(0);
-  if (tokens == 0 || rows.numel() == 0) return g;
-  const torch::Tensor gyT = transposed_float(gy), xT = transposed_float(x);
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gy.is_contiguous() && x.is_contiguous(),
+              "sddmm: gy and x must be contiguous and of one dtype");
+  const int dtype = dtype_code(x, "sddmm");
+  torch::Tensor g = torch::empty({rows.numel()}, gy.options().dtype(torch::kFloat));
   if (cols.scalar_type() == torch::kInt16) {
-    shira_sddmm_cpu(gyT.data_ptr<float>(), xT.data_ptr<float>(), tokens, rows.data_ptr<int32_t>(),
-                    cols.data_ptr<int16_t>(), rows.numel(), g.data_ptr<float>());
+    shira_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), x.size(0), gy.size(1), x.size(1),
+                    rows.data_ptr<int32_t>(), cols.data_ptr<int16_t>(), rows.numel(),
+                    g.data_ptr<float>());
   } else {
-    shira_sddmm_cpu(gyT.data_ptr<float>(), xT.data_ptr<float>(), tokens, rows.data_ptr<int32_t>(),
-                    cols.data_ptr<int32_t>(), rows.numel(), g.data_ptr<float>());
+    shira_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), x.size(0), gy.size(1), x.size(1),
+                    rows.data_ptr<int32_t>(), cols.data_ptr<int32_t>(), rows.numel(),
+                    g.data_ptr<float>());
   }
   return g;
 }
@@ -89,9 +96,7 @@ void scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::T
   TORCH_CHECK(out.scalar_type() == weight.scalar_type() && values.scalar_type() == weight.scalar_type(),
               "scatter_add: out, weight and values must share a dtype");
   const auto st = weight.scalar_type();
-  const int dtype = st == torch::kFloat ? 0 : st == torch::kHalf ? 1 : 2;
-  TORCH_CHECK(st == torch::kFloat || st == torch::kHalf || st == torch::kBFloat16,
-              "scatter_add: float32, float16 or bfloat16 expected");
+  const int dtype = dtype_code(weight, "scatter_add");
   void* saved_ptr = nullptr;
   if (saved.has_value()) {
     TORCH_CHECK(saved->is_contiguous() && saved->scalar_type() == st && saved->numel() == idx.numel(),

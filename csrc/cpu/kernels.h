@@ -10,18 +10,20 @@
 void shira_scatter_swap_cpu(const int64_t* tasks, const int64_t* blocks, int64_t num_blocks,
                             int64_t block);
 
-// Sparse-delta matmul parts. S is [rows, cols] in CSR: offsets int64 [rows + 1], column indices
-// C = int16_t | int32_t, values fp32. Activations come transposed and in fp32 ([features, T],
-// made by the binding in one pass), so every product is a contiguous, vectorisable run over
-// tokens; tokens are processed in chunks that keep the gathered rows in cache.
-//   spmm:  accT[r, t] = Σ_{j in row r} values[j] · xT[col[j], t]          (accT: [rows, T])
-//   sddmm: g[j] += Σ_t gyT[row[j], t] · xT[col[j], t]                     (g: fp32 [nnz])
+// Sparse-delta matmul parts. S is [rows, in] in CSR: offsets int64 [rows + 1], column indices
+// C = int16_t | int32_t, values fp32. Activations are token-major as torch holds them, in the
+// dtype (0 fp32, 1 fp16, 2 bf16) of x, y and gy; sums are fp32.
+//   spmm:  out[t, r] = y_in[t, r] + scale · Σ_{j in row r} values[j] · x[t, col[j]]
+//          (x [T, in], y_in and out [T, rows]; out may be y_in)
+//   sddmm: g[j] = Σ_t gy[t, row[j]] · x[t, col[j]]  (gy [T, out], x [T, in], rows int32 COO
+//          sorted ascending, g fp32 [nnz], overwritten)
 template <typename C>
-void shira_spmm_cpu(const float* xT, int64_t tokens, const int64_t* offsets, const C* cols,
-                    const float* values, int64_t rows, float* accT);
+void shira_spmm_cpu(int dtype, const void* x, const void* y_in, void* out, int64_t tokens,
+                    int64_t in, int64_t rows, const int64_t* offsets, const C* cols,
+                    const float* values, float scale);
 template <typename C>
-void shira_sddmm_cpu(const float* gyT, const float* xT, int64_t tokens, const int32_t* rows,
-                     const C* cols, int64_t nnz, float* g);
+void shira_sddmm_cpu(int dtype, const void* gy, const void* x, int64_t tokens, int64_t out,
+                     int64_t in, const int32_t* rows, const C* cols, int64_t nnz, float* g);
 
 // out[idx[j]] = round(float(weight[idx[j]]) + scale · float(values[j])) for j < nnz, in the
 // weight's dtype (dtype: 0 fp32, 1 fp16, 2 bf16), I = int32_t | int64_t. If saved is not null,

@@ -1,13 +1,25 @@
+#include <omp.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
 namespace {
 
-// Tokens per chunk: 256 fp32 per gathered feature row, so the rows one output row gathers
-// (~64-100 for a SHiRA r=32 mask) stay in L1/L2 while they are reused.
-constexpr int64_t kTokenChunk = 256;
+// The token-major kernels (spmm, sddmm) work on chunks of tokens: each thread first transposes
+// its share of the chunk into feature-major fp32 tiles (one pass over the activations, no
+// full-size copy), then every product is a run of whole 16-float vectors over the chunk.
+// Chunk lengths: spmm keeps one output row's chunk in registers (8 vectors), sddmm one gy row
+// plus four running dot products.
+constexpr int64_t kSpmmTokenChunk = 128;
+constexpr int64_t kSddmmTokenChunk = 128;
+// The entries of a row are visited one block of columns at a time, for all rows, so the x tile
+// rows a block gathers (columns x chunk fp32) stay in L2 while every row uses them.
+constexpr int64_t kColumnBlockBytes = 512 * 1024;
 // A row's entries are summed in blocks, then the block sums: the rounding error grows with
 // kEntryBlock + entries/kEntryBlock rather than with the entry count (rows of thousands of
 // entries stay as accurate as a dense matmul; a SHiRA row of ~100 entries costs 2 extra adds).
@@ -26,10 +38,6 @@ inline uint16_t float_to_bf16(float f) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
-}
-
-inline void prefetch_span(const float* p, int64_t n) {
-  for (int64_t k = 0; k < n; k += 16) __builtin_prefetch(p + k);
 }
 
 template <typename T>
@@ -62,71 +70,295 @@ void scatter_add(const T* weight, T* out, const I* idx, const T* values, float s
   }
 }
 
-}  // namespace
+// 16 floats: one AVX-512 register or two AVX2 ones (GCC/Clang vector extension); the typedef
+// allows unaligned addresses.
+typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+constexpr int64_t kLanes = 16;
 
-template <typename C>
-void shira_spmm_cpu(const float* xT, int64_t tokens, const int64_t* offsets, const C* cols,
-                    const float* values, int64_t rows, float* accT) {
-  if (tokens == 1) {
-    // One token (decoding): a gathered dot product per row; no token loop to amortise.
-#pragma omp parallel for schedule(static, 64)
-    for (int64_t r = 0; r < rows; ++r) {
-      float total = 0.0f;
-      const int64_t end = offsets[r + 1];
-      for (int64_t j0 = offsets[r]; j0 < end; j0 += kEntryBlock) {
-        const int64_t j1 = std::min(j0 + kEntryBlock, end);
-        float acc = 0.0f;
-        // simd: several partial sums per block (and vectorised).
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = j0; j < j1; ++j) acc += values[j] * xT[cols[j]];
-        total += acc;
-      }
-      accT[r] = total;
+inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16*>(p); }
+inline void store16(float* p, f32x16 v) { *reinterpret_cast<f32x16*>(p) = v; }
+inline float hsum(f32x16 v) {  // pairwise: as accurate as a tree of 16
+  typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+  typedef float f32x4 __attribute__((vector_size(16), aligned(4)));
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+inline int64_t round_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// Grow-only, 64-byte aligned fp32 buffer. Kept per thread: tiles are reused across calls, so
+// a call does not page-fault fresh memory in (torch's CPU allocator does not cache either).
+class Scratch {
+ public:
+  ~Scratch() { std::free(data_); }
+  float* get(int64_t n) {
+    if (n > size_) {
+      std::free(data_);
+      data_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(round_lanes(n)) * 4));
+      size_ = n;
     }
-    return;
+    return data_;
   }
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
-    const int64_t tc = std::min(kTokenChunk, tokens - t0);
-    // Rows hold different numbers of entries: dynamic chunks keep the threads busy.
-#pragma omp parallel for schedule(dynamic, 16)
-    for (int64_t r = 0; r < rows; ++r) {
-      float* acc = accT + r * tokens + t0;
-      std::fill(acc, acc + tc, 0.0f);
-      float part[kTokenChunk];
-      const int64_t end = offsets[r + 1];
-      for (int64_t j0 = offsets[r]; j0 < end; j0 += kEntryBlock) {
-        const int64_t j1 = std::min(j0 + kEntryBlock, end);
-        std::fill(part, part + tc, 0.0f);
-        for (int64_t j = j0; j < j1; ++j) {
-          // The gathered rows are random: fetch the one after next while this one is used.
-          if (j + 2 < end) prefetch_span(xT + static_cast<int64_t>(cols[j + 2]) * tokens + t0, tc);
-          const float v = values[j];
-          const float* xs = xT + static_cast<int64_t>(cols[j]) * tokens + t0;
-#pragma omp simd
-          for (int64_t t = 0; t < tc; ++t) part[t] += v * xs[t];
+
+ private:
+  float* data_ = nullptr;
+  int64_t size_ = 0;
+};
+thread_local Scratch shared_tile, own_tile;
+
+// dst[(c - c0) * ld + t] = src[(t0 + t) * src_ld + c] in fp32 for t < tc, c in [c0, c1), and
+// zeros for t in [tc, ld): a feature-major tile of a token chunk, padded to whole vectors.
+template <typename T>
+void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64_t c0,
+                     int64_t c1, float* dst, int64_t ld) {
+  constexpr int64_t kBlock = 16;  // 16 columns at a time: 16 destination rows stay in L1
+  for (int64_t cb = c0; cb < c1; cb += kBlock) {
+    const int64_t ce = std::min(cb + kBlock, c1);
+    for (int64_t t = 0; t < tc; ++t) {
+      const T* s = src + (t0 + t) * src_ld;
+      for (int64_t c = cb; c < ce; ++c) dst[(c - c0) * ld + t] = Float<T>::load(s + c);
+    }
+    for (int64_t c = cb; c < ce; ++c) std::fill(dst + (c - c0) * ld + tc, dst + (c - c0) * ld + ld, 0.0f);
+  }
+}
+
+// This thread's rows: a contiguous range holding about its share of entries + rows (a row
+// costs a little on its own: its output chunk is written even without entries).
+inline void my_rows(const int64_t* offsets, int64_t rows, int64_t* r0, int64_t* r1) {
+  const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+  const int64_t total = offsets[rows] + rows;
+  auto first_row_from = [&](int64_t k) {
+    const int64_t target = total * k / nth;
+    int64_t lo = 0, hi = rows;  // first r with offsets[r] + r >= target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (offsets[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  *r0 = first_row_from(me);
+  *r1 = me + 1 == nth ? rows : first_row_from(me + 1);
+}
+
+// The end of row r's entries in column block [.., block_end), from cursor on.
+template <typename C>
+inline int64_t block_end(const C* cols, int64_t cursor, int64_t row_end, int64_t limit) {
+  while (cursor < row_end && static_cast<int64_t>(cols[cursor]) < limit) ++cursor;
+  return cursor;
+}
+
+// acc[0 .. NV*16) += Σ_j values[j] · xT[cols[j]] (rows of the padded tile), in partial sums of
+// kEntryBlock entries held in registers.
+template <int NV, typename C>
+inline void axpy_entries(float* acc, const float* xT, int64_t ld, const C* cols,
+                         const float* values, int64_t j0, int64_t j1) {
+  for (int64_t g0 = j0; g0 < j1; g0 += kEntryBlock) {
+    const int64_t g1 = std::min(g0 + kEntryBlock, j1);
+    f32x16 part[NV] = {};
+    for (int64_t j = g0; j < g1; ++j) {
+      const float v = values[j];
+      const float* xs = xT + static_cast<int64_t>(cols[j]) * ld;
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) part[k] += v * load16(xs + k * kLanes);
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) store16(acc + k * kLanes, load16(acc + k * kLanes) + part[k]);
+  }
+}
+
+// g[j] += a · xT[cols[j]] over the padded chunk, four entries at a time (four independent
+// sums share each load of a).
+template <int NV, typename C>
+inline void dot_entries(const float* a, const float* xT, int64_t ld, const C* cols, float* g,
+                        int64_t j0, int64_t j1) {
+  f32x16 av[NV];
+#pragma GCC unroll 8
+  for (int k = 0; k < NV; ++k) av[k] = load16(a + k * kLanes);
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const float* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
+    const float* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
+    const float* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
+    const float* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
+    f32x16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      s0 += av[k] * load16(b0 + k * kLanes);
+      s1 += av[k] * load16(b1 + k * kLanes);
+      s2 += av[k] * load16(b2 + k * kLanes);
+      s3 += av[k] * load16(b3 + k * kLanes);
+    }
+    g[j] += hsum(s0);
+    g[j + 1] += hsum(s1);
+    g[j + 2] += hsum(s2);
+    g[j + 3] += hsum(s3);
+  }
+  for (; j < j1; ++j) {
+    const float* b = xT + static_cast<int64_t>(cols[j]) * ld;
+    f32x16 s = {};
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) s += av[k] * load16(b + k * kLanes);
+    g[j] += hsum(s);
+  }
+}
+
+// Calls body(std::integral_constant<int, NV>) with NV = ld / 16 in 1..8, the vectors per tile
+// row, so that the micro-kernels' loops have constant trip counts and stay in registers.
+template <typename Body>
+inline void with_vectors(int64_t ld, Body&& body) {
+  switch (ld / kLanes) {
+    case 1: return body(std::integral_constant<int, 1>());
+    case 2: return body(std::integral_constant<int, 2>());
+    case 3: return body(std::integral_constant<int, 3>());
+    case 4: return body(std::integral_constant<int, 4>());
+    case 5: return body(std::integral_constant<int, 5>());
+    case 6: return body(std::integral_constant<int, 6>());
+    case 7: return body(std::integral_constant<int, 7>());
+    default: return body(std::integral_constant<int, 8>());
+  }
+}
+
+inline int64_t column_block(int64_t ld) { return std::max<int64_t>(kLanes, kColumnBlockBytes / (4 * ld)); }
+
+// One token: a gathered dot product per row, straight from x (no tile to amortise).
+template <typename T, typename C>
+void spmm_one_token(const T* x, const T* y_in, T* out, int64_t in, int64_t rows,
+                    const int64_t* offsets, const C* cols, const float* values, float scale) {
+  float* xf = own_tile.get(in);
+  for (int64_t c = 0; c < in; ++c) xf[c] = Float<T>::load(x + c);
+#pragma omp parallel for schedule(static, 64)
+  for (int64_t r = 0; r < rows; ++r) {
+    float total = 0.0f;
+    const int64_t end = offsets[r + 1];
+    for (int64_t j0 = offsets[r]; j0 < end; j0 += kEntryBlock) {
+      const int64_t j1 = std::min(j0 + kEntryBlock, end);
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = j0; j < j1; ++j) acc += values[j] * xf[cols[j]];
+      total += acc;
+    }
+    Float<T>::store(out + r, Float<T>::load(y_in + r) + scale * total);
+  }
+}
+
+template <typename T, typename C>
+void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, int64_t rows,
+                const int64_t* offsets, const C* cols, const float* values, float scale) {
+  if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
+  const int64_t ld_max = round_lanes(std::min(tokens, kSpmmTokenChunk));
+  float* xT = shared_tile.get(in * ld_max);
+#pragma omp parallel
+  {
+    const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t r0, r1;
+    my_rows(offsets, rows, &r0, &r1);
+    const int64_t c0 = in * me / nth, c1 = in * (me + 1) / nth;
+    float* acc = own_tile.get((r1 - r0) * ld_max);
+    std::vector<int64_t> cursor(r1 - r0);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kSpmmTokenChunk) {
+      const int64_t tc = std::min(kSpmmTokenChunk, tokens - t0), ld = round_lanes(tc);
+      transpose_chunk(x, in, t0, tc, c0, c1, xT + c0 * ld, ld);
+      std::fill(acc, acc + (r1 - r0) * ld, 0.0f);
+      for (int64_t r = r0; r < r1; ++r) cursor[r - r0] = offsets[r];
+#pragma omp barrier
+      const int64_t cb = column_block(ld);
+      with_vectors(ld, [&](auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        for (int64_t b = cb; b - cb < in; b += cb) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t j0 = cursor[r - r0], j1 = block_end(cols, j0, offsets[r + 1], b);
+            if (j1 > j0) axpy_entries<NV>(acc + (r - r0) * ld, xT, ld, cols, values, j0, j1);
+            cursor[r - r0] = j1;
+          }
         }
-#pragma omp simd
-        for (int64_t t = 0; t < tc; ++t) acc[t] += part[t];
+      });
+      for (int64_t t = 0; t < tc; ++t) {
+        const T* yi = y_in + (t0 + t) * rows;
+        T* yo = out + (t0 + t) * rows;
+        for (int64_t r = r0; r < r1; ++r)
+          Float<T>::store(yo + r, Float<T>::load(yi + r) + scale * acc[(r - r0) * ld + t]);
       }
+#pragma omp barrier  // the next chunk overwrites the shared tile
     }
   }
 }
 
-template <typename C>
-void shira_sddmm_cpu(const float* gyT, const float* xT, int64_t tokens, const int32_t* rows,
-                     const C* cols, int64_t nnz, float* g) {
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
-    const int64_t tc = std::min(kTokenChunk, tokens - t0);
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < nnz; ++j) {
-      if (j + 2 < nnz) prefetch_span(xT + static_cast<int64_t>(cols[j + 2]) * tokens + t0, tc);
-      const float* a = gyT + static_cast<int64_t>(rows[j]) * tokens + t0;
-      const float* b = xT + static_cast<int64_t>(cols[j]) * tokens + t0;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < tc; ++t) sum += a[t] * b[t];
-      g[j] += sum;
+template <typename T, typename C>
+void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t in,
+                 const int32_t* coo_rows, const C* cols, int64_t nnz, float* g) {
+  std::vector<int64_t> offsets(out + 1);  // the COO rows are sorted: their CSR offsets
+  for (int64_t r = 0; r <= out; ++r)
+    offsets[r] = std::lower_bound(coo_rows, coo_rows + nnz, static_cast<int32_t>(std::min<int64_t>(r, INT32_MAX))) - coo_rows;
+  offsets[out] = nnz;
+  const int64_t ld_max = round_lanes(std::min(tokens, kSddmmTokenChunk));
+  float* xT = shared_tile.get(in * ld_max);
+#pragma omp parallel
+  {
+    const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t r0, r1;
+    my_rows(offsets.data(), out, &r0, &r1);
+    const int64_t c0 = in * me / nth, c1 = in * (me + 1) / nth;
+    float* gyT = own_tile.get((r1 - r0) * ld_max);
+    std::vector<int64_t> cursor(r1 - r0);
+    std::fill(g + offsets[r0], g + offsets[r1], 0.0f);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kSddmmTokenChunk) {
+      const int64_t tc = std::min(kSddmmTokenChunk, tokens - t0), ld = round_lanes(tc);
+      transpose_chunk(x, in, t0, tc, c0, c1, xT + c0 * ld, ld);
+      transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
+      for (int64_t r = r0; r < r1; ++r) cursor[r - r0] = offsets[r];
+#pragma omp barrier
+      const int64_t cb = column_block(ld);
+      with_vectors(ld, [&](auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        for (int64_t b = cb; b - cb < in; b += cb) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t j0 = cursor[r - r0], j1 = block_end(cols, j0, offsets[r + 1], b);
+            if (j1 > j0) dot_entries<NV>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
+            cursor[r - r0] = j1;
+          }
+        }
+      });
+#pragma omp barrier
     }
+  }
+}
+
+}  // namespace
+
+template <typename C>
+void shira_spmm_cpu(int dtype, const void* x, const void* y_in, void* out, int64_t tokens,
+                    int64_t in, int64_t rows, const int64_t* offsets, const C* cols,
+                    const float* values, float scale) {
+  if (tokens == 0 || rows == 0) return;
+  switch (dtype) {
+    case 0:
+      return spmm_typed(static_cast<const float*>(x), static_cast<const float*>(y_in),
+                        static_cast<float*>(out), tokens, in, rows, offsets, cols, values, scale);
+    case 1:
+      return spmm_typed(static_cast<const _Float16*>(x), static_cast<const _Float16*>(y_in),
+                        static_cast<_Float16*>(out), tokens, in, rows, offsets, cols, values, scale);
+    default:
+      return spmm_typed(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(y_in),
+                        static_cast<uint16_t*>(out), tokens, in, rows, offsets, cols, values, scale);
+  }
+}
+
+template <typename C>
+void shira_sddmm_cpu(int dtype, const void* gy, const void* x, int64_t tokens, int64_t out,
+                     int64_t in, const int32_t* rows, const C* cols, int64_t nnz, float* g) {
+  if (nnz == 0) return;
+  if (tokens == 0) return std::fill(g, g + nnz, 0.0f);
+  switch (dtype) {
+    case 0:
+      return sddmm_typed(static_cast<const float*>(gy), static_cast<const float*>(x), tokens, out,
+                         in, rows, cols, nnz, g);
+    case 1:
+      return sddmm_typed(static_cast<const _Float16*>(gy), static_cast<const _Float16*>(x), tokens,
+                         out, in, rows, cols, nnz, g);
+    default:
+      return sddmm_typed(static_cast<const uint16_t*>(gy), static_cast<const uint16_t*>(x), tokens,
+                         out, in, rows, cols, nnz, g);
   }
 }
 
@@ -148,14 +380,14 @@ void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* id
   }
 }
 
-template void shira_spmm_cpu<int16_t>(const float*, int64_t, const int64_t*, const int16_t*,
-                                      const float*, int64_t, float*);
-template void shira_spmm_cpu<int32_t>(const float*, int64_t, const int64_t*, const int32_t*,
-                                      const float*, int64_t, float*);
-template void shira_sddmm_cpu<int16_t>(const float*, const float*, int64_t, const int32_t*,
-                                       const int16_t*, int64_t, float*);
-template void shira_sddmm_cpu<int32_t>(const float*, const float*, int64_t, const int32_t*,
-                                       const int32_t*, int64_t, float*);
+template void shira_spmm_cpu<int16_t>(int, const void*, const void*, void*, int64_t, int64_t,
+                                      int64_t, const int64_t*, const int16_t*, const float*, float);
+template void shira_spmm_cpu<int32_t>(int, const void*, const void*, void*, int64_t, int64_t,
+                                      int64_t, const int64_t*, const int32_t*, const float*, float);
+template void shira_sddmm_cpu<int16_t>(int, const void*, const void*, int64_t, int64_t, int64_t,
+                                       const int32_t*, const int16_t*, int64_t, float*);
+template void shira_sddmm_cpu<int32_t>(int, const void*, const void*, int64_t, int64_t, int64_t,
+                                       const int32_t*, const int32_t*, int64_t, float*);
 template void shira_scatter_add_cpu<int32_t>(int, const void*, void*, const int32_t*,
                                              const void*, float, int64_t, void*);
 template void shira_scatter_add_cpu<int64_t>(int, const void*, void*, const int64_t*,

@@ -34,9 +34,10 @@ from .scatter_swap import swap_unchecked
 STRATEGIES = ("auto", "spmm", "swap", "merge")
 # Token count from which "swap" beats "spmm" (auto strategy), per device type, measured on
 # 4096x4096 and 11008x4096 layers at r=32. CPU: docs/benchmarks/shira_linear_cpu.md, crossover
-# table. CUDA (H200, bf16, docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs,
-# at 128 the two runs disagree; 256 was not measured.
-SWAP_FROM_TOKENS = {"cpu": 128, "cuda": 512}
+# table (with the tiled CPU spmm, equal at 128 tokens, swap ahead from 256). CUDA (H200, bf16,
+# docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs, at 128 the two runs
+# disagree; 256 was not measured.
+SWAP_FROM_TOKENS = {"cpu": 256, "cuda": 512}
 # Token count from which the training backward on CUDA tensors forms S's value gradient from
 # row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
 # 2048-8192 tokens on an H200, equal at 128 (docs/benchmarks/gpu_h200.md, sddmm table). The
@@ -260,12 +261,12 @@ def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             with _adapted_in_place(weight, flat, values, scale):
                 gx = gy @ weight
         else:
-            gx = spmm(gy @ weight, gy, t_offsets, t_cols, values[t_perm].contiguous(), scale)
+            gx = spmm(gy @ weight, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale)
     if gy.is_cuda and gy.shape[0] >= DENSE_SDDMM_FROM_TOKENS and sddmm is not sddmm_reference:
         g = sddmm_row_blocks(gy, x, rows, cols, offsets)
     else:
         g = sddmm(gy, x, rows, cols)
-    gvalues = (scale * g).to(values.dtype)
+    gvalues = (g if scale == 1.0 else scale * g).to(values.dtype)
     if need_weight:
         gw = gy.T @ x
     return gx, gvalues, gw
@@ -348,7 +349,8 @@ def spmm_t(gx: torch.Tensor, gy: torch.Tensor, delta: SparseDelta, scale: float 
     _check_delta(delta, (gy.shape[1], gx.shape[1]), "gy and gx")
     _check_float("delta.values", delta.values, gy.dtype, gy.device)
     s = delta.structure
-    return _spmm_op(gx, gy, s.t_offsets, s.t_cols, delta.values[s.t_perm], float(scale))
+    return _spmm_op(gx, gy, s.t_offsets, s.t_cols, delta.values.index_select(0, s.t_perm),
+                    float(scale))
 
 
 def sddmm(gy: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
