@@ -45,24 +45,24 @@ def _x_tile(x, t, t_mask, n_in, w0, BW: tl.constexpr):
 @triton.jit
 def _x_dot_wt(x, t, t_mask, n_in, packed, rows, row_mask, n_words, alpha, mu,
               PER_ROW: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, HALF: tl.constexpr):
-    """fp32 [BT, rows]: x[t]·Wᵀ for the 1-bit W = μ + α·s of the given rows."""
+    """[BT, rows]: x[t]·Wᵀ for the 1-bit W = μ + α·s of the given rows; fp64 for fp32 x, else
+    fp32."""
     a, m = _row_stats(alpha, mu, rows, row_mask, PER_ROW)
-    acc = tl.zeros((BT, rows.shape[0]), tl.float32)
     if x.dtype.element_ty == tl.float32:
-        # fp32: FMA dots on the dequantized W, one 64-term chain per tile, the tiles summed
-        # with compensation (one chain over 4096+ columns is 10x less accurate than cuBLAS).
-        comp = tl.zeros((BT, rows.shape[0]), tl.float32)
+        # fp32: the dequantized W (μ ± α rounded to fp32 once, as the reference) times x in
+        # fp64: exact products, sums with 29 spare bits, so the caller's one rounding to fp32
+        # makes the result at least as accurate as cuBLAS's fp32 (whose error an fp32 chain
+        # of FMAs could exceed even with compensated tiles).
+        acc64 = tl.zeros((BT, rows.shape[0]), tl.float64)
         for w0 in range(0, n_words, BW):
-            xt = _x_tile(x, t, t_mask, n_in, w0, BW)
+            xt = _x_tile(x, t, t_mask, n_in, w0, BW).to(tl.float64)
             wt = _dequantized(_sign_bits(packed, rows, row_mask, n_words, w0, BW), a, m)
-            part = tl.dot(xt, tl.trans(wt), input_precision="ieee") - comp
-            total = acc + part
-            comp = (total - acc) - part
-            acc = total
-        return acc
+            acc64 = tl.dot(xt, tl.trans(wt.to(tl.float64)), acc64)
+        return acc64
     else:
         # fp16/bf16: ±1 is exact in x's dtype, so tensor cores form x·sᵀ exactly (fp32 sums);
         # then W·x = α·(x·sᵀ) + μ·Σx.
+        acc = tl.zeros((BT, rows.shape[0]), tl.float32)
         xsum = tl.zeros((BT,), tl.float32)
         for w0 in range(0, n_words, BW):
             xt = _x_tile(x, t, t_mask, n_in, w0, BW)
@@ -104,6 +104,7 @@ def _binary_lora_kernel(x, d_packed, d_alpha, d_mu, u_packed, u_alpha, u_mu, y, 
     r_mask = r < rank
     h = _x_dot_wt(x, t, t_mask, n_in, d_packed, r, r_mask, d_words, d_alpha, d_mu, D_PER_ROW,
                   BT, BW, HALF)
+    h = h.to(tl.float32)
     if RELU:
         h = tl.maximum(h, 0.0)
     h = tl.where(r_mask[None, :], h, 0.0)  # padded ranks contribute nothing to up
