@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import logging
 import os
@@ -62,6 +63,11 @@ def requested() -> str | None:
     return name
 
 
+@functools.cache
+def _triton_installed() -> bool:  # asked on every op call: find_spec is not free
+    return importlib.util.find_spec("triton") is not None
+
+
 def unavailable_reason(name: str, device_type: str) -> str | None:
     """None when backend ``name`` can run ops on tensors of ``device_type``, else why not."""
     _check_name(name)
@@ -72,7 +78,7 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
             return f"the cpu backend runs CPU tensors only, not {device_type}"
         return _native.unavailable_reason("cpu")
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed (pip install triton)"
         if device_type == "cpu":
             if os.environ.get("TRITON_INTERPRET") != "1":

@@ -141,6 +141,24 @@ def test_sparse_delta_linear_and_gradients(backend, device, dtype, shape, strate
     assert torch.equal(weight.detach(), base)  # "swap" restores W bit for bit
 
 
+@pytest.mark.parametrize("strategy", ["spmm", "swap", "merge"])
+def test_eager_path_equals_the_op(backend, device, strategy):
+    # Eager calls skip torch.library's dispatch (an autograd.Function over the same forward and
+    # backward); the op is what torch.compile and autocast run. Same bits either way.
+    x, weight, bias, delta, gy = _linear_case((7, 6, 10), torch.float32, weight_grad=True,
+                                              device=device)
+    inputs = [x, weight, bias, delta.values]
+    y = shira_kernels.sparse_delta_linear(x, weight, bias, delta, 0.5, strategy=strategy)
+    assert y.grad_fn.next_functions[0][0].name() == "_EagerLinearBackward"  # under the view
+    s = delta.structure
+    y_op = torch.ops.shira.sparse_delta_linear(
+        x.reshape(-1, 10), weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols,
+        s.rows, s.t_offsets, s.t_cols, s.t_perm, 0.5, strategy).view(y.shape)
+    assert torch.equal(y, y_op)
+    for ours, theirs in zip(_grads(y, gy, inputs), _grads(y_op, gy, inputs)):
+        assert torch.equal(ours, theirs)
+
+
 def test_gradient_of_weight_only_when_asked(backend, device):
     x, weight, bias, delta, gy = _linear_case((4, 6, 10), torch.float32, device=device)
     y = shira_kernels.sparse_delta_linear(x, weight, bias, delta)
@@ -150,8 +168,8 @@ def test_gradient_of_weight_only_when_asked(backend, device):
 
 def test_auto_strategy_switches_at_the_measured_token_count(monkeypatch):
     calls = []
-    real = sd._linear_op
-    monkeypatch.setattr(sd, "_linear_op", lambda *a: calls.append(a[-1]) or real(*a))
+    real = sd._linear_forward
+    monkeypatch.setattr(sd, "_linear_forward", lambda *a: calls.append(a[-1]) or real(*a))
     threshold = sd.SWAP_FROM_TOKENS["cpu"]
     x, weight, bias, delta, _ = _linear_case((1, 6, 10), torch.float32)
     shira_kernels.sparse_delta_linear(torch.randn(threshold - 1, 10), weight, bias, delta)

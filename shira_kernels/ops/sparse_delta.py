@@ -217,15 +217,7 @@ def _adapted_in_place(weight, flat, values, scale):
         swap_unchecked([w], [flat], [saved])
 
 
-_STRUCT_ARGS = "Tensor flat, Tensor offsets, Tensor cols, Tensor rows, Tensor t_offsets, Tensor t_cols, Tensor t_perm"
-
-
-@torch.library.custom_op("shira::sparse_delta_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
-               cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
-               t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
-               strategy: str) -> torch.Tensor:
+def _linear_forward(x, weight, bias, values, flat, offsets, cols, scale, strategy):
     if strategy == "merge":
         return F.linear(x, _merged_weight(weight, flat, values, scale), bias)
     if strategy == "swap":
@@ -238,19 +230,8 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 scale)
 
 
-@_linear_op.register_fake
-def _(x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm, scale,
-      strategy):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@torch.library.custom_op("shira::sparse_delta_linear_backward", mutates_args=())
-def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                        values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
-                        cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
-                        t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
-                        strategy: str, need_x: bool,
-                        need_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_backward(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm,
+                     scale, strategy, need_x, need_weight):
     gy, x = gy.contiguous(), x.contiguous()
     spmm, sddmm, _ = _select(gy.device)
     gx, gw = gy.new_empty(0), gy.new_empty(0)
@@ -272,6 +253,32 @@ def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return gx, gvalues, gw
 
 
+@torch.library.custom_op("shira::sparse_delta_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
+               cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
+               t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
+               strategy: str) -> torch.Tensor:
+    return _linear_forward(x, weight, bias, values, flat, offsets, cols, scale, strategy)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm, scale,
+      strategy):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("shira::sparse_delta_linear_backward", mutates_args=())
+def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
+                        cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
+                        t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
+                        strategy: str, need_x: bool,
+                        need_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_backward(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols,
+                            t_perm, scale, strategy, need_x, need_weight)
+
+
 @_linear_backward_op.register_fake
 def _(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm, scale,
       strategy, need_x, need_weight):
@@ -289,12 +296,12 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backends.requested()
 
 
-def _backward(ctx, gy):
+def _backward(ctx, gy, backward=torch.ops.shira.sparse_delta_linear_backward):
     x, weight, values, *struct = ctx.saved_tensors
     need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
     with backends.use_backend(ctx.backend):
-        gx, gvalues, gw = torch.ops.shira.sparse_delta_linear_backward(
-            gy, x, weight, values, *struct, ctx.scale, ctx.strategy, need_x, need_w)
+        gx, gvalues, gw = backward(gy, x, weight, values, *struct, ctx.scale, ctx.strategy,
+                                   need_x, need_w)
     gb = gy.sum(0) if ctx.has_bias and need_b else None
     return ((gx if need_x else None), (gw if need_w else None), gb,
             (gvalues if need_v else None)) + (None,) * 9
@@ -304,6 +311,23 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 # Under autocast the op runs in the autocast dtype, like F.linear.
 torch.library.register_autocast("shira::sparse_delta_linear", "cpu", torch.bfloat16)
 torch.library.register_autocast("shira::sparse_delta_linear", "cuda", torch.float16)
+
+
+class _EagerLinear(torch.autograd.Function):
+    """The same forward and backward as the op, without torch.library's dispatch: in eager
+    mode that costs ~60 µs of Python per call and direction, more than a decoding step's GPU
+    work. torch.compile and autocast go through the op (its fake kernel, its autocast rule)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols,
+                t_perm, scale, strategy):
+        _setup_context(ctx, (x, weight, bias, values, flat, offsets, cols, rows, t_offsets,
+                             t_cols, t_perm, scale, strategy), None)
+        return _linear_forward(x, weight, bias, values, flat, offsets, cols, scale, strategy)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _backward(ctx, gy, _linear_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +434,7 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         threshold = SWAP_FROM_TOKENS.get(x.device.type, 64)
         strategy = "swap" if x2.shape[0] >= threshold else "spmm"
     s = delta.structure
-    y = _linear_op(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols,
-                   s.rows, s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
+    run = _linear_op if autocast or torch.compiler.is_compiling() else _EagerLinear.apply
+    y = run(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols, s.rows,
+            s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
     return y.view(*x.shape[:-1], weight.shape[0])
