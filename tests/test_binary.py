@@ -156,6 +156,23 @@ def test_leading_dims_and_opcheck(backend, device):
              up.alpha, up.mu, 4, 0.5, True))
 
 
+def test_eager_path_equals_the_op(backend, device):
+    # Eager calls run an autograd.Function over the op's implementation (ops/_eager.py).
+    bw, bias = _weight(6, 40, "row", seed=5, device=device), torch.randn(6, device=device)
+    down, up = _weight(4, 40, "petl", 6, device), _weight(6, 4, "petl", 7, device)
+    x = torch.randn(5, 40, device=device, requires_grad=True)
+    gy = torch.randn(5, 6, device=device)
+    pairs = [(binary_linear(x, bw, bias),
+              torch.ops.shira.binary_linear(x, bw.packed, bw.alpha, bw.mu, bias, 40)),
+             (binary_lora(x, down, up, 0.5, "relu"),
+              torch.ops.shira.binary_lora(x, down.packed, down.alpha, down.mu, 40, up.packed,
+                                          up.alpha, up.mu, 4, 0.5, True))]
+    for eager, op in pairs:
+        assert eager.grad_fn.next_functions[0][0].name().startswith("_EagerBinary")  # under the view
+        assert torch.equal(eager, op)
+        assert torch.equal(*(torch.autograd.grad(y, x, gy)[0] for y in (eager, op)))
+
+
 def test_bad_inputs():
     bw = _weight(6, 40, "row", seed=5)
     with pytest.raises(ValueError, match="last dim must be bw's in_features = 40"):

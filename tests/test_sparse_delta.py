@@ -167,14 +167,16 @@ def test_gradient_of_weight_only_when_asked(backend, device):
 
 
 def test_auto_strategy_switches_at_the_measured_token_count(monkeypatch):
-    calls = []
-    real = sd._linear_forward
-    monkeypatch.setattr(sd, "_linear_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    swaps = []  # "swap" adapts W in place; "spmm" does not
+    real = sd._adapted_in_place
+    monkeypatch.setattr(sd, "_adapted_in_place", lambda *a: swaps.append(1) or real(*a))
     threshold = sd.SWAP_FROM_TOKENS["cpu"]
     x, weight, bias, delta, _ = _linear_case((1, 6, 10), torch.float32)
-    shira_kernels.sparse_delta_linear(torch.randn(threshold - 1, 10), weight, bias, delta)
-    shira_kernels.sparse_delta_linear(torch.randn(threshold, 10), weight, bias, delta)
-    assert calls == ["spmm", "swap"]
+    with torch.no_grad():
+        shira_kernels.sparse_delta_linear(torch.randn(threshold - 1, 10), weight, bias, delta)
+        assert swaps == []
+        shira_kernels.sparse_delta_linear(torch.randn(threshold, 10), weight, bias, delta)
+        assert swaps == [1]
 
 
 def test_autocast_runs_in_the_autocast_dtype(backend, device):

@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _native, backends
 from .._checks import FLOAT_DTYPES
 from ..formats import BinaryWeight
+from ._eager import eager_function, via_op
 
 ACTIVATIONS = (None, "relu")
 # Largest token count for which the CPU table lookup beats unpack + matmul (measured by
@@ -107,15 +108,16 @@ def _lora_kernel(backend: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library ops (fake kernels; the gradient of x).
+# torch.library ops (fake kernels; the gradient of x), and their eager Functions (_eager.py).
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("shira::binary_linear", mutates_args=())
-def _binary_linear_op(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
-                      mu: torch.Tensor, bias: torch.Tensor | None,
-                      in_features: int) -> torch.Tensor:
+def _binary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
+                   mu: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
     return _linear_kernel(backends.select(x.device, order))(x.contiguous(), packed, alpha, mu,
                                                             bias, in_features)
+
+
+_binary_linear_op = torch.library.custom_op("shira::binary_linear", mutates_args=())(_binary_linear)
 
 
 @_binary_linear_op.register_fake
@@ -137,19 +139,23 @@ def _linear_backward(ctx, gy):
 
 
 _binary_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_EagerBinaryLinear = eager_function("_EagerBinaryLinear", _binary_linear, _linear_setup,
+                                    _linear_backward)
 
 
-@torch.library.custom_op("shira::binary_lora", mutates_args=())
-def _binary_lora_op(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.Tensor,
-                    down_mu: torch.Tensor, down_in: int, up_packed: torch.Tensor,
-                    up_alpha: torch.Tensor, up_mu: torch.Tensor, up_in: int, scale: float,
-                    relu: bool) -> torch.Tensor:
+def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.Tensor,
+                 down_mu: torch.Tensor, down_in: int, up_packed: torch.Tensor,
+                 up_alpha: torch.Tensor, up_mu: torch.Tensor, up_in: int, scale: float,
+                 relu: bool) -> torch.Tensor:
     down = (down_packed, down_alpha, down_mu, down_in)
     up = (up_packed, up_alpha, up_mu, up_in)
     kernel = _lora_kernel(backends.select(x.device))
     if kernel is binary_lora_reference:
         return kernel(x, down, up, scale, relu)
     return kernel(x.contiguous(), down[:3], up[:3], scale, relu)
+
+
+_binary_lora_op = torch.library.custom_op("shira::binary_lora", mutates_args=())(_binary_lora)
 
 
 @_binary_lora_op.register_fake
@@ -174,6 +180,7 @@ def _lora_backward(ctx, gy):
 
 
 _binary_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+_EagerBinaryLora = eager_function("_EagerBinaryLora", _binary_lora, _lora_setup, _lora_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +214,8 @@ def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None =
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias has dtype {bias.dtype} on {bias.device}; x has {x.dtype} on {x.device}")
     x2 = x.reshape(-1, x.shape[-1])
-    y = _binary_linear_op(x2, bw.packed, bw.alpha, bw.mu, bias, bw.shape[1])
+    run = _binary_linear_op if via_op(x) else _EagerBinaryLinear.apply
+    y = run(x2, bw.packed, bw.alpha, bw.mu, bias, bw.shape[1])
     return y.view(*x.shape[:-1], bw.shape[0])
 
 
@@ -224,6 +232,7 @@ def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: fl
     if up.shape[1] != down.shape[0]:
         raise ValueError(f"up has in_features {up.shape[1]} but down has {down.shape[0]} outputs")
     x2 = x.reshape(-1, x.shape[-1])
-    y = _binary_lora_op(x2, down.packed, down.alpha, down.mu, down.shape[1], up.packed,
-                        up.alpha, up.mu, up.shape[1], float(scale), activation == "relu")
+    run = _binary_lora_op if via_op(x) else _EagerBinaryLora.apply
+    y = run(x2, down.packed, down.alpha, down.mu, down.shape[1], up.packed, up.alpha, up.mu,
+            up.shape[1], float(scale), activation == "relu")
     return y.view(*x.shape[:-1], up.shape[0])

@@ -20,6 +20,7 @@ requires grad, and never copies W beyond the one scratch buffer of "merge".
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
@@ -29,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _native, backends
 from .._checks import FLOAT_DTYPES
 from ..formats import SparseDelta
+from ._eager import eager_function, via_op
 from .scatter_swap import swap_unchecked
 
 STRATEGIES = ("auto", "spmm", "swap", "merge")
@@ -217,7 +219,10 @@ def _adapted_in_place(weight, flat, values, scale):
         swap_unchecked([w], [flat], [saved])
 
 
-def _linear_forward(x, weight, bias, values, flat, offsets, cols, scale, strategy):
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor, cols: torch.Tensor,
+            rows: torch.Tensor, t_offsets: torch.Tensor, t_cols: torch.Tensor,
+            t_perm: torch.Tensor, scale: float, strategy: str) -> torch.Tensor:
     if strategy == "merge":
         return F.linear(x, _merged_weight(weight, flat, values, scale), bias)
     if strategy == "swap":
@@ -230,8 +235,12 @@ def _linear_forward(x, weight, bias, values, flat, offsets, cols, scale, strateg
                 scale)
 
 
-def _linear_backward(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm,
-                     scale, strategy, need_x, need_weight):
+def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
+                     cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
+                     t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float, strategy: str,
+                     need_x: bool, need_weight: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gy, x = gy.contiguous(), x.contiguous()
     spmm, sddmm, _ = _select(gy.device)
     gx, gw = gy.new_empty(0), gy.new_empty(0)
@@ -253,30 +262,15 @@ def _linear_backward(gy, x, weight, values, flat, offsets, cols, rows, t_offsets
     return gx, gvalues, gw
 
 
-@torch.library.custom_op("shira::sparse_delta_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
-               cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
-               t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
-               strategy: str) -> torch.Tensor:
-    return _linear_forward(x, weight, bias, values, flat, offsets, cols, scale, strategy)
+_linear_op = torch.library.custom_op("shira::sparse_delta_linear", mutates_args=())(_linear)
+_linear_backward_op = torch.library.custom_op("shira::sparse_delta_linear_backward",
+                                              mutates_args=())(_linear_backward)
 
 
 @_linear_op.register_fake
 def _(x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols, t_perm, scale,
       strategy):
     return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@torch.library.custom_op("shira::sparse_delta_linear_backward", mutates_args=())
-def _linear_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                        values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
-                        cols: torch.Tensor, rows: torch.Tensor, t_offsets: torch.Tensor,
-                        t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float,
-                        strategy: str, need_x: bool,
-                        need_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _linear_backward(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols,
-                            t_perm, scale, strategy, need_x, need_weight)
 
 
 @_linear_backward_op.register_fake
@@ -296,7 +290,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backends.requested()
 
 
-def _backward(ctx, gy, backward=torch.ops.shira.sparse_delta_linear_backward):
+def _backward(ctx, gy, backward=_linear_backward_op):
     x, weight, values, *struct = ctx.saved_tensors
     need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
     with backends.use_backend(ctx.backend):
@@ -311,23 +305,8 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 # Under autocast the op runs in the autocast dtype, like F.linear.
 torch.library.register_autocast("shira::sparse_delta_linear", "cpu", torch.bfloat16)
 torch.library.register_autocast("shira::sparse_delta_linear", "cuda", torch.float16)
-
-
-class _EagerLinear(torch.autograd.Function):
-    """The same forward and backward as the op, without torch.library's dispatch: in eager
-    mode that costs ~60 µs of Python per call and direction, more than a decoding step's GPU
-    work. torch.compile and autocast go through the op (its fake kernel, its autocast rule)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols,
-                t_perm, scale, strategy):
-        _setup_context(ctx, (x, weight, bias, values, flat, offsets, cols, rows, t_offsets,
-                             t_cols, t_perm, scale, strategy), None)
-        return _linear_forward(x, weight, bias, values, flat, offsets, cols, scale, strategy)
-
-    @staticmethod
-    def backward(ctx, gy):
-        return _backward(ctx, gy, _linear_backward)
+_EagerLinear = eager_function("_EagerLinear", _linear, _setup_context,
+                              functools.partial(_backward, backward=_linear_backward))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +413,7 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         threshold = SWAP_FROM_TOKENS.get(x.device.type, 64)
         strategy = "swap" if x2.shape[0] >= threshold else "spmm"
     s = delta.structure
-    run = _linear_op if autocast or torch.compiler.is_compiling() else _EagerLinear.apply
+    run = _linear_op if via_op(x) else _EagerLinear.apply
     y = run(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols, s.rows,
             s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
     return y.view(*x.shape[:-1], weight.shape[0])
