@@ -57,7 +57,7 @@ def _x_dot_wt(x, t, t_mask, n_in, packed, rows, row_mask, n_words, alpha, mu,
         for w0 in range(0, n_words, BW):
             xt = _x_tile(x, t, t_mask, n_in, w0, BW).to(tl.float64)
             wt = _dequantized(_sign_bits(packed, rows, row_mask, n_words, w0, BW), a, m)
-            acc64 = tl.dot(xt, tl.trans(wt.to(tl.float64)), acc64)
+            acc64 = tl.dot(xt, tl.trans(wt.to(tl.float64)), acc64, out_dtype=tl.float64)
         return acc64
     else:
         # fp16/bf16: ±1 is exact in x's dtype, so tensor cores form x·sᵀ exactly (fp32 sums);
