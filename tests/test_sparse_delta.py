@@ -68,6 +68,21 @@ def test_spmm_and_spmm_t(backend, device, dtype, shape):
     assert_within_torch_error(shira_kernels.spmm_t(gx, gy, delta, 2.0), gx + 2.0 * (gy @ dense), exact, "spmm_t")
 
 
+def test_spmm_kernel_may_overwrite_y(backend, device):
+    # The composite ops hand spmm a y they no longer need (F.linear's output, gy·W): the cpu
+    # and triton kernels write the result there, so no second activation-sized tensor exists.
+    delta = make_delta(6, 10, torch.float32, device=device)
+    x, y = randn(7, 10, dtype=torch.float32, seed=1, device=device), randn(7, 6, dtype=torch.float32, seed=2, device=device)
+    s = delta.structure
+    spmm = sd._kernels(backend)[0]
+    expected = spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5)
+    assert not torch.equal(expected, y)
+    out = spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5, overwrite_y=True)
+    assert torch.equal(out, expected)
+    if backend in ("cpu", "triton"):
+        assert out.data_ptr() == y.data_ptr()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_sddmm(backend, device, dtype, shape):

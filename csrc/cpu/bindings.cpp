@@ -37,10 +37,11 @@ int dtype_code(const torch::Tensor& t, const char* what) {
   return st == torch::kFloat ? 0 : st == torch::kHalf ? 1 : 2;
 }
 
-// y_in + scale * x @ S^T, S [rows, x.size(1)] in CSR; the result has y_in's dtype.
+// y_in + scale * x @ S^T, S [rows, x.size(1)] in CSR; the result has y_in's dtype. With
+// overwrite_y it is written into y_in (whose caller no longer needs it): no second [T, rows].
 torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
                    const torch::Tensor& offsets, const torch::Tensor& cols,
-                   const torch::Tensor& values, double scale) {
+                   const torch::Tensor& values, double scale, bool overwrite_y) {
   check_sparse(offsets, cols, values);
   const int64_t tokens = x.size(0), rows = offsets.size(0) - 1;
   TORCH_CHECK(x.dim() == 2 && y_in.dim() == 2 && y_in.size(0) == tokens && y_in.size(1) == rows,
@@ -49,7 +50,7 @@ torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
               "spmm: x and y must be contiguous and of one dtype");
   const int dtype = dtype_code(x, "spmm");
   const torch::Tensor vals = values.to(torch::kFloat).contiguous();
-  torch::Tensor out = torch::empty_like(y_in);
+  torch::Tensor out = overwrite_y ? y_in : torch::empty_like(y_in);
   if (cols.scalar_type() == torch::kInt16) {
     shira_spmm_cpu(dtype, x.data_ptr(), y_in.data_ptr(), out.data_ptr(), tokens, x.size(1), rows,
                    offsets.data_ptr<int64_t>(), cols.data_ptr<int16_t>(), vals.data_ptr<float>(),
@@ -185,7 +186,9 @@ torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_pack
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_swap", &scatter_swap, "batched scatter-swap over a task table (CPU)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("spmm", &spmm, "y + scale * x @ S^T with S in CSR (CPU)",
+  m.def("spmm", &spmm, "y + scale * x @ S^T with S in CSR (CPU)", pybind11::arg("y"),
+        pybind11::arg("x"), pybind11::arg("offsets"), pybind11::arg("cols"),
+        pybind11::arg("values"), pybind11::arg("scale"), pybind11::arg("overwrite_y") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("sddmm", &sddmm, "gradient of S's values: sum over tokens of gy[:, row] * x[:, col]",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -59,7 +59,7 @@ def _csr_to_dense(offsets, cols, values, n_cols) -> torch.Tensor:
     return dense
 
 
-def spmm_reference(y, x, offsets, cols, values, scale: float) -> torch.Tensor:
+def spmm_reference(y, x, offsets, cols, values, scale: float, overwrite_y=False) -> torch.Tensor:
     dense = _csr_to_dense(offsets, cols, values, x.shape[1])
     return (y.float() + scale * (x.float() @ dense.T)).to(y.dtype)
 
@@ -87,6 +87,9 @@ def sparse_delta_linear_reference(x, weight, bias, delta: SparseDelta, scale: fl
 # Kernels per backend.
 # ---------------------------------------------------------------------------------------------
 def _kernels(backend: str):
+    """(spmm, sddmm, scatter_add) of a backend. spmm(y, x, offsets, cols, values, scale,
+    overwrite_y=False) returns y + scale·x·Sᵀ; with overwrite_y (the caller no longer needs y)
+    a kernel may write it into y instead of a new tensor."""
     if backend == "reference":
         return spmm_reference, sddmm_reference, scatter_add_reference
     if backend == "triton":
@@ -96,11 +99,14 @@ def _kernels(backend: str):
     if backend == "cpu":
         return mod.spmm, mod.sddmm, mod.scatter_add
 
+    def spmm(y, x, offsets, cols, values, scale, overwrite_y=False):
+        return mod.spmm(y, x, offsets, cols, values, scale)  # always a new tensor
+
     def scatter_add(out, weight, idx, values, scale, saved=None):
         if saved is not None:  # the CUDA kernel has no saving pass: gather first
             saved.copy_(weight.view(-1)[idx.long()])
         mod.scatter_add(out, weight, idx, values, scale)
-    return mod.spmm, mod.sddmm, scatter_add
+    return spmm, mod.sddmm, scatter_add
 
 
 def _select(device):
@@ -232,7 +238,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # microseconds of Python, as much as the GPU work of a decoding step.
     spmm = _select(x.device)[0]
     return spmm(F.linear(x, weight, bias), x.contiguous(), offsets, cols, values.contiguous(),
-                scale)
+                scale, overwrite_y=True)
 
 
 def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -251,7 +257,8 @@ def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             with _adapted_in_place(weight, flat, values, scale):
                 gx = gy @ weight
         else:
-            gx = spmm(gy @ weight, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale)
+            gx = spmm(gy @ weight, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale,
+                      overwrite_y=True)
     if gy.is_cuda and gy.shape[0] >= DENSE_SDDMM_FROM_TOKENS and sddmm is not sddmm_reference:
         g = sddmm_row_blocks(gy, x, rows, cols, offsets)
     else:
