@@ -1,7 +1,7 @@
 """Eager calls of the composite ops without torch.library's dispatch.
 
-A torch.library custom op with autograd costs ~60 µs of Python per call and direction, more
-than the GPU work of a decoding step. In eager mode the public functions run an
+A torch.library custom op with autograd costs tens of microseconds of Python per call and
+direction, more than the GPU work of a decoding step. In eager mode the public functions run an
 autograd.Function over the op's own implementation, setup and backward instead; the results
 are the same bits (tests/test_sparse_delta.py, test_binary.py). torch.compile (which needs the
 op's schema and fake kernel) and autocast (the op's autocast rule) still go through the op.
