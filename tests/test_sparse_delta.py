@@ -74,7 +74,7 @@ def test_spmm_kernel_may_overwrite_y(backend, device):
     delta = make_delta(6, 10, torch.float32, device=device)
     x, y = randn(7, 10, dtype=torch.float32, seed=1, device=device), randn(7, 6, dtype=torch.float32, seed=2, device=device)
     s = delta.structure
-    spmm = sd._kernels(backend)[0]
+    spmm = sd._kernels(backend).spmm
     expected = spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5)
     assert not torch.equal(expected, y)
     out = spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5, overwrite_y=True)
@@ -93,6 +93,27 @@ def test_sddmm(backend, device, dtype, shape):
     assert g.dtype == torch.float32 and g.shape == (delta.nnz,)
     s = delta.structure
     rows, cols = s.rows.long(), s.cols.long()
+    exact = (gy.double().T @ x.double())[rows, cols]
+    assert_within_torch_error(g, (gy.T @ x)[rows, cols], exact, "sddmm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_spmm_t_sddmm(backend, device, dtype, shape):
+    # The spmm strategy's backward: gx + scale·gy·S and S's value gradient (one pass on cpu).
+    skip_wide_spmm_t_in_the_interpreter(backend, device, shape)
+    tokens, out_f, in_f = shape
+    delta = make_delta(out_f, in_f, dtype, device=device)
+    s = delta.structure
+    struct = (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm)
+    gy, x = randn(tokens, out_f, dtype=dtype, seed=5, device=device), randn(tokens, in_f, dtype=dtype, seed=6, device=device)
+    gx0 = randn(tokens, in_f, dtype=dtype, seed=7, device=device)
+    gx, g = sd._kernels(backend).spmm_t_sddmm(gx0.clone(), gy, x, delta.values, struct, 2.0)
+    dense = delta.to_dense()
+    exact = gx0.double() + 2.0 * gy.double() @ dense.double()
+    assert_within_torch_error(gx, gx0 + 2.0 * (gy @ dense), exact, "gx")
+    rows, cols = s.rows.long(), s.cols.long()
+    assert g.dtype == torch.float32 and g.shape == (delta.nnz,)
     exact = (gy.double().T @ x.double())[rows, cols]
     assert_within_torch_error(g, (gy.T @ x)[rows, cols], exact, "sddmm")
 

@@ -87,6 +87,41 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
   return g;
 }
 
+// The spmm strategy's backward in one pass (kernels.h): returns (gx_in + scale * gy @ S, the
+// fp32 gradient of S's values in CSR order). S by columns: t_offsets, trows (its transposed
+// CSR) and perm (values[perm] are in that order). With overwrite_gx the first is gx_in itself.
+std::tuple<torch::Tensor, torch::Tensor> spmm_t_sddmm(
+    const torch::Tensor& gx_in, const torch::Tensor& gy, const torch::Tensor& x,
+    const torch::Tensor& t_offsets, const torch::Tensor& trows, const torch::Tensor& perm,
+    const torch::Tensor& values, double scale, bool overwrite_gx) {
+  check_sparse(t_offsets, trows, values);
+  TORCH_CHECK(perm.scalar_type() == torch::kInt64 && perm.is_contiguous() &&
+                  perm.numel() == trows.numel(), "perm must be contiguous int64 of length nnz");
+  const int64_t tokens = x.size(0), in = t_offsets.size(0) - 1;
+  TORCH_CHECK(x.dim() == 2 && gy.dim() == 2 && gx_in.dim() == 2 && gy.size(0) == tokens &&
+                  gx_in.size(0) == tokens && x.size(1) == in && gx_in.size(1) == in,
+              "spmm_t_sddmm: gy [T, out], x [T, in] and gx [T, in] expected");
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gx_in.scalar_type() == x.scalar_type() &&
+                  gy.is_contiguous() && x.is_contiguous() && gx_in.is_contiguous(),
+              "spmm_t_sddmm: gy, x and gx must be contiguous and of one dtype");
+  const int dtype = dtype_code(x, "spmm_t_sddmm");
+  const torch::Tensor vals = values.to(torch::kFloat).contiguous();
+  torch::Tensor gx = overwrite_gx ? gx_in : torch::empty_like(gx_in);
+  torch::Tensor g = torch::empty({trows.numel()}, x.options().dtype(torch::kFloat));
+  if (trows.scalar_type() == torch::kInt16) {
+    shira_spmm_t_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), gx_in.data_ptr(), gx.data_ptr(),
+                           tokens, gy.size(1), in, t_offsets.data_ptr<int64_t>(),
+                           trows.data_ptr<int16_t>(), perm.data_ptr<int64_t>(),
+                           vals.data_ptr<float>(), static_cast<float>(scale), g.data_ptr<float>());
+  } else {
+    shira_spmm_t_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), gx_in.data_ptr(), gx.data_ptr(),
+                           tokens, gy.size(1), in, t_offsets.data_ptr<int64_t>(),
+                           trows.data_ptr<int32_t>(), perm.data_ptr<int64_t>(),
+                           vals.data_ptr<float>(), static_cast<float>(scale), g.data_ptr<float>());
+  }
+  return {gx, g};
+}
+
 // out[idx] = weight[idx] + scale * values (fp32 arithmetic, rounded once); other entries of
 // out are left as they are (the caller copied the weight there). saved, if given, receives the
 // weight's entries first (out may be weight: an in-place add that can be swapped back).
@@ -191,6 +226,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("values"), pybind11::arg("scale"), pybind11::arg("overwrite_y") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("sddmm", &sddmm, "gradient of S's values: sum over tokens of gy[:, row] * x[:, col]",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("spmm_t_sddmm", &spmm_t_sddmm,
+        "(gx + scale * gy @ S, gradient of S's values): the spmm strategy's backward in one pass",
+        pybind11::arg("gx"), pybind11::arg("gy"), pybind11::arg("x"), pybind11::arg("t_offsets"),
+        pybind11::arg("trows"), pybind11::arg("perm"), pybind11::arg("values"),
+        pybind11::arg("scale"), pybind11::arg("overwrite_gx") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_linear", &binary_linear, "scale * x @ (mu + alpha * s)^T (+ bias), fp32, for packed 1-bit signs s",
         pybind11::call_guard<pybind11::gil_scoped_release>());

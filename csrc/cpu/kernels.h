@@ -25,6 +25,17 @@ template <typename C>
 void shira_sddmm_cpu(int dtype, const void* gy, const void* x, int64_t tokens, int64_t out,
                      int64_t in, const int32_t* rows, const C* cols, int64_t nnz, float* g);
 
+// The spmm strategy's backward in one pass, with S by columns: t_offsets int64 [in + 1] and
+// trows C [nnz] (S's transposed CSR), perm int64 [nnz] (CSC position -> CSR position), values
+// fp32 in CSR order; gy [T, out], x [T, in], gx_in and gx_out [T, in] (gx_out may be gx_in):
+//   gx_out[t, c] = gx_in[t, c] + scale · Σ_{j in column c} values[perm[j]] · gy[t, trows[j]]
+//   g[perm[j]] = Σ_t gy[t, trows[j]] · x[t, c]   (fp32 [nnz] in CSR order, overwritten)
+template <typename C>
+void shira_spmm_t_sddmm_cpu(int dtype, const void* gy, const void* x, const void* gx_in,
+                            void* gx_out, int64_t tokens, int64_t out, int64_t in,
+                            const int64_t* t_offsets, const C* trows, const int64_t* perm,
+                            const float* values, float scale, float* g);
+
 // out[idx[j]] = round(float(weight[idx[j]]) + scale · float(values[j])) for j < nnz, in the
 // weight's dtype (dtype: 0 fp32, 1 fp16, 2 bf16), I = int32_t | int64_t. If saved is not null,
 // saved[j] receives weight[idx[j]]'s bits first: with out == weight this adds S into W in place

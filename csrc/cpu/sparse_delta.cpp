@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -107,19 +108,114 @@ class Scratch {
 };
 thread_local Scratch shared_tile, own_tile;
 
+// 16 elements of T as fp32 and back (the vector forms of Float<T>, same rounding).
+typedef _Float16 f16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i32x16 __attribute__((vector_size(64), aligned(4)));
+template <typename T>
+inline f32x16 load16_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load16(p);
+  } else if constexpr (std::is_same_v<T, _Float16>) {
+    return __builtin_convertvector(*reinterpret_cast<const f16x16*>(p), f32x16);
+  } else {
+    const u32x16 bits = __builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16;
+    return reinterpret_cast<const f32x16&>(bits);
+  }
+}
+template <typename T>
+inline void store16_from_float(T* p, f32x16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store16(p, v);
+  } else if constexpr (std::is_same_v<T, _Float16>) {
+    *reinterpret_cast<f16x16*>(p) = __builtin_convertvector(v, f16x16);
+  } else {  // round to nearest even; NaN stays a quiet NaN (float_to_bf16)
+    const u32x16 bits = reinterpret_cast<const u32x16&>(v);
+    const i32x16 nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const u32x16 result = nan ? u32x16{} + 0x7fc0u : rounded;
+    *reinterpret_cast<u16x16*>(p) = __builtin_convertvector(result, u16x16);
+  }
+}
+
+// A 16x16 transpose in registers: four rounds, each exchanging the off-diagonal K x K blocks
+// of every 2K x 2K block (rows i and i + K trade their lanes that have bit K set / clear).
+template <int K, int... P>
+inline f32x16 exchange_low(f32x16 a, f32x16 b, std::integer_sequence<int, P...>) {
+  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P : 16 + P - K)...);
+}
+template <int K, int... P>
+inline f32x16 exchange_high(f32x16 a, f32x16 b, std::integer_sequence<int, P...>) {
+  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P + K : 16 + P)...);
+}
+template <int K>
+inline void exchange_blocks(f32x16 (&v)[16]) {
+  constexpr auto lanes = std::make_integer_sequence<int, 16>();
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i & K) continue;
+    const f32x16 a = v[i], b = v[i + K];
+    v[i] = exchange_low<K>(a, b, lanes);
+    v[i + K] = exchange_high<K>(a, b, lanes);
+  }
+}
+inline void transpose16(f32x16 (&v)[16]) {
+  exchange_blocks<8>(v);
+  exchange_blocks<4>(v);
+  exchange_blocks<2>(v);
+  exchange_blocks<1>(v);
+}
+
 // dst[(c - c0) * ld + t] = src[(t0 + t) * src_ld + c] in fp32 for t < tc, c in [c0, c1), and
 // zeros for t in [tc, ld): a feature-major tile of a token chunk, padded to whole vectors.
+// Whole 16x16 blocks go through registers (16 row loads in flight, 16 vector stores); a last
+// partial block of columns element by element.
 template <typename T>
 void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64_t c0,
                      int64_t c1, float* dst, int64_t ld) {
-  constexpr int64_t kBlock = 16;  // 16 columns at a time: 16 destination rows stay in L1
-  for (int64_t cb = c0; cb < c1; cb += kBlock) {
-    const int64_t ce = std::min(cb + kBlock, c1);
-    for (int64_t t = 0; t < tc; ++t) {
-      const T* s = src + (t0 + t) * src_ld;
-      for (int64_t c = cb; c < ce; ++c) dst[(c - c0) * ld + t] = Float<T>::load(s + c);
+  int64_t cb = c0;
+  for (; cb + kLanes <= c1; cb += kLanes) {
+    for (int64_t tb = 0; tb < ld; tb += kLanes) {
+      f32x16 v[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        v[i] = tb + i < tc ? load16_as_float(src + (t0 + tb + i) * src_ld + cb) : f32x16{};
+      transpose16(v);
+#pragma GCC unroll 16
+      for (int k = 0; k < 16; ++k) store16(dst + (cb - c0 + k) * ld + tb, v[k]);
     }
-    for (int64_t c = cb; c < ce; ++c) std::fill(dst + (c - c0) * ld + tc, dst + (c - c0) * ld + ld, 0.0f);
+  }
+  for (int64_t c = cb; c < c1; ++c) {
+    float* d = dst + (c - c0) * ld;
+    for (int64_t t = 0; t < tc; ++t) d[t] = Float<T>::load(src + (t0 + t) * src_ld + c);
+    std::fill(d + tc, d + ld, 0.0f);
+  }
+}
+
+// The way back, added to an input: out[(t0 + t) * n + c] = in[..same..] + scale ·
+// tile[(c - c0) * ld + t] for t < tc, c in [c0, c1) (out may be in).
+template <typename T>
+void add_transposed(const float* tile, int64_t ld, int64_t t0, int64_t tc, int64_t c0,
+                    int64_t c1, const T* in, T* out, int64_t n, float scale) {
+  int64_t cb = c0;
+  for (; cb + kLanes <= c1; cb += kLanes) {
+    for (int64_t tb = 0; tb < tc; tb += kLanes) {
+      f32x16 v[16];
+#pragma GCC unroll 16
+      for (int k = 0; k < 16; ++k) v[k] = load16(tile + (cb - c0 + k) * ld + tb);
+      transpose16(v);
+      const int64_t rows = std::min<int64_t>(kLanes, tc - tb);
+      for (int i = 0; i < rows; ++i) {
+        const int64_t at = (t0 + tb + i) * n + cb;
+        store16_from_float(out + at, load16_as_float(in + at) + scale * v[i]);
+      }
+    }
+  }
+  for (int64_t t = 0; t < tc; ++t) {
+    const int64_t at = (t0 + t) * n;
+    for (int64_t c = cb; c < c1; ++c)
+      Float<T>::store(out + at + c, Float<T>::load(in + at + c) + scale * tile[(c - c0) * ld + t]);
   }
 }
 
@@ -287,12 +383,7 @@ void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, i
           axpy_entries<decltype(nv)::value>(acc + (r - r0) * ld, xT, ld, cols, values, j0, j1);
         });
       });
-      for (int64_t t = 0; t < tc; ++t) {
-        const T* yi = y_in + (t0 + t) * rows;
-        T* yo = out + (t0 + t) * rows;
-        for (int64_t r = r0; r < r1; ++r)
-          Float<T>::store(yo + r, Float<T>::load(yi + r) + scale * acc[(r - r0) * ld + t]);
-      }
+      add_transposed(acc, ld, t0, tc, r0, r1, y_in, out, rows, scale);
 #pragma omp barrier  // the next chunk overwrites the shared tile
     }
   }
@@ -327,6 +418,79 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
         });
       });
 #pragma omp barrier
+    }
+  }
+}
+
+// The backward of the spmm strategy in one pass over S by columns (CSC): column c's entries
+// (rows trows[j], values values[perm[j]]) each gather one gy row of the chunk's tile, which
+// feeds both products while it is in registers:
+//   gx_out[t, c] = gx_in[t, c] + scale · Σ_j values[perm[j]] · gy[t, trows[j]]   (gy·S)
+//   g[perm[j]]  (+)= Σ_t gy[t, trows[j]] · x[t, c]                            (sddmm)
+// Separately, spmm_t and sddmm each gather every entry's row (and sddmm transposes gy again).
+template <int NV, typename C>
+inline void column_entries(const float* xc, const float* gyT, int64_t ld, const C* trows,
+                           const int64_t* perm, const float* values, float* acc, float* g,
+                           int64_t j0, int64_t j1, bool first) {
+  f32x16 xv[NV];
+#pragma GCC unroll 8
+  for (int k = 0; k < NV; ++k) xv[k] = load16(xc + k * kLanes);
+  for (int64_t b0 = j0; b0 < j1; b0 += kEntryBlock) {
+    const int64_t b1 = std::min(b0 + kEntryBlock, j1);
+    f32x16 part[NV] = {};
+    for (int64_t j = b0; j < b1; ++j) {
+      const int64_t p = perm[j];
+      const float v = values[p];
+      const float* row = gyT + static_cast<int64_t>(trows[j]) * ld;
+      f32x16 s0 = {}, s1 = {};  // two chains: the dot does not wait on one FMA's latency
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) {
+        const f32x16 r = load16(row + k * kLanes);
+        part[k] += v * r;
+        if (k % 2 == 0) s0 += xv[k] * r; else s1 += xv[k] * r;
+      }
+      const float d = hsum(s0 + s1);
+      g[p] = first ? d : g[p] + d;
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) store16(acc + k * kLanes, load16(acc + k * kLanes) + part[k]);
+  }
+}
+
+template <typename T, typename C>
+void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int64_t tokens,
+                        int64_t out, int64_t in, const int64_t* t_offsets, const C* trows,
+                        const int64_t* perm, const float* values, float scale, float* g) {
+  const int64_t ld_max = round_lanes(std::min(tokens, kSddmmTokenChunk));
+  float* gyT = shared_tile.get(out * ld_max);
+#pragma omp parallel
+  {
+    const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t c0, c1;
+    my_rows(t_offsets, in, &c0, &c1);  // S's columns are the rows of its transpose
+    const int64_t r0 = out * me / nth, r1 = out * (me + 1) / nth;
+    constexpr int64_t kGroup = 16;  // columns whose x and gx tiles (16 x ld each) stay in L1
+    float* tiles = own_tile.get(2 * kGroup * ld_max);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kSddmmTokenChunk) {
+      const int64_t tc = std::min(kSddmmTokenChunk, tokens - t0), ld = round_lanes(tc);
+      float *xs = tiles, *acc = tiles + kGroup * ld;
+      transpose_chunk(gy, out, t0, tc, r0, r1, gyT + r0 * ld, ld);
+#pragma omp barrier
+      // No blocking of gy's rows here: with the fused products' two FMAs per gathered vector,
+      // blocks that keep them in L2 measured no faster (and slower at 11008 rows).
+      with_vectors(ld, [&](auto nv) {
+        for (int64_t cb = c0; cb < c1; cb += kGroup) {
+          const int64_t ce = std::min(cb + kGroup, c1);
+          transpose_chunk(x, in, t0, tc, cb, ce, xs, ld);
+          std::fill(acc, acc + (ce - cb) * ld, 0.0f);
+          for (int64_t c = cb; c < ce; ++c)
+            column_entries<decltype(nv)::value>(xs + (c - cb) * ld, gyT, ld, trows, perm, values,
+                                                acc + (c - cb) * ld, g, t_offsets[c],
+                                                t_offsets[c + 1], t0 == 0);
+          add_transposed(acc, ld, t0, tc, cb, ce, gx_in, gx_out, in, scale);
+        }
+      });
+#pragma omp barrier  // the next chunk overwrites the shared tile
     }
   }
 }
@@ -369,6 +533,29 @@ void shira_sddmm_cpu(int dtype, const void* gy, const void* x, int64_t tokens, i
   }
 }
 
+template <typename C>
+void shira_spmm_t_sddmm_cpu(int dtype, const void* gy, const void* x, const void* gx_in,
+                            void* gx_out, int64_t tokens, int64_t out, int64_t in,
+                            const int64_t* t_offsets, const C* trows, const int64_t* perm,
+                            const float* values, float scale, float* g) {
+  const int64_t nnz = t_offsets[in];
+  if (tokens == 0) return std::fill(g, g + nnz, 0.0f);
+  switch (dtype) {
+    case 0:
+      return spmm_t_sddmm_typed(static_cast<const float*>(gy), static_cast<const float*>(x),
+                                static_cast<const float*>(gx_in), static_cast<float*>(gx_out),
+                                tokens, out, in, t_offsets, trows, perm, values, scale, g);
+    case 1:
+      return spmm_t_sddmm_typed(static_cast<const _Float16*>(gy), static_cast<const _Float16*>(x),
+                                static_cast<const _Float16*>(gx_in), static_cast<_Float16*>(gx_out),
+                                tokens, out, in, t_offsets, trows, perm, values, scale, g);
+    default:
+      return spmm_t_sddmm_typed(static_cast<const uint16_t*>(gy), static_cast<const uint16_t*>(x),
+                                static_cast<const uint16_t*>(gx_in), static_cast<uint16_t*>(gx_out),
+                                tokens, out, in, t_offsets, trows, perm, values, scale, g);
+  }
+}
+
 template <typename I>
 void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* idx,
                            const void* values, float scale, int64_t nnz, void* saved) {
@@ -399,3 +586,11 @@ template void shira_scatter_add_cpu<int32_t>(int, const void*, void*, const int3
                                              const void*, float, int64_t, void*);
 template void shira_scatter_add_cpu<int64_t>(int, const void*, void*, const int64_t*,
                                              const void*, float, int64_t, void*);
+template void shira_spmm_t_sddmm_cpu<int16_t>(int, const void*, const void*, const void*, void*,
+                                               int64_t, int64_t, int64_t, const int64_t*,
+                                               const int16_t*, const int64_t*, const float*, float,
+                                               float*);
+template void shira_spmm_t_sddmm_cpu<int32_t>(int, const void*, const void*, const void*, void*,
+                                               int64_t, int64_t, int64_t, const int64_t*,
+                                               const int32_t*, const int64_t*, const float*, float,
+                                               float*);

@@ -26,6 +26,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
+from typing import Callable, NamedTuple
 
 from .. import _native, backends
 from .._checks import FLOAT_DTYPES
@@ -86,18 +87,55 @@ def sparse_delta_linear_reference(x, weight, bias, delta: SparseDelta, scale: fl
 # ---------------------------------------------------------------------------------------------
 # Kernels per backend.
 # ---------------------------------------------------------------------------------------------
-def _kernels(backend: str):
-    """(spmm, sddmm, scatter_add) of a backend. spmm(y, x, offsets, cols, values, scale,
-    overwrite_y=False) returns y + scale·x·Sᵀ; with overwrite_y (the caller no longer needs y)
-    a kernel may write it into y instead of a new tensor."""
+class Kernels(NamedTuple):
+    """One backend's kernels.
+
+    spmm(y, x, offsets, cols, values, scale, overwrite_y=False) -> y + scale·x·Sᵀ; with
+        overwrite_y (the caller no longer needs y) a kernel may write the result into y.
+    sddmm(gy, x, rows, cols) -> fp32 [nnz], the gradient of S's values.
+    scatter_add(out, weight, flat, values, scale, saved=None): out[flat] = weight[flat] +
+        scale·values; saved, if given, gets weight[flat] first.
+    spmm_t_sddmm(gx, gy, x, values, struct, scale) -> (gx + scale·gy·S, sddmm(gy, x)), the
+        spmm strategy's backward; gx may be overwritten. struct is the SparseStructure's
+        tensors (rows, cols, row_offsets, t_offsets, t_cols, t_perm). The CPU backend does both
+        in one pass over S; the others compose spmm and sddmm.
+    """
+    spmm: Callable
+    sddmm: Callable
+    scatter_add: Callable
+    spmm_t_sddmm: Callable
+
+
+def spmm_t_sddmm_reference(gx, gy, x, values, struct, scale: float):
+    rows, cols, _, t_offsets, t_cols, t_perm = struct
+    return (spmm_reference(gx, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale),
+            sddmm_reference(gy, x, rows, cols))
+
+
+def _composed_spmm_t_sddmm(spmm, sddmm):
+    def spmm_t_sddmm(gx, gy, x, values, struct, scale):
+        rows, cols, offsets, t_offsets, t_cols, t_perm = struct
+        gx = spmm(gx, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale,
+                  overwrite_y=True)
+        return gx, _values_gradient(sddmm, gy, x, rows, cols, offsets)
+    return spmm_t_sddmm
+
+
+def _kernels(backend: str) -> Kernels:
     if backend == "reference":
-        return spmm_reference, sddmm_reference, scatter_add_reference
+        return Kernels(spmm_reference, sddmm_reference, scatter_add_reference,
+                       spmm_t_sddmm_reference)
     if backend == "triton":
         from ..triton import sparse_delta as mod
-        return mod.spmm, mod.sddmm, mod.scatter_add
+        return Kernels(mod.spmm, mod.sddmm, mod.scatter_add,
+                       _composed_spmm_t_sddmm(mod.spmm, mod.sddmm))
     mod = _native.module(backend)
     if backend == "cpu":
-        return mod.spmm, mod.sddmm, mod.scatter_add
+        def spmm_t_sddmm(gx, gy, x, values, struct, scale):
+            _, _, _, t_offsets, t_cols, t_perm = struct
+            return mod.spmm_t_sddmm(gx, gy, x, t_offsets, t_cols, t_perm, values, scale,
+                                    overwrite_gx=True)
+        return Kernels(mod.spmm, mod.sddmm, mod.scatter_add, spmm_t_sddmm)
 
     def spmm(y, x, offsets, cols, values, scale, overwrite_y=False):
         return mod.spmm(y, x, offsets, cols, values, scale)  # always a new tensor
@@ -106,10 +144,10 @@ def _kernels(backend: str):
         if saved is not None:  # the CUDA kernel has no saving pass: gather first
             saved.copy_(weight.view(-1)[idx.long()])
         mod.scatter_add(out, weight, idx, values, scale)
-    return spmm, mod.sddmm, scatter_add
+    return Kernels(spmm, mod.sddmm, scatter_add, _composed_spmm_t_sddmm(spmm, mod.sddmm))
 
 
-def _select(device):
+def _select(device) -> Kernels:
     return _kernels(backends.select(device))
 
 
@@ -131,6 +169,13 @@ def _row_blocks(rows, cols, offsets, n_in: int, rows_per_block: int):
                 blocks.append((r0, a, b, local))
         cached = _ROW_BLOCKS[rows] = (key, blocks)
     return cached[1]
+
+
+def _values_gradient(sddmm, gy, x, rows, cols, offsets):
+    """A backend's sddmm, or on CUDA for many tokens the dense row blocks (sddmm_row_blocks)."""
+    if gy.is_cuda and gy.shape[0] >= DENSE_SDDMM_FROM_TOKENS and sddmm is not sddmm_reference:
+        return sddmm_row_blocks(gy, x, rows, cols, offsets)
+    return sddmm(gy, x, rows, cols)
 
 
 def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int = SDDMM_BLOCK_BYTES):
@@ -156,7 +201,7 @@ def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int = SDDMM_BLOCK_
 @torch.library.custom_op("shira::spmm", mutates_args=())
 def _spmm_op(y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, cols: torch.Tensor,
              values: torch.Tensor, scale: float) -> torch.Tensor:
-    return _select(y.device)[0](y.contiguous(), x.contiguous(), offsets, cols,
+    return _select(y.device).spmm(y.contiguous(), x.contiguous(), offsets, cols,
                                 values.contiguous(), scale)
 
 
@@ -168,7 +213,7 @@ def _(y, x, offsets, cols, values, scale):
 @torch.library.custom_op("shira::sddmm", mutates_args=())
 def _sddmm_op(gy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
               cols: torch.Tensor) -> torch.Tensor:
-    return _select(gy.device)[1](gy.contiguous(), x.contiguous(), rows, cols)
+    return _select(gy.device).sddmm(gy.contiguous(), x.contiguous(), rows, cols)
 
 
 @_sddmm_op.register_fake
@@ -181,7 +226,7 @@ def _csr_add_op(weight: torch.Tensor, flat_indices: torch.Tensor, values: torch.
                 scale: float, out: torch.Tensor) -> None:
     if out.data_ptr() != weight.data_ptr():
         out.copy_(weight)
-    _select(weight.device)[2](out, weight, flat_indices, values.contiguous(), scale)
+    _select(weight.device).scatter_add(out, weight, flat_indices, values.contiguous(), scale)
 
 
 @_csr_add_op.register_fake
@@ -218,7 +263,7 @@ def _adapted_in_place(weight, flat, values, scale):
     w = weight.data
     saved = _scratch_buffer("swap", w, flat.shape)
     # One pass: W[idx] += scale·S (fp32, rounded once) while the base bits go to `saved`.
-    _select(w.device)[2](w, w, flat, values.contiguous(), scale, saved)
+    _select(w.device).scatter_add(w, w, flat, values.contiguous(), scale, saved)
     try:
         yield
     finally:
@@ -236,9 +281,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             return F.linear(x, weight, bias)
     # The parts are called directly, not through their ops: each op call costs tens of
     # microseconds of Python, as much as the GPU work of a decoding step.
-    spmm = _select(x.device)[0]
-    return spmm(F.linear(x, weight, bias), x.contiguous(), offsets, cols, values.contiguous(),
-                scale, overwrite_y=True)
+    return _select(x.device).spmm(F.linear(x, weight, bias), x.contiguous(), offsets, cols,
+                                  values.contiguous(), scale, overwrite_y=True)
 
 
 def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -248,21 +292,18 @@ def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      need_x: bool, need_weight: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gy, x = gy.contiguous(), x.contiguous()
-    spmm, sddmm, _ = _select(gy.device)
+    kernels = _select(gy.device)
     gx, gw = gy.new_empty(0), gy.new_empty(0)
-    if need_x:
-        if strategy == "merge":
+    if need_x and strategy == "spmm":
+        gx, g = kernels.spmm_t_sddmm(gy @ weight, gy, x, values.contiguous(),
+                                     (rows, cols, offsets, t_offsets, t_cols, t_perm), scale)
+    else:
+        if need_x and strategy == "merge":
             gx = gy @ _merged_weight(weight, flat, values, scale)
-        elif strategy == "swap":
+        elif need_x:
             with _adapted_in_place(weight, flat, values, scale):
                 gx = gy @ weight
-        else:
-            gx = spmm(gy @ weight, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale,
-                      overwrite_y=True)
-    if gy.is_cuda and gy.shape[0] >= DENSE_SDDMM_FROM_TOKENS and sddmm is not sddmm_reference:
-        g = sddmm_row_blocks(gy, x, rows, cols, offsets)
-    else:
-        g = sddmm(gy, x, rows, cols)
+        g = _values_gradient(kernels.sddmm, gy, x, rows, cols, offsets)
     gvalues = (g if scale == 1.0 else scale * g).to(values.dtype)
     if need_weight:
         gw = gy.T @ x
