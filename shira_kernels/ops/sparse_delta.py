@@ -37,10 +37,11 @@ from .scatter_swap import swap_unchecked
 STRATEGIES = ("auto", "spmm", "swap", "merge")
 # Token count from which "swap" beats "spmm" (auto strategy), per device type, measured on
 # 4096x4096 and 11008x4096 layers at r=32. CPU: docs/benchmarks/shira_linear_cpu.md, crossover
-# table (with the tiled CPU spmm, equal at 128 tokens, swap ahead from 256). CUDA (H200, bf16,
+# table (forward: equal or spmm ahead at 256 tokens, swap ahead from 512; a training step with
+# the fused CPU backward: equal at 256, swap 2.4% ahead at 512 on 4096x4096). CUDA (H200, bf16,
 # docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs, at 128 the two runs
 # disagree; 256 was not measured.
-SWAP_FROM_TOKENS = {"cpu": 256, "cuda": 512}
+SWAP_FROM_TOKENS = {"cpu": 512, "cuda": 512}
 # Token count from which the training backward on CUDA tensors forms S's value gradient from
 # row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
 # 2048-8192 tokens on an H200, equal at 128 (docs/benchmarks/gpu_h200.md, sddmm table). The
@@ -121,6 +122,7 @@ def _composed_spmm_t_sddmm(spmm, sddmm):
     return spmm_t_sddmm
 
 
+@functools.cache  # the hot path asks per call: no closures made per call
 def _kernels(backend: str) -> Kernels:
     if backend == "reference":
         return Kernels(spmm_reference, sddmm_reference, scatter_add_reference,
