@@ -118,6 +118,34 @@ def test_spmm_t_sddmm(backend, device, dtype, shape):
     assert_within_torch_error(g, (gy.T @ x)[rows, cols], exact, "sddmm")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
+    # Each row's (spmm), entry's (sddmm) and column's (spmm_t_sddmm) sum is formed by one thread
+    # in a fixed order, so the bits are the same however the work is split.
+    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
+    assert reason is None, f"the cpu backend is unavailable: {reason}"
+    kernels = sd._kernels("cpu")
+    delta = make_delta(45, 4097, torch.float32, density=0.05)
+    s = delta.structure
+    struct = (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm)
+    x, gy = randn(300, 4097, dtype=torch.float32, seed=1), randn(300, 45, dtype=torch.float32, seed=2)
+    y, gx = randn(300, 45, dtype=torch.float32, seed=3), randn(300, 4097, dtype=torch.float32, seed=4)
+
+    def run():
+        return (kernels.spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5),
+                kernels.sddmm(gy, x, s.rows, s.cols),
+                *kernels.spmm_t_sddmm(gx.clone(), gy, x, delta.values, struct, 0.5))
+    before = torch.get_num_threads()
+    expected = run()
+    try:
+        torch.set_num_threads(threads)
+        got = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_csr_add(backend, device, dtype):
     delta = make_delta(37, 4097, dtype, density=0.05, device=device)
