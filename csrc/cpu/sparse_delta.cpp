@@ -174,9 +174,12 @@ inline void transpose16(f32x16 (&v)[16]) {
 template <typename T>
 void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64_t c0,
                      int64_t c1, float* dst, int64_t ld) {
-  int64_t cb = c0;
-  for (; cb + kLanes <= c1; cb += kLanes) {
-    for (int64_t tb = 0; tb < ld; tb += kLanes) {
+  // Token blocks outside, column blocks inside: each of the 16 source rows is then read front
+  // to back, which the hardware prefetchers follow (a block of 64 bytes from each of 128 rows,
+  // the other order, is 128 cold misses on data that another kernel left in DRAM).
+  const int64_t whole = c0 + (c1 - c0) / kLanes * kLanes;
+  for (int64_t tb = 0; tb < ld; tb += kLanes) {
+    for (int64_t cb = c0; cb < whole; cb += kLanes) {
       f32x16 v[16];
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i)
@@ -186,7 +189,7 @@ void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64
       for (int k = 0; k < 16; ++k) store16(dst + (cb - c0 + k) * ld + tb, v[k]);
     }
   }
-  for (int64_t c = cb; c < c1; ++c) {
+  for (int64_t c = whole; c < c1; ++c) {
     float* d = dst + (c - c0) * ld;
     for (int64_t t = 0; t < tc; ++t) d[t] = Float<T>::load(src + (t0 + t) * src_ld + c);
     std::fill(d + tc, d + ld, 0.0f);
@@ -198,14 +201,14 @@ void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64
 template <typename T>
 void add_transposed(const float* tile, int64_t ld, int64_t t0, int64_t tc, int64_t c0,
                     int64_t c1, const T* in, T* out, int64_t n, float scale) {
-  int64_t cb = c0;
-  for (; cb + kLanes <= c1; cb += kLanes) {
-    for (int64_t tb = 0; tb < tc; tb += kLanes) {
+  const int64_t whole = c0 + (c1 - c0) / kLanes * kLanes;
+  for (int64_t tb = 0; tb < tc; tb += kLanes) {  // rows of in and out front to back, as above
+    const int64_t rows = std::min<int64_t>(kLanes, tc - tb);
+    for (int64_t cb = c0; cb < whole; cb += kLanes) {
       f32x16 v[16];
 #pragma GCC unroll 16
       for (int k = 0; k < 16; ++k) v[k] = load16(tile + (cb - c0 + k) * ld + tb);
       transpose16(v);
-      const int64_t rows = std::min<int64_t>(kLanes, tc - tb);
       for (int i = 0; i < rows; ++i) {
         const int64_t at = (t0 + tb + i) * n + cb;
         store16_from_float(out + at, load16_as_float(in + at) + scale * v[i]);
@@ -214,7 +217,7 @@ void add_transposed(const float* tile, int64_t ld, int64_t t0, int64_t tc, int64
   }
   for (int64_t t = 0; t < tc; ++t) {
     const int64_t at = (t0 + t) * n;
-    for (int64_t c = cb; c < c1; ++c)
+    for (int64_t c = whole; c < c1; ++c)
       Float<T>::store(out + at + c, Float<T>::load(in + at + c) + scale * tile[(c - c0) * ld + t]);
   }
 }
@@ -469,27 +472,25 @@ void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int6
     int64_t c0, c1;
     my_rows(t_offsets, in, &c0, &c1);  // S's columns are the rows of its transpose
     const int64_t r0 = out * me / nth, r1 = out * (me + 1) / nth;
-    constexpr int64_t kGroup = 16;  // columns whose x and gx tiles (16 x ld each) stay in L1
-    float* tiles = own_tile.get(2 * kGroup * ld_max);
+    // This thread's columns of x and of gx over the chunk, feature-major: each transposed in
+    // (and out) in one sweep whose source rows are read front to back.
+    float* xs = own_tile.get(2 * (c1 - c0) * ld_max);
     for (int64_t t0 = 0; t0 < tokens; t0 += kSddmmTokenChunk) {
       const int64_t tc = std::min(kSddmmTokenChunk, tokens - t0), ld = round_lanes(tc);
-      float *xs = tiles, *acc = tiles + kGroup * ld;
+      float* acc = xs + (c1 - c0) * ld;
       transpose_chunk(gy, out, t0, tc, r0, r1, gyT + r0 * ld, ld);
+      transpose_chunk(x, in, t0, tc, c0, c1, xs, ld);
+      std::fill(acc, acc + (c1 - c0) * ld, 0.0f);
 #pragma omp barrier
       // No blocking of gy's rows here: with the fused products' two FMAs per gathered vector,
       // blocks that keep them in L2 measured no faster (and slower at 11008 rows).
       with_vectors(ld, [&](auto nv) {
-        for (int64_t cb = c0; cb < c1; cb += kGroup) {
-          const int64_t ce = std::min(cb + kGroup, c1);
-          transpose_chunk(x, in, t0, tc, cb, ce, xs, ld);
-          std::fill(acc, acc + (ce - cb) * ld, 0.0f);
-          for (int64_t c = cb; c < ce; ++c)
-            column_entries<decltype(nv)::value>(xs + (c - cb) * ld, gyT, ld, trows, perm, values,
-                                                acc + (c - cb) * ld, g, t_offsets[c],
-                                                t_offsets[c + 1], t0 == 0);
-          add_transposed(acc, ld, t0, tc, cb, ce, gx_in, gx_out, in, scale);
-        }
+        for (int64_t c = c0; c < c1; ++c)
+          column_entries<decltype(nv)::value>(xs + (c - c0) * ld, gyT, ld, trows, perm, values,
+                                              acc + (c - c0) * ld, g, t_offsets[c],
+                                              t_offsets[c + 1], t0 == 0);
       });
+      add_transposed(acc, ld, t0, tc, c0, c1, gx_in, gx_out, in, scale);
 #pragma omp barrier  // the next chunk overwrites the shared tile
     }
   }
