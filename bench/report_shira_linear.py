@@ -8,7 +8,7 @@ One run measures, for each layer shape (default 4096x4096 and 11008x4096, r = 32
     strategy (spmm, swap, merge), PEFT ShiRA and PEFT LoRA;
   * the spmm/swap crossover: both strategies against nn.Linear at 1 to 256 tokens, and the
     smallest token count from which swap is never slower than spmm (what SWAP_FROM_TOKENS
-    should be);
+    should be); from 128 tokens on also a training step with each strategy;
   * one training step (forward, loss, backward) at 128 and 2048 tokens: ShiraLinear, PEFT ShiRA,
     PEFT LoRA, and a frozen nn.Linear as the floor;
   * the peak memory of one training step per method, each in a fresh subprocess;
@@ -324,6 +324,36 @@ def measure_crossover(layers: Layers, args) -> dict:
     return out
 
 
+TRAIN_CROSSOVER_FROM = 128  # the training-step crossover is timed from this many tokens
+
+
+def measure_train_crossover(layers: Layers, token_counts, args) -> dict:
+    """A training step with each strategy at the given token counts (the same steps as the
+    training section's, the strategy forced)."""
+    out = {}
+    for tokens in token_counts:
+        x = _inputs(layers.shape, tokens, requires_grad=True)
+        step = sb.training_step(layers.shira, x)
+
+        def forced(strategy):
+            def run():
+                layers.shira.strategy = strategy
+                step()
+            return run
+        try:
+            out[tokens] = interleaved({SPMM: forced("spmm"), SWAP: forced("swap")},
+                                      repeat=args.repeat, min_time=args.min_time,
+                                      max_rounds=args.max_rounds)
+        finally:
+            layers.shira.strategy = "auto"
+            for p in sb.trainable_parameters(layers.shira):
+                p.grad = None
+        res = out[tokens]
+        print(f"[{layers.label()}] training crossover T={tokens}: spmm {_ms(res[SPMM][0])} ms, "
+              f"swap {_ms(res[SWAP][0])} ms", flush=True)
+    return out
+
+
 def train_variants(layers: Layers, x) -> dict:
     layers.shira.strategy = "auto"
     v = {SHIRA_TRAIN: sb.training_step(layers.shira, x)}
@@ -462,6 +492,25 @@ def crossover_table(results: list[dict]) -> list[str]:
             base, spmm, swap = c[LINEAR][0], c[SPMM][0], c[SWAP][0]
             mark = " ✓" if swap <= spmm else ""
             cells.append(f"{spmm / base:.3f} | {swap / base:.3f} | {swap / spmm:.3f}{mark}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def train_crossover_table(results: list[dict]) -> list[str]:
+    tokens = sorted({t for r in results for t in r["train_crossover"]})
+    head = "| tokens | " + " | ".join(
+        f"{r['label']} spmm ms | {r['label']} swap ms | {r['label']} swap/spmm" for r in results)
+    lines = [head + " |", "|---:|" + "---:|---:|---:|" * len(results)]
+    for t in tokens:
+        cells = []
+        for r in results:
+            c = r["train_crossover"].get(t)
+            if c is None:
+                cells.append("– | – | –")
+                continue
+            spmm, swap = c[SPMM][0], c[SWAP][0]
+            mark = " ✓" if swap <= spmm else ""
+            cells.append(f"{_ms(spmm)} | {_ms(swap)} | {swap / spmm:.3f}{mark}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return lines
 
@@ -638,7 +687,20 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
                 "",
                 f"(SWAP_FROM_TOKENS['cpu'] is {threshold} in this checkout. The crossover is the "
                 "smallest measured count from which swap is no slower than spmm on every shape; "
-                "the true point lies between it and the count measured before it.)", ""]
+                "the true point lies between it and the count measured before it. The one "
+                "threshold serves the forward and the training step alike.)", ""]
+        if any(r["train_crossover"] for r in results):
+            tpoints = {r["label"]: crossover_point(r["train_crossover"]) for r in results}
+            out += ["### A training step with each strategy", "",
+                    f"Forward, loss and backward as in the training sections below, at the "
+                    f"counts above from {TRAIN_CROSSOVER_FROM} tokens (✓: swap ≤ spmm).", ""] \
+                + train_crossover_table(results) + [""]
+            for r in results:
+                p = tpoints[r["label"]]
+                out.append(f"- {r['label']}: swap ≤ spmm from {p} tokens on" if p is not None
+                           else f"- {r['label']}: swap is slower than spmm at "
+                                f"{max(r['train_crossover'])} tokens")
+            out.append("")
     if "train" in sections:
         for r in results:
             out += [f"## Training step, {r['label']}", ""] \
@@ -735,6 +797,9 @@ def main(argv=None) -> int:
                 res["forward"] = measure_forward(layers, args)
             if "crossover" in args.sections:
                 res["crossover"] = measure_crossover(layers, args)
+                res["train_crossover"] = measure_train_crossover(
+                    layers, [t for t in sorted(res["crossover"]) if t >= TRAIN_CROSSOVER_FROM],
+                    args)
             if "train" in args.sections:
                 res["train"] = measure_training(layers, args)
             results.append(res)

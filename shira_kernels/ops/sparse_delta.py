@@ -37,8 +37,9 @@ from .scatter_swap import swap_unchecked
 STRATEGIES = ("auto", "spmm", "swap", "merge")
 # Token count from which "swap" beats "spmm" (auto strategy), per device type, measured on
 # 4096x4096 and 11008x4096 layers at r=32. CPU: docs/benchmarks/shira_linear_cpu.md, crossover
-# table (forward: equal or spmm ahead at 256 tokens, swap ahead from 512; a training step with
-# the fused CPU backward: equal at 256, swap 2.4% ahead at 512 on 4096x4096). CUDA (H200, bf16,
+# tables: the forward's crossover is 512 tokens (on 11008x4096 it was 1024 in the run before,
+# spmm 2% ahead at 512); a training step is within ±2.5% either way at 512 and spmm is 1-2.5%
+# ahead at 128-256. CUDA (H200, bf16,
 # docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs, at 128 the two runs
 # disagree; 256 was not measured.
 SWAP_FROM_TOKENS = {"cpu": 512, "cuda": 512}
