@@ -134,6 +134,7 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
     def run():
         return (kernels.spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5),
                 kernels.sddmm(gy, x, s.rows, s.cols),
+                kernels.sddmm(gy, x, s.rows, s.cols, s.row_offsets),  # offsets given, not derived
                 *kernels.spmm_t_sddmm(gx.clone(), gy, x, delta.values, struct, 0.5))
     before = torch.get_num_threads()
     expected = run()
@@ -144,6 +145,7 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
         torch.set_num_threads(before)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+    assert torch.equal(got[1], got[2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -15,15 +15,15 @@ void shira_scatter_swap_cpu(const int64_t* tasks, const int64_t* blocks, int64_t
 // dtype (0 fp32, 1 fp16, 2 bf16) of x, y and gy; sums are fp32.
 //   spmm:  out[t, r] = y_in[t, r] + scale · Σ_{j in row r} values[j] · x[t, col[j]]
 //          (x [T, in], y_in and out [T, rows]; out may be y_in)
-//   sddmm: g[j] = Σ_t gy[t, row[j]] · x[t, col[j]]  (gy [T, out], x [T, in], rows int32 COO
-//          sorted ascending, g fp32 [nnz], overwritten)
+//   sddmm: g[j] = Σ_t gy[t, row[j]] · x[t, col[j]]  (gy [T, out], x [T, in], S's CSR
+//          offsets [out + 1] and columns, g fp32 [nnz], overwritten)
 template <typename C>
 void shira_spmm_cpu(int dtype, const void* x, const void* y_in, void* out, int64_t tokens,
                     int64_t in, int64_t rows, const int64_t* offsets, const C* cols,
                     const float* values, float scale);
 template <typename C>
 void shira_sddmm_cpu(int dtype, const void* gy, const void* x, int64_t tokens, int64_t out,
-                     int64_t in, const int32_t* rows, const C* cols, int64_t nnz, float* g);
+                     int64_t in, const int64_t* offsets, const C* cols, float* g);
 
 // The spmm strategy's backward in one pass, with S by columns: t_offsets int64 [in + 1] and
 // trows C [nnz] (S's transposed CSR), perm int64 [nnz] (CSC position -> CSR position), values

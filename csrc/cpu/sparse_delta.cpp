@@ -394,18 +394,14 @@ void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, i
 
 template <typename T, typename C>
 void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t in,
-                 const int32_t* coo_rows, const C* cols, int64_t nnz, float* g) {
-  std::vector<int64_t> offsets(out + 1);  // the COO rows are sorted: their CSR offsets
-  for (int64_t r = 0; r <= out; ++r)
-    offsets[r] = std::lower_bound(coo_rows, coo_rows + nnz, static_cast<int32_t>(std::min<int64_t>(r, INT32_MAX))) - coo_rows;
-  offsets[out] = nnz;
+                 const int64_t* offsets, const C* cols, float* g) {
   const int64_t ld_max = round_lanes(std::min(tokens, kSddmmTokenChunk));
   float* xT = shared_tile.get(in * ld_max);
 #pragma omp parallel
   {
     const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
     int64_t r0, r1;
-    my_rows(offsets.data(), out, &r0, &r1);
+    my_rows(offsets, out, &r0, &r1);
     const int64_t c0 = in * me / nth, c1 = in * (me + 1) / nth;
     float* gyT = own_tile.get((r1 - r0) * ld_max);
     std::fill(g + offsets[r0], g + offsets[r1], 0.0f);
@@ -415,7 +411,7 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
       transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
 #pragma omp barrier
       with_vectors(ld, [&](auto nv) {
-        by_column_blocks(offsets.data(), cols, r0, r1, in, ld,
+        by_column_blocks(offsets, cols, r0, r1, in, ld,
                          [&](int64_t r, int64_t j0, int64_t j1) {
           dot_entries<decltype(nv)::value>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
         });
@@ -518,19 +514,20 @@ void shira_spmm_cpu(int dtype, const void* x, const void* y_in, void* out, int64
 
 template <typename C>
 void shira_sddmm_cpu(int dtype, const void* gy, const void* x, int64_t tokens, int64_t out,
-                     int64_t in, const int32_t* rows, const C* cols, int64_t nnz, float* g) {
+                     int64_t in, const int64_t* offsets, const C* cols, float* g) {
+  const int64_t nnz = offsets[out];
   if (nnz == 0) return;
   if (tokens == 0) return std::fill(g, g + nnz, 0.0f);
   switch (dtype) {
     case 0:
       return sddmm_typed(static_cast<const float*>(gy), static_cast<const float*>(x), tokens, out,
-                         in, rows, cols, nnz, g);
+                         in, offsets, cols, g);
     case 1:
       return sddmm_typed(static_cast<const _Float16*>(gy), static_cast<const _Float16*>(x), tokens,
-                         out, in, rows, cols, nnz, g);
+                         out, in, offsets, cols, g);
     default:
       return sddmm_typed(static_cast<const uint16_t*>(gy), static_cast<const uint16_t*>(x), tokens,
-                         out, in, rows, cols, nnz, g);
+                         out, in, offsets, cols, g);
   }
 }
 
@@ -580,9 +577,9 @@ template void shira_spmm_cpu<int16_t>(int, const void*, const void*, void*, int6
 template void shira_spmm_cpu<int32_t>(int, const void*, const void*, void*, int64_t, int64_t,
                                       int64_t, const int64_t*, const int32_t*, const float*, float);
 template void shira_sddmm_cpu<int16_t>(int, const void*, const void*, int64_t, int64_t, int64_t,
-                                       const int32_t*, const int16_t*, int64_t, float*);
+                                       const int64_t*, const int16_t*, float*);
 template void shira_sddmm_cpu<int32_t>(int, const void*, const void*, int64_t, int64_t, int64_t,
-                                       const int32_t*, const int32_t*, int64_t, float*);
+                                       const int64_t*, const int32_t*, float*);
 template void shira_scatter_add_cpu<int32_t>(int, const void*, void*, const int32_t*,
                                              const void*, float, int64_t, void*);
 template void shira_scatter_add_cpu<int64_t>(int, const void*, void*, const int64_t*,

@@ -67,8 +67,9 @@ def spmm_reference(y, x, offsets, cols, values, scale: float, overwrite_y=False)
     return (y.float() + scale * (x.float() @ dense.T)).to(y.dtype)
 
 
-def sddmm_reference(gy, x, rows, cols) -> torch.Tensor:
-    # The dense gradient gyᵀ·x read at S's entries.
+def sddmm_reference(gy, x, rows, cols, offsets=None) -> torch.Tensor:
+    # The dense gradient gyᵀ·x read at S's entries (offsets, S's CSR row offsets, are a hint
+    # that kernels walking S by rows may take; the result does not depend on them).
     return (gy.float().T @ x.float())[rows.long(), cols.long()]
 
 
@@ -94,7 +95,8 @@ class Kernels(NamedTuple):
 
     spmm(y, x, offsets, cols, values, scale, overwrite_y=False) -> y + scale·x·Sᵀ; with
         overwrite_y (the caller no longer needs y) a kernel may write the result into y.
-    sddmm(gy, x, rows, cols) -> fp32 [nnz], the gradient of S's values.
+    sddmm(gy, x, rows, cols, offsets=None) -> fp32 [nnz], the gradient of S's values; offsets
+        (S's CSR row offsets, when the caller has them) spare the CPU kernel deriving them.
     scatter_add(out, weight, flat, values, scale, saved=None): out[flat] = weight[flat] +
         scale·values; saved, if given, gets weight[flat] first.
     spmm_t_sddmm(gx, gy, x, values, struct, scale) -> (gx + scale·gy·S, sddmm(gy, x)), the
@@ -114,6 +116,13 @@ def spmm_t_sddmm_reference(gx, gy, x, values, struct, scale: float):
             sddmm_reference(gy, x, rows, cols))
 
 
+def _without_offsets(sddmm):
+    """A per-entry sddmm (rows and cols only) in the signature of Kernels.sddmm."""
+    def run(gy, x, rows, cols, offsets=None):
+        return sddmm(gy, x, rows, cols)
+    return run
+
+
 def _composed_spmm_t_sddmm(spmm, sddmm):
     def spmm_t_sddmm(gx, gy, x, values, struct, scale):
         rows, cols, offsets, t_offsets, t_cols, t_perm = struct
@@ -130,8 +139,8 @@ def _kernels(backend: str) -> Kernels:
                        spmm_t_sddmm_reference)
     if backend == "triton":
         from ..triton import sparse_delta as mod
-        return Kernels(mod.spmm, mod.sddmm, mod.scatter_add,
-                       _composed_spmm_t_sddmm(mod.spmm, mod.sddmm))
+        sddmm = _without_offsets(mod.sddmm)
+        return Kernels(mod.spmm, sddmm, mod.scatter_add, _composed_spmm_t_sddmm(mod.spmm, sddmm))
     mod = _native.module(backend)
     if backend == "cpu":
         def spmm_t_sddmm(gx, gy, x, values, struct, scale):
@@ -147,7 +156,8 @@ def _kernels(backend: str) -> Kernels:
         if saved is not None:  # the CUDA kernel has no saving pass: gather first
             saved.copy_(weight.view(-1)[idx.long()])
         mod.scatter_add(out, weight, idx, values, scale)
-    return Kernels(spmm, mod.sddmm, scatter_add, _composed_spmm_t_sddmm(spmm, mod.sddmm))
+    sddmm = _without_offsets(mod.sddmm)
+    return Kernels(spmm, sddmm, scatter_add, _composed_spmm_t_sddmm(spmm, sddmm))
 
 
 def _select(device) -> Kernels:
@@ -178,7 +188,7 @@ def _values_gradient(sddmm, gy, x, rows, cols, offsets):
     """A backend's sddmm, or on CUDA for many tokens the dense row blocks (sddmm_row_blocks)."""
     if gy.is_cuda and gy.shape[0] >= DENSE_SDDMM_FROM_TOKENS and sddmm is not sddmm_reference:
         return sddmm_row_blocks(gy, x, rows, cols, offsets)
-    return sddmm(gy, x, rows, cols)
+    return sddmm(gy, x, rows, cols, offsets)
 
 
 def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int = SDDMM_BLOCK_BYTES):
