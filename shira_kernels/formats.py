@@ -22,6 +22,19 @@ __all__ = ["BinaryWeight", "SparseDelta", "SparseStructure", "flat_index_dtype",
            "unpack_signs"]
 
 
+def _weight_shape(shape) -> tuple[int, int]:
+    """(out, in) as two ints ≥ 1, or an error that names the argument (a tensor passed where
+    the shape goes, e.g. with the arguments swapped, would otherwise surface as a confusing
+    index error)."""
+    try:
+        out_features, in_features = (int(s) for s in shape)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"shape must be (out_features, in_features), got {shape!r:.80}") from None
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"shape must be (out, in) with both ≥ 1, got {(out_features, in_features)}")
+    return out_features, in_features
+
+
 def flat_index_dtype(shape: tuple[int, int]) -> torch.dtype:
     return torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
 
@@ -91,9 +104,9 @@ class SparseDelta:
 
     def __init__(self, shape, flat_indices: torch.Tensor, values: torch.Tensor, *,
                  structure: SparseStructure | None = None):
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"shape must be (out, in) with both ≥ 1, got {shape}")
+        shape = _weight_shape(shape)
+        if not isinstance(flat_indices, torch.Tensor):
+            raise TypeError(f"flat_indices must be a torch.Tensor, got {type(flat_indices).__name__}")
         if not isinstance(values, torch.Tensor) or values.dim() != 1:
             raise ValueError("values must be a 1-D tensor")
         if values.numel() != flat_indices.numel():
@@ -113,7 +126,7 @@ class SparseDelta:
     @classmethod
     def from_flat(cls, flat_indices, shape, values=None, *, dtype=torch.float32) -> "SparseDelta":
         """From flat indices in any order (values follow them); zeros when values is None."""
-        shape = (int(shape[0]), int(shape[1]))
+        shape = _weight_shape(shape)
         flat_indices = torch.as_tensor(flat_indices)
         if flat_indices.dtype not in (torch.int32, torch.int64) or flat_indices.dim() != 1:
             raise TypeError("flat_indices must be a 1-D int32 or int64 tensor")
@@ -135,7 +148,7 @@ class SparseDelta:
         rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
         if rows.shape != cols.shape or rows.dim() != 1:
             raise ValueError("rows and cols must be 1-D tensors of the same length")
-        out_features, in_features = int(shape[0]), int(shape[1])
+        out_features, in_features = _weight_shape(shape)
         for name, t, extent in (("rows", rows, out_features), ("cols", cols, in_features)):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= extent):
                 raise ValueError(f"{name} has entries outside [0, {extent})")

@@ -327,6 +327,10 @@ def test_sparse_delta_format():
     assert torch.equal(again.flat_indices, delta.flat_indices) and torch.equal(again.values, delta.values)
     with pytest.raises(ValueError, match="repeated"):
         SparseDelta.from_flat(torch.tensor([1, 1]), (2, 2))
+    with pytest.raises(TypeError, match=r"shape must be \(out_features, in_features\)"):
+        SparseDelta.from_flat((3, 4), torch.tensor([1, 5, 7]))  # arguments swapped
+    with pytest.raises(ValueError, match="both ≥ 1"):
+        SparseDelta.from_coo(rows, cols, (0, 4))
     with pytest.raises(ValueError, match="out of range"):
         SparseDelta.from_flat(torch.tensor([4]), (2, 2))
     with pytest.raises(ValueError, match="cols has entries outside"):
