@@ -11,11 +11,12 @@
 
 namespace {
 
-// The token-major kernels (spmm, sddmm) work on chunks of tokens: each thread first transposes
-// its share of the chunk into feature-major fp32 tiles (one pass over the activations, no
-// full-size copy), then every product is a run of whole 16-float vectors over the chunk.
-// Chunk lengths: spmm keeps one output row's chunk in registers (8 vectors), sddmm one gy row
-// plus four running dot products.
+// The token-major kernels (spmm, sddmm, spmm_t_sddmm) work on chunks of tokens: each thread
+// first transposes its share of the chunk into feature-major fp32 tiles (one pass over the
+// activations, no full-size copy), then every product is a run of whole 16-float vectors over
+// the chunk. Chunk lengths: spmm keeps one output row's chunk in registers (8 vectors), sddmm
+// one gy row plus four running dot products, spmm_t_sddmm one x row, gx's partial sums and
+// two dot products (18 vectors of the 32 AVX-512 registers). spmm_t_sddmm shares sddmm's.
 constexpr int64_t kSpmmTokenChunk = 128;
 constexpr int64_t kSddmmTokenChunk = 128;
 // The entries of a row are visited one block of columns at a time, for all rows, so the x tile
