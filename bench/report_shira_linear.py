@@ -477,42 +477,36 @@ def forward_tables(label: str, res: dict) -> list[str]:
     return lines
 
 
-def crossover_table(results: list[dict]) -> list[str]:
-    tokens = sorted({t for r in results for t in r["crossover"]})
-    head = "| tokens | " + " | ".join(
-        f"{r['label']} spmm × | {r['label']} swap × | {r['label']} swap/spmm" for r in results)
-    lines = [head + " |", "|---:|" + "---:|---:|---:|" * len(results)]
+def _strategy_table(results: list[dict], key: str, columns, cell) -> list[str]:
+    """One row per token count measured in any result's ``key``, ``columns`` per shape, filled
+    by ``cell(measurement)`` (– where a shape was not measured at that count)."""
+    tokens = sorted({t for r in results for t in r[key]})
+    head = "| tokens | " + " | ".join(" | ".join(f"{r['label']} {c}" for c in columns)
+                                     for r in results)
+    lines = [head + " |", "|---:|" + "---:|" * (len(columns) * len(results))]
     for t in tokens:
-        cells = []
-        for r in results:
-            c = r["crossover"].get(t)
-            if c is None:
-                cells.append("– | – | –")
-                continue
-            base, spmm, swap = c[LINEAR][0], c[SPMM][0], c[SWAP][0]
-            mark = " ✓" if swap <= spmm else ""
-            cells.append(f"{spmm / base:.3f} | {swap / base:.3f} | {swap / spmm:.3f}{mark}")
+        cells = [" | ".join(["–"] * len(columns)) if r[key].get(t) is None else cell(r[key][t])
+                 for r in results]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _swap_ratio(spmm: float, swap: float) -> str:
+    return f"{swap / spmm:.3f}" + (" ✓" if swap <= spmm else "")
+
+
+def crossover_table(results: list[dict]) -> list[str]:
+    def cell(c):
+        base, spmm, swap = c[LINEAR][0], c[SPMM][0], c[SWAP][0]
+        return f"{spmm / base:.3f} | {swap / base:.3f} | {_swap_ratio(spmm, swap)}"
+    return _strategy_table(results, "crossover", ("spmm ×", "swap ×", "swap/spmm"), cell)
 
 
 def train_crossover_table(results: list[dict]) -> list[str]:
-    tokens = sorted({t for r in results for t in r["train_crossover"]})
-    head = "| tokens | " + " | ".join(
-        f"{r['label']} spmm ms | {r['label']} swap ms | {r['label']} swap/spmm" for r in results)
-    lines = [head + " |", "|---:|" + "---:|---:|---:|" * len(results)]
-    for t in tokens:
-        cells = []
-        for r in results:
-            c = r["train_crossover"].get(t)
-            if c is None:
-                cells.append("– | – | –")
-                continue
-            spmm, swap = c[SPMM][0], c[SWAP][0]
-            mark = " ✓" if swap <= spmm else ""
-            cells.append(f"{_ms(spmm)} | {_ms(swap)} | {swap / spmm:.3f}{mark}")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    return lines
+    def cell(c):
+        spmm, swap = c[SPMM][0], c[SWAP][0]
+        return f"{_ms(spmm)} | {_ms(swap)} | {_swap_ratio(spmm, swap)}"
+    return _strategy_table(results, "train_crossover", ("spmm ms", "swap ms", "swap/spmm"), cell)
 
 
 def training_table(label: str, res: dict) -> list[str]:
