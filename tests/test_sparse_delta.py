@@ -148,6 +148,28 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
     assert torch.equal(got[1], got[2])
 
 
+def test_cpu_kernels_reject_offsets_that_do_not_match_the_entries():
+    # The native kernels trust the offsets to index the entries: a mismatch must be an error
+    # before anything is read or written, not an out-of-bounds walk.
+    kernels = sd._kernels("cpu")
+    delta = make_delta(6, 10, torch.float32)
+    s = delta.structure
+    x, gy, gx = randn(4, 10, dtype=torch.float32, seed=1), randn(4, 6, dtype=torch.float32, seed=2), randn(4, 10, dtype=torch.float32, seed=3)
+    short = s.row_offsets.clone()
+    short[-1] -= 1
+    with pytest.raises(RuntimeError, match="offsets must be contiguous int64"):
+        kernels.sddmm(gy, x, s.rows, s.cols, short)
+    with pytest.raises(RuntimeError, match="row offsets must end at the number of entries"):
+        kernels.spmm(gy, x, short, s.cols, delta.values, 1.0)
+    t_short = s.t_offsets.clone()
+    t_short[-1] -= 1
+    before = gx.clone()
+    struct = (s.rows, s.cols, s.row_offsets, t_short, s.t_cols, s.t_perm)
+    with pytest.raises(RuntimeError, match="row offsets must end at the number of entries"):
+        kernels.spmm_t_sddmm(gx, gy, x, delta.values, struct, 1.0)
+    assert torch.equal(gx, before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_csr_add(backend, device, dtype):
     delta = make_delta(37, 4097, dtype, density=0.05, device=device)

@@ -110,12 +110,6 @@ class Kernels(NamedTuple):
     spmm_t_sddmm: Callable
 
 
-def spmm_t_sddmm_reference(gx, gy, x, values, struct, scale: float):
-    rows, cols, _, t_offsets, t_cols, t_perm = struct
-    return (spmm_reference(gx, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale),
-            sddmm_reference(gy, x, rows, cols))
-
-
 def _without_offsets(sddmm):
     """A per-entry sddmm (rows and cols only) in the signature of Kernels.sddmm."""
     def run(gy, x, rows, cols, offsets=None):
@@ -136,7 +130,7 @@ def _composed_spmm_t_sddmm(spmm, sddmm):
 def _kernels(backend: str) -> Kernels:
     if backend == "reference":
         return Kernels(spmm_reference, sddmm_reference, scatter_add_reference,
-                       spmm_t_sddmm_reference)
+                       _composed_spmm_t_sddmm(spmm_reference, sddmm_reference))
     if backend == "triton":
         from ..triton import sparse_delta as mod
         sddmm = _without_offsets(mod.sddmm)
