@@ -1,5 +1,6 @@
-"""The GPU report script, run end to end on CPU tensors at toy sizes (--dry-run), so that it
-still works when a GPU session comes: its timing code is the only part left unexercised."""
+"""Benchmark scripts run end to end where a CPU can: the GPU report on CPU tensors at toy
+sizes (--dry-run), so that it still works when a GPU session comes (its timing code is the only
+part left unexercised), and the CPU kernel A/B script at a toy size."""
 import json
 import subprocess
 import sys
@@ -27,3 +28,14 @@ def test_gpu_report_dry_run(tmp_path):
         for method, err in row["rel_error"].items():
             if method.startswith(("cpu ", "reference ", "clone")):
                 assert err < 1e-2, (key, method, err)  # bf16 against the fp32 reference
+
+
+def test_cpu_kernel_ab_script_runs():
+    # Against this checkout itself: the script builds it a second time, checks the bits agree
+    # and prints a ratio per kernel.
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ab_cpu_kernels.py"), "--against",
+                           str(ROOT), "--shapes", "40x24", "--r", "2", "--tokens", "19",
+                           "--rounds", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kernel in ("spmm ", "spmm_t_sddmm", "sddmm (offsets given)"):
+        assert kernel in proc.stdout and "this/other" in proc.stdout

@@ -1,0 +1,128 @@
+"""Time the CPU sparse kernels as a training step meets them, optionally against another
+checkout's kernels loaded in the same process.
+
+    python bench/ab_cpu_kernels.py [--against DIR] [--shapes 2048x2048,4096x4096] [--tokens 128]
+
+Before every call a dense matmul of the layer's own size runs (gy·W), as in a training step: it
+streams the weight through the caches, so the kernel meets its activations cold. Warm-cache
+timings (the same call repeated) hide what the kernels spend there. DIR is another checkout,
+e.g. made with `git worktree add /tmp/old <rev>`; its csrc/cpu is built as a second extension
+and each kernel both builds have must give the same bits. The variants are timed round robin
+and the medians compared side by side. Kernels: spmm (the forward), spmm_t_sddmm (the spmm
+strategy's backward, where a build has it), sddmm with S's row offsets derived by the kernel
+and given by the caller (where a build takes them).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import shira_kernels
+from shira_kernels import _native
+
+
+def build_other(checkout: Path):
+    """The CPU extension of another checkout, built under the shira_kernels cache."""
+    from torch.utils import cpp_extension
+    src = checkout / "csrc" / "cpu"
+    sources = sorted(src.glob("*.cpp"))
+    if not sources:
+        raise SystemExit(f"no csrc/cpu/*.cpp under {checkout}")
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources + sorted(src.glob("*.h"))))
+    name = f"shira_cpu_ab_{key.hexdigest()[:16]}"
+    build_dir = _native.cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=name, sources=[str(p) for p in sources],
+                              build_directory=str(build_dir), extra_include_paths=[str(src)],
+                              extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def kernel_calls(mod, s, values, x, y, gy, gx):
+    """name -> zero-argument call, for the kernels this build has."""
+    calls = {"spmm": lambda: mod.spmm(y, x, s.row_offsets, s.cols, values, 1.0, True),
+             "sddmm (offsets derived)": lambda: mod.sddmm(gy, x, s.rows, s.cols)}
+    try:
+        mod.sddmm(gy[:1], x[:1], s.rows, s.cols, s.row_offsets)
+        calls["sddmm (offsets given)"] = lambda: mod.sddmm(gy, x, s.rows, s.cols, s.row_offsets)
+    except TypeError:  # a build from before the offsets argument
+        pass
+    if hasattr(mod, "spmm_t_sddmm"):
+        calls["spmm_t_sddmm"] = lambda: mod.spmm_t_sddmm(gx, gy, x, s.t_offsets, s.t_cols,
+                                                        s.t_perm, values, 1.0, True)
+    return calls
+
+
+def same_bits(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all(torch.equal(p, q) for p, q in zip(a, b))
+    return torch.equal(a, b)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--against", type=Path, default=None, help="another checkout to compare with")
+    p.add_argument("--shapes", default="2048x2048,5504x2048,2048x5504,4096x4096",
+                   help="comma list of OUTxIN")
+    p.add_argument("--r", type=int, default=None,
+                   help="SHiRA rank: r·(out+in) entries (default min(out, in) / 128)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=30)
+    args = p.parse_args(argv)
+    builds = {"this checkout": _native.module("cpu")}
+    if args.against is not None:
+        builds[f"{args.against}"] = build_other(args.against.resolve())
+    torch.manual_seed(0)
+    print(f"{args.tokens} tokens, fp32, {torch.get_num_threads()} threads, medians of "
+          f"{args.rounds} rounds, a dense matmul of the layer's size before every call")
+    for shape in args.shapes.split(","):
+        out_f, in_f = (int(v) for v in shape.lower().split("x"))
+        r = args.r or max(1, min(out_f, in_f) // 128)
+        nnz = r * (out_f + in_f)
+        flat = torch.randperm(out_f * in_f)[:nnz]
+        delta = shira_kernels.SparseDelta.from_flat(flat, (out_f, in_f), torch.randn(nnz) * 0.01)
+        s, values = delta.structure, delta.values
+        x, gy = torch.randn(args.tokens, in_f), torch.randn(args.tokens, out_f)
+        y, gx = torch.randn(args.tokens, out_f), torch.randn(args.tokens, in_f)
+        weight = torch.randn(out_f, in_f)
+        calls = {}
+        for build, mod in builds.items():
+            for kernel, call in kernel_calls(mod, s, values, x.clone(), y.clone(), gy,
+                                             gx.clone()).items():
+                calls[(kernel, build)] = call
+        for kernel in sorted({k for k, _ in calls}):  # every build, one input: the same bits
+            outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone())[kernel]()
+                    for build, mod in builds.items() if (kernel, build) in calls]
+            if not all(same_bits(outs[0], o) for o in outs[1:]):
+                raise SystemExit(f"{shape} {kernel}: the builds disagree")
+        times = {key: [] for key in calls}
+        order = list(calls)
+        for call in calls.values():
+            call()
+        for i in range(args.rounds):
+            for j in range(len(order)):
+                key = order[(i + j) % len(order)]
+                gy @ weight
+                t = time.perf_counter()
+                calls[key]()
+                times[key].append(time.perf_counter() - t)
+        print(f"\n{shape}, r = {r}, {nnz} entries")
+        for kernel in sorted({k for k, _ in calls}):
+            row = {b: statistics.median(times[(kernel, b)]) * 1e3 for b in builds
+                   if (kernel, b) in times}
+            text = ", ".join(f"{b}: {ms:.3f} ms" for b, ms in row.items())
+            if len(row) == 2:
+                mine, other = row.values()
+                text += f"; this/other {mine / other:.3f}"
+            print(f"  {kernel:24s} {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
