@@ -364,11 +364,15 @@ void spmm_one_token(const T* x, const T* y_in, T* out, int64_t in, int64_t rows,
   }
 }
 
-template <typename T, typename C>
-void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, int64_t rows,
-                const int64_t* offsets, const C* cols, const float* values, float scale) {
-  if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
-  const int64_t ld_max = round_lanes(std::min(tokens, kSpmmTokenChunk));
+// The frame of the row-wise kernels (spmm, sddmm): one parallel region in which each thread
+// takes its rows [r0, r1) of S (my_rows); per chunk of tokens the threads first transpose x
+// into the shared tile together (each its share of the columns), then
+// body(r0, r1, t0, tc, ld, xT, own) runs on every thread with its own tile of (r1 - r0) x ld
+// floats, and all finish the chunk before the next one overwrites the shared tile.
+template <typename T, typename Body>
+void by_token_chunks(const T* x, int64_t tokens, int64_t in, const int64_t* offsets,
+                     int64_t rows, int64_t chunk, Body&& body) {
+  const int64_t ld_max = round_lanes(std::min(tokens, chunk));
   float* xT = shared_tile.get(in * ld_max);
 #pragma omp parallel
   {
@@ -376,50 +380,48 @@ void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, i
     int64_t r0, r1;
     my_rows(offsets, rows, &r0, &r1);
     const int64_t c0 = in * me / nth, c1 = in * (me + 1) / nth;
-    float* acc = own_tile.get((r1 - r0) * ld_max);
-    for (int64_t t0 = 0; t0 < tokens; t0 += kSpmmTokenChunk) {
-      const int64_t tc = std::min(kSpmmTokenChunk, tokens - t0), ld = round_lanes(tc);
+    float* own = own_tile.get((r1 - r0) * ld_max);
+    for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+      const int64_t tc = std::min(chunk, tokens - t0), ld = round_lanes(tc);
       transpose_chunk(x, in, t0, tc, c0, c1, xT + c0 * ld, ld);
-      std::fill(acc, acc + (r1 - r0) * ld, 0.0f);
 #pragma omp barrier
-      with_vectors(ld, [&](auto nv) {
-        by_column_blocks(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
-          axpy_entries<decltype(nv)::value>(acc + (r - r0) * ld, xT, ld, cols, values, j0, j1);
-        });
-      });
-      add_transposed(acc, ld, t0, tc, r0, r1, y_in, out, rows, scale);
-#pragma omp barrier  // the next chunk overwrites the shared tile
+      body(r0, r1, t0, tc, ld, static_cast<const float*>(xT), own);
+#pragma omp barrier
     }
   }
 }
 
 template <typename T, typename C>
+void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, int64_t rows,
+                const int64_t* offsets, const C* cols, const float* values, float scale) {
+  if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
+  by_token_chunks(x, tokens, in, offsets, rows, kSpmmTokenChunk,
+                  [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
+                      const float* xT, float* acc) {
+    std::fill(acc, acc + (r1 - r0) * ld, 0.0f);
+    with_vectors(ld, [&](auto nv) {
+      by_column_blocks(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
+        axpy_entries<decltype(nv)::value>(acc + (r - r0) * ld, xT, ld, cols, values, j0, j1);
+      });
+    });
+    add_transposed(acc, ld, t0, tc, r0, r1, y_in, out, rows, scale);
+  });
+}
+
+template <typename T, typename C>
 void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t in,
                  const int64_t* offsets, const C* cols, float* g) {
-  const int64_t ld_max = round_lanes(std::min(tokens, kSddmmTokenChunk));
-  float* xT = shared_tile.get(in * ld_max);
-#pragma omp parallel
-  {
-    const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
-    int64_t r0, r1;
-    my_rows(offsets, out, &r0, &r1);
-    const int64_t c0 = in * me / nth, c1 = in * (me + 1) / nth;
-    float* gyT = own_tile.get((r1 - r0) * ld_max);
-    std::fill(g + offsets[r0], g + offsets[r1], 0.0f);
-    for (int64_t t0 = 0; t0 < tokens; t0 += kSddmmTokenChunk) {
-      const int64_t tc = std::min(kSddmmTokenChunk, tokens - t0), ld = round_lanes(tc);
-      transpose_chunk(x, in, t0, tc, c0, c1, xT + c0 * ld, ld);
-      transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
-#pragma omp barrier
-      with_vectors(ld, [&](auto nv) {
-        by_column_blocks(offsets, cols, r0, r1, in, ld,
-                         [&](int64_t r, int64_t j0, int64_t j1) {
-          dot_entries<decltype(nv)::value>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
-        });
+  by_token_chunks(x, tokens, in, offsets, out, kSddmmTokenChunk,
+                  [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
+                      const float* xT, float* gyT) {
+    if (t0 == 0) std::fill(g + offsets[r0], g + offsets[r1], 0.0f);
+    transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
+    with_vectors(ld, [&](auto nv) {
+      by_column_blocks(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
+        dot_entries<decltype(nv)::value>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
       });
-#pragma omp barrier
-    }
-  }
+    });
+  });
 }
 
 // The backward of the spmm strategy in one pass over S by columns (CSC): column c's entries

@@ -39,9 +39,8 @@ STRATEGIES = ("auto", "spmm", "swap", "merge")
 # 4096x4096 and 11008x4096 layers at r=32. CPU: docs/benchmarks/shira_linear_cpu.md, crossover
 # tables: the forward's crossover is 512 tokens (on 11008x4096 it was 1024 in the run before,
 # spmm 2% ahead at 512); a training step is within ±2.5% either way at 512 and spmm is 1-2.5%
-# ahead at 128-256. CUDA (H200, bf16,
-# docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs, at 128 the two runs
-# disagree; 256 was not measured.
+# ahead at 128-256. CUDA (H200, bf16, docs/benchmarks/gpu_h200.md): swap wins from 512 tokens
+# in both runs, at 128 the two runs disagree; 256 was not measured.
 SWAP_FROM_TOKENS = {"cpu": 512, "cuda": 512}
 # Token count from which the training backward on CUDA tensors forms S's value gradient from
 # row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
