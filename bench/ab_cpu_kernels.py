@@ -75,16 +75,24 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            raise ValueError
+    except ValueError:
+        p.error(f"--shapes must be a comma list of OUTxIN with both ≥ 1, got {args.shapes!r}")
+    if args.tokens < 1 or args.rounds < 1 or (args.r is not None and args.r < 1):
+        p.error("--tokens, --rounds and --r must be ≥ 1")
     builds = {"this checkout": _native.module("cpu")}
     if args.against is not None:
         builds[f"{args.against}"] = build_other(args.against.resolve())
     torch.manual_seed(0)
     print(f"{args.tokens} tokens, fp32, {torch.get_num_threads()} threads, medians of "
           f"{args.rounds} rounds, a dense matmul of the layer's size before every call")
-    for shape in args.shapes.split(","):
-        out_f, in_f = (int(v) for v in shape.lower().split("x"))
+    for out_f, in_f in shapes:
+        shape = f"{out_f}x{in_f}"
         r = args.r or max(1, min(out_f, in_f) // 128)
-        nnz = r * (out_f + in_f)
+        nnz = min(r * (out_f + in_f), out_f * in_f)
         flat = torch.randperm(out_f * in_f)[:nnz]
         delta = shira_kernels.SparseDelta.from_flat(flat, (out_f, in_f), torch.randn(nnz) * 0.01)
         s, values = delta.structure, delta.values
