@@ -4,9 +4,10 @@
 
 binary_linear is compared, on the same inputs, with a dense fp32 and a dense bf16 matmul of the
 dequantized weight, and with unpack-then-matmul (dequantize() then a matmul, per call), at 1, 8,
-128 and 2048 tokens on 768x768, 4096x4096 and 11008x4096 (out x in). binary_lora is compared
-with the dense fp32 adapter (two matmuls, ReLU between) at ViT-B shapes (in = out = 768,
-r = 32) at 1 and 197 tokens. The table-lookup / unpack crossover is measured as well.
+16, 128 and 2048 tokens on 768x768, 4096x4096 and 11008x4096 (out x in). binary_lora is compared
+with the dense fp32 adapter (two matmuls) at ViT-B shapes (in = out = 768, r = 32, ReLU between)
+at 1 and 197 tokens, and on a Llama-7B MLP projection (in 4096, out 11008, r = 32, no
+activation, as Bi-LoRA) at 1, 16 and 128 tokens.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import torch.nn.functional as F  # noqa: E402
 import shira_kernels  # noqa: E402
 from shira_kernels import benchmark as sb  # noqa: E402
 from shira_kernels.formats import BinaryWeight  # noqa: E402
-from shira_kernels.ops import binary as binary_ops  # noqa: E402
 
 
 def _time(fn, repeat):
@@ -52,33 +52,16 @@ def linear_rows(shape, tokens, repeat):
     return {name: _time(fn, repeat) for name, fn in variants.items()}
 
 
-def lut_crossover(shape, repeat, tokens_list):
-    out_f, in_f = shape
-    bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)))
-    saved = binary_ops.LUT_MAX_TOKENS
-    rows = []
-    try:
-        for tokens in tokens_list:
-            x = torch.randn(tokens, in_f)
-            binary_ops.LUT_MAX_TOKENS = 10**9
-            lut, _ = _time(lambda: shira_kernels.binary_linear(x, bw), repeat)
-            binary_ops.LUT_MAX_TOKENS = 0
-            unpack, _ = _time(lambda: shira_kernels.binary_linear(x, bw), repeat)
-            rows.append((tokens, lut, unpack))
-    finally:
-        binary_ops.LUT_MAX_TOKENS = saved
-    return rows
-
-
-def lora_rows(tokens, repeat, dim=768, rank=32):
+def lora_rows(tokens, repeat, in_f=768, out_f=768, rank=32, activation="relu"):
     g = torch.Generator().manual_seed(2)
-    down = BinaryWeight.from_float(torch.randn(rank, dim, generator=g))
-    up = BinaryWeight.from_float(torch.randn(dim, rank, generator=g))
+    down = BinaryWeight.from_float(torch.randn(rank, in_f, generator=g))
+    up = BinaryWeight.from_float(torch.randn(out_f, rank, generator=g))
     d32, u32 = down.dequantize(), up.dequantize()
-    x = torch.randn(tokens, dim, generator=g)
+    act = torch.relu if activation == "relu" else (lambda h: h)
+    x = torch.randn(tokens, in_f, generator=g)
     variants = {
-        "binary_lora (this package)": lambda: shira_kernels.binary_lora(x, down, up, 0.1, "relu"),
-        "dense fp32 adapter (2 matmuls)": lambda: 0.1 * F.linear(torch.relu(F.linear(x, d32)), u32),
+        "binary_lora (this package)": lambda: shira_kernels.binary_lora(x, down, up, 0.1, activation),
+        "dense fp32 adapter (2 matmuls)": lambda: 0.1 * F.linear(act(F.linear(x, d32)), u32),
     }
     return {name: _time(fn, repeat) for name, fn in variants.items()}
 
@@ -99,15 +82,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/benchmarks/binary_cpu.md", help="'-' only prints")
     args = parser.parse_args(argv)
     shapes = [(96, 96), (256, 512)] if args.quick else [(768, 768), (4096, 4096), (11008, 4096)]
-    token_counts = [1, 8] if args.quick else [1, 8, 128, 2048]
+    token_counts = [1, 8] if args.quick else [1, 8, 16, 128, 2048]
     started = dt.datetime.now(dt.timezone.utc)
     lines = ["# 1-bit ops on the CPU", "",
              f"Made by `{sb.command_line()}` on {started:%Y-%m-%d %H:%M} UTC.", "",
              f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}; torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads; backend for CPU tensors: "
              f"{shira_kernels.backends.select('cpu')}",
-             f"- binary_linear uses table lookup up to LUT_MAX_TOKENS = {binary_ops.LUT_MAX_TOKENS} "
-             "tokens, then unpacks blocks of rows and multiplies with at::mm.",
+             "- The CPU kernel expands the signs in registers (csrc/cpu/binary.cpp) at every token "
+             "count; the weight is never dequantized in memory.",
              "- Times are medians of the given repeats after one warm-up; this is a shared machine, "
              "so compare the ratios measured side by side.", ""]
     lines += ["## binary_linear", ""]
@@ -117,16 +100,17 @@ def main(argv=None) -> int:
             rows = linear_rows(shape, tokens, args.repeat if tokens < 2048 else 3)
             lines += [f"### {shape[0]}x{shape[1]}, {tokens} token(s)", ""]
             lines += fmt_table(rows, "binary_linear (this package)") + [""]
-    lines += ["## Table lookup vs unpack + matmul (binary_linear on the CPU)", "",
-              "| shape | tokens | lookup ms | unpack+mm ms | lookup / unpack |", "|---|---:|---:|---:|---:|"]
-    for shape in shapes[-2:]:
-        for tokens, lut, unpack in lut_crossover(shape, args.repeat, [1, 2, 4, 8, 16, 32]):
-            lines.append(f"| {shape[0]}x{shape[1]} | {tokens} | {lut * 1e3:.3f} | {unpack * 1e3:.3f} "
-                         f"| {lut / unpack:.2f} |")
-    lines += ["", "## binary_lora (ViT-B: in = out = 768, r = 32, ReLU)", ""]
+    lines += ["## binary_lora (ViT-B: in = out = 768, r = 32, ReLU)", ""]
     for tokens in ([1, 197] if not args.quick else [1, 9]):
         lines += [f"### {tokens} token(s)", ""]
         lines += fmt_table(lora_rows(tokens, args.repeat), "binary_lora (this package)") + [""]
+    in_f, out_f = (256, 512) if args.quick else (4096, 11008)
+    where = "small shapes" if args.quick else "Llama-7B MLP projection"
+    lines += [f"## binary_lora ({where}: in = {in_f}, out = {out_f}, r = 32, no activation)", ""]
+    for tokens in ([1, 9] if args.quick else [1, 16, 128]):
+        lines += [f"### {tokens} token(s)", ""]
+        lines += fmt_table(lora_rows(tokens, args.repeat, in_f, out_f, activation=None),
+                           "binary_lora (this package)") + [""]
     text = "\n".join(lines) + "\n"
     print(text)
     sb.write_report(text, args.out)

@@ -14,7 +14,7 @@ gate, up, down, named as in Llama so PEFT's target_modules find them) and measur
   train     time and peak memory of one training step (forward, loss, backward, adapters
             trainable, base frozen): ShiraLinear, PEFT ShiRA, PEFT LoRA;
   binary    binary_linear and binary_lora (1-bit weights) against the same products as dense
-            fp32 matmuls, at 1 and 128 tokens.
+            fp32 matmuls, at 1, 16 and 128 tokens.
 
 Every number is kept with its median, min, max and count, and its ratio to the best alternative
 measured in the same run (below 1: ours is faster, or smaller). Results go to DIR/results.json
@@ -69,7 +69,7 @@ FULL_SIZE = (2048, 5504, 4)
 DRIFT_MAX = (512, 1376)
 FORWARD_TOKENS = (1, 16, 128)
 TRAIN_TOKENS = 128
-BINARY_TOKENS = (1, 128)
+BINARY_TOKENS = (1, 16, 128)
 BINARY_RANK = 32
 
 # What one run can measure; `--only` picks a subset (forward includes the training step).

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
+import shira_kernels
 from shira_kernels.formats import BinaryWeight, pack_signs, unpack_signs
+from shira_kernels.ops import binary as binary_ops
 from shira_kernels.ops.binary import binary_linear, binary_lora
 from shira_kernels.quant import PETL_LEVEL, fake_quantize
 
@@ -96,8 +98,9 @@ def _x(tokens, in_f, dtype, seed, device="cpu"):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(0, 9, 768), (1, 5, 4097), (197, 33, 768), (3, 1, 31)],
-                         ids=["T0", "T1-in4097", "T197", "T3-out1"])
+@pytest.mark.parametrize("shape", [(0, 9, 768), (1, 5, 4097), (197, 33, 768), (3, 1, 31),
+                                   (7, 100, 45)],
+                         ids=["T0", "T1-in4097", "T197", "T3-out1", "T7-out100-in45"])
 @pytest.mark.parametrize("method", ["petl", "row"])
 def test_binary_linear(backend, device, dtype, shape, method):
     tokens, out_f, in_f = shape
@@ -140,6 +143,32 @@ def test_binary_lora(backend, device, dtype, rank, tokens, activation):
     (gx_torch,) = torch.autograd.grad(theirs, x, gy)
     (gx_exact,) = torch.autograd.grad(exact, x64, gy.double())
     assert_within_torch_error(gx, gx_torch, gx_exact, "grad x")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_kernel_does_not_depend_on_the_thread_count(threads):
+    # Each output is summed by one thread in a fixed order, so the bits are the same however
+    # the blocks of outputs and tokens are split.
+    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
+    assert reason is None, f"the cpu backend is unavailable: {reason}"
+    bw = _weight(200, 301, "row", seed=8)
+    down, up = _weight(32, 301, "petl", seed=9), _weight(200, 32, "row", seed=10)
+    x, bias = _x(50, 301, torch.float32, seed=11), torch.randn(200)
+    linear, lora = binary_ops._linear_kernel("cpu"), binary_ops._lora_kernel("cpu")
+
+    def run():
+        return (linear(x, bw.packed, bw.alpha, bw.mu, bias, 301),
+                lora(x, (down.packed, down.alpha, down.mu), (up.packed, up.alpha, up.mu), 0.5,
+                     True))
+    before = torch.get_num_threads()
+    expected = run()
+    try:
+        torch.set_num_threads(threads)
+        got = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 def test_leading_dims_and_opcheck(backend, device):

@@ -170,56 +170,38 @@ void scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::T
   }
 }
 
-// y = scale * (x @ (mu + alpha * s)^T) (+ bias) in fp32 for 1-bit signs packed in int32
-// [out, words] and alpha, mu fp32 of numel 1 or out. Few tokens: table lookup over the sign
-// bytes (bytes_t [words * 4, out], transposed once by the caller) gives x @ s^T, finished as
-// alpha * (x @ s^T) + mu * rowsum(x). Many tokens: blocks of rows are unpacked straight to
-// their dequantized values (scale folded in) and multiplied with at::mm, no epilogue.
+// y = scale * (x @ (mu + alpha * s)^T + bias) in fp32 for 1-bit signs packed in int32
+// [out, words] and alpha, mu fp32 of numel 1 or out; bytes_t is packed's bytes transposed to
+// [words * 4, ld] (ld a multiple of 16, at least out), made once per weight by the caller.
 torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
                             const torch::Tensor& bytes_t, const torch::Tensor& alpha,
                             const torch::Tensor& mu, const c10::optional<torch::Tensor>& bias,
-                            double scale, int64_t lut_max_tokens) {
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && packed.scalar_type() == torch::kInt32 &&
-                  packed.is_contiguous(), "binary_linear: x [T, in] and packed int32 [out, words]");
+                            double scale) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && packed.scalar_type() == torch::kInt32,
+              "binary_linear: x [T, in] and packed int32 [out, words]");
   const int64_t tokens = x.size(0), in = x.size(1), out = packed.size(0), words = packed.size(1);
   TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
+  TORCH_CHECK(bytes_t.scalar_type() == torch::kUInt8 && bytes_t.is_contiguous() &&
+                  bytes_t.dim() == 2 && bytes_t.size(0) == words * 4 && bytes_t.size(1) >= out &&
+                  bytes_t.size(1) % 16 == 0,
+              "bytes_t must be contiguous uint8 [words * 4, ld], ld >= out a multiple of 16");
   TORCH_CHECK(alpha.scalar_type() == torch::kFloat && mu.scalar_type() == torch::kFloat &&
                   alpha.is_contiguous() && mu.is_contiguous() &&
                   (alpha.numel() == 1 || alpha.numel() == out) && (mu.numel() == 1 || mu.numel() == out),
               "alpha and mu must be contiguous fp32 of numel 1 or out");
-  torch::Tensor xf = x.to(torch::kFloat).contiguous();
-  torch::Tensor y;
-  if (tokens == 0 || out == 0) {
-    y = torch::zeros({tokens, out}, xf.options());
-  } else if (tokens <= lut_max_tokens) {
-    TORCH_CHECK(bytes_t.scalar_type() == torch::kUInt8 && bytes_t.is_contiguous() &&
-                    bytes_t.size(0) == words * 4 && bytes_t.size(1) == out,
-                "bytes_t must be uint8 [words * 4, out]");
-    torch::Tensor xp = torch::zeros({tokens, words * 32}, xf.options());
-    xp.narrow(1, 0, in).copy_(xf);
-    y = torch::empty({tokens, out}, xf.options());
-    shira_binary_lut_cpu(xp.data_ptr<float>(), tokens, words * 4, bytes_t.data_ptr<uint8_t>(), out,
-                         y.data_ptr<float>());
-    y.mul_(alpha).add_(xf.sum(1, /*keepdim=*/true) * mu);
-    if (scale != 1.0) y.mul_(scale);
-  } else {
-    y = torch::empty({tokens, out}, xf.options());
-    const int64_t block = std::max<int64_t>(64, (int64_t{1} << 21) / std::max<int64_t>(in, 1));
-    torch::Tensor tile = torch::empty({std::min(block, out), in}, xf.options());
-    for (int64_t r0 = 0; r0 < out; r0 += block) {
-      const int64_t rows = std::min(block, out - r0);
-      torch::Tensor t = tile.narrow(0, 0, rows);
-      shira_dequantize_rows_cpu(packed.data_ptr<int32_t>(), words, in, r0, rows,
-                                alpha.data_ptr<float>(), alpha.numel() > 1, mu.data_ptr<float>(),
-                                mu.numel() > 1, static_cast<float>(scale), t.data_ptr<float>());
-      if (rows == out) {
-        at::mm_out(y, xf, t.t());
-      } else {
-        y.narrow(1, r0, rows).copy_(at::mm(xf, t.t()));
-      }
-    }
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == out, "bias must have out entries");
   }
-  if (bias.has_value()) y.add_(bias->to(torch::kFloat), scale);
+  torch::Tensor xf = x.to(torch::kFloat).contiguous();
+  torch::Tensor y = torch::empty({tokens, out}, xf.options());
+  if (tokens == 0 || out == 0) return y;
+  shira_binary_matmul_cpu(xf.data_ptr<float>(), tokens, in, bytes_t.data_ptr<uint8_t>(),
+                          bytes_t.size(1), out, alpha.data_ptr<float>(), alpha.numel() > 1,
+                          mu.data_ptr<float>(), mu.numel() > 1,
+                          b.defined() ? b.data_ptr<float>() : nullptr, static_cast<float>(scale),
+                          y.data_ptr<float>());
   return y;
 }
 
@@ -229,13 +211,12 @@ torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_pack
                           const torch::Tensor& down_bytes_t, const torch::Tensor& down_alpha,
                           const torch::Tensor& down_mu, const torch::Tensor& up_packed,
                           const torch::Tensor& up_bytes_t, const torch::Tensor& up_alpha,
-                          const torch::Tensor& up_mu, double scale, bool relu,
-                          int64_t lut_max_tokens) {
+                          const torch::Tensor& up_mu, double scale, bool relu) {
   torch::Tensor h = binary_linear(x, down_packed, down_bytes_t, down_alpha, down_mu, c10::nullopt,
-                                  1.0, lut_max_tokens);
+                                  1.0);
   if (relu) h.relu_();
-  return binary_linear(h, up_packed, up_bytes_t, up_alpha, up_mu, c10::nullopt, scale,
-                       lut_max_tokens).to(x.scalar_type());
+  return binary_linear(h, up_packed, up_bytes_t, up_alpha, up_mu, c10::nullopt, scale)
+      .to(x.scalar_type());
 }
 
 }  // namespace
@@ -257,7 +238,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("trows"), pybind11::arg("perm"), pybind11::arg("values"),
         pybind11::arg("scale"), pybind11::arg("overwrite_gx") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("binary_linear", &binary_linear, "scale * x @ (mu + alpha * s)^T (+ bias), fp32, for packed 1-bit signs s",
+  m.def("binary_linear", &binary_linear, "scale * (x @ (mu + alpha * s)^T + bias), fp32, for packed 1-bit signs s",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -44,15 +44,13 @@ template <typename I>
 void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* idx,
                            const void* values, float scale, int64_t nnz, void* saved);
 
-// 1-bit weights, W = mu + alpha * s with s = +-1; signs packed LSB first, 1 = +1.
-// Table lookup for few tokens: with x fp32 [T, in] (zero-padded to groups*8 columns) and the
-// sign bytes in transposed order, bytes_t [groups, out] (byte g of row o holds the signs of
-// columns 8g..8g+7), P[t, o] = sum_i x[t, i] * s[o, i]. Per token, a 256-entry table of signed
-// sums for every group of 8 features turns each output into one lookup per 8 features.
-void shira_binary_lut_cpu(const float* x, int64_t tokens, int64_t groups, const uint8_t* bytes_t,
-                          int64_t out, float* P);
-// Dequantize rows [row0, row0 + rows) of packed int32 [*, words] into fp32 [rows, in]:
-// out[r][i] = scale * (mu[r] + alpha[r] * s[r][i]) (alpha/mu per row, or one value each).
-void shira_dequantize_rows_cpu(const int32_t* packed, int64_t words, int64_t in, int64_t row0,
-                               int64_t rows, const float* alpha, bool alpha_per_row,
-                               const float* mu, bool mu_per_row, float scale, float* out);
+// 1-bit weights, W = mu + alpha * s with s = +-1 (signs packed LSB first, 1 = +1):
+//   y[t, o] = scale * (alpha[o] * sum_k x[t, k] * s[o, k] + mu[o] * xsum[t] + bias[o])
+// for x fp32 [T, in], xsum[t] = sum_k x[t, k], y fp32 [T, out]; alpha and mu fp32 per row or
+// one value each, bias fp32 [out] or null. The signs come as bytes_t [ceil(in / 32) * 4, ld],
+// the packed rows' bytes transposed (byte g of column o holds the signs of features
+// 8g .. 8g + 7 of row o), with ld >= out a multiple of 16 (the padding is read, not used).
+void shira_binary_matmul_cpu(const float* x, int64_t tokens, int64_t in, const uint8_t* bytes_t,
+                             int64_t ld, int64_t out, const float* alpha, bool alpha_per_row,
+                             const float* mu, bool mu_per_row, const float* bias, float scale,
+                             float* y);

@@ -2,11 +2,14 @@
 
 A torch.library custom op with autograd costs tens of microseconds of Python per call and
 direction, more than the GPU work of a decoding step. In eager mode the public functions run an
-autograd.Function over the op's own implementation, setup and backward instead; the results
-are the same bits (tests/test_sparse_delta.py, test_binary.py). torch.compile (which needs the
-op's schema and fake kernel) and autocast (the op's autocast rule) still go through the op.
+autograd.Function over the op's own implementation, setup and backward instead, and where no
+input needs a gradient (inference) the implementation alone; the results are the same bits
+(tests/test_sparse_delta.py, test_binary.py). torch.compile (which needs the op's schema and
+fake kernel) and autocast (the op's autocast rule) still go through the op.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -16,14 +19,23 @@ def via_op(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
 
 
-def eager_function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
-    """An autograd.Function that runs ``impl`` (the op's implementation, same arguments),
-    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as registered with
-    the op."""
+def eager_function(name: str, impl, setup_context, backward) -> Callable:
+    """A call of ``impl`` (the op's implementation, same arguments) that records the op's
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as an
+    autograd.Function (named ``name``) when an input needs a gradient."""
 
     def forward(ctx, *inputs):
         setup_context(ctx, inputs, None)
         return impl(*inputs)
 
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def run(*inputs):
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in inputs):
+            return function.apply(*inputs)
+        return impl(*inputs)
+
+    run.__name__ = run.__qualname__ = name
+    return run

@@ -5,15 +5,15 @@
                               y = scale·up(act(down(x))) for 1-bit down [r, in] and up [out, r]
                               (Bi-LoRA: activation None; Bi-AdaptFormer: "relu")
 
-The signs are never expanded to a dense weight in memory. On the CPU, few tokens use table
-lookup (per token, a table of signed sums of x for every sign pattern of 8 features; each
-output is then one lookup per 8 features) and many tokens unpack blocks of rows straight to
-their dequantized values and use a dense matmul on the block; LUT_MAX_TOKENS is the measured
-crossover. fp32 accumulation.
-The gradient of x is provided (gy·W, from the dequantized weight); training the 1-bit weights
-goes through quant.fake_quantize instead.
+The signs are never expanded to a dense weight in memory. On the CPU they are expanded in
+registers: per input feature, one bit of 64 outputs' sign bytes becomes four vectors of ±1 that
+multiply x for six tokens at a time (csrc/cpu/binary.cpp), fp32 accumulation, as fast as the FMA
+units go at every token count. The gradient of x is provided (gy·W, from the dequantized
+weight); training the 1-bit weights goes through quant.fake_quantize instead.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -25,9 +25,6 @@ from ..formats import BinaryWeight
 from ._eager import eager_function, via_op
 
 ACTIVATIONS = (None, "relu")
-# Largest token count for which the CPU table lookup beats unpack + matmul (measured by
-# bench/report_binary.py on 4096x4096 and 11008x4096 weights: docs/benchmarks/binary_cpu.md).
-LUT_MAX_TOKENS = 16
 # On CUDA tensors the CUDA kernel's warp-per-row path wins up to GEMV_MAX_TOKENS tokens; above,
 # Triton's tensor-core tiles are 3-10x faster than its fp32 tiles (H200, bf16 x:
 # docs/benchmarks/gpu_h200.md), so Triton is tried first there.
@@ -60,21 +57,20 @@ _BYTES_T: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _bytes_t(packed: torch.Tensor) -> torch.Tensor:
-    """The sign bytes in [words·4, out] order for the CPU table lookup (little-endian words:
-    byte b of word j holds columns 32·j + 8·b … + 7). Derived once per packed tensor."""
+    """The sign bytes in [words·4, ld] order for the CPU kernel (little-endian words: byte b of
+    word j holds columns 32·j + 8·b … + 7), ld = out rounded up to 16 so that every block of 16
+    outputs is whole. Derived once per packed tensor (and again if it is written to)."""
     cached = _BYTES_T.get(packed)
     if cached is None or cached[0] != packed._version:
-        cached = (packed._version, packed.view(torch.uint8).t().contiguous())
+        out, words = packed.shape
+        bytes_t = packed.new_zeros((words * 4, -(-out // 16) * 16), dtype=torch.uint8)
+        bytes_t[:, :out] = packed.view(torch.uint8).t()
+        cached = (packed._version, bytes_t)
         _BYTES_T[packed] = cached
     return cached[1]
 
 
-
-def _lut_bytes(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # Only the table-lookup path reads the transposed bytes; many tokens need none.
-    return _bytes_t(packed) if x.shape[0] <= LUT_MAX_TOKENS else packed.new_empty(0, dtype=torch.uint8)
-
-
+@functools.cache
 def _linear_kernel(backend: str):
     if backend == "reference":
         return binary_linear_reference
@@ -86,11 +82,11 @@ def _linear_kernel(backend: str):
         return mod.binary_linear
 
     def cpu(x, packed, alpha, mu, bias, in_features):
-        return mod.binary_linear(x, packed, _lut_bytes(packed, x), alpha, mu, bias, 1.0,
-                                 LUT_MAX_TOKENS).to(x.dtype)
+        return mod.binary_linear(x, packed, _bytes_t(packed), alpha, mu, bias, 1.0).to(x.dtype)
     return cpu
 
 
+@functools.cache
 def _lora_kernel(backend: str):
     if backend == "reference":
         return binary_lora_reference
@@ -102,8 +98,8 @@ def _lora_kernel(backend: str):
         return lambda x, down, up, scale, relu: mod.binary_lora(x, *down, *up, scale, relu)
 
     def cpu(x, down, up, scale, relu):
-        return mod.binary_lora(x, down[0], _lut_bytes(down[0], x), down[1], down[2], up[0],
-                               _lut_bytes(up[0], x), up[1], up[2], scale, relu, LUT_MAX_TOKENS)
+        return mod.binary_lora(x, down[0], _bytes_t(down[0]), down[1], down[2], up[0],
+                               _bytes_t(up[0]), up[1], up[2], scale, relu)
     return cpu
 
 
@@ -139,8 +135,8 @@ def _linear_backward(ctx, gy):
 
 
 _binary_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
-_EagerBinaryLinear = eager_function("_EagerBinaryLinear", _binary_linear, _linear_setup,
-                                    _linear_backward)
+_eager_binary_linear = eager_function("_EagerBinaryLinear", _binary_linear, _linear_setup,
+                                     _linear_backward)
 
 
 def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.Tensor,
@@ -180,7 +176,7 @@ def _lora_backward(ctx, gy):
 
 
 _binary_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup)
-_EagerBinaryLora = eager_function("_EagerBinaryLora", _binary_lora, _lora_setup, _lora_backward)
+_eager_binary_lora = eager_function("_EagerBinaryLora", _binary_lora, _lora_setup, _lora_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +210,7 @@ def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None =
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias has dtype {bias.dtype} on {bias.device}; x has {x.dtype} on {x.device}")
     x2 = x.reshape(-1, x.shape[-1])
-    run = _binary_linear_op if via_op(x) else _EagerBinaryLinear.apply
+    run = _binary_linear_op if via_op(x) else _eager_binary_linear
     y = run(x2, bw.packed, bw.alpha, bw.mu, bias, bw.shape[1])
     return y.view(*x.shape[:-1], bw.shape[0])
 
@@ -232,7 +228,7 @@ def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: fl
     if up.shape[1] != down.shape[0]:
         raise ValueError(f"up has in_features {up.shape[1]} but down has {down.shape[0]} outputs")
     x2 = x.reshape(-1, x.shape[-1])
-    run = _binary_lora_op if via_op(x) else _EagerBinaryLora.apply
+    run = _binary_lora_op if via_op(x) else _eager_binary_lora
     y = run(x2, down.packed, down.alpha, down.mu, down.shape[1], up.packed, up.alpha, up.mu,
             up.shape[1], float(scale), activation == "relu")
     return y.view(*x.shape[:-1], up.shape[0])

@@ -359,8 +359,8 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 # Under autocast the op runs in the autocast dtype, like F.linear.
 torch.library.register_autocast("shira::sparse_delta_linear", "cpu", torch.bfloat16)
 torch.library.register_autocast("shira::sparse_delta_linear", "cuda", torch.float16)
-_EagerLinear = eager_function("_EagerLinear", _linear, _setup_context,
-                              functools.partial(_backward, backward=_linear_backward))
+_eager_linear = eager_function("_EagerLinear", _linear, _setup_context,
+                               functools.partial(_backward, backward=_linear_backward))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         threshold = SWAP_FROM_TOKENS.get(x.device.type, 64)
         strategy = "swap" if x2.shape[0] >= threshold else "spmm"
     s = delta.structure
-    run = _linear_op if via_op(x) else _EagerLinear.apply
+    run = _linear_op if via_op(x) else _eager_linear
     y = run(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols, s.rows,
             s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
     return y.view(*x.shape[:-1], weight.shape[0])
