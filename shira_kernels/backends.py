@@ -102,7 +102,7 @@ def select(device: torch.device | str, order: dict[str, tuple[str, ...]] | None 
     """The backend that runs an op whose tensors live on ``device``. ``order`` lets an op
     whose kernels rank differently on a device (measured) replace that device's automatic
     order; an explicit choice still wins."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     name = requested()
     if name is not None:
         reason = unavailable_reason(name, device_type)
@@ -112,6 +112,20 @@ def select(device: torch.device | str, order: dict[str, tuple[str, ...]] | None 
                 f"{device_type} tensors: {reason}")
         return name
     preference = (order or {}).get(device_type) or _PREFERENCE.get(device_type, ("reference",))
+    chosen = _automatic.get((device_type, preference))
+    if chosen is None:
+        chosen = _automatic[device_type, preference] = _first_available(device_type, preference)
+    return chosen
+
+
+# The automatic choice per (device type, order), made once: what decides it (a native build
+# that loaded or failed, triton installed, a visible GPU) does not change within a process, and
+# every op call asks (the checks cost tens of microseconds when a layer's matmul has just
+# pushed them out of the caches).
+_automatic: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def _first_available(device_type: str, preference: tuple[str, ...]) -> str:
     for name in preference:
         reason = unavailable_reason(name, device_type)
         if reason is None:
