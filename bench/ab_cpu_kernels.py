@@ -15,7 +15,6 @@ and given by the caller (where a build takes them).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import sys
 import time
@@ -25,23 +24,6 @@ import torch
 
 import shira_kernels
 from shira_kernels import _native
-
-
-def build_other(checkout: Path):
-    """The CPU extension of another checkout, built under the shira_kernels cache."""
-    from torch.utils import cpp_extension
-    src = checkout / "csrc" / "cpu"
-    sources = sorted(src.glob("*.cpp"))
-    if not sources:
-        raise SystemExit(f"no csrc/cpu/*.cpp under {checkout}")
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources + sorted(src.glob("*.h"))))
-    name = f"shira_cpu_ab_{key.hexdigest()[:16]}"
-    build_dir = _native.cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=name, sources=[str(p) for p in sources],
-                              build_directory=str(build_dir), extra_include_paths=[str(src)],
-                              extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def kernel_calls(mod, s, values, x, y, gy, gx):
@@ -83,9 +65,11 @@ def main(argv=None) -> int:
         p.error(f"--shapes must be a comma list of OUTxIN with both ≥ 1, got {args.shapes!r}")
     if args.tokens < 1 or args.rounds < 1 or (args.r is not None and args.r < 1):
         p.error("--tokens, --rounds and --r must be ≥ 1")
+    if args.against is not None and not any((args.against / "csrc" / "cpu").glob("*.cpp")):
+        p.error(f"--against {args.against}: no csrc/cpu/*.cpp there (give a checkout's root)")
     builds = {"this checkout": _native.module("cpu")}
     if args.against is not None:
-        builds[f"{args.against}"] = build_other(args.against.resolve())
+        builds[f"{args.against}"] = _native.build_cpu_variant(args.against.resolve() / "csrc" / "cpu")
     torch.manual_seed(0)
     print(f"{args.tokens} tokens, fp32, {torch.get_num_threads()} threads, medians of "
           f"{args.rounds} rounds, a dense matmul of the layer's size before every call")

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "vec.h"
 
 namespace {
 
@@ -16,24 +17,17 @@ namespace {
 // faster than a dense fp32 matmul, which must also stream 32 times the weight bytes
 // (docs/benchmarks/binary_cpu.md). With 16 AVX2 registers the block is 2 x 4.
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
 constexpr int kMaxRowVectors = 4;  // 64 outputs per block
 constexpr int kMaxTokens = 6;      // 24 accumulators + 4 byte vectors + sign + x < 32 registers
 #else
-constexpr int kLanes = 8;
 constexpr int kMaxRowVectors = 2;  // 16 outputs per block
 constexpr int kMaxTokens = 4;      // 8 accumulators + 2 byte vectors + sign + x < 16 registers
 #endif
-typedef float fvec __attribute__((vector_size(4 * kLanes), aligned(4)));
-typedef int32_t ivec __attribute__((vector_size(4 * kLanes), aligned(4)));
 typedef uint8_t bvec __attribute__((vector_size(kLanes), aligned(1)));
 constexpr int kBlockRows = kLanes * kMaxRowVectors;
 // Features summed in registers before they join the block's total: the rounding error grows
 // with kChunk + in / kChunk, as in a blocked dense dot product, not with in.
 constexpr int64_t kChunk = 256;
-
-inline fvec loadv(const float* p) { return *reinterpret_cast<const fvec*>(p); }
-inline void storev(float* p, fvec v) { *reinterpret_cast<fvec*>(p) = v; }
 
 // The bytes of RB vectors of outputs for one group of 8 features, widened to one int per lane.
 template <int RB>
@@ -92,17 +86,14 @@ void signed_sums(const float* x, int64_t ldx, int64_t in, const uint8_t* bytes_t
   }
 }
 
-// Σ_k x[k] in per-lane sums (like the products' accumulators), then pairwise across the lanes.
+// Σ_k x[k] in per-lane sums (like the products' accumulators), then across the lanes.
 inline float row_sum(const float* x, int64_t in) {
   fvec acc = {};
   int64_t k = 0;
   for (; k + kLanes <= in; k += kLanes) acc += loadv(x + k);
-  float lanes[kLanes];
-  storev(lanes, acc);
-  for (; k < in; ++k) lanes[k % kLanes] += x[k];
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
+  float total = hsum(acc);
+  for (; k < in; ++k) total += x[k];
+  return total;
 }
 
 struct Epilogue {  // y[t, o] = scale·(alpha[o]·P[t, o] + mu[o]·xsum[t] + bias[o])

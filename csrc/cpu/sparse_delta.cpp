@@ -8,17 +8,18 @@
 #include <vector>
 
 #include "kernels.h"
+#include "vec.h"
 
 namespace {
 
 // The token-major kernels (spmm, sddmm, spmm_t_sddmm) work on chunks of tokens: each thread
 // first transposes its share of the chunk into feature-major fp32 tiles (one pass over the
-// activations, no full-size copy), then every product is a run of whole 16-float vectors over
+// activations, no full-size copy), then every product is a run of whole vectors (vec.h) over
 // the chunk. Chunk lengths: spmm keeps one output row's chunk in registers (8 vectors), sddmm
 // one gy row plus four running dot products, spmm_t_sddmm one x row, gx's partial sums and
 // two dot products (18 vectors of the 32 AVX-512 registers). spmm_t_sddmm shares sddmm's.
-constexpr int64_t kSpmmTokenChunk = 128;
-constexpr int64_t kSddmmTokenChunk = 128;
+constexpr int64_t kSpmmTokenChunk = 8 * kLanes;
+constexpr int64_t kSddmmTokenChunk = 8 * kLanes;
 // The entries of a row are visited one block of columns at a time, for all rows, so the x tile
 // rows a block gathers (columns x chunk fp32) stay in L2 while every row uses them.
 constexpr int64_t kColumnBlockBytes = 512 * 1024;
@@ -72,21 +73,6 @@ void scatter_add(const T* weight, T* out, const I* idx, const T* values, float s
   }
 }
 
-// 16 floats: one AVX-512 register or two AVX2 ones (GCC/Clang vector extension); the typedef
-// allows unaligned addresses.
-typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
-constexpr int64_t kLanes = 16;
-
-inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16*>(p); }
-inline void store16(float* p, f32x16 v) { *reinterpret_cast<f32x16*>(p) = v; }
-inline float hsum(f32x16 v) {  // pairwise: as accurate as a tree of 16
-  typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
-  typedef float f32x4 __attribute__((vector_size(16), aligned(4)));
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
 inline int64_t round_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // Grow-only, 64-byte aligned fp32 buffer. Kept per thread: tiles are reused across calls, so
@@ -109,85 +95,83 @@ class Scratch {
 };
 thread_local Scratch shared_tile, own_tile;
 
-// 16 elements of T as fp32 and back (the vector forms of Float<T>, same rounding).
-typedef _Float16 f16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i32x16 __attribute__((vector_size(64), aligned(4)));
+// kLanes elements of T as fp32 and back (the vector forms of Float<T>, same rounding).
+typedef _Float16 hvec __attribute__((vector_size(2 * kLanes), aligned(2)));
+typedef uint16_t u16vec __attribute__((vector_size(2 * kLanes), aligned(2)));
 template <typename T>
-inline f32x16 load16_as_float(const T* p) {
+inline fvec loadv_as_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
-    return load16(p);
+    return loadv(p);
   } else if constexpr (std::is_same_v<T, _Float16>) {
-    return __builtin_convertvector(*reinterpret_cast<const f16x16*>(p), f32x16);
+    return __builtin_convertvector(*reinterpret_cast<const hvec*>(p), fvec);
   } else {
-    const u32x16 bits = __builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16;
-    return reinterpret_cast<const f32x16&>(bits);
+    const uvec bits = __builtin_convertvector(*reinterpret_cast<const u16vec*>(p), uvec) << 16;
+    return reinterpret_cast<const fvec&>(bits);
   }
 }
 template <typename T>
-inline void store16_from_float(T* p, f32x16 v) {
+inline void storev_from_float(T* p, fvec v) {
   if constexpr (std::is_same_v<T, float>) {
-    store16(p, v);
+    storev(p, v);
   } else if constexpr (std::is_same_v<T, _Float16>) {
-    *reinterpret_cast<f16x16*>(p) = __builtin_convertvector(v, f16x16);
+    *reinterpret_cast<hvec*>(p) = __builtin_convertvector(v, hvec);
   } else {  // round to nearest even; NaN stays a quiet NaN (float_to_bf16)
-    const u32x16 bits = reinterpret_cast<const u32x16&>(v);
-    const i32x16 nan = (bits & 0x7fffffffu) > 0x7f800000u;
-    const u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const u32x16 result = nan ? u32x16{} + 0x7fc0u : rounded;
-    *reinterpret_cast<u16x16*>(p) = __builtin_convertvector(result, u16x16);
+    const uvec bits = reinterpret_cast<const uvec&>(v);
+    const ivec nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const uvec rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uvec result = nan ? uvec{} + 0x7fc0u : rounded;
+    *reinterpret_cast<u16vec*>(p) = __builtin_convertvector(result, u16vec);
   }
 }
 
-// A 16x16 transpose in registers: four rounds, each exchanging the off-diagonal K x K blocks
-// of every 2K x 2K block (rows i and i + K trade their lanes that have bit K set / clear).
+// A kLanes x kLanes transpose in registers: log2(kLanes) rounds, each exchanging the
+// off-diagonal K x K blocks of every 2K x 2K block (rows i and i + K trade their lanes that
+// have bit K set / clear).
 template <int K, int... P>
-inline f32x16 exchange_low(f32x16 a, f32x16 b, std::integer_sequence<int, P...>) {
-  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P : 16 + P - K)...);
+inline fvec exchange_low(fvec a, fvec b, std::integer_sequence<int, P...>) {
+  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P : kLanes + P - K)...);
 }
 template <int K, int... P>
-inline f32x16 exchange_high(f32x16 a, f32x16 b, std::integer_sequence<int, P...>) {
-  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P + K : 16 + P)...);
+inline fvec exchange_high(fvec a, fvec b, std::integer_sequence<int, P...>) {
+  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P + K : kLanes + P)...);
 }
 template <int K>
-inline void exchange_blocks(f32x16 (&v)[16]) {
-  constexpr auto lanes = std::make_integer_sequence<int, 16>();
+inline void exchange_blocks(fvec (&v)[kLanes]) {
+  constexpr auto lanes = std::make_integer_sequence<int, kLanes>();
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) {
+  for (int i = 0; i < kLanes; ++i) {
     if (i & K) continue;
-    const f32x16 a = v[i], b = v[i + K];
+    const fvec a = v[i], b = v[i + K];
     v[i] = exchange_low<K>(a, b, lanes);
     v[i + K] = exchange_high<K>(a, b, lanes);
   }
 }
-inline void transpose16(f32x16 (&v)[16]) {
-  exchange_blocks<8>(v);
-  exchange_blocks<4>(v);
-  exchange_blocks<2>(v);
-  exchange_blocks<1>(v);
+template <int K = kLanes / 2>
+inline void transpose_block(fvec (&v)[kLanes]) {
+  exchange_blocks<K>(v);
+  if constexpr (K > 1) transpose_block<K / 2>(v);
 }
 
 // dst[(c - c0) * ld + t] = src[(t0 + t) * src_ld + c] in fp32 for t < tc, c in [c0, c1), and
 // zeros for t in [tc, ld): a feature-major tile of a token chunk, padded to whole vectors.
-// Whole 16x16 blocks go through registers (16 row loads in flight, 16 vector stores); a last
-// partial block of columns element by element.
+// Whole kLanes x kLanes blocks go through registers (a row load per lane in flight, as many
+// vector stores); a last partial block of columns element by element.
 template <typename T>
 void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64_t c0,
                      int64_t c1, float* dst, int64_t ld) {
-  // Token blocks outside, column blocks inside: each of the 16 source rows is then read front
+  // Token blocks outside, column blocks inside: each of the kLanes source rows is read front
   // to back, which the hardware prefetchers follow (a block of 64 bytes from each of 128 rows,
   // the other order, is 128 cold misses on data that another kernel left in DRAM).
   const int64_t whole = c0 + (c1 - c0) / kLanes * kLanes;
   for (int64_t tb = 0; tb < ld; tb += kLanes) {
     for (int64_t cb = c0; cb < whole; cb += kLanes) {
-      f32x16 v[16];
+      fvec v[kLanes];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        v[i] = tb + i < tc ? load16_as_float(src + (t0 + tb + i) * src_ld + cb) : f32x16{};
-      transpose16(v);
+      for (int i = 0; i < kLanes; ++i)
+        v[i] = tb + i < tc ? loadv_as_float(src + (t0 + tb + i) * src_ld + cb) : fvec{};
+      transpose_block(v);
 #pragma GCC unroll 16
-      for (int k = 0; k < 16; ++k) store16(dst + (cb - c0 + k) * ld + tb, v[k]);
+      for (int k = 0; k < kLanes; ++k) storev(dst + (cb - c0 + k) * ld + tb, v[k]);
     }
   }
   for (int64_t c = whole; c < c1; ++c) {
@@ -206,13 +190,13 @@ void add_transposed(const float* tile, int64_t ld, int64_t t0, int64_t tc, int64
   for (int64_t tb = 0; tb < tc; tb += kLanes) {  // rows of in and out front to back, as above
     const int64_t rows = std::min<int64_t>(kLanes, tc - tb);
     for (int64_t cb = c0; cb < whole; cb += kLanes) {
-      f32x16 v[16];
+      fvec v[kLanes];
 #pragma GCC unroll 16
-      for (int k = 0; k < 16; ++k) v[k] = load16(tile + (cb - c0 + k) * ld + tb);
-      transpose16(v);
+      for (int k = 0; k < kLanes; ++k) v[k] = loadv(tile + (cb - c0 + k) * ld + tb);
+      transpose_block(v);
       for (int i = 0; i < rows; ++i) {
         const int64_t at = (t0 + tb + i) * n + cb;
-        store16_from_float(out + at, load16_as_float(in + at) + scale * v[i]);
+        storev_from_float(out + at, loadv_as_float(in + at) + scale * v[i]);
       }
     }
   }
@@ -271,22 +255,22 @@ inline void by_column_blocks(const int64_t* offsets, const C* cols, int64_t r0, 
   }
 }
 
-// acc[0 .. NV*16) += Σ_j values[j] · xT[cols[j]] (rows of the padded tile), in partial sums of
+// acc[0 .. NV·kLanes) += Σ_j values[j] · xT[cols[j]] (rows of the padded tile), in partial sums of
 // kEntryBlock entries held in registers.
 template <int NV, typename C>
 inline void axpy_entries(float* acc, const float* xT, int64_t ld, const C* cols,
                          const float* values, int64_t j0, int64_t j1) {
   for (int64_t g0 = j0; g0 < j1; g0 += kEntryBlock) {
     const int64_t g1 = std::min(g0 + kEntryBlock, j1);
-    f32x16 part[NV] = {};
+    fvec part[NV] = {};
     for (int64_t j = g0; j < g1; ++j) {
       const float v = values[j];
       const float* xs = xT + static_cast<int64_t>(cols[j]) * ld;
 #pragma GCC unroll 8
-      for (int k = 0; k < NV; ++k) part[k] += v * load16(xs + k * kLanes);
+      for (int k = 0; k < NV; ++k) part[k] += v * loadv(xs + k * kLanes);
     }
 #pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) store16(acc + k * kLanes, load16(acc + k * kLanes) + part[k]);
+    for (int k = 0; k < NV; ++k) storev(acc + k * kLanes, loadv(acc + k * kLanes) + part[k]);
   }
 }
 
@@ -295,22 +279,22 @@ inline void axpy_entries(float* acc, const float* xT, int64_t ld, const C* cols,
 template <int NV, typename C>
 inline void dot_entries(const float* a, const float* xT, int64_t ld, const C* cols, float* g,
                         int64_t j0, int64_t j1) {
-  f32x16 av[NV];
+  fvec av[NV];
 #pragma GCC unroll 8
-  for (int k = 0; k < NV; ++k) av[k] = load16(a + k * kLanes);
+  for (int k = 0; k < NV; ++k) av[k] = loadv(a + k * kLanes);
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) {
     const float* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
     const float* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
     const float* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
     const float* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
-    f32x16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    fvec s0 = {}, s1 = {}, s2 = {}, s3 = {};
 #pragma GCC unroll 8
     for (int k = 0; k < NV; ++k) {
-      s0 += av[k] * load16(b0 + k * kLanes);
-      s1 += av[k] * load16(b1 + k * kLanes);
-      s2 += av[k] * load16(b2 + k * kLanes);
-      s3 += av[k] * load16(b3 + k * kLanes);
+      s0 += av[k] * loadv(b0 + k * kLanes);
+      s1 += av[k] * loadv(b1 + k * kLanes);
+      s2 += av[k] * loadv(b2 + k * kLanes);
+      s3 += av[k] * loadv(b3 + k * kLanes);
     }
     g[j] += hsum(s0);
     g[j + 1] += hsum(s1);
@@ -319,14 +303,14 @@ inline void dot_entries(const float* a, const float* xT, int64_t ld, const C* co
   }
   for (; j < j1; ++j) {
     const float* b = xT + static_cast<int64_t>(cols[j]) * ld;
-    f32x16 s = {};
+    fvec s = {};
 #pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) s += av[k] * load16(b + k * kLanes);
+    for (int k = 0; k < NV; ++k) s += av[k] * loadv(b + k * kLanes);
     g[j] += hsum(s);
   }
 }
 
-// Calls body(std::integral_constant<int, NV>) with NV = ld / 16 in 1..8, the vectors per tile
+// Calls body(std::integral_constant<int, NV>) with NV = ld / kLanes in 1..8, the vectors per tile
 // row, so that the micro-kernels' loops have constant trip counts and stay in registers.
 template <typename Body>
 inline void with_vectors(int64_t ld, Body&& body) {
@@ -434,20 +418,20 @@ template <int NV, typename C>
 inline void column_entries(const float* xc, const float* gyT, int64_t ld, const C* trows,
                            const int64_t* perm, const float* values, float* acc, float* g,
                            int64_t j0, int64_t j1, bool first) {
-  f32x16 xv[NV];
+  fvec xv[NV];
 #pragma GCC unroll 8
-  for (int k = 0; k < NV; ++k) xv[k] = load16(xc + k * kLanes);
+  for (int k = 0; k < NV; ++k) xv[k] = loadv(xc + k * kLanes);
   for (int64_t b0 = j0; b0 < j1; b0 += kEntryBlock) {
     const int64_t b1 = std::min(b0 + kEntryBlock, j1);
-    f32x16 part[NV] = {};
+    fvec part[NV] = {};
     for (int64_t j = b0; j < b1; ++j) {
       const int64_t p = perm[j];
       const float v = values[p];
       const float* row = gyT + static_cast<int64_t>(trows[j]) * ld;
-      f32x16 s0 = {}, s1 = {};  // two chains: the dot does not wait on one FMA's latency
+      fvec s0 = {}, s1 = {};  // two chains: the dot does not wait on one FMA's latency
 #pragma GCC unroll 8
       for (int k = 0; k < NV; ++k) {
-        const f32x16 r = load16(row + k * kLanes);
+        const fvec r = loadv(row + k * kLanes);
         part[k] += v * r;
         if (k % 2 == 0) s0 += xv[k] * r; else s1 += xv[k] * r;
       }
@@ -455,7 +439,7 @@ inline void column_entries(const float* xc, const float* gyT, int64_t ld, const 
       g[p] = first ? d : g[p] + d;
     }
 #pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) store16(acc + k * kLanes, load16(acc + k * kLanes) + part[k]);
+    for (int k = 0; k < NV; ++k) storev(acc + k * kLanes, loadv(acc + k * kLanes) + part[k]);
   }
 }
 

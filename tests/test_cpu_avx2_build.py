@@ -1,0 +1,95 @@
+"""The CPU kernels as a machine without AVX-512 builds them (-march=x86-64-v3: AVX2, FMA, F16C).
+
+vec.h then gives 8-lane vectors instead of 16: other register blocks, token chunks, transposes
+and horizontal sums. The machines that run these tests have AVX-512, so the package's own
+(-march=native) build never runs that code: this test builds it too and checks each kernel
+against float64, with the native build's error as the yardstick (its lanes sum in another
+order, so the bits differ)."""
+import platform
+import subprocess
+
+import pytest
+import torch
+
+from shira_kernels import _native
+from shira_kernels.formats import BinaryWeight
+from shira_kernels.ops import binary as binary_ops
+
+from conftest import DTYPES
+from test_sparse_delta import assert_within_torch_error, make_delta, randn
+
+MARCH = "x86-64-v3"
+NEEDS = ("avx2", "fma", "f16c", "bmi2")  # what x86-64-v3 code may use
+
+
+def _why_not() -> str | None:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"{MARCH} is an x86 target; this is {platform.machine()}"
+    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    missing = [f for f in NEEDS if f not in flags]
+    if missing:
+        return f"this CPU lacks {missing}, so it cannot run {MARCH} code"
+    probe = subprocess.run(["c++", f"-march={MARCH}", "-x", "c++", "-E", "-"], input="",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"the compiler does not know -march={MARCH}: {probe.stderr.strip()[:200]}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+
+
+@pytest.fixture(scope="module")
+def builds():
+    avx2 = _native.build_cpu_variant(_native.csrc_dir() / "cpu", march=MARCH)
+    return _native.module("cpu"), avx2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 70, 300])  # 70: a chunk of 64 and a partial one
+def test_sparse_kernels(builds, dtype, tokens):
+    native, avx2 = builds
+    delta = make_delta(45, 4097, torch.float32, density=0.05)
+    s, values = delta.structure, delta.values
+    x, gy = randn(tokens, 4097, dtype=dtype, seed=1), randn(tokens, 45, dtype=dtype, seed=2)
+    y, gx = randn(tokens, 45, dtype=dtype, seed=3), randn(tokens, 4097, dtype=dtype, seed=4)
+    dense = delta.to_dense().double()
+
+    def run(mod):
+        g = mod.spmm_t_sddmm(gx.clone(), gy, x, s.t_offsets, s.t_cols, s.t_perm, values, 0.5,
+                             False)
+        return (mod.spmm(y.clone(), x, s.row_offsets, s.cols, values, 0.5, False),
+                mod.sddmm(gy, x, s.rows, s.cols, s.row_offsets), *g)
+    exact = (y.double() + 0.5 * x.double() @ dense.T,
+             (gy.double().T @ x.double())[s.rows.long(), s.cols.long()],
+             gx.double() + 0.5 * gy.double() @ dense,
+             (gy.double().T @ x.double())[s.rows.long(), s.cols.long()])
+    names = ("spmm", "sddmm", "spmm_t_sddmm gx", "spmm_t_sddmm values' gradient")
+    for name, ours, theirs, ref in zip(names, run(avx2), run(native), exact):
+        assert_within_torch_error(ours, theirs, ref, f"{MARCH} {name}")
+
+
+@pytest.mark.parametrize("shape", [(1, 100, 45), (7, 33, 4097), (130, 300, 768)])
+def test_binary_kernel(builds, shape):
+    native, avx2 = builds
+    tokens, out_f, in_f = shape
+    g = torch.Generator().manual_seed(5)
+    bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g), "row")
+    x, bias = torch.randn(tokens, in_f, generator=g), torch.randn(out_f, generator=g)
+    bytes_t = binary_ops._bytes_t(bw.packed)
+    exact = x.double() @ bw.dequantize(torch.float64).T + bias.double()
+    ours, theirs = (mod.binary_linear(x, bw.packed, bytes_t, bw.alpha, bw.mu, bias, 1.0)
+                    for mod in (avx2, native))
+    assert_within_torch_error(ours, theirs, exact, f"{MARCH} binary_linear")
+
+
+def test_scatter_add_is_exact(builds):
+    weight = torch.randn(50, 70).to(torch.bfloat16)
+    delta = make_delta(50, 70, torch.bfloat16)
+    outs = []
+    for mod in builds:
+        w, saved = weight.clone(), torch.empty_like(delta.values)
+        mod.scatter_add(w, w, delta.flat_indices, delta.values, 0.5, saved)
+        outs.append((w, saved))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))  # one rounding per entry, no sums
+    assert torch.equal(outs[0][1], weight.view(-1)[delta.flat_indices.long()])
