@@ -4,7 +4,8 @@
 
 binary_linear is compared, on the same inputs, with a dense fp32 and a dense bf16 matmul of the
 dequantized weight, and with unpack-then-matmul (dequantize() then a matmul, per call), at 1, 8,
-16, 128 and 2048 tokens on 768x768, 4096x4096 and 11008x4096 (out x in). binary_lora is compared
+16, 128 and 2048 tokens on 768x768, 4096x4096 and 11008x4096 (out x in); its gradient of x with
+gy·W on the dequantized weight (given, and dequantized per call). binary_lora is compared
 with the dense fp32 adapter (two matmuls) at ViT-B shapes (in = out = 768, r = 32, ReLU between)
 at 1 and 197 tokens, and on a Llama-7B MLP projection (in 4096, out 11008, r = 32, no
 activation, as Bi-LoRA) at 1, 16 and 128 tokens.
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import shira_kernels  # noqa: E402
+from shira_kernels.ops import binary as binary_ops  # noqa: E402
 from shira_kernels import benchmark as sb  # noqa: E402
 from shira_kernels.formats import BinaryWeight  # noqa: E402
 
@@ -48,6 +50,22 @@ def linear_rows(shape, tokens, repeat):
         "dense fp32 matmul": lambda: x @ w32.T,
         "dense bf16 matmul": lambda: x16 @ w16.T,
         "unpack then fp32 matmul": lambda: x @ bw.dequantize().T,
+    }
+    return {name: _time(fn, repeat) for name, fn in variants.items()}
+
+
+def grad_x_rows(shape, tokens, repeat):
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(3)
+    bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g))
+    w32 = bw.dequantize()
+    gy = torch.randn(tokens, out_f, generator=g)
+    grad_x = binary_ops._grad_x_kernel(shira_kernels.backends.select("cpu"))
+    variants = {
+        "binary_linear's gradient of x (this package)":
+            lambda: grad_x(gy, bw.packed, bw.alpha, bw.mu, in_f),
+        "dense fp32 matmul gy·W": lambda: gy @ w32,
+        "dequantize then fp32 matmul": lambda: gy @ bw.dequantize(),
     }
     return {name: _time(fn, repeat) for name, fn in variants.items()}
 
@@ -100,6 +118,12 @@ def main(argv=None) -> int:
             rows = linear_rows(shape, tokens, args.repeat if tokens < 2048 else 3)
             lines += [f"### {shape[0]}x{shape[1]}, {tokens} token(s)", ""]
             lines += fmt_table(rows, "binary_linear (this package)") + [""]
+    lines += ["## Gradient of x through binary_linear (gy·W, as its backward computes it)", ""]
+    for shape in shapes[-2:]:
+        for tokens in ([1, 9] if args.quick else [1, 128]):
+            lines += [f"### {shape[0]}x{shape[1]}, {tokens} token(s)", ""]
+            lines += fmt_table(grad_x_rows(shape, tokens, args.repeat),
+                               "binary_linear's gradient of x (this package)") + [""]
     lines += ["## binary_lora (ViT-B: in = out = 768, r = 32, ReLU)", ""]
     for tokens in ([1, 197] if not args.quick else [1, 9]):
         lines += [f"### {tokens} token(s)", ""]

@@ -11,6 +11,8 @@ written in place, which bumps its version, or replaced, e.g. by .to(device)).
 """
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 
 import torch
@@ -238,7 +240,11 @@ def unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
         raise TypeError("packed must be a 2-D int32 tensor")
     if not (packed.shape[1] - 1) * 32 < in_features <= packed.shape[1] * 32:
         raise ValueError(f"{packed.shape[1]} words per row cannot hold {in_features} columns")
-    bits = (packed.long().unsqueeze(-1) >> _bit_shifts(packed.device)) & 1
+    if sys.byteorder == "little":  # byte b of a word holds its bits 8b .. 8b + 7
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = (packed.contiguous().view(torch.uint8).unsqueeze(-1) >> shifts) & 1
+    else:
+        bits = (packed.long().unsqueeze(-1) >> _bit_shifts(packed.device)) & 1
     return bits.view(packed.shape[0], -1)[:, :in_features].bool()
 
 
@@ -296,8 +302,9 @@ class BinaryWeight:
         return unpack_signs(self.packed, self.shape[1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        s = self.signs().float() * 2 - 1
-        return (self.mu.view(-1, 1) + self.alpha.view(-1, 1) * s).to(dtype)
+        # μ + α·s with s = ±1, as μ + α or μ − α (the same single rounding).
+        mu, alpha = self.mu.view(-1, 1), self.alpha.view(-1, 1)
+        return torch.where(self.signs(), mu + alpha, mu - alpha).to(dtype)
 
     def to(self, device) -> "BinaryWeight":
         return BinaryWeight(self.packed.to(device), self.alpha.to(device), self.mu.to(device),

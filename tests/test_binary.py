@@ -155,9 +155,11 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(threads):
     down, up = _weight(32, 301, "petl", seed=9), _weight(200, 32, "row", seed=10)
     x, bias = _x(50, 301, torch.float32, seed=11), torch.randn(200)
     linear, lora = binary_ops._linear_kernel("cpu"), binary_ops._lora_kernel("cpu")
+    grad_x, gy = binary_ops._grad_x_kernel("cpu"), _x(50, 200, torch.float32, seed=12)
 
     def run():
         return (linear(x, bw.packed, bw.alpha, bw.mu, bias, 301),
+                grad_x(gy, bw.packed, bw.alpha, bw.mu, 301),
                 lora(x, (down.packed, down.alpha, down.mu), (up.packed, up.alpha, up.mu), 0.5,
                      True))
     before = torch.get_num_threads()
@@ -179,6 +181,8 @@ def test_leading_dims_and_opcheck(backend, device):
     torch.testing.assert_close(y, F.linear(x, bw.dequantize()), rtol=1e-5, atol=1e-5)
     opcheck(torch.ops.shira.binary_linear.default,
             (x.view(6, 40).requires_grad_(), bw.packed, bw.alpha, bw.mu, None, 40))
+    opcheck(torch.ops.shira.binary_linear_grad_x.default,
+            (torch.randn(5, 6, device=device), bw.packed, bw.alpha, bw.mu, 40))
     down, up = _weight(4, 40, "petl", 6, device), _weight(6, 4, "petl", 7, device)
     opcheck(torch.ops.shira.binary_lora.default,
             (x.view(6, 40).requires_grad_(), down.packed, down.alpha, down.mu, 40, up.packed,

@@ -77,10 +77,15 @@ def test_binary_kernel(builds, shape):
     bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g), "row")
     x, bias = torch.randn(tokens, in_f, generator=g), torch.randn(out_f, generator=g)
     bytes_t = binary_ops._bytes_t(bw.packed)
-    exact = x.double() @ bw.dequantize(torch.float64).T + bias.double()
+    gy = torch.randn(tokens, out_f, generator=g)
+    w = bw.dequantize(torch.float64)
+    exact = x.double() @ w.T + bias.double()
     ours, theirs = (mod.binary_linear(x, bw.packed, bytes_t, bw.alpha, bw.mu, bias, 1.0)
                     for mod in (avx2, native))
     assert_within_torch_error(ours, theirs, exact, f"{MARCH} binary_linear")
+    ours, theirs = (mod.binary_linear_grad_x(gy, bw.packed, bw.alpha, bw.mu, in_f)
+                    for mod in (avx2, native))
+    assert_within_torch_error(ours, theirs, gy.double() @ w, f"{MARCH} binary_linear_grad_x")
 
 
 def test_scatter_add_is_exact(builds):

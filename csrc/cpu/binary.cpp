@@ -9,33 +9,29 @@
 
 namespace {
 
-// The signs are expanded in registers, never in memory: for a block of RB vectors of outputs
-// and TT tokens, each step over one input feature k turns bit k%8 of the outputs' sign bytes
-// into RB vectors of ±1.0 (a shift and a mask-xor each) and adds x[t, k]·(±1) to RB·TT
-// accumulators (one FMA each, x broadcast from memory). With AVX-512 (RB = 4, TT = 6) that is
-// 24 FMAs for 8 other vector operations, so the loop runs at about the FMA units' rate —
-// faster than a dense fp32 matmul, which must also stream 32 times the weight bytes
+// The signs are expanded in registers, never in memory. A block of RB vectors of outputs and
+// TT tokens keeps RB·TT accumulators; each step of the sum turns one bit per lane of the
+// block's sign words into RB vectors of ±1.0 (a shift and a mask-xor each) and adds a[t, j]·(±1)
+// to the accumulators (one FMA each, a broadcast from memory). With AVX-512 (RB = 4, TT = 6)
+// that is 24 FMAs for 8 other vector operations, so the loop runs at about the FMA units' rate
+// — faster than a dense fp32 matmul, which must also stream 32 times the weight bytes
 // (docs/benchmarks/binary_cpu.md). With 16 AVX2 registers the block is 2 x 4.
+//   y = x·sᵀ:  the sum runs over input features; a lane is an output, whose sign bytes come
+//              transposed (bytes_t), one byte per lane holding 8 consecutive steps.
+//   g·s:       (the gradient of x) the sum runs over outputs; a lane is an input feature, and
+//              one step's bits are kLanes consecutive bits of an output's packed row.
 #if defined(__AVX512F__)
-constexpr int kMaxRowVectors = 4;  // 64 outputs per block
-constexpr int kMaxTokens = 6;      // 24 accumulators + 4 byte vectors + sign + x < 32 registers
+constexpr int kMaxRowVectors = 4;  // 64 lanes per block
+constexpr int kMaxTokens = 6;      // 24 accumulators + 4 sign words + sign + x < 32 registers
 #else
-constexpr int kMaxRowVectors = 2;  // 16 outputs per block
-constexpr int kMaxTokens = 4;      // 8 accumulators + 2 byte vectors + sign + x < 16 registers
+constexpr int kMaxRowVectors = 2;  // 16 lanes per block
+constexpr int kMaxTokens = 4;      // 8 accumulators + 2 sign words + sign + x < 16 registers
 #endif
 typedef uint8_t bvec __attribute__((vector_size(kLanes), aligned(1)));
 constexpr int kBlockRows = kLanes * kMaxRowVectors;
-// Features summed in registers before they join the block's total: the rounding error grows
-// with kChunk + in / kChunk, as in a blocked dense dot product, not with in.
+// Steps summed in registers before they join the block's total: the rounding error grows
+// with kChunk + steps / kChunk, as in a blocked dense dot product, not with the step count.
 constexpr int64_t kChunk = 256;
-
-// The bytes of RB vectors of outputs for one group of 8 features, widened to one int per lane.
-template <int RB>
-inline void load_bytes(const uint8_t* b, ivec (&w)[RB]) {
-#pragma GCC unroll 4
-  for (int r = 0; r < RB; ++r)
-    w[r] = __builtin_convertvector(*reinterpret_cast<const bvec*>(b + kLanes * r), ivec);
-}
 
 // ±1.0 per lane from bit i of w: the bit moved to the sign position, then xor-ed into the bits
 // of -1.0 (a set bit gives +1.0). Integer shifts and logic vectorise on every x86 level.
@@ -45,40 +41,72 @@ inline fvec signs(ivec w, int i) {
   return reinterpret_cast<const fvec&>(bits);
 }
 
-// acc[t][r] += x[t, k + i]·s(k + i) for the first `bits` features of a group (8 but at the end
-// of a row whose length is not a multiple of 8).
-template <int RB, int TT>
-inline void add_group(const ivec (&w)[RB], const float* x, int64_t ldx, int64_t k,
-                      fvec (&acc)[TT][RB], int bits) {
-#pragma GCC unroll 8
-  for (int i = 0; i < bits; ++i) {
+// x·sᵀ's sign source: the bytes of RB vectors of outputs (from o0) for steps j .. j + 7, one
+// byte per lane; step j + i is bit i.
+struct TransposedBytes {
+  static constexpr int kSteps = 8;
+  const uint8_t* bytes_t;
+  int64_t ld, o0;
+  template <int RB>
+  void load(int64_t j, ivec (&w)[RB]) const {
+    const uint8_t* b = bytes_t + (j / 8) * ld + o0;
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+      w[r] = __builtin_convertvector(*reinterpret_cast<const bvec*>(b + kLanes * r), ivec);
+  }
+  static int bit(int i) { return i; }
+};
+
+// g·s's sign source: output row j's signs of RB vectors of input features (from k0), each
+// lane's bit moved to bit 31 (k0 is a multiple of kLanes, so a vector's bits are one aligned
+// byte or 16-bit half-word of the row, inside its last 32-bit word).
+struct PackedRows {
+  static constexpr int kSteps = 1;
+  const uint8_t* packed;
+  int64_t row_bytes, k0;
+  template <int RB>
+  void load(int64_t j, ivec (&w)[RB]) const {
+    ivec up;  // lane l: 31 - l, so that bit l of the broadcast word lands on bit 31
+    for (int l = 0; l < kLanes; ++l) up[l] = 31 - l;
+    const uint8_t* row = packed + j * row_bytes + k0 / 8;
 #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) {
-      const fvec s = signs(w[r], i);
-#pragma GCC unroll 6
-      for (int t = 0; t < TT; ++t) acc[t][r] += x[t * ldx + k + i] * s;
+      uint32_t v;
+      if constexpr (kLanes == 16) {
+        uint16_t h;
+        std::memcpy(&h, row + 2 * r, 2);
+        v = h;
+      } else {
+        v = row[r];
+      }
+      w[r] = (ivec{} + static_cast<int32_t>(v)) << up;
     }
   }
-}
+  static int bit(int) { return 31; }
+};
 
-// total[t][o] = Σ_k x[t, k]·s(o0 + o, k) for TT tokens (rows of x, ldx apart) and RB vectors of
-// outputs.
-template <int RB, int TT>
-void signed_sums(const float* x, int64_t ldx, int64_t in, const uint8_t* bytes_t, int64_t ld,
-                 int64_t o0, float (&total)[kMaxTokens][kBlockRows]) {
+// total[t][l] = Σ_j a[t, j]·s(j, l) for TT rows of a (lda apart), `steps` steps and RB vectors
+// of lanes whose signs come from `src`.
+template <int RB, int TT, class Source>
+void signed_sums(const float* a, int64_t lda, int64_t steps, const Source& src,
+                 float (&total)[kMaxTokens][kBlockRows]) {
   for (int t = 0; t < TT; ++t) std::fill(total[t], total[t] + kLanes * RB, 0.0f);
-  for (int64_t k0 = 0; k0 < in; k0 += kChunk) {
-    const int64_t k1 = std::min(in, k0 + kChunk);
+  for (int64_t j0 = 0; j0 < steps; j0 += kChunk) {
+    const int64_t j1 = std::min(steps, j0 + kChunk);
     fvec acc[TT][RB] = {};
     ivec w[RB];
-    int64_t k = k0;
-    for (; k + 8 <= k1; k += 8) {
-      load_bytes<RB>(bytes_t + (k / 8) * ld + o0, w);
-      add_group<RB, TT>(w, x, ldx, k, acc, 8);
-    }
-    if (k < k1) {  // the last features, fewer than 8 (only where in is not a multiple of 8)
-      load_bytes<RB>(bytes_t + (k / 8) * ld + o0, w);
-      add_group<RB, TT>(w, x, ldx, k, acc, static_cast<int>(k1 - k));
+    for (int64_t j = j0; j < j1; j += Source::kSteps) {
+      src.template load<RB>(j, w);
+      const int n = static_cast<int>(std::min<int64_t>(Source::kSteps, j1 - j));
+#pragma GCC unroll 8
+      for (int i = 0; i < n; ++i) {
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) {
+          const fvec s = signs(w[r], Source::bit(i));
+#pragma GCC unroll 6
+          for (int t = 0; t < TT; ++t) acc[t][r] += a[t * lda + j + i] * s;
+        }
+      }
     }
     for (int t = 0; t < TT; ++t)
       for (int r = 0; r < RB; ++r)
@@ -96,34 +124,19 @@ inline float row_sum(const float* x, int64_t in) {
   return total;
 }
 
-struct Epilogue {  // y[t, o] = scale·(alpha[o]·P[t, o] + mu[o]·xsum[t] + bias[o])
+// y[t, l] = scale·(alpha[l]·P[t, l] + mu[l]·add[t] + bias[l]) (alpha, mu per lane or one value;
+// bias may be null).
+struct Epilogue {
   const float* alpha;
-  bool alpha_per_row;
+  bool alpha_per_lane;
   const float* mu;
-  bool mu_per_row;
-  const float* bias;  // may be null
+  bool mu_per_lane;
+  const float* bias;
   float scale;
-  const float* xsum;
+  const float* add;
 };
 
-template <int RB, int TT>
-void output_block(const float* x, int64_t in, const uint8_t* bytes_t, int64_t ld, int64_t out,
-                  int64_t o0, int64_t t0, const Epilogue& e, float* y) {
-  float total[kMaxTokens][kBlockRows];
-  signed_sums<RB, TT>(x + t0 * in, in, in, bytes_t, ld, o0, total);
-  const int64_t n = std::min<int64_t>(kLanes * RB, out - o0);
-  for (int t = 0; t < TT; ++t) {
-    const float sx = e.xsum[t0 + t];
-    float* row = y + (t0 + t) * out + o0;
-    for (int64_t o = 0; o < n; ++o) {
-      const float a = e.alpha[e.alpha_per_row ? o0 + o : 0], m = e.mu[e.mu_per_row ? o0 + o : 0];
-      const float b = e.bias ? e.bias[o0 + o] : 0.0f;
-      row[o] = e.scale * (a * total[t][o] + m * sx + b);
-    }
-  }
-}
-
-// f(std::integral_constant<int, min(v, N)>()) for v >= 1: the instance for a block's row
+// f(std::integral_constant<int, min(v, N)>()) for v >= 1: the instance for a block's lane
 // vectors or tokens (constant trip counts keep the accumulators in registers).
 template <int N, typename F>
 inline void with_constant(int v, F&& f) {
@@ -131,6 +144,42 @@ inline void with_constant(int v, F&& f) {
     if (v < N) return with_constant<N - 1>(v, f);
   }
   f(std::integral_constant<int, N>());
+}
+
+// y [tokens, lanes] = the epilogue of Σ_j a[t, j]·s(j, l) over `steps`; source(l0) gives the
+// sign source of the lanes from l0. Blocks of lanes outside, of tokens inside: a block's signs
+// stay in L1/L2 over all tokens. (A product of a few tens of thousands of terms is not worth
+// waking the threads for.)
+template <class MakeSource>
+void binary_products(const float* a, int64_t tokens, int64_t steps, int64_t lanes,
+                     MakeSource&& source, const Epilogue& e, float* y) {
+  const int64_t lane_blocks = (lanes + kBlockRows - 1) / kBlockRows;
+  const int64_t token_blocks = (tokens + kMaxTokens - 1) / kMaxTokens;
+#pragma omp parallel for collapse(2) schedule(static) if (tokens * lanes * steps > (1 << 16))
+  for (int64_t lb = 0; lb < lane_blocks; ++lb) {
+    for (int64_t tb = 0; tb < token_blocks; ++tb) {
+      const int64_t l0 = lb * kBlockRows, t0 = tb * kMaxTokens;
+      const int n = static_cast<int>(std::min<int64_t>(kBlockRows, lanes - l0));
+      const int tt = static_cast<int>(std::min<int64_t>(kMaxTokens, tokens - t0));
+      const auto src = source(l0);
+      with_constant<kMaxRowVectors>((n + kLanes - 1) / kLanes, [&](auto rb) {
+        with_constant<kMaxTokens>(tt, [&](auto tc) {
+          constexpr int RB = decltype(rb)::value, TT = decltype(tc)::value;
+          float total[kMaxTokens][kBlockRows];
+          signed_sums<RB, TT>(a + t0 * steps, steps, steps, src, total);
+          for (int t = 0; t < TT; ++t) {
+            float* row = y + (t0 + t) * lanes + l0;
+            for (int l = 0; l < n; ++l) {
+              const float al = e.alpha[e.alpha_per_lane ? l0 + l : 0];
+              const float m = e.mu[e.mu_per_lane ? l0 + l : 0];
+              const float b = e.bias ? e.bias[l0 + l] : 0.0f;
+              row[l] = e.scale * (al * total[t][l] + m * e.add[t0 + t] + b);
+            }
+          }
+        });
+      });
+    }
+  }
 }
 
 }  // namespace
@@ -142,23 +191,16 @@ void shira_binary_matmul_cpu(const float* x, int64_t tokens, int64_t in, const u
   std::vector<float> xsum(tokens);
   for (int64_t t = 0; t < tokens; ++t) xsum[t] = row_sum(x + t * in, in);
   const Epilogue e{alpha, alpha_per_row, mu, mu_per_row, bias, scale, xsum.data()};
-  const int64_t row_blocks = (out + kBlockRows - 1) / kBlockRows;
-  const int64_t token_blocks = (tokens + kMaxTokens - 1) / kMaxTokens;
-  // Row blocks outside: a block's sign bytes (in/8 rows of kBlockRows bytes) stay in L1/L2
-  // over all tokens. (A product of a few tens of thousands of terms is not worth waking the
-  // threads for.)
-#pragma omp parallel for collapse(2) schedule(static) if (tokens * out * in > (1 << 16))
-  for (int64_t rb = 0; rb < row_blocks; ++rb) {
-    for (int64_t tb = 0; tb < token_blocks; ++tb) {
-      const int64_t o0 = rb * kBlockRows, t0 = tb * kMaxTokens;
-      const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, out - o0));
-      const int tt = static_cast<int>(std::min<int64_t>(kMaxTokens, tokens - t0));
-      with_constant<kMaxRowVectors>((rows + kLanes - 1) / kLanes, [&](auto rb_) {
-        with_constant<kMaxTokens>(tt, [&](auto tt_) {
-          output_block<decltype(rb_)::value, decltype(tt_)::value>(x, in, bytes_t, ld, out, o0,
-                                                                   t0, e, y);
-        });
-      });
-    }
-  }
+  binary_products(x, tokens, in, out, [&](int64_t o0) { return TransposedBytes{bytes_t, ld, o0}; },
+                  e, y);
+}
+
+void shira_binary_matmul_t_cpu(const float* g, int64_t tokens, int64_t out,
+                               const int32_t* packed, int64_t words, int64_t in, const float* add,
+                               float* gx) {
+  const float one = 1.0f;
+  const Epilogue e{&one, false, &one, false, nullptr, 1.0f, add};
+  const auto* bytes = reinterpret_cast<const uint8_t*>(packed);
+  binary_products(g, tokens, out, in, [&](int64_t k0) { return PackedRows{bytes, words * 4, k0}; },
+                  e, gx);
 }

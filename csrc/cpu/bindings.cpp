@@ -205,6 +205,28 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
   return y;
 }
 
+// gx = gy @ (mu + alpha * s) in fp32 without forming the weight: (gy * alpha) @ s + gy @ mu.
+torch::Tensor binary_linear_grad_x(const torch::Tensor& gy, const torch::Tensor& packed,
+                                   const torch::Tensor& alpha, const torch::Tensor& mu,
+                                   int64_t in) {
+  TORCH_CHECK(gy.dim() == 2 && packed.dim() == 2 && packed.scalar_type() == torch::kInt32 &&
+                  packed.is_contiguous() && gy.size(1) == packed.size(0),
+              "binary_linear_grad_x: gy [T, out] and packed int32 [out, words]");
+  const int64_t tokens = gy.size(0), out = packed.size(0), words = packed.size(1);
+  TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
+  TORCH_CHECK(alpha.scalar_type() == torch::kFloat && mu.scalar_type() == torch::kFloat &&
+                  (alpha.numel() == 1 || alpha.numel() == out) && (mu.numel() == 1 || mu.numel() == out),
+              "alpha and mu must be fp32 of numel 1 or out");
+  torch::Tensor g = gy.to(torch::kFloat);
+  torch::Tensor add = (g * mu.reshape(-1)).sum(1);
+  g = (g * alpha.reshape(-1)).contiguous();
+  torch::Tensor gx = torch::empty({tokens, in}, g.options());
+  if (tokens == 0 || in == 0) return gx;
+  shira_binary_matmul_t_cpu(g.data_ptr<float>(), tokens, out, packed.data_ptr<int32_t>(), words,
+                            in, add.data_ptr<float>(), gx.data_ptr<float>());
+  return gx;
+}
+
 // y = scale * up(act(down(x))) for 1-bit down [r, in] and up [out, r] (alpha/mu fp32 [1] or
 // per row): the r intermediate values per token stay inside this call (in cache).
 torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_packed,
@@ -239,6 +261,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scale"), pybind11::arg("overwrite_gx") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_linear", &binary_linear, "scale * (x @ (mu + alpha * s)^T + bias), fp32, for packed 1-bit signs s",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("binary_linear_grad_x", &binary_linear_grad_x,
+        "gy @ (mu + alpha * s) in fp32 for packed 1-bit signs s, without forming the weight",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -54,3 +54,9 @@ void shira_binary_matmul_cpu(const float* x, int64_t tokens, int64_t in, const u
                              int64_t ld, int64_t out, const float* alpha, bool alpha_per_row,
                              const float* mu, bool mu_per_row, const float* bias, float scale,
                              float* y);
+// The gradient of x through such a weight, without the weight: gx[t, k] = sum_o g[t, o] *
+// s[o, k] + add[t] for g fp32 [T, out] (gy with alpha folded in), the packed rows int32
+// [out, words] and add[t] = sum_o gy[t, o] * mu[o]; gx fp32 [T, in].
+void shira_binary_matmul_t_cpu(const float* g, int64_t tokens, int64_t out,
+                               const int32_t* packed, int64_t words, int64_t in, const float* add,
+                               float* gx);

@@ -8,8 +8,9 @@
 The signs are never expanded to a dense weight in memory. On the CPU they are expanded in
 registers: per input feature, one bit of 64 outputs' sign bytes becomes four vectors of ±1 that
 multiply x for six tokens at a time (csrc/cpu/binary.cpp), fp32 accumulation, as fast as the FMA
-units go at every token count. The gradient of x is provided (gy·W, from the dequantized
-weight); training the 1-bit weights goes through quant.fake_quantize instead.
+units go at every token count. The gradient of x is provided (gy·W; on the CPU by the same
+kind of kernel, elsewhere from the dequantized weight); training the 1-bit weights goes through
+quant.fake_quantize instead.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def _dequantized(packed, alpha, mu, in_features) -> torch.Tensor:
 def binary_linear_reference(x, packed, alpha, mu, bias, in_features) -> torch.Tensor:
     y = x.float() @ _dequantized(packed, alpha, mu, in_features).T
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def binary_linear_grad_x_reference(gy, packed, alpha, mu, in_features) -> torch.Tensor:
+    return (gy.float() @ _dequantized(packed, alpha, mu, in_features)).to(gy.dtype)
 
 
 def binary_lora_reference(x, down, up, scale: float, relu: bool) -> torch.Tensor:
@@ -87,6 +92,19 @@ def _linear_kernel(backend: str):
 
 
 @functools.cache
+def _grad_x_kernel(backend: str):
+    # The CPU kernel sums gy·(α·s) with the signs expanded in registers; elsewhere the weight
+    # is dequantized for the gradient (cuBLAS / torch's matmul).
+    if backend != "cpu":
+        return binary_linear_grad_x_reference
+    mod = _native.module(backend)
+
+    def cpu(gy, packed, alpha, mu, in_features):
+        return mod.binary_linear_grad_x(gy, packed, alpha, mu, in_features).to(gy.dtype)
+    return cpu
+
+
+@functools.cache
 def _lora_kernel(backend: str):
     if backend == "reference":
         return binary_lora_reference
@@ -125,18 +143,35 @@ def _linear_setup(ctx, inputs, output):
     x, packed, alpha, mu, bias, in_features = inputs
     ctx.save_for_backward(packed, alpha, mu)
     ctx.in_features, ctx.has_bias = in_features, bias is not None
+    ctx.backend = backends.requested()  # the backward runs where use_backend() is not seen
 
 
-def _linear_backward(ctx, gy):
+def _grad_x(gy: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+            in_features: int) -> torch.Tensor:
+    return _grad_x_kernel(backends.select(gy.device))(gy.contiguous(), packed, alpha, mu,
+                                                     in_features)
+
+
+# An op of its own, so that the registered backward stays traceable (fake kernel below).
+_grad_x_op = torch.library.custom_op("shira::binary_linear_grad_x", mutates_args=())(_grad_x)
+
+
+@_grad_x_op.register_fake
+def _(gy, packed, alpha, mu, in_features):
+    return gy.new_empty((gy.shape[0], in_features))
+
+
+def _linear_backward(ctx, gy, grad_x=_grad_x_op):
     packed, alpha, mu = ctx.saved_tensors
-    gx = (gy.float() @ _dequantized(packed, alpha, mu, ctx.in_features)).to(gy.dtype)
+    with backends.use_backend(ctx.backend):
+        gx = grad_x(gy, packed, alpha, mu, ctx.in_features)
     gb = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
     return gx, None, None, None, gb, None
 
 
 _binary_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 _eager_binary_linear = eager_function("_EagerBinaryLinear", _binary_linear, _linear_setup,
-                                     _linear_backward)
+                                     functools.partial(_linear_backward, grad_x=_grad_x))
 
 
 def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.Tensor,
