@@ -21,14 +21,14 @@ namespace {
 //   g·s:       (the gradient of x) the sum runs over outputs; a lane is an input feature, and
 //              one step's bits are kLanes consecutive bits of an output's packed row.
 #if defined(__AVX512F__)
-constexpr int kMaxRowVectors = 4;  // 64 lanes per block
+constexpr int kMaxVectors = 4;  // 64 lanes per block
 constexpr int kMaxTokens = 6;      // 24 accumulators + 4 sign words + sign + x < 32 registers
 #else
-constexpr int kMaxRowVectors = 2;  // 16 lanes per block
+constexpr int kMaxVectors = 2;  // 16 lanes per block
 constexpr int kMaxTokens = 4;      // 8 accumulators + 2 sign words + sign + x < 16 registers
 #endif
 typedef uint8_t bvec __attribute__((vector_size(kLanes), aligned(1)));
-constexpr int kBlockRows = kLanes * kMaxRowVectors;
+constexpr int kBlockLanes = kLanes * kMaxVectors;
 // Steps summed in registers before they join the block's total: the rounding error grows
 // with kChunk + steps / kChunk, as in a blocked dense dot product, not with the step count.
 constexpr int64_t kChunk = 256;
@@ -42,7 +42,7 @@ inline fvec signs(ivec w, int i) {
 }
 
 // x·sᵀ's sign source: the bytes of RB vectors of outputs (from o0) for steps j .. j + 7, one
-// byte per lane; step j + i is bit i.
+// byte per lane; step j + i is bit i (bytes_t's rows are padded to whole vectors).
 struct TransposedBytes {
   static constexpr int kSteps = 8;
   const uint8_t* bytes_t;
@@ -58,8 +58,9 @@ struct TransposedBytes {
 };
 
 // g·s's sign source: output row j's signs of RB vectors of input features (from k0), each
-// lane's bit moved to bit 31 (k0 is a multiple of kLanes, so a vector's bits are one aligned
-// byte or 16-bit half-word of the row, inside its last 32-bit word).
+// lane's bit moved to bit 31. k0 is a multiple of kLanes, so a vector's bits are one aligned
+// byte (AVX2) or 16-bit half-word (AVX-512) of the row, within the row's words even where the
+// vector runs past in_features (those lanes are computed, not stored).
 struct PackedRows {
   static constexpr int kSteps = 1;
   const uint8_t* packed;
@@ -89,7 +90,7 @@ struct PackedRows {
 // of lanes whose signs come from `src`.
 template <int RB, int TT, class Source>
 void signed_sums(const float* a, int64_t lda, int64_t steps, const Source& src,
-                 float (&total)[kMaxTokens][kBlockRows]) {
+                 float (&total)[kMaxTokens][kBlockLanes]) {
   for (int t = 0; t < TT; ++t) std::fill(total[t], total[t] + kLanes * RB, 0.0f);
   for (int64_t j0 = 0; j0 < steps; j0 += kChunk) {
     const int64_t j1 = std::min(steps, j0 + kChunk);
@@ -153,19 +154,19 @@ inline void with_constant(int v, F&& f) {
 template <class MakeSource>
 void binary_products(const float* a, int64_t tokens, int64_t steps, int64_t lanes,
                      MakeSource&& source, const Epilogue& e, float* y) {
-  const int64_t lane_blocks = (lanes + kBlockRows - 1) / kBlockRows;
+  const int64_t lane_blocks = (lanes + kBlockLanes - 1) / kBlockLanes;
   const int64_t token_blocks = (tokens + kMaxTokens - 1) / kMaxTokens;
 #pragma omp parallel for collapse(2) schedule(static) if (tokens * lanes * steps > (1 << 16))
   for (int64_t lb = 0; lb < lane_blocks; ++lb) {
     for (int64_t tb = 0; tb < token_blocks; ++tb) {
-      const int64_t l0 = lb * kBlockRows, t0 = tb * kMaxTokens;
-      const int n = static_cast<int>(std::min<int64_t>(kBlockRows, lanes - l0));
+      const int64_t l0 = lb * kBlockLanes, t0 = tb * kMaxTokens;
+      const int n = static_cast<int>(std::min<int64_t>(kBlockLanes, lanes - l0));
       const int tt = static_cast<int>(std::min<int64_t>(kMaxTokens, tokens - t0));
       const auto src = source(l0);
-      with_constant<kMaxRowVectors>((n + kLanes - 1) / kLanes, [&](auto rb) {
+      with_constant<kMaxVectors>((n + kLanes - 1) / kLanes, [&](auto rb) {
         with_constant<kMaxTokens>(tt, [&](auto tc) {
           constexpr int RB = decltype(rb)::value, TT = decltype(tc)::value;
-          float total[kMaxTokens][kBlockRows];
+          float total[kMaxTokens][kBlockLanes];
           signed_sums<RB, TT>(a + t0 * steps, steps, steps, src, total);
           for (int t = 0; t < TT; ++t) {
             float* row = y + (t0 + t) * lanes + l0;
