@@ -54,3 +54,16 @@ def backend(_device_and_backend):
     assert reason is None, f"backend {name} unavailable for {device_type}: {reason}"
     with shira_kernels.use_backend(name):
         yield name
+
+
+def with_threads(fn, threads: int):
+    """(fn() with torch's thread count as it is, fn() with ``threads`` threads): the CPU
+    kernels must give the same bits however their work is split."""
+    before = torch.get_num_threads()
+    expected = fn()
+    try:
+        torch.set_num_threads(threads)
+        got = fn()
+    finally:
+        torch.set_num_threads(before)
+    return expected, got

@@ -11,7 +11,7 @@ from shira_kernels.ops import binary as binary_ops
 from shira_kernels.ops.binary import binary_linear, binary_lora
 from shira_kernels.quant import PETL_LEVEL, fake_quantize
 
-from conftest import DTYPES
+from conftest import DTYPES, with_threads
 from test_sparse_delta import assert_within_torch_error
 
 
@@ -162,13 +162,7 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(threads):
                 grad_x(gy, bw.packed, bw.alpha, bw.mu, 301),
                 lora(x, (down.packed, down.alpha, down.mu), (up.packed, up.alpha, up.mu), 0.5,
                      True))
-    before = torch.get_num_threads()
-    expected = run()
-    try:
-        torch.set_num_threads(threads)
-        got = run()
-    finally:
-        torch.set_num_threads(before)
+    expected, got = with_threads(run, threads)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
 

@@ -9,7 +9,7 @@ import shira_kernels
 from shira_kernels.formats import SparseDelta
 from shira_kernels.ops import sparse_delta as sd
 
-from conftest import DTYPES
+from conftest import DTYPES, with_threads
 
 # (tokens, out, in): odd sizes, 0 and 1 token, a wide layer, a long sequence.
 # in 40000 > 32767 takes the int32 column indices. The CPU kernels work on token chunks of
@@ -136,13 +136,7 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
                 kernels.sddmm(gy, x, s.rows, s.cols),
                 kernels.sddmm(gy, x, s.rows, s.cols, s.row_offsets),  # offsets given, not derived
                 *kernels.spmm_t_sddmm(gx.clone(), gy, x, delta.values, struct, 0.5))
-    before = torch.get_num_threads()
-    expected = run()
-    try:
-        torch.set_num_threads(threads)
-        got = run()
-    finally:
-        torch.set_num_threads(before)
+    expected, got = with_threads(run, threads)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
     assert torch.equal(got[1], got[2])
