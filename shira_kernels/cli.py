@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from . import __version__, backends
+from . import __version__, _native, backends
 
 
 def _tool_version(command: list[str]) -> str:
@@ -57,7 +57,12 @@ def _backend_rows(device_type: str) -> list[tuple[str, str]]:
     rows = []
     for name in backends.BACKENDS:
         reason = backends.unavailable_reason(name, device_type)
-        rows.append((name, "available" if reason is None else f"unavailable: {reason}"))
+        state = "available" if reason is None else f"unavailable: {reason}"
+        if name == "cpu" and reason is None:  # what -march=native gave this machine
+            lanes = _native.module("cpu").vector_lanes()
+            state += f" (built for this CPU: {lanes}-lane fp32 vectors, "
+            state += "AVX-512)" if lanes == 16 else "no AVX-512)"
+        rows.append((name, state))
     return rows
 
 

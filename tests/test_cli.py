@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from shira_kernels import bench_suite, cli
+from shira_kernels import _native, bench_suite, cli
 
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -39,6 +39,8 @@ def test_info_without_timing(capsys):
     assert cli.main(["info", "--no-timing"]) == 0
     out = capsys.readouterr().out
     assert "versions" in out and "backends for cpu tensors" in out
+    lanes = _native.module("cpu").vector_lanes()
+    assert lanes in (8, 16) and f"built for this CPU: {lanes}-lane fp32 vectors" in out
 
 
 def test_demo_each_adapter_is_best_on_its_own_task(capsys):

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "vec.h"
 
 namespace {
 
@@ -244,6 +245,8 @@ torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_pack
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("vector_lanes", []() { return kLanes; },
+        "fp32 lanes per vector the kernels were built with (16: AVX-512, 8: otherwise)");
   m.def("scatter_swap", &scatter_swap, "batched scatter-swap over a task table (CPU)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("spmm", &spmm, "y + scale * x @ S^T with S in CSR (CPU)", pybind11::arg("y"),
