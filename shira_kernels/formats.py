@@ -16,9 +16,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import validate_indices
+from ._checks import TensorCache, validate_indices
 
 __all__ = ["BinaryWeight", "SparseDelta", "SparseStructure", "flat_index_dtype", "pack_signs",
            "unpack_signs"]
@@ -82,16 +81,14 @@ class SparseStructure:
             t_cols=rows[t_perm].to(_column_dtype(out_features)), t_perm=t_perm)
 
 
-_STRUCTURES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_STRUCTURES = TensorCache()
 
 
 def _structure_of(flat_indices: torch.Tensor, shape: tuple[int, int]) -> SparseStructure:
-    cached = _STRUCTURES.get(flat_indices)
-    if cached is not None and cached[0] == (flat_indices._version, shape):
-        return cached[1]
-    structure = SparseStructure.build(flat_indices, shape)
-    _STRUCTURES[flat_indices] = ((flat_indices._version, shape), structure)
-    return structure
+    cached = _STRUCTURES.get(flat_indices, shape)
+    if cached is not None:
+        return cached
+    return _STRUCTURES.put(flat_indices, SparseStructure.build(flat_indices, shape), shape)
 
 
 class SparseDelta:

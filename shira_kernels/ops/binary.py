@@ -18,10 +18,8 @@ import functools
 
 import torch
 
-from torch.utils.weak import WeakIdKeyDictionary
-
 from .. import _native, backends
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, TensorCache
 from ..formats import BinaryWeight
 from ._eager import eager_function, via_op
 
@@ -58,7 +56,7 @@ def binary_lora_reference(x, down, up, scale: float, relu: bool) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Kernels per backend.
 # ---------------------------------------------------------------------------------------------
-_BYTES_T: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_BYTES_T = TensorCache()
 
 
 def _bytes_t(packed: torch.Tensor) -> torch.Tensor:
@@ -66,13 +64,12 @@ def _bytes_t(packed: torch.Tensor) -> torch.Tensor:
     word j holds columns 32·j + 8·b … + 7), ld = out rounded up to 16 so that every block of 16
     outputs is whole. Derived once per packed tensor (and again if it is written to)."""
     cached = _BYTES_T.get(packed)
-    if cached is None or cached[0] != packed._version:
-        out, words = packed.shape
-        bytes_t = packed.new_zeros((words * 4, -(-out // 16) * 16), dtype=torch.uint8)
-        bytes_t[:, :out] = packed.view(torch.uint8).t()
-        cached = (packed._version, bytes_t)
-        _BYTES_T[packed] = cached
-    return cached[1]
+    if cached is not None:
+        return cached
+    out, words = packed.shape
+    bytes_t = packed.new_zeros((words * 4, -(-out // 16) * 16), dtype=torch.uint8)
+    bytes_t[:, :out] = packed.view(torch.uint8).t()
+    return _BYTES_T.put(packed, bytes_t)
 
 
 @functools.cache

@@ -25,11 +25,10 @@ import threading
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 from typing import Callable, NamedTuple
 
 from .. import _native, backends
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, TensorCache
 from ..formats import SparseDelta
 from ._eager import eager_function, via_op
 from .scatter_swap import swap_unchecked
@@ -157,24 +156,24 @@ def _select(device) -> Kernels:
     return _kernels(backends.select(device))
 
 
-_ROW_BLOCKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_ROW_BLOCKS = TensorCache()
 
 
 def _row_blocks(rows, cols, offsets, n_in: int, rows_per_block: int):
     """[(first row, entry range, entries' flat index in the block)], cached per index tensor."""
     key = (rows_per_block, n_in)
-    cached = _ROW_BLOCKS.get(rows)
-    if cached is None or cached[0] != key:
-        starts = offsets.tolist()  # once per structure (a device sync on CUDA)
-        n_out = len(starts) - 1
-        blocks = []
-        for r0 in range(0, n_out, rows_per_block):
-            a, b = starts[r0], starts[min(r0 + rows_per_block, n_out)]
-            if b > a:
-                local = (rows[a:b].long() - r0) * n_in + cols[a:b].long()
-                blocks.append((r0, a, b, local))
-        cached = _ROW_BLOCKS[rows] = (key, blocks)
-    return cached[1]
+    cached = _ROW_BLOCKS.get(rows, key)
+    if cached is not None:
+        return cached
+    starts = offsets.tolist()  # once per structure (a device sync on CUDA)
+    n_out = len(starts) - 1
+    blocks = []
+    for r0 in range(0, n_out, rows_per_block):
+        a, b = starts[r0], starts[min(r0 + rows_per_block, n_out)]
+        if b > a:
+            local = (rows[a:b].long() - r0) * n_in + cols[a:b].long()
+            blocks.append((r0, a, b, local))
+    return _ROW_BLOCKS.put(rows, blocks, key)
 
 
 def _values_gradient(sddmm, gy, x, rows, cols, offsets):
