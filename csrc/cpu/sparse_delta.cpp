@@ -17,7 +17,8 @@ namespace {
 // activations, no full-size copy), then every product is a run of whole vectors (vec.h) over
 // the chunk. Chunk lengths: spmm keeps one output row's chunk in registers (8 vectors), sddmm
 // one gy row plus four running dot products, spmm_t_sddmm one x row, gx's partial sums and
-// two dot products (18 vectors of the 32 AVX-512 registers). spmm_t_sddmm shares sddmm's.
+// two dot products (18 vectors: of AVX-512's 32 registers; AVX2's 16 spill a few, and its
+// 32-token chunks measured slower than 64). spmm_t_sddmm shares sddmm's.
 constexpr int64_t kSpmmTokenChunk = 8 * kLanes;
 constexpr int64_t kSddmmTokenChunk = 8 * kLanes;
 // The entries of a row are visited one block of columns at a time, for all rows, so the x tile
