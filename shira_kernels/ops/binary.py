@@ -196,19 +196,25 @@ def _lora_setup(ctx, inputs, output):
     x, dp, da, dm, din, up, ua, um, uin, scale, relu = inputs
     ctx.save_for_backward(x, dp, da, dm, up, ua, um)
     ctx.down_in, ctx.up_in, ctx.scale, ctx.relu = din, uin, scale, relu
+    ctx.backend = backends.requested()
 
 
-def _lora_backward(ctx, gy):
+def _lora_backward(ctx, gy, grad_x=_grad_x_op, linear=_binary_linear_op):
+    # gx = scale·(gy·up ⊙ [down(x) > 0])·down with both products through the 1-bit weights
+    # (on the CPU neither weight is dequantized), the intermediate in fp32.
     x, dp, da, dm, up, ua, um = ctx.saved_tensors
-    down_w = _dequantized(dp, da, dm, ctx.down_in)
-    gh = ctx.scale * (gy.float() @ _dequantized(up, ua, um, ctx.up_in))
-    if ctx.relu:
-        gh = gh * (x.float() @ down_w.T > 0)
-    return (gh @ down_w).to(gy.dtype), *([None] * 10)
+    with backends.use_backend(ctx.backend):
+        gh = ctx.scale * grad_x(gy.float(), up, ua, um, ctx.up_in)
+        if ctx.relu:  # the forward's down(x), recomputed in fp32
+            gh = gh * (linear(x.float(), dp, da, dm, None, ctx.down_in) > 0)
+        gx = grad_x(gh, dp, da, dm, ctx.down_in)
+    return gx.to(gy.dtype), *([None] * 10)
 
 
 _binary_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup)
-_eager_binary_lora = eager_function("_EagerBinaryLora", _binary_lora, _lora_setup, _lora_backward)
+_eager_binary_lora = eager_function(
+    "_EagerBinaryLora", _binary_lora, _lora_setup,
+    functools.partial(_lora_backward, grad_x=_grad_x, linear=_binary_linear))
 
 
 # ---------------------------------------------------------------------------------------------
