@@ -1,6 +1,6 @@
 """Benchmark scripts run end to end where a CPU can: the GPU report on CPU tensors at toy
 sizes (--dry-run), so that it still works when a GPU session comes (its timing code is the only
-part left unexercised), and the CPU kernel A/B script at a toy size."""
+part left unexercised), the CPU kernel A/B script and the 1-bit report at toy sizes."""
 import json
 import subprocess
 import sys
@@ -39,3 +39,15 @@ def test_cpu_kernel_ab_script_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for kernel in ("spmm ", "spmm_t_sddmm", "sddmm (offsets given)"):
         assert kernel in proc.stdout and "this/other" in proc.stdout
+
+
+def test_binary_report_quick(tmp_path):
+    out = tmp_path / "binary.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report_binary.py"), "--quick",
+                           "--repeat", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for section in ("## binary_linear", "## Gradient of x through binary_linear",
+                    "## binary_lora (ViT-B", "## binary_lora (small shapes"):
+        assert section in text, section
