@@ -1,16 +1,21 @@
-"""Time the CPU sparse kernels as a training step meets them, optionally against another
-checkout's kernels loaded in the same process.
+"""Time the CPU kernels as a training step meets them, optionally against another checkout's
+kernels (or this one's, built for another target) loaded in the same process.
 
-    python bench/ab_cpu_kernels.py [--against DIR] [--shapes 2048x2048,4096x4096] [--tokens 128]
+    python bench/ab_cpu_kernels.py [--against DIR [--march TARGET]] [--shapes 2048x2048,4096x4096]
+                                   [--tokens 128]
 
 Before every call a dense matmul of the layer's own size runs (gy·W), as in a training step: it
 streams the weight through the caches, so the kernel meets its activations cold. Warm-cache
 timings (the same call repeated) hide what the kernels spend there. DIR is another checkout,
 e.g. made with `git worktree add /tmp/old <rev>`; its csrc/cpu is built as a second extension
-and each kernel both builds have must give the same bits. The variants are timed round robin
-and the medians compared side by side. Kernels: spmm (the forward), spmm_t_sddmm (the spmm
-strategy's backward, where a build has it), sddmm with S's row offsets derived by the kernel
-and given by the caller (where a build takes them).
+(for -march=TARGET, default native: `--against . --march x86-64-v3` times the AVX2 build of this
+checkout) and each kernel both builds have must give the same bits (for another target, whose
+vectors sum in another order, and for the 1-bit kernels, rewritten in ad1eb25: the same values
+to 1e-5 of the largest). The variants are timed
+round robin and the medians compared side by side. Kernels: spmm (the forward), spmm_t_sddmm
+(the spmm strategy's backward, where a build has it), sddmm with S's row offsets derived by the
+kernel and given by the caller (where a build takes them), and the 1-bit binary_linear and its
+gradient of x on a weight of the layer's shape (where a build has them).
 """
 from __future__ import annotations
 
@@ -24,9 +29,10 @@ import torch
 
 import shira_kernels
 from shira_kernels import _native
+from shira_kernels.ops import binary as binary_ops
 
 
-def kernel_calls(mod, s, values, x, y, gy, gx):
+def kernel_calls(mod, s, values, x, y, gy, gx, bw, bytes_t):
     """name -> zero-argument call, for the kernels this build has."""
     calls = {"spmm": lambda: mod.spmm(y, x, s.row_offsets, s.cols, values, 1.0, True),
              "sddmm (offsets derived)": lambda: mod.sddmm(gy, x, s.rows, s.cols)}
@@ -38,13 +44,25 @@ def kernel_calls(mod, s, values, x, y, gy, gx):
     if hasattr(mod, "spmm_t_sddmm"):
         calls["spmm_t_sddmm"] = lambda: mod.spmm_t_sddmm(gx, gy, x, s.t_offsets, s.t_cols,
                                                         s.t_perm, values, 1.0, True)
+    one_bit = (x, bw.packed, bytes_t, bw.alpha, bw.mu, None, 1.0)
+    try:
+        mod.binary_linear(*one_bit)
+        calls["binary_linear"] = lambda: mod.binary_linear(*one_bit)
+    except TypeError:  # a build from before ad1eb25: table lookup up to 16 tokens, then unpack + mm
+        calls["binary_linear"] = lambda: mod.binary_linear(*one_bit, 16)
+    if hasattr(mod, "binary_linear_grad_x"):
+        calls["binary_linear_grad_x"] = lambda: mod.binary_linear_grad_x(
+            gy, bw.packed, bw.alpha, bw.mu, bw.shape[1])
     return calls
 
 
-def same_bits(a, b) -> bool:
+def agree(a, b, exact: bool) -> bool:
+    """The same bits, or (builds for different targets) the same values to 1e-5 of the largest."""
     if isinstance(a, tuple):
-        return all(torch.equal(p, q) for p, q in zip(a, b))
-    return torch.equal(a, b)
+        return all(agree(p, q, exact) for p, q in zip(a, b))
+    if exact:
+        return torch.equal(a, b)
+    return bool((a - b).abs().max() <= 1e-5 * b.abs().max()) if b.numel() else a.numel() == 0
 
 
 def main(argv=None) -> int:
@@ -56,6 +74,7 @@ def main(argv=None) -> int:
                    help="SHiRA rank: r·(out+in) entries (default min(out, in) / 128)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--march", default="native", help="the target --against is built for")
     args = p.parse_args(argv)
     try:
         shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
@@ -67,9 +86,17 @@ def main(argv=None) -> int:
         p.error("--tokens, --rounds and --r must be ≥ 1")
     if args.against is not None and not any((args.against / "csrc" / "cpu").glob("*.cpp")):
         p.error(f"--against {args.against}: no csrc/cpu/*.cpp there (give a checkout's root)")
+    if args.march != "native" and args.against is None:
+        p.error("--march names the target of the --against build; give --against too")
     builds = {"this checkout": _native.module("cpu")}
     if args.against is not None:
-        builds[f"{args.against}"] = _native.build_cpu_variant(args.against.resolve() / "csrc" / "cpu")
+        try:
+            other = _native.build_cpu_variant(args.against.resolve() / "csrc" / "cpu", args.march)
+        except RuntimeError as exc:  # cpp_extension's compiler output is in the message
+            p.error(f"--against {args.against} --march {args.march}: the build failed: "
+                    f"{str(exc)[-1500:]}")
+        name = str(args.against) + ("" if args.march == "native" else f" -march={args.march}")
+        builds[name] = other
     torch.manual_seed(0)
     print(f"{args.tokens} tokens, fp32, {torch.get_num_threads()} threads, medians of "
           f"{args.rounds} rounds, a dense matmul of the layer's size before every call")
@@ -83,15 +110,19 @@ def main(argv=None) -> int:
         x, gy = torch.randn(args.tokens, in_f), torch.randn(args.tokens, out_f)
         y, gx = torch.randn(args.tokens, out_f), torch.randn(args.tokens, in_f)
         weight = torch.randn(out_f, in_f)
+        bw = shira_kernels.BinaryWeight.from_float(weight)
+        bytes_t = binary_ops._bytes_t(bw.packed)
         calls = {}
         for build, mod in builds.items():
             for kernel, call in kernel_calls(mod, s, values, x.clone(), y.clone(), gy,
-                                             gx.clone()).items():
+                                             gx.clone(), bw, bytes_t).items():
                 calls[(kernel, build)] = call
-        for kernel in sorted({k for k, _ in calls}):  # every build, one input: the same bits
-            outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone())[kernel]()
+        for kernel in sorted({k for k, _ in calls}):  # every build, one input: they agree
+            outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone(), bw,
+                                 bytes_t)[kernel]()
                     for build, mod in builds.items() if (kernel, build) in calls]
-            if not all(same_bits(outs[0], o) for o in outs[1:]):
+            exact = args.march == "native" and not kernel.startswith("binary")
+            if not all(agree(o, outs[0], exact) for o in outs[1:]):
                 raise SystemExit(f"{shape} {kernel}: the builds disagree")
         times = {key: [] for key in calls}
         order = list(calls)

@@ -9,12 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(name: str, *args: str) -> str:
+    """Run bench/<name> with args from the repository root; its stdout (it must succeed)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_gpu_report_dry_run(tmp_path):
     out = tmp_path / "gpu.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report_gpu.py"), "--dry-run",
-                           "--blocks", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("report_gpu.py", "--dry-run", "--blocks", "1", "--out", str(out))
     text = out.read_text()
     for section in ("## Ceilings", "## Adapter switch", "## sparse_delta_linear", "## 1-bit"):
         assert section in text
@@ -33,20 +38,15 @@ def test_gpu_report_dry_run(tmp_path):
 def test_cpu_kernel_ab_script_runs():
     # Against this checkout itself: the script builds it a second time, checks the bits agree
     # and prints a ratio per kernel.
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ab_cpu_kernels.py"), "--against",
-                           str(ROOT), "--shapes", "40x24", "--r", "2", "--tokens", "19",
-                           "--rounds", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for kernel in ("spmm ", "spmm_t_sddmm", "sddmm (offsets given)"):
-        assert kernel in proc.stdout and "this/other" in proc.stdout
+    stdout = run_script("ab_cpu_kernels.py", "--against", str(ROOT), "--shapes", "40x24", "--r",
+                        "2", "--tokens", "19", "--rounds", "2")
+    for kernel in ("spmm ", "spmm_t_sddmm", "sddmm (offsets given)", "binary_linear_grad_x"):
+        assert kernel in stdout and "this/other" in stdout
 
 
 def test_binary_report_quick(tmp_path):
     out = tmp_path / "binary.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report_binary.py"), "--quick",
-                           "--repeat", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("report_binary.py", "--quick", "--repeat", "2", "--out", str(out))
     text = out.read_text()
     for section in ("## binary_linear", "## Gradient of x through binary_linear",
                     "## binary_lora (ViT-B", "## binary_lora (small shapes"):

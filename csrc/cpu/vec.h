@@ -2,7 +2,7 @@
 // unaligned addresses). A vector is one register: 16 lanes where the target has AVX-512, else
 // 8 (one AVX2 register). The kernels size their register blocks in these vectors; 16-lane
 // vectors on an AVX2 target take two registers each, spill, and their cross-lane shuffles
-// split (the sparse and 1-bit kernels ran 5-65x slower built that way).
+// split (spmm ran 6.3-6.6x and the 1-bit matmul 63x slower built that way: docs/ARCHITECTURE.md).
 #pragma once
 #include <cstdint>
 
