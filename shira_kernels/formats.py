@@ -12,7 +12,6 @@ written in place, which bumps its version, or replaced, e.g. by .to(device)).
 from __future__ import annotations
 
 import sys
-
 from dataclasses import dataclass
 
 import torch

@@ -137,16 +137,6 @@ struct Epilogue {
   const float* add;
 };
 
-// f(std::integral_constant<int, min(v, N)>()) for v >= 1: the instance for a block's lane
-// vectors or tokens (constant trip counts keep the accumulators in registers).
-template <int N, typename F>
-inline void with_constant(int v, F&& f) {
-  if constexpr (N > 1) {
-    if (v < N) return with_constant<N - 1>(v, f);
-  }
-  f(std::integral_constant<int, N>());
-}
-
 // y [tokens, lanes] = the epilogue of Σ_j a[t, j]·s(j, l) over `steps`; source(l0) gives the
 // sign source of the lanes from l0. Blocks of lanes outside, of tokens inside: a block's signs
 // stay in L1/L2 over all tokens. (A product of a few tens of thousands of terms is not worth

@@ -315,16 +315,7 @@ inline void dot_entries(const float* a, const float* xT, int64_t ld, const C* co
 // row, so that the micro-kernels' loops have constant trip counts and stay in registers.
 template <typename Body>
 inline void with_vectors(int64_t ld, Body&& body) {
-  switch (ld / kLanes) {
-    case 1: return body(std::integral_constant<int, 1>());
-    case 2: return body(std::integral_constant<int, 2>());
-    case 3: return body(std::integral_constant<int, 3>());
-    case 4: return body(std::integral_constant<int, 4>());
-    case 5: return body(std::integral_constant<int, 5>());
-    case 6: return body(std::integral_constant<int, 6>());
-    case 7: return body(std::integral_constant<int, 7>());
-    default: return body(std::integral_constant<int, 8>());
-  }
+  with_constant<8>(static_cast<int>(ld / kLanes), body);
 }
 
 

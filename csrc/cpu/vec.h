@@ -5,6 +5,7 @@
 // split (spmm ran 6.3-6.6x and the 1-bit matmul 63x slower built that way: docs/ARCHITECTURE.md).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
@@ -31,4 +32,14 @@ inline float hsum(fvec v) {
     b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   }
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// f(std::integral_constant<int, min(v, N)>()) for v >= 1: the instance of a micro-kernel for a
+// register block of v vectors (or tokens), whose constant trip counts keep it in registers.
+template <int N, typename F>
+inline void with_constant(int v, F&& f) {
+  if constexpr (N > 1) {
+    if (v < N) return with_constant<N - 1>(v, f);
+  }
+  f(std::integral_constant<int, N>());
 }
