@@ -14,8 +14,9 @@ vectors sum in another order, and for the 1-bit kernels, rewritten in ad1eb25: t
 to 1e-5 of the largest). The variants are timed
 round robin and the medians compared side by side. Kernels: spmm (the forward), spmm_t_sddmm
 (the spmm strategy's backward, where a build has it), sddmm with S's row offsets derived by the
-kernel and given by the caller (where a build takes them), and the 1-bit binary_linear and its
-gradient of x on a weight of the layer's shape (where a build has them).
+kernel and given by the caller (where a build takes them), the fold strategy's folded_linear and
+its gradient of x (where a build has them), and the 1-bit binary_linear and its gradient of x on
+a weight of the layer's shape (where a build has them).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from shira_kernels import _native
 from shira_kernels.ops import binary as binary_ops
 
 
-def kernel_calls(mod, s, values, x, y, gy, gx, bw, bytes_t):
+def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw, bytes_t):
     """name -> zero-argument call, for the kernels this build has."""
     calls = {"spmm": lambda: mod.spmm(y, x, s.row_offsets, s.cols, values, 1.0, True),
              "sddmm (offsets derived)": lambda: mod.sddmm(gy, x, s.rows, s.cols)}
@@ -44,6 +45,11 @@ def kernel_calls(mod, s, values, x, y, gy, gx, bw, bytes_t):
     if hasattr(mod, "spmm_t_sddmm"):
         calls["spmm_t_sddmm"] = lambda: mod.spmm_t_sddmm(gx, gy, x, s.t_offsets, s.t_cols,
                                                         s.t_perm, values, 1.0, True)
+    if hasattr(mod, "folded_linear"):  # the fold strategy: W + S inside one matmul
+        calls["folded_linear"] = lambda: mod.folded_linear(
+            x, weight, None, s.row_offsets, s.cols, None, values, 1.0, False)
+        calls["folded_linear grad x"] = lambda: mod.folded_linear(
+            gy, weight, None, s.t_offsets, s.t_cols, s.t_perm, values, 1.0, True)
     one_bit = (x, bw.packed, bytes_t, bw.alpha, bw.mu, None, 1.0)
     try:
         mod.binary_linear(*one_bit)
@@ -115,10 +121,10 @@ def main(argv=None) -> int:
         calls = {}
         for build, mod in builds.items():
             for kernel, call in kernel_calls(mod, s, values, x.clone(), y.clone(), gy,
-                                             gx.clone(), bw, bytes_t).items():
+                                             gx.clone(), weight, bw, bytes_t).items():
                 calls[(kernel, build)] = call
         for kernel in sorted({k for k, _ in calls}):  # every build, one input: they agree
-            outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone(), bw,
+            outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone(), weight, bw,
                                  bytes_t)[kernel]()
                     for build, mod in builds.items() if (kernel, build) in calls]
             exact = args.march == "native" and not kernel.startswith("binary")

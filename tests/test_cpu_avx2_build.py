@@ -46,7 +46,8 @@ def builds():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens", [1, 3, 70, 300])  # 70: a chunk of 64 and a partial one
+# 70: a chunk of 64 and a partial one; 300: a chunk of the fold kernel's 192 and a partial one.
+@pytest.mark.parametrize("tokens", [1, 3, 70, 300])
 def test_sparse_kernels(builds, dtype, tokens):
     native, avx2 = builds
     delta = make_delta(45, 4097, torch.float32, density=0.05)
@@ -55,16 +56,24 @@ def test_sparse_kernels(builds, dtype, tokens):
     y, gx = randn(tokens, 45, dtype=dtype, seed=3), randn(tokens, 4097, dtype=dtype, seed=4)
     dense = delta.to_dense().double()
 
+    weight, bias = randn(45, 4097, dtype=dtype, seed=5), randn(45, dtype=dtype, seed=6)
+    adapted = weight.double() + 0.5 * dense
+
     def run(mod):
         g = mod.spmm_t_sddmm(gx.clone(), gy, x, s.t_offsets, s.t_cols, s.t_perm, values, 0.5,
                              False)
         return (mod.spmm(y.clone(), x, s.row_offsets, s.cols, values, 0.5, False),
-                mod.sddmm(gy, x, s.rows, s.cols, s.row_offsets), *g)
+                mod.sddmm(gy, x, s.rows, s.cols, s.row_offsets), *g,
+                mod.folded_linear(x, weight, bias, s.row_offsets, s.cols, None, values, 0.5, False),
+                mod.folded_linear(gy, weight, None, s.t_offsets, s.t_cols, s.t_perm, values, 0.5,
+                                 True))
     exact = (y.double() + 0.5 * x.double() @ dense.T,
              (gy.double().T @ x.double())[s.rows.long(), s.cols.long()],
              gx.double() + 0.5 * gy.double() @ dense,
-             (gy.double().T @ x.double())[s.rows.long(), s.cols.long()])
-    names = ("spmm", "sddmm", "spmm_t_sddmm gx", "spmm_t_sddmm values' gradient")
+             (gy.double().T @ x.double())[s.rows.long(), s.cols.long()],
+             x.double() @ adapted.T + bias.double(), gy.double() @ adapted)
+    names = ("spmm", "sddmm", "spmm_t_sddmm gx", "spmm_t_sddmm values' gradient",
+             "folded_linear", "folded_linear gradient of x")
     for name, ours, theirs, ref in zip(names, run(avx2), run(native), exact):
         assert_within_torch_error(ours, theirs, ref, f"{MARCH} {name}")
 

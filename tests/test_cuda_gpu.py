@@ -35,7 +35,7 @@ def _llama_layer(out_f, in_f, r, dtype, seed=0):
 
 
 @pytest.mark.parametrize("backend_name", GPU_BACKENDS)
-@pytest.mark.parametrize("strategy", ["spmm", "swap", "merge"])
+@pytest.mark.parametrize("strategy", ["fold", "spmm", "swap", "merge"])
 @pytest.mark.parametrize("tokens", [1, 2047])
 def test_cuda_llama_sized_layer_matches_the_reference(backend_name, strategy, tokens):
     dtype = torch.bfloat16

@@ -290,7 +290,7 @@ def test_save_peft_errors(tmp_path):
 # =============================================================================================
 # accelerate
 # =============================================================================================
-@pytest.mark.parametrize("strategy", ["auto", "spmm", "swap"])
+@pytest.mark.parametrize("strategy", ["auto", "fold", "spmm", "swap"])
 def test_accelerate_matches_peft_training(strategy):
     pm = shira(tiny())
     pa = skpeft.accelerate(copy.deepcopy(pm), strategy=strategy)

@@ -14,8 +14,11 @@ from conftest import DTYPES, with_threads
 # (tokens, out, in): odd sizes, 0 and 1 token, a wide layer, a long sequence.
 # in 40000 > 32767 takes the int32 column indices. The CPU kernels work on token chunks of
 # 128 and column blocks of 1024 (at 128 tokens): T130-in4097 crosses both with partial ends.
-SHAPES = [(0, 5, 7), (1, 3, 4097), (3, 33, 65), (2049, 17, 33), (5, 4, 40000), (130, 6, 4097)]
-SHAPE_IDS = ["T0", "T1-in4097", "T3", "T2049", "T5-in40000", "T130-in4097"]
+# The fold kernel's panels are 64 outputs (out 131: two and a partial one; in 65 and 4097 for
+# the gradient of x), 256 steps (in 4097) and chunks of 192 tokens (T2049).
+SHAPES = [(0, 5, 7), (1, 3, 4097), (3, 33, 65), (2049, 17, 33), (5, 4, 40000), (130, 6, 4097),
+          (7, 131, 50)]
+SHAPE_IDS = ["T0", "T1-in4097", "T3", "T2049", "T5-in40000", "T130-in4097", "T7-out131"]
 
 
 def assert_within_torch_error(ours, torch_result, exact, what=""):
@@ -196,11 +199,11 @@ def _grads(y, gy, tensors):
     return torch.autograd.grad(y, tensors, gy, allow_unused=True)
 
 
-@pytest.mark.parametrize("strategy", ["spmm", "swap", "merge"])
+@pytest.mark.parametrize("strategy", ["fold", "spmm", "swap", "merge"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_sparse_delta_linear_and_gradients(backend, device, dtype, shape, strategy):
-    if strategy == "spmm":  # its backward runs spmm_t
+    if strategy in ("spmm", "fold"):  # their backward runs spmm_t (composed "fold" too)
         skip_wide_spmm_t_in_the_interpreter(backend, device, shape)
     x, weight, bias, delta, gy = _linear_case(shape, dtype, weight_grad=(strategy != "spmm"),
                                               device=device)
@@ -223,7 +226,7 @@ def test_sparse_delta_linear_and_gradients(backend, device, dtype, shape, strate
     assert torch.equal(weight.detach(), base)  # "swap" restores W bit for bit
 
 
-@pytest.mark.parametrize("strategy", ["spmm", "swap", "merge"])
+@pytest.mark.parametrize("strategy", ["fold", "spmm", "swap", "merge"])
 def test_eager_path_equals_the_op(backend, device, strategy):
     # Eager calls skip torch.library's dispatch (an autograd.Function over the same forward and
     # backward); the op is what torch.compile and autocast run. Same bits either way.
@@ -248,17 +251,24 @@ def test_gradient_of_weight_only_when_asked(backend, device):
     assert weight.grad is None and delta.values.grad is not None and x.grad is not None
 
 
-def test_auto_strategy_switches_at_the_measured_token_count(monkeypatch):
-    swaps = []  # "swap" adapts W in place; "spmm" does not
-    real = sd._adapted_in_place
-    monkeypatch.setattr(sd, "_adapted_in_place", lambda *a: swaps.append(1) or real(*a))
-    threshold = sd.SWAP_FROM_TOKENS["cpu"]
-    x, weight, bias, delta, _ = _linear_case((1, 6, 10), torch.float32)
+def test_auto_strategy_switches_at_the_measured_token_counts():
+    # CPU fp32: spmm for one token, the fold kernel from FOLD_FROM_TOKENS on; without fold
+    # (bf16, CUDA) spmm below SWAP_FROM_TOKENS, swap from there. Checked by the bits of the
+    # result, which differ between strategies (their sums run in other orders).
+    fold_from, swap_from = sd.FOLD_FROM_TOKENS["cpu"][torch.float32], sd.SWAP_FROM_TOKENS["cuda"]
+    assert [sd.auto_strategy("cpu", torch.float32, t) for t in (1, fold_from, 5000)] == [
+        "spmm", "fold", "fold"]
+    assert [sd.auto_strategy("cpu", torch.bfloat16, t) for t in (1, 5000)] == ["spmm", "swap"]
+    assert [sd.auto_strategy("cuda", torch.float16, t)
+            for t in (1, swap_from - 1, swap_from)] == ["spmm", "spmm", "swap"]
+    _, weight, bias, delta, _ = _linear_case((1, 40, 300), torch.float32)
     with torch.no_grad():
-        shira_kernels.sparse_delta_linear(torch.randn(threshold - 1, 10), weight, bias, delta)
-        assert swaps == []
-        shira_kernels.sparse_delta_linear(torch.randn(threshold, 10), weight, bias, delta)
-        assert swaps == [1]
+        for tokens, expected in ((fold_from - 1, "spmm"), (fold_from, "fold")):
+            x = torch.randn(tokens, 300)
+            runs = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta, strategy=s)
+                    for s in ("auto", "fold", "spmm")}
+            assert not torch.equal(runs["fold"], runs["spmm"])
+            assert torch.equal(runs["auto"], runs[expected]), tokens
 
 
 def test_autocast_runs_in_the_autocast_dtype(backend, device):
@@ -296,7 +306,7 @@ def test_opcheck_every_op(backend, device):
     opcheck(torch.ops.shira.sddmm.default, (y, x2, s.rows, s.cols))
     opcheck(torch.ops.shira.csr_add.default, (weight, delta.flat_indices, values, 0.5, torch.empty_like(weight)))
     struct = (delta.flat_indices, s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols, s.t_perm)
-    for strategy in ("spmm", "swap", "merge"):
+    for strategy in ("fold", "spmm", "swap", "merge"):
         opcheck(torch.ops.shira.sparse_delta_linear.default,
                 (x2.requires_grad_(), weight, bias, delta.values, *struct, 0.5, strategy))
 

@@ -145,6 +145,51 @@ std::tuple<torch::Tensor, torch::Tensor> spmm_t_sddmm(
   return {gx, g};
 }
 
+// a @ (W + scale * S)^T + bias (grad_x false: a = x [T, in], S in CSR) or a @ (W + scale * S)
+// (grad_x true: a = gy [T, out], S by columns with perm), in W's dtype, W + scale * S formed
+// panel by panel as W is read (kernels.h).
+torch::Tensor folded_linear(const torch::Tensor& a, const torch::Tensor& weight,
+                           const c10::optional<torch::Tensor>& bias, const torch::Tensor& offsets,
+                           const torch::Tensor& idx, const c10::optional<torch::Tensor>& perm,
+                           const torch::Tensor& values, double scale, bool grad_x) {
+  check_sparse(offsets, idx, values);
+  TORCH_CHECK(a.dim() == 2 && weight.dim() == 2 && weight.is_contiguous(),
+              "folded_linear: a [T, steps] and a contiguous weight [out, in] expected");
+  const int64_t tokens = a.size(0), out = weight.size(0), in = weight.size(1);
+  const int64_t lines = grad_x ? in : out, steps = grad_x ? out : in;
+  TORCH_CHECK(a.size(1) == steps && offsets.numel() == lines + 1,
+              "folded_linear: a's last dim and S's offsets do not match the weight");
+  TORCH_CHECK(a.scalar_type() == weight.scalar_type(), "folded_linear: a and weight must share a dtype");
+  const int dtype = dtype_code(weight, "folded_linear");
+  const int64_t* perm_ptr = nullptr;
+  if (perm.has_value()) {
+    TORCH_CHECK(perm->scalar_type() == torch::kInt64 && perm->is_contiguous() &&
+                    perm->numel() == idx.numel(), "perm must be contiguous int64 of length nnz");
+    perm_ptr = perm->data_ptr<int64_t>();
+  }
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat).contiguous();
+    TORCH_CHECK(!grad_x && b.numel() == out, "bias must have out entries (forward only)");
+  }
+  const torch::Tensor af = a.to(torch::kFloat).contiguous();
+  const torch::Tensor vals = values.to(torch::kFloat).contiguous();
+  torch::Tensor result = torch::empty({tokens, lines}, weight.options());
+  const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (idx.scalar_type() == torch::kInt16) {
+    shira_folded_linear_cpu(dtype, af.data_ptr<float>(), tokens, weight.data_ptr(), out, in, grad_x,
+                           offsets.data_ptr<int64_t>(), idx.data_ptr<int16_t>(), perm_ptr,
+                           vals.data_ptr<float>(), static_cast<float>(scale), bias_ptr,
+                           result.data_ptr());
+  } else {
+    shira_folded_linear_cpu(dtype, af.data_ptr<float>(), tokens, weight.data_ptr(), out, in, grad_x,
+                           offsets.data_ptr<int64_t>(), idx.data_ptr<int32_t>(), perm_ptr,
+                           vals.data_ptr<float>(), static_cast<float>(scale), bias_ptr,
+                           result.data_ptr());
+  }
+  return result;
+}
+
 // out[idx] = weight[idx] + scale * values (fp32 arithmetic, rounded once); other entries of
 // out are left as they are (the caller copied the weight there). saved, if given, receives the
 // weight's entries first (out may be weight: an in-place add that can be swapped back).
@@ -262,6 +307,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("gx"), pybind11::arg("gy"), pybind11::arg("x"), pybind11::arg("t_offsets"),
         pybind11::arg("trows"), pybind11::arg("perm"), pybind11::arg("values"),
         pybind11::arg("scale"), pybind11::arg("overwrite_gx") = false,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("folded_linear", &folded_linear,
+        "x @ (W + scale * S)^T + bias, or with grad_x gy @ (W + scale * S), S folded in as W is read",
+        pybind11::arg("a"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("offsets"),
+        pybind11::arg("idx"), pybind11::arg("perm"), pybind11::arg("values"),
+        pybind11::arg("scale"), pybind11::arg("grad_x"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_linear", &binary_linear, "scale * (x @ (mu + alpha * s)^T + bias), fp32, for packed 1-bit signs s",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -36,6 +36,19 @@ void shira_spmm_t_sddmm_cpu(int dtype, const void* gy, const void* x, const void
                             const int64_t* t_offsets, const C* trows, const int64_t* perm,
                             const float* values, float scale, float* g);
 
+// The dense matmul with S folded into W as W is loaded (folded_linear.cpp), W [out, in] in the
+// dtype (0 fp32, 1 fp16, 2 bf16) of the result, a fp32 and contiguous, sums fp32:
+//   grad_x false: result[t, o] = Σ_k a[t, k]·(W[o, k] + scale·S[o, k]) + bias[o]   (a = x [T, in],
+//                 S by rows: offsets [out + 1], idx = column per entry, perm null; bias fp32 or null)
+//   grad_x true:  result[t, k] = Σ_o a[t, o]·(W[o, k] + scale·S[o, k])   (a = gy [T, out], S by
+//                 columns: offsets [in + 1], idx = row per entry, values[perm[j]]; bias null)
+// W + scale·S is summed in fp32 (not rounded to W's dtype first).
+template <typename C>
+void shira_folded_linear_cpu(int dtype, const float* a, int64_t tokens, const void* weight,
+                            int64_t out, int64_t in, bool grad_x, const int64_t* offsets,
+                            const C* idx, const int64_t* perm, const float* values, float scale,
+                            const float* bias, void* result);
+
 // out[idx[j]] = round(float(weight[idx[j]]) + scale · float(values[j])) for j < nnz, in the
 // weight's dtype (dtype: 0 fp32, 1 fp16, 2 bf16), I = int32_t | int64_t. If saved is not null,
 // saved[j] receives weight[idx[j]]'s bits first: with out == weight this adds S into W in place

@@ -1,11 +1,16 @@
 // Vectors of fp32 lanes for the CPU kernels (GCC/Clang vector extensions; typedefs that allow
-// unaligned addresses). A vector is one register: 16 lanes where the target has AVX-512, else
-// 8 (one AVX2 register). The kernels size their register blocks in these vectors; 16-lane
-// vectors on an AVX2 target take two registers each, spill, and their cross-lane shuffles
-// split (spmm ran 6.3-6.6x and the 1-bit matmul 63x slower built that way: docs/ARCHITECTURE.md).
+// unaligned addresses), and what the kernel files share: fp16/bf16 <-> fp32 loads and stores,
+// per-thread scratch buffers, the in-register kLanes x kLanes transpose. A vector is one
+// register: 16 lanes where the target has AVX-512, else 8 (one AVX2 register). The kernels
+// size their register blocks in these vectors; 16-lane vectors on an AVX2 target take two
+// registers each, spill, and their cross-lane shuffles split (spmm ran 6.3-6.6x and the 1-bit
+// matmul 63x slower built that way: docs/ARCHITECTURE.md).
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
@@ -43,3 +48,115 @@ inline void with_constant(int v, F&& f) {
   }
   f(std::integral_constant<int, N>());
 }
+
+// fp16 / bf16 <-> fp32 without torch headers. bf16 rounds to nearest even, as torch does.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+template <typename T>
+struct Float;  // load/store one element of the weight's dtype as fp32
+template <>
+struct Float<float> {
+  static float load(const float* p) { return *p; }
+  static void store(float* p, float v) { *p = v; }
+};
+template <>
+struct Float<_Float16> {
+  static float load(const _Float16* p) { return static_cast<float>(*p); }
+  static void store(_Float16* p, float v) { *p = static_cast<_Float16>(v); }
+};
+template <>
+struct Float<uint16_t> {  // bf16 bit patterns
+  static float load(const uint16_t* p) { return bf16_to_float(*p); }
+  static void store(uint16_t* p, float v) { *p = float_to_bf16(v); }
+};
+
+inline int64_t round_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// Grow-only, 64-byte aligned fp32 buffer. Kept per thread: tiles are reused across calls, so
+// a call does not page-fault fresh memory in (torch's CPU allocator does not cache either).
+class Scratch {
+ public:
+  ~Scratch() { std::free(data_); }
+  float* get(int64_t n) {
+    if (n > size_) {
+      std::free(data_);
+      data_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(round_lanes(n)) * 4));
+      size_ = n;
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+// kLanes elements of T as fp32 and back (the vector forms of Float<T>, same rounding).
+typedef _Float16 hvec __attribute__((vector_size(2 * kLanes), aligned(2)));
+typedef uint16_t u16vec __attribute__((vector_size(2 * kLanes), aligned(2)));
+template <typename T>
+inline fvec loadv_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return loadv(p);
+  } else if constexpr (std::is_same_v<T, _Float16>) {
+    return __builtin_convertvector(*reinterpret_cast<const hvec*>(p), fvec);
+  } else {
+    const uvec bits = __builtin_convertvector(*reinterpret_cast<const u16vec*>(p), uvec) << 16;
+    return reinterpret_cast<const fvec&>(bits);
+  }
+}
+template <typename T>
+inline void storev_from_float(T* p, fvec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    storev(p, v);
+  } else if constexpr (std::is_same_v<T, _Float16>) {
+    *reinterpret_cast<hvec*>(p) = __builtin_convertvector(v, hvec);
+  } else {  // round to nearest even; NaN stays a quiet NaN (float_to_bf16)
+    const uvec bits = reinterpret_cast<const uvec&>(v);
+    const ivec nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const uvec rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uvec result = nan ? uvec{} + 0x7fc0u : rounded;
+    *reinterpret_cast<u16vec*>(p) = __builtin_convertvector(result, u16vec);
+  }
+}
+
+// A kLanes x kLanes transpose in registers: log2(kLanes) rounds, each exchanging the
+// off-diagonal K x K blocks of every 2K x 2K block (rows i and i + K trade their lanes that
+// have bit K set / clear).
+template <int K, int... P>
+inline fvec exchange_low(fvec a, fvec b, std::integer_sequence<int, P...>) {
+  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P : kLanes + P - K)...);
+}
+template <int K, int... P>
+inline fvec exchange_high(fvec a, fvec b, std::integer_sequence<int, P...>) {
+  return __builtin_shufflevector(a, b, ((P & K) == 0 ? P + K : kLanes + P)...);
+}
+template <int K>
+inline void exchange_blocks(fvec (&v)[kLanes]) {
+  constexpr auto lanes = std::make_integer_sequence<int, kLanes>();
+#pragma GCC unroll 16
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & K) continue;
+    const fvec a = v[i], b = v[i + K];
+    v[i] = exchange_low<K>(a, b, lanes);
+    v[i + K] = exchange_high<K>(a, b, lanes);
+  }
+}
+template <int K = kLanes / 2>
+inline void transpose_block(fvec (&v)[kLanes]) {
+  exchange_blocks<K>(v);
+  if constexpr (K > 1) transpose_block<K / 2>(v);
+}
+

@@ -529,9 +529,10 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
     - Unfused forward with one active adapter: sparse_delta_linear(x, W, b, S, scaling,
       strategy) instead of PEFT's clone of W plus a dense sum of a sparse COO tensor; the
       gradient of ``shira_weight`` comes from the sampled product (no dense m×n gradient).
-      ``strategy``: "auto" (spmm for few tokens, else swap), "spmm", "swap" (W briefly holds
-      W + scaling·S during the call: no other thread may read W meanwhile) or "merge" (a
-      scratch copy of W).
+      ``strategy``: "auto" (sparse_delta.auto_strategy: on the CPU "fold" from 2 tokens, else
+      spmm for few tokens and swap for many), "fold" (S added to W's panels inside one matmul),
+      "spmm", "swap" (W briefly holds W + scaling·S during the call: no other thread may read W
+      meanwhile) or "merge" (a scratch copy of W).
     - merge() / unmerge(): scatter_swap_ of the adapted entries; unmerge restores W bit for bit
       (PEFT's subtracts the delta again, which rounds in 16-bit weights).
     - Everything else runs PEFT's own code: disabled adapters, merged layers, several active

@@ -5,15 +5,21 @@ The parts (each a torch.library op with reference, cpu, triton and cuda kernels)
   sddmm    g[j] = Σ_t gy[t, row_j]·x[t, col_j]   (gradient of S's values: no dense m×n grad)
   csr_add  out = W + scale·S                     (copy W, then add on S's entries only)
 
-sparse_delta_linear runs one of three strategies, each one dense matmul plus extra work:
+sparse_delta_linear runs one of four strategies, each one dense matmul plus extra work:
+  "fold"   y = x·(W + scale·S)ᵀ + b in one matmul that adds S's entries to each panel of W as
+           it is loaded (O(nnz) adds, nothing written to W): the CPU kernel (folded_linear.cpp);
+           on other backends it is composed as "spmm" is
   "spmm"   y = x·Wᵀ + b, then y += scale·x·Sᵀ            O(tokens·nnz): best for few tokens
   "swap"   swap W + scale·S into W's entries (scatter_swap_), y = x·Wᵀ + b, swap the base
            entries back: O(nnz), no copy of W, W restored bit for bit before returning. W is
            briefly modified, so another thread must not read W during the call
   "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b: O(out·in) copy, for
            callers that need W untouched while many tokens run
-"auto" picks spmm below a token count measured by bench/report_shira_linear.py, else swap. The
-backward gives x (gy·W + scale·gy·S, or gy·W' as the strategy says), S's values
+"auto" picks by token count, as measured by bench/report_shira_linear.py: on the CPU fold
+from FOLD_FROM_TOKENS on (fp32 and fp16), spmm below; elsewhere spmm below SWAP_FROM_TOKENS,
+else swap.
+The backward gives x (gy·W + scale·gy·S, gy·(W + scale·S) in one pass for fold, or gy·W' as
+the strategy says), S's values
 (scale·sddmm), the bias, and W only if W asks: it never builds a dense m×n gradient unless W
 requires grad, and never copies W beyond the one scratch buffer of "merge".
 """
@@ -33,13 +39,22 @@ from ..formats import SparseDelta
 from ._eager import eager_function, via_op
 from .scatter_swap import swap_unchecked
 
-STRATEGIES = ("auto", "spmm", "swap", "merge")
-# Token count from which "swap" beats "spmm" (auto strategy), per device type, measured on
-# 4096x4096 and 11008x4096 layers at r=32. CPU: docs/benchmarks/shira_linear_cpu.md, crossover
-# tables: the forward's crossover is 512 tokens (on 11008x4096 it was 1024 in the run before,
-# spmm 2% ahead at 512); a training step is within ±2.5% either way at 512 and spmm is 1-2.5%
-# ahead at 128-256. CUDA (H200, bf16, docs/benchmarks/gpu_h200.md): swap wins from 512 tokens
-# in both runs, at 128 the two runs disagree; 256 was not measured.
+STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
+# Token count from which "auto" runs "fold", per device type and dtype (CPU only: the other
+# backends compose it from their spmm). CPU, fp32 (docs/benchmarks/shira_linear_cpu.md): from
+# 16 tokens on its forward and backward take about half the time of torch's matmul plus the
+# sparse kernels, at one token they are level (memory-bound, like torch's matrix-vector
+# product). fp16 (`python bench/report_shira_linear.py --dtype float16 ...`, same file's
+# sibling shira_linear_cpu_fp16.md): torch's fp16 forward is faster below 16 tokens, and its
+# gy·W is a slow path (0.1-15 s at 1-128 tokens on 4096x4096) where fold takes milliseconds.
+# bf16: torch's bf16 matmul (AVX512-BF16 where the CPU has it) beats fold's fp32 sums, so no
+# fold for bf16.
+FOLD_FROM_TOKENS = {"cpu": {torch.float32: 2, torch.float16: 16}}
+# Token count from which "swap" beats "spmm" (auto strategy) where "fold" is not used, per
+# device type, measured on 4096x4096 and 11008x4096 layers at r=32. CPU (fp32, before fold:
+# docs/benchmarks/shira_linear_cpu.md of 73359bd): 512 tokens; it now serves bf16 only.
+# CUDA (H200, bf16, docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs, at
+# 128 the two runs disagree; 256 was not measured.
 SWAP_FROM_TOKENS = {"cpu": 512, "cuda": 512}
 # Token count from which the training backward on CUDA tensors forms S's value gradient from
 # row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
@@ -101,11 +116,17 @@ class Kernels(NamedTuple):
         spmm strategy's backward; gx may be overwritten. struct is the SparseStructure's
         tensors (rows, cols, row_offsets, t_offsets, t_cols, t_perm). The CPU backend does both
         in one pass over S; the others compose spmm and sddmm.
+    folded_linear(x, weight, bias, values, struct, scale) -> x·(W + scale·S)ᵀ + b, and
+    folded_linear_grad_x(gy, weight, values, struct, scale) -> gy·(W + scale·S): the fold
+        strategy. The CPU backend folds S into W as W is read; the others compose a dense
+        matmul and spmm.
     """
     spmm: Callable
     sddmm: Callable
     scatter_add: Callable
     spmm_t_sddmm: Callable
+    folded_linear: Callable
+    folded_linear_grad_x: Callable
 
 
 def _without_offsets(sddmm):
@@ -124,22 +145,47 @@ def _composed_spmm_t_sddmm(spmm, sddmm):
     return spmm_t_sddmm
 
 
+def _composed_fold(spmm):
+    """folded_linear and folded_linear_grad_x as a dense matmul plus spmm (what "spmm" runs)."""
+    def folded_linear(x, weight, bias, values, struct, scale):
+        _, cols, offsets, _, _, _ = struct
+        return spmm(F.linear(x, weight, bias), x, offsets, cols, values, scale, overwrite_y=True)
+
+    def folded_linear_grad_x(gy, weight, values, struct, scale):
+        _, _, _, t_offsets, t_cols, t_perm = struct
+        return spmm(gy @ weight, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale,
+                    overwrite_y=True)
+    return folded_linear, folded_linear_grad_x
+
+
 @functools.cache  # the hot path asks per call: no closures made per call
 def _kernels(backend: str) -> Kernels:
     if backend == "reference":
         return Kernels(spmm_reference, sddmm_reference, scatter_add_reference,
-                       _composed_spmm_t_sddmm(spmm_reference, sddmm_reference))
+                       _composed_spmm_t_sddmm(spmm_reference, sddmm_reference),
+                       *_composed_fold(spmm_reference))
     if backend == "triton":
         from ..triton import sparse_delta as mod
         sddmm = _without_offsets(mod.sddmm)
-        return Kernels(mod.spmm, sddmm, mod.scatter_add, _composed_spmm_t_sddmm(mod.spmm, sddmm))
+        return Kernels(mod.spmm, sddmm, mod.scatter_add, _composed_spmm_t_sddmm(mod.spmm, sddmm),
+                       *_composed_fold(mod.spmm))
     mod = _native.module(backend)
     if backend == "cpu":
         def spmm_t_sddmm(gx, gy, x, values, struct, scale):
             _, _, _, t_offsets, t_cols, t_perm = struct
             return mod.spmm_t_sddmm(gx, gy, x, t_offsets, t_cols, t_perm, values, scale,
                                     overwrite_gx=True)
-        return Kernels(mod.spmm, mod.sddmm, mod.scatter_add, spmm_t_sddmm)
+
+        def folded_linear(x, weight, bias, values, struct, scale):
+            _, cols, offsets, _, _, _ = struct
+            return mod.folded_linear(x, weight, bias, offsets, cols, None, values, scale, False)
+
+        def folded_linear_grad_x(gy, weight, values, struct, scale):
+            _, _, _, t_offsets, t_cols, t_perm = struct
+            return mod.folded_linear(gy, weight, None, t_offsets, t_cols, t_perm, values, scale,
+                                    True)
+        return Kernels(mod.spmm, mod.sddmm, mod.scatter_add, spmm_t_sddmm, folded_linear,
+                       folded_linear_grad_x)
 
     def spmm(y, x, offsets, cols, values, scale, overwrite_y=False):
         return mod.spmm(y, x, offsets, cols, values, scale)  # always a new tensor
@@ -149,7 +195,8 @@ def _kernels(backend: str) -> Kernels:
             saved.copy_(weight.view(-1)[idx.long()])
         mod.scatter_add(out, weight, idx, values, scale)
     sddmm = _without_offsets(mod.sddmm)
-    return Kernels(spmm, sddmm, scatter_add, _composed_spmm_t_sddmm(spmm, sddmm))
+    return Kernels(spmm, sddmm, scatter_add, _composed_spmm_t_sddmm(spmm, sddmm),
+                   *_composed_fold(spmm))
 
 
 def _select(device) -> Kernels:
@@ -279,6 +326,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor, cols: torch.Tensor,
             rows: torch.Tensor, t_offsets: torch.Tensor, t_cols: torch.Tensor,
             t_perm: torch.Tensor, scale: float, strategy: str) -> torch.Tensor:
+    if strategy == "fold":
+        return _select(x.device).folded_linear(x.contiguous(), weight, bias, values.contiguous(),
+                                              (rows, cols, offsets, t_offsets, t_cols, t_perm),
+                                              scale)
     if strategy == "merge":
         return F.linear(x, _merged_weight(weight, flat, values, scale), bias)
     if strategy == "swap":
@@ -299,11 +350,13 @@ def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     gy, x = gy.contiguous(), x.contiguous()
     kernels = _select(gy.device)
     gx, gw = gy.new_empty(0), gy.new_empty(0)
+    struct = (rows, cols, offsets, t_offsets, t_cols, t_perm)
     if need_x and strategy == "spmm":
-        gx, g = kernels.spmm_t_sddmm(gy @ weight, gy, x, values.contiguous(),
-                                     (rows, cols, offsets, t_offsets, t_cols, t_perm), scale)
+        gx, g = kernels.spmm_t_sddmm(gy @ weight, gy, x, values.contiguous(), struct, scale)
     else:
-        if need_x and strategy == "merge":
+        if need_x and strategy == "fold":
+            gx = kernels.folded_linear_grad_x(gy, weight, values.contiguous(), struct, scale)
+        elif need_x and strategy == "merge":
             gx = gy @ _merged_weight(weight, flat, values, scale)
         elif need_x:
             with _adapted_in_place(weight, flat, values, scale):
@@ -440,6 +493,13 @@ def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
     return out
 
 
+def auto_strategy(device_type: str, dtype: torch.dtype, tokens: int) -> str:
+    """The strategy "auto" runs for this many tokens of this dtype on this device type."""
+    if tokens >= FOLD_FROM_TOKENS.get(device_type, {}).get(dtype, float("inf")):
+        return "fold"
+    return "swap" if tokens >= SWAP_FROM_TOKENS.get(device_type, 64) else "spmm"
+
+
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         delta: SparseDelta, scale: float = 1.0, strategy: str = "auto"):
     """x·(W + scale·S)ᵀ + b for x of any leading shape [..., in]; differentiable in x, S's
@@ -463,8 +523,8 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     _check_float("delta.values", delta.values, dtype, x.device)
     x2 = x.reshape(-1, x.shape[-1])
     if strategy == "auto":
-        threshold = SWAP_FROM_TOKENS.get(x.device.type, 64)
-        strategy = "swap" if x2.shape[0] >= threshold else "spmm"
+        run_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        strategy = auto_strategy(x.device.type, run_dtype, x2.shape[0])
     s = delta.structure
     run = _linear_op if via_op(x) else _eager_linear
     y = run(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols, s.rows,

@@ -1,0 +1,200 @@
+// The dense matmul with the sparse delta folded in (the "fold" strategy of
+// sparse_delta_linear):
+//   y  = x·(W + scale·S)ᵀ + bias     (forward)
+//   gx = gy·(W + scale·S)            (gradient of x)
+// W + scale·S is formed one register-friendly panel at a time as W is loaded, never in memory
+// as a whole, so the sparse part costs O(nnz) adds instead of a pass of gathers per token.
+//
+// Both products have the same shape: a [T, steps] (x or gy) times a weight whose "lines" are
+// the outputs (W's rows for y, its columns for gx) and whose "steps" are the sum's index. A
+// panel is kStepBlock steps x kPanelLanes lines of W + scale·S in fp32, laid out step-major so
+// that each step is kPanelVectors whole vectors; a block of kPanelTokens tokens keeps
+// kPanelTokens x kPanelVectors accumulators in registers and meets each step with one
+// broadcast of a[t, s] per token and one FMA per accumulator (AVX-512: 24 FMAs for 4 loads and
+// 6 broadcasts). This is the shape of a BLAS micro-kernel; on the CPUs measured here it runs at
+// about twice the rate of torch's fp32 matmul (docs/benchmarks/shira_linear_cpu.md).
+#include <omp.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace {
+
+// Registers: kPanelTokens x kPanelVectors accumulators + kPanelVectors panel vectors + one
+// broadcast: 6 x 4 + 4 + 1 < 32 with AVX-512 (64 lanes), 6 x 2 + 2 + 1 < 16 with AVX2.
+#if defined(__AVX512F__)
+constexpr int kPanelVectors = 4;
+#else
+constexpr int kPanelVectors = 2;
+#endif
+constexpr int kPanelTokens = 6;
+constexpr int64_t kPanelLanes = kPanelVectors * kLanes;
+// Steps per panel: 256 x 64 lanes x 4 bytes = 64 KB, read once per block of tokens from L1/L2.
+// The sums restart from zero each block (then join the token chunk's totals): the rounding
+// error grows with kStepBlock + steps / kStepBlock, as in a blocked dense dot product.
+constexpr int64_t kStepBlock = 256;
+// Tokens per chunk: a panel is packed once per chunk and serves all its blocks of tokens; the
+// chunk's fp32 totals (192 x 64 x 4 bytes = 48 KB) stay in cache.
+constexpr int64_t kTokenChunk = 32 * kPanelTokens;
+
+thread_local Scratch panel_tile, sums_tile;
+
+// W and S as lines and steps. S lists each line's entries in step order: CSR for y (per row,
+// column per entry, values in order), CSC for gx (per column, row per entry, values[perm[j]]).
+template <typename T, typename C>
+struct Operand {
+  const T* weight;
+  int64_t in;            // W's row length
+  bool lines_are_rows;   // y: lines are W's rows; gx: lines are W's columns
+  int64_t lines, steps;
+  const int64_t* offsets;  // [lines + 1]
+  const C* step_of;        // the step (column for y, row for gx) of each entry
+  const int64_t* perm;     // null: values in entry order
+  const float* values;
+  float scale;
+};
+
+// P[s][l] = W + scale·S at (line l0 + l, step s0 + s) in fp32, for s < sc and l < kPanelLanes
+// (zeros past the last line). cursor[l]: line l0 + l's first entry of S not yet added.
+template <typename T, typename C>
+void pack_panel(const Operand<T, C>& op, int64_t l0, int64_t s0, int64_t sc, int64_t* cursor,
+                float* P) {
+  const int64_t nl = std::min<int64_t>(kPanelLanes, op.lines - l0);
+  if (op.lines_are_rows) {  // kLanes rows of W become kLanes steps: in-register transposes
+    const int64_t whole = sc / kLanes * kLanes;
+    for (int64_t lb = 0; lb < kPanelLanes; lb += kLanes) {
+      for (int64_t sb = 0; sb < whole; sb += kLanes) {
+        fvec v[kLanes];
+#pragma GCC unroll 16
+        for (int i = 0; i < kLanes; ++i)
+          v[i] = lb + i < nl ? loadv_as_float(op.weight + (l0 + lb + i) * op.in + s0 + sb) : fvec{};
+        transpose_block(v);
+#pragma GCC unroll 16
+        for (int k = 0; k < kLanes; ++k) storev(P + (sb + k) * kPanelLanes + lb, v[k]);
+      }
+    }
+    for (int64_t s = whole; s < sc; ++s)
+      for (int64_t l = 0; l < kPanelLanes; ++l)
+        P[s * kPanelLanes + l] =
+            l < nl ? Float<T>::load(op.weight + (l0 + l) * op.in + s0 + s) : 0.0f;
+  } else {  // each step is a piece of one row of W
+    const int64_t whole = nl / kLanes * kLanes;
+    for (int64_t s = 0; s < sc; ++s) {
+      const T* w = op.weight + (s0 + s) * op.in + l0;
+      float* p = P + s * kPanelLanes;
+      for (int64_t l = 0; l < whole; l += kLanes) storev(p + l, loadv_as_float(w + l));
+      for (int64_t l = whole; l < kPanelLanes; ++l) p[l] = l < nl ? Float<T>::load(w + l) : 0.0f;
+    }
+  }
+  for (int64_t l = 0; l < nl; ++l) {  // S's entries in these steps
+    const int64_t end = op.offsets[l0 + l + 1];
+    int64_t j = cursor[l];
+    for (; j < end && static_cast<int64_t>(op.step_of[j]) < s0 + sc; ++j)
+      P[(static_cast<int64_t>(op.step_of[j]) - s0) * kPanelLanes + l] +=
+          op.scale * op.values[op.perm ? op.perm[j] : j];
+    cursor[l] = j;
+  }
+}
+
+// c[t][l] += Σ_s a[t, s]·P[s][l] for TT tokens (rows of a, lda apart) and sc steps.
+template <int TT>
+inline void panel_products(const float* a, int64_t lda, const float* P, int64_t sc, float* c) {
+  fvec acc[TT][kPanelVectors] = {};
+  for (int64_t s = 0; s < sc; ++s) {
+    fvec p[kPanelVectors];
+#pragma GCC unroll 4
+    for (int v = 0; v < kPanelVectors; ++v) p[v] = loadv(P + s * kPanelLanes + v * kLanes);
+#pragma GCC unroll 6
+    for (int t = 0; t < TT; ++t) {
+      const float x = a[t * lda + s];
+#pragma GCC unroll 4
+      for (int v = 0; v < kPanelVectors; ++v) acc[t][v] += x * p[v];
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int v = 0; v < kPanelVectors; ++v) {
+      float* ct = c + t * kPanelLanes + v * kLanes;
+      storev(ct, loadv(ct) + acc[t][v]);
+    }
+}
+
+// out [tokens, lines] = a·(W + scale·S) over the steps, + bias (fp32 [lines] or null), in T.
+// Work items are (token chunk, panel of lines) pairs, split evenly between the threads.
+template <typename T, typename C>
+void folded_products(const float* a, int64_t tokens, const Operand<T, C>& op, const float* bias,
+                    T* out) {
+  const int64_t panels = (op.lines + kPanelLanes - 1) / kPanelLanes;
+  const int64_t chunks = (tokens + kTokenChunk - 1) / kTokenChunk;
+#pragma omp parallel for collapse(2) schedule(static) if (tokens * op.lines * op.steps > (1 << 18))
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const int64_t t0 = ch * kTokenChunk, tc = std::min(kTokenChunk, tokens - t0);
+      const int64_t l0 = pn * kPanelLanes, nl = std::min(kPanelLanes, op.lines - l0);
+      float* P = panel_tile.get(kStepBlock * kPanelLanes);
+      float* c = sums_tile.get(kTokenChunk * kPanelLanes);
+      int64_t cursor[kPanelLanes];
+      for (int64_t l = 0; l < nl; ++l) cursor[l] = op.offsets[l0 + l];
+      std::fill(c, c + tc * kPanelLanes, 0.0f);
+      for (int64_t s0 = 0; s0 < op.steps; s0 += kStepBlock) {
+        const int64_t sc = std::min(kStepBlock, op.steps - s0);
+        pack_panel(op, l0, s0, sc, cursor, P);
+        for (int64_t tb = 0; tb < tc; tb += kPanelTokens) {
+          with_constant<kPanelTokens>(static_cast<int>(std::min<int64_t>(kPanelTokens, tc - tb)),
+                                      [&](auto tt) {
+            panel_products<decltype(tt)::value>(a + (t0 + tb) * op.steps + s0, op.steps, P, sc,
+                                                c + tb * kPanelLanes);
+          });
+        }
+      }
+      for (int64_t t = 0; t < tc; ++t) {
+        const float* ct = c + t * kPanelLanes;
+        T* row = out + (t0 + t) * op.lines + l0;
+        int64_t l = 0;
+        for (; l + kLanes <= nl; l += kLanes)
+          storev_from_float(row + l, bias ? loadv(ct + l) + loadv(bias + l0 + l) : loadv(ct + l));
+        for (; l < nl; ++l) Float<T>::store(row + l, ct[l] + (bias ? bias[l0 + l] : 0.0f));
+      }
+    }
+  }
+}
+
+template <typename T, typename C>
+void folded_typed(const float* a, int64_t tokens, const void* weight, int64_t out, int64_t in,
+                 bool grad_x, const int64_t* offsets, const C* step_of, const int64_t* perm,
+                 const float* values, float scale, const float* bias, void* result) {
+  const Operand<T, C> op{static_cast<const T*>(weight), in, !grad_x, grad_x ? in : out,
+                         grad_x ? out : in, offsets, step_of, perm, values, scale};
+  folded_products(a, tokens, op, bias, static_cast<T*>(result));
+}
+
+}  // namespace
+
+template <typename C>
+void shira_folded_linear_cpu(int dtype, const float* a, int64_t tokens, const void* weight,
+                            int64_t out, int64_t in, bool grad_x, const int64_t* offsets,
+                            const C* idx, const int64_t* perm, const float* values, float scale,
+                            const float* bias, void* result) {
+  if (tokens == 0 || (grad_x ? in : out) == 0) return;
+  switch (dtype) {
+    case 0:
+      return folded_typed<float>(a, tokens, weight, out, in, grad_x, offsets, idx, perm, values,
+                                scale, bias, result);
+    case 1:
+      return folded_typed<_Float16>(a, tokens, weight, out, in, grad_x, offsets, idx, perm, values,
+                                   scale, bias, result);
+    default:
+      return folded_typed<uint16_t>(a, tokens, weight, out, in, grad_x, offsets, idx, perm, values,
+                                   scale, bias, result);
+  }
+}
+
+template void shira_folded_linear_cpu<int16_t>(int, const float*, int64_t, const void*, int64_t,
+                                              int64_t, bool, const int64_t*, const int16_t*,
+                                              const int64_t*, const float*, float, const float*,
+                                              void*);
+template void shira_folded_linear_cpu<int32_t>(int, const float*, int64_t, const void*, int64_t,
+                                              int64_t, bool, const int64_t*, const int32_t*,
+                                              const int64_t*, const float*, float, const float*,
+                                              void*);
