@@ -1,16 +1,19 @@
 """Time ShiraLinear on the CPU against nn.Linear and PEFT's ShiRA and LoRA layers.
 
-    python bench/report_shira_linear.py [--quick] [--repeat N] [--out docs/benchmarks/shira_linear_cpu.md]
+    python bench/report_shira_linear.py [--quick] [--repeat N] [--dtype float32]
+                                        [--out docs/benchmarks/shira_linear_cpu.md]
 
-One run measures, for each layer shape (default 4096x4096 and 11008x4096, r = 32, fp32):
+One run measures, for each layer shape (default 4096x4096 and 11008x4096, r = 32, fp32 unless
+--dtype says otherwise):
   * forward latency (inference, torch.no_grad) at 1, 16, 128 and 2048 tokens: nn.Linear,
     ShiraLinear unfused ("auto"), ShiraLinear fused (merged), ShiraLinear with each explicit
-    strategy (spmm, swap, merge), PEFT ShiRA and PEFT LoRA;
-  * the spmm/swap crossover: both strategies against nn.Linear at 1 to 256 tokens, and the
-    smallest token count from which swap is never slower than spmm (what SWAP_FROM_TOKENS
+    strategy (fold, spmm, swap, merge), PEFT ShiRA and PEFT LoRA;
+  * the spmm/fold crossover: spmm, fold and swap against nn.Linear at 1 to 256 tokens, and the
+    smallest token count from which fold is never slower than spmm (what FOLD_FROM_TOKENS
     should be); from 128 tokens on also a training step with each strategy;
-  * one training step (forward, loss, backward) at 128 and 2048 tokens: ShiraLinear, PEFT ShiRA,
-    PEFT LoRA, and a frozen nn.Linear as the floor;
+  * one training step (forward, loss, backward) at 128 and 2048 tokens: ShiraLinear (auto, and
+    spmm: torch's matmul plus the sparse kernels), PEFT ShiRA, PEFT LoRA, and a frozen
+    nn.Linear;
   * the peak memory of one training step per method, each in a fresh subprocess;
 and checks the issue's targets against the measured ratios. The variants of one configuration
 are timed interleaved (round robin), so a change in the machine's load hits them alike. A
@@ -49,12 +52,15 @@ QUICK_SHAPES = [(512, 512), (1376, 512)]
 FORWARD_TOKENS = [1, 16, 128, 2048]
 CROSSOVER_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 TRAIN_TOKENS = [128, 2048]
-DTYPE = torch.float32
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE = torch.float32  # --dtype sets it
 
 LINEAR, UNFUSED, FUSED = "nn.Linear", "ShiraLinear unfused (auto)", "ShiraLinear fused (merged)"
 SPMM, SWAP, MERGE = "ShiraLinear spmm", "ShiraLinear swap", "ShiraLinear merge"
+FOLD = "ShiraLinear fold"
 PEFT_SHIRA, PEFT_LORA = "PEFT ShiRA", "PEFT LoRA"
 SHIRA_TRAIN, FLOOR = "ShiraLinear (auto)", "nn.Linear, frozen (input grad only)"
+SHIRA_SPMM_TRAIN = "ShiraLinear spmm (torch's matmul + sparse kernels)"
 MEMORY_METHODS = {"shira": SHIRA_TRAIN, "peft_shira": PEFT_SHIRA, "peft_lora": PEFT_LORA,
                   "linear": FLOOR}
 
@@ -224,7 +230,7 @@ class Layers:
             return layer(x)
         return run
 
-    def forward_variants(self, x, strategies=("spmm", "swap", "merge"), full=True) -> dict:
+    def forward_variants(self, x, strategies=("fold", "spmm", "swap", "merge"), full=True) -> dict:
         v = {LINEAR: lambda: self.linear(x)}
         if full:
             v[UNFUSED] = self.strategy_fn("auto", x)
@@ -255,6 +261,11 @@ def _bits_sum(t: torch.Tensor) -> int:
     return int(t.detach().view(torch.int32).sum(dtype=torch.int64))
 
 
+def _tolerance() -> float:
+    """Relative error a correct layer stays within: a few hundred roundings of the dtype."""
+    return 1e-4 if DTYPE == torch.float32 else 256 * torch.finfo(DTYPE).eps
+
+
 def check_layers(layers: Layers) -> list[str]:
     """Cheap sanity checks before timing: every ShiraLinear path gives W + S's output; the base
     weight is unchanged afterwards; the PEFT adapters change the output."""
@@ -267,15 +278,15 @@ def check_layers(layers: Layers) -> list[str]:
                        + layers.shira.scale * delta.to_dense(torch.float64), layers.linear.bias.double())
         base = layers.linear(x)
         scale = ref.abs().max().item()
-        for strategy in ("auto", "spmm", "swap", "merge"):
+        for strategy in ("auto", "fold", "spmm", "swap", "merge"):
             layers.shira.strategy = strategy
             err = (layers.shira(x).double() - ref).abs().max().item()
-            ok = err <= 1e-4 * max(scale, 1.0)
+            ok = err <= _tolerance() * max(scale, 1.0)
             notes.append(f"ShiraLinear {strategy}: max |y − y_ref| = {err:.2e} "
                          f"({'ok' if ok else '**too large**'})")
         err = (layers.fused(x).double() - ref).abs().max().item()
         notes.append(f"ShiraLinear fused: max |y − y_ref| = {err:.2e} "
-                     f"({'ok' if err <= 1e-4 * max(scale, 1.0) else '**too large**'})")
+                     f"({'ok' if err <= _tolerance() * max(scale, 1.0) else '**too large**'})")
         layers.shira.strategy = "auto"
         for name, layer in ((PEFT_SHIRA, layers.peft_shira), (PEFT_LORA, layers.peft_lora)):
             if layer is not None:
@@ -305,21 +316,22 @@ def measure_forward(layers: Layers, args) -> dict:
 
 
 def measure_crossover(layers: Layers, args) -> dict:
-    """spmm and swap against nn.Linear at args.crossover_tokens; where swap is still slower
-    than spmm at the largest of them, the token count keeps doubling up to
-    args.crossover_limit until swap is no slower."""
+    """spmm, fold and swap against nn.Linear at args.crossover_tokens; where fold is still
+    slower than spmm at the largest of them, the token count keeps doubling up to
+    args.crossover_limit until fold is no slower."""
     out = {}
     tokens_list = list(args.crossover_tokens)
     while tokens_list:
         tokens = tokens_list.pop(0)
         x = _inputs(layers.shape, tokens)
-        res = interleaved(_no_grad(layers.forward_variants(x, ("spmm", "swap"), full=False)),
+        res = interleaved(_no_grad(layers.forward_variants(x, ("spmm", "fold", "swap"),
+                                                           full=False)),
                           repeat=args.repeat, min_time=args.min_time, max_rounds=args.max_rounds)
         out[tokens] = res
         base = res[LINEAR][0]
         print(f"[{layers.label()}] crossover T={tokens}: spmm {res[SPMM][0] / base:.3f}x, "
-              f"swap {res[SWAP][0] / base:.3f}x", flush=True)
-        if not tokens_list and res[SWAP][0] > res[SPMM][0] and 2 * tokens <= args.crossover_limit:
+              f"fold {res[FOLD][0] / base:.3f}x, swap {res[SWAP][0] / base:.3f}x", flush=True)
+        if not tokens_list and res[FOLD][0] > res[SPMM][0] and 2 * tokens <= args.crossover_limit:
             tokens_list.append(2 * tokens)
     return out
 
@@ -341,7 +353,8 @@ def measure_train_crossover(layers: Layers, token_counts, args) -> dict:
                 step()
             return run
         try:
-            out[tokens] = interleaved({SPMM: forced("spmm"), SWAP: forced("swap")},
+            out[tokens] = interleaved({SPMM: forced("spmm"), FOLD: forced("fold"),
+                                       SWAP: forced("swap")},
                                       repeat=args.repeat, min_time=args.min_time,
                                       max_rounds=args.max_rounds)
         finally:
@@ -350,13 +363,23 @@ def measure_train_crossover(layers: Layers, token_counts, args) -> dict:
                 p.grad = None
         res = out[tokens]
         print(f"[{layers.label()}] training crossover T={tokens}: spmm {_ms(res[SPMM][0])} ms, "
-              f"swap {_ms(res[SWAP][0])} ms", flush=True)
+              f"fold {_ms(res[FOLD][0])} ms, swap {_ms(res[SWAP][0])} ms", flush=True)
     return out
 
 
 def train_variants(layers: Layers, x) -> dict:
     layers.shira.strategy = "auto"
-    v = {SHIRA_TRAIN: sb.training_step(layers.shira, x)}
+    auto_step, spmm_step = sb.training_step(layers.shira, x), sb.training_step(layers.shira, x)
+
+    def strategy_step(step, strategy):
+        def run():
+            layers.shira.strategy = strategy
+            try:
+                return step()
+            finally:
+                layers.shira.strategy = "auto"
+        return run
+    v = {SHIRA_TRAIN: auto_step, SHIRA_SPMM_TRAIN: strategy_step(spmm_step, "spmm")}
     if layers.peft_shira is not None:
         v[PEFT_SHIRA] = sb.training_step(layers.peft_shira, x)
         v[PEFT_LORA] = sb.training_step(layers.peft_lora, x)
@@ -417,7 +440,8 @@ def memory_probe(spec: dict) -> dict:
 
 
 def run_probe(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec),
+           "--dtype", str(DTYPE).removeprefix("torch.")]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("PROBE "):
@@ -447,10 +471,10 @@ def measure_memory(shapes, args, with_peft: bool) -> dict:
 # The report.
 # ---------------------------------------------------------------------------------------------
 def crossover_point(res: dict) -> int | None:
-    """The smallest token count from which swap ≤ spmm at every larger measured count."""
+    """The smallest token count from which fold ≤ spmm at every larger measured count."""
     point = None
     for tokens in sorted(res, reverse=True):
-        if res[tokens][SWAP][0] <= res[tokens][SPMM][0]:
+        if res[tokens][FOLD][0] <= res[tokens][SPMM][0]:
             point = tokens
         else:
             break
@@ -491,22 +515,25 @@ def _strategy_table(results: list[dict], key: str, columns, cell) -> list[str]:
     return lines
 
 
-def _swap_ratio(spmm: float, swap: float) -> str:
-    return f"{swap / spmm:.3f}" + (" ✓" if swap <= spmm else "")
+def _fold_ratio(spmm: float, fold: float) -> str:
+    return f"{fold / spmm:.3f}" + (" ✓" if fold <= spmm else "")
 
 
 def crossover_table(results: list[dict]) -> list[str]:
     def cell(c):
-        base, spmm, swap = c[LINEAR][0], c[SPMM][0], c[SWAP][0]
-        return f"{spmm / base:.3f} | {swap / base:.3f} | {_swap_ratio(spmm, swap)}"
-    return _strategy_table(results, "crossover", ("spmm ×", "swap ×", "swap/spmm"), cell)
+        base, spmm, fold, swap = c[LINEAR][0], c[SPMM][0], c[FOLD][0], c[SWAP][0]
+        return (f"{spmm / base:.3f} | {fold / base:.3f} | {swap / base:.3f} | "
+                f"{_fold_ratio(spmm, fold)}")
+    return _strategy_table(results, "crossover", ("spmm ×", "fold ×", "swap ×", "fold/spmm"),
+                           cell)
 
 
 def train_crossover_table(results: list[dict]) -> list[str]:
     def cell(c):
-        spmm, swap = c[SPMM][0], c[SWAP][0]
-        return f"{_ms(spmm)} | {_ms(swap)} | {_swap_ratio(spmm, swap)}"
-    return _strategy_table(results, "train_crossover", ("spmm ms", "swap ms", "swap/spmm"), cell)
+        spmm, fold, swap = c[SPMM][0], c[FOLD][0], c[SWAP][0]
+        return f"{_ms(spmm)} | {_ms(fold)} | {_ms(swap)} | {_fold_ratio(spmm, fold)}"
+    return _strategy_table(results, "train_crossover",
+                           ("spmm ms", "fold ms", "swap ms", "fold/spmm"), cell)
 
 
 def training_table(label: str, res: dict) -> list[str]:
@@ -579,12 +606,12 @@ def targets(results: list[dict], memory: dict | None, shapes, args,
         rows.append((not_lora, verdict(max(v for *_, v in figures) <= 1.0), listing(figures)))
         figures = [(r["label"], t, r["train"][t][PEFT_SHIRA][0] / r["train"][t][SHIRA_TRAIN][0])
                    for r in results for t in r["train"]]
-        # No layer that computes the input gradient can beat the frozen floor: its own ratio
-        # to PEFT ShiRA bounds what any implementation of the adapter could reach.
+        # The frozen nn.Linear (torch's matmul, input gradient only) bounds what any adapter
+        # built on torch's matmul could reach; fold runs its own matmul.
         bounds = [r["train"][t][PEFT_SHIRA][0] / r["train"][t][FLOOR][0]
                   for r in results for t in r["train"]]
         rows.append((vs_shira, verdict(min(v for *_, v in figures) >= TARGET_SHIRA_SPEEDUP),
-                     "; ".join(f"{s} T={t}: {v:.2f}× faster (the frozen floor: {b:.2f}×)"
+                     "; ".join(f"{s} T={t}: {v:.2f}× faster (the frozen nn.Linear: {b:.2f}×)"
                                for (s, t, v), b in zip(figures, bounds))))
     else:
         rows += [(not_lora, "n.a.", "not measured"), (vs_shira, "n.a.", "not measured")]
@@ -609,7 +636,7 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
     if with_peft:
         import peft
         peft_version = peft.__version__
-    threshold = sparse_delta.SWAP_FROM_TOKENS["cpu"]
+    threshold = sparse_delta.FOLD_FROM_TOKENS["cpu"].get(DTYPE, "never")
     sections = args.sections
     out = [
         "# ShiraLinear on the CPU: forward, crossover, training step, memory",
@@ -629,21 +656,27 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
         "",
         "## Setup",
         "",
-        f"One linear layer per shape (out×in: {', '.join(r['label'] for r in results)}), fp32, "
+        f"One linear layer per shape (out×in: {', '.join(r['label'] for r in results)}), "
+        f"{str(DTYPE).removeprefix('torch.')}, "
         f"with bias, random weights. Every adapter has r = {args.r}: ShiraLinear and PEFT ShiRA "
         f"train r·(out+in) entries at random positions (their masks differ: each library draws "
         f"its own), PEFT LoRA is rank {args.r} with lora_alpha {2 * args.r} and no dropout; all "
         f"adapter values are random and non-zero (std {sb.ADAPTER_VALUE_STD}). nn.Linear, the "
         "unfused ShiraLinear and both PEFT layers wrap the same base weight; the fused "
         "ShiraLinear is merged into its own copy. The strategy rows are the same ShiraLinear "
-        "with `.strategy` set to spmm, swap or merge; \"auto\" uses spmm below "
-        f"SWAP_FROM_TOKENS['cpu'] = {threshold} tokens, swap from there on.",
+        "with `.strategy` set to fold, spmm, swap or merge; \"auto\" uses spmm below "
+        f"FOLD_FROM_TOKENS['cpu'][{DTYPE}] = {threshold} tokens, fold from there on. fold runs "
+        "this package's own matmul (csrc/cpu/folded_linear.cpp, S added to each panel of W as "
+        "it is loaded); every other row, PEFT's included, runs torch's matmul for the dense part. "
+        "So where fold is faster than nn.Linear the gain is its matmul's, not the adapter's: "
+        "the training rows \"ShiraLinear spmm\" (torch's matmul plus the sparse kernels) show "
+        "the adapter's own cost against LoRA's on equal dense ground.",
         "",
         "Forward calls run under torch.no_grad(). A training step sets the gradients to None, "
         "runs the forward, loss = mean(y²) and backward; the base weight and bias are frozen, "
         "the adapter is trainable and the input requires grad (as for a layer inside a "
-        "network), nothing is updated. The floor row is the frozen nn.Linear with the same "
-        "loss: only the input gradient.",
+        "network), nothing is updated. The frozen nn.Linear row has the same loss and only "
+        "the input gradient: the floor for anything built on torch's matmul.",
         "",
         "The variants of one configuration are timed round robin (each round calls every "
         "variant once, starting one further along each time) after one untimed warm-up round: "
@@ -666,33 +699,33 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
     if "crossover" in sections:
         points = {r["label"]: crossover_point(r["crossover"]) for r in results}
         overall = None if None in points.values() else max(points.values())
-        out += ["## spmm / swap crossover", "",
-                "Ratio to nn.Linear at each token count for the two unfused strategies (✓: swap "
-                f"≤ spmm). Where swap is still slower at {max(args.crossover_tokens)} tokens, "
+        out += ["## spmm / fold crossover", "",
+                "Ratio to nn.Linear at each token count for three unfused strategies (✓: fold "
+                f"≤ spmm). Where fold is still slower at {max(args.crossover_tokens)} tokens, "
                 f"the count keeps doubling (up to {args.crossover_limit}) for that shape until "
                 "it is not.", ""] + crossover_table(results) + [""]
         for r in results:
             p = points[r["label"]]
-            out.append(f"- {r['label']}: swap ≤ spmm from {p} tokens on (at every larger "
-                       "measured count)" if p is not None else f"- {r['label']}: swap is "
+            out.append(f"- {r['label']}: fold ≤ spmm from {p} tokens on (at every larger "
+                       "measured count)" if p is not None else f"- {r['label']}: fold is "
                        f"slower than spmm at {max(r['crossover'])} tokens")
         out += ["", f"**measured crossover: {overall} tokens**" if overall is not None else
                 "**measured crossover: none within the measured token counts**",
                 "",
-                f"(SWAP_FROM_TOKENS['cpu'] is {threshold} in this checkout. The crossover is the "
-                "smallest measured count from which swap is no slower than spmm on every shape; "
+                f"(FOLD_FROM_TOKENS['cpu'][{DTYPE}] is {threshold} in this checkout. The "
+                "crossover is the smallest measured count from which fold is no slower than spmm on every shape; "
                 "the true point lies between it and the count measured before it. The one "
                 "threshold serves the forward and the training step alike.)", ""]
         if any(r["train_crossover"] for r in results):
             tpoints = {r["label"]: crossover_point(r["train_crossover"]) for r in results}
             out += ["### A training step with each strategy", "",
                     f"Forward, loss and backward as in the training sections below, at the "
-                    f"counts above from {TRAIN_CROSSOVER_FROM} tokens (✓: swap ≤ spmm).", ""] \
+                    f"counts above from {TRAIN_CROSSOVER_FROM} tokens (✓: fold ≤ spmm).", ""] \
                 + train_crossover_table(results) + [""]
             for r in results:
                 p = tpoints[r["label"]]
-                out.append(f"- {r['label']}: swap ≤ spmm from {p} tokens on" if p is not None
-                           else f"- {r['label']}: swap is slower than spmm at "
+                out.append(f"- {r['label']}: fold ≤ spmm from {p} tokens on" if p is not None
+                           else f"- {r['label']}: fold is slower than spmm at "
                                 f"{max(r['train_crossover'])} tokens")
             out.append("")
     if "train" in sections:
@@ -737,6 +770,8 @@ def main(argv=None) -> int:
                         "fewer rounds, to try the script")
     p.add_argument("--shapes", default=None, help="comma list of OUTxIN (overrides --quick's)")
     p.add_argument("--r", type=int, default=32)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="the layers' and inputs' dtype (default float32)")
     p.add_argument("--repeat", type=int, default=None,
                    help="least timed rounds per configuration (default 5, --quick 3)")
     p.add_argument("--min-time", type=float, default=None,
@@ -754,6 +789,8 @@ def main(argv=None) -> int:
                    help="markdown file to write, or - to print only")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global DTYPE
+    DTYPE = DTYPES[args.dtype]
     if args.memory_probe is not None:
         print("PROBE " + json.dumps(memory_probe(json.loads(args.memory_probe))), flush=True)
         return 0
