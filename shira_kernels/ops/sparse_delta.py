@@ -46,9 +46,9 @@ STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
 # sparse kernels, at one token they are level (memory-bound, like torch's matrix-vector
 # product). fp16 and bf16 (a throwaway timing on 4096x4096, see docs/ARCHITECTURE.md; `python
 # bench/report_shira_linear.py --dtype float16 --sections crossover` measures it): torch's
-# fp16 forward is faster below 16 tokens, and its fp16 gy·W is a slow path (0.1-15 s at 1-128
-# tokens) where fold takes milliseconds; torch's bf16 matmul (AVX512-BF16) beats fold's fp32
-# sums, so no fold for bf16.
+# fp16 forward is faster below 16 tokens, and its fp16 gy·W is a very slow path where fold
+# takes milliseconds; torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums, so no fold
+# for bf16.
 FOLD_FROM_TOKENS = {"cpu": {torch.float32: 2, torch.float16: 16}}
 # Token count from which "swap" beats "spmm" (auto strategy) where "fold" is not used, per
 # device type, measured on 4096x4096 and 11008x4096 layers at r=32. CPU (fp32, before fold:
