@@ -194,6 +194,35 @@ def interleaved(variants: dict, *, repeat: int, min_time: float, max_rounds: int
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 
+def paired(first, second, *, least: int, min_time: float, most: int) -> list[float]:
+    """Time ``first`` and ``second`` back to back, the order alternating, after one untimed
+    call of each: at least ``least`` pairs, more (at most ``most``) until ``min_time`` seconds
+    have passed. Returns the ratios second / first, one per pair: a slow spell of the machine
+    slows both halves of a pair alike, so the ratios stay sharp where medians drift."""
+    first(), second()
+    ratios, started, k = [], time.perf_counter(), 0
+    while k < least or (k < most and time.perf_counter() - started < min_time):
+        t = {}
+        for which, fn in ((0, first), (1, second)) if k % 2 == 0 else ((1, second), (0, first)):
+            t0 = time.perf_counter()
+            fn()
+            t[which] = time.perf_counter() - t0
+        ratios.append(t[1] / t[0])
+        k += 1
+    return ratios
+
+
+def median_interval(values) -> tuple[float, float, float]:
+    """The median and a distribution-free ~95% confidence interval for it (order statistics
+    n/2 ∓ 0.98·√n, from the binomial distribution of how many values fall below the median)."""
+    v = sorted(values)
+    n = len(v)
+    half = 0.98 * math.sqrt(n)
+    lo = max(0, math.floor(n / 2 - half) - 1)
+    hi = min(n - 1, math.ceil(n / 2 + half))
+    return statistics.median(v), v[lo], v[hi]
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.2f}"
 
@@ -216,6 +245,10 @@ class Layers:
         self.shira = sb.shira_linear_layer(self.linear, r=r, seed=0)
         self.fused = sb.shira_linear_layer(sb.clone_linear(self.linear), r=r, seed=0)
         self.fused.merge()
+        # nn.Linear on the fused layer's own weight and bias Parameters: in use, merge() writes
+        # into the memory the base layer already had, so that is the memory to compare on.
+        self.fused_base = torch.nn.Linear(in_f, out_f, device="meta")
+        self.fused_base.weight, self.fused_base.bias = self.fused.weight, self.fused.bias
         self.peft_shira = sb.peft_shira_layer(self.linear, r=r, seed=0) if with_peft else None
         self.peft_lora = sb.peft_lora_layer(self.linear, r=r, seed=0) if with_peft else None
 
@@ -312,6 +345,28 @@ def measure_forward(layers: Layers, args) -> dict:
         print(f"[{layers.label()}] forward T={tokens}: " + ", ".join(
             f"{n} {m / base:.2f}x" for n, (m, _) in res.items() if n != LINEAR)
             + f" (nn.Linear {_ms(base)} ms)", flush=True)
+    return out
+
+
+def measure_fused(layers: Layers, args) -> dict:
+    """The fused (merged) ShiraLinear against nn.Linear alone, in pairs: its forward is the
+    very F.linear call nn.Linear makes, so the question is whether any overhead shows at all,
+    which takes a sharper measure than the round-robin tables' medians. Paired with an
+    nn.Linear on the same weight memory ("same") and with the base nn.Linear, whose weight is
+    another copy ("base"). {tokens: {"same": ratios, "base": ratios}}."""
+    out = {}
+    for tokens in args.forward_tokens:
+        x = _inputs(layers.shape, tokens)
+        runs = _no_grad({"same": lambda: layers.fused_base(x), "base": lambda: layers.linear(x),
+                         FUSED: lambda: layers.fused(x)})
+        out[tokens] = {}
+        for other in ("same", "base"):
+            ratios = paired(runs[other], runs[FUSED], least=args.pairs,
+                            min_time=args.min_time, most=20 * args.pairs)
+            out[tokens][other] = ratios
+            med, lo, hi = median_interval(ratios)
+            print(f"[{layers.label()}] fused / nn.Linear ({other}) T={tokens}: {med:.3f}x "
+                  f"(95% {lo:.3f}–{hi:.3f}, {len(ratios)} pairs)", flush=True)
     return out
 
 
@@ -587,11 +642,14 @@ def targets(results: list[dict], memory: dict | None, shapes, args,
         if figures:
             rows.append((unfused, verdict(max(v for *_, v in figures) <= TARGET_UNFUSED),
                          listing(figures)))
-        figures = [(r["label"], t, r["forward"][t][FUSED][0] / r["forward"][t][LINEAR][0])
-                   for r in results for t in r["forward"]]
-        worst = max(v for *_, v in figures)
+        figures = [(r["label"], t, median_interval(r["fused"][t]["same"]))
+                   for r in results for t in r["fused"]]
+        worst = max(med for *_, (med, _, _) in figures)
         rows.append((fused, verdict(worst <= TARGET_FUSED),
-                     f"worst {worst:.3f}×; " + listing(figures)))
+                     f"worst {worst:.3f}× (median of ratios paired on the same weight "
+                     "memory); " + "; ".join(
+                         f"{s} T={t}: {med:.3f}× ({lo:.3f}–{hi:.3f})"
+                         for s, t, (med, lo, hi) in figures)))
     else:
         rows += [(unfused, "n.a.", "not measured"), (fused, "n.a.", "not measured")]
 
@@ -696,6 +754,32 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
         for r in results:
             out += [f"## Forward, {r['label']}", ""] + forward_tables(r["label"], r["forward"]) \
                 + [""]
+        out += ["## Fused (merged) ShiraLinear against nn.Linear, in pairs", "",
+                "The fused layer's forward is the same F.linear call nn.Linear makes, so the "
+                "round-robin tables above can only say it is level within their noise (a few "
+                "percent between runs), and they run it on another copy of the weight than "
+                "nn.Linear's. Here the fused layer and one nn.Linear alone are timed back to "
+                "back, the order alternating, and each pair gives one ratio fused / nn.Linear: "
+                "a slow spell of the machine slows both halves of a pair. The nn.Linear is "
+                "either one holding the fused layer's own weight and bias Parameters (same "
+                "memory: in use, merge() writes into the very memory the base layer had) or the "
+                "base nn.Linear of the tables above (another copy of the weight; where a weight "
+                "lies in memory can move a memory-bound call by a few percent with no code "
+                f"involved). At least {args.pairs} pairs each, more (up to {20 * args.pairs}) "
+                f"until {args.min_time:g} s have passed. The interval is a distribution-free "
+                "~95% confidence interval of the median (order statistics). The fused-forward "
+                "target below uses the same-memory medians.", "",
+                "| shape | tokens | same memory: median | 95% interval | pairs "
+                "| another copy: median | 95% interval | pairs |",
+                "|---|---:|---:|---|---:|---:|---|---:|"]
+        for r in results:
+            for t, pair in r["fused"].items():
+                cells = []
+                for other in ("same", "base"):
+                    med, lo, hi = median_interval(pair[other])
+                    cells.append(f"{med:.3f} | {lo:.3f}–{hi:.3f} | {len(pair[other])}")
+                out.append(f"| {r['label']} | {t} | " + " | ".join(cells) + " |")
+        out += [""]
     if "crossover" in sections:
         points = {r["label"]: crossover_point(r["crossover"]) for r in results}
         overall = None if None in points.values() else max(points.values())
@@ -778,6 +862,9 @@ def main(argv=None) -> int:
                    help="add rounds until a configuration has run this many seconds "
                         "(default 1.5, --quick 0.2)")
     p.add_argument("--max-rounds", type=int, default=40)
+    p.add_argument("--pairs", type=int, default=None,
+                   help="least timed pairs of the fused/nn.Linear comparison (default 30, "
+                        "--quick 10)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma list of what to measure (default all: {','.join(SECTIONS)})")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -805,6 +892,7 @@ def main(argv=None) -> int:
     if args.no_memory:
         args.sections.discard("memory")
     args.repeat = args.repeat or (3 if args.quick else 5)
+    args.pairs = args.pairs or (10 if args.quick else 30)
     args.min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 1.5)
     args.forward_tokens, args.train_tokens = FORWARD_TOKENS, TRAIN_TOKENS
     args.crossover_tokens = _int_list(args.crossover_tokens)
@@ -826,6 +914,7 @@ def main(argv=None) -> int:
                   + "; ".join(res["checks"]), flush=True)
             if "forward" in args.sections:
                 res["forward"] = measure_forward(layers, args)
+                res["fused"] = measure_fused(layers, args)
             if "crossover" in args.sections:
                 res["crossover"] = measure_crossover(layers, args)
                 res["train_crossover"] = measure_train_crossover(

@@ -51,3 +51,40 @@ def test_binary_report_quick(tmp_path):
     for section in ("## binary_linear", "## Gradient of x through binary_linear",
                     "## binary_lora (ViT-B", "## binary_lora (small shapes"):
         assert section in text, section
+
+
+def test_shira_linear_report_quick(tmp_path):
+    # Toy shape and one round each: the report's every section but memory runs, and the
+    # layer checks it makes before timing (each strategy against float64) pass.
+    out = tmp_path / "shira.md"
+    run_script("report_shira_linear.py", "--shapes", "96x80",
+               "--sections", "forward,crossover,train", "--repeat", "1", "--min-time", "0",
+               "--max-rounds", "1", "--pairs", "3",
+               "--crossover-tokens", "1,4", "--crossover-limit", "8", "--out", str(out))
+    text = out.read_text()
+    assert "too large" not in text and "**NO**" not in text
+    for section in ("## Forward, 96x80",
+                    "## Fused (merged) ShiraLinear against nn.Linear, in pairs",
+                    "## spmm / fold crossover", "## Training step, 96x80", "## Targets"):
+        assert section in text, section
+    assert "| fused forward within 1.02× of nn.Linear (every token count) | **" in text
+
+
+def test_median_interval_brackets_the_median():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("report_shira_linear",
+                                                  ROOT / "bench" / "report_shira_linear.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    widths = []
+    for n in (9, 100, 1000):
+        values = [((k * 7919) % n) / n for k in range(n)]  # 0 .. (n-1)/n, shuffled
+        med, lo, hi = report.median_interval(values)
+        assert lo < med < hi
+        # The order statistics n/2 ∓ 0.98·√n: about ∓1/√n around the median of a uniform.
+        assert abs((hi - lo) - 2 / n ** 0.5) < 4 / n
+        widths.append(hi - lo)
+    assert widths == sorted(widths, reverse=True)
+    work = lambda: sum(range(99))  # noqa: E731
+    ratios = report.paired(work, work, least=5, min_time=0, most=5)
+    assert len(ratios) == 5 and all(r > 0 for r in ratios)
