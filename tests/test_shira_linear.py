@@ -30,7 +30,7 @@ def test_from_linear_is_a_drop_in_replacement():
     assert layer.shira_values.numel() == 1 * (10 + 6) and layer.shira_values.requires_grad
     x = torch.randn(4, 10)
     # The adapter starts at zero: with torch's matmul (spmm) the output is the base layer's,
-    # bit for bit; "fold" (auto, from 2 tokens on the CPU) runs its own matmul, whose sums
+    # bit for bit; "fold" (auto for fp32 on the CPU) runs its own matmul, whose sums
     # round in another order.
     layer.strategy = "spmm"
     assert torch.equal(layer(x), base(x))

@@ -252,23 +252,26 @@ def test_gradient_of_weight_only_when_asked(backend, device):
 
 
 def test_auto_strategy_switches_at_the_measured_token_counts():
-    # CPU fp32: spmm for one token, the fold kernel from FOLD_FROM_TOKENS on; without fold
-    # (bf16, CUDA) spmm below SWAP_FROM_TOKENS, swap from there. Checked by the bits of the
-    # result, which differ between strategies (their sums run in other orders).
-    fold_from, swap_from = sd.FOLD_FROM_TOKENS["cpu"][torch.float32], sd.SWAP_FROM_TOKENS["cuda"]
-    assert [sd.auto_strategy("cpu", torch.float32, t) for t in (1, fold_from, 5000)] == [
-        "spmm", "fold", "fold"]
+    # CPU fp32 and fp16: spmm below FOLD_FROM_TOKENS (fp32: never, from one token on), the
+    # fold kernel from there; without fold (bf16, CUDA) spmm below SWAP_FROM_TOKENS, swap from
+    # there. Checked by the bits of the result, which differ between strategies (their sums
+    # run in other orders).
+    swap_from = sd.SWAP_FROM_TOKENS["cuda"]
     assert [sd.auto_strategy("cpu", torch.bfloat16, t) for t in (1, 5000)] == ["spmm", "swap"]
     assert [sd.auto_strategy("cuda", torch.float16, t)
             for t in (1, swap_from - 1, swap_from)] == ["spmm", "spmm", "swap"]
-    _, weight, bias, delta, _ = _linear_case((1, 40, 300), torch.float32)
-    with torch.no_grad():
-        for tokens, expected in ((fold_from - 1, "spmm"), (fold_from, "fold")):
-            x = torch.randn(tokens, 300)
-            runs = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta, strategy=s)
-                    for s in ("auto", "fold", "spmm")}
-            assert not torch.equal(runs["fold"], runs["spmm"])
-            assert torch.equal(runs["auto"], runs[expected]), tokens
+    for dtype, fold_from in sd.FOLD_FROM_TOKENS["cpu"].items():
+        assert [sd.auto_strategy("cpu", dtype, t) for t in (fold_from, 5000)] == ["fold"] * 2
+        _, weight, bias, delta, _ = _linear_case((1, 40, 300), dtype)
+        with torch.no_grad():
+            for tokens, expected in ((fold_from - 1, "spmm"), (fold_from, "fold")):
+                if tokens == 0:
+                    continue
+                x = torch.randn(tokens, 300, dtype=dtype)
+                runs = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta, strategy=s)
+                        for s in ("auto", "fold", "spmm")}
+                assert not torch.equal(runs["fold"], runs["spmm"]), (dtype, tokens)
+                assert torch.equal(runs["auto"], runs[expected]), (dtype, tokens)
 
 
 def test_autocast_runs_in_the_autocast_dtype(backend, device):

@@ -44,7 +44,7 @@ from .._checks import FLOAT_DTYPES
 from ..formats import SparseDelta, flat_index_dtype
 from ..io._files import write_atomically
 from ..ops.scatter_swap import scatter_swap_
-from ..ops.sparse_delta import STRATEGIES, sparse_delta_linear
+from ..ops.sparse_delta import STRATEGIES, linear_of_parts
 
 __all__ = ["CONFIG_NAME", "PEFT_PREFIX", "SAFETENSORS_NAME", "accelerate", "accelerated_layers",
            "load_peft_into_bank", "peft_adapter_deltas", "read_peft_adapter", "restore",
@@ -438,9 +438,8 @@ class _AcceleratedShira:
         values = self._sk_values(adapter, plan)
         if values.dtype != weight.dtype and not autocast:
             values = values.to(weight.dtype)  # PEFT adds an upcast adapter into W's dtype too
-        delta = SparseDelta(tuple(weight.shape), plan.flat, values, structure=plan.structure)
-        return sparse_delta_linear(x, weight, bias, delta, float(self.scaling[adapter]),
-                                   strategy=self._sk_strategy)
+        return linear_of_parts(x, weight, bias, weight.shape, values, plan.flat, plan.structure,
+                               float(self.scaling[adapter]), self._sk_strategy)
 
     # -- merge / unmerge --------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -529,10 +528,10 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
     - Unfused forward with one active adapter: sparse_delta_linear(x, W, b, S, scaling,
       strategy) instead of PEFT's clone of W plus a dense sum of a sparse COO tensor; the
       gradient of ``shira_weight`` comes from the sampled product (no dense m×n gradient).
-      ``strategy``: "auto" (sparse_delta.auto_strategy: on the CPU "fold" from 2 tokens, else
-      spmm for few tokens and swap for many), "fold" (S added to W's panels inside one matmul),
-      "spmm", "swap" (W briefly holds W + scaling·S during the call: no other thread may read W
-      meanwhile) or "merge" (a scratch copy of W).
+      ``strategy``: "auto" (sparse_delta.auto_strategy: on the CPU "fold" for fp32, and for
+      fp16 from 16 tokens; else spmm for few tokens and swap for many), "fold" (S added to
+      W's panels inside one matmul), "spmm", "swap" (W briefly holds W + scaling·S during the
+      call: no other thread may read W meanwhile) or "merge" (a scratch copy of W).
     - merge() / unmerge(): scatter_swap_ of the adapted entries; unmerge restores W bit for bit
       (PEFT's subtracts the delta again, which rounds in 16-bit weights).
     - Everything else runs PEFT's own code: disabled adapters, merged layers, several active

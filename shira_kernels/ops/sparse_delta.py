@@ -42,14 +42,14 @@ from .scatter_swap import swap_unchecked
 STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
 # Token count from which "auto" runs "fold", per device type and dtype (CPU only: the other
 # backends compose it from their spmm). CPU, fp32 (docs/benchmarks/shira_linear_cpu.md): from
-# 16 tokens on its forward and backward take about half the time of torch's matmul plus the
-# sparse kernels, at one token they are level (memory-bound, like torch's matrix-vector
-# product). fp16 and bf16 (a throwaway timing on 4096x4096, see docs/ARCHITECTURE.md; `python
+# 2 tokens on its forward and training step take about half the time of torch's matmul plus
+# the sparse kernels; at one token (memory-bound, like torch's matrix-vector product) its
+# forward takes 0.92-0.95x the time and a training step is level. fp16 and bf16 (a throwaway timing on 4096x4096, see docs/ARCHITECTURE.md; `python
 # bench/report_shira_linear.py --dtype float16 --sections crossover` measures it): torch's
 # fp16 forward is faster below 16 tokens, and its fp16 gy·W is a very slow path where fold
 # takes milliseconds; torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums, so no fold
 # for bf16.
-FOLD_FROM_TOKENS = {"cpu": {torch.float32: 2, torch.float16: 16}}
+FOLD_FROM_TOKENS = {"cpu": {torch.float32: 1, torch.float16: 16}}
 # Token count from which "swap" beats "spmm" (auto strategy) where "fold" is not used, per
 # device type, measured on 4096x4096 and 11008x4096 layers at r=32. CPU (fp32, before fold:
 # docs/benchmarks/shira_linear_cpu.md of 73359bd): 512 tokens; it now serves bf16 only.
@@ -418,12 +418,17 @@ _eager_linear = eager_function("_EagerLinear", _linear, _setup_context,
 # ---------------------------------------------------------------------------------------------
 # Public functions: validate once, then call the op.
 # ---------------------------------------------------------------------------------------------
-def _check_delta(delta, shape, what: str) -> SparseDelta:
+def _check_delta(delta, shape=None, what: str = "") -> SparseDelta:
     if not isinstance(delta, SparseDelta):
         raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
-    if tuple(delta.shape) != tuple(shape):
-        raise ValueError(f"delta has shape {tuple(delta.shape)} but {what} needs {tuple(shape)}")
+    if shape is not None:
+        _check_delta_shape(delta.shape, shape, what)
     return delta
+
+
+def _check_delta_shape(delta_shape, shape, what: str) -> None:
+    if tuple(delta_shape) != tuple(shape):
+        raise ValueError(f"delta has shape {tuple(delta_shape)} but {what} needs {tuple(shape)}")
 
 
 def _check_float(name: str, t, dtype=None, device=None) -> None:
@@ -504,6 +509,17 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         delta: SparseDelta, scale: float = 1.0, strategy: str = "auto"):
     """x·(W + scale·S)ᵀ + b for x of any leading shape [..., in]; differentiable in x, S's
     values, the bias and (only if it requires grad) W."""
+    _check_delta(delta)
+    return linear_of_parts(x, weight, bias, delta.shape, delta.values, delta.flat_indices,
+                           delta.structure, scale, strategy)
+
+
+def linear_of_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    delta_shape, values: torch.Tensor, flat_indices: torch.Tensor, structure,
+                    scale: float = 1.0, strategy: str = "auto"):
+    """sparse_delta_linear with the delta as its parts (shape, values, flat indices and their
+    SparseStructure), which the caller keeps canonical, as ShiraLinear does with its buffers:
+    no SparseDelta is built per call (its checks take longer than a small layer's matmul)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     _check_float("x", x)
@@ -519,14 +535,14 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         _check_float("bias", bias, dtype, x.device)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    _check_delta(delta, weight.shape, "weight")
-    _check_float("delta.values", delta.values, dtype, x.device)
+    _check_delta_shape(delta_shape, weight.shape, "weight")
+    _check_float("delta.values", values, dtype, x.device)
     x2 = x.reshape(-1, x.shape[-1])
     if strategy == "auto":
         run_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         strategy = auto_strategy(x.device.type, run_dtype, x2.shape[0])
-    s = delta.structure
+    s = structure
     run = _linear_op if via_op(x) else _eager_linear
-    y = run(x2, weight, bias, delta.values, delta.flat_indices, s.row_offsets, s.cols, s.rows,
+    y = run(x2, weight, bias, values, flat_indices, s.row_offsets, s.cols, s.rows,
             s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
     return y.view(*x.shape[:-1], weight.shape[0])
