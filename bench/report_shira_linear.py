@@ -391,7 +391,7 @@ def measure_crossover(layers: Layers, args) -> dict:
     return out
 
 
-TRAIN_CROSSOVER_FROM = 128  # the training-step crossover is timed from this many tokens
+TRAIN_CROSSOVER_FROM = 1  # the training-step crossover is timed from this many tokens
 
 
 def measure_train_crossover(layers: Layers, token_counts, args) -> dict:
@@ -458,6 +458,42 @@ def measure_training(layers: Layers, args) -> dict:
     return out
 
 
+OVERHEAD_SHAPE, OVERHEAD_CALLS = (64, 64), 200
+
+
+def measure_overhead(args, with_peft: bool) -> dict:
+    """The time of one forward call on a layer so small (64x64, 1 token) that the call is all
+    Python and dispatch: what each layer adds per call wherever its matmul is short (small
+    models, GPU decoding). Each timed sample is OVERHEAD_CALLS calls. {name: (median, times)},
+    seconds per call."""
+    layers = Layers(OVERHEAD_SHAPE, 1, with_peft)
+    x = _inputs(OVERHEAD_SHAPE, 1)
+    variants = layers.forward_variants(x, strategies=("fold", "spmm"))
+
+    def repeated(fn):
+        def run():
+            with torch.no_grad():
+                for _ in range(OVERHEAD_CALLS):
+                    fn()
+        return run
+    res = interleaved({n: repeated(fn) for n, fn in variants.items()}, repeat=args.repeat,
+                      min_time=args.min_time, max_rounds=args.max_rounds)
+    res = {n: (m / OVERHEAD_CALLS, [t / OVERHEAD_CALLS for t in ts]) for n, (m, ts) in res.items()}
+    print("overhead per call: " + ", ".join(f"{n} {m * 1e6:.1f} µs" for n, (m, _) in res.items()),
+          flush=True)
+    return res
+
+
+def overhead_table(res: dict) -> list[str]:
+    base = res[LINEAR][0]
+    lines = ["| variant | µs per call (median) | spread µs | more than nn.Linear, µs |",
+             "|---|---:|---:|---:|"]
+    for name, (median, times) in res.items():
+        lines.append(f"| {name} | {median * 1e6:.1f} | {min(times) * 1e6:.1f}–"
+                     f"{max(times) * 1e6:.1f} | {(median - base) * 1e6:+.1f} |")
+    return lines
+
+
 # Peak memory of one training step, in a fresh subprocess per (method, shape, tokens).
 def memory_probe(spec: dict) -> dict:
     """Run in the subprocess: build one method's layer and input, run one untimed step, then
@@ -514,11 +550,18 @@ def measure_memory(shapes, args, with_peft: bool) -> dict:
     for shape in shapes:
         for tokens in args.memory_tokens:
             for method in methods:
-                res = run_probe({"method": method, "shape": list(shape), "tokens": tokens,
-                                 "r": args.r, "threads": threads})
+                # The peak moves by a few dozen pages from process to process (malloc's
+                # arenas): the median of several fresh processes is the figure.
+                runs = sorted((run_probe({"method": method, "shape": list(shape),
+                                          "tokens": tokens, "r": args.r, "threads": threads})
+                               for _ in range(args.memory_runs)),
+                              key=lambda res: res["peak"] - res["before"])
+                res = dict(runs[len(runs) // 2],
+                           increases=[r["peak"] - r["before"] for r in runs])
                 out[(shape, tokens, method)] = res
                 print(f"[{shape[0]}x{shape[1]}] memory T={tokens} {MEMORY_METHODS[method]}: "
-                      f"+{res['peak'] - res['before']:.1f} MiB", flush=True)
+                      f"+{res['peak'] - res['before']:.2f} MiB (runs: "
+                      + ", ".join(f"{v:.2f}" for v in res["increases"]) + ")", flush=True)
     return out
 
 
@@ -609,7 +652,7 @@ def training_table(label: str, res: dict) -> list[str]:
 def memory_table(memory: dict, shapes, args, with_peft: bool) -> list[str]:
     methods = ["shira", "peft_shira", "peft_lora", "linear"] if with_peft else ["shira", "linear"]
     lines = ["| shape | tokens | method | RSS before the step MiB | peak increase in the step MiB "
-             "| × PEFT LoRA |", "|---|---:|---|---:|---:|---:|"]
+             "(median) | runs, min–max MiB | × PEFT LoRA |", "|---|---:|---|---:|---:|---:|---:|"]
     for shape in shapes:
         for t in args.memory_tokens:
             lora = memory.get((shape, t, "peft_lora"))
@@ -619,7 +662,9 @@ def memory_table(memory: dict, shapes, args, with_peft: bool) -> list[str]:
                 inc = res["peak"] - res["before"]
                 ratio = f"{inc / lora_inc:.2f}" if lora_inc else "–"
                 lines.append(f"| {shape[0]}x{shape[1]} | {t} | {MEMORY_METHODS[m]} | "
-                             f"{res['before']:.0f} | {inc:.1f} | {ratio} |")
+                             f"{res['before']:.0f} | {inc:.2f} | {len(res['increases'])}, "
+                             f"{min(res['increases']):.2f}–{max(res['increases']):.2f} | "
+                             f"{ratio} |")
     return lines
 
 
@@ -681,13 +726,14 @@ def targets(results: list[dict], memory: dict | None, shapes, args,
                 figures.append((f"{shape[0]}x{shape[1]}", t, ours["peak"] - ours["before"],
                                 lora["peak"] - lora["before"]))
         rows.append((peak, verdict(all(o <= l for *_, o, l in figures)),
-                     "; ".join(f"{s} T={t}: {o:.1f} vs {l:.1f} MiB" for s, t, o, l in figures)))
+                     "; ".join(f"{s} T={t}: {o:.2f} vs {l:.2f} MiB" for s, t, o, l in figures)))
     else:
         rows.append((peak, "n.a.", "not measured"))
     return rows
 
 
-def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elapsed) -> str:
+def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_peft,
+           elapsed) -> str:
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     shapes = [r["shape"] for r in results]
     peft_version = "not installed"
@@ -816,11 +862,19 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
         for r in results:
             out += [f"## Training step, {r['label']}", ""] \
                 + training_table(r["label"], r["train"]) + [""]
+    if overhead is not None:
+        out += [f"## Per-call overhead ({OVERHEAD_SHAPE[0]}x{OVERHEAD_SHAPE[1]}, 1 token)", "",
+                "A forward call on a layer this small is almost all Python and dispatch; the "
+                "last column is what each layer adds per call to nn.Linear's, which matters "
+                "wherever the matmul itself is short (small models, decoding on a GPU). Each "
+                f"sample times {OVERHEAD_CALLS} calls under torch.no_grad(); ShiraLinear has "
+                "r = 1 here (128 entries).", ""] + overhead_table(overhead) + [""]
     if memory is not None:
         cal = memory["calibrate"]
         out += [
             "## Peak memory of one training step", "",
-            "Each row is a fresh Python subprocess that builds the layer and input, runs one "
+            f"Each row is the median of {args.memory_runs} fresh Python subprocesses; each "
+            "builds the layer and input, runs one "
             "untimed step, sets the gradients to None, calls gc.collect() and malloc_trim(0), "
             "then measures the next step: the peak resident set size during the step minus the "
             "resident set size just before it. The peak is the kernel's high-water mark "
@@ -840,7 +894,7 @@ def report(results, memory, args, busy_start, busy_end, monitor, with_peft, elap
     return "\n".join(out)
 
 
-SECTIONS = ("forward", "crossover", "train", "memory")
+SECTIONS = ("forward", "crossover", "train", "overhead", "memory")
 
 
 def _int_list(text: str) -> list[int]:
@@ -872,6 +926,8 @@ def main(argv=None) -> int:
     p.add_argument("--crossover-limit", type=int, default=2048,
                    help="how far the crossover search may double past --crossover-tokens")
     p.add_argument("--memory-tokens", default=",".join(map(str, TRAIN_TOKENS)))
+    p.add_argument("--memory-runs", type=int, default=3,
+                   help="fresh processes per memory figure, the median kept (default 3)")
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "shira_linear_cpu.md"),
                    help="markdown file to write, or - to print only")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -925,9 +981,10 @@ def main(argv=None) -> int:
             results.append(res)
             del layers
             gc.collect()
+        overhead = measure_overhead(args, with_peft) if "overhead" in args.sections else None
         memory = measure_memory(shapes, args, with_peft) if "memory" in args.sections else None
     busy_end = busy_processes()
-    text = report(results, memory, args, busy_start, busy_end, monitor, with_peft,
+    text = report(results, memory, overhead, args, busy_start, busy_end, monitor, with_peft,
                   time.perf_counter() - started)
     print()
     print(text)

@@ -58,14 +58,15 @@ def test_shira_linear_report_quick(tmp_path):
     # layer checks it makes before timing (each strategy against float64) pass.
     out = tmp_path / "shira.md"
     run_script("report_shira_linear.py", "--shapes", "96x80",
-               "--sections", "forward,crossover,train", "--repeat", "1", "--min-time", "0",
+               "--sections", "forward,crossover,train,overhead", "--repeat", "1", "--min-time", "0",
                "--max-rounds", "1", "--pairs", "3",
                "--crossover-tokens", "1,4", "--crossover-limit", "8", "--out", str(out))
     text = out.read_text()
     assert "too large" not in text and "**NO**" not in text
     for section in ("## Forward, 96x80",
                     "## Fused (merged) ShiraLinear against nn.Linear, in pairs",
-                    "## spmm / fold crossover", "## Training step, 96x80", "## Targets"):
+                    "## spmm / fold crossover", "## Training step, 96x80",
+                    "## Per-call overhead (64x64, 1 token)", "## Targets"):
         assert section in text, section
     assert "| fused forward within 1.02× of nn.Linear (every token count) | **" in text
 
