@@ -741,6 +741,7 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
         import peft
         peft_version = peft.__version__
     threshold = sparse_delta.FOLD_FROM_TOKENS["cpu"].get(DTYPE, "never")
+    train_threshold = sparse_delta.FOLD_TRAINING_FROM_TOKENS["cpu"].get(DTYPE, "never")
     sections = args.sections
     out = [
         "# ShiraLinear on the CPU: forward, crossover, training step, memory",
@@ -768,8 +769,10 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
         f"adapter values are random and non-zero (std {sb.ADAPTER_VALUE_STD}). nn.Linear, the "
         "unfused ShiraLinear and both PEFT layers wrap the same base weight; the fused "
         "ShiraLinear is merged into its own copy. The strategy rows are the same ShiraLinear "
-        "with `.strategy` set to fold, spmm, swap or merge; \"auto\" uses spmm below "
-        f"FOLD_FROM_TOKENS['cpu'][{DTYPE}] = {threshold} tokens, fold from there on. fold runs "
+        "with `.strategy` set to fold, spmm, swap or merge; \"auto\" runs fold from "
+        f"FOLD_FROM_TOKENS['cpu'][{DTYPE}] = {threshold} tokens on in forward calls without a "
+        f"backward, from FOLD_TRAINING_FROM_TOKENS['cpu'][{DTYPE}] = {train_threshold} in "
+        "training steps, spmm (bf16: swap from SWAP_FROM_TOKENS) below. fold runs "
         "this package's own matmul (csrc/cpu/folded_linear.cpp, S added to each panel of W as "
         "it is loaded); every other row, PEFT's included, runs torch's matmul for the dense part. "
         "So where fold is faster than nn.Linear the gain is its matmul's, not the adapter's: "
@@ -842,10 +845,10 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
         out += ["", f"**measured crossover: {overall} tokens**" if overall is not None else
                 "**measured crossover: none within the measured token counts**",
                 "",
-                f"(FOLD_FROM_TOKENS['cpu'][{DTYPE}] is {threshold} in this checkout. The "
-                "crossover is the smallest measured count from which fold is no slower than spmm on every shape; "
-                "the true point lies between it and the count measured before it. The one "
-                "threshold serves the forward and the training step alike.)", ""]
+                f"(FOLD_FROM_TOKENS['cpu'][{DTYPE}], auto's threshold for calls without a "
+                f"backward, is {threshold} in this checkout. The crossover is the smallest "
+                "measured count from which fold is no slower than spmm on every shape; the "
+                "true point lies between it and the count measured before it.)", ""]
         if any(r["train_crossover"] for r in results):
             tpoints = {r["label"]: crossover_point(r["train_crossover"]) for r in results}
             out += ["### A training step with each strategy", "",
@@ -857,7 +860,12 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
                 out.append(f"- {r['label']}: fold ≤ spmm from {p} tokens on" if p is not None
                            else f"- {r['label']}: fold is slower than spmm at "
                                 f"{max(r['train_crossover'])} tokens")
-            out.append("")
+            toverall = None if None in tpoints.values() else max(tpoints.values())
+            out += ["", f"**measured training crossover: {toverall} tokens**"
+                    if toverall is not None else
+                    "**measured training crossover: none within the measured token counts**",
+                    "", f"(FOLD_TRAINING_FROM_TOKENS['cpu'][{DTYPE}], auto's threshold for "
+                    f"calls that record a backward, is {train_threshold} in this checkout.)", ""]
     if "train" in sections:
         for r in results:
             out += [f"## Training step, {r['label']}", ""] \

@@ -252,26 +252,44 @@ def test_gradient_of_weight_only_when_asked(backend, device):
 
 
 def test_auto_strategy_switches_at_the_measured_token_counts():
-    # CPU fp32 and fp16: spmm below FOLD_FROM_TOKENS (fp32: never, from one token on), the
-    # fold kernel from there; without fold (bf16, CUDA) spmm below SWAP_FROM_TOKENS, swap from
+    # CPU fp32 and fp16: spmm below FOLD_FROM_TOKENS (fp32: never, from one token on) in calls
+    # without a backward, below FOLD_TRAINING_FROM_TOKENS in calls that record one, the fold
+    # kernel from there; without fold (bf16, CUDA) spmm below SWAP_FROM_TOKENS, swap from
     # there. Checked by the bits of the result, which differ between strategies (their sums
     # run in other orders).
-    swap_from = sd.SWAP_FROM_TOKENS["cuda"]
-    assert [sd.auto_strategy("cpu", torch.bfloat16, t) for t in (1, 5000)] == ["spmm", "swap"]
-    assert [sd.auto_strategy("cuda", torch.float16, t)
-            for t in (1, swap_from - 1, swap_from)] == ["spmm", "spmm", "swap"]
-    for dtype, fold_from in sd.FOLD_FROM_TOKENS["cpu"].items():
-        assert [sd.auto_strategy("cpu", dtype, t) for t in (fold_from, 5000)] == ["fold"] * 2
-        _, weight, bias, delta, _ = _linear_case((1, 40, 300), dtype)
-        with torch.no_grad():
+    for device_type in ("cpu", "cuda"):
+        swap_from = sd.SWAP_FROM_TOKENS[device_type]
+        dtype = torch.bfloat16 if device_type == "cpu" else torch.float16
+        for training in (False, True):
+            assert [sd.auto_strategy(device_type, dtype, t, training)
+                    for t in (1, swap_from - 1, swap_from)] == ["spmm", "spmm", "swap"]
+    for training, table in ((False, sd.FOLD_FROM_TOKENS), (True, sd.FOLD_TRAINING_FROM_TOKENS)):
+        for dtype, fold_from in table["cpu"].items():
+            assert [sd.auto_strategy("cpu", dtype, t, training)
+                    for t in (fold_from, 5000)] == ["fold"] * 2
+            _, weight, bias, delta, _ = _linear_case((1, 40, 300), dtype)
             for tokens, expected in ((fold_from - 1, "spmm"), (fold_from, "fold")):
                 if tokens == 0:
                     continue
                 x = torch.randn(tokens, 300, dtype=dtype)
-                runs = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta, strategy=s)
-                        for s in ("auto", "fold", "spmm")}
+                with torch.set_grad_enabled(training):  # delta.values requires grad
+                    runs = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta,
+                                                                 strategy=s).detach()
+                            for s in ("auto", "fold", "spmm")}
                 assert not torch.equal(runs["fold"], runs["spmm"]), (dtype, tokens)
-                assert torch.equal(runs["auto"], runs[expected]), (dtype, tokens)
+                assert torch.equal(runs["auto"], runs[expected]), (dtype, tokens, training)
+    # Where the two thresholds differ, a call's backward decides (fp16: 1 vs 8 tokens).
+    tokens = sd.FOLD_FROM_TOKENS["cpu"][torch.float16] - 1
+    assert sd.FOLD_TRAINING_FROM_TOKENS["cpu"][torch.float16] <= tokens
+    _, weight, bias, delta, _ = _linear_case((1, 40, 300), torch.float16)
+    x = torch.randn(tokens, 300, dtype=torch.float16)
+    forced = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta, strategy=s).detach()
+              for s in ("fold", "spmm")}
+    with torch.no_grad():  # values require grad, but nothing is recorded
+        assert torch.equal(shira_kernels.sparse_delta_linear(x, weight, bias, delta), forced["spmm"])
+    assert delta.values.requires_grad  # so this call records a backward
+    assert torch.equal(shira_kernels.sparse_delta_linear(x, weight, bias, delta).detach(),
+                       forced["fold"])
 
 
 def test_autocast_runs_in_the_autocast_dtype(backend, device):

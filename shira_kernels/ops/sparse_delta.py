@@ -16,8 +16,8 @@ sparse_delta_linear runs one of four strategies, each one dense matmul plus extr
   "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b: O(out·in) copy, for
            callers that need W untouched while many tokens run
 "auto" picks by token count, as measured by bench/report_shira_linear.py: on the CPU fold
-from FOLD_FROM_TOKENS on (fp32 and fp16), spmm below; elsewhere spmm below SWAP_FROM_TOKENS,
-else swap.
+from FOLD_FROM_TOKENS on (FOLD_TRAINING_FROM_TOKENS when the call records a backward; fp32 and
+fp16), spmm below; elsewhere spmm below SWAP_FROM_TOKENS, else swap.
 The backward gives x (gy·W + scale·gy·S, gy·(W + scale·S) in one pass for fold, or gy·W' as
 the strategy says), S's values
 (scale·sddmm), the bias, and W only if W asks: it never builds a dense m×n gradient unless W
@@ -41,21 +41,25 @@ from .scatter_swap import swap_unchecked
 
 STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
 # Token count from which "auto" runs "fold", per device type and dtype (CPU only: the other
-# backends compose it from their spmm). CPU, fp32 (docs/benchmarks/shira_linear_cpu.md): from
-# 2 tokens on its forward and training step take about half the time of torch's matmul plus
-# the sparse kernels; at one token (memory-bound, like torch's matrix-vector product) its
-# forward takes 0.92-0.95x the time and a training step is level. fp16 and bf16 (a throwaway timing on 4096x4096, see docs/ARCHITECTURE.md; `python
-# bench/report_shira_linear.py --dtype float16 --sections crossover` measures it): torch's
-# fp16 forward is faster below 16 tokens, and its fp16 gy·W is a very slow path where fold
-# takes milliseconds; torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums, so no fold
-# for bf16.
-FOLD_FROM_TOKENS = {"cpu": {torch.float32: 1, torch.float16: 16}}
+# backends compose it from their spmm), for calls without a backward (FOLD_FROM_TOKENS) and for
+# calls that record one (FOLD_TRAINING_FROM_TOKENS; the backward runs the forward's strategy).
+# Measured on 4096x4096 (and 11008x4096 for fp32) at r=32 by bench/report_shira_linear.py:
+# - fp32 (docs/benchmarks/shira_linear_cpu.md): from 2 tokens fold's forward and training step
+#   take about half the time of torch's matmul plus the sparse kernels; at 1 token
+#   (memory-bound) its forward 0.93-0.97x and a training step 0.97-1.03x.
+# - fp16 (shira_linear_cpu_fp16.md): torch's fp16 forward is faster below 8 tokens, but its
+#   fp16 gy·W is a slow path (about 0.1 s per token here), so a training step with fold takes
+#   0.09x spmm's at 1 token and 0.002x at 128.
+# - bf16 (shira_linear_cpu_bf16.md): torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums
+#   at every count up to 2048, forward and training: no fold.
+FOLD_FROM_TOKENS = {"cpu": {torch.float32: 1, torch.float16: 8}}
+FOLD_TRAINING_FROM_TOKENS = {"cpu": {torch.float32: 1, torch.float16: 1}}
 # Token count from which "swap" beats "spmm" (auto strategy) where "fold" is not used, per
-# device type, measured on 4096x4096 and 11008x4096 layers at r=32. CPU (fp32, before fold:
-# docs/benchmarks/shira_linear_cpu.md of 73359bd): 512 tokens; it now serves bf16 only.
+# device type, measured on 4096x4096 (and 11008x4096) layers at r=32. CPU, now bf16 only
+# (shira_linear_cpu_bf16.md): swap is faster from 1024 tokens, forward and training step.
 # CUDA (H200, bf16, docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs, at
 # 128 the two runs disagree; 256 was not measured.
-SWAP_FROM_TOKENS = {"cpu": 512, "cuda": 512}
+SWAP_FROM_TOKENS = {"cpu": 1024, "cuda": 512}
 # Token count from which the training backward on CUDA tensors forms S's value gradient from
 # row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
 # 2048-8192 tokens on an H200, equal at 128 (docs/benchmarks/gpu_h200.md, sddmm table). The
@@ -498,9 +502,12 @@ def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
     return out
 
 
-def auto_strategy(device_type: str, dtype: torch.dtype, tokens: int) -> str:
-    """The strategy "auto" runs for this many tokens of this dtype on this device type."""
-    if tokens >= FOLD_FROM_TOKENS.get(device_type, {}).get(dtype, float("inf")):
+def auto_strategy(device_type: str, dtype: torch.dtype, tokens: int,
+                  training: bool = False) -> str:
+    """The strategy "auto" runs for this many tokens of this dtype on this device type;
+    ``training``: the call records a backward (its strategy is the forward's)."""
+    fold_from = FOLD_TRAINING_FROM_TOKENS if training else FOLD_FROM_TOKENS
+    if tokens >= fold_from.get(device_type, {}).get(dtype, float("inf")):
         return "fold"
     return "swap" if tokens >= SWAP_FROM_TOKENS.get(device_type, 64) else "spmm"
 
@@ -540,7 +547,10 @@ def linear_of_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     x2 = x.reshape(-1, x.shape[-1])
     if strategy == "auto":
         run_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        strategy = auto_strategy(x.device.type, run_dtype, x2.shape[0])
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or values.requires_grad
+            or (bias is not None and bias.requires_grad))
+        strategy = auto_strategy(x.device.type, run_dtype, x2.shape[0], training)
     s = structure
     run = _linear_op if via_op(x) else _eager_linear
     y = run(x2, weight, bias, values, flat_indices, s.row_offsets, s.cols, s.rows,
