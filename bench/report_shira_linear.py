@@ -9,8 +9,8 @@ One run measures, for each layer shape (default 4096x4096 and 11008x4096, r = 32
     ShiraLinear unfused ("auto"), ShiraLinear fused (merged), ShiraLinear with each explicit
     strategy (fold, spmm, swap, merge), PEFT ShiRA and PEFT LoRA;
   * the spmm/fold crossover: spmm, fold and swap against nn.Linear at 1 to 256 tokens, and the
-    smallest token count from which fold is never slower than spmm (what FOLD_FROM_TOKENS
-    should be); from 128 tokens on also a training step with each strategy;
+    counts at which fold is no slower than spmm (what FOLD_TOKENS should list); a training
+    step with each strategy at the same counts (FOLD_TRAINING_TOKENS);
   * one training step (forward, loss, backward) at 128 and 2048 tokens: ShiraLinear (auto, and
     spmm: torch's matmul plus the sparse kernels), PEFT ShiRA, PEFT LoRA, and a frozen
     nn.Linear;
@@ -740,8 +740,12 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
     if with_peft:
         import peft
         peft_version = peft.__version__
-    threshold = sparse_delta.FOLD_FROM_TOKENS["cpu"].get(DTYPE, "never")
-    train_threshold = sparse_delta.FOLD_TRAINING_FROM_TOKENS["cpu"].get(DTYPE, "never")
+    def counts(table) -> str:
+        first, last = table["cpu"].get(DTYPE, (None, None))
+        return ("never" if first is None else f"{first}–{last} tokens" if last is not None
+                else f"from {first} token{'s' if first > 1 else ''} on")
+    threshold = counts(sparse_delta.FOLD_TOKENS)
+    train_threshold = counts(sparse_delta.FOLD_TRAINING_TOKENS)
     sections = args.sections
     out = [
         "# ShiraLinear on the CPU: forward, crossover, training step, memory",
@@ -769,10 +773,10 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
         f"adapter values are random and non-zero (std {sb.ADAPTER_VALUE_STD}). nn.Linear, the "
         "unfused ShiraLinear and both PEFT layers wrap the same base weight; the fused "
         "ShiraLinear is merged into its own copy. The strategy rows are the same ShiraLinear "
-        "with `.strategy` set to fold, spmm, swap or merge; \"auto\" runs fold from "
-        f"FOLD_FROM_TOKENS['cpu'][{DTYPE}] = {threshold} tokens on in forward calls without a "
-        f"backward, from FOLD_TRAINING_FROM_TOKENS['cpu'][{DTYPE}] = {train_threshold} in "
-        "training steps, spmm (bf16: swap from SWAP_FROM_TOKENS) below. fold runs "
+        "with `.strategy` set to fold, spmm, swap or merge; \"auto\" runs fold in forward "
+        f"calls without a backward at FOLD_TOKENS['cpu'][{DTYPE}]: {threshold}, in training "
+        f"steps at FOLD_TRAINING_TOKENS['cpu'][{DTYPE}]: {train_threshold}, else spmm (swap "
+        "from SWAP_FROM_TOKENS). fold runs "
         "this package's own matmul (csrc/cpu/folded_linear.cpp, S added to each panel of W as "
         "it is loaded); every other row, PEFT's included, runs torch's matmul for the dense part. "
         "So where fold is faster than nn.Linear the gain is its matmul's, not the adapter's: "
@@ -842,10 +846,15 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
             out.append(f"- {r['label']}: fold ≤ spmm from {p} tokens on (at every larger "
                        "measured count)" if p is not None else f"- {r['label']}: fold is "
                        f"slower than spmm at {max(r['crossover'])} tokens")
-        out += ["", f"**measured crossover: {overall} tokens**" if overall is not None else
+        wins = [t for t in sorted(results[0]["crossover"])
+                if all(t in r["crossover"] and r["crossover"][t][FOLD][0]
+                       <= r["crossover"][t][SPMM][0] for r in results)]
+        out += ["", "fold ≤ spmm on every shape at: "
+                + (", ".join(map(str, wins)) if wins else "no measured count") + " tokens",
+                "", f"**measured crossover: {overall} tokens**" if overall is not None else
                 "**measured crossover: none within the measured token counts**",
                 "",
-                f"(FOLD_FROM_TOKENS['cpu'][{DTYPE}], auto's threshold for calls without a "
+                f"(FOLD_TOKENS['cpu'][{DTYPE}], where auto folds in calls without a "
                 f"backward, is {threshold} in this checkout. The crossover is the smallest "
                 "measured count from which fold is no slower than spmm on every shape; the "
                 "true point lies between it and the count measured before it.)", ""]
@@ -864,8 +873,8 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
             out += ["", f"**measured training crossover: {toverall} tokens**"
                     if toverall is not None else
                     "**measured training crossover: none within the measured token counts**",
-                    "", f"(FOLD_TRAINING_FROM_TOKENS['cpu'][{DTYPE}], auto's threshold for "
-                    f"calls that record a backward, is {train_threshold} in this checkout.)", ""]
+                    "", f"(FOLD_TRAINING_TOKENS['cpu'][{DTYPE}], where auto folds in calls "
+                    f"that record a backward, is {train_threshold} in this checkout.)", ""]
     if "train" in sections:
         for r in results:
             out += [f"## Training step, {r['label']}", ""] \

@@ -226,6 +226,22 @@ def test_sparse_delta_linear_and_gradients(backend, device, dtype, shape, strate
     assert torch.equal(weight.detach(), base)  # "swap" restores W bit for bit
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fold_forward_at_each_few_token_count(dtype):
+    # The CPU kernel's forward takes a row-by-row path for a few tokens (one instantiation per
+    # count) and packed panels above: each count, with a tail of steps past the vectors.
+    for tokens in range(1, 7):
+        x, weight, bias, delta, _ = _linear_case((tokens, 37, 1000 + 3), dtype)
+        x = x[0].detach()
+        with torch.no_grad():
+            y = shira_kernels.sparse_delta_linear(x, weight, bias, delta, 0.5, strategy="fold")
+            ref = sd.sparse_delta_linear_reference(x, weight, bias, delta, 0.5)
+            exact = sd.sparse_delta_linear_reference(
+                x.double(), weight.double(), bias.double(),
+                delta.with_values(delta.values.double()), 0.5)
+        assert_within_torch_error(y, ref, exact, f"{tokens} tokens")
+
+
 @pytest.mark.parametrize("strategy", ["fold", "spmm", "swap", "merge"])
 def test_eager_path_equals_the_op(backend, device, strategy):
     # Eager calls skip torch.library's dispatch (an autograd.Function over the same forward and
@@ -252,25 +268,30 @@ def test_gradient_of_weight_only_when_asked(backend, device):
 
 
 def test_auto_strategy_switches_at_the_measured_token_counts():
-    # CPU fp32 and fp16: spmm below FOLD_FROM_TOKENS (fp32: never, from one token on) in calls
-    # without a backward, below FOLD_TRAINING_FROM_TOKENS in calls that record one, the fold
-    # kernel from there; without fold (bf16, CUDA) spmm below SWAP_FROM_TOKENS, swap from
-    # there. Checked by the bits of the result, which differ between strategies (their sums
-    # run in other orders).
-    for device_type in ("cpu", "cuda"):
-        swap_from = sd.SWAP_FROM_TOKENS[device_type]
-        dtype = torch.bfloat16 if device_type == "cpu" else torch.float16
-        for training in (False, True):
-            assert [sd.auto_strategy(device_type, dtype, t, training)
-                    for t in (1, swap_from - 1, swap_from)] == ["spmm", "spmm", "swap"]
-    for training, table in ((False, sd.FOLD_FROM_TOKENS), (True, sd.FOLD_TRAINING_FROM_TOKENS)):
-        for dtype, fold_from in table["cpu"].items():
-            assert [sd.auto_strategy("cpu", dtype, t, training)
-                    for t in (fold_from, 5000)] == ["fold"] * 2
-            _, weight, bias, delta, _ = _linear_case((1, 40, 300), dtype)
-            for tokens, expected in ((fold_from - 1, "spmm"), (fold_from, "fold")):
+    # CPU: the fold kernel at the counts of FOLD_TOKENS in calls without a backward, of
+    # FOLD_TRAINING_TOKENS in calls that record one; elsewhere spmm below SWAP_FROM_TOKENS,
+    # swap from there. Checked by the bits of the result, which differ between strategies
+    # (their sums run in other orders).
+    swap_from = sd.SWAP_FROM_TOKENS["cuda"]
+    for training in (False, True):
+        assert [sd.auto_strategy("cuda", torch.float16, t, training)
+                for t in (1, swap_from - 1, swap_from)] == ["spmm", "spmm", "swap"]
+    for training, table in ((False, sd.FOLD_TOKENS), (True, sd.FOLD_TRAINING_TOKENS)):
+        for dtype in DTYPES:
+            first, last = table["cpu"].get(dtype, (None, None))
+            swap_from = sd.SWAP_FROM_TOKENS["cpu"]
+            counts = sorted({1, 2, 3, 4, 5, 9, swap_from - 1, swap_from}
+                            | ({first - 1, first} if first else set())
+                            | ({last, last + 1} if last else set()))
+            for tokens in counts:
                 if tokens == 0:
                     continue
+                folds = first is not None and first <= tokens and (last is None or tokens <= last)
+                expected = "fold" if folds else "swap" if tokens >= swap_from else "spmm"
+                assert sd.auto_strategy("cpu", dtype, tokens, training) == expected
+                if tokens > 40:
+                    continue  # the rule is checked; the bits at a few counts suffice
+                _, weight, bias, delta, _ = _linear_case((1, 40, 300), dtype)
                 x = torch.randn(tokens, 300, dtype=dtype)
                 with torch.set_grad_enabled(training):  # delta.values requires grad
                     runs = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta,
@@ -278,18 +299,6 @@ def test_auto_strategy_switches_at_the_measured_token_counts():
                             for s in ("auto", "fold", "spmm")}
                 assert not torch.equal(runs["fold"], runs["spmm"]), (dtype, tokens)
                 assert torch.equal(runs["auto"], runs[expected]), (dtype, tokens, training)
-    # Where the two thresholds differ, a call's backward decides (fp16: 1 vs 8 tokens).
-    tokens = sd.FOLD_FROM_TOKENS["cpu"][torch.float16] - 1
-    assert sd.FOLD_TRAINING_FROM_TOKENS["cpu"][torch.float16] <= tokens
-    _, weight, bias, delta, _ = _linear_case((1, 40, 300), torch.float16)
-    x = torch.randn(tokens, 300, dtype=torch.float16)
-    forced = {s: shira_kernels.sparse_delta_linear(x, weight, bias, delta, strategy=s).detach()
-              for s in ("fold", "spmm")}
-    with torch.no_grad():  # values require grad, but nothing is recorded
-        assert torch.equal(shira_kernels.sparse_delta_linear(x, weight, bias, delta), forced["spmm"])
-    assert delta.values.requires_grad  # so this call records a backward
-    assert torch.equal(shira_kernels.sparse_delta_linear(x, weight, bias, delta).detach(),
-                       forced["fold"])
 
 
 def test_autocast_runs_in_the_autocast_dtype(backend, device):

@@ -160,12 +160,67 @@ void folded_products(const float* a, int64_t tokens, const Operand<T, C>& op, co
   }
 }
 
+// The forward for a few tokens (decoding): packing a panel costs more than the one or two
+// FMAs per weight it would then serve, so each row of W meets the tokens straight from memory
+// (kRowVectors independent sums per token hide the FMA latency) and S's entries of the row
+// make a sum of their own: (Σ W·x) + (Σ (scale·v)·x).
+#if defined(__AVX512F__)
+constexpr int kRowVectors = 4;
+#else
+constexpr int kRowVectors = 2;
+#endif
+constexpr int64_t kRowTokens = 4;  // at most this many tokens take this path (measured: 4096², fp32)
+
+template <int TT, typename T, typename C>
+void row_products(const float* a, const Operand<T, C>& op, const float* bias, T* out) {
+  const int64_t steps = op.steps, whole = steps / (kRowVectors * kLanes) * (kRowVectors * kLanes);
+#pragma omp parallel for schedule(static) if (op.lines * steps > (1 << 18))
+  for (int64_t l = 0; l < op.lines; ++l) {
+    const T* w = op.weight + l * op.in;
+    fvec acc[TT][kRowVectors] = {};
+    for (int64_t s = 0; s < whole; s += kRowVectors * kLanes) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kRowVectors; ++v) {
+        const fvec wv = loadv_as_float(w + s + v * kLanes);
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; ++t) acc[t][v] += wv * loadv(a + t * steps + s + v * kLanes);
+      }
+    }
+    float sum[TT];
+    for (int t = 0; t < TT; ++t) {
+      fvec total = acc[t][0];
+      for (int v = 1; v < kRowVectors; ++v) total += acc[t][v];
+      sum[t] = hsum(total);
+    }
+    for (int64_t s = whole; s < steps; ++s) {
+      const float wv = Float<T>::load(w + s);
+      for (int t = 0; t < TT; ++t) sum[t] += wv * a[t * steps + s];
+    }
+    // S's part sums on its own (small terms, small rounding) and joins the dense sum once:
+    // added one by one to the dense sum, each entry would round at the sum's magnitude.
+    float sparse[TT] = {};
+    for (int64_t j = op.offsets[l]; j < op.offsets[l + 1]; ++j) {
+      const float d = op.scale * op.values[j];
+      const int64_t s = static_cast<int64_t>(op.step_of[j]);
+      for (int t = 0; t < TT; ++t) sparse[t] += d * a[t * steps + s];
+    }
+    for (int t = 0; t < TT; ++t)
+      Float<T>::store(out + t * op.lines + l, (sum[t] + sparse[t]) + (bias ? bias[l] : 0.0f));
+  }
+}
+
 template <typename T, typename C>
 void folded_typed(const float* a, int64_t tokens, const void* weight, int64_t out, int64_t in,
                  bool grad_x, const int64_t* offsets, const C* step_of, const int64_t* perm,
                  const float* values, float scale, const float* bias, void* result) {
   const Operand<T, C> op{static_cast<const T*>(weight), in, !grad_x, grad_x ? in : out,
                          grad_x ? out : in, offsets, step_of, perm, values, scale};
+  if (!grad_x && tokens <= kRowTokens) {
+    with_constant<kRowTokens>(static_cast<int>(tokens), [&](auto tt) {
+      row_products<decltype(tt)::value>(a, op, bias, static_cast<T*>(result));
+    });
+    return;
+  }
   folded_products(a, tokens, op, bias, static_cast<T*>(result));
 }
 

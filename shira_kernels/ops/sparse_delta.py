@@ -15,9 +15,9 @@ sparse_delta_linear runs one of four strategies, each one dense matmul plus extr
            briefly modified, so another thread must not read W during the call
   "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b: O(out·in) copy, for
            callers that need W untouched while many tokens run
-"auto" picks by token count, as measured by bench/report_shira_linear.py: on the CPU fold
-from FOLD_FROM_TOKENS on (FOLD_TRAINING_FROM_TOKENS when the call records a backward; fp32 and
-fp16), spmm below; elsewhere spmm below SWAP_FROM_TOKENS, else swap.
+"auto" picks by token count, as measured by bench/report_shira_linear.py: on the CPU fold at
+the counts of FOLD_TOKENS (FOLD_TRAINING_TOKENS when the call records a backward); elsewhere
+spmm below SWAP_FROM_TOKENS, else swap.
 The backward gives x (gy·W + scale·gy·S, gy·(W + scale·S) in one pass for fold, or gy·W' as
 the strategy says), S's values
 (scale·sddmm), the bias, and W only if W asks: it never builds a dense m×n gradient unless W
@@ -40,20 +40,21 @@ from ._eager import eager_function, via_op
 from .scatter_swap import swap_unchecked
 
 STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
-# Token count from which "auto" runs "fold", per device type and dtype (CPU only: the other
-# backends compose it from their spmm), for calls without a backward (FOLD_FROM_TOKENS) and for
-# calls that record one (FOLD_TRAINING_FROM_TOKENS; the backward runs the forward's strategy).
-# Measured on 4096x4096 (and 11008x4096 for fp32) at r=32 by bench/report_shira_linear.py:
-# - fp32 (docs/benchmarks/shira_linear_cpu.md): from 2 tokens fold's forward and training step
-#   take about half the time of torch's matmul plus the sparse kernels; at 1 token
-#   (memory-bound) its forward 0.93-0.97x and a training step 0.97-1.03x.
-# - fp16 (shira_linear_cpu_fp16.md): torch's fp16 forward is faster below 8 tokens, but its
-#   fp16 gy·W is a slow path (about 0.1 s per token here), so a training step with fold takes
-#   0.09x spmm's at 1 token and 0.002x at 128.
+# The token counts at which "auto" runs "fold", (first, last or None: no end), per device type
+# and dtype (CPU only: the other backends compose it from their spmm), for calls without a
+# backward (FOLD_TOKENS) and for calls that record one (FOLD_TRAINING_TOKENS; the backward runs
+# the forward's strategy). Measured by bench/report_shira_linear.py on 4096x4096 (and
+# 11008x4096 for fp32) at r=32; up to 4 tokens the forward reads W row by row, from 5 in
+# packed panels (folded_linear.cpp):
+# - fp32 (docs/benchmarks/shira_linear_cpu.md): fold's own matmul is faster than torch's
+#   (MKL on this AMD CPU) at every count, forward and training.
+# - fp16 (shira_linear_cpu_fp16.md): likewise; and torch's fp16 gy·W is a slow path (about
+#   0.1 s per token here), so fold's training step takes 0.002-0.09x spmm's.
 # - bf16 (shira_linear_cpu_bf16.md): torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums
-#   at every count up to 2048, forward and training: no fold.
-FOLD_FROM_TOKENS = {"cpu": {torch.float32: 1, torch.float16: 8}}
-FOLD_TRAINING_FROM_TOKENS = {"cpu": {torch.float32: 1, torch.float16: 1}}
+#   from 4 tokens on; below, fold's row-by-row forward reads W faster than torch's.
+FOLD_TOKENS = {"cpu": {torch.float32: (1, None), torch.float16: (1, None),
+                       torch.bfloat16: (1, 3)}}
+FOLD_TRAINING_TOKENS = {"cpu": {torch.float32: (1, None), torch.float16: (1, None)}}
 # Token count from which "swap" beats "spmm" (auto strategy) where "fold" is not used, per
 # device type, measured on 4096x4096 (and 11008x4096) layers at r=32. CPU, now bf16 only
 # (shira_linear_cpu_bf16.md): swap is faster from 1024 tokens, forward and training step.
@@ -506,8 +507,9 @@ def auto_strategy(device_type: str, dtype: torch.dtype, tokens: int,
                   training: bool = False) -> str:
     """The strategy "auto" runs for this many tokens of this dtype on this device type;
     ``training``: the call records a backward (its strategy is the forward's)."""
-    fold_from = FOLD_TRAINING_FROM_TOKENS if training else FOLD_FROM_TOKENS
-    if tokens >= fold_from.get(device_type, {}).get(dtype, float("inf")):
+    first, last = (FOLD_TRAINING_TOKENS if training else FOLD_TOKENS).get(
+        device_type, {}).get(dtype, (None, None))
+    if first is not None and first <= tokens and (last is None or tokens <= last):
         return "fold"
     return "swap" if tokens >= SWAP_FROM_TOKENS.get(device_type, 64) else "spmm"
 
