@@ -12,7 +12,8 @@
 // kPanelTokens x kPanelVectors accumulators in registers and meets each step with one
 // broadcast of a[t, s] per token and one FMA per accumulator (AVX-512: 24 FMAs for 4 loads and
 // 6 broadcasts). This is the shape of a BLAS micro-kernel; on the CPUs measured here it runs at
-// about twice the rate of torch's fp32 matmul (docs/benchmarks/shira_linear_cpu.md).
+// about twice the rate of torch's fp32 matmul (docs/benchmarks/shira_linear_cpu.md). Up to
+// kRowTokens tokens the forward reads W row by row instead (row_products, below).
 #include <omp.h>
 
 #include <algorithm>

@@ -51,10 +51,12 @@ STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
 # - fp16 (shira_linear_cpu_fp16.md): likewise; and torch's fp16 gy·W is a slow path (about
 #   0.1 s per token here), so fold's training step takes 0.002-0.09x spmm's.
 # - bf16 (shira_linear_cpu_bf16.md): torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums
-#   from 4 tokens on; below, fold's row-by-row forward reads W faster than torch's.
+#   from 2 tokens on (fold's forward 1.2-2.6x, training step 1.0-2.4x spmm's); at 1 token
+#   fold's row-by-row forward reads W faster (0.61x spmm's forward, 0.88x its training step).
 FOLD_TOKENS = {"cpu": {torch.float32: (1, None), torch.float16: (1, None),
-                       torch.bfloat16: (1, 3)}}
-FOLD_TRAINING_TOKENS = {"cpu": {torch.float32: (1, None), torch.float16: (1, None)}}
+                       torch.bfloat16: (1, 1)}}
+FOLD_TRAINING_TOKENS = {"cpu": {torch.float32: (1, None), torch.float16: (1, None),
+                                torch.bfloat16: (1, 1)}}
 # Token count from which "swap" beats "spmm" (auto strategy) where "fold" is not used, per
 # device type, measured on 4096x4096 (and 11008x4096) layers at r=32. CPU, now bf16 only
 # (shira_linear_cpu_bf16.md): swap is faster from 1024 tokens, forward and training step.
