@@ -23,7 +23,8 @@ skipped (and said so); without matplotlib the plots are.
 
 The peak memory of a CPU training step is measured as bench/report_shira_linear.py does: in a
 fresh subprocess per method, the peak resident set size during the step (VmHWM, reset just
-before it through /proc/self/clear_refs) minus the resident set size before it. On CUDA it is
+before it through /proc/self/clear_refs) minus the resident set size before it; the median of
+MEMORY_RUNS such processes per method. On CUDA it is
 torch.cuda.max_memory_allocated() during the step minus the memory allocated before it.
 """
 from __future__ import annotations
@@ -838,6 +839,7 @@ def measure_binary(cfg: BenchConfig, results: Results, progress: Progress, devic
 # Peak memory of a training step.
 # ---------------------------------------------------------------------------------------------
 _MEMORY_METHODS = {"shira": SHIRA, "peft_shira": PEFT_SHIRA, "peft_lora": PEFT_LORA}
+MEMORY_RUNS = 3  # fresh processes per CPU memory figure (the median is the figure)
 
 
 def _training_model(cfg: BenchConfig, method: str, device):
@@ -884,40 +886,48 @@ def measure_memory(cfg: BenchConfig, results: Results, progress: Progress, devic
     progress.step("training-step peak memory")
     metric = f"training-step peak memory, {cfg.train_tokens} tokens"
     params = {"tokens": cfg.train_tokens, "dtype": "float32", "layers": cfg.layers}
-    found: dict[str, dict] = {}
+    found: dict[str, list[dict]] = {method: [] for method in methods}
     if device.type == "cuda":
         for method in methods:  # in this process, one after another
             spec = {"config": asdict(cfg), "method": method, "threads": torch.get_num_threads()}
-            found[method] = memory_probe(spec)
+            found[method].append(memory_probe(spec))
             gc.collect()
             torch.cuda.empty_cache()
-    else:  # one fresh process per method; they may run together (each measures only itself)
-        procs = {}
-        for method in methods:
-            spec = {"config": asdict(cfg), "method": method, "threads": torch.get_num_threads()}
-            procs[method] = subprocess.Popen(
-                [sys.executable, "-m", "shira_kernels.bench_suite", "--memory-probe",
-                 json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env=_probe_env())
-        for method, proc in procs.items():
-            out, err = proc.communicate()
-            lines = [ln for ln in out.splitlines() if ln.startswith("PROBE ")]
-            if proc.returncode != 0 or not lines:
-                found[method] = {"error": (err or out)[-2000:]}
-            else:
-                found[method] = json.loads(lines[-1][len("PROBE "):])
+    else:
+        # Fresh processes, one per method in each round (a round's may run together: each
+        # measures only itself). The RSS peak moves from process to process (malloc's
+        # arenas and trim thresholds), so each figure is the median of MEMORY_RUNS rounds.
+        for _ in range(MEMORY_RUNS):
+            procs = {}
+            for method in methods:
+                spec = {"config": asdict(cfg), "method": method,
+                        "threads": torch.get_num_threads()}
+                procs[method] = subprocess.Popen(
+                    [sys.executable, "-m", "shira_kernels.bench_suite", "--memory-probe",
+                     json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True, env=_probe_env())
+            for method, proc in procs.items():
+                out, err = proc.communicate()
+                lines = [ln for ln in out.splitlines() if ln.startswith("PROBE ")]
+                if proc.returncode != 0 or not lines:
+                    found[method].append({"error": (err or out)[-2000:]})
+                else:
+                    found[method].append(json.loads(lines[-1][len("PROBE "):]))
     for method in methods:
-        res = found[method]
+        runs = found[method]
         name = _MEMORY_METHODS[method]
         role = "ours" if method == "shira" else "alternative"
-        if "error" in res:
-            progress.note(f"memory probe for {name} failed:\n{res['error']}")
+        failed = [res for res in runs if "error" in res]
+        if failed:
+            progress.note(f"memory probe for {name} failed:\n{failed[0]['error']}")
             results.add("memory", metric, name, role, "MiB", skipped="the probe failed",
-                        params=params, extra={"error": res["error"]}, key="memory")
+                        params=params, extra={"error": failed[0]["error"]}, key="memory")
             continue
-        results.add("memory", metric, name, role, "MiB", [res["peak"] - res["before"]],
-                    params=params, extra={"before_mib": res["before"], "peak_mib": res["peak"],
-                                          "how": res["how"]}, key="memory")
+        results.add("memory", metric, name, role, "MiB",
+                    [res["peak"] - res["before"] for res in runs], params=params,
+                    extra={"before_mib": [res["before"] for res in runs],
+                           "peak_mib": [res["peak"] for res in runs],
+                           "how": runs[0]["how"]}, key="memory")
     if not with_peft:
         results.skip("memory", metric, PEFT_METHODS, "MiB", _PEFT_SKIP, params=params,
                      key="memory")
