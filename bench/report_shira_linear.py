@@ -966,6 +966,9 @@ def main(argv=None) -> int:
         args.sections.discard("memory")
     args.repeat = args.repeat or (3 if args.quick else 5)
     args.pairs = args.pairs or (10 if args.quick else 30)
+    for flag in ("repeat", "pairs", "memory_runs"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     args.min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 1.5)
     args.forward_tokens, args.train_tokens = FORWARD_TOKENS, TRAIN_TOKENS
     args.crossover_tokens = _int_list(args.crossover_tokens)

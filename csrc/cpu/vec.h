@@ -114,8 +114,8 @@ inline fvec loadv_as_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return loadv(p);
   } else if constexpr (std::is_same_v<T, _Float16>) {
-    // F16C's conversion explicitly: GCC without AVX512-FP16 may widen _Float16 vectors
-    // element by element (fold's fp16 row path ran at 19 GB/s that way; bf16's at 70).
+    // F16C's conversion explicitly: without AVX512-FP16, GCC's generic conversion of
+    // _Float16 vectors compiled to a slower sequence than this one instruction.
 #if defined(__AVX512F__)
     return reinterpret_cast<fvec>(_mm512_cvtph_ps(_mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(p))));

@@ -85,7 +85,7 @@ class ShiraLinear(nn.Linear):
                                           module.shira_values).structure)
 
     def _structure(self) -> SparseStructure:
-        buffers = self._buffers  # not getattr: nn.Module.__getattr__ costs ~0.5 µs a name
+        buffers = self._buffers  # not getattr: nn.Module.__getattr__ would run per name, per call
         return SparseStructure(*(buffers[name] for name in _STRUCTURE_BUFFERS))
 
     @property

@@ -49,7 +49,7 @@ STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
 # - fp32 (docs/benchmarks/shira_linear_cpu.md): fold's own matmul is faster than torch's
 #   (MKL on this AMD CPU) at every count, forward and training.
 # - fp16 (shira_linear_cpu_fp16.md): likewise; and torch's fp16 gy·W is a slow path (about
-#   0.1 s per token here), so fold's training step takes 0.002-0.09x spmm's.
+#   0.1 s per token here), so fold's training step takes 0.002-0.044x spmm's.
 # - bf16 (shira_linear_cpu_bf16.md): torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums
 #   from 2 tokens on (fold's forward 1.2-2.6x, training step 1.0-2.4x spmm's); at 1 token
 #   fold's row-by-row forward reads W faster (0.61x spmm's forward, 0.88x its training step).
