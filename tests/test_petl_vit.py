@@ -254,3 +254,61 @@ def test_explicit_stats_must_agree(tmp_path, lora_config):
     weights = _random_weights(lora_config)
     with pytest.raises(ValueError, match="do not agree"):
         save_petl_vit(tmp_path / "x.bin", weights, lora_config, stats={"head": (0.0, 1.0)})
+
+
+# -- bad stats in a file --------------------------------------------------------------------------
+def _stats_offset(config, module):
+    """Byte offset of ``module``'s (mean, std) in a file for ``config``."""
+    offset = 0
+    for name, shape in petl_vit_layout(config):
+        offset += _matrix_nbytes(shape)
+        if name == module:
+            return offset - 8
+    raise KeyError(module)
+
+
+@pytest.mark.parametrize("mean, std, what", [
+    (0.0, float("nan"), "std"), (0.0, float("inf"), "std"), (0.0, float("-inf"), "std"),
+    (0.0, 0.0, "std"), (0.0, -0.0, "std"), (0.0, -0.05, "std"), (float("nan"), 0.05, "mean"),
+    (float("inf"), 0.05, "mean"), (float("-inf"), 0.05, "mean"), (3.0e38, 1.0e38, "overflow")],
+    ids=repr)
+def test_bad_stats_in_a_file_are_refused_naming_the_module(tmp_path, lora_config, mean, std,
+                                                           what):
+    # Regression: these loaded, giving NaN/Inf/zero/negative α or μ.
+    path = tmp_path / "stats.bin"
+    save_petl_vit(path, _random_weights(lora_config), lora_config)
+    module = "blocks.5.attn.v.up"
+    raw = bytearray(path.read_bytes())
+    at = _stats_offset(lora_config, module)
+    assert struct.unpack_from("<f", raw, at) == struct.unpack("<f", struct.pack("<f", -0.01))
+    struct.pack_into("<2f", raw, at, mean, std)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"stats\.bin: module 'blocks\.5\.attn\.v\.up'") as info:
+        load_petl_vit(path, lora_config)
+    assert what in str(info.value)
+
+
+def test_good_stats_edited_in_a_file_load_as_written(tmp_path, lora_config):
+    # the control for the test above: a finite mean and a positive std are accepted as they are
+    path = tmp_path / "stats.bin"
+    save_petl_vit(path, _random_weights(lora_config), lora_config)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<2f", raw, _stats_offset(lora_config, "head"), -2.5, 1e-30)
+    path.write_bytes(bytes(raw))
+    ckpt = load_petl_vit(path, lora_config)
+    mean, std = ckpt.stats["head"]
+    assert mean == -2.5 and std == struct.unpack("<f", struct.pack("<f", 1e-30))[0]
+    assert float(ckpt.weights["head"].alpha) > 0
+
+
+@pytest.mark.parametrize("alpha, mu", [(float("nan"), 0.0), (0.0, 0.0), (-0.1, 0.0),
+                                       (float("inf"), 0.0), (0.1, float("nan")),
+                                       (0.1, float("-inf"))], ids=repr)
+def test_writer_refuses_stats_the_reader_would_refuse(tmp_path, lora_config, alpha, mu):
+    weights = _random_weights(lora_config)
+    signs = weights["blocks.2.attn.q.down"].signs()
+    weights["blocks.2.attn.q.down"] = BinaryWeight.from_signs(signs, alpha, mu)
+    out = tmp_path / "bad.bin"
+    with pytest.raises(ValueError, match=r"module 'blocks\.2\.attn\.q\.down'.*finite"):
+        save_petl_vit(out, weights, lora_config)
+    assert list(tmp_path.iterdir()) == []

@@ -13,6 +13,12 @@ its size follows from the config, and any other size is an error.
 
 For ViT-B every out·in is a multiple of 768, hence of 8, so no matrix has padding bits; for
 other shapes, padding bits are ignored when reading and written as 0.
+
+The format has no checksum, so a flipped sign bit cannot be detected. What is checked, when
+reading and (so that no file is written that could not be read back) when writing: the size,
+and for every matrix that mean is finite, that std is finite and > 0, and that the two levels
+mean ± α are finite in float32. Any failure is a ValueError naming the file (when reading) and
+the module.
 """
 from __future__ import annotations
 
@@ -119,8 +125,27 @@ def _alpha_of(std: float) -> float:
     return float(torch.tensor(PETL_LEVEL * std, dtype=torch.float64).float())
 
 
+def _check_stats(where: str, name: str, mean: float, std: float) -> float:
+    """α for a matrix's (mean, std) (float32 values), or ValueError naming the module when they
+    cannot describe a 1-bit matrix: mean not finite, std not finite or not > 0, or the levels
+    mean ± α not finite in float32."""
+    if not math.isfinite(mean):
+        raise ValueError(f"{where}module {name!r}: mean is {mean!r}; it must be finite")
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"{where}module {name!r}: std is {std!r}; it must be finite and > 0")
+    alpha = _alpha_of(std)
+    levels = torch.tensor([mean], dtype=torch.float32) + torch.tensor([alpha, -alpha],
+                                                                      dtype=torch.float32)
+    if not bool(torch.isfinite(levels).all()):
+        raise ValueError(f"{where}module {name!r}: the levels mean ± α ({mean!r} ± {alpha!r}) "
+                         "overflow float32")
+    return alpha
+
+
 def load_petl_vit(path, config) -> PetlVitCheckpoint:
-    """Read a PETL-ViT .bin written for `config` (see petl_vit_layout)."""
+    """Read a PETL-ViT .bin written for `config` (see petl_vit_layout). Any problem with the
+    file (size, or a module's mean/std: see the module docstring) is a ValueError naming the
+    file and, for the stats, the module; nothing is returned then."""
     layout = petl_vit_layout(config)
     expected = sum(_matrix_nbytes(shape) for _, shape in layout)
     path = Path(path)
@@ -138,14 +163,14 @@ def load_petl_vit(path, config) -> PetlVitCheckpoint:
     for name, (rows, cols) in layout:
         nbits = rows * cols
         nbytes = (nbits + 7) // 8
+        mean, std = _STATS.unpack_from(data, offset + nbytes)
+        alpha = _check_stats(f"{path}: ", name, mean, std)
         chunk = raw[offset:offset + nbytes]
         # Byte b, bit k (LSB first) is stream position 8·b + k.
         bits = ((chunk.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:nbits]
         signs = bits.bool().reshape(rows, cols)
-        offset += nbytes
-        mean, std = _STATS.unpack_from(data, offset)
-        offset += _STATS.size
-        weights[name] = BinaryWeight.from_signs(signs, _alpha_of(std), mean)
+        offset += nbytes + _STATS.size
+        weights[name] = BinaryWeight.from_signs(signs, alpha, mean)
         stats[name] = (mean, std)
     return PetlVitCheckpoint(weights=weights, stats=stats, config=dict(config))
 
@@ -164,9 +189,20 @@ def _std_of(alpha: float) -> float:
     return float(std)
 
 
+def _float32_pair(name: str, what: str, pair) -> tuple[float, float]:
+    """(mean, std) rounded to float32, or TypeError naming the module."""
+    try:
+        mean, std = pair
+        return float(torch.tensor(float(mean), dtype=torch.float32)), \
+            float(torch.tensor(float(std), dtype=torch.float32))
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        raise TypeError(f"module {name!r}: {what} must be a pair of numbers (mean, std), got "
+                        f"{pair!r:.80}") from None
+
+
 def _stats_match(weight_stats: tuple[float, float], stats: tuple[float, float]) -> bool:
     mu, alpha = weight_stats
-    mean, std = (float(torch.tensor(v, dtype=torch.float32)) for v in stats)
+    mean, std = stats
     return mean == mu and _alpha_of(std) == alpha
 
 
@@ -190,11 +226,16 @@ def save_petl_vit(path, checkpoint_or_weights, config=None, stats=None) -> None:
         float32(Φ⁻¹(0.75)·std) == α, else ValueError);
       * the checkpoint's stored stats, when they still agree with its weight: a loaded
         checkpoint is written back byte for byte;
-      * otherwise mean = μ and std = α / Φ⁻¹(0.75) computed in float32. Reading the file back
-        gives the same μ and α, but std may differ from the one originally stored in the last
-        bit (several float32 std round to the same α).
-    Everything is checked before anything is written; the file is written to a temporary file
-    in the same folder and renamed over `path`, so a failure leaves `path` untouched.
+      * otherwise mean = μ and std = α / Φ⁻¹(0.75) computed in float32 (nudged by one ulp when
+        that hits α exactly). Reading the file back gives the same μ, and the same α whenever
+        some float32 std maps onto it (an α read from a file always does); for other α
+        (about one in six arbitrary float32 values) the α read back is a neighbouring float32,
+        one step away. std may differ from the one originally stored in the last bit (several
+        float32 std round to the same α).
+    Every weight must have a finite μ and a finite α > 0, and the (mean, std) written must be
+    ones load_petl_vit accepts (ValueError naming the module otherwise). Everything is checked
+    before anything is written; the file is written to a temporary file in the same folder and
+    renamed over `path`, so a failure leaves `path` untouched. The weights are not modified.
     """
     stored: Mapping[str, tuple[float, float]] = {}
     if isinstance(checkpoint_or_weights, PetlVitCheckpoint):
@@ -236,16 +277,23 @@ def save_petl_vit(path, checkpoint_or_weights, config=None, stats=None) -> None:
                              "one (mean, std) per matrix, so only per-tensor BinaryWeights can be "
                              "written")
         mu, alpha = float(weight.mu.cpu()), float(weight.alpha.cpu())
+        if not (math.isfinite(mu) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"module {name!r}: the weight has μ={mu!r}, α={alpha!r}; the "
+                             "PETL-ViT format needs a finite μ and a finite α > 0")
         if name in stats:
-            if not _stats_match((mu, alpha), stats[name]):
+            given = _float32_pair(name, "stats", stats[name])
+            if not _stats_match((mu, alpha), given):
                 raise ValueError(f"module {name!r}: stats {tuple(stats[name])} do not agree with "
                                  f"the weight (μ={mu!r}, α={alpha!r}); expected μ == mean and "
                                  "α == float32(Φ⁻¹(0.75)·std)")
-            mean, std = stats[name]
-        elif name in stored and _stats_match((mu, alpha), stored[name]):
-            mean, std = stored[name]
+            mean, std = given
+        elif (name in stored
+              and _stats_match((mu, alpha), kept := _float32_pair(name, "the stored stats",
+                                                                   stored[name]))):
+            mean, std = kept
         else:
             mean, std = mu, _std_of(alpha)
+        _check_stats("", name, mean, std)  # never write what load_petl_vit would refuse
         chunks.append(_matrix_bytes(weight.signs().cpu()))
         chunks.append(_STATS.pack(mean, std))
     write_atomically(Path(path), b"".join(chunks))
