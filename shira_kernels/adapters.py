@@ -28,6 +28,15 @@ to exclude that, take the same lock around forwards: either ``bank.guard_forward
 pre- and post-hooks on the model that acquire and release it; the post-hook also runs when the
 forward raises) or ``with bank.reading(): model(x)``. Forwards are then serialized with switches
 and with one another. Without either, switching while another thread runs the model is a race.
+guard_forward() covers the forward only: a backward runs after the post-hook has released the
+lock, and a switch in between rewrites weights that autograd saved (autograd then raises its
+in-place error). A training step (forward and backward) holds ``bank.reading()`` around both;
+a guarded forward that records a backward warns once.
+
+Faults. A switch (and a fusion's activation) is one transaction: the batched swap and the
+bank's bookkeeping either both happen or neither does, whatever raises in between (a
+MemoryError, an error in a callback) or interrupts it (a KeyboardInterrupt is held back for
+the few microseconds it takes). So ``deactivate()`` always restores the base exactly.
 
 Rules the bank relies on: the model's structure does not change while the bank is in use (build
 the bank after replace_linear), no ShiraLinear of the model is merged (its merge swaps entries
@@ -37,19 +46,19 @@ weights while an adapter is active. All adapted layers must live on one device.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ._checks import FLOAT_DTYPES, validate_indices
+from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size,
+                      validate_indices)
 from .formats import SparseDelta, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
-from .ops.scatter_swap import scatter_swap_
+from .ops.scatter_swap import swap_transaction
 
 __all__ = ["AdapterBank"]
 
@@ -82,9 +91,10 @@ class _Slot:
 class _Both:
     """Index maps of an A → B switch on a layer both touch (over the small vectors only)."""
 
-    __slots__ = ("a", "b", "union", "scratch", "fill", "pos_a", "map_b")
+    __slots__ = ("layer", "a", "b", "union", "scratch", "fill", "pos_a", "map_b")
 
-    def __init__(self, a: _Entry, b: _Entry):
+    def __init__(self, layer: str, a: _Entry, b: _Entry):
+        self.layer = layer
         ia, ib = a.indices.long(), b.indices.long()
         na, nb = ia.numel(), ib.numel()
         union, inverse = torch.unique(torch.cat([ib, ia]), sorted=True, return_inverse=True)
@@ -121,7 +131,7 @@ class _PairPlan:
         for layer in sorted(set(a.entries) | set(b.entries), key=layer_order.__getitem__):
             ea, eb = a.entries.get(layer), b.entries.get(layer)
             if ea is not None and eb is not None:
-                both = _Both(ea, eb)
+                both = _Both(layer, ea, eb)
                 self.both.append(both)
                 index, value = both.union, both.scratch
             else:  # one side only: a plain swap with that side's own buffer
@@ -133,9 +143,7 @@ class _PairPlan:
 
 
 def _finite_number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    return check_scale(value, what)  # TypeError for a non-number, ValueError for NaN or inf
 
 
 class _ForwardGuard:
@@ -186,8 +194,8 @@ class AdapterBank:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.lock = threading.RLock()
-        self.max_fusions = int(max_fusions)
-        self.max_pairs = int(max_pairs)
+        self.max_fusions = check_size(max_fusions, "max_fusions", minimum=0)
+        self.max_pairs = check_size(max_pairs, "max_pairs", minimum=0)
         self._layers: dict[str, nn.Linear] = {}
         self._alias: dict[str, str] = {}
         first_owner: dict[int, str] = {}
@@ -206,7 +214,8 @@ class AdapterBank:
         self._pairs: OrderedDict[tuple[_Slot, _Slot], _PairPlan] = OrderedDict()
         self._active: _Slot | None = None
         self._guard: _ForwardGuard | None = None
-        self._held = threading.local()  # per-thread depth of guarded forwards
+        self._held = threading.local()  # per-thread depth of guarded forwards and reading()
+        self._warned_backward = False
         self._check_unmerged()
 
     # -- what is there ----------------------------------------------------------------------------
@@ -381,11 +390,13 @@ class AdapterBank:
             self._check_new_name(name)
             self._check_unmerged()
             entries = {}
-            with torch.no_grad():
+            # Outside inference_mode: the buffers are swapped later, also outside it.
+            with torch.no_grad(), torch.inference_mode(False):
                 for layer, indices, values, layer_scale in self._validated(name, adapter, scale):
                     base = self._base_entries(layer, indices.long())
                     # fp32 arithmetic, one rounding to W's dtype (as ShiraLinear.merge does).
                     active = (base.float() + layer_scale * values.float()).to(base.dtype)
+                    check_representable(active, f"adapter {name!r}, layer {layer!r}", base=base)
                     entries[layer] = _Entry(indices, active, values, layer_scale)
             self._adapters[name] = _Slot(name, entries)
 
@@ -457,15 +468,36 @@ class AdapterBank:
             with torch.no_grad():
                 for m in both:
                     torch.index_select(torch.cat([m.b.buf, m.a.buf]), 0, m.fill, out=m.scratch)
-        # Validates everything before writing: if it raises, W and the buffers are unchanged
-        # (only scratch space was written).
-        scatter_swap_([self._layers[layer].weight for layer in layers], indices, values)
-        with torch.no_grad():
-            for m in both:
-                held = torch.cat([m.scratch, m.a.buf])  # read A's held base before overwriting
-                torch.index_select(m.scratch, 0, m.pos_a, out=m.a.buf)
-                torch.index_select(held, 0, m.map_b, out=m.b.buf)
-        self._active = target
+        # One transaction (swap_transaction): if the swap raises (it validates everything
+        # first), nothing changed; if the bookkeeping after it raises, or is interrupted, the
+        # swap is undone and the buffers put back, so the bank's books and the weights agree
+        # whatever happens, and deactivate() can always restore the base.
+        def commit():
+            with torch.no_grad():
+                # The new buffers, computed before any is written (nothing changes until the
+                # copies; A's held base is read out of A's buffer first).
+                updates = []
+                for m in both:
+                    held = torch.cat([m.scratch, m.a.buf])
+                    updates.append((m, m.scratch.index_select(0, m.pos_a),
+                                    held.index_select(0, m.map_b), held))
+                try:
+                    for m, new_a, new_b, _ in updates:
+                        m.a.buf.copy_(new_a)
+                        m.b.buf.copy_(new_b)
+                    self._active = target
+                except BaseException:
+                    # Put the old buffers back before the swap is undone: A's is the tail of
+                    # `held`; B's (its active values) stands in W at B's entries right now.
+                    for m, _, _, held in updates:
+                        m.a.buf.copy_(held[m.scratch.numel():])
+                        weight = self._layers[m.layer].weight.detach().view(-1)
+                        m.b.buf.copy_(weight[m.b.indices.long()])
+                    self._active = current
+                    raise
+
+        swap_transaction([self._layers[layer].weight for layer in layers], indices, values,
+                         commit)
 
     def _pair_plan(self, a: _Slot, b: _Slot) -> _PairPlan:
         key = (a, b)
@@ -473,7 +505,8 @@ class AdapterBank:
         if plan is not None:
             self._pairs.move_to_end(key)
             return plan
-        plan = _PairPlan(a, b, self._order)
+        with torch.inference_mode(False):  # its buffers are written by later switches
+            plan = _PairPlan(a, b, self._order)
         self._pairs[key] = plan
         while len(self._pairs) > max(self.max_pairs, 1):
             self._pairs.popitem(last=False)
@@ -513,6 +546,7 @@ class AdapterBank:
         return slot
 
     @torch.no_grad()
+    @torch.inference_mode(False)  # the buffers are swapped later, also outside inference_mode
     def _fused_entries(self, names, weights) -> dict[str, _Entry]:
         parts: dict[str, list[tuple[_Entry, float]]] = {}
         for name, weight in zip(names, weights):
@@ -531,20 +565,34 @@ class AdapterBank:
                 start += n
             base = self._base_entries(layer, union)
             active = (base.float() + total).to(base.dtype)  # one rounding onto the base
+            check_representable(active, f"fusion {list(names)} with weights {list(weights)}, "
+                                f"layer {layer!r}", base=base)
             entries[layer] = _Entry(union.to(layer_parts[0][0].indices.dtype), active)
         return entries
 
     # -- thread safety ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def reading(self):
-        """``with bank.reading(): model(x)``: no switch can happen during the block."""
+        """``with bank.reading(): model(x)``: no switch can happen during the block (for a
+        training step, put the backward inside it too)."""
         with self.lock:
-            yield self
+            self._held.reading = getattr(self._held, "reading", 0) + 1
+            try:
+                yield self
+            finally:
+                self._held.reading -= 1
+
+    def _held_by_reading(self) -> int:
+        return getattr(self._held, "reading", 0)
 
     def guard_forward(self) -> _ForwardGuard:
         """Make every forward of the model hold ``lock`` (forward pre- and post-hooks), so that
         forwards and switches exclude each other. Returns a handle whose remove() (or ``with``
-        exit) takes the hooks off; calling it again returns the same handle."""
+        exit) takes the hooks off; calling it again returns the same handle.
+
+        Forwards only: the lock is released when the forward returns, before any backward.
+        For training while another thread may switch, hold ``with bank.reading():`` around
+        the forward and the backward (a guarded forward that records a backward warns once)."""
         with self.lock:
             if self._guard is None:
                 pre = self.model.register_forward_pre_hook(self._enter_forward, prepend=True)
@@ -559,6 +607,14 @@ class AdapterBank:
     def _exit_forward(self, module, args, output) -> None:
         # always_call: runs when the forward raised too; the depth guards against a pre-hook
         # registered before ours having raised before we acquired.
+        if (not self._warned_backward and isinstance(output, torch.Tensor)
+                and output.requires_grad and self.lock._is_owned()
+                and self._held_by_reading() == 0):
+            self._warned_backward = True
+            warnings.warn("AdapterBank.guard_forward() covers forwards only: this forward "
+                          "records a backward, which runs after the lock is released; hold "
+                          "`with bank.reading():` around forward and backward when another "
+                          "thread may switch adapters", stacklevel=2)
         if getattr(self._held, "depth", 0) > 0:
             self._held.depth -= 1
             self.lock.release()
@@ -573,8 +629,10 @@ class AdapterBank:
             save_adapter(path, self.deltas(name), base_entries=self._file_base)
 
     def load(self, name: str, path) -> None:
-        """Add the adapter in ``path`` as ``name``. The file must have been saved against this
-        base (checksum); any problem is a ValueError and leaves the bank unchanged."""
+        """Add the adapter in ``path`` as ``name``. The file must pass its content checksum
+        (every tensor and the metadata) and have been saved against this base (checksum of the
+        base entries); values that are not finite, or that overflow the weight's dtype once
+        added, are refused. Any problem is a ValueError and leaves the bank unchanged."""
         from .io.shira_format import load_adapter
 
         with self.lock:

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from . import _native
+from . import _native, tuning
 
 log = logging.getLogger("shira_kernels")
 
@@ -30,8 +30,9 @@ ENV_VAR = "SHIRA_KERNELS_BACKEND"
 # Automatic order per device type. Triton on CPU tensors is the interpreter: correct but slow,
 # so it is never chosen automatically.
 _PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-# The order for an op whose Triton kernel measured faster than its CUDA one (select's `order`).
-TRITON_FIRST = {"cuda": ("triton", "cuda", "reference")}
+# The order for an op whose Triton kernel measured faster than its CUDA one (select's `order`;
+# a row of the tuning table).
+TRITON_FIRST = tuning.view("triton_first")
 
 _explicit: contextvars.ContextVar[str | None] = contextvars.ContextVar("shira_backend", default=None)
 _logged: set[tuple[str, str]] = set()
@@ -41,6 +42,21 @@ def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return name
+
+
+def _check_environment() -> None:
+    """Run at import: an unknown name in SHIRA_KERNELS_BACKEND fails here, listing the valid
+    ones, not at the first op call (which may come much later, e.g. after a model has loaded).
+    Unset, empty (or blank) and "auto" mean the automatic choice. requested() checks again at
+    each call, for a variable set after import."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env != "auto" and env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={env!r}: unknown backend {env!r}; choose one of "
+                         f"{', '.join(BACKENDS)}, or auto (or leave it unset) for the "
+                         f"automatic choice")
+
+
+_check_environment()
 
 
 @contextlib.contextmanager

@@ -12,11 +12,12 @@ written in place, which bumps its version, or replaced, e.g. by .to(device)).
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-from ._checks import TensorCache, validate_indices
+from ._checks import TensorCache, check_size, validate_indices
 
 __all__ = ["BinaryWeight", "SparseDelta", "SparseStructure", "flat_index_dtype", "pack_signs",
            "unpack_signs"]
@@ -27,9 +28,12 @@ def _weight_shape(shape) -> tuple[int, int]:
     the shape goes, e.g. with the arguments swapped, would otherwise surface as a confusing
     index error)."""
     try:
-        out_features, in_features = (int(s) for s in shape)
+        out_features, in_features = shape
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"shape must be (out_features, in_features), got {shape!r:.80}") from None
+    # Integers only (4.5 or 4.0 is refused by name, not truncated by int()).
+    out_features = check_size(out_features, "shape[0] (out_features)", minimum=None)
+    in_features = check_size(in_features, "shape[1] (in_features)", minimum=None)
     if out_features < 1 or in_features < 1:
         raise ValueError(f"shape must be (out, in) with both ≥ 1, got {(out_features, in_features)}")
     return out_features, in_features
@@ -90,11 +94,47 @@ def _structure_of(flat_indices: torch.Tensor, shape: tuple[int, int]) -> SparseS
     return _STRUCTURES.put(flat_indices, SparseStructure.build(flat_indices, shape), shape)
 
 
+_CHECKED_STRUCTURES = TensorCache()  # structure.rows → (indices, fields) found consistent
+_STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
+
+
+def _check_structure(structure, flat_indices: torch.Tensor, shape: tuple[int, int]) -> None:
+    """Raise unless ``structure`` is the one derived from ``flat_indices`` for ``shape``: the
+    kernels read x and W through its columns and offsets, so a structure of another delta
+    would read out of bounds. Compared with a fresh derivation once per (structure, indices)
+    pair, and again after its rows or the indices are written."""
+    if not isinstance(structure, SparseStructure):
+        raise TypeError(f"structure must be a SparseStructure, got {type(structure).__name__}")
+    fields = tuple(getattr(structure, name) for name in _STRUCTURE_FIELDS)
+    if not all(isinstance(t, torch.Tensor) for t in fields):
+        raise TypeError("structure's fields must be tensors")
+    expected = _structure_of(flat_indices, shape)
+    if expected is structure:
+        return
+    key = (shape, tuple(id(t) for t in fields), id(flat_indices), flat_indices._version
+           if not flat_indices.is_inference() else None)
+    checked = _CHECKED_STRUCTURES.get(structure.rows, key)
+    if checked is not None and checked() is flat_indices:
+        return
+    for name, got in zip(_STRUCTURE_FIELDS, fields):
+        want = getattr(expected, name)
+        if (got.dtype != want.dtype or got.shape != want.shape or got.device != want.device
+                or not bool(torch.equal(got, want))):
+            raise ValueError(f"structure.{name} was not derived from these flat_indices and "
+                             "shape; leave structure out (it is derived and cached) or pass "
+                             "the delta's own .structure")
+    _CHECKED_STRUCTURES.put(structure.rows, weakref.ref(flat_indices), key)
+
+
 class SparseDelta:
     """A sparse update S of shape (out, in): sorted unique flat indices and their values.
 
     Build one with from_flat, from_mask or from_coo (they sort and check); the constructor
-    itself takes indices that are already canonical and checks them (cached per index tensor).
+    itself takes indices that are already canonical (sorted ascending, unique, in range) and
+    checks them, rejecting unsorted ones (cached per index tensor). ``flat_indices`` and
+    ``values`` may be replaced by assignment: the new tensor is checked the same way and the
+    derived structure is dropped. A ``structure=`` passed in is checked against the indices
+    (once per structure) so that no kernel reads through a structure of another delta.
     Inside torch.compile the checks are skipped and the structure must come with the delta
     (``structure=``, or ``with_values`` on a delta whose structure was used before), as
     ShiraLinear does with its buffers.
@@ -113,12 +153,35 @@ class SparseDelta:
         if values.device != flat_indices.device:
             raise ValueError(f"values is on {values.device} but flat_indices on "
                              f"{flat_indices.device}")
-        if not torch.compiler.is_compiling():
-            validate_indices(flat_indices, shape[0] * shape[1], name="flat_indices")
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            validate_indices(flat_indices, shape[0] * shape[1], name="flat_indices",
+                             ascending=True)
         self.shape = shape
-        self.flat_indices = flat_indices
-        self.values = values
+        self._flat_indices = flat_indices
+        self._values = values
+        if structure is not None and not compiling:
+            _check_structure(structure, flat_indices, shape)
         self._structure = structure
+
+    @property
+    def flat_indices(self) -> torch.Tensor:
+        return self._flat_indices
+
+    @flat_indices.setter
+    def flat_indices(self, flat_indices: torch.Tensor) -> None:
+        # Checked like the constructor's; the structure was derived from the old indices.
+        SparseDelta(self.shape, flat_indices, self._values)
+        self._flat_indices, self._structure = flat_indices, None
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    @values.setter
+    def values(self, values: torch.Tensor) -> None:
+        SparseDelta(self.shape, self._flat_indices, values, structure=self._structure)
+        self._values = values
 
     # -- constructors ----------------------------------------------------------------------
     @classmethod
@@ -252,7 +315,7 @@ class BinaryWeight:
                  in_features: int):
         if packed.dtype != torch.int32 or packed.dim() != 2:
             raise TypeError("packed must be a 2-D int32 tensor")
-        in_features = int(in_features)
+        in_features = check_size(in_features, "in_features")
         if not (packed.shape[1] - 1) * 32 < in_features <= packed.shape[1] * 32:
             raise ValueError(f"packed has {packed.shape[1]} words per row, which cannot hold "
                              f"in_features={in_features}")

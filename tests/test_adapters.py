@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 import shira_kernels
-import shira_kernels.adapters as adapters_module
+import shira_kernels.ops.scatter_swap as scatter_swap_module
 from shira_kernels import AdapterBank, SparseDelta
 from shira_kernels.nn import ShiraLinear, replace_linear
 
 from conftest import DTYPES
+from test_sparse_delta import delta_linear_bound
+from tolerance import abs64, absolute_copy, assert_within_error_bound, exact_copy
 
 SHAPES = {"0": (24, 16), "2": (12, 24), "4": (8, 12)}
 
@@ -92,16 +94,17 @@ def check_weights(model, base, state):
 
 
 class CountingSwap:
-    """Stands in for scatter_swap_ in shira_kernels.adapters, counting calls."""
+    """Stands in for scatter_swap_ where the bank's switches call it (the swap transaction of
+    shira_kernels.ops.scatter_swap), counting calls."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = adapters_module.scatter_swap_
+        real = scatter_swap_module.scatter_swap_
 
         def counted(weights, indices, values):
             self.calls.append(([i.data_ptr() for i in indices], [v.data_ptr() for v in values]))
             return real(weights, indices, values)
-        monkeypatch.setattr(adapters_module, "scatter_swap_", counted)
+        monkeypatch.setattr(scatter_swap_module, "scatter_swap_", counted)
 
 
 # -- basics -----------------------------------------------------------------------------------------
@@ -154,10 +157,12 @@ def test_output_with_an_adapter_active_is_the_output_of_base_plus_scaled_delta(d
     bank.activate("a")
     out = model(x)
     assert torch.equal(out, reference(x))  # the same rounded weights give the same output
-    # ... and it matches the fp32 formula within the dtype's rounding.
-    ref32 = copy.deepcopy(reference).float()
-    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
-    torch.testing.assert_close(out.float(), ref32(x.float()), rtol=tol, atol=tol)
+    # ... and it matches the exact formula for those weights within the error bound: three
+    # layers (16 + 1, 24, 12 + 1 steps), two stored activations and up to one rounding per
+    # layer of torch's product before its bias, in the dtype.
+    assert_within_error_bound(out, exact_copy(reference)(x.double()),
+                              absolute_copy(reference)(abs64(x)), 17 + 24 + 13, "output",
+                              roundings=2 + 2)
     assert not torch.allclose(out.float(), base_out.float(), atol=1e-3)
     bank.deactivate()
     assert torch.equal(model(x), base_out)
@@ -447,8 +452,26 @@ def test_add_from_model_takes_every_shira_layer_with_its_scale(dtype):
     x = torch.randn(3, 16).to(dtype)
     want = shira(x)  # unmerged: x·(W + 0.5·S)ᵀ + b through the sparse kernels
     bank.activate("task")
-    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 8e-2}[dtype]
-    torch.testing.assert_close(model(x), want, rtol=tol, atol=tol)
+    # Both against x·(W + 0.5·S)ᵀ + b layer by layer in float64: each layer within
+    # delta_linear_bound, plus the two activations stored in the dtype.
+    exact, magnitude = x.double(), abs64(x)
+    k = roundings = 0
+    for module in shira:
+        if isinstance(module, ShiraLinear):
+            dense = module.delta.to_dense(torch.float64)
+            w = module.weight.double() + module.scale * dense
+            w_abs = abs64(module.weight) + abs(module.scale) * dense.abs()
+            b, b_abs = (None, None) if module.bias is None else (module.bias.double(),
+                                                                 abs64(module.bias))
+            exact = nn.functional.linear(exact, w, b)
+            magnitude = nn.functional.linear(magnitude, w_abs, b_abs)
+            k_l, n_l = delta_linear_bound(module.in_features)
+            k, roundings = k + k_l, roundings + n_l + 1
+        else:  # ReLU: 1-Lipschitz, the identity on the magnitudes
+            exact = module(exact)
+    roundings -= 1  # the last layer's output is the result's own rounding
+    assert_within_error_bound(model(x), exact, magnitude, k, "merged", roundings=roundings)
+    assert_within_error_bound(want, exact, magnitude, k, "unmerged", roundings=roundings)
     # merge() uses the same fp32 formula and rounding, so the weights agree bit for bit.
     for module in shira.modules():
         if isinstance(module, ShiraLinear):

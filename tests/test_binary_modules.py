@@ -8,6 +8,9 @@ from torch import nn
 
 from shira_kernels.nn import BinaryAdapter, BinaryLoRALinear
 
+from test_binary import binary_k, lora_exact_and_magnitude
+from tolerance import abs64, assert_within_error_bound
+
 
 def _state_bytes(module, prefix=""):
     return sum(t.numel() * t.element_size() for k, t in module.state_dict().items()
@@ -28,7 +31,13 @@ def test_packed_output_equals_fake_quantized_output(backend, device, method, act
         adapter.pack()
         packed = adapter(x)
     assert packed.shape == fake.shape
-    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4 * fake.abs().max().item())
+    # Against float64 with the packed weights; the fake-quantized dense path is torch's own
+    # formulation (its weights are μ ± α up to fake_quantize's roundings).
+    down, up = adapter.binary_weights()
+    exact, magnitude, _ = lora_exact_and_magnitude(x.double(), down, up, 0.1,
+                                                   activation == "relu")
+    assert_within_error_bound(packed, exact, magnitude, binary_k(768) + binary_k(32) + 1,
+                              "packed", torch_result=fake)
 
 
 def test_packed_state_dict_is_16x_smaller_than_fp16():
@@ -70,7 +79,14 @@ def test_bi_lora_trains_with_the_straight_through_estimator(backend, device):
     with torch.no_grad():
         trained = layer(x)
         layer.pack()
-        torch.testing.assert_close(layer(x), trained, rtol=1e-4, atol=1e-4)
+        down, up = layer.lora.binary_weights()
+        lora, lora_m, _ = lora_exact_and_magnitude(x.double(), down, up, layer.lora.scale,
+                                                   layer.lora.activation == "relu")
+        exact = F.linear(x.double(), layer.weight.double(), layer.bias.double()) + lora
+        magnitude = F.linear(abs64(x), abs64(layer.weight), abs64(layer.bias)) + lora_m
+        # The longer of the two branches (the base: 32 steps and the bias), then their join.
+        k = max(32 + 1, binary_k(32) + binary_k(4) + 1) + 1
+        assert_within_error_bound(layer(x), exact, magnitude, k, "packed", torch_result=trained)
     assert {"weight", "bias", "lora.down_packed", "lora.up_packed"} <= set(layer.state_dict())
 
 

@@ -15,7 +15,8 @@ from shira_kernels.nn import ShiraLinear
 from shira_kernels.ops import sparse_delta as sd
 
 from conftest import INTERPRETED
-from test_sparse_delta import assert_within_torch_error
+from test_sparse_delta import delta_linear_bound
+from tolerance import abs64, assert_within_error_bound
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_BACKENDS = ["cuda"] + ([] if INTERPRETED else ["triton"])
@@ -53,8 +54,16 @@ def test_cuda_llama_sized_layer_matches_the_reference(backend_name, strategy, to
     x64, v64 = (t.detach().double().requires_grad_(True) for t in (x, values))
     ref64 = sd.sparse_delta_linear_reference(x64, weight.double(), None, delta.with_values(v64), 0.5)
     exact = [ref64, *torch.autograd.grad(ref64, [x64, v64], gy.double())]
-    for name, o, t, e in zip(["y", "grad x", "grad values"], ours, theirs, exact):
-        assert_within_torch_error(o, t, e, name)
+    # The magnitudes: the same formula and gradients on the absolute values.
+    x_abs, v_abs = (abs64(t).requires_grad_(True) for t in (x, values))
+    ref_abs = sd.sparse_delta_linear_reference(x_abs, abs64(weight), None,
+                                               delta.with_values(v_abs), 0.5)
+    magnitude = [ref_abs, *torch.autograd.grad(ref_abs, [x_abs, v_abs], abs64(gy))]
+    # y, grad x: delta_linear_bound; the values' gradient: a sum over the tokens, the scale.
+    bounds = [delta_linear_bound(4096), delta_linear_bound(11008), (tokens + 1, 0)]
+    for name, o, t, e, m, (k, n) in zip(["y", "grad x", "grad values"], ours, theirs, exact,
+                                        magnitude, bounds):
+        assert_within_error_bound(o, e, m, k, name, torch_result=t, roundings=n)
     assert torch.equal(weight, base)
 
 

@@ -9,6 +9,8 @@ from torch import nn
 
 from shira_kernels.nn import DyLoRALinear, ShiraLinear
 
+from tolerance import abs64, assert_within_error_bound
+
 
 def make_layer(in_f=12, out_f=7, r_max=4, seed=0, dtype=torch.float32, **kwargs):
     torch.manual_seed(seed)
@@ -18,16 +20,24 @@ def make_layer(in_f=12, out_f=7, r_max=4, seed=0, dtype=torch.float32, **kwargs)
     return layer
 
 
-def reference(layer, x, b):
-    """The rank-b output, computed by slicing, in fp64."""
-    w, bias = layer.weight.double(), layer.bias.double()
-    a, bb = layer.lora_A[:b].double(), layer.lora_B[:, :b].double()
-    return F.linear(x.double(), w, bias) + (layer.alpha / b) * F.linear(F.linear(x.double(), a), bb)
+def reference(layer, x, b, absolute=False):
+    """The rank-b output, computed by slicing, in fp64; absolute: the same on the absolute
+    values of every input, the magnitude of the error bound."""
+    f = abs64 if absolute else (lambda t: t.double())
+    w, bias = f(layer.weight), f(layer.bias)
+    a, bb = f(layer.lora_A[:b]), f(layer.lora_B[:, :b])
+    return F.linear(f(x), w, bias) + (layer.alpha / b) * F.linear(F.linear(f(x), a), bb)
 
 
-def assert_close_to_exact(ours, exact):
-    """ours (fp32) against an fp64 result, with fp32's default tolerances."""
-    torch.testing.assert_close(ours, exact.to(ours.dtype))
+def forward_k(layer):
+    """fp32 roundings along the forward's longest chain: x·Aᵀ (in), the rank weights (the
+    scale alpha/b rounded to fp32, the product), ·Bᵀ (r_max), the add to the base output."""
+    return layer.in_features + layer.r_max + 3
+
+
+def assert_close_to_exact(ours, exact, magnitude, k):
+    """ours (fp32) against an fp64 result, within the error bound of tests/tolerance.py."""
+    assert_within_error_bound(ours, exact, magnitude, k)
 
 
 class CountingBackend:
@@ -98,7 +108,8 @@ def test_training_forward_and_which_components_get_gradients(train_lower):
         y = layer(x)
         b = layer.last_rank
         seen.add(b)
-        assert_close_to_exact(y, reference(layer, x.detach(), b))
+        assert_close_to_exact(y, reference(layer, x.detach(), b), reference(layer, x, b, True),
+                              forward_k(layer))
         y.backward(gy)
         trained = [b - 1] if not train_lower else list(range(b))
         for j in range(5):
@@ -115,9 +126,19 @@ def test_training_forward_and_which_components_get_gradients(train_lower):
         ref = F.linear(x64, layer.weight.double(), layer.bias.double()) + (layer.alpha / b) * \
             F.linear(F.linear(x64, a64[:b]), b64[:, :b])
         ref.backward(gy.double())
-        assert_close_to_exact(x.grad, x64.grad)
-        assert_close_to_exact(layer.lora_A.grad[trained], a64.grad[trained])
-        assert_close_to_exact(layer.lora_B.grad[:, trained], b64.grad[:, trained])
+        # The magnitudes: the same gradients on the absolute values.
+        x_abs, a_abs, b_abs = (abs64(t).requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B))
+        ref_abs = F.linear(x_abs, abs64(layer.weight), abs64(layer.bias)) + (layer.alpha / b) * \
+            F.linear(F.linear(x_abs, a_abs[:b]), b_abs[:, :b])
+        ref_abs.backward(abs64(gy))
+        # x: gy·W (out) joined with gy·B (out), the rank weights (2), ·A (r_max); A: gy·B (out),
+        # the rank weights, ·x over the 3 tokens, the join; B: x·Aᵀ (in), the weights, the tokens.
+        out_f, in_f, r_max = 7, 12, 5
+        assert_close_to_exact(x.grad, x64.grad, x_abs.grad, out_f + r_max + 3)
+        assert_close_to_exact(layer.lora_A.grad[trained], a64.grad[trained],
+                              a_abs.grad[trained], out_f + 3 + 3)
+        assert_close_to_exact(layer.lora_B.grad[:, trained], b64.grad[:, trained],
+                              b_abs.grad[:, trained], in_f + 3 + 3)
     assert len(seen) >= 4
 
 
@@ -139,7 +160,8 @@ def test_set_rank_selects_the_first_b_components_without_copies():
     mask, scale = layer.rank_mask, layer.rank_scale
     for b in range(1, 7):
         assert layer.set_rank(b) is layer and layer.rank == b
-        assert_close_to_exact(layer(x), reference(layer, x, b))
+        assert_close_to_exact(layer(x), reference(layer, x, b), reference(layer, x, b, True),
+                              forward_k(layer))
         assert layer.rank_mask is mask and layer.rank_scale is scale  # written in place
         assert torch.equal(mask, (torch.arange(6) < b).float())
         assert scale.item() == torch.tensor(6 / b).item()
@@ -157,7 +179,8 @@ def test_torch_compile_switches_rank_without_recompiling():
         layer.set_rank(b)
         with torch.no_grad():
             assert torch.equal(compiled(x), model(x)), b
-            assert_close_to_exact(layer(x), reference(layer, x, b))
+            assert_close_to_exact(layer(x), reference(layer, x, b), reference(layer, x, b, True),
+                              forward_k(layer))
     assert counter.graphs == 1
     # The same with the stock backend named in the brief: no recompilation either.
     torch._dynamo.reset()
@@ -202,10 +225,13 @@ def test_merge_equals_the_unmerged_output_and_unmerge_is_exact(dtype):
         assert layer.merged and layer.merged_rank == b
         merged = layer(x)
         exact = reference(layer.unmerge(), x, b)
-        # Both are within a few roundings of the output's dtype of the fp64 result.
-        tol = 8 * torch.finfo(dtype).eps * exact.abs().max().item()
-        assert (merged.double() - exact).abs().max() <= tol
-        assert (unmerged.double() - exact).abs().max() <= tol
+        magnitude = reference(layer, x, b, absolute=True)
+        # Both within the bound of the unmerged chain, whose intermediates are rounded to the
+        # dtype: x·Aᵀ, the rank weights (cast to the dtype) and their product, ·Bᵀ (4); the
+        # merged weight W + (alpha/b)·B·A (fp32: b + 2 steps, rounded once) needs fewer.
+        k = forward_k(layer) + 1
+        assert_within_error_bound(merged, exact, magnitude, k, "merged", roundings=4)
+        assert_within_error_bound(unmerged, exact, magnitude, k, "unmerged", roundings=4)
         assert torch.equal(layer.weight, base_weight)  # bit for bit
         assert layer._merge_backup is None
     # merge(rank=b) sets the rank; the merged weight is W + delta_weight(b) rounded once.

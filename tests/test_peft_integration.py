@@ -131,6 +131,30 @@ def test_add_peft_non_default_adapter_and_windows_indices(tmp_path):
     torch.testing.assert_close(bank.model(x), pm(x), rtol=1e-5, atol=1e-5)
 
 
+def test_add_peft_and_save_peft_inside_inference_mode(tmp_path):
+    base = tiny()
+    shira(base).save_pretrained(tmp_path / "peft")
+    banks = [AdapterBank(copy.deepcopy(base)) for _ in range(2)]
+    banks[0].add_peft("a", tmp_path / "peft")
+    with torch.inference_mode():  # the checkpoint's tensors are inference tensors here
+        banks[1].add_peft("a", tmp_path / "peft")
+    before = snapshot(banks[1].model)
+    for inside in (False, True, False):
+        with torch.inference_mode(inside):
+            for bank in banks:
+                bank.activate("a")
+            assert same_bits(snapshot(banks[1].model), snapshot(banks[0].model))
+            assert not same_bits(snapshot(banks[1].model), before)
+            for bank in banks:
+                bank.deactivate()
+    assert same_bits(snapshot(banks[1].model), before)
+    banks[0].save_peft("a", tmp_path / "out0")
+    with torch.inference_mode():
+        banks[1].save_peft("a", tmp_path / "out1")
+    saved = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("out0", "out1")]
+    assert same_bits(saved[0], saved[1])
+
+
 def random_bank_adapter(gen, scales):
     adapter = {}
     for layer, shape in SHAPES.items():
@@ -465,3 +489,239 @@ def test_accelerate_errors_restore_copy():
     torch.testing.assert_close(pa(x), pm(x), rtol=1e-5, atol=1e-5)
     pa.unmerge_adapter()  # PEFT's own unmerge now
     torch.testing.assert_close(pa(x), pm(x), rtol=1e-5, atol=1e-5)
+
+
+# =============================================================================================
+# PEFT's own SHiRA test patterns against accelerate(), with torch.inference_mode (PEFT runs its
+# forwards inside it, the first one included): test_unload_adapter on small transformers
+# models built from configs (no downloads), test_merge_layers_multi, and the save / load round
+# trip on a custom MLP.
+# =============================================================================================
+def _transformers_models():
+    import transformers as T
+
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    causal = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, **ids)
+    encoder = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=32, max_position_embeddings=40, **ids)
+    return {
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+            max_position_embeddings=32, word_embed_proj_dim=16, **ids)),
+        "gptj": lambda: T.GPTJForCausalLM(T.GPTJConfig(
+            vocab_size=64, n_embd=16, n_layer=1, n_head=2, rotary_dim=4, n_positions=32, **ids)),
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**causal)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**causal)),
+        "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+            **{**causal, "num_key_value_heads": 1}, head_dim=8)),
+        "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+            decoder_ffn_dim=32, max_position_embeddings=32, **ids)),
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+            decoder_start_token_id=0, **ids)),
+        "bert": lambda: T.BertModel(T.BertConfig(**encoder)),
+        "roberta": lambda: T.RobertaModel(T.RobertaConfig(**encoder)),
+        "deberta-v2": lambda: T.DebertaV2Model(T.DebertaV2Config(**encoder)),
+    }
+
+
+HF_MODELS = ["opt", "gptj", "llama", "qwen2", "gemma3", "bart", "t5", "bert", "roberta",
+             "deberta-v2"]
+
+
+def hf_model(name, seed=0):
+    pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    return _transformers_models()[name]().eval()
+
+
+def hf_inputs(model):
+    ids = torch.tensor([[1, 5, 9, 13, 4, 7], [3, 8, 11, 6, 12, 10]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids[:, :4]
+    return inputs
+
+
+def logits(model, inputs):
+    return model(**inputs)[0]
+
+
+def hf_shira(base, seed=0, **config):
+    # init_weights=False: random values (PEFT's tests use it so that the adapter changes the
+    # outputs); the default target modules of the model type.
+    torch.manual_seed(seed)
+    return get_peft_model(copy.deepcopy(base), ShiraConfig(r=1, init_weights=False, **config))
+
+
+def base_weights(model):
+    return {n: bits(p).clone() for n, p in model.named_parameters() if "shira" not in n}
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_accelerate_unload_adapter_pattern(name):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = hf_model(name)
+    inputs = hf_inputs(base)
+    with torch.no_grad():
+        logits_base = logits(base, inputs)
+    num_params_base = len(base.state_dict())
+    pm = hf_shira(base)
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    assert skpeft.accelerated_layers(pa)
+    with torch.inference_mode():  # the first forward of the accelerated model
+        logits_adapter = logits(pa, inputs)
+        logits_peft = logits(pm, inputs)
+    torch.testing.assert_close(logits_adapter, logits_peft, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits_adapter, logits_base, atol=1e-3, rtol=1e-3)
+    with torch.inference_mode():
+        unloaded = pa.unload()
+        logits_unload = logits(unloaded, inputs)
+    assert not any(isinstance(m, BaseTunerLayer) for m in unloaded.modules())
+    assert len(unloaded.state_dict()) == num_params_base
+    assert torch.equal(bits(logits_unload), bits(logits_base))  # the base model, exactly
+    assert same_bits(base_weights(unloaded), base_weights(base))
+    # Training still works on an accelerated model whose first forward ran in inference_mode.
+    pa2 = skpeft.accelerate(copy.deepcopy(pm))
+    with torch.inference_mode():
+        logits(pa2, inputs)
+    logits(pa2, inputs).square().mean().backward()
+    logits(pm, inputs).square().mean().backward()
+    ga, gm = shira_grads(pa2), shira_grads(pm)
+    assert ga.keys() == gm.keys() and ga
+    for key in gm:
+        torch.testing.assert_close(ga[key], gm[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["opt", "llama", "bert", "t5"])
+@pytest.mark.parametrize("merge_inside", [False, True], ids=["merge", "merge-in-inference"])
+def test_accelerate_merge_layers_multi_pattern(name, merge_inside):
+    base = hf_model(name)
+    inputs = hf_inputs(base)
+    models = {}
+    for label in ("peft", "accelerated"):
+        torch.manual_seed(1)
+        model = get_peft_model(copy.deepcopy(base), ShiraConfig(r=1, init_weights=False))
+        if label == "accelerated":
+            skpeft.accelerate(model)
+        model.eval()
+        models[label] = model
+    pa, pm = models["accelerated"], models["peft"]
+    with torch.inference_mode():
+        logits_1 = logits(pa, inputs)
+    for model in (pm, pa):
+        torch.manual_seed(2)
+        model.add_adapter("adapter-2", ShiraConfig(r=1, init_weights=False))
+        model.set_adapter("adapter-2")
+        model.eval()
+    assert skpeft.accelerated_layers(pa)  # the new adapter lives in the accelerated layers
+    with torch.inference_mode():
+        logits_2 = logits(pa, inputs)
+        torch.testing.assert_close(logits_2, logits(pm, inputs), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits_1, logits_2, atol=1e-3, rtol=1e-3)
+    pa.set_adapter("default")
+    pm.set_adapter("default")
+    with torch.inference_mode():
+        assert torch.equal(bits(logits(pa, inputs)), bits(logits_1))
+        torch.testing.assert_close(logits_1, logits(pm, inputs), rtol=1e-4, atol=1e-4)
+
+    # merge_adapter of both adapters, then unmerge: the base weights come back bit for bit.
+    before = base_weights(pa)
+    both = copy.deepcopy(pa)
+    with torch.inference_mode(merge_inside):
+        both.base_model.merge_adapter(["adapter-2", "default"])
+    with torch.inference_mode():
+        logits_both = logits(both, inputs)
+    both.unmerge_adapter()
+    assert same_bits(base_weights(both), before)
+
+    copies = {"a": copy.deepcopy(pa), "b": copy.deepcopy(pa)}
+    peft_copy = copy.deepcopy(pm)
+    with torch.inference_mode(merge_inside):
+        merged_all = pa.merge_and_unload(adapter_names=["adapter-2", "default"])
+        merged_all_peft = peft_copy.merge_and_unload(adapter_names=["adapter-2", "default"])
+    with torch.inference_mode():
+        logits_all = logits(merged_all, inputs)
+        torch.testing.assert_close(logits_all, logits(merged_all_peft, inputs), rtol=1e-4,
+                                   atol=1e-4)
+    assert torch.equal(bits(logits_all), bits(logits_both))
+    assert not torch.allclose(logits_all, logits_2, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(logits_all, logits_1, atol=1e-3, rtol=1e-3)
+    for key, adapter, expected in (("a", "adapter-2", logits_2), ("b", "default", logits_1)):
+        with torch.inference_mode(merge_inside):
+            merged = copies[key].merge_and_unload(adapter_names=[adapter])
+        with torch.inference_mode():
+            torch.testing.assert_close(logits(merged, inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+class PeftMLP(nn.Module):
+    """The custom MLP of PEFT's SHiRA tests (two layers of one shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 40)
+        self.lin2 = nn.Linear(40, 30)
+        self.lin3 = nn.Linear(30, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.lin0(x))
+        x = torch.relu(self.lin1(x))
+        x = torch.relu(self.lin2(x))
+        return torch.log_softmax(self.lin3(x), dim=-1)
+
+
+def peft_mlp():
+    torch.manual_seed(0)
+    return PeftMLP()
+
+
+@pytest.mark.parametrize("where", ["outside", "forward-inside", "load-inside"])
+def test_accelerate_save_load_roundtrip_pattern(tmp_path, where):
+    pm = get_peft_model(peft_mlp(), ShiraConfig(r=2, target_modules=["lin1", "lin2"],
+                                                random_seed=56), adapter_name="first")
+    pm.add_adapter("second", ShiraConfig(r=3, target_modules=["lin1", "lin2", "lin3"],
+                                         random_seed=67))
+    randomize(pm, seed=3, std=1.0, adapter="first")
+    randomize(pm, seed=4, std=1.0, adapter="second")
+    skpeft.accelerate(pm)
+    x = torch.randn(5, 10)
+    outputs = {}
+    for adapter in ("first", "second"):
+        pm.set_adapter(adapter)
+        with torch.inference_mode(where != "outside"):
+            outputs[adapter] = pm(x)
+    assert not torch.allclose(outputs["first"], outputs["second"], atol=1e-3, rtol=1e-3)
+    saved = {n: p.detach().clone() for n, p in pm.state_dict().items() if "shira" in n}
+    pm.save_pretrained(tmp_path / "shira")
+    assert (tmp_path / "shira" / "first" / "adapter_config.json").is_file()
+    assert (tmp_path / "shira" / "second" / "adapter_config.json").is_file()
+
+    with torch.inference_mode(where == "load-inside"):
+        loaded = PeftModel.from_pretrained(peft_mlp(), tmp_path / "shira" / "first",
+                                           adapter_name="first")
+        loaded.load_adapter(tmp_path / "shira" / "second", "second")
+        skpeft.accelerate(loaded)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in saved.items())
+    for adapter in ("first", "second"):
+        # (PEFT's set_adapter sets requires_grad, which an inference tensor takes only inside)
+        with torch.inference_mode(where == "load-inside"):
+            loaded.set_adapter(adapter)
+        with torch.inference_mode(where != "outside"):  # the loaded model's first forward
+            assert torch.equal(bits(loaded(x)), bits(outputs[adapter]))
+        # Outside inference_mode too (without autograd when the parameters are inference
+        # tensors, which PEFT alone cannot record either).
+        with torch.set_grad_enabled(where != "load-inside"):
+            assert torch.equal(bits(loaded(x)), bits(outputs[adapter]))
+    # Merge and unmerge under inference_mode restore the loaded base weights exactly.
+    before = base_weights(loaded)
+    with torch.inference_mode():
+        loaded.merge_adapter()
+        torch.testing.assert_close(loaded(x), outputs["second"], rtol=1e-5, atol=1e-5)
+        loaded.unmerge_adapter()
+    assert same_bits(base_weights(loaded), before)

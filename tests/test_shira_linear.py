@@ -8,7 +8,8 @@ from torch import nn
 from shira_kernels.nn import ShiraLinear, mark_only_adapters_trainable, replace_linear
 
 from conftest import DTYPES
-from test_sparse_delta import assert_within_torch_error
+from test_sparse_delta import delta_linear_bound
+from tolerance import abs64, assert_within_error_bound
 
 
 def trained_layer(in_f=33, out_f=17, dtype=torch.float32, r=2, seed=0, device="cpu"):
@@ -36,7 +37,10 @@ def test_from_linear_is_a_drop_in_replacement():
     assert torch.equal(layer(x), base(x))
     layer.strategy = "auto"
     exact = x.double() @ base.weight.double().T + base.bias.double()
-    assert_within_torch_error(layer(x), base(x), exact, "auto")
+    magnitude = abs64(x) @ abs64(base.weight).T + abs64(base.bias)
+    k, n = delta_linear_bound(10)
+    assert_within_error_bound(layer(x), exact, magnitude, k, "auto", torch_result=base(x),
+                              roundings=n)
     assert layer.delta.nnz == 16 and layer.delta.shape == (6, 10)
 
 
@@ -50,9 +54,9 @@ def test_gradient_equals_the_clone_and_add_formulation(backend, device, dtype, s
     y = layer(x)
     ours = [y, *torch.autograd.grad(y, [x, layer.shira_values], gy)]
 
-    def reference(x, values, weight, bias):
+    def reference(x, values, weight, bias, scale=layer.scale):
         w = weight.clone()
-        w.view(-1)[layer.shira_indices.long()] += layer.scale * values
+        w.view(-1)[layer.shira_indices.long()] += scale * values
         return F.linear(x, w, bias)
 
     ref = reference(x, layer.shira_values, layer.weight, layer.bias)
@@ -61,8 +65,15 @@ def test_gradient_equals_the_clone_and_add_formulation(backend, device, dtype, s
     v64 = layer.shira_values.detach().double().requires_grad_(True)
     ref64 = reference(x64, v64, layer.weight.double(), layer.bias.double())
     exact = [ref64, *torch.autograd.grad(ref64, [x64, v64], gy.double())]
-    for name, o, t, e in zip(["y", "grad x", "grad values"], ours, theirs, exact):
-        assert_within_torch_error(o, t, e, name)
+    # The magnitudes: the same formula and gradients on the absolute values.
+    x_abs, v_abs = (abs64(t).requires_grad_(True) for t in (x, layer.shira_values))
+    ref_abs = reference(x_abs, v_abs, abs64(layer.weight), abs64(layer.bias), abs(layer.scale))
+    magnitude = [ref_abs, *torch.autograd.grad(ref_abs, [x_abs, v_abs], abs64(gy))]
+    # y, grad x: delta_linear_bound; the values' gradient: a sum over the 10 tokens, the scale.
+    bounds = [delta_linear_bound(33), delta_linear_bound(17), (10 + 1, 0)]
+    for name, o, t, e, m, (k, n) in zip(["y", "grad x", "grad values"], ours, theirs, exact,
+                                        magnitude, bounds):
+        assert_within_error_bound(o, e, m, k, name, torch_result=t, roundings=n)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -75,7 +86,16 @@ def test_merge_and_unmerge_are_exact(backend, device, dtype):
     assert layer.merged
     changed = (layer.weight != base).view(-1).nonzero().view(-1)
     assert set(changed.tolist()) <= set(layer.shira_indices.tolist())
-    assert_within_torch_error(layer(x), unfused, unfused.double(), "merged forward")
+    # Merged or not, the forward is x·(W + scale·S)ᵀ + b within the bound of every strategy
+    # (merged: W + scale·S rounded once to the dtype, then torch's matmul).
+    delta = layer.delta
+    exact = F.linear(x.double(), base.double() + layer.scale * delta.to_dense(torch.float64),
+                     layer.bias.double())
+    magnitude = F.linear(abs64(x), abs64(base) + abs(layer.scale) * abs64(delta.to_dense()),
+                         abs64(layer.bias))
+    k, n = delta_linear_bound(33)
+    assert_within_error_bound(unfused, exact, magnitude, k, "unfused forward", roundings=n)
+    assert_within_error_bound(layer(x), exact, magnitude, k, "merged forward", roundings=n)
     layer.merge()  # merging twice is a no-op
     layer.unmerge()
     assert torch.equal(layer.weight, base)

@@ -1,6 +1,6 @@
-"""Sparse-delta matmul and its parts, every backend against the reference. Tolerances come
-from PyTorch's own error in the same dtype: our error against a float64 result may be at most
-twice torch's own (plus one rounding of the output)."""
+"""Sparse-delta matmul and its parts, every backend against the reference. Each result is
+checked against float64 with the forward-error bound of tests/tolerance.py (γ_K·M for the op's
+reduction lengths K and magnitude M, or twice torch's own error where that is larger)."""
 import pytest
 import torch
 from torch.library import opcheck
@@ -10,6 +10,7 @@ from shira_kernels.formats import SparseDelta
 from shira_kernels.ops import sparse_delta as sd
 
 from conftest import DTYPES, with_threads
+from tolerance import abs64, assert_within_error_bound
 
 # (tokens, out, in): odd sizes, 0 and 1 token, a wide layer, a long sequence.
 # in 40000 > 32767 takes the int32 column indices. The CPU kernels work on token chunks of
@@ -21,17 +22,13 @@ SHAPES = [(0, 5, 7), (1, 3, 4097), (3, 33, 65), (2049, 17, 33), (5, 4, 40000), (
 SHAPE_IDS = ["T0", "T1-in4097", "T3", "T2049", "T5-in40000", "T130-in4097", "T7-out131"]
 
 
-def assert_within_torch_error(ours, torch_result, exact, what=""):
-    """|ours − exact| ≤ 2·|torch − exact| + one rounding of the output, elementwise max."""
-    exact = exact.double()
-    if exact.numel() == 0:
-        assert ours.numel() == 0
-        return
-    eps = torch.finfo(torch_result.dtype).eps
-    err_torch = (torch_result.double() - exact).abs().max().item()
-    err_ours = (ours.double() - exact).abs().max().item()
-    limit = 2 * err_torch + eps * exact.abs().max().item()
-    assert err_ours <= limit, f"{what}: error {err_ours:.3g} > limit {limit:.3g} (torch's {err_torch:.3g})"
+def delta_linear_bound(steps: int) -> tuple[int, int]:
+    """(k, roundings) of x·(W + scale·S)ᵀ + b (or gy·(W + scale·S)) summed over `steps`, for
+    every strategy: along any term at most steps + 3 fp32 roundings (scale·S and its add to W,
+    the products and sum, the bias or the join of S's separate sum) and two intermediates
+    stored in the working dtype (the merged weight or spmm's dense product, and torch's addmm
+    product before its bias)."""
+    return steps + 3, 2
 
 
 def make_delta(out_f, in_f, dtype, density=0.2, seed=0, device="cpu"):
@@ -64,11 +61,16 @@ def test_spmm_and_spmm_t(backend, device, dtype, shape):
     delta = make_delta(out_f, in_f, dtype, device=device)
     x, y = randn(tokens, in_f, dtype=dtype, seed=1, device=device), randn(tokens, out_f, dtype=dtype, seed=2, device=device)
     dense = delta.to_dense()
+    # K: the products and their sum, the scale, the add to y (gx).
     exact = y.double() + 0.5 * x.double() @ dense.double().T
-    assert_within_torch_error(shira_kernels.spmm(y, x, delta, 0.5), y + 0.5 * (x @ dense.T), exact, "spmm")
+    magnitude = abs64(y) + 0.5 * abs64(x) @ abs64(dense).T
+    assert_within_error_bound(shira_kernels.spmm(y, x, delta, 0.5), exact, magnitude, in_f + 2,
+                              "spmm", torch_result=y + 0.5 * (x @ dense.T))
     gy, gx = randn(tokens, out_f, dtype=dtype, seed=3, device=device), randn(tokens, in_f, dtype=dtype, seed=4, device=device)
     exact = gx.double() + 2.0 * gy.double() @ dense.double()
-    assert_within_torch_error(shira_kernels.spmm_t(gx, gy, delta, 2.0), gx + 2.0 * (gy @ dense), exact, "spmm_t")
+    magnitude = abs64(gx) + 2.0 * abs64(gy) @ abs64(dense)
+    assert_within_error_bound(shira_kernels.spmm_t(gx, gy, delta, 2.0), exact, magnitude,
+                              out_f + 2, "spmm_t", torch_result=gx + 2.0 * (gy @ dense))
 
 
 def test_spmm_kernel_may_overwrite_y(backend, device):
@@ -97,7 +99,9 @@ def test_sddmm(backend, device, dtype, shape):
     s = delta.structure
     rows, cols = s.rows.long(), s.cols.long()
     exact = (gy.double().T @ x.double())[rows, cols]
-    assert_within_torch_error(g, (gy.T @ x)[rows, cols], exact, "sddmm")
+    magnitude = (abs64(gy).T @ abs64(x))[rows, cols]
+    assert_within_error_bound(g, exact, magnitude, tokens, "sddmm",
+                              torch_result=(gy.T @ x)[rows, cols])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -114,11 +118,15 @@ def test_spmm_t_sddmm(backend, device, dtype, shape):
     gx, g = sd._kernels(backend).spmm_t_sddmm(gx0.clone(), gy, x, delta.values, struct, 2.0)
     dense = delta.to_dense()
     exact = gx0.double() + 2.0 * gy.double() @ dense.double()
-    assert_within_torch_error(gx, gx0 + 2.0 * (gy @ dense), exact, "gx")
+    magnitude = abs64(gx0) + 2.0 * abs64(gy) @ abs64(dense)
+    assert_within_error_bound(gx, exact, magnitude, out_f + 2, "gx",
+                              torch_result=gx0 + 2.0 * (gy @ dense))
     rows, cols = s.rows.long(), s.cols.long()
     assert g.dtype == torch.float32 and g.shape == (delta.nnz,)
     exact = (gy.double().T @ x.double())[rows, cols]
-    assert_within_torch_error(g, (gy.T @ x)[rows, cols], exact, "sddmm")
+    magnitude = (abs64(gy).T @ abs64(x))[rows, cols]
+    assert_within_error_bound(g, exact, magnitude, tokens, "sddmm",
+                              torch_result=(gy.T @ x)[rows, cols])
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -176,7 +184,9 @@ def test_csr_add(backend, device, dtype):
     assert torch.equal(weight, before)
     dense = delta.to_dense()
     exact = weight.double() + 0.25 * dense.double()
-    assert_within_torch_error(out, weight + 0.25 * dense, exact, "csr_add")
+    # K = 2: the scale and the add, in fp32; then the one rounding to the dtype.
+    assert_within_error_bound(out, exact, abs64(weight) + 0.25 * abs64(dense), 2, "csr_add",
+                              torch_result=weight + 0.25 * dense)
     untouched = dense == 0
     assert torch.equal(out[untouched], weight[untouched])
     buffer = torch.full_like(weight, float("nan"))
@@ -221,8 +231,20 @@ def test_sparse_delta_linear_and_gradients(backend, device, dtype, shape, strate
     ref64 = sd.sparse_delta_linear_reference(x64, w64, b64, d64, 0.5)
     inputs64 = [x64, v64, b64] + ([w64] if weight.requires_grad else [])
     exact = [ref64] + list(_grads(ref64, gy.double(), inputs64))
-    for name, o, t, e in zip(["y", "grad x", "grad values", "grad bias", "grad weight"], ours, theirs, exact):
-        assert_within_torch_error(o, t, e, name)
+    # The magnitudes: the same formula and gradients on the absolute values.
+    abs_in = [abs64(t).requires_grad_(t.requires_grad) for t in (x, weight, bias, delta.values)]
+    ref_abs = sd.sparse_delta_linear_reference(abs_in[0], abs_in[1], abs_in[2],
+                                               delta.with_values(abs_in[3]), 0.5)
+    magnitude = [ref_abs] + list(_grads(ref_abs, abs64(gy), [abs_in[0], abs_in[3], abs_in[2]]
+                                        + ([abs_in[1]] if weight.requires_grad else [])))
+    tokens, out_f, in_f = shape
+    t2 = 2 * tokens  # x is [2, tokens, in]
+    # y, grad x: delta_linear_bound; the values' gradient: sddmm's fp32 sum over the tokens
+    # and the scale; the bias's and weight's: a sum over the tokens.
+    bounds = [delta_linear_bound(in_f), delta_linear_bound(out_f), (t2 + 1, 0), (t2, 0), (t2, 0)]
+    for name, o, t, e, m, (k, n) in zip(["y", "grad x", "grad values", "grad bias", "grad weight"],
+                                        ours, theirs, exact, magnitude, bounds):
+        assert_within_error_bound(o, e, m, k, name, torch_result=t, roundings=n)
     assert torch.equal(weight.detach(), base)  # "swap" restores W bit for bit
 
 
@@ -239,7 +261,11 @@ def test_fold_forward_at_each_few_token_count(dtype):
             exact = sd.sparse_delta_linear_reference(
                 x.double(), weight.double(), bias.double(),
                 delta.with_values(delta.values.double()), 0.5)
-        assert_within_torch_error(y, ref, exact, f"{tokens} tokens")
+            magnitude = sd.sparse_delta_linear_reference(
+                abs64(x), abs64(weight), abs64(bias), delta.with_values(abs64(delta.values)), 0.5)
+        k, n = delta_linear_bound(x.shape[1])
+        assert_within_error_bound(y, exact, magnitude, k, f"{tokens} tokens", torch_result=ref,
+                                  roundings=n)
 
 
 @pytest.mark.parametrize("strategy", ["fold", "spmm", "swap", "merge"])
@@ -404,4 +430,5 @@ def test_sddmm_row_blocks_matches_the_reference(device, dtype):
     rows, cols = s.rows.long(), s.cols.long()
     exact = (gy.double().T @ x.double())[rows, cols]
     assert g.dtype == torch.float32
-    assert_within_torch_error(g, (gy.T @ x)[rows, cols], exact, "sddmm_row_blocks")
+    assert_within_error_bound(g, exact, (abs64(gy).T @ abs64(x))[rows, cols], 70,
+                              "sddmm_row_blocks", torch_result=(gy.T @ x)[rows, cols])

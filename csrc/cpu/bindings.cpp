@@ -13,12 +13,14 @@ void check_table(const torch::Tensor& t, int64_t cols, const char* name) {
               name, " must be a contiguous CPU int64 tensor of shape [N, ", cols, "]");
 }
 
-void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64_t block) {
-  check_table(tasks, 6, "tasks");
+// Returns the number of entries skipped for an index outside their weight (nothing written
+// for them): the caller undoes the swap and raises.
+int64_t scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64_t block) {
+  check_table(tasks, kSwapTaskColumns, "tasks");
   check_table(blocks, 2, "blocks");
   TORCH_CHECK(block > 0, "block must be positive");
-  shira_scatter_swap_cpu(tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), blocks.size(0),
-                         block);
+  return shira_scatter_swap_cpu(tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(),
+                                blocks.size(0), block);
 }
 
 void check_sparse(const torch::Tensor& offsets, const torch::Tensor& cols,
@@ -193,12 +195,15 @@ torch::Tensor folded_linear(const torch::Tensor& a, const torch::Tensor& weight,
 // out[idx] = weight[idx] + scale * values (fp32 arithmetic, rounded once); other entries of
 // out are left as they are (the caller copied the weight there). saved, if given, receives the
 // weight's entries first (out may be weight: an in-place add that can be swapped back).
-void scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::Tensor& idx,
+// Returns the number of entries skipped for an index outside the weight (nothing written).
+int64_t scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::Tensor& idx,
                  const torch::Tensor& values, double scale, c10::optional<torch::Tensor> saved) {
   TORCH_CHECK(out.is_contiguous() && weight.is_contiguous() && values.is_contiguous() &&
                   idx.is_contiguous(), "scatter_add: contiguous tensors expected");
   TORCH_CHECK(out.scalar_type() == weight.scalar_type() && values.scalar_type() == weight.scalar_type(),
               "scatter_add: out, weight and values must share a dtype");
+  TORCH_CHECK(out.numel() == weight.numel() && values.numel() == idx.numel(),
+              "scatter_add: out and weight must have the same size, values one entry per index");
   const auto st = weight.scalar_type();
   const int dtype = dtype_code(weight, "scatter_add");
   void* saved_ptr = nullptr;
@@ -208,12 +213,13 @@ void scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::T
     saved_ptr = saved->data_ptr();
   }
   if (idx.scalar_type() == torch::kInt64) {
-    shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), idx.data_ptr<int64_t>(),
-                          values.data_ptr(), static_cast<float>(scale), idx.numel(), saved_ptr);
-  } else {
-    shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), idx.data_ptr<int32_t>(),
-                          values.data_ptr(), static_cast<float>(scale), idx.numel(), saved_ptr);
+    return shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), weight.numel(),
+                                 idx.data_ptr<int64_t>(), values.data_ptr(),
+                                 static_cast<float>(scale), idx.numel(), saved_ptr);
   }
+  return shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), weight.numel(),
+                               idx.data_ptr<int32_t>(), values.data_ptr(),
+                               static_cast<float>(scale), idx.numel(), saved_ptr);
 }
 
 // y = scale * (x @ (mu + alpha * s)^T + bias) in fp32 for 1-bit signs packed in int32

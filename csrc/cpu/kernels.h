@@ -3,12 +3,14 @@
 #pragma once
 #include <cstdint>
 
-// Batched scatter-swap. tasks: int64 [T, 6] rows (weight_addr, index_addr, value_addr, n,
-// elem_size 2|4, index_is_int64 0|1); blocks: int64 [B, 2] rows (task, start), each covering
-// entries [start, min(start + block, n)) of one task. For each entry j of a task:
-// swap weight[index[j]] with value[j]. One parallel region over all blocks of all tasks.
-void shira_scatter_swap_cpu(const int64_t* tasks, const int64_t* blocks, int64_t num_blocks,
-                            int64_t block);
+// Batched scatter-swap. tasks: int64 [T, 7] rows (weight_addr, index_addr, value_addr, n,
+// elem_size 2|4, index_is_int64 0|1, weight_numel); blocks: int64 [B, 2] rows (task, start),
+// each covering entries [start, min(start + block, n)) of one task. For each entry j of a
+// task: swap weight[index[j]] with value[j]. One parallel region over all blocks of all tasks.
+// Entries whose index is outside [0, weight_numel) are skipped; returns how many were.
+constexpr int64_t kSwapTaskColumns = 7;
+int64_t shira_scatter_swap_cpu(const int64_t* tasks, const int64_t* blocks, int64_t num_blocks,
+                               int64_t block);
 
 // Sparse-delta matmul parts. S is [rows, in] in CSR: offsets int64 [rows + 1], column indices
 // C = int16_t | int32_t, values fp32. Activations are token-major as torch holds them, in the
@@ -52,10 +54,12 @@ void shira_folded_linear_cpu(int dtype, const float* a, int64_t tokens, const vo
 // out[idx[j]] = round(float(weight[idx[j]]) + scale · float(values[j])) for j < nnz, in the
 // weight's dtype (dtype: 0 fp32, 1 fp16, 2 bf16), I = int32_t | int64_t. If saved is not null,
 // saved[j] receives weight[idx[j]]'s bits first: with out == weight this adds S into W in place
-// in one pass and keeps the base entries to be swapped back.
+// in one pass and keeps the base entries to be swapped back. Entries whose index is outside
+// [0, numel) (numel of weight and out) are skipped (saved[j] untouched); returns how many were.
 template <typename I>
-void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* idx,
-                           const void* values, float scale, int64_t nnz, void* saved);
+int64_t shira_scatter_add_cpu(int dtype, const void* weight, void* out, int64_t numel,
+                              const I* idx, const void* values, float scale, int64_t nnz,
+                              void* saved);
 
 // 1-bit weights, W = mu + alpha * s with s = +-1 (signs packed LSB first, 1 = +1):
 //   y[t, o] = scale * (alpha[o] * sum_k x[t, k] * s[o, k] + mu[o] * xsum[t] + bias[o])

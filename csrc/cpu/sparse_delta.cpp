@@ -30,15 +30,21 @@ constexpr int64_t kColumnBlockBytes = 512 * 1024;
 constexpr int64_t kEntryBlock = 64;
 
 template <typename T, typename I>
-void scatter_add(const T* weight, T* out, const I* idx, const T* values, float scale,
-                 int64_t nnz, T* saved) {
-#pragma omp parallel for schedule(static) if (nnz > 4096)
+int64_t scatter_add(const T* weight, T* out, int64_t numel, const I* idx, const T* values,
+                    float scale, int64_t nnz, T* saved) {
+  int64_t skipped = 0;  // out-of-range indices (see scatter_swap.cpp): never written
+#pragma omp parallel for schedule(static) reduction(+ : skipped) if (nnz > 4096)
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t k = static_cast<int64_t>(idx[j]);
+    if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(numel)) {
+      ++skipped;
+      continue;
+    }
     const T old = weight[k];
     if (saved) saved[j] = old;  // the exact bits, so they can be swapped back
     Float<T>::store(out + k, Float<T>::load(&old) + scale * Float<T>::load(values + j));
   }
+  return skipped;
 }
 
 thread_local Scratch shared_tile, own_tile;
@@ -424,20 +430,22 @@ void shira_spmm_t_sddmm_cpu(int dtype, const void* gy, const void* x, const void
 }
 
 template <typename I>
-void shira_scatter_add_cpu(int dtype, const void* weight, void* out, const I* idx,
-                           const void* values, float scale, int64_t nnz, void* saved) {
+int64_t shira_scatter_add_cpu(int dtype, const void* weight, void* out, int64_t numel,
+                              const I* idx, const void* values, float scale, int64_t nnz,
+                              void* saved) {
   switch (dtype) {
     case 0:
-      scatter_add(static_cast<const float*>(weight), static_cast<float*>(out), idx,
-                  static_cast<const float*>(values), scale, nnz, static_cast<float*>(saved));
-      break;
+      return scatter_add(static_cast<const float*>(weight), static_cast<float*>(out), numel, idx,
+                         static_cast<const float*>(values), scale, nnz,
+                         static_cast<float*>(saved));
     case 1:
-      scatter_add(static_cast<const _Float16*>(weight), static_cast<_Float16*>(out), idx,
-                  static_cast<const _Float16*>(values), scale, nnz, static_cast<_Float16*>(saved));
-      break;
+      return scatter_add(static_cast<const _Float16*>(weight), static_cast<_Float16*>(out), numel,
+                         idx, static_cast<const _Float16*>(values), scale, nnz,
+                         static_cast<_Float16*>(saved));
     default:
-      scatter_add(static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), idx,
-                  static_cast<const uint16_t*>(values), scale, nnz, static_cast<uint16_t*>(saved));
+      return scatter_add(static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), numel,
+                         idx, static_cast<const uint16_t*>(values), scale, nnz,
+                         static_cast<uint16_t*>(saved));
   }
 }
 
@@ -449,10 +457,10 @@ template void shira_sddmm_cpu<int16_t>(int, const void*, const void*, int64_t, i
                                        const int64_t*, const int16_t*, float*);
 template void shira_sddmm_cpu<int32_t>(int, const void*, const void*, int64_t, int64_t, int64_t,
                                        const int64_t*, const int32_t*, float*);
-template void shira_scatter_add_cpu<int32_t>(int, const void*, void*, const int32_t*,
-                                             const void*, float, int64_t, void*);
-template void shira_scatter_add_cpu<int64_t>(int, const void*, void*, const int64_t*,
-                                             const void*, float, int64_t, void*);
+template int64_t shira_scatter_add_cpu<int32_t>(int, const void*, void*, int64_t, const int32_t*,
+                                                const void*, float, int64_t, void*);
+template int64_t shira_scatter_add_cpu<int64_t>(int, const void*, void*, int64_t, const int64_t*,
+                                                const void*, float, int64_t, void*);
 template void shira_spmm_t_sddmm_cpu<int16_t>(int, const void*, const void*, const void*, void*,
                                                int64_t, int64_t, int64_t, const int64_t*,
                                                const int16_t*, const int64_t*, const float*, float,

@@ -34,12 +34,22 @@ void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " failed: ", cudaGetErrorString(err));
 }
 
-// scatter_swap(tasks [T,6] int64, blocks [B,2] int64, block) -> None
+// A one-element int64 counter on `device` that the kernels add skipped entries to.
+void check_counter(const torch::Tensor& t, const torch::Device& device) {
+  TORCH_CHECK(t.is_cuda() && t.device() == device && t.scalar_type() == torch::kInt64 &&
+                  t.numel() == 1 && t.is_contiguous(),
+              "skipped must be a one-element int64 tensor on ", device);
+}
+
+// scatter_swap(tasks [T,7] int64, blocks [B,2] int64, block, skipped [1] int64) -> None
 // For every (task_id, start) row of blocks, swaps weight[index[j]] with
 // value[j] for j in [start, min(start + block, n)) of that task. The tensors
-// addressed by tasks must live on tasks' device.
-void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64_t block) {
-  check_int64_table(tasks, "tasks", 6);
+// addressed by tasks must live on tasks' device. Entries whose index is
+// outside the weight are skipped and added to skipped.
+void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64_t block,
+                  const torch::Tensor& skipped) {
+  check_int64_table(tasks, "tasks", 7);
+  check_counter(skipped, tasks.device());
   check_int64_table(blocks, "blocks", 2);
   TORCH_CHECK(blocks.device() == tasks.device(),
               "tasks and blocks must be on the same device, got ", tasks.device(),
@@ -55,8 +65,9 @@ void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64
   const c10::cuda::CUDAGuard device_guard(tasks.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(tasks.device().index()).stream();
 
-  check_cuda(shira_launch_scatter_swap(tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(),
-                                       num_blocks, block, stream),
+  check_cuda(shira_launch_scatter_swap(
+                 tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), num_blocks, block,
+                 reinterpret_cast<unsigned long long*>(skipped.data_ptr<int64_t>()), stream),
              "scatter_swap");
 }
 
@@ -172,14 +183,18 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
   return g;
 }
 
-// scatter_add(out, weight, flat_indices int32/int64 [nnz], values [nnz], scale) -> None
+// scatter_add(out, weight, flat_indices int32/int64 [nnz], values [nnz], scale,
+//             skipped [1] int64) -> None
 // out.view(-1)[k] = weight.view(-1)[k] + scale * values[j] for k = flat_indices[j]
 // (out and weight: same dtype and numel, any contiguous shape)
 // (fp32 math, one rounding); other entries of out are left as they are.
-// Not checked: flat_indices are unique and in [0, weight.numel()).
+// An index outside [0, weight.numel()) is skipped and added to skipped.
+// Not checked: flat_indices are unique.
 void scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
-                 const torch::Tensor& flat_indices, const torch::Tensor& values, double scale) {
+                 const torch::Tensor& flat_indices, const torch::Tensor& values, double scale,
+                 const torch::Tensor& skipped) {
   const torch::Device device = weight.device();
+  check_counter(skipped, device);
   check_operand(out, "out", out.dim(), device);
   check_operand(weight, "weight", weight.dim(), device);
   check_operand(flat_indices, "flat_indices", 1, device);
@@ -200,10 +215,11 @@ void scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
 
   const c10::cuda::CUDAGuard device_guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_cuda(shira_launch_scatter_add(out.data_ptr(), weight.data_ptr(), flat_indices.data_ptr(),
-                                      static_cast<int>(flat_indices.element_size()),
-                                      values.data_ptr(), dtype, nnz, static_cast<float>(scale),
-                                      stream),
+  check_cuda(shira_launch_scatter_add(
+                 out.data_ptr(), weight.data_ptr(), weight.numel(), flat_indices.data_ptr(),
+                 static_cast<int>(flat_indices.element_size()), values.data_ptr(), dtype, nnz,
+                 static_cast<float>(scale),
+                 reinterpret_cast<unsigned long long*>(skipped.data_ptr<int64_t>()), stream),
              "scatter_add");
 }
 
@@ -320,7 +336,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_swap", &scatter_swap,
         "In-place batched swap weight[index[j]] <-> value[j] described by int64 "
         "task/block tables",
-        py::arg("tasks"), py::arg("blocks"), py::arg("block"));
+        py::arg("tasks"), py::arg("blocks"), py::arg("block"), py::arg("skipped"));
   m.def("spmm", &spmm,
         "y_in + scale * x @ S^T for a CSR S (row_offsets, col_indices, values); "
         "returns a new tensor",
@@ -332,7 +348,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_add", &scatter_add,
         "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place",
         py::arg("out"), py::arg("weight"), py::arg("flat_indices"), py::arg("values"),
-        py::arg("scale"));
+        py::arg("scale"), py::arg("skipped"));
   m.def("binary_linear", &binary_linear,
         "y = alpha * (x @ S^T) + mu * x.sum(-1, keepdim=True) (+ bias) for packed 1-bit signs S "
         "[out, ceil(in/32)] int32; alpha / mu fp32 per tensor or per row",

@@ -20,10 +20,13 @@
 //
 // Returns cudaSuccess without launching when num_blocks == 0,
 // cudaErrorInvalidValue for bad sizes, otherwise cudaGetLastError().
+// Entries whose index is outside [0, weight_numel) are skipped and counted in
+// *skipped (one unsigned 64-bit counter in device memory, added to).
 cudaError_t shira_launch_scatter_swap(const int64_t* tasks,
                                       const int64_t* blocks,
                                       int64_t num_blocks,
                                       int64_t block,
+                                      unsigned long long* skipped,
                                       cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
@@ -73,12 +76,14 @@ cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* row
 //   out[k] = round_to_dtype(float(weight[k]) + scale * float(values[j])),  k = flat_indices[j]
 // for j < nnz. out / weight are flat buffers of dtype (out may equal weight);
 // only the nnz indexed entries of out are written. flat_indices: [nnz] of
-// index_size bytes, 4 (int32) or 8 (int64), unique, in range.
+// index_size bytes, 4 (int32) or 8 (int64), unique. An index outside
+// [0, numel) is skipped and counted in *skipped (device memory, added to).
 // Returns cudaSuccess without launching when nnz == 0,
 // cudaErrorInvalidValue for bad sizes / codes, otherwise cudaGetLastError().
-cudaError_t shira_launch_scatter_add(void* out, const void* weight, const void* flat_indices,
-                                     int index_size, const void* values, int dtype, int64_t nnz,
-                                     float scale, cudaStream_t stream);
+cudaError_t shira_launch_scatter_add(void* out, const void* weight, int64_t numel,
+                                     const void* flat_indices, int index_size,
+                                     const void* values, int dtype, int64_t nnz, float scale,
+                                     unsigned long long* skipped, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
 // 1-bit (binary) weights (csrc/cuda/binary.cu).

@@ -21,17 +21,22 @@ enum TaskCol : int {
   kNumel = 3,
   kElemSize = 4,
   kIndexIsInt64 = 5,
-  kTaskCols = 6,
+  kWeightNumel = 6,
+  kTaskCols = 7,
 };
 enum BlockCol : int { kTaskId = 0, kStart = 1, kBlockCols = 2 };
 
 // Elements are moved as raw bit patterns (uint16 for fp16/bf16, uint32 for
 // fp32) so the swap is bit-exact and independent of the floating-point type.
+// An index outside [0, numel) is skipped and counted in *skipped: the Python
+// side's index check is cached per tensor version and can be stale, and one
+// compare per entry is free in a scattered access.
 template <typename Bits, typename Index>
 __device__ __forceinline__ void swap_range(uintptr_t weight_addr,
                                            uintptr_t index_addr,
-                                           uintptr_t value_addr,
-                                           int64_t begin, int64_t end) {
+                                           uintptr_t value_addr, int64_t numel,
+                                           int64_t begin, int64_t end,
+                                           unsigned long long* skipped) {
   Bits* weight = reinterpret_cast<Bits*>(weight_addr);
   const Index* index = reinterpret_cast<const Index*>(index_addr);
   Bits* value = reinterpret_cast<Bits*>(value_addr);
@@ -39,6 +44,10 @@ __device__ __forceinline__ void swap_range(uintptr_t weight_addr,
   // coalesced; weight accesses are a gather/scatter by nature.
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
     const int64_t k = static_cast<int64_t>(index[j]);  // widen int32 safely
+    if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(numel)) {
+      atomicAdd(skipped, 1ULL);
+      continue;
+    }
     const Bits tmp = weight[k];
     weight[k] = value[j];
     value[j] = tmp;
@@ -47,7 +56,8 @@ __device__ __forceinline__ void swap_range(uintptr_t weight_addr,
 
 __global__ void __launch_bounds__(kThreads)
 scatter_swap_kernel(const int64_t* __restrict__ tasks,
-                    const int64_t* __restrict__ blocks, int64_t block) {
+                    const int64_t* __restrict__ blocks, int64_t block,
+                    unsigned long long* __restrict__ skipped) {
   // blockIdx.x is unsigned; widen before multiplying to avoid 32-bit overflow.
   const int64_t b = static_cast<int64_t>(blockIdx.x);
   const int64_t task_id = blocks[b * kBlockCols + kTaskId];
@@ -63,6 +73,7 @@ scatter_swap_kernel(const int64_t* __restrict__ tasks,
   const int64_t n = task[kNumel];
   const int64_t elem_size = task[kElemSize];
   const bool index_is_int64 = task[kIndexIsInt64] != 0;
+  const int64_t numel = task[kWeightNumel];
 
   const int64_t end = (start + block < n) ? start + block : n;
   if (start >= end) return;
@@ -71,14 +82,18 @@ scatter_swap_kernel(const int64_t* __restrict__ tasks,
   // trapping here would poison the whole CUDA context.
   if (elem_size == 2) {
     if (index_is_int64)
-      swap_range<uint16_t, int64_t>(weight_addr, index_addr, value_addr, start, end);
+      swap_range<uint16_t, int64_t>(weight_addr, index_addr, value_addr, numel, start, end,
+                                        skipped);
     else
-      swap_range<uint16_t, int32_t>(weight_addr, index_addr, value_addr, start, end);
+      swap_range<uint16_t, int32_t>(weight_addr, index_addr, value_addr, numel, start, end,
+                                        skipped);
   } else if (elem_size == 4) {
     if (index_is_int64)
-      swap_range<uint32_t, int64_t>(weight_addr, index_addr, value_addr, start, end);
+      swap_range<uint32_t, int64_t>(weight_addr, index_addr, value_addr, numel, start, end,
+                                        skipped);
     else
-      swap_range<uint32_t, int32_t>(weight_addr, index_addr, value_addr, start, end);
+      swap_range<uint32_t, int32_t>(weight_addr, index_addr, value_addr, numel, start, end,
+                                        skipped);
   }
 }
 
@@ -88,15 +103,16 @@ cudaError_t shira_launch_scatter_swap(const int64_t* tasks,
                                       const int64_t* blocks,
                                       int64_t num_blocks,
                                       int64_t block,
+                                      unsigned long long* skipped,
                                       cudaStream_t stream) {
   if (num_blocks == 0) return cudaSuccess;  // nothing to do; launching 0 blocks is an error
   // gridDim.x allows up to 2^31-1 blocks (1-D grid), which we use directly.
   if (num_blocks < 0 || num_blocks > static_cast<int64_t>(INT_MAX) || block <= 0)
     return cudaErrorInvalidValue;
-  if (tasks == nullptr || blocks == nullptr) return cudaErrorInvalidValue;
+  if (tasks == nullptr || blocks == nullptr || skipped == nullptr) return cudaErrorInvalidValue;
 
   const dim3 grid(static_cast<unsigned int>(num_blocks));
   const dim3 threads(kThreads);
-  scatter_swap_kernel<<<grid, threads, 0, stream>>>(tasks, blocks, block);
+  scatter_swap_kernel<<<grid, threads, 0, stream>>>(tasks, blocks, block, skipped);
   return cudaGetLastError();
 }

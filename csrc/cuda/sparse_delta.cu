@@ -267,12 +267,17 @@ cudaError_t launch_sddmm_dtype(int col_index_size, const void* gy, const void* x
 
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads)
-scatter_add_kernel(T* out, const T* weight, const Index* __restrict__ idx,
-                   const T* __restrict__ values, float scale, int64_t nnz) {
+scatter_add_kernel(T* out, const T* weight, int64_t numel, const Index* __restrict__ idx,
+                   const T* __restrict__ values, float scale, int64_t nnz,
+                   unsigned long long* __restrict__ skipped) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < nnz;
        j += stride) {
     const int64_t k = static_cast<int64_t>(idx[j]);
+    if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(numel)) {  // never written
+      atomicAdd(skipped, 1ULL);
+      continue;
+    }
     const float delta = __fmul_rn(scale, to_float(values[j]));
     out[k] = from_float<T>(__fadd_rn(to_float(weight[k]), delta));
   }
@@ -281,24 +286,28 @@ scatter_add_kernel(T* out, const T* weight, const Index* __restrict__ idx,
 constexpr int64_t kScatterMaxBlocks = 1 << 16;  // grid-stride beyond this
 
 template <typename T, typename Index>
-cudaError_t launch_scatter_add_typed(void* out, const void* weight, const void* flat_indices,
-                                     const void* values, int64_t nnz, float scale,
+cudaError_t launch_scatter_add_typed(void* out, const void* weight, int64_t numel,
+                                     const void* flat_indices, const void* values, int64_t nnz,
+                                     float scale, unsigned long long* skipped,
                                      cudaStream_t stream) {
   const int64_t blocks = min64(ceil_div(nnz, kThreads), kScatterMaxBlocks);
-  scatter_add_kernel<T, Index><<<dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(weight), static_cast<const Index*>(flat_indices), static_cast<const T*>(values), scale, nnz);
+  scatter_add_kernel<T, Index><<<dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), 0, stream>>>(
+      static_cast<T*>(out), static_cast<const T*>(weight), numel,
+      static_cast<const Index*>(flat_indices), static_cast<const T*>(values), scale, nnz, skipped);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_scatter_add_dtype(int index_size, void* out, const void* weight,
-                                     const void* flat_indices, const void* values, int64_t nnz,
-                                     float scale, cudaStream_t stream) {
+                                     int64_t numel, const void* flat_indices, const void* values,
+                                     int64_t nnz, float scale, unsigned long long* skipped,
+                                     cudaStream_t stream) {
   if (index_size == 4)
-    return launch_scatter_add_typed<T, int32_t>(out, weight, flat_indices, values, nnz, scale,
-                                                stream);
+    return launch_scatter_add_typed<T, int32_t>(out, weight, numel, flat_indices, values, nnz,
+                                                scale, skipped, stream);
   if (index_size == 8)
-    return launch_scatter_add_typed<T, int64_t>(out, weight, flat_indices, values, nnz, scale,
-                                                stream);
+    return launch_scatter_add_typed<T, int64_t>(out, weight, numel, flat_indices, values, nnz,
+                                                scale, skipped, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -358,23 +367,26 @@ cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* row
   }
 }
 
-cudaError_t shira_launch_scatter_add(void* out, const void* weight, const void* flat_indices,
-                                     int index_size, const void* values, int dtype, int64_t nnz,
-                                     float scale, cudaStream_t stream) {
-  if (nnz < 0) return cudaErrorInvalidValue;
+cudaError_t shira_launch_scatter_add(void* out, const void* weight, int64_t numel,
+                                     const void* flat_indices, int index_size,
+                                     const void* values, int dtype, int64_t nnz, float scale,
+                                     unsigned long long* skipped, cudaStream_t stream) {
+  if (nnz < 0 || numel < 0) return cudaErrorInvalidValue;
   if (nnz == 0) return cudaSuccess;
-  if (out == nullptr || weight == nullptr || flat_indices == nullptr || values == nullptr)
+  if (out == nullptr || weight == nullptr || flat_indices == nullptr || values == nullptr ||
+      skipped == nullptr)
     return cudaErrorInvalidValue;
   switch (dtype) {
     case kShiraFloat32:
-      return launch_scatter_add_dtype<float>(index_size, out, weight, flat_indices, values, nnz,
-                                             scale, stream);
+      return launch_scatter_add_dtype<float>(index_size, out, weight, numel, flat_indices, values,
+                                             nnz, scale, skipped, stream);
     case kShiraFloat16:
-      return launch_scatter_add_dtype<__half>(index_size, out, weight, flat_indices, values, nnz,
-                                              scale, stream);
+      return launch_scatter_add_dtype<__half>(index_size, out, weight, numel, flat_indices,
+                                              values, nnz, scale, skipped, stream);
     case kShiraBFloat16:
-      return launch_scatter_add_dtype<__nv_bfloat16>(index_size, out, weight, flat_indices,
-                                                     values, nnz, scale, stream);
+      return launch_scatter_add_dtype<__nv_bfloat16>(index_size, out, weight, numel,
+                                                     flat_indices, values, nnz, scale, skipped,
+                                                     stream);
     default:
       return cudaErrorInvalidValue;
   }

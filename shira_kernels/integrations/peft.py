@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, tensor_stamp, unchanged
 from ..formats import SparseDelta, flat_index_dtype
 from ..io._files import write_atomically
 from ..ops.scatter_swap import scatter_swap_
@@ -342,14 +342,23 @@ class _Plan:
     """An adapter's index pattern in this package's form, derived once per index tensor:
     sorted flat indices, the permutation from PEFT's order to it (None when PEFT's order is
     already sorted, as its masks give) and the kernels' structure. ``ok`` is False when the
-    indices cannot be accelerated (PEFT's forward then runs and reports any error itself)."""
+    indices cannot be accelerated (PEFT's forward then runs and reports any error itself).
 
-    __slots__ = ("source", "version", "device", "flat", "perm", "structure", "ok")
+    Built outside torch.inference_mode even when called inside it: the plan outlives the call,
+    and its tensors must serve later calls outside inference mode too (autograd refuses to
+    save inference tensors). ``stamp`` tells whether the source was written since: its version,
+    or for an inference tensor (no version counter) a copy of its contents."""
+
+    __slots__ = ("source", "stamp", "device", "flat", "perm", "structure", "ok")
 
     def __init__(self, source: torch.Tensor, shape: tuple[int, int], device: torch.device):
-        self.source, self.version, self.device = source, source._version, device
+        self.source, self.stamp, self.device = source, tensor_stamp(source), device
         self.flat = self.perm = self.structure = None
         self.ok = False
+        with torch.inference_mode(False):
+            self._derive(source, shape, device)
+
+    def _derive(self, source: torch.Tensor, shape: tuple[int, int], device: torch.device):
         if source.dim() != 2 or source.shape[0] != 2 or source.dtype.is_floating_point:
             return
         idx = source.to(device).long()
@@ -372,7 +381,7 @@ class _Plan:
         self.ok = True
 
     def fresh(self, source: torch.Tensor, device: torch.device) -> bool:
-        return self.source is source and self.version == source._version and self.device == device
+        return self.source is source and self.device == device and unchanged(source, self.stamp)
 
 
 def _warn_hooks(layer) -> None:
@@ -455,7 +464,8 @@ class _AcceleratedShira:
             if plan is None:
                 super().merge(safe_merge=safe_merge, adapter_names=[adapter])
                 continue
-            with torch.no_grad():
+            # held outlives the call: made outside inference_mode (unmerge may run outside it).
+            with torch.no_grad(), torch.inference_mode(False):
                 values = self._sk_values(adapter, plan).detach()
                 held = torch.add(weight.detach().view(-1).index_select(0, plan.flat).float(),
                                  values.float(), alpha=float(self.scaling[adapter]))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_scale, check_size
 from ..formats import BinaryWeight
 from ..ops.binary import ACTIVATIONS, binary_lora
 from ..quant import METHODS, fake_quantize
@@ -35,11 +36,12 @@ class BinaryAdapter(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if rank < 1 or in_features < 1:
-            raise ValueError(f"rank and in_features must be positive, got {rank} and {in_features}")
+        in_features, rank = check_size(in_features, "in_features"), check_size(rank, "rank")
+        if out_features is not None:
+            out_features = check_size(out_features, "out_features")
         self.in_features, self.rank = in_features, rank
         self.out_features = out_features or in_features
-        self.scale, self.activation, self.method = float(scale), activation, method
+        self.scale, self.activation, self.method = check_scale(scale), activation, method
         self.packed = False
         # LoRA's initialisation: down random (Kaiming-uniform), up zero, so the branch starts at 0.
         self.down = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
@@ -95,9 +97,11 @@ class BinaryLoRALinear(nn.Linear):
                     method: str = "petl") -> "BinaryLoRALinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        # The adapter first: if its arguments are refused, linear is left as it was (not frozen).
+        lora = BinaryAdapter(linear.in_features, rank, linear.out_features, scale=scale,
+                             activation=None, method=method, device=linear.weight.device)
         layer = adopt_linear(cls, linear)
-        layer.lora = BinaryAdapter(linear.in_features, rank, linear.out_features, scale=scale,
-                                   activation=None, method=method, device=linear.weight.device)
+        layer.lora = lora
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_representable, check_size
 from ._wrap import adopt_linear
 
 __all__ = ["DyLoRALinear"]
@@ -59,7 +60,8 @@ class DyLoRALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r_max: int,
                  alpha: float | None = None, seed: int | None = None, train_lower: bool = False,
                  device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        super().__init__(check_size(in_features, "in_features"),
+                         check_size(out_features, "out_features"), bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -202,9 +204,12 @@ class DyLoRALinear(nn.Linear):
                 raise RuntimeError(f"the layer is already merged at rank {self.merged_rank}; "
                                    f"unmerge() before merging at rank {b}")
             return self
+        merged = (self.weight.float() + self.delta_weight(b)).to(self.weight.dtype)
+        # Refused before anything changes: W + ΔW must fit W's dtype.
+        check_representable(merged, f"DyLoRALinear.merge(rank={b})", base=self.weight)
         self.set_rank(b)
         self._merge_backup = self.weight.detach().clone()
-        self.weight.copy_((self.weight.float() + self.delta_weight(b)).to(self.weight.dtype))
+        self.weight.copy_(merged)
         self.merged, self.merged_rank = True, b
         return self
 

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import FLOAT_DTYPES, check_representable, check_scale, check_size
+from .._checks import tensor_stamp, unchanged, validate_indices
 from ..formats import SparseDelta, SparseStructure
 from ..masks import make_mask, mask_to_indices
-from ..ops.scatter_swap import scatter_swap_
+from ..ops.scatter_swap import swap_transaction
 from ..ops.sparse_delta import linear_of_parts
 from ._wrap import adopt_linear
 
@@ -35,7 +37,8 @@ class ShiraLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  indices: torch.Tensor, scale: float = 1.0, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        super().__init__(check_size(in_features, "in_features"),
+                         check_size(out_features, "out_features"), bias, device=device, dtype=dtype)
         self._init_adapter(indices, scale)
 
     @classmethod
@@ -54,6 +57,7 @@ class ShiraLinear(nn.Linear):
             raise TypeError("linear is already a ShiraLinear")
         if not linear.weight.is_contiguous():
             raise ValueError("linear.weight must be contiguous (adapted entries are swapped into it)")
+        scale = check_scale(scale)  # before adopt_linear freezes linear's parameters
         if isinstance(mask, str) and r is None and density is None:
             r = 32
         chosen = make_mask(mask, linear.weight.detach(), r=r, density=density, seed=seed, grads=grads)
@@ -64,7 +68,7 @@ class ShiraLinear(nn.Linear):
     def _init_adapter(self, indices: torch.Tensor, scale: float) -> None:
         delta = SparseDelta(self.weight.shape, indices, torch.zeros(
             indices.numel(), dtype=self.weight.dtype, device=self.weight.device))
-        self.scale = float(scale)
+        self.scale = check_scale(scale)
         self.strategy = "auto"
         self.merged = False
         # SHiRA starts from zero: the adapted model equals the base until it is trained.
@@ -77,6 +81,64 @@ class ShiraLinear(nn.Linear):
     def _set_structure(self, structure: SparseStructure) -> None:
         for name in _STRUCTURE_FIELDS:
             self.register_buffer(f"_shira_{name}", getattr(structure, name), persistent=False)
+        # What the structure was derived from: forward rederives it if the indices change.
+        indices = self._buffers["shira_indices"]
+        self._shira_derived_from = (indices, tensor_stamp(indices))
+
+    def _refresh_structure(self) -> None:
+        """The indices were replaced or written in place since the structure was derived
+        (e.g. ``layer.shira_indices.copy_(other)``): check them and derive it again, so that
+        no kernel reads through the old structure while the swap path uses the new indices."""
+        indices = self._buffers["shira_indices"]
+        validate_indices(indices, self.weight.numel(), name="shira_indices", ascending=True)
+        if indices.numel() != self.shira_values.numel():
+            raise ValueError(f"shira_indices has {indices.numel()} entries but shira_values "
+                             f"has {self.shira_values.numel()}")
+        self._set_structure(SparseDelta(self.weight.shape, indices, self.shira_values.detach())
+                            .structure)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Everything this layer would take from state_dict is checked before torch copies any
+        # of it: a rejected load leaves the layer as it was (torch copies the indices before a
+        # post-hook could object; bad indices would then corrupt W on the next forward).
+        self._check_loadable(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _check_loadable(self, state_dict, prefix: str) -> None:
+        names = {key: prefix + key for key in ("weight", "shira_indices", "shira_values")}
+        if not any(name in state_dict for name in names.values()):
+            return
+        if self.merged:
+            raise RuntimeError(f"{prefix or 'layer'}: unmerge() before load_state_dict (the "
+                               "held-aside base entries belong to the current weight)")
+        weight = state_dict.get(names["weight"], self.weight)
+        indices = state_dict.get(names["shira_indices"], self.shira_indices)
+        values = state_dict.get(names["shira_values"], self.shira_values)
+        for key, t in ((names["weight"], weight), (names["shira_indices"], indices),
+                       (names["shira_values"], values)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            return  # torch reports the size mismatch itself, copying nothing of it
+        try:
+            validate_indices(indices, self.weight.numel(), name=names["shira_indices"],
+                             ascending=True)
+        except TypeError as e:
+            raise TypeError(f"load_state_dict: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"load_state_dict: {e}") from None
+        if values.dim() != 1 or values.numel() != indices.numel():
+            raise ValueError(f"load_state_dict: {names['shira_values']} has shape "
+                             f"{tuple(values.shape)} but {names['shira_indices']} has "
+                             f"{indices.numel()} entries")
+        if values.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"load_state_dict: {names['shira_values']} has dtype {values.dtype}")
+        if indices.numel() != self.shira_indices.numel():
+            raise ValueError(f"load_state_dict: {names['shira_indices']} has {indices.numel()} "
+                             f"entries but this layer has {self.shira_indices.numel()}; build "
+                             "the layer with that mask (ShiraLinear(..., indices=...)) to load it")
 
     @staticmethod
     def _after_load(module: "ShiraLinear", incompatible_keys) -> None:
@@ -97,6 +159,11 @@ class ShiraLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if not torch.compiler.is_compiling():
+            derived_from, stamp = self._shira_derived_from
+            indices = self._buffers["shira_indices"]
+            if derived_from is not indices or not unchanged(indices, stamp):
+                self._refresh_structure()
         weight = self.weight
         return linear_of_parts(x, weight, self.bias, weight.shape, self.shira_values,
                                self.shira_indices, self._structure(), self.scale, self.strategy)
@@ -109,19 +176,27 @@ class ShiraLinear(nn.Linear):
             return
         flat = self.weight.view(-1)
         index = self.shira_indices
-        adapted = (flat[index.long()].float() + self.scale * self.shira_values.float()).to(flat.dtype)
-        scatter_swap_([self.weight], [index], [adapted])
-        self._shira_swapped = adapted  # now holds the base entries
-        self.merged = True
+        with torch.inference_mode(False):  # it holds the base entries until unmerge()
+            base = flat[index.long()]
+            adapted = (base.float() + self.scale * self.shira_values.float()).to(flat.dtype)
+        check_representable(adapted, "merge", base=base)
+
+        def commit():  # `adapted` now holds the base entries
+            self._shira_swapped = adapted
+            self.merged = True
+        # One step: whatever interrupts it, the weight and the flags agree afterwards.
+        swap_transaction([self.weight], [index], [adapted], commit)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight bit for bit."""
         if not self.merged:
             return
-        scatter_swap_([self.weight], [self.shira_indices], [self._shira_swapped])
-        self._shira_swapped = None
-        self.merged = False
+
+        def commit():
+            self.merged = False
+            self._shira_swapped = None
+        swap_transaction([self.weight], [self.shira_indices], [self._shira_swapped], commit)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, nnz={self.shira_indices.numel()}, scale={self.scale}"

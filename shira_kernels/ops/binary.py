@@ -18,16 +18,15 @@ import functools
 
 import torch
 
-from .. import _native, backends
-from .._checks import FLOAT_DTYPES, TensorCache
+from .. import _native, backends, tuning
+from .._checks import FLOAT_DTYPES, TensorCache, check_scale
 from ..formats import BinaryWeight
 from ._eager import eager_function, via_op
 
 ACTIVATIONS = (None, "relu")
-# On CUDA tensors the CUDA kernel's warp-per-row path wins up to GEMV_MAX_TOKENS tokens; above,
-# Triton's tensor-core tiles are 3-10x faster than its fp32 tiles (H200, bf16 x:
-# docs/benchmarks/gpu_h200.md), so Triton is tried first there.
-GEMV_MAX_TOKENS = 8
+# On CUDA tensors the CUDA kernel's warp-per-row path wins up to "gemv_max_tokens" tokens
+# (tuning.py); above, Triton's tensor-core tiles, so Triton is tried first there.
+GEMV_MAX_TOKENS = tuning.lookup("gemv_max_tokens", "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,5 +267,5 @@ def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: fl
     x2 = x.reshape(-1, x.shape[-1])
     run = _binary_lora_op if via_op(x) else _eager_binary_lora
     y = run(x2, down.packed, down.alpha, down.mu, down.shape[1], up.packed, up.alpha, up.mu,
-            up.shape[1], float(scale), activation == "relu")
+            up.shape[1], check_scale(scale), activation == "relu")
     return y.view(*x.shape[:-1], up.shape[0])

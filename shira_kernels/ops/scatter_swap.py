@@ -7,66 +7,86 @@ native backends → validation → torch.library op → public function.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import _native, backends
-from .._checks import FLOAT_DTYPES, validate_indices
+from .. import _native, backends, tuning
+from .._checks import FLOAT_DTYPES, forget_index_checks, validate_indices
+from .._concurrency import interrupts_deferred, writing
 
 
 # ---------------------------------------------------------------------------------------------
 # Reference: the specification every backend is tested against.
 # ---------------------------------------------------------------------------------------------
-def scatter_swap_reference(weights, indices, values) -> None:
+def scatter_swap_reference(weights, indices, values) -> int:
+    """Returns the number of indices outside their weight; if there are any, nothing is
+    written (the native kernels skip just those entries; the caller raises either way)."""
+    outside = sum(int(((index < 0) | (index >= weight.numel())).sum())
+                  for weight, index in zip(weights, indices))
+    if outside:
+        return outside
     for weight, index, value in zip(weights, indices, values):
         flat = weight.view(-1)
         old = flat[index]
         flat[index] = value
         value.copy_(old)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch table for the native backends: one row per tensor (addresses, length, element size,
-# index width) and one row per block of work (tensor, start). Built once for a given list of
-# tensors and reused from a small cache, so a repeated switch pays no setup.
+# index width, the weight's size for the kernels' bound check) and one row per block of work
+# (tensor, start). Built once for a given list of tensors and reused from a small cache, so a
+# repeated switch pays no setup.
 # ---------------------------------------------------------------------------------------------
-BLOCK = {"cpu": 4096, "triton": 1024, "cuda": 2048}
+BLOCK = tuning.view("swap_block")  # entries per block of work, per backend (tuning.py)
 _TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _TABLE_CACHE_SIZE = 32
+_TABLE_LOCK = threading.Lock()  # the cache is shared by every thread
 
 
 def swap_table(weights, indices, values, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tasks int64 [T, 6], blocks int64 [B, 2]) on the tensors' device, cached by address."""
+    """(tasks int64 [T, 7], blocks int64 [B, 2]) on the tensors' device, cached by address."""
     device = weights[0].device
     rows = tuple((w.data_ptr(), i.data_ptr(), v.data_ptr(), i.numel(), w.element_size(),
-                  int(i.dtype == torch.int64)) for w, i, v in zip(weights, indices, values))
+                  int(i.dtype == torch.int64), w.numel())
+                 for w, i, v in zip(weights, indices, values))
     key = (device, block, rows)
-    table = _TABLE_CACHE.get(key)
-    if table is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return table
-    tasks = torch.tensor(rows, dtype=torch.int64).view(-1, 6)
+    with _TABLE_LOCK:
+        table = _TABLE_CACHE.get(key)
+        if table is not None:
+            _TABLE_CACHE.move_to_end(key)
+            return table
+    tasks = torch.tensor(rows, dtype=torch.int64).view(-1, 7)
     per_task = (tasks[:, 3] + block - 1) // block
     task_of_block = torch.repeat_interleave(torch.arange(len(rows)), per_task)
     first_block = torch.cumsum(per_task, 0) - per_task
     starts = (torch.arange(task_of_block.numel()) - first_block[task_of_block]) * block
     table = (tasks.to(device), torch.stack([task_of_block, starts], 1).contiguous().to(device))
-    _TABLE_CACHE[key] = table
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
+    with _TABLE_LOCK:
+        _TABLE_CACHE[key] = table
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
     return table
 
 
 def _native_kernel(backend: str):
-    def run(weights, indices, values) -> None:
+    """The backend's swap: returns how many entries it skipped for an index outside their
+    weight (the kernels check every index; nothing is written for those)."""
+    def run(weights, indices, values) -> int:
         tasks, blocks = swap_table(weights, indices, values, BLOCK[backend])
+        if backend == "cpu":
+            return _native.module("cpu").scatter_swap(tasks, blocks, BLOCK[backend])
         if backend == "triton":
             from ..triton.scatter_swap import scatter_swap
         else:
             scatter_swap = _native.module(backend).scatter_swap
-        scatter_swap(tasks, blocks, BLOCK[backend])
+        skipped = torch.zeros(1, dtype=torch.int64, device=tasks.device)
+        scatter_swap(tasks, blocks, BLOCK[backend], skipped)
+        return int(skipped.item())  # a device sync: switching is a state change, not a hot loop
     return run
 
 
@@ -74,12 +94,36 @@ _KERNELS = {"reference": scatter_swap_reference, "cpu": _native_kernel("cpu"),
             "triton": _native_kernel("triton"), "cuda": _native_kernel("cuda")}
 
 
-# On CUDA tensors the Triton kernel swaps 2.5x faster than the CUDA one (32 Llama-7B blocks,
-# bf16, H200: 3.8 ms against 9.5 ms; docs/benchmarks/gpu_h200.md), so it is tried first.
+# On CUDA tensors the Triton kernel swaps faster than the CUDA one (tuning.py "triton_first",
+# docs/benchmarks/gpu_h200.md), so it is tried first.
 def swap_unchecked(weights, indices, values) -> None:
-    """The swap on the selected backend without validation, for ops whose arguments were
-    validated at their own entry (e.g. sparse_delta_linear's "swap" strategy)."""
-    _KERNELS[backends.select(weights[0].device, backends.TRITON_FIRST)](weights, indices, values)
+    """The swap on the selected backend without the Python checks, for ops whose arguments
+    were validated at their own entry (e.g. sparse_delta_linear's "swap" strategy). The kernels
+    still check every index against its weight: if one is outside (an index tensor written
+    since its check was cached, e.g. through .data or numpy, which torch does not count), the
+    swap is undone (it is its own inverse and skipped the bad entries) and ValueError raised."""
+    skipped = swap_in_range(weights, indices, values)
+    if skipped:
+        swap_in_range(weights, indices, values)
+        raise_outside(skipped, indices)
+
+
+def swap_in_range(weights, indices, values) -> int:
+    """The swap of every entry whose index lies inside its weight, on the selected backend;
+    returns how many entries were skipped for an index outside (none written)."""
+    return _KERNELS[backends.select(weights[0].device, backends.TRITON_FIRST)](
+        weights, indices, values)
+
+
+def raise_outside(count: int, indices) -> None:
+    """The error for indices that a kernel found outside their weight (after the caller has
+    restored everything); drops the cached checks of ``indices`` so the next call rechecks."""
+    for index in indices:
+        forget_index_checks(index)
+    raise ValueError(f"{count} indices are outside their weight; nothing was changed. The "
+                     "indices were written after they were checked, in a way torch does not "
+                     "count (through .data or a numpy view): write them in place with torch "
+                     "ops, or pass new tensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +195,8 @@ def _check_swap_args(weights, indices, values):
 def _scatter_swap_op(weights: list[torch.Tensor], indices: list[torch.Tensor],
                      values: list[torch.Tensor]) -> None:
     if weights:
-        swap_unchecked(weights, indices, values)
+        with writing(*weights):
+            swap_unchecked(weights, indices, values)
 
 
 @_scatter_swap_op.register_fake
@@ -178,3 +223,20 @@ def scatter_swap_(weights: Sequence[torch.Tensor], indices: Sequence[torch.Tenso
     with torch.no_grad():
         torch.ops.shira.scatter_swap_([w.detach() for w in weights], indices,
                                       [v.detach() for v in values])
+
+
+def swap_transaction(weights: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
+                     values: Sequence[torch.Tensor], commit: Callable[[], None]) -> None:
+    """scatter_swap_, then ``commit()`` (the caller's bookkeeping), as one step: if the swap
+    raises, nothing changed; if ``commit`` raises anything (MemoryError, an error of the
+    caller's), the swap is undone (it is its own inverse) before the exception goes on; a
+    KeyboardInterrupt arriving meanwhile is delivered after the step. ``commit`` must itself
+    change nothing before it can fail, or undo its own changes when it does. This is how
+    merges and adapter switches stay restorable whatever interrupts them."""
+    with interrupts_deferred():
+        scatter_swap_(weights, indices, values)
+        try:
+            commit()
+        except BaseException:
+            scatter_swap_(weights, indices, values)
+            raise

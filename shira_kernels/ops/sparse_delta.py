@@ -12,12 +12,13 @@ sparse_delta_linear runs one of four strategies, each one dense matmul plus extr
   "spmm"   y = x·Wᵀ + b, then y += scale·x·Sᵀ            O(tokens·nnz): best for few tokens
   "swap"   swap W + scale·S into W's entries (scatter_swap_), y = x·Wᵀ + b, swap the base
            entries back: O(nnz), no copy of W, W restored bit for bit before returning. W is
-           briefly modified, so another thread must not read W during the call
+           briefly modified: the call holds W's lock exclusively, and this package's other ops
+           on W hold it shared (_concurrency.py), so none of them sees the adapted entries
   "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b: O(out·in) copy, for
            callers that need W untouched while many tokens run
-"auto" picks by token count, as measured by bench/report_shira_linear.py: on the CPU fold at
-the counts of FOLD_TOKENS (FOLD_TRAINING_TOKENS when the call records a backward); elsewhere
-spmm below SWAP_FROM_TOKENS, else swap.
+"auto" picks by token count, as measured by bench/report_shira_linear.py and recorded in the
+tuning table (tuning.py): on the CPU fold at the counts of "fold_tokens" ("fold_training_tokens"
+when the call records a backward); elsewhere spmm below "swap_from_tokens", else swap.
 The backward gives x (gy·W + scale·gy·S, gy·(W + scale·S) in one pass for fold, or gy·W' as
 the strategy says), S's values
 (scale·sddmm), the bias, and W only if W asks: it never builds a dense m×n gradient unless W
@@ -33,42 +34,22 @@ import torch
 import torch.nn.functional as F
 from typing import Callable, NamedTuple
 
-from .. import _native, backends
-from .._checks import FLOAT_DTYPES, TensorCache
+from .. import _native, backends, tuning
+from .._checks import FLOAT_DTYPES, TensorCache, check_scale
+from .._concurrency import reading, weight_lock
 from ..formats import SparseDelta
 from ._eager import eager_function, via_op
-from .scatter_swap import swap_unchecked
+from .scatter_swap import raise_outside, swap_in_range, swap_unchecked
 
 STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
-# The token counts at which "auto" runs "fold", (first, last or None: no end), per device type
-# and dtype (CPU only: the other backends compose it from their spmm), for calls without a
-# backward (FOLD_TOKENS) and for calls that record one (FOLD_TRAINING_TOKENS; the backward runs
-# the forward's strategy). Measured by bench/report_shira_linear.py on 4096x4096 (and
-# 11008x4096 for fp32) at r=32; up to 4 tokens the forward reads W row by row, from 5 in
-# packed panels (folded_linear.cpp):
-# - fp32 (docs/benchmarks/shira_linear_cpu.md): fold's own matmul is faster than torch's
-#   (MKL on this AMD CPU) at every count, forward and training.
-# - fp16 (shira_linear_cpu_fp16.md): likewise; and torch's fp16 gy·W is a slow path (about
-#   0.1 s per token here), so fold's training step takes 0.002-0.044x spmm's.
-# - bf16 (shira_linear_cpu_bf16.md): torch's bf16 matmul (AVX512-BF16) beats fold's fp32 sums
-#   from 2 tokens on (fold's forward 1.2-2.6x, training step 1.0-2.4x spmm's); at 1 token
-#   fold's row-by-row forward reads W faster (0.61x spmm's forward, 0.88x its training step).
-FOLD_TOKENS = {"cpu": {torch.float32: (1, None), torch.float16: (1, None),
-                       torch.bfloat16: (1, 1)}}
-FOLD_TRAINING_TOKENS = {"cpu": {torch.float32: (1, None), torch.float16: (1, None),
-                                torch.bfloat16: (1, 1)}}
-# Token count from which "swap" beats "spmm" (auto strategy) where "fold" is not used, per
-# device type, measured on 4096x4096 (and 11008x4096) layers at r=32. CPU, now bf16 only
-# (shira_linear_cpu_bf16.md): swap is faster from 1024 tokens, forward and training step.
-# CUDA (H200, bf16, docs/benchmarks/gpu_h200.md): swap wins from 512 tokens in both runs, at
-# 128 the two runs disagree; 256 was not measured.
-SWAP_FROM_TOKENS = {"cpu": 1024, "cuda": 512}
-# Token count from which the training backward on CUDA tensors forms S's value gradient from
-# row blocks of the dense gyᵀ·x (tensor cores) instead of gathering per entry: 10-16x faster at
-# 2048-8192 tokens on an H200, equal at 128 (docs/benchmarks/gpu_h200.md, sddmm table). The
-# block is at most SDDMM_BLOCK_BYTES of fp32 gradient, never the whole m×n.
-DENSE_SDDMM_FROM_TOKENS = 512
-SDDMM_BLOCK_BYTES = 16 * 2**20
+# The measured decisions ("auto"'s token thresholds, the dense sddmm's) are rows of the tuning
+# table (shira_kernels/tuning.py, which names the reports that measured them). These names are
+# read-only views of it, kept for code that reads them.
+FOLD_TOKENS = tuning.view("fold_tokens")
+FOLD_TRAINING_TOKENS = tuning.view("fold_training_tokens")
+SWAP_FROM_TOKENS = tuning.view("swap_from_tokens")
+DENSE_SDDMM_FROM_TOKENS = tuning.lookup("dense_sddmm_from_tokens", "cuda")
+SDDMM_BLOCK_BYTES = tuning.lookup("sddmm_block_bytes", "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,13 +74,18 @@ def sddmm_reference(gy, x, rows, cols, offsets=None) -> torch.Tensor:
     return (gy.float().T @ x.float())[rows.long(), cols.long()]
 
 
-def scatter_add_reference(out, weight, flat_indices, values, scale: float, saved=None) -> None:
-    """out[idx] = round(weight[idx] + scale·values); saved (if given) gets weight[idx] first."""
+def scatter_add_reference(out, weight, flat_indices, values, scale: float, saved=None) -> int:
+    """out[idx] = round(weight[idx] + scale·values); saved (if given) gets weight[idx] first.
+    Returns the number of indices outside the weight; if there are any, nothing is written."""
     flat = flat_indices.long()
+    outside = int(((flat < 0) | (flat >= weight.numel())).sum())
+    if outside:
+        return outside
     base = weight.view(-1)[flat]
     if saved is not None:
         saved.copy_(base)
     out.view(-1)[flat] = (base.float() + scale * values.float()).to(out.dtype)
+    return 0
 
 
 def sparse_delta_linear_reference(x, weight, bias, delta: SparseDelta, scale: float = 1.0):
@@ -117,8 +103,10 @@ class Kernels(NamedTuple):
         overwrite_y (the caller no longer needs y) a kernel may write the result into y.
     sddmm(gy, x, rows, cols, offsets=None) -> fp32 [nnz], the gradient of S's values; offsets
         (S's CSR row offsets, when the caller has them) spare the CPU kernel deriving them.
-    scatter_add(out, weight, flat, values, scale, saved=None): out[flat] = weight[flat] +
-        scale·values; saved, if given, gets weight[flat] first.
+    scatter_add(out, weight, flat, values, scale, saved=None) -> int: out[flat] = weight[flat]
+        + scale·values; saved, if given, gets weight[flat] first. Every index is checked
+        against the weight's size: entries outside are skipped (never read or written) and
+        their count returned.
     spmm_t_sddmm(gx, gy, x, values, struct, scale) -> (gx + scale·gy·S, sddmm(gy, x)), the
         spmm strategy's backward; gx may be overwritten. struct is the SparseStructure's
         tensors (rows, cols, row_offsets, t_offsets, t_cols, t_perm). The CPU backend does both
@@ -199,8 +187,11 @@ def _kernels(backend: str) -> Kernels:
 
     def scatter_add(out, weight, idx, values, scale, saved=None):
         if saved is not None:  # the CUDA kernel has no saving pass: gather first
-            saved.copy_(weight.view(-1)[idx.long()])
-        mod.scatter_add(out, weight, idx, values, scale)
+            # (clamped: an index outside the weight is skipped by the kernel and reported)
+            saved.copy_(weight.view(-1)[idx.long().clamp(0, weight.numel() - 1)])
+        skipped = torch.zeros(1, dtype=torch.int64, device=weight.device)
+        mod.scatter_add(out, weight, idx, values, scale, skipped)
+        return int(skipped.item())
     sddmm = _without_offsets(mod.sddmm)
     return Kernels(spmm, sddmm, scatter_add, _composed_spmm_t_sddmm(spmm, sddmm),
                    *_composed_fold(spmm))
@@ -232,15 +223,18 @@ def _row_blocks(rows, cols, offsets, n_in: int, rows_per_block: int):
 
 def _values_gradient(sddmm, gy, x, rows, cols, offsets):
     """A backend's sddmm, or on CUDA for many tokens the dense row blocks (sddmm_row_blocks)."""
-    if gy.is_cuda and gy.shape[0] >= DENSE_SDDMM_FROM_TOKENS and sddmm is not sddmm_reference:
+    if (gy.is_cuda and gy.shape[0] >= tuning.lookup("dense_sddmm_from_tokens", "cuda", None, 512)
+            and sddmm is not sddmm_reference):
         return sddmm_row_blocks(gy, x, rows, cols, offsets)
     return sddmm(gy, x, rows, cols, offsets)
 
 
-def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int = SDDMM_BLOCK_BYTES):
+def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int | None = None):
     """sddmm as row blocks of the dense gyᵀ·x (fp32 result, at most block_bytes of it at a
     time), each read at S's entries in those rows. On a GPU the products run on tensor cores,
     far faster than gathering per entry once there are many tokens."""
+    if block_bytes is None:
+        block_bytes = tuning.lookup("sddmm_block_bytes", gy.device.type, None, 16 * 2**20)
     n_in = x.shape[1]
     per = max(1, block_bytes // (4 * n_in))
     g = torch.empty(rows.numel(), dtype=torch.float32, device=gy.device)
@@ -283,9 +277,18 @@ def _(gy, x, rows, cols):
 @torch.library.custom_op("shira::csr_add", mutates_args=("out",))
 def _csr_add_op(weight: torch.Tensor, flat_indices: torch.Tensor, values: torch.Tensor,
                 scale: float, out: torch.Tensor) -> None:
+    with reading(weight):
+        _csr_add_holding(weight, flat_indices, values, scale, out)
+
+
+def _csr_add_holding(weight, flat_indices, values, scale, out) -> None:
+    """csr_add's body, for callers that hold W's lock already (it is not reentrant)."""
     if out.data_ptr() != weight.data_ptr():
         out.copy_(weight)
-    _select(weight.device).scatter_add(out, weight, flat_indices, values.contiguous(), scale)
+    skipped = _select(weight.device).scatter_add(out, weight, flat_indices, values.contiguous(),
+                                                 scale)
+    if skipped:
+        raise_outside(skipped, [flat_indices])
 
 
 @_csr_add_op.register_fake
@@ -304,13 +307,14 @@ def _scratch_buffer(kind: str, like: torch.Tensor, shape) -> torch.Tensor:
     key = (kind, tuple(shape), like.dtype, like.device)
     buf = buffers.get(key)
     if buf is None:
-        buf = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # kept for later calls, also outside inference_mode
+            buf = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
     return buf
 
 
 def _merged_weight(weight, flat, values, scale) -> torch.Tensor:
     buf = _scratch_buffer("merge", weight, weight.shape)
-    _csr_add_op(weight, flat, values, scale, buf)
+    _csr_add_holding(weight, flat, values, scale, buf)
     return buf
 
 
@@ -322,7 +326,10 @@ def _adapted_in_place(weight, flat, values, scale):
     w = weight.data
     saved = _scratch_buffer("swap", w, flat.shape)
     # One pass: W[idx] += scale·S (fp32, rounded once) while the base bits go to `saved`.
-    _select(w.device).scatter_add(w, w, flat, values.contiguous(), scale, saved)
+    skipped = _select(w.device).scatter_add(w, w, flat, values.contiguous(), scale, saved)
+    if skipped:  # the kernel skipped indices outside W: put back the entries it did write
+        swap_in_range([w], [flat], [saved])
+        raise_outside(skipped, [flat])
     try:
         yield
     finally:
@@ -333,15 +340,32 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             values: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor, cols: torch.Tensor,
             rows: torch.Tensor, t_offsets: torch.Tensor, t_cols: torch.Tensor,
             t_perm: torch.Tensor, scale: float, strategy: str) -> torch.Tensor:
+    # "swap" writes W for the length of the call: it holds W's lock exclusively, the other
+    # strategies (which read W) hold it shared (_concurrency.py).
+    lock = weight_lock(weight)
+    if strategy == "swap":
+        lock.acquire_exclusive()
+        try:
+            with _adapted_in_place(weight, flat, values, scale):
+                return F.linear(x, weight, bias)
+        finally:
+            lock.release_exclusive()
+    lock.acquire_shared()
+    try:
+        return _linear_reading(x, weight, bias, values, flat, offsets, cols, rows, t_offsets,
+                               t_cols, t_perm, scale, strategy)
+    finally:
+        lock.release_shared()
+
+
+def _linear_reading(x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols,
+                    t_perm, scale, strategy):
     if strategy == "fold":
         return _select(x.device).folded_linear(x.contiguous(), weight, bias, values.contiguous(),
                                               (rows, cols, offsets, t_offsets, t_cols, t_perm),
                                               scale)
     if strategy == "merge":
         return F.linear(x, _merged_weight(weight, flat, values, scale), bias)
-    if strategy == "swap":
-        with _adapted_in_place(weight, flat, values, scale):
-            return F.linear(x, weight, bias)
     # The parts are called directly, not through their ops: each op call costs tens of
     # microseconds of Python, as much as the GPU work of a decoding step.
     return _select(x.device).spmm(F.linear(x, weight, bias), x.contiguous(), offsets, cols,
@@ -354,6 +378,18 @@ def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      t_cols: torch.Tensor, t_perm: torch.Tensor, scale: float, strategy: str,
                      need_x: bool, need_weight: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lock = weight_lock(weight)
+    exclusive = need_x and strategy == "swap"
+    (lock.acquire_exclusive if exclusive else lock.acquire_shared)()
+    try:
+        return _backward_holding(gy, x, weight, values, flat, offsets, cols, rows, t_offsets,
+                                 t_cols, t_perm, scale, strategy, need_x, need_weight)
+    finally:
+        (lock.release_exclusive if exclusive else lock.release_shared)()
+
+
+def _backward_holding(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols,
+                      t_perm, scale, strategy, need_x, need_weight):
     gy, x = gy.contiguous(), x.contiguous()
     kernels = _select(gy.device)
     gx, gw = gy.new_empty(0), gy.new_empty(0)
@@ -458,7 +494,7 @@ def spmm(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta, scale: float = 1.
     _check_delta(delta, (y.shape[1], x.shape[1]), "y and x")
     _check_float("delta.values", delta.values, x.dtype, x.device)
     s = delta.structure
-    return _spmm_op(y, x, s.row_offsets, s.cols, delta.values, float(scale))
+    return _spmm_op(y, x, s.row_offsets, s.cols, delta.values, check_scale(scale))
 
 
 def spmm_t(gx: torch.Tensor, gy: torch.Tensor, delta: SparseDelta, scale: float = 1.0):
@@ -471,7 +507,7 @@ def spmm_t(gx: torch.Tensor, gy: torch.Tensor, delta: SparseDelta, scale: float 
     _check_float("delta.values", delta.values, gy.dtype, gy.device)
     s = delta.structure
     return _spmm_op(gx, gy, s.t_offsets, s.t_cols, delta.values.index_select(0, s.t_perm),
-                    float(scale))
+                    check_scale(scale))
 
 
 def sddmm(gy: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
@@ -501,7 +537,7 @@ def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
         _check_float("out", out, weight.dtype, weight.device)
         if out.shape != weight.shape or not out.is_contiguous():
             raise ValueError(f"out must be contiguous with shape {tuple(weight.shape)}")
-    _csr_add_op(weight, delta.flat_indices, delta.values, float(scale), out)
+    _csr_add_op(weight, delta.flat_indices, delta.values, check_scale(scale), out)
     return out
 
 
@@ -509,11 +545,11 @@ def auto_strategy(device_type: str, dtype: torch.dtype, tokens: int,
                   training: bool = False) -> str:
     """The strategy "auto" runs for this many tokens of this dtype on this device type;
     ``training``: the call records a backward (its strategy is the forward's)."""
-    first, last = (FOLD_TRAINING_TOKENS if training else FOLD_TOKENS).get(
-        device_type, {}).get(dtype, (None, None))
+    first, last = tuning.lookup("fold_training_tokens" if training else "fold_tokens",
+                                device_type, dtype, (None, None))
     if first is not None and first <= tokens and (last is None or tokens <= last):
         return "fold"
-    return "swap" if tokens >= SWAP_FROM_TOKENS.get(device_type, 64) else "spmm"
+    return "swap" if tokens >= tuning.lookup("swap_from_tokens", device_type, dtype, 64) else "spmm"
 
 
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -558,5 +594,5 @@ def linear_of_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     s = structure
     run = _linear_op if via_op(x) else _eager_linear
     y = run(x2, weight, bias, values, flat_indices, s.row_offsets, s.cols, s.rows,
-            s.t_offsets, s.t_cols, s.t_perm, float(scale), strategy)
+            s.t_offsets, s.t_cols, s.t_perm, check_scale(scale), strategy)
     return y.view(*x.shape[:-1], weight.shape[0])

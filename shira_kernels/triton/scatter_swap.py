@@ -5,6 +5,7 @@ import triton.language as tl
 
 @triton.jit
 def _swap_block(weight_addr, value_addr, k, offs, mask, ELEM: tl.constexpr):
+    # mask excludes indices outside the weight: those entries are never touched.
     weight = weight_addr.to(tl.pointer_type(ELEM))
     value = value_addr.to(tl.pointer_type(ELEM))
     old = tl.load(weight + k, mask=mask)
@@ -14,10 +15,10 @@ def _swap_block(weight_addr, value_addr, k, offs, mask, ELEM: tl.constexpr):
 
 
 @triton.jit
-def _scatter_swap_kernel(tasks_ptr, blocks_ptr, BLOCK: tl.constexpr):
+def _scatter_swap_kernel(tasks_ptr, blocks_ptr, skipped, BLOCK: tl.constexpr):
     # One program per row of the block table: entries [start, start + BLOCK) of one task.
     pid = tl.program_id(0).to(tl.int64)
-    task = tasks_ptr + 6 * tl.load(blocks_ptr + 2 * pid)
+    task = tasks_ptr + 7 * tl.load(blocks_ptr + 2 * pid)
     start = tl.load(blocks_ptr + 2 * pid + 1)
     n = tl.load(task + 3)
     offs = start + tl.arange(0, BLOCK)
@@ -27,6 +28,11 @@ def _scatter_swap_kernel(tasks_ptr, blocks_ptr, BLOCK: tl.constexpr):
         k = tl.load(index_addr.to(tl.pointer_type(tl.int64)) + offs, mask=mask, other=0)
     else:
         k = tl.load(index_addr.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0).to(tl.int64)
+    # Every index is checked against the weight's size (ops/scatter_swap.py says why); the
+    # entries outside are skipped and counted.
+    inside = mask & (k >= 0) & (k < tl.load(task + 6))
+    tl.atomic_add(skipped, tl.sum((mask & ~inside).to(tl.int64), axis=0))
+    mask = inside
     # Swap bit patterns as integers: exact for fp32, fp16 and bf16 alike.
     if tl.load(task + 4) == 2:
         _swap_block(tl.load(task), tl.load(task + 2), k, offs, mask, tl.int16)
@@ -34,8 +40,10 @@ def _scatter_swap_kernel(tasks_ptr, blocks_ptr, BLOCK: tl.constexpr):
         _swap_block(tl.load(task), tl.load(task + 2), k, offs, mask, tl.int32)
 
 
-def scatter_swap(tasks, blocks, block: int) -> None:
-    """Launch over ``tasks`` [T, 6] and ``blocks`` [B, 2] (int64, on the tensors' device)."""
+def scatter_swap(tasks, blocks, block: int, skipped) -> None:
+    """Launch over ``tasks`` [T, 7] and ``blocks`` [B, 2] (int64, on the tensors' device);
+    the count of entries skipped for an index outside their weight is added to ``skipped``
+    (int64 [1])."""
     num_blocks = blocks.shape[0]
     if num_blocks:
-        _scatter_swap_kernel[(num_blocks,)](tasks, blocks, BLOCK=block)
+        _scatter_swap_kernel[(num_blocks,)](tasks, blocks, skipped, BLOCK=block)

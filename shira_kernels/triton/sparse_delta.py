@@ -48,11 +48,15 @@ def _sddmm_kernel(gy, x, rows, cols, g, tokens, nnz, n_out, n_in,
 
 
 @triton.jit
-def _scatter_add_kernel(out, weight, idx, values, saved, scale, nnz, SAVE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _scatter_add_kernel(out, weight, numel, idx, values, saved, skipped, scale, nnz,
+                        SAVE: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = j < nnz
-    k = tl.load(idx + j, mask=m, other=0).to(tl.int64)
+    in_range = j < nnz
+    k = tl.load(idx + j, mask=in_range, other=0).to(tl.int64)
+    # An index outside the weight is never read or written, only counted (ops/scatter_swap.py
+    # says why the Python checks alone are not enough).
+    m = in_range & (k >= 0) & (k < numel)
+    tl.atomic_add(skipped, tl.sum((in_range & ~m).to(tl.int64), axis=0))
     w = tl.load(weight + k, mask=m, other=0.0)
     if SAVE:  # the base entries, exactly, to be swapped back later
         tl.store(saved + j, w, mask=m)
@@ -83,10 +87,14 @@ def sddmm(gy, x, rows, cols):
     return g
 
 
-def scatter_add(out, weight, idx, values, scale: float, saved=None) -> None:
+def scatter_add(out, weight, idx, values, scale: float, saved=None) -> int:
+    """Returns how many entries were skipped for an index outside the weight."""
     nnz = idx.numel()
-    if nnz:
-        block = 1024
-        _scatter_add_kernel[(triton.cdiv(nnz, block),)](
-            out, weight, idx, values, saved if saved is not None else values, float(scale), nnz,
-            SAVE=saved is not None, BLOCK=block)
+    if not nnz:
+        return 0
+    block = 1024
+    skipped = torch.zeros(1, dtype=torch.int64, device=weight.device)
+    _scatter_add_kernel[(triton.cdiv(nnz, block),)](
+        out, weight, weight.numel(), idx, values, saved if saved is not None else values,
+        skipped, float(scale), nnz, SAVE=saved is not None, BLOCK=block)
+    return int(skipped.item())

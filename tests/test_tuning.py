@@ -1,0 +1,58 @@
+"""The tuning table: one row per measured decision, each naming a report that exists, and
+lookups that pick the most specific row."""
+from pathlib import Path
+
+import torch
+
+from shira_kernels import tuning
+from shira_kernels.ops import sparse_delta as sd
+
+REPORTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+
+
+def test_every_row_names_a_committed_report_and_hardware():
+    for row in tuning.ROWS:
+        assert (REPORTS / row.report.split(" (")[0]).is_file(), row
+        assert row.hardware and row.device_type in ("cpu", "cuda", "triton"), row
+
+
+def test_no_two_rows_decide_the_same_thing():
+    keys = [(r.decision, r.device_type, r.dtype, r.arch) for r in tuning.ROWS]
+    assert len(keys) == len(set(keys))
+
+
+def test_most_specific_row_wins(monkeypatch):
+    rows = tuning.ROWS + (
+        tuning.Row("swap_from_tokens", "cpu", torch.bfloat16, 7, "x.md", "test"),
+        tuning.Row("swap_from_tokens", "cpu", None, 9, "x.md", "test",
+                   arch=tuning.arch_class("cpu")),
+        tuning.Row("swap_from_tokens", "cpu", torch.float16, 11, "x.md", "test",
+                   arch="some other CPU"),
+    )
+    monkeypatch.setattr(tuning, "ROWS", rows[:-2] + rows[-1:])
+    tuning._resolved.cache_clear()
+    assert tuning.lookup("swap_from_tokens", "cpu", torch.bfloat16) == 7   # the dtype row
+    assert tuning.lookup("swap_from_tokens", "cpu", torch.float16) == 1024  # not that arch
+    monkeypatch.setattr(tuning, "ROWS", rows)
+    tuning._resolved.cache_clear()
+    try:
+        # This machine's architecture first, then the dtype.
+        assert tuning.lookup("swap_from_tokens", "cpu", torch.bfloat16) == 9
+        assert tuning.lookup("swap_from_tokens", "cpu", torch.float32) == 9
+        assert tuning.lookup("swap_from_tokens", "cpu", torch.float16) == 9    # not that arch
+        assert tuning.lookup("swap_from_tokens", "cuda", torch.float16) == 512
+        assert tuning.lookup("no_such_decision", "cpu", None, "fallback") == "fallback"
+    finally:
+        monkeypatch.undo()
+        tuning._resolved.cache_clear()
+
+
+def test_auto_strategy_reads_the_table():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        first, last = tuning.lookup("fold_tokens", "cpu", dtype)
+        assert sd.auto_strategy("cpu", dtype, first) == "fold"
+        if last is not None:
+            assert sd.auto_strategy("cpu", dtype, last + 1) in ("spmm", "swap")
+    assert sd.FOLD_TOKENS == tuning.view("fold_tokens")
+    assert sd.auto_strategy("cuda", torch.bfloat16, tuning.lookup("swap_from_tokens", "cuda")) \
+        == "swap"
