@@ -30,6 +30,7 @@ import torch
 
 import shira_kernels
 from shira_kernels import _native
+from shira_kernels.harness.cpu_variant import build_cpu_variant
 from shira_kernels.ops import binary as binary_ops
 
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     builds = {"this checkout": _native.module("cpu")}
     if args.against is not None:
         try:
-            other = _native.build_cpu_variant(args.against.resolve() / "csrc" / "cpu", args.march)
+            other = build_cpu_variant(args.against.resolve() / "csrc" / "cpu", args.march)
         except RuntimeError as exc:  # cpp_extension's compiler output is in the message
             p.error(f"--against {args.against} --march {args.march}: the build failed: "
                     f"{str(exc)[-1500:]}")

@@ -30,7 +30,7 @@ import warnings
 import pytest
 import torch
 
-from shira_kernels import benchmark as sb
+from shira_kernels.harness import benchmark as sb
 
 from conftest import RANK, ROUNDS, TRAIN_TOKENS, WARMUP_ROUNDS, env, env_shapes
 

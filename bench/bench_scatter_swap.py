@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import shira_kernels
-from shira_kernels import benchmark as sb
+from shira_kernels.harness import benchmark as sb
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BACKENDS = shira_kernels.backends.available("cpu")

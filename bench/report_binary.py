@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import shira_kernels  # noqa: E402
 from shira_kernels.ops import binary as binary_ops  # noqa: E402
-from shira_kernels import benchmark as sb  # noqa: E402
+from shira_kernels.harness import benchmark as sb  # noqa: E402
 from shira_kernels.formats import BinaryWeight  # noqa: E402
 
 

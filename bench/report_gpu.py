@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shira_kernels  # noqa: E402
-from shira_kernels import benchmark as sb  # noqa: E402
+from shira_kernels.harness import benchmark as sb  # noqa: E402
 from shira_kernels.formats import BinaryWeight, SparseDelta  # noqa: E402
 from shira_kernels.ops import sparse_delta as sd  # noqa: E402
 

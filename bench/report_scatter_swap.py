@@ -26,7 +26,7 @@ if importlib.util.find_spec("shira_kernels") is None:  # run from a source check
 import torch  # noqa: E402
 
 import shira_kernels  # noqa: E402
-from shira_kernels import benchmark as sb  # noqa: E402
+from shira_kernels.harness import benchmark as sb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import shira_kernels  # noqa: E402
-from shira_kernels import benchmark as sb  # noqa: E402
+from shira_kernels.harness import benchmark as sb  # noqa: E402
 from shira_kernels.ops import sparse_delta  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (11008, 4096)]

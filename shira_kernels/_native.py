@@ -113,26 +113,6 @@ def module(kind: str):
         return _modules[kind]
 
 
-def build_cpu_variant(src: Path, march: str = "native"):
-    """The CPU extension from the sources in ``src`` (another checkout's csrc/cpu, say) built
-    for ``-march=march``, cached like the package's own; for A/B timings and for testing the
-    code a target other than this machine's would get (e.g. AVX2 without AVX-512)."""
-    from torch.utils import cpp_extension
-    sources = sorted(Path(src).glob("*.cpp"))
-    if not sources:
-        raise FileNotFoundError(f"no *.cpp under {src}")
-    key = hashlib.sha256()
-    for path in sources + sorted(Path(src).glob("*.h")):
-        key.update(path.name.encode() + path.read_bytes())
-    key.update(repr((march, torch.__version__, platform.python_version(), _cpu_model())).encode())
-    name = f"shira_cpu_variant_{key.hexdigest()[:16]}"
-    build_dir = cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=name, sources=[str(p) for p in sources],
-                              build_directory=str(build_dir), extra_include_paths=[str(src)],
-                              verbose=False, **_cpu_flags(march))
-
-
 def unavailable_reason(kind: str) -> str | None:
     """None when extension ``kind`` is (or can be) loaded, else why not. Builds if needed."""
     try:

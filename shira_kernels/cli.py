@@ -67,7 +67,7 @@ def _backend_rows(device_type: str) -> list[tuple[str, str]]:
 
 
 def _swap_timing(hidden: int, intermediate: int) -> list[str]:
-    from .benchmark import llama_linear_shapes, make_swap_case, median_time, torch_loop_swap
+    from .harness.benchmark import llama_linear_shapes, make_swap_case, median_time, torch_loop_swap
     from .ops import scatter_swap_
 
     case = make_swap_case(llama_linear_shapes(hidden, intermediate, blocks=1), r=32)
@@ -101,7 +101,7 @@ def info(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from . import bench_suite
+    from .harness import bench_suite
 
     try:
         cfg = bench_suite.make_config(quick=args.quick, device=args.device,
@@ -121,7 +121,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from . import demo as story
+    from .harness import demo as story
 
     return story.run(steps=args.steps, seed=args.seed)
 

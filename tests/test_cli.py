@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from shira_kernels import _native, bench_suite, cli
+from shira_kernels import _native, cli
+from shira_kernels.harness import bench_suite
 
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
