@@ -58,7 +58,7 @@ from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size
                       validate_indices)
 from .formats import SparseDelta, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
-from .ops.scatter_swap import swap_transaction
+from .ops.scatter_swap import adapted_entries, swap_transaction
 
 __all__ = ["AdapterBank"]
 
@@ -395,7 +395,7 @@ class AdapterBank:
                 for layer, indices, values, layer_scale in self._validated(name, adapter, scale):
                     base = self._base_entries(layer, indices.long())
                     # fp32 arithmetic, one rounding to W's dtype (as ShiraLinear.merge does).
-                    active = (base.float() + layer_scale * values.float()).to(base.dtype)
+                    active = adapted_entries(base, values, layer_scale)
                     check_representable(active, f"adapter {name!r}, layer {layer!r}", base=base)
                     entries[layer] = _Entry(indices, active, values, layer_scale)
             self._adapters[name] = _Slot(name, entries)

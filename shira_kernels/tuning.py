@@ -109,6 +109,7 @@ def _resolved(decision: str, device_type: str, dtype: torch.dtype | None):
 _MISSING = object()
 
 
+@torch.compiler.assume_constant_result  # fixed at trace time: no graph break, no recompile
 def lookup(decision: str, device_type: str, dtype: torch.dtype | None = None, default=None):
     """The value of ``decision`` for ``device_type`` (and ``dtype``) on this machine, or
     ``default`` where the table has no row for it. Cached: a dict lookup per call."""

@@ -43,7 +43,7 @@ from torch import nn
 from .._checks import FLOAT_DTYPES, tensor_stamp, unchanged
 from ..formats import SparseDelta, flat_index_dtype
 from ..io._files import write_atomically
-from ..ops.scatter_swap import scatter_swap_
+from ..ops.scatter_swap import adapted_entries, merge_by_swap, swap_transaction
 from ..ops.sparse_delta import STRATEGIES, linear_of_parts
 
 __all__ = ["CONFIG_NAME", "PEFT_PREFIX", "SAFETENSORS_NAME", "accelerate", "accelerated_layers",
@@ -464,31 +464,38 @@ class _AcceleratedShira:
             if plan is None:
                 super().merge(safe_merge=safe_merge, adapter_names=[adapter])
                 continue
-            # held outlives the call: made outside inference_mode (unmerge may run outside it).
-            with torch.no_grad(), torch.inference_mode(False):
-                values = self._sk_values(adapter, plan).detach()
-                held = torch.add(weight.detach().view(-1).index_select(0, plan.flat).float(),
-                                 values.float(), alpha=float(self.scaling[adapter]))
-                held = held.to(weight.dtype)
-                if safe_merge and not bool(torch.isfinite(held).all()):
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} "
-                                     "seems to be broken")
-                scatter_swap_([weight], [plan.flat], [held])  # held now has the entries before
-            self._sk_held[adapter] = (plan.flat, held)
-            self.merged_adapters.append(adapter)
+            values = self._sk_values(adapter, plan).detach()
+            scale = float(self.scaling[adapter])
+            if safe_merge:  # PEFT's own check and message, before anything is written
+                with torch.no_grad():
+                    base = weight.detach().view(-1).index_select(0, plan.flat)
+                    if not bool(torch.isfinite(adapted_entries(base, values, scale)).all()):
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter "
+                                         f"{adapter} seems to be broken")
+
+            def commit(held, adapter=adapter, flat=plan.flat):  # held: the entries before
+                self._sk_held[adapter] = (flat, held)
+                self.merged_adapters.append(adapter)
+            merge_by_swap(weight, plan.flat, values, scale, commit, f"adapter {adapter!r}")
 
     def unmerge(self) -> None:
         if not self.merged:
             return super().unmerge()  # PEFT's "Already unmerged" warning
         while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            held = self._sk_held.pop(adapter, None)
+            adapter = self.merged_adapters[-1]
+            held = self._sk_held.get(adapter)
             if held is not None:
                 weight = self.get_base_layer().weight
                 flat, entries = held
-                scatter_swap_([weight], [flat.to(weight.device)],
-                              [entries.to(device=weight.device, dtype=weight.dtype)])
-            elif adapter in self.shira_weight.keys():
+
+                def commit(adapter=adapter):  # the books change with the swap, or not at all
+                    self._sk_held.pop(adapter)
+                    self.merged_adapters.pop()
+                swap_transaction([weight], [flat.to(weight.device)],
+                                 [entries.to(device=weight.device, dtype=weight.dtype)], commit)
+                continue
+            self.merged_adapters.pop()
+            if adapter in self.shira_weight.keys():
                 # Merged by PEFT's own code (before accelerate): undone its way.
                 with torch.no_grad():
                     weight = self.get_base_weight()

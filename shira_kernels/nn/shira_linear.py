@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import FLOAT_DTYPES, check_representable, check_scale, check_size
+from .._checks import FLOAT_DTYPES, check_scale, check_size
 from .._checks import tensor_stamp, unchanged, validate_indices
 from ..formats import SparseDelta, SparseStructure
 from ..masks import make_mask, mask_to_indices
-from ..ops.scatter_swap import swap_transaction
+from ..ops.scatter_swap import merge_by_swap, swap_transaction
 from ..ops.sparse_delta import linear_of_parts
 from ._wrap import adopt_linear
 
@@ -174,18 +174,13 @@ class ShiraLinear(nn.Linear):
         plain linear. The base entries are kept for unmerge()."""
         if self.merged:
             return
-        flat = self.weight.view(-1)
-        index = self.shira_indices
-        with torch.inference_mode(False):  # it holds the base entries until unmerge()
-            base = flat[index.long()]
-            adapted = (base.float() + self.scale * self.shira_values.float()).to(flat.dtype)
-        check_representable(adapted, "merge", base=base)
 
-        def commit():  # `adapted` now holds the base entries
-            self._shira_swapped = adapted
+        def commit(held):  # `held` now holds the base entries
+            self._shira_swapped = held
             self.merged = True
         # One step: whatever interrupts it, the weight and the flags agree afterwards.
-        swap_transaction([self.weight], [index], [adapted], commit)
+        merge_by_swap(self.weight, self.shira_indices, self.shira_values, self.scale, commit,
+                      "merge")
 
     @torch.no_grad()
     def unmerge(self) -> None:

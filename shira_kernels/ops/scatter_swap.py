@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import _native, backends, tuning
-from .._checks import FLOAT_DTYPES, forget_index_checks, validate_indices
+from .._checks import FLOAT_DTYPES, check_representable, forget_index_checks, validate_indices
 from .._concurrency import interrupts_deferred, writing
 
 
@@ -223,6 +223,25 @@ def scatter_swap_(weights: Sequence[torch.Tensor], indices: Sequence[torch.Tenso
     with torch.no_grad():
         torch.ops.shira.scatter_swap_([w.detach() for w in weights], indices,
                                       [v.detach() for v in values])
+
+
+def adapted_entries(base: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """round(base + scale·values) in base's dtype, the sum in fp32: the entries that stand in W
+    while an adapter is merged or active (ShiraLinear, the PEFT layers, AdapterBank)."""
+    return (base.float() + scale * values.float()).to(base.dtype)
+
+
+def merge_by_swap(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, scale: float,
+                  commit: Callable[[torch.Tensor], None], where: str) -> None:
+    """Put W + scale·S into ``weight``'s entries at ``flat`` as one swap_transaction; then
+    ``commit(held)`` records ``held``, the base entries, which a later swap of the same
+    (weight, flat, held) puts back bit for bit. Entries that would overflow W's dtype are
+    refused first (ValueError starting with ``where``), with nothing changed."""
+    with torch.no_grad(), torch.inference_mode(False):  # held may be swapped outside it
+        base = weight.detach().view(-1)[flat.long()]
+        held = adapted_entries(base, values.detach(), scale)
+        check_representable(held, where, base=base)
+        swap_transaction([weight], [flat], [held], lambda: commit(held))
 
 
 def swap_transaction(weights: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
