@@ -314,6 +314,17 @@ def expected_weights(model_base_bits, model, adapter):
     return out
 
 
+def bank_with_two_adapters():
+    """(model, its weights' bits, a bank on it with adapters "a" and "b", a, b)."""
+    model = two_layer_model()
+    base = weights_bits(model)
+    bank = AdapterBank(model)
+    a, b = random_adapter(model, 1), random_adapter(model, 2)
+    bank.add("a", a)
+    bank.add("b", b)
+    return model, base, bank, a, b
+
+
 def interrupt_after(monkeypatch, target, attr):
     """Make target.attr send this process SIGINT right after it returns: without deferral the
     KeyboardInterrupt lands before the caller's bookkeeping."""
@@ -328,12 +339,7 @@ def interrupt_after(monkeypatch, target, attr):
 
 @pytest.mark.parametrize("direct", [False, True], ids=["from_base", "a_to_b"])
 def test_switch_interrupted_by_keyboard_interrupt_stays_consistent(monkeypatch, direct):
-    model = two_layer_model()
-    base = weights_bits(model)
-    bank = AdapterBank(model)
-    a, b = random_adapter(model, 1), random_adapter(model, 2)
-    bank.add("a", a)
-    bank.add("b", b)
+    model, base, bank, a, b = bank_with_two_adapters()
     if direct:
         bank.activate("a")
     interrupt_after(monkeypatch, scatter_swap_module, "scatter_swap_")
@@ -354,12 +360,7 @@ def test_switch_interrupted_by_keyboard_interrupt_stays_consistent(monkeypatch, 
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
 def test_switch_whose_bookkeeping_fails_is_rolled_back(monkeypatch, error):
-    model = two_layer_model()
-    base = weights_bits(model)
-    bank = AdapterBank(model)
-    a, b = random_adapter(model, 1), random_adapter(model, 2)
-    bank.add("a", a)
-    bank.add("b", b)
+    model, base, bank, a, b = bank_with_two_adapters()
     bank.activate("a")
     state_a = weights_bits(model)
     real_copy = torch.Tensor.copy_
