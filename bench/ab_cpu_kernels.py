@@ -10,13 +10,13 @@ timings (the same call repeated) hide what the kernels spend there. DIR is anoth
 e.g. made with `git worktree add /tmp/old <rev>`; its csrc/cpu is built as a second extension
 (for -march=TARGET, default native: `--against . --march x86-64-v3` times the AVX2 build of this
 checkout) and each kernel both builds have must give the same bits (for another target, whose
-vectors sum in another order, and for the 1-bit kernels, rewritten in ad1eb25: the same values
-to 1e-5 of the largest). The variants are timed
-round robin and the medians compared side by side. Kernels: spmm (the forward), spmm_t_sddmm
-(the spmm strategy's backward, where a build has it), sddmm with S's row offsets derived by the
-kernel and given by the caller (where a build takes them), the fold strategy's folded_linear and
-its gradient of x (where a build has them), and the 1-bit binary_linear and its gradient of x on
-a weight of the layer's shape (where a build has them).
+vectors sum in another order, and for the 1-bit kernels, which another checkout may compute
+another way (a table lookup, then unpack + mm): the same values to 1e-5 of the largest). The
+variants are timed round robin and the medians compared side by side. Kernels: spmm (the
+forward), spmm_t_sddmm (the spmm strategy's backward, where a build has it), sddmm with S's row
+offsets derived by the kernel and given by the caller (where a build takes them), the fold
+strategy's folded_linear and its gradient of x (where a build has them), and the 1-bit
+binary_linear and its gradient of x on a weight of the layer's shape (where a build has them).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw, bytes_t):
     try:
         mod.sddmm(gy[:1], x[:1], s.rows, s.cols, s.row_offsets)
         calls["sddmm (offsets given)"] = lambda: mod.sddmm(gy, x, s.rows, s.cols, s.row_offsets)
-    except TypeError:  # a build from before the offsets argument
+    except TypeError:  # a build whose sddmm takes no offsets argument
         pass
     if hasattr(mod, "spmm_t_sddmm"):
         calls["spmm_t_sddmm"] = lambda: mod.spmm_t_sddmm(gx, gy, x, s.t_offsets, s.t_cols,
@@ -55,7 +55,8 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw, bytes_t):
     try:
         mod.binary_linear(*one_bit)
         calls["binary_linear"] = lambda: mod.binary_linear(*one_bit)
-    except TypeError:  # a build from before ad1eb25: table lookup up to 16 tokens, then unpack + mm
+    except TypeError:  # a build whose binary_linear takes a token limit: table lookup up to it,
+        # then unpack + mm
         calls["binary_linear"] = lambda: mod.binary_linear(*one_bit, 16)
     if hasattr(mod, "binary_linear_grad_x"):
         calls["binary_linear_grad_x"] = lambda: mod.binary_linear_grad_x(

@@ -353,8 +353,9 @@ void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int6
       transpose_chunk(x, in, t0, tc, c0, c1, xs, ld);
       std::fill(acc, acc + (c1 - c0) * ld, 0.0f);
 #pragma omp barrier
-      // No blocking of gy's rows here: with the fused products' two FMAs per gathered vector,
-      // blocks that keep them in L2 were no faster in an uncommitted trial.
+      // No blocking of gy's rows to keep them in L2 (as spmm blocks x's columns): each
+      // gathered gy vector feeds two FMAs here (gx's column and the value's gradient), enough
+      // work per gather that blocking does not make the loop faster.
       with_vectors(ld, [&](auto nv) {
         for (int64_t c = c0; c < c1; ++c)
           column_entries<decltype(nv)::value>(xs + (c - c0) * ld, gyT, ld, trows, perm, values,
