@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import shira_kernels  # noqa: E402
-from shira_kernels.ops import binary as binary_ops  # noqa: E402
+from shira_kernels.ops.registry import lookup as kernel  # noqa: E402
 from shira_kernels.harness import benchmark as sb  # noqa: E402
 from shira_kernels.formats import BinaryWeight  # noqa: E402
 
@@ -60,7 +60,7 @@ def grad_x_rows(shape, tokens, repeat):
     bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g))
     w32 = bw.dequantize()
     gy = torch.randn(tokens, out_f, generator=g)
-    grad_x = binary_ops._grad_x_kernel(shira_kernels.backends.select("cpu"))
+    grad_x = kernel("binary_linear_grad_x", "cpu")
     variants = {
         "binary_linear's gradient of x (this package)":
             lambda: grad_x(gy, bw.packed, bw.alpha, bw.mu, in_f),

@@ -7,7 +7,7 @@ from torch.library import opcheck
 
 import shira_kernels
 from shira_kernels.formats import BinaryWeight, pack_signs, unpack_signs
-from shira_kernels.ops import binary as binary_ops
+from shira_kernels.ops import registry
 from shira_kernels.ops.binary import binary_linear, binary_lora
 from shira_kernels.quant import PETL_LEVEL, fake_quantize
 
@@ -184,14 +184,14 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(threads):
     bw = _weight(200, 301, "row", seed=8)
     down, up = _weight(32, 301, "petl", seed=9), _weight(200, 32, "row", seed=10)
     x, bias = _x(50, 301, torch.float32, seed=11), torch.randn(200)
-    linear, lora = binary_ops._linear_kernel("cpu"), binary_ops._lora_kernel("cpu")
-    grad_x, gy = binary_ops._grad_x_kernel("cpu"), _x(50, 200, torch.float32, seed=12)
+    linear, lora = registry.lookup("binary_linear", "cpu"), registry.lookup("binary_lora", "cpu")
+    grad_x, gy = registry.lookup("binary_linear_grad_x", "cpu"), _x(50, 200, torch.float32, seed=12)
 
     def run():
         return (linear(x, bw.packed, bw.alpha, bw.mu, bias, 301),
                 grad_x(gy, bw.packed, bw.alpha, bw.mu, 301),
-                lora(x, (down.packed, down.alpha, down.mu), (up.packed, up.alpha, up.mu), 0.5,
-                     True))
+                lora(x, (down.packed, down.alpha, down.mu, 301), (up.packed, up.alpha, up.mu, 32),
+                     0.5, True))
     expected, got = with_threads(run, threads)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)

@@ -7,6 +7,7 @@ from torch.library import opcheck
 
 import shira_kernels
 from shira_kernels.formats import SparseDelta
+from shira_kernels.ops import registry
 from shira_kernels.ops import sparse_delta as sd
 
 from conftest import DTYPES, with_threads
@@ -79,7 +80,7 @@ def test_spmm_kernel_may_overwrite_y(backend, device):
     delta = make_delta(6, 10, torch.float32, device=device)
     x, y = randn(7, 10, dtype=torch.float32, seed=1, device=device), randn(7, 6, dtype=torch.float32, seed=2, device=device)
     s = delta.structure
-    spmm = sd._kernels(backend).spmm
+    spmm = registry.lookup("spmm", backend)
     expected = spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5)
     assert not torch.equal(expected, y)
     out = spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5, overwrite_y=True)
@@ -115,7 +116,7 @@ def test_spmm_t_sddmm(backend, device, dtype, shape):
     struct = (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm)
     gy, x = randn(tokens, out_f, dtype=dtype, seed=5, device=device), randn(tokens, in_f, dtype=dtype, seed=6, device=device)
     gx0 = randn(tokens, in_f, dtype=dtype, seed=7, device=device)
-    gx, g = sd._kernels(backend).spmm_t_sddmm(gx0.clone(), gy, x, delta.values, struct, 2.0)
+    gx, g = registry.lookup("spmm_t_sddmm", backend)(gx0.clone(), gy, x, delta.values, struct, 2.0)
     dense = delta.to_dense()
     exact = gx0.double() + 2.0 * gy.double() @ dense.double()
     magnitude = abs64(gx0) + 2.0 * abs64(gy) @ abs64(dense)
@@ -129,13 +130,17 @@ def test_spmm_t_sddmm(backend, device, dtype, shape):
                               torch_result=(gy.T @ x)[rows, cols])
 
 
+def _cpu_kernels():
+    return {op: registry.lookup(op, "cpu") for op in ("spmm", "sddmm", "spmm_t_sddmm")}
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
     # Each row's (spmm), entry's (sddmm) and column's (spmm_t_sddmm) sum is formed by one thread
     # in a fixed order, so the bits are the same however the work is split.
     reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
     assert reason is None, f"the cpu backend is unavailable: {reason}"
-    kernels = sd._kernels("cpu")
+    kernels = _cpu_kernels()
     delta = make_delta(45, 4097, torch.float32, density=0.05)
     s = delta.structure
     struct = (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm)
@@ -143,10 +148,10 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
     y, gx = randn(300, 45, dtype=torch.float32, seed=3), randn(300, 4097, dtype=torch.float32, seed=4)
 
     def run():
-        return (kernels.spmm(y, x, s.row_offsets, s.cols, delta.values, 0.5),
-                kernels.sddmm(gy, x, s.rows, s.cols),
-                kernels.sddmm(gy, x, s.rows, s.cols, s.row_offsets),  # offsets given, not derived
-                *kernels.spmm_t_sddmm(gx.clone(), gy, x, delta.values, struct, 0.5))
+        return (kernels["spmm"](y, x, s.row_offsets, s.cols, delta.values, 0.5),
+                kernels["sddmm"](gy, x, s.rows, s.cols),
+                kernels["sddmm"](gy, x, s.rows, s.cols, s.row_offsets),  # offsets given, not derived
+                *kernels["spmm_t_sddmm"](gx.clone(), gy, x, delta.values, struct, 0.5))
     expected, got = with_threads(run, threads)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
@@ -156,22 +161,22 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
 def test_cpu_kernels_reject_offsets_that_do_not_match_the_entries():
     # The native kernels trust the offsets to index the entries: a mismatch must be an error
     # before anything is read or written, not an out-of-bounds walk.
-    kernels = sd._kernels("cpu")
+    kernels = _cpu_kernels()
     delta = make_delta(6, 10, torch.float32)
     s = delta.structure
     x, gy, gx = randn(4, 10, dtype=torch.float32, seed=1), randn(4, 6, dtype=torch.float32, seed=2), randn(4, 10, dtype=torch.float32, seed=3)
     short = s.row_offsets.clone()
     short[-1] -= 1
     with pytest.raises(RuntimeError, match="offsets must be contiguous int64"):
-        kernels.sddmm(gy, x, s.rows, s.cols, short)
+        kernels["sddmm"](gy, x, s.rows, s.cols, short)
     with pytest.raises(RuntimeError, match="row offsets must end at the number of entries"):
-        kernels.spmm(gy, x, short, s.cols, delta.values, 1.0)
+        kernels["spmm"](gy, x, short, s.cols, delta.values, 1.0)
     t_short = s.t_offsets.clone()
     t_short[-1] -= 1
     before = gx.clone()
     struct = (s.rows, s.cols, s.row_offsets, t_short, s.t_cols, s.t_perm)
     with pytest.raises(RuntimeError, match="row offsets must end at the number of entries"):
-        kernels.spmm_t_sddmm(gx, gy, x, delta.values, struct, 1.0)
+        kernels["spmm_t_sddmm"](gx, gy, x, delta.values, struct, 1.0)
     assert torch.equal(gx, before)
 
 

@@ -72,7 +72,7 @@ def exercise_launchers() -> None:
                 sparse_delta.scatter_add(weight, weight, idx, delta.values, 0.5,
                                          torch.empty_like(delta.values))
         w, i, v = [torch.randn(50).to(dtype)], [torch.arange(7)], [torch.randn(7).to(dtype)]
-        scatter_swap.scatter_swap(*swap_table(w, i, v, 1024), 1024, torch.zeros(1, dtype=torch.int64))
+        scatter_swap.scatter_swap(*swap_table(w, i, v, 1024), 1024)
         for method in ("petl", "row"):
             bw = BinaryWeight.from_float(torch.randn(33, 100), method)
             x = torch.randn(3, 100).to(dtype)

@@ -41,15 +41,19 @@ void check_counter(const torch::Tensor& t, const torch::Device& device) {
               "skipped must be a one-element int64 tensor on ", device);
 }
 
-// scatter_swap(tasks [T,7] int64, blocks [B,2] int64, block, skipped [1] int64) -> None
+// A zeroed one-element int64 counter on `device` for the kernels to add skipped entries to.
+torch::Tensor new_counter(const torch::Device& device) {
+  return torch::zeros({1}, torch::TensorOptions().dtype(torch::kInt64).device(device));
+}
+
+// scatter_swap(tasks [T,7] int64, blocks [B,2] int64, block) -> int
 // For every (task_id, start) row of blocks, swaps weight[index[j]] with
 // value[j] for j in [start, min(start + block, n)) of that task. The tensors
 // addressed by tasks must live on tasks' device. Entries whose index is
-// outside the weight are skipped and added to skipped.
-void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64_t block,
-                  const torch::Tensor& skipped) {
+// outside the weight are skipped (never touched) and their count returned,
+// as the CPU binding does (a device sync: switching is a state change).
+int64_t scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64_t block) {
   check_int64_table(tasks, "tasks", 7);
-  check_counter(skipped, tasks.device());
   check_int64_table(blocks, "blocks", 2);
   TORCH_CHECK(blocks.device() == tasks.device(),
               "tasks and blocks must be on the same device, got ", tasks.device(),
@@ -57,18 +61,21 @@ void scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64
   TORCH_CHECK(block > 0, "block must be positive, got ", block);
 
   const int64_t num_blocks = blocks.size(0);
-  if (num_blocks == 0) return;
+  if (num_blocks == 0) return 0;
   TORCH_CHECK(tasks.size(0) > 0, "tasks is empty but blocks has ", num_blocks, " rows");
 
   // Launch on tasks' device and that device's current stream, so the op is
   // ordered with the surrounding torch work.
   const c10::cuda::CUDAGuard device_guard(tasks.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(tasks.device().index()).stream();
+  const torch::Tensor skipped = new_counter(tasks.device());
+  check_counter(skipped, tasks.device());
 
   check_cuda(shira_launch_scatter_swap(
                  tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), num_blocks, block,
                  reinterpret_cast<unsigned long long*>(skipped.data_ptr<int64_t>()), stream),
              "scatter_swap");
+  return skipped.item<int64_t>();
 }
 
 // --- SHiRA sparse-delta ops ------------------------------------------------
@@ -108,14 +115,16 @@ int col_index_size(const torch::Tensor& t, const char* name) {
 }
 
 // spmm(y_in [T,out], x [T,in], row_offsets int64 [out+1], col_indices int16/int32 [nnz],
-//      values [nnz], scale) -> y_out [T,out]
+//      values [nnz], scale, overwrite_y) -> y_out [T,out]
 // y_out[t, r] = y_in[t, r] + scale * sum_{j in row r} values[j] * x[t, col_indices[j]].
+// With overwrite_y (the caller no longer needs y_in) y_out is y_in itself: the
+// launcher allows y_in == y_out.
 // With the CSC structure of S (the CSR of S^T) it computes gx = gy * S. Not
 // checked (it would need a device sync): row_offsets is non-decreasing with
 // row_offsets[0] == 0, row_offsets[out] == nnz, and col_indices are in [0, in).
 torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
                    const torch::Tensor& row_offsets, const torch::Tensor& col_indices,
-                   const torch::Tensor& values, double scale) {
+                   const torch::Tensor& values, double scale, bool overwrite_y) {
   const torch::Device device = x.device();
   check_operand(x, "x", 2, device);
   check_operand(y_in, "y_in", 2, device);
@@ -141,7 +150,7 @@ torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
               col_indices.size(0), " and ", nnz);
 
   const c10::cuda::CUDAGuard device_guard(device);
-  torch::Tensor y_out = torch::empty_like(y_in);
+  torch::Tensor y_out = overwrite_y ? y_in : torch::empty_like(y_in);
   if (y_out.numel() == 0) return y_out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_cuda(shira_launch_spmm(y_in.data_ptr(), y_out.data_ptr(), x.data_ptr(),
@@ -152,11 +161,14 @@ torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
   return y_out;
 }
 
-// sddmm(gy [T,out], x [T,in], rows int32 [nnz], cols int16/int32 [nnz]) -> fp32 [nnz]
+// sddmm(gy [T,out], x [T,in], rows int32 [nnz], cols int16/int32 [nnz], offsets)
+//   -> fp32 [nnz]
 // g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]]. Not checked: rows in [0, out),
-// cols in [0, in).
+// cols in [0, in). offsets (S's CSR row offsets, or None) is a hint for
+// kernels that walk S by rows, as the CPU one does; this kernel works per
+// entry and does not read it.
 torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch::Tensor& rows,
-                    const torch::Tensor& cols) {
+                    const torch::Tensor& cols, const c10::optional<torch::Tensor>& /*offsets*/) {
   const torch::Device device = x.device();
   check_operand(gy, "gy", 2, device);
   check_operand(x, "x", 2, device);
@@ -184,17 +196,19 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
 }
 
 // scatter_add(out, weight, flat_indices int32/int64 [nnz], values [nnz], scale,
-//             skipped [1] int64) -> None
+//             saved [nnz] or None) -> int
 // out.view(-1)[k] = weight.view(-1)[k] + scale * values[j] for k = flat_indices[j]
 // (out and weight: same dtype and numel, any contiguous shape)
 // (fp32 math, one rounding); other entries of out are left as they are.
-// An index outside [0, weight.numel()) is skipped and added to skipped.
-// Not checked: flat_indices are unique.
-void scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
-                 const torch::Tensor& flat_indices, const torch::Tensor& values, double scale,
-                 const torch::Tensor& skipped) {
+// saved, if given, first receives weight.view(-1)[k] (gathered with torch ops
+// on the stream before the launch, so out may be weight: an in-place add that
+// can be swapped back). An index outside [0, weight.numel()) is skipped (never
+// read or written by the kernel) and the count of those returned (a device
+// sync). Not checked: flat_indices are unique.
+int64_t scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
+                    const torch::Tensor& flat_indices, const torch::Tensor& values, double scale,
+                    const c10::optional<torch::Tensor>& saved) {
   const torch::Device device = weight.device();
-  check_counter(skipped, device);
   check_operand(out, "out", out.dim(), device);
   check_operand(weight, "weight", weight.dim(), device);
   check_operand(flat_indices, "flat_indices", 1, device);
@@ -211,9 +225,22 @@ void scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
   const int64_t nnz = flat_indices.size(0);
   TORCH_CHECK(values.size(0) == nnz, "flat_indices and values must have the same length, got ",
               nnz, " and ", values.size(0));
-  if (nnz == 0) return;
+  if (saved.has_value() && saved->defined()) {
+    check_operand(*saved, "saved", 1, device);
+    check_same_dtype(*saved, "saved", weight, "weight");
+    TORCH_CHECK(saved->size(0) == nnz, "saved must have one entry per index, got ",
+                saved->size(0), " for ", nnz);
+  }
+  if (nnz == 0) return 0;
 
   const c10::cuda::CUDAGuard device_guard(device);
+  if (saved.has_value() && saved->defined() && weight.numel() > 0) {
+    // Clamped: an index outside the weight is skipped by the kernel and reported; its
+    // saved entry is never used.
+    saved->copy_(weight.reshape({-1}).index_select(
+        0, flat_indices.to(torch::kInt64).clamp(0, weight.numel() - 1)));
+  }
+  const torch::Tensor skipped = new_counter(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_cuda(shira_launch_scatter_add(
                  out.data_ptr(), weight.data_ptr(), weight.numel(), flat_indices.data_ptr(),
@@ -221,6 +248,7 @@ void scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
                  static_cast<float>(scale),
                  reinterpret_cast<unsigned long long*>(skipped.data_ptr<int64_t>()), stream),
              "scatter_add");
+  return skipped.item<int64_t>();
 }
 
 // --- 1-bit (binary) weight ops ----------------------------------------------
@@ -335,20 +363,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "shira_kernels CUDA ops";
   m.def("scatter_swap", &scatter_swap,
         "In-place batched swap weight[index[j]] <-> value[j] described by int64 "
-        "task/block tables",
-        py::arg("tasks"), py::arg("blocks"), py::arg("block"), py::arg("skipped"));
+        "task/block tables; returns the count of entries skipped for an index outside "
+        "their weight",
+        py::arg("tasks"), py::arg("blocks"), py::arg("block"));
   m.def("spmm", &spmm,
         "y_in + scale * x @ S^T for a CSR S (row_offsets, col_indices, values); "
-        "returns a new tensor",
+        "a new tensor, or y_in itself with overwrite_y",
         py::arg("y_in"), py::arg("x"), py::arg("row_offsets"), py::arg("col_indices"),
-        py::arg("values"), py::arg("scale"));
+        py::arg("values"), py::arg("scale"), py::arg("overwrite_y") = false);
   m.def("sddmm", &sddmm,
         "fp32 g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]] on a COO sparsity pattern",
-        py::arg("gy"), py::arg("x"), py::arg("rows"), py::arg("cols"));
+        py::arg("gy"), py::arg("x"), py::arg("rows"), py::arg("cols"),
+        py::arg("offsets") = py::none());
   m.def("scatter_add", &scatter_add,
-        "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place",
+        "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place "
+        "(saved, if given, gets the weight's entries first); returns the count of indices "
+        "outside the weight (skipped)",
         py::arg("out"), py::arg("weight"), py::arg("flat_indices"), py::arg("values"),
-        py::arg("scale"), py::arg("skipped"));
+        py::arg("scale"), py::arg("saved") = py::none());
   m.def("binary_linear", &binary_linear,
         "y = alpha * (x @ S^T) + mu * x.sum(-1, keepdim=True) (+ bias) for packed 1-bit signs S "
         "[out, ceil(in/32)] int32; alpha / mu fp32 per tensor or per row",

@@ -1,4 +1,5 @@
-"""Ops, one file per family: reference (the spec), torch.library op, public function."""
+"""Ops, one file per family: reference (the spec), its kernels per backend (registered in
+registry.py: (op, backend) → kernel), torch.library op, public function."""
 from .._checks import validate_indices
 from .binary import binary_linear, binary_lora
 from .scatter_swap import scatter_swap_, scatter_swap_reference

@@ -10,7 +10,8 @@ registers: per input feature, one bit of 64 outputs' sign bytes becomes four vec
 multiply x for six tokens at a time (csrc/cpu/binary.cpp), fp32 accumulation, as fast as the FMA
 units go at every token count. The gradient of x is provided (gy·W; on the CPU by the same
 kind of kernel, elsewhere from the dequantized weight); training the 1-bit weights goes through
-quant.fake_quantize instead.
+quant.fake_quantize instead. Each backend's kernels are registered in ops/registry.py, in the
+references' signatures.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from .. import _native, backends, tuning
 from .._checks import FLOAT_DTYPES, TensorCache, check_scale
 from ..formats import BinaryWeight
+from . import registry
 from ._eager import eager_function, via_op
 
 ACTIVATIONS = (None, "relu")
@@ -71,50 +73,63 @@ def _bytes_t(packed: torch.Tensor) -> torch.Tensor:
     return _BYTES_T.put(packed, bytes_t)
 
 
-@functools.cache
-def _linear_kernel(backend: str):
-    if backend == "reference":
-        return binary_linear_reference
-    if backend == "triton":
-        from ..triton.binary import binary_linear
-        return binary_linear
-    mod = _native.module(backend)
-    if backend == "cuda":
-        return mod.binary_linear
+def _triton_kernels():
+    from ..triton import binary
+    return binary
 
-    def cpu(x, packed, alpha, mu, bias, in_features):
+
+# Kernels per backend (registry.py), each in its reference's signature (down and up of
+# binary_lora: (packed, alpha, mu, in_features)). The gradient of x is the dequantized weight's
+# matmul (cuBLAS / torch's) except on the CPU, whose kernel expands the signs in registers.
+
+# reference: the specification.
+registry.register("binary_linear", "reference", binary_linear_reference)
+registry.register("binary_linear_grad_x", "reference", binary_linear_grad_x_reference)
+registry.register("binary_lora", "reference", binary_lora_reference)
+
+# triton (shira_kernels/triton/binary.py).
+registry.register_module("triton", _triton_kernels, "binary_linear", "binary_lora")
+registry.register("binary_linear_grad_x", "triton", binary_linear_grad_x_reference)
+
+# cuda (csrc/cuda/bindings.cpp): binary_lora's binding takes the factors' tensors flat.
+registry.register_module("cuda", functools.partial(_native.module, "cuda"), "binary_linear")
+registry.register("binary_linear_grad_x", "cuda", binary_linear_grad_x_reference)
+
+
+@functools.partial(registry.register_lazy, "binary_lora", "cuda")
+def _cuda_binary_lora():
+    lora = _native.module("cuda").binary_lora
+    return lambda x, down, up, scale, relu: lora(x, *down[:3], *up[:3], scale, relu)
+
+
+# cpu (csrc/cpu/bindings.cpp): the kernels take the sign bytes transposed (_bytes_t, cached per
+# weight) and return fp32.
+@functools.partial(registry.register_lazy, "binary_linear", "cpu")
+def _cpu_binary_linear():
+    mod = _native.module("cpu")
+
+    def binary_linear(x, packed, alpha, mu, bias, in_features):
         return mod.binary_linear(x, packed, _bytes_t(packed), alpha, mu, bias, 1.0).to(x.dtype)
-    return cpu
+    return binary_linear
 
 
-@functools.cache
-def _grad_x_kernel(backend: str):
-    # The CPU kernel sums gy·(α·s) with the signs expanded in registers; elsewhere the weight
-    # is dequantized for the gradient (cuBLAS / torch's matmul).
-    if backend != "cpu":
-        return binary_linear_grad_x_reference
-    mod = _native.module(backend)
+@functools.partial(registry.register_lazy, "binary_linear_grad_x", "cpu")
+def _cpu_binary_linear_grad_x():
+    mod = _native.module("cpu")
 
-    def cpu(gy, packed, alpha, mu, in_features):
+    def binary_linear_grad_x(gy, packed, alpha, mu, in_features):
         return mod.binary_linear_grad_x(gy, packed, alpha, mu, in_features).to(gy.dtype)
-    return cpu
+    return binary_linear_grad_x
 
 
-@functools.cache
-def _lora_kernel(backend: str):
-    if backend == "reference":
-        return binary_lora_reference
-    if backend == "triton":
-        from ..triton.binary import binary_lora
-        return binary_lora
-    mod = _native.module(backend)
-    if backend == "cuda":
-        return lambda x, down, up, scale, relu: mod.binary_lora(x, *down, *up, scale, relu)
+@functools.partial(registry.register_lazy, "binary_lora", "cpu")
+def _cpu_binary_lora():
+    mod = _native.module("cpu")
 
-    def cpu(x, down, up, scale, relu):
+    def binary_lora(x, down, up, scale, relu):
         return mod.binary_lora(x, down[0], _bytes_t(down[0]), down[1], down[2], up[0],
                                _bytes_t(up[0]), up[1], up[2], scale, relu)
-    return cpu
+    return binary_lora
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +138,8 @@ def _lora_kernel(backend: str):
 def _binary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
                    mu: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
-    return _linear_kernel(backends.select(x.device, order))(x.contiguous(), packed, alpha, mu,
-                                                            bias, in_features)
+    return registry.kernel("binary_linear", x.device, order)(x.contiguous(), packed, alpha, mu,
+                                                             bias, in_features)
 
 
 _binary_linear_op = torch.library.custom_op("shira::binary_linear", mutates_args=())(_binary_linear)
@@ -144,8 +159,8 @@ def _linear_setup(ctx, inputs, output):
 
 def _grad_x(gy: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
             in_features: int) -> torch.Tensor:
-    return _grad_x_kernel(backends.select(gy.device))(gy.contiguous(), packed, alpha, mu,
-                                                     in_features)
+    return registry.kernel("binary_linear_grad_x", gy.device)(gy.contiguous(), packed, alpha,
+                                                               mu, in_features)
 
 
 # An op of its own, so that the registered backward stays traceable (fake kernel below).
@@ -176,10 +191,7 @@ def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.T
                  relu: bool) -> torch.Tensor:
     down = (down_packed, down_alpha, down_mu, down_in)
     up = (up_packed, up_alpha, up_mu, up_in)
-    kernel = _lora_kernel(backends.select(x.device))
-    if kernel is binary_lora_reference:
-        return kernel(x, down, up, scale, relu)
-    return kernel(x.contiguous(), down[:3], up[:3], scale, relu)
+    return registry.kernel("binary_lora", x.device)(x.contiguous(), down, up, scale, relu)
 
 
 _binary_lora_op = torch.library.custom_op("shira::binary_lora", mutates_args=())(_binary_lora)

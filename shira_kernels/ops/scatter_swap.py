@@ -3,7 +3,8 @@
 The kernel behind exact adapter switching: swapping an adapter's values in stores the base
 entries in their place, and swapping again restores the base bit for bit (no arithmetic is done,
 only bit patterns move). Layout: reference (the specification) → launch table shared by the
-native backends → validation → torch.library op → public function.
+native backends → their kernels, registered in ops/registry.py → validation → torch.library
+op → public function.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from .. import _native, backends, tuning
 from .._checks import FLOAT_DTYPES, check_representable, forget_index_checks, validate_indices
 from .._concurrency import interrupts_deferred, writing
+from . import registry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,25 +75,31 @@ def swap_table(weights, indices, values, block: int) -> tuple[torch.Tensor, torc
     return table
 
 
-def _native_kernel(backend: str):
-    """The backend's swap: returns how many entries it skipped for an index outside their
-    weight (the kernels check every index; nothing is written for those)."""
-    def run(weights, indices, values) -> int:
+def _tabled(backend: str, launch):
+    """The swap in the reference's signature for a backend whose kernel runs over the launch
+    table: ``launch(tasks, blocks, block)`` returns how many entries it skipped for an index
+    outside their weight (the kernels check every index; nothing is written for those)."""
+    def scatter_swap(weights, indices, values) -> int:
         tasks, blocks = swap_table(weights, indices, values, BLOCK[backend])
-        if backend == "cpu":
-            return _native.module("cpu").scatter_swap(tasks, blocks, BLOCK[backend])
-        if backend == "triton":
-            from ..triton.scatter_swap import scatter_swap
-        else:
-            scatter_swap = _native.module(backend).scatter_swap
-        skipped = torch.zeros(1, dtype=torch.int64, device=tasks.device)
-        scatter_swap(tasks, blocks, BLOCK[backend], skipped)
-        return int(skipped.item())  # a device sync: switching is a state change, not a hot loop
-    return run
+        return launch(tasks, blocks, BLOCK[backend])
+    return scatter_swap
 
 
-_KERNELS = {"reference": scatter_swap_reference, "cpu": _native_kernel("cpu"),
-            "triton": _native_kernel("triton"), "cuda": _native_kernel("cuda")}
+def _triton_launch():
+    from ..triton.scatter_swap import scatter_swap
+    return scatter_swap
+
+
+def _native_launch(backend: str):
+    return _native.module(backend).scatter_swap
+
+
+# Kernels per backend (registry.py): the reference; the table launchers of triton
+# (triton/scatter_swap.py), cpu and cuda (csrc/*/bindings.cpp).
+registry.register("scatter_swap", "reference", scatter_swap_reference)
+registry.register_lazy("scatter_swap", "triton", lambda: _tabled("triton", _triton_launch()))
+registry.register_lazy("scatter_swap", "cpu", lambda: _tabled("cpu", _native_launch("cpu")))
+registry.register_lazy("scatter_swap", "cuda", lambda: _tabled("cuda", _native_launch("cuda")))
 
 
 # On CUDA tensors the Triton kernel swaps faster than the CUDA one (tuning.py "triton_first",
@@ -111,7 +119,7 @@ def swap_unchecked(weights, indices, values) -> None:
 def swap_in_range(weights, indices, values) -> int:
     """The swap of every entry whose index lies inside its weight, on the selected backend;
     returns how many entries were skipped for an index outside (none written)."""
-    return _KERNELS[backends.select(weights[0].device, backends.TRITON_FIRST)](
+    return registry.kernel("scatter_swap", weights[0].device, backends.TRITON_FIRST)(
         weights, indices, values)
 
 

@@ -1,6 +1,7 @@
 """Sparse-delta matmul: y = x·(W + scale·S)ᵀ + b with S a SparseDelta, and its parts.
 
-The parts (each a torch.library op with reference, cpu, triton and cuda kernels):
+The parts (each a torch.library op with reference, cpu, triton and cuda kernels, registered in
+ops/registry.py under (part, backend), every one in its reference's signature):
   spmm     y + scale·x·Sᵀ for S in CSR          (forward; with Sᵀ's CSR also gx += gy·S)
   sddmm    g[j] = Σ_t gy[t, row_j]·x[t, col_j]   (gradient of S's values: no dense m×n grad)
   csr_add  out = W + scale·S                     (copy W, then add on S's entries only)
@@ -32,12 +33,11 @@ import threading
 
 import torch
 import torch.nn.functional as F
-from typing import Callable, NamedTuple
-
 from .. import _native, backends, tuning
 from .._checks import FLOAT_DTYPES, TensorCache, check_scale
 from .._concurrency import reading, weight_lock
 from ..formats import SparseDelta
+from . import registry
 from ._eager import eager_function, via_op
 from .scatter_swap import raise_outside, swap_in_range, swap_unchecked
 
@@ -94,111 +94,103 @@ def sparse_delta_linear_reference(x, weight, bias, delta: SparseDelta, scale: fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels per backend.
+# Kernels per backend (registry.py), each in its reference's signature:
+#   spmm(y, x, offsets, cols, values, scale, overwrite_y=False) -> y + scale·x·Sᵀ; with
+#       overwrite_y (the caller no longer needs y) a kernel may write the result into y.
+#   sddmm(gy, x, rows, cols, offsets=None) -> fp32 [nnz], the gradient of S's values; offsets
+#       (S's CSR row offsets, when the caller has them) spare the CPU kernel deriving them.
+#   scatter_add(out, weight, flat, values, scale, saved=None) -> int: out[flat] = weight[flat]
+#       + scale·values; saved, if given, gets weight[flat] first. Every index is checked
+#       against the weight's size: entries outside are skipped (never read or written) and
+#       their count returned.
+#   spmm_t_sddmm(gx, gy, x, values, struct, scale) -> (gx + scale·gy·S, sddmm(gy, x)), the
+#       spmm strategy's backward; gx may be overwritten. struct is the SparseStructure's
+#       tensors (rows, cols, row_offsets, t_offsets, t_cols, t_perm). The CPU backend does
+#       both in one pass over S; the others compose spmm and sddmm.
+#   folded_linear(x, weight, bias, values, struct, scale) -> x·(W + scale·S)ᵀ + b, and
+#   folded_linear_grad_x(gy, weight, values, struct, scale) -> gy·(W + scale·S): the fold
+#       strategy. The CPU backend folds S into W as W is read; the others compose a dense
+#       matmul and spmm.
 # ---------------------------------------------------------------------------------------------
-class Kernels(NamedTuple):
-    """One backend's kernels.
-
-    spmm(y, x, offsets, cols, values, scale, overwrite_y=False) -> y + scale·x·Sᵀ; with
-        overwrite_y (the caller no longer needs y) a kernel may write the result into y.
-    sddmm(gy, x, rows, cols, offsets=None) -> fp32 [nnz], the gradient of S's values; offsets
-        (S's CSR row offsets, when the caller has them) spare the CPU kernel deriving them.
-    scatter_add(out, weight, flat, values, scale, saved=None) -> int: out[flat] = weight[flat]
-        + scale·values; saved, if given, gets weight[flat] first. Every index is checked
-        against the weight's size: entries outside are skipped (never read or written) and
-        their count returned.
-    spmm_t_sddmm(gx, gy, x, values, struct, scale) -> (gx + scale·gy·S, sddmm(gy, x)), the
-        spmm strategy's backward; gx may be overwritten. struct is the SparseStructure's
-        tensors (rows, cols, row_offsets, t_offsets, t_cols, t_perm). The CPU backend does both
-        in one pass over S; the others compose spmm and sddmm.
-    folded_linear(x, weight, bias, values, struct, scale) -> x·(W + scale·S)ᵀ + b, and
-    folded_linear_grad_x(gy, weight, values, struct, scale) -> gy·(W + scale·S): the fold
-        strategy. The CPU backend folds S into W as W is read; the others compose a dense
-        matmul and spmm.
-    """
-    spmm: Callable
-    sddmm: Callable
-    scatter_add: Callable
-    spmm_t_sddmm: Callable
-    folded_linear: Callable
-    folded_linear_grad_x: Callable
-
-
-def _without_offsets(sddmm):
-    """A per-entry sddmm (rows and cols only) in the signature of Kernels.sddmm."""
-    def run(gy, x, rows, cols, offsets=None):
-        return sddmm(gy, x, rows, cols)
-    return run
-
-
-def _composed_spmm_t_sddmm(spmm, sddmm):
+def _register_composites(backend: str) -> None:
+    """spmm_t_sddmm and the fold as ``backend``'s spmm and sddmm plus a dense matmul (what the
+    "spmm" strategy runs), for a backend without fused kernels for them."""
     def spmm_t_sddmm(gx, gy, x, values, struct, scale):
         rows, cols, offsets, t_offsets, t_cols, t_perm = struct
-        gx = spmm(gx, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale,
-                  overwrite_y=True)
-        return gx, _values_gradient(sddmm, gy, x, rows, cols, offsets)
-    return spmm_t_sddmm
+        gx = registry.lookup("spmm", backend)(gx, gy, t_offsets, t_cols,
+                                              values.index_select(0, t_perm), scale,
+                                              overwrite_y=True)
+        return gx, _values_gradient(registry.lookup("sddmm", backend), gy, x, rows, cols,
+                                    offsets)
 
-
-def _composed_fold(spmm):
-    """folded_linear and folded_linear_grad_x as a dense matmul plus spmm (what "spmm" runs)."""
     def folded_linear(x, weight, bias, values, struct, scale):
         _, cols, offsets, _, _, _ = struct
-        return spmm(F.linear(x, weight, bias), x, offsets, cols, values, scale, overwrite_y=True)
+        return registry.lookup("spmm", backend)(F.linear(x, weight, bias), x, offsets, cols,
+                                                values, scale, overwrite_y=True)
 
     def folded_linear_grad_x(gy, weight, values, struct, scale):
         _, _, _, t_offsets, t_cols, t_perm = struct
-        return spmm(gy @ weight, gy, t_offsets, t_cols, values.index_select(0, t_perm), scale,
-                    overwrite_y=True)
-    return folded_linear, folded_linear_grad_x
+        return registry.lookup("spmm", backend)(gy @ weight, gy, t_offsets, t_cols,
+                                                values.index_select(0, t_perm), scale,
+                                                overwrite_y=True)
+    for fn in (spmm_t_sddmm, folded_linear, folded_linear_grad_x):
+        registry.register(fn.__name__, backend, fn)
 
 
-@functools.cache  # the hot path asks per call: no closures made per call
-def _kernels(backend: str) -> Kernels:
-    if backend == "reference":
-        return Kernels(spmm_reference, sddmm_reference, scatter_add_reference,
-                       _composed_spmm_t_sddmm(spmm_reference, sddmm_reference),
-                       *_composed_fold(spmm_reference))
-    if backend == "triton":
-        from ..triton import sparse_delta as mod
-        sddmm = _without_offsets(mod.sddmm)
-        return Kernels(mod.spmm, sddmm, mod.scatter_add, _composed_spmm_t_sddmm(mod.spmm, sddmm),
-                       *_composed_fold(mod.spmm))
-    mod = _native.module(backend)
-    if backend == "cpu":
-        def spmm_t_sddmm(gx, gy, x, values, struct, scale):
-            _, _, _, t_offsets, t_cols, t_perm = struct
-            return mod.spmm_t_sddmm(gx, gy, x, t_offsets, t_cols, t_perm, values, scale,
-                                    overwrite_gx=True)
-
-        def folded_linear(x, weight, bias, values, struct, scale):
-            _, cols, offsets, _, _, _ = struct
-            return mod.folded_linear(x, weight, bias, offsets, cols, None, values, scale, False)
-
-        def folded_linear_grad_x(gy, weight, values, struct, scale):
-            _, _, _, t_offsets, t_cols, t_perm = struct
-            return mod.folded_linear(gy, weight, None, t_offsets, t_cols, t_perm, values, scale,
-                                    True)
-        return Kernels(mod.spmm, mod.sddmm, mod.scatter_add, spmm_t_sddmm, folded_linear,
-                       folded_linear_grad_x)
-
-    def spmm(y, x, offsets, cols, values, scale, overwrite_y=False):
-        return mod.spmm(y, x, offsets, cols, values, scale)  # always a new tensor
-
-    def scatter_add(out, weight, idx, values, scale, saved=None):
-        if saved is not None:  # the CUDA kernel has no saving pass: gather first
-            # (clamped: an index outside the weight is skipped by the kernel and reported)
-            saved.copy_(weight.view(-1)[idx.long().clamp(0, weight.numel() - 1)])
-        skipped = torch.zeros(1, dtype=torch.int64, device=weight.device)
-        mod.scatter_add(out, weight, idx, values, scale, skipped)
-        return int(skipped.item())
-    sddmm = _without_offsets(mod.sddmm)
-    return Kernels(spmm, sddmm, scatter_add, _composed_spmm_t_sddmm(spmm, sddmm),
-                   *_composed_fold(spmm))
+def _triton_kernels():
+    from ..triton import sparse_delta
+    return sparse_delta
 
 
-def _select(device) -> Kernels:
-    return _kernels(backends.select(device))
+# reference: the specification; the fused parts composed of it.
+registry.register("spmm", "reference", spmm_reference)
+registry.register("sddmm", "reference", sddmm_reference)
+registry.register("scatter_add", "reference", scatter_add_reference)
+_register_composites("reference")
+
+# triton (shira_kernels/triton/sparse_delta.py).
+registry.register_module("triton", _triton_kernels, "spmm", "sddmm", "scatter_add")
+_register_composites("triton")
+
+# cuda (csrc/cuda/bindings.cpp).
+registry.register_module("cuda", functools.partial(_native.module, "cuda"),
+                         "spmm", "sddmm", "scatter_add")
+_register_composites("cuda")
+
+# cpu (csrc/cpu/bindings.cpp): the parts as bound; the fused backward and the fold take S's
+# structure as separate tensors, and the fold and its gradient are one binding (grad_x).
+registry.register_module("cpu", functools.partial(_native.module, "cpu"),
+                         "spmm", "sddmm", "scatter_add")
+
+
+@functools.partial(registry.register_lazy, "spmm_t_sddmm", "cpu")
+def _cpu_spmm_t_sddmm():
+    fused = _native.module("cpu").spmm_t_sddmm
+
+    def spmm_t_sddmm(gx, gy, x, values, struct, scale):
+        _, _, _, t_offsets, t_cols, t_perm = struct
+        return fused(gx, gy, x, t_offsets, t_cols, t_perm, values, scale, overwrite_gx=True)
+    return spmm_t_sddmm
+
+
+@functools.partial(registry.register_lazy, "folded_linear", "cpu")
+def _cpu_folded_linear():
+    fold = _native.module("cpu").folded_linear
+
+    def folded_linear(x, weight, bias, values, struct, scale):
+        _, cols, offsets, _, _, _ = struct
+        return fold(x, weight, bias, offsets, cols, None, values, scale, False)
+    return folded_linear
+
+
+@functools.partial(registry.register_lazy, "folded_linear_grad_x", "cpu")
+def _cpu_folded_linear_grad_x():
+    fold = _native.module("cpu").folded_linear
+
+    def folded_linear_grad_x(gy, weight, values, struct, scale):
+        _, _, _, t_offsets, t_cols, t_perm = struct
+        return fold(gy, weight, None, t_offsets, t_cols, t_perm, values, scale, True)
+    return folded_linear_grad_x
 
 
 _ROW_BLOCKS = TensorCache()
@@ -254,8 +246,8 @@ def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int | None = None)
 @torch.library.custom_op("shira::spmm", mutates_args=())
 def _spmm_op(y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, cols: torch.Tensor,
              values: torch.Tensor, scale: float) -> torch.Tensor:
-    return _select(y.device).spmm(y.contiguous(), x.contiguous(), offsets, cols,
-                                values.contiguous(), scale)
+    return registry.kernel("spmm", y.device)(y.contiguous(), x.contiguous(), offsets, cols,
+                                             values.contiguous(), scale)
 
 
 @_spmm_op.register_fake
@@ -266,7 +258,7 @@ def _(y, x, offsets, cols, values, scale):
 @torch.library.custom_op("shira::sddmm", mutates_args=())
 def _sddmm_op(gy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
               cols: torch.Tensor) -> torch.Tensor:
-    return _select(gy.device).sddmm(gy.contiguous(), x.contiguous(), rows, cols)
+    return registry.kernel("sddmm", gy.device)(gy.contiguous(), x.contiguous(), rows, cols)
 
 
 @_sddmm_op.register_fake
@@ -285,8 +277,8 @@ def _csr_add_holding(weight, flat_indices, values, scale, out) -> None:
     """csr_add's body, for callers that hold W's lock already (it is not reentrant)."""
     if out.data_ptr() != weight.data_ptr():
         out.copy_(weight)
-    skipped = _select(weight.device).scatter_add(out, weight, flat_indices, values.contiguous(),
-                                                 scale)
+    skipped = registry.kernel("scatter_add", weight.device)(out, weight, flat_indices,
+                                                            values.contiguous(), scale)
     if skipped:
         raise_outside(skipped, [flat_indices])
 
@@ -326,7 +318,8 @@ def _adapted_in_place(weight, flat, values, scale):
     w = weight.data
     saved = _scratch_buffer("swap", w, flat.shape)
     # One pass: W[idx] += scale·S (fp32, rounded once) while the base bits go to `saved`.
-    skipped = _select(w.device).scatter_add(w, w, flat, values.contiguous(), scale, saved)
+    skipped = registry.kernel("scatter_add", w.device)(w, w, flat, values.contiguous(), scale,
+                                                       saved)
     if skipped:  # the kernel skipped indices outside W: put back the entries it did write
         swap_in_range([w], [flat], [saved])
         raise_outside(skipped, [flat])
@@ -361,15 +354,15 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def _linear_reading(x, weight, bias, values, flat, offsets, cols, rows, t_offsets, t_cols,
                     t_perm, scale, strategy):
     if strategy == "fold":
-        return _select(x.device).folded_linear(x.contiguous(), weight, bias, values.contiguous(),
-                                              (rows, cols, offsets, t_offsets, t_cols, t_perm),
-                                              scale)
+        return registry.kernel("folded_linear", x.device)(
+            x.contiguous(), weight, bias, values.contiguous(),
+            (rows, cols, offsets, t_offsets, t_cols, t_perm), scale)
     if strategy == "merge":
         return F.linear(x, _merged_weight(weight, flat, values, scale), bias)
     # The parts are called directly, not through their ops: each op call costs tens of
     # microseconds of Python, as much as the GPU work of a decoding step.
-    return _select(x.device).spmm(F.linear(x, weight, bias), x.contiguous(), offsets, cols,
-                                  values.contiguous(), scale, overwrite_y=True)
+    return registry.kernel("spmm", x.device)(F.linear(x, weight, bias), x.contiguous(), offsets,
+                                             cols, values.contiguous(), scale, overwrite_y=True)
 
 
 def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -391,20 +384,21 @@ def _linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 def _backward_holding(gy, x, weight, values, flat, offsets, cols, rows, t_offsets, t_cols,
                       t_perm, scale, strategy, need_x, need_weight):
     gy, x = gy.contiguous(), x.contiguous()
-    kernels = _select(gy.device)
     gx, gw = gy.new_empty(0), gy.new_empty(0)
     struct = (rows, cols, offsets, t_offsets, t_cols, t_perm)
     if need_x and strategy == "spmm":
-        gx, g = kernels.spmm_t_sddmm(gy @ weight, gy, x, values.contiguous(), struct, scale)
+        gx, g = registry.kernel("spmm_t_sddmm", gy.device)(gy @ weight, gy, x,
+                                                           values.contiguous(), struct, scale)
     else:
         if need_x and strategy == "fold":
-            gx = kernels.folded_linear_grad_x(gy, weight, values.contiguous(), struct, scale)
+            gx = registry.kernel("folded_linear_grad_x", gy.device)(
+                gy, weight, values.contiguous(), struct, scale)
         elif need_x and strategy == "merge":
             gx = gy @ _merged_weight(weight, flat, values, scale)
         elif need_x:
             with _adapted_in_place(weight, flat, values, scale):
                 gx = gy @ weight
-        g = _values_gradient(kernels.sddmm, gy, x, rows, cols, offsets)
+        g = _values_gradient(registry.kernel("sddmm", gy.device), gy, x, rows, cols, offsets)
     gvalues = (g if scale == 1.0 else scale * g).to(values.dtype)
     if need_weight:
         gw = gy.T @ x

@@ -134,7 +134,8 @@ def binary_linear(x, packed, alpha, mu, bias, in_features):
 
 
 def binary_lora(x, down, up, scale, relu):
-    (d_packed, d_alpha, d_mu), (u_packed, u_alpha, u_mu) = down, up
+    # down, up: (packed, alpha, mu, in_features), as the reference takes them.
+    (d_packed, d_alpha, d_mu), (u_packed, u_alpha, u_mu) = down[:3], up[:3]
     tokens, rank, n_out = x.shape[0], d_packed.shape[0], u_packed.shape[0]
     y = torch.empty(tokens, n_out, dtype=x.dtype, device=x.device)
     if tokens and n_out:

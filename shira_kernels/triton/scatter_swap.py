@@ -1,4 +1,5 @@
 """Batched scatter-swap in one Triton launch over a task table (see ops/scatter_swap.py)."""
+import torch
 import triton
 import triton.language as tl
 
@@ -40,10 +41,13 @@ def _scatter_swap_kernel(tasks_ptr, blocks_ptr, skipped, BLOCK: tl.constexpr):
         _swap_block(tl.load(task), tl.load(task + 2), k, offs, mask, tl.int32)
 
 
-def scatter_swap(tasks, blocks, block: int, skipped) -> None:
+def scatter_swap(tasks, blocks, block: int) -> int:
     """Launch over ``tasks`` [T, 7] and ``blocks`` [B, 2] (int64, on the tensors' device);
-    the count of entries skipped for an index outside their weight is added to ``skipped``
-    (int64 [1])."""
+    returns the count of entries skipped for an index outside their weight (as the native
+    kernels do; a device sync: switching is a state change, not a hot loop)."""
     num_blocks = blocks.shape[0]
-    if num_blocks:
-        _scatter_swap_kernel[(num_blocks,)](tasks, blocks, skipped, BLOCK=block)
+    if not num_blocks:
+        return 0
+    skipped = torch.zeros(1, dtype=torch.int64, device=tasks.device)
+    _scatter_swap_kernel[(num_blocks,)](tasks, blocks, skipped, BLOCK=block)
+    return int(skipped.item())

@@ -76,7 +76,9 @@ def spmm(y_in, x, offsets, cols, values, scale: float, overwrite_y: bool = False
     return y_out
 
 
-def sddmm(gy, x, rows, cols):
+def sddmm(gy, x, rows, cols, offsets=None):
+    # offsets (S's CSR row offsets) is a hint for kernels walking S by rows; this one works
+    # per entry and does not read it.
     nnz = rows.numel()
     g = torch.empty(nnz, dtype=torch.float32, device=gy.device)
     if nnz:
