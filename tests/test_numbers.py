@@ -460,3 +460,12 @@ def test_shira_linear_merge_that_overflows_is_refused_and_changes_nothing():
         layer.merge()
     assert not layer.merged
     assert torch.equal(layer.weight.detach().view(torch.int16), before)
+
+
+def test_dylora_from_linear_refused_leaves_the_linear_trainable():
+    from shira_kernels.nn import DyLoRALinear
+    linear = torch.nn.Linear(8, 4)
+    for bad in ({"r_max": 0}, {"r_max": 2, "alpha": float("nan")}, {"r_max": 2, "seed": 1.5}):
+        with pytest.raises((ValueError, TypeError)):
+            DyLoRALinear.from_linear(linear, **bad)
+        assert linear.weight.requires_grad and linear.bias.requires_grad, bad

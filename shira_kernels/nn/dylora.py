@@ -82,9 +82,8 @@ class DyLoRALinear(nn.Linear):
             # An adapter layer (ShiraLinear, DyLoRALinear, ...) would lose its own forward.
             raise TypeError(f"linear must be a plain nn.Linear, but {type(linear).__name__} "
                             f"overrides forward")
-        layer = adopt_linear(cls, linear)
-        layer._init_adapter(r_max, alpha, seed, train_lower)
-        return layer
+        return adopt_linear(cls, linear,
+                            lambda layer: layer._init_adapter(r_max, alpha, seed, train_lower))
 
     def _init_adapter(self, r_max, alpha, seed, train_lower) -> None:
         r_max = _check_positive_int(r_max, "r_max")

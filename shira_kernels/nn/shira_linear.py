@@ -61,9 +61,8 @@ class ShiraLinear(nn.Linear):
         if isinstance(mask, str) and r is None and density is None:
             r = 32
         chosen = make_mask(mask, linear.weight.detach(), r=r, density=density, seed=seed, grads=grads)
-        layer = adopt_linear(cls, linear)
-        layer._init_adapter(mask_to_indices(chosen).to(linear.weight.device), scale)
-        return layer
+        indices = mask_to_indices(chosen).to(linear.weight.device)
+        return adopt_linear(cls, linear, lambda layer: layer._init_adapter(indices, scale))
 
     def _init_adapter(self, indices: torch.Tensor, scale: float) -> None:
         delta = SparseDelta(self.weight.shape, indices, torch.zeros(
