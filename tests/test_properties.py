@@ -167,3 +167,51 @@ def test_every_strategy_agrees_on_random_deltas(data):
         err = (y.double() - exact).abs()
         assert bool((err <= gamma * magnitude + 2**-24 * exact.abs()).all()), strategy
         assert torch.equal(bits(weight), w_before), strategy
+
+
+@SETTINGS
+@given(data=st.data())
+def test_shira_linear_load_state_dict_is_right_or_changes_nothing(data):
+    """A state_dict with random indices (canonical or not) and values of any length and dtype:
+    loaded exactly, or refused naming the key with every tensor of the layer unchanged."""
+    from shira_kernels.nn import ShiraLinear
+
+    out_f, in_f = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    mask = torch.rand(out_f, in_f) < 0.5
+    mask.view(-1)[0] = True
+    layer = ShiraLinear.from_linear(torch.nn.Linear(in_f, out_f), mask=mask)
+    nnz = layer.shira_indices.numel()
+    if data.draw(st.booleans()):  # a canonical set of the layer's size: loadable (about half)
+        chosen = data.draw(st.lists(st.integers(0, out_f * in_f - 1), min_size=nnz,
+                                    max_size=nnz, unique=True))
+        idx = torch.tensor(sorted(chosen), dtype=data.draw(st.sampled_from(
+            [torch.int32, torch.int64])))
+    else:
+        idx = data.draw(index_sets(out_f * in_f))
+    values = torch.randn(idx.numel() + data.draw(st.sampled_from([0, 0, 0, 1]))).to(
+        data.draw(st.sampled_from(FLOATS + FLOATS + (torch.int32,))))
+    state = dict(layer.state_dict())
+    state["shira_indices"], state["shira_values"] = idx, values
+    before = {k: bits(v) for k, v in layer.state_dict().items()}
+    flat = idx.tolist()
+    loadable = (len(flat) == nnz and values.numel() == nnz and values.is_floating_point()
+                and flat == sorted(set(flat)) and all(0 <= k < out_f * in_f for k in flat))
+    if loadable:
+        layer.load_state_dict(state)
+        assert layer.shira_indices.tolist() == flat
+        assert torch.equal(bits(layer.shira_values.detach()), bits(values.to(
+            layer.shira_values.dtype)))
+        x = torch.randn(3, in_f)
+        dense = torch.zeros(out_f * in_f, dtype=torch.float64)
+        dense[idx.long()] = values.double()
+        exact = x.double() @ (layer.weight.double() + dense.view(out_f, in_f)).T \
+            + layer.bias.double()
+        assert (layer(x).double() - exact).abs().max() < 1e-4
+        return
+    with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+        layer.load_state_dict(state)
+    assert "shira_" in str(info.value)
+    after = {k: bits(v) for k, v in layer.state_dict().items()}
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
