@@ -112,6 +112,10 @@ class TensorCache:
         entries[key] = (weakref.ref(tensor, forget), tensor_stamp(tensor), extra, value)
         return value
 
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Drop what is kept for ``tensor``."""
+        self._entries.pop(id(tensor), None)
+
 
 _INDEX_STATS = TensorCache()
 
@@ -136,7 +140,7 @@ def _index_stats(index: torch.Tensor) -> tuple[int, int, bool, bool]:
 def forget_index_checks(index: torch.Tensor) -> None:
     """Drop the cached check of ``index`` (a kernel found it stale: the tensor was written in
     a way its version counter does not see, e.g. through .data or a numpy view)."""
-    _INDEX_STATS._entries.pop(id(index), None)
+    _INDEX_STATS.forget(index)
 
 
 def validate_indices(indices: torch.Tensor, numel: int, *, name: str = "indices",

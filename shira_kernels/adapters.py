@@ -564,7 +564,7 @@ class AdapterBank:
                 total.index_add_(0, inverse[start:start + n], coefficient * entry.delta.float())
                 start += n
             base = self._base_entries(layer, union)
-            active = (base.float() + total).to(base.dtype)  # one rounding onto the base
+            active = adapted_entries(base, total, 1.0)  # one rounding onto the base
             check_representable(active, f"fusion {list(names)} with weights {list(weights)}, "
                                 f"layer {layer!r}", base=base)
             entries[layer] = _Entry(union.to(layer_parts[0][0].indices.dtype), active)
@@ -607,17 +607,17 @@ class AdapterBank:
     def _exit_forward(self, module, args, output) -> None:
         # always_call: runs when the forward raised too; the depth guards against a pre-hook
         # registered before ours having raised before we acquired.
+        if getattr(self._held, "depth", 0) == 0:
+            return
         if (not self._warned_backward and isinstance(output, torch.Tensor)
-                and output.requires_grad and self.lock._is_owned()
-                and self._held_by_reading() == 0):
+                and output.requires_grad and self._held_by_reading() == 0):
             self._warned_backward = True
             warnings.warn("AdapterBank.guard_forward() covers forwards only: this forward "
                           "records a backward, which runs after the lock is released; hold "
                           "`with bank.reading():` around forward and backward when another "
                           "thread may switch adapters", stacklevel=2)
-        if getattr(self._held, "depth", 0) > 0:
-            self._held.depth -= 1
-            self.lock.release()
+        self._held.depth -= 1
+        self.lock.release()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, name: str, path) -> None:

@@ -108,14 +108,16 @@ def _check_structure(structure, flat_indices: torch.Tensor, shape: tuple[int, in
     fields = tuple(getattr(structure, name) for name in _STRUCTURE_FIELDS)
     if not all(isinstance(t, torch.Tensor) for t in fields):
         raise TypeError("structure's fields must be tensors")
-    expected = _structure_of(flat_indices, shape)
-    if expected is structure:
+    cached = _STRUCTURES.get(flat_indices, shape)
+    if cached is structure:
         return
     key = (shape, tuple(id(t) for t in fields), id(flat_indices), flat_indices._version
            if not flat_indices.is_inference() else None)
     checked = _CHECKED_STRUCTURES.get(structure.rows, key)
     if checked is not None and checked() is flat_indices:
         return
+    # Derived for the comparison only (not cached: the caller keeps its own copy).
+    expected = cached if cached is not None else SparseStructure.build(flat_indices, shape)
     for name, got in zip(_STRUCTURE_FIELDS, fields):
         want = getattr(expected, name)
         if (got.dtype != want.dtype or got.shape != want.shape or got.device != want.device

@@ -142,8 +142,7 @@ class ShiraLinear(nn.Linear):
     @staticmethod
     def _after_load(module: "ShiraLinear", incompatible_keys) -> None:
         # Loaded indices may differ from the ones the structure was derived from.
-        module._set_structure(SparseDelta(module.weight.shape, module.shira_indices,
-                                          module.shira_values).structure)
+        module._refresh_structure()
 
     def _structure(self) -> SparseStructure:
         buffers = self._buffers  # not getattr: nn.Module.__getattr__ would run per name, per call

@@ -28,7 +28,7 @@ from ._eager import eager_function, via_op
 ACTIVATIONS = (None, "relu")
 # On CUDA tensors the CUDA kernel's warp-per-row path wins up to "gemv_max_tokens" tokens
 # (tuning.py); above, Triton's tensor-core tiles, so Triton is tried first there.
-GEMV_MAX_TOKENS = tuning.lookup("gemv_max_tokens", "cuda")
+GEMV_MAX_TOKENS = tuning.view("gemv_max_tokens")["cuda"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,8 +102,6 @@ registry.register_lazy("scatter_swap", "cpu", lambda: _tabled("cpu", _native_lau
 registry.register_lazy("scatter_swap", "cuda", lambda: _tabled("cuda", _native_launch("cuda")))
 
 
-# On CUDA tensors the Triton kernel swaps faster than the CUDA one (tuning.py "triton_first",
-# docs/benchmarks/gpu_h200.md), so it is tried first.
 def swap_unchecked(weights, indices, values) -> None:
     """The swap on the selected backend without the Python checks, for ops whose arguments
     were validated at their own entry (e.g. sparse_delta_linear's "swap" strategy). The kernels
@@ -118,7 +116,8 @@ def swap_unchecked(weights, indices, values) -> None:
 
 def swap_in_range(weights, indices, values) -> int:
     """The swap of every entry whose index lies inside its weight, on the selected backend;
-    returns how many entries were skipped for an index outside (none written)."""
+    returns how many entries were skipped for an index outside (none written). On CUDA tensors
+    Triton's kernel is tried first: it measured faster (tuning.py "triton_first")."""
     return registry.kernel("scatter_swap", weights[0].device, backends.TRITON_FIRST)(
         weights, indices, values)
 

@@ -48,8 +48,8 @@ STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
 FOLD_TOKENS = tuning.view("fold_tokens")
 FOLD_TRAINING_TOKENS = tuning.view("fold_training_tokens")
 SWAP_FROM_TOKENS = tuning.view("swap_from_tokens")
-DENSE_SDDMM_FROM_TOKENS = tuning.lookup("dense_sddmm_from_tokens", "cuda")
-SDDMM_BLOCK_BYTES = tuning.lookup("sddmm_block_bytes", "cuda")
+DENSE_SDDMM_FROM_TOKENS = tuning.view("dense_sddmm_from_tokens")["cuda"]
+SDDMM_BLOCK_BYTES = tuning.view("sddmm_block_bytes")["cuda"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def _row_blocks(rows, cols, offsets, n_in: int, rows_per_block: int):
 
 def _values_gradient(sddmm, gy, x, rows, cols, offsets):
     """A backend's sddmm, or on CUDA for many tokens the dense row blocks (sddmm_row_blocks)."""
-    if (gy.is_cuda and gy.shape[0] >= tuning.lookup("dense_sddmm_from_tokens", "cuda", None, 512)
+    if (gy.is_cuda and gy.shape[0] >= tuning.lookup("dense_sddmm_from_tokens", "cuda")
             and sddmm is not sddmm_reference):
         return sddmm_row_blocks(gy, x, rows, cols, offsets)
     return sddmm(gy, x, rows, cols, offsets)
@@ -226,7 +226,8 @@ def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int | None = None)
     time), each read at S's entries in those rows. On a GPU the products run on tensor cores,
     far faster than gathering per entry once there are many tokens."""
     if block_bytes is None:
-        block_bytes = tuning.lookup("sddmm_block_bytes", gy.device.type, None, 16 * 2**20)
+        block_bytes = tuning.lookup("sddmm_block_bytes", gy.device.type, None,
+                                    SDDMM_BLOCK_BYTES)
     n_in = x.shape[1]
     per = max(1, block_bytes // (4 * n_in))
     g = torch.empty(rows.numel(), dtype=torch.float32, device=gy.device)
