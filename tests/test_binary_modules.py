@@ -64,7 +64,7 @@ def test_packed_state_dict_is_16x_smaller_than_fp16():
 def test_bi_lora_trains_with_the_straight_through_estimator(backend, device):
     torch.manual_seed(0)
     base = nn.Linear(32, 8).to(device)
-    layer = BinaryLoRALinear.from_linear(base, rank=4, scale=1.0, method="row")
+    layer = BinaryLoRALinear.from_linear(base, r=4, scale=1.0, method="row")
     assert layer.weight is base.weight and not layer.weight.requires_grad
     x, target = torch.randn(128, 32).to(device), torch.randn(128, 8).to(device)
     opt = torch.optim.Adam(layer.lora.parameters(), lr=0.02)
@@ -96,4 +96,75 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
         BinaryAdapter(8, 2, method="ternary")
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
-        BinaryLoRALinear.from_linear(nn.Conv1d(2, 2, 1), rank=2)
+        BinaryLoRALinear.from_linear(nn.Conv1d(2, 2, 1), r=2)
+
+
+# -- rank, r's old name: accepted with a DeprecationWarning --------------------------------------
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_r_is_the_rank(recwarn):
+    adapter = BinaryAdapter(8, r=3, out_features=6)
+    assert adapter.r == 3 and adapter.down.shape == (3, 8) and adapter.up.shape == (6, 3)
+    assert "r=3" in repr(adapter)
+    assert BinaryAdapter(8, 3).r == 3
+    layer = BinaryLoRALinear.from_linear(nn.Linear(8, 6), r=3)
+    assert layer.r == layer.lora.r == 3
+    assert BinaryLoRALinear.from_linear(nn.Linear(8, 6), 3).r == 3
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
+def test_rank_keyword_is_deprecated_and_builds_the_same_layer():
+    torch.manual_seed(0)
+    new = BinaryAdapter(8, r=3, out_features=6)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match=r"rank= is deprecated, pass r=") as record:
+        old = BinaryAdapter(8, rank=3, out_features=6)
+    assert record[0].filename == __file__  # attributed to the caller
+    _same_state(old, new)
+    torch.manual_seed(1)
+    new = BinaryLoRALinear.from_linear(nn.Linear(8, 6), r=3, method="row")
+    torch.manual_seed(1)
+    lin = nn.Linear(8, 6)
+    with pytest.warns(DeprecationWarning, match=r"rank= is deprecated, pass r=") as record:
+        old = BinaryLoRALinear.from_linear(lin, rank=3, method="row")
+    assert record[0].filename == __file__
+    assert old.r == new.r == 3
+    _same_state(old, new)
+
+
+def test_rank_attribute_is_a_deprecated_read_only_alias():
+    layer = BinaryLoRALinear.from_linear(nn.Linear(8, 6), 3)
+    with pytest.warns(DeprecationWarning, match=r"BinaryAdapter\.rank is deprecated, use \.r"):
+        assert layer.lora.rank == layer.lora.r == layer.r == 3
+    with pytest.raises(AttributeError, match="rank"):
+        layer.lora.rank = 2
+    assert not hasattr(BinaryLoRALinear, "rank")  # it never had one: no alias to keep
+
+
+def test_r_and_rank_together_or_neither_are_refused():
+    lin = nn.Linear(8, 6)
+    with pytest.raises(TypeError, match=r"got both 'r' and 'rank'"):
+        BinaryAdapter(8, 3, rank=3)
+    with pytest.raises(TypeError, match=r"got both 'r' and 'rank'"):
+        BinaryLoRALinear.from_linear(lin, 3, rank=3)
+    with pytest.raises(TypeError, match=r"missing required argument: 'r'"):
+        BinaryAdapter(8)
+    with pytest.raises(TypeError, match=r"missing required argument: 'r'"):
+        BinaryLoRALinear.from_linear(lin)
+    assert lin.weight.requires_grad
+
+
+def test_a_refused_rank_names_the_argument_used():
+    lin = nn.Linear(8, 6)
+    with pytest.raises(ValueError, match=r"^r must be ≥ 1"):
+        BinaryAdapter(8, r=0)
+    with pytest.raises(TypeError, match=r"^r must be an int"):
+        BinaryLoRALinear.from_linear(lin, r=2.0)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"^rank must be ≥ 1"):
+        BinaryAdapter(8, rank=0)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match=r"^rank must be an int"):
+        BinaryLoRALinear.from_linear(lin, rank=2.0)
+    assert lin.weight.requires_grad  # refused before the base layer is frozen

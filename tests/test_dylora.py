@@ -12,11 +12,11 @@ from shira_kernels.nn import DyLoRALinear, ShiraLinear
 from tolerance import abs64, assert_within_error_bound
 
 
-def make_layer(in_f=12, out_f=7, r_max=4, seed=0, dtype=torch.float32, **kwargs):
+def make_layer(in_f=12, out_f=7, r=4, seed=0, dtype=torch.float32, **kwargs):
     torch.manual_seed(seed)
-    layer = DyLoRALinear.from_linear(nn.Linear(in_f, out_f).to(dtype), r_max, seed=seed, **kwargs)
+    layer = DyLoRALinear.from_linear(nn.Linear(in_f, out_f).to(dtype), r, seed=seed, **kwargs)
     with torch.no_grad():  # B starts at zero; make the branch visible (and A's gradient nonzero)
-        layer.lora_B.copy_(torch.randn(out_f, r_max))
+        layer.lora_B.copy_(torch.randn(out_f, r))
     return layer
 
 
@@ -31,8 +31,8 @@ def reference(layer, x, b, absolute=False):
 
 def forward_k(layer):
     """fp32 roundings along the forward's longest chain: x·Aᵀ (in), the rank weights (the
-    scale alpha/b rounded to fp32, the product), ·Bᵀ (r_max), the add to the base output."""
-    return layer.in_features + layer.r_max + 3
+    scale alpha/b rounded to fp32, the product), ·Bᵀ (r), the add to the base output."""
+    return layer.in_features + layer.r + 3
 
 
 def assert_close_to_exact(ours, exact, magnitude, k):
@@ -85,7 +85,7 @@ def test_seed_makes_initialisation_and_rank_draws_reproducible():
     assert torch.equal(one.lora_A, two.lora_A)
     drawn = ranks(one, 200)
     assert drawn == ranks(two, 200)
-    assert set(drawn) == {1, 2, 3, 4}  # uniform over 1..r_max: 200 draws cover all four
+    assert set(drawn) == {1, 2, 3, 4}  # uniform over 1..r: 200 draws cover all four
     counts = torch.bincount(torch.tensor(drawn), minlength=5)[1:]
     assert counts.min() > 20
     assert ranks(make_layer(seed=4).train(), 200) != drawn
@@ -99,7 +99,7 @@ def test_seed_makes_initialisation_and_rank_draws_reproducible():
 
 @pytest.mark.parametrize("train_lower", [False, True])
 def test_training_forward_and_which_components_get_gradients(train_lower):
-    layer = make_layer(r_max=5, seed=1, train_lower=train_lower).train()
+    layer = make_layer(r=5, seed=1, train_lower=train_lower).train()
     seen = set()
     for _ in range(30):
         layer.zero_grad(set_to_none=True)
@@ -131,10 +131,10 @@ def test_training_forward_and_which_components_get_gradients(train_lower):
         ref_abs = F.linear(x_abs, abs64(layer.weight), abs64(layer.bias)) + (layer.alpha / b) * \
             F.linear(F.linear(x_abs, a_abs[:b]), b_abs[:, :b])
         ref_abs.backward(abs64(gy))
-        # x: gy·W (out) joined with gy·B (out), the rank weights (2), ·A (r_max); A: gy·B (out),
+        # x: gy·W (out) joined with gy·B (out), the rank weights (2), ·A (r); A: gy·B (out),
         # the rank weights, ·x over the 3 tokens, the join; B: x·Aᵀ (in), the weights, the tokens.
-        out_f, in_f, r_max = 7, 12, 5
-        assert_close_to_exact(x.grad, x64.grad, x_abs.grad, out_f + r_max + 3)
+        out_f, in_f, r = 7, 12, 5
+        assert_close_to_exact(x.grad, x64.grad, x_abs.grad, out_f + r + 3)
         assert_close_to_exact(layer.lora_A.grad[trained], a64.grad[trained],
                               a_abs.grad[trained], out_f + 3 + 3)
         assert_close_to_exact(layer.lora_B.grad[:, trained], b64.grad[:, trained],
@@ -154,7 +154,7 @@ def test_training_does_not_change_the_inference_rank():
 
 
 def test_set_rank_selects_the_first_b_components_without_copies():
-    layer = make_layer(r_max=6, seed=5).eval()
+    layer = make_layer(r=6, seed=5).eval()
     x = torch.randn(4, 12)
     a_ptr, b_ptr = layer.lora_A.data_ptr(), layer.lora_B.data_ptr()
     mask, scale = layer.rank_mask, layer.rank_scale
@@ -170,7 +170,7 @@ def test_set_rank_selects_the_first_b_components_without_copies():
 
 def test_torch_compile_switches_rank_without_recompiling():
     torch._dynamo.reset()
-    layer = make_layer(r_max=5, seed=6).eval()
+    layer = make_layer(r=5, seed=6).eval()
     model = nn.Sequential(layer, nn.ReLU(), nn.Linear(7, 3))
     counter = CountingBackend()
     compiled = torch.compile(model, backend=counter, fullgraph=True)
@@ -194,7 +194,7 @@ def test_torch_compile_switches_rank_without_recompiling():
 
 def test_torch_compile_training_matches_eager_and_does_not_recompile_per_rank():
     torch._dynamo.reset()
-    eager, layer = make_layer(r_max=4, seed=7).train(), make_layer(r_max=4, seed=7).train()
+    eager, layer = make_layer(r=4, seed=7).train(), make_layer(r=4, seed=7).train()
     counter = CountingBackend()
     compiled = torch.compile(layer, backend=counter)  # the draw is a graph break
     x = torch.randn(3, 12)
@@ -215,7 +215,7 @@ def test_torch_compile_training_matches_eager_and_does_not_recompile_per_rank():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_merge_equals_the_unmerged_output_and_unmerge_is_exact(dtype):
-    layer = make_layer(in_f=32, out_f=16, r_max=4, seed=8, dtype=dtype).eval()
+    layer = make_layer(in_f=32, out_f=16, r=4, seed=8, dtype=dtype).eval()
     base_weight = layer.weight.detach().clone()
     x = torch.randn(5, 32).to(dtype)
     for b in [3, 1]:
@@ -252,8 +252,8 @@ def test_merge_equals_the_unmerged_output_and_unmerge_is_exact(dtype):
 
 
 def test_constructor_and_state_dict_round_trip():
-    src = make_layer(r_max=3, seed=9)
-    dst = DyLoRALinear(12, 7, r_max=3, seed=0)
+    src = make_layer(r=3, seed=9)
+    dst = DyLoRALinear(12, 7, r=3, seed=0)
     assert not dst.weight.requires_grad
     dst.load_state_dict(src.state_dict())
     x = torch.randn(2, 12)
@@ -271,9 +271,11 @@ def test_bad_arguments():
         DyLoRALinear.from_linear(DyLoRALinear.from_linear(lin, 2), 2)
     with pytest.raises(TypeError, match="overrides forward"):
         DyLoRALinear.from_linear(ShiraLinear.from_linear(nn.Linear(6, 4), r=1), 2)
-    for r_max in (0, -1, 2.0, True, None):
-        with pytest.raises(ValueError, match="r_max"):
-            DyLoRALinear.from_linear(lin, r_max)
+    for r in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match=r"^r must be a positive int"):
+            DyLoRALinear.from_linear(lin, r)
+        with pytest.raises(ValueError, match=r"^r must be a positive int"):
+            DyLoRALinear(6, 4, r=r)
     for alpha in (0, -1.0, float("nan"), float("inf"), "1", True):
         with pytest.raises(ValueError, match="alpha"):
             DyLoRALinear.from_linear(lin, 2, alpha=alpha)
@@ -290,4 +292,65 @@ def test_bad_arguments():
     assert layer.rank == 3 and not layer.merged
     layer.set_rank(2)
     assert layer.rank_scale.item() == 3.0  # alpha / b
-    assert "r_max=3, rank=2, alpha=6.0" in repr(layer)
+    assert "r=3, rank=2, alpha=6.0" in repr(layer)
+
+
+# -- r_max, r's old name: accepted with a DeprecationWarning --------------------------------------
+def _same_layer(a, b):
+    assert a.r == b.r and a.alpha == b.alpha and a.seed == b.seed
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_r_is_the_maximum_rank(recwarn):
+    layer = DyLoRALinear.from_linear(nn.Linear(6, 4), r=3, seed=0)
+    assert layer.r == 3 and layer.rank == 3 and layer.lora_A.shape == (3, 6)
+    layer.set_rank(2)
+    assert layer.r == 3 and layer.rank == 2  # r stays the maximum; rank is the inference rank
+    assert DyLoRALinear(6, 4, r=3, seed=0).r == 3
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
+def test_r_max_keyword_is_deprecated_and_builds_the_same_layer():
+    torch.manual_seed(0)  # the same base layer, and the same seed: the same layer
+    new = DyLoRALinear.from_linear(nn.Linear(6, 4), r=3, seed=5)
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    with pytest.warns(DeprecationWarning, match=r"r_max= is deprecated, pass r=") as record:
+        old = DyLoRALinear.from_linear(lin, r_max=3, seed=5)
+    assert record[0].filename == __file__  # attributed to the caller
+    _same_layer(old, new)
+    torch.manual_seed(1)
+    new = DyLoRALinear(6, 4, r=3)
+    torch.manual_seed(1)
+    with pytest.warns(DeprecationWarning, match=r"r_max= is deprecated"):
+        old = DyLoRALinear(6, 4, r_max=3)
+    _same_layer(old, new)
+    # The attribute r_max: a read-only alias of r, deprecated too.
+    with pytest.raises(AttributeError):
+        old.r_max = 2
+    with pytest.warns(DeprecationWarning, match=r"DyLoRALinear\.r_max is deprecated, use \.r"):
+        assert old.r_max == old.r == 3
+
+
+def test_r_and_r_max_together_or_neither_are_refused():
+    with pytest.raises(TypeError, match=r"got both 'r' and 'r_max'"):
+        DyLoRALinear.from_linear(nn.Linear(6, 4), 3, r_max=3)
+    with pytest.raises(TypeError, match=r"got both 'r' and 'r_max'"):
+        DyLoRALinear(6, 4, r=3, r_max=3)
+    with pytest.raises(TypeError, match=r"missing required argument: 'r'"):
+        DyLoRALinear.from_linear(nn.Linear(6, 4))
+    with pytest.raises(TypeError, match=r"missing required argument: 'r'"):
+        DyLoRALinear(6, 4)
+
+
+def test_a_refused_r_max_is_named_r_max():
+    lin = nn.Linear(6, 4)
+    for bad in (0, 2.0, None):
+        with pytest.warns(DeprecationWarning), \
+                pytest.raises(ValueError, match=r"^r_max must be a positive int"):
+            DyLoRALinear.from_linear(lin, r_max=bad)
+        with pytest.warns(DeprecationWarning), \
+                pytest.raises(ValueError, match=r"^r_max must be a positive int"):
+            DyLoRALinear(6, 4, r_max=bad)
+    assert lin.weight.requires_grad

@@ -176,18 +176,18 @@ def test_layer_constructor_sizes(field, value):
     with pytest.raises(TypeError, match=rf"^{field} must be an int"):
         ShiraLinear(sizes["in_features"], sizes["out_features"], indices=idx)
     with pytest.raises(TypeError, match=rf"^{field} must be an int"):
-        DyLoRALinear(sizes["in_features"], sizes["out_features"], r_max=2)
+        DyLoRALinear(sizes["in_features"], sizes["out_features"], r=2)
     with pytest.raises(TypeError, match=rf"^{field} must be an int"):
         BinaryAdapter(sizes["in_features"], 2, sizes["out_features"])
 
 
 @pytest.mark.parametrize("rank", BAD_SIZES)
 def test_binary_adapter_rank(rank):
-    with pytest.raises(TypeError, match=r"^rank must be an int"):
+    with pytest.raises(TypeError, match=r"^r must be an int"):
         BinaryAdapter(8, rank)
-    with pytest.raises(TypeError, match=r"^rank must be an int"):
+    with pytest.raises(TypeError, match=r"^r must be an int"):
         BinaryLoRALinear.from_linear(nn.Linear(8, 6), rank)
-    with pytest.raises(ValueError, match=r"^rank must be ≥ 1"):
+    with pytest.raises(ValueError, match=r"^r must be ≥ 1"):
         BinaryAdapter(8, 0)
 
 
@@ -465,7 +465,7 @@ def test_shira_linear_merge_that_overflows_is_refused_and_changes_nothing():
 def test_dylora_from_linear_refused_leaves_the_linear_trainable():
     from shira_kernels.nn import DyLoRALinear
     linear = torch.nn.Linear(8, 4)
-    for bad in ({"r_max": 0}, {"r_max": 2, "alpha": float("nan")}, {"r_max": 2, "seed": 1.5}):
+    for bad in ({"r": 0}, {"r": 2, "alpha": float("nan")}, {"r": 2, "seed": 1.5}):
         with pytest.raises((ValueError, TypeError)):
             DyLoRALinear.from_linear(linear, **bad)
         assert linear.weight.requires_grad and linear.bias.requires_grad, bad

@@ -1,6 +1,8 @@
 """What every drop-in adapter layer does to the nn.Linear it wraps."""
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 
@@ -26,3 +28,32 @@ def adopt_linear(cls: type, linear: nn.Linear, init=None) -> nn.Linear:
                 param.requires_grad_(flag)
             raise
     return layer
+
+
+class _Required:
+    """The default of a renamed argument: "not passed" (None can be a value passed, and refused)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+
+def renamed_argument(owner: str, new_name: str, new, old_name: str, old) -> tuple[object, str]:
+    """(value, the name the caller used) of an argument renamed old_name → new_name.
+
+    The old keyword is accepted with a DeprecationWarning (attributed to owner's caller); both
+    at once, or neither, is a TypeError, like Python's own for a duplicate or missing argument.
+    The name is returned so that a refused value's message names the argument the caller wrote.
+    """
+    if old is REQUIRED:
+        if new is REQUIRED:
+            raise TypeError(f"{owner}() missing required argument: {new_name!r}")
+        return new, new_name
+    if new is not REQUIRED:
+        raise TypeError(f"{owner}() got both {new_name!r} and {old_name!r}, its deprecated old "
+                        f"name; pass only {new_name!r}")
+    warnings.warn(f"{owner}(): {old_name}= is deprecated, pass {new_name}=",
+                  DeprecationWarning, stacklevel=3)
+    return old, old_name

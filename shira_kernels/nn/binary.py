@@ -5,10 +5,14 @@ Training: the branch keeps float weights and fake-quantizes them on every forwar
 straight-through estimator (quant.fake_quantize). Inference: .pack() replaces the float weights
 with packed sign words and fp32 α, μ (buffers; the state_dict then holds nothing else for the
 branch) and forward runs binary_lora, one kernel for down, activation and up.
+
+The rank is ``r`` (argument and attribute); ``rank``, its old name, is still accepted with a
+DeprecationWarning.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,35 +22,43 @@ from .._checks import check_scale, check_size
 from ..formats import BinaryWeight
 from ..ops.binary import ACTIVATIONS, binary_lora
 from ..quant import METHODS, fake_quantize
-from ._wrap import adopt_linear
+from ._wrap import REQUIRED, adopt_linear, renamed_argument
 
 
 class BinaryAdapter(nn.Module):
-    """y = scale · up(act(down(x))) with 1-bit down [rank, in] and up [out, rank].
+    """y = scale · up(act(down(x))) with 1-bit down [r, in] and up [out, r].
 
     activation "relu" (AdaptFormer, the default) or None (LoRA). method: the quantizer,
     "petl" (per tensor, the paper's) or "row" (per output row).
     """
 
-    def __init__(self, in_features: int, rank: int, out_features: int | None = None, *,
+    def __init__(self, in_features: int, r: int = REQUIRED, out_features: int | None = None, *,
                  scale: float = 1.0, activation: str | None = "relu", method: str = "petl",
-                 device=None, dtype=None):
+                 device=None, dtype=None, rank: int = REQUIRED):
         super().__init__()
+        r, r_name = renamed_argument("BinaryAdapter", "r", r, "rank", rank)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        in_features, rank = check_size(in_features, "in_features"), check_size(rank, "rank")
+        in_features, r = check_size(in_features, "in_features"), check_size(r, r_name)
         if out_features is not None:
             out_features = check_size(out_features, "out_features")
-        self.in_features, self.rank = in_features, rank
+        self.in_features, self.r = in_features, r
         self.out_features = out_features or in_features
         self.scale, self.activation, self.method = check_scale(scale), activation, method
         self.packed = False
         # LoRA's initialisation: down random (Kaiming-uniform), up zero, so the branch starts at 0.
-        self.down = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.up = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+
+    @property
+    def rank(self) -> int:
+        """Deprecated (read-only): the rank, now ``r``."""
+        warnings.warn("BinaryAdapter.rank is deprecated, use .r", DeprecationWarning,
+                      stacklevel=2)
+        return self.r
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         return torch.relu(h) if self.activation == "relu" else h
@@ -55,7 +67,7 @@ class BinaryAdapter(nn.Module):
         """(down, up) as BinaryWeights: the packed buffers, or the float weights quantized."""
         if self.packed:
             return (BinaryWeight(self.down_packed, self.down_alpha, self.down_mu, self.in_features),
-                    BinaryWeight(self.up_packed, self.up_alpha, self.up_mu, self.rank))
+                    BinaryWeight(self.up_packed, self.up_alpha, self.up_mu, self.r))
         return (BinaryWeight.from_float(self.down, self.method),
                 BinaryWeight.from_float(self.up, self.method))
 
@@ -82,7 +94,7 @@ class BinaryAdapter(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, rank={self.rank}, out={self.out_features}, "
+        return (f"in={self.in_features}, r={self.r}, out={self.out_features}, "
                 f"scale={self.scale}, activation={self.activation}, method={self.method}"
                 f"{', packed' if self.packed else ''}")
 
@@ -93,16 +105,25 @@ class BinaryLoRALinear(nn.Linear):
     were. The branch lives in .lora (a BinaryAdapter without activation)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, *, scale: float = 1.0,
-                    method: str = "petl") -> "BinaryLoRALinear":
+    def from_linear(cls, linear: nn.Linear, r: int = REQUIRED, *, scale: float = 1.0,
+                    method: str = "petl", rank: int = REQUIRED) -> "BinaryLoRALinear":
+        """Wrap ``linear`` with a 1-bit LoRA branch of rank ``r`` (rank= is its deprecated old
+        name)."""
+        r, r_name = renamed_argument("BinaryLoRALinear.from_linear", "r", r, "rank", rank)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        r = check_size(r, r_name)  # here, so that a refusal names the argument the caller used
         # The adapter first: if its arguments are refused, linear is left as it was (not frozen).
-        lora = BinaryAdapter(linear.in_features, rank, linear.out_features, scale=scale,
+        lora = BinaryAdapter(linear.in_features, r, linear.out_features, scale=scale,
                              activation=None, method=method, device=linear.weight.device)
         layer = adopt_linear(cls, linear)
         layer.lora = lora
         return layer
+
+    @property
+    def r(self) -> int:
+        """The rank of the 1-bit LoRA branch (``lora.r``)."""
+        return self.lora.r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora(x)

@@ -1,24 +1,27 @@
-"""DyLoRALinear: a drop-in nn.Linear with a LoRA branch trained for every rank 1..r_max (DyLoRA).
+"""DyLoRALinear: a drop-in nn.Linear with a LoRA branch trained for every rank 1..r (DyLoRA).
 
-    y = x·Wᵀ + bias + (alpha / b) · (x·A[:b]ᵀ)·B[:, :b]ᵀ,   A [r_max, in], B [out, r_max]
+    y = x·Wᵀ + bias + (alpha / b) · (x·A[:b]ᵀ)·B[:, :b]ᵀ,   A [r, in], B [out, r]
+
+``r`` is the maximum rank (it sizes A and B); ``rank`` is the inference rank b ≤ r (set_rank).
+``r_max``, r's old name, is still accepted (argument and attribute) with a DeprecationWarning.
 
 The base weight and bias are the very Parameters of the wrapped layer (frozen); the adapter is
 ``lora_A`` (Kaiming-uniform, as in LoRA) and ``lora_B`` (zeros, so the layer starts equal to the
 base). The state_dict holds weight, bias, lora_A and lora_B and nothing else.
 
-Training: every forward in training mode draws b uniformly from 1..r_max with a torch.Generator
+Training: every forward in training mode draws b uniformly from 1..r with a torch.Generator
 the layer owns (``seed`` makes the draws and the initialisation of A reproducible; the drawn rank
 is kept in ``last_rank``). By default only component b (row b−1 of A, column b−1 of B) gets a
 gradient and components 1..b−1 are used detached (``train_lower=False``, the DyLoRA update);
 with ``train_lower=True`` all of the first b components train. The input still gets its
 gradient through all b components either way.
 
-Truncation is a multiplication of the rank-space activation x·Aᵀ [.., r_max] by a rank mask
+Truncation is a multiplication of the rank-space activation x·Aᵀ [.., r] by a rank mask
 (ones for the first b) and a scale alpha/b, never a slice: the computation, and so any graph
 torch.compile makes of it, is the same for every b. At inference those are the buffers
-``rank_mask`` (float32 [r_max]) and ``rank_scale`` (float32 []), written in place by
+``rank_mask`` (float32 [r]) and ``rank_scale`` (float32 []), written in place by
 ``set_rank``, so switching the rank copies nothing and recompiles nothing. The cost is that the
-two small matmuls always run at r_max. In training the draw happens in a function that
+two small matmuls always run at r. In training the draw happens in a function that
 torch.compile does not trace (one graph break per layer, so compile training with
 fullgraph=False); it writes separate training buffers, so training never changes the inference
 rank.
@@ -34,13 +37,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_representable, check_size
-from ._wrap import adopt_linear
+from ._wrap import REQUIRED, adopt_linear, renamed_argument
 
 __all__ = ["DyLoRALinear"]
 
@@ -52,30 +56,35 @@ def _check_positive_int(value, name: str) -> int:
 
 
 class DyLoRALinear(nn.Linear):
-    """nn.Linear plus a DyLoRA branch of maximum rank r_max; see the module docstring."""
+    """nn.Linear plus a DyLoRA branch of maximum rank ``r`` (``rank``: the inference rank,
+    1..r, set by set_rank); see the module docstring."""
 
     rank_mask: torch.Tensor
     rank_scale: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r_max: int,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = REQUIRED,
                  alpha: float | None = None, seed: int | None = None, train_lower: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, r_max: int = REQUIRED):
+        r, r_name = renamed_argument("DyLoRALinear", "r", r, "r_max", r_max)
         super().__init__(check_size(in_features, "in_features"),
                          check_size(out_features, "out_features"), bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self._init_adapter(r_max, alpha, seed, train_lower)
+        self._init_adapter(r, alpha, seed, train_lower, r_name)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r_max: int, *, alpha: float | None = None,
-                    seed: int | None = None, train_lower: bool = False) -> "DyLoRALinear":
+    def from_linear(cls, linear: nn.Linear, r: int = REQUIRED, *, alpha: float | None = None,
+                    seed: int | None = None, train_lower: bool = False,
+                    r_max: int = REQUIRED) -> "DyLoRALinear":
         """Wrap ``linear``: its weight and bias Parameters are reused (not copied) and frozen.
 
-        alpha: the scale at rank b is alpha/b; None means alpha = r_max (scale 1 at full rank).
+        r: the maximum rank (r_max= is its deprecated old name).
+        alpha: the scale at rank b is alpha/b; None means alpha = r (scale 1 at full rank).
         seed: seeds the layer's generator (A's initialisation, then the rank draws); None draws
         a seed from torch's global RNG, so torch.manual_seed still makes the layer reproducible.
         """
+        r, r_name = renamed_argument("DyLoRALinear.from_linear", "r", r, "r_max", r_max)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if type(linear).forward is not nn.Linear.forward:
@@ -83,12 +92,12 @@ class DyLoRALinear(nn.Linear):
             raise TypeError(f"linear must be a plain nn.Linear, but {type(linear).__name__} "
                             f"overrides forward")
         return adopt_linear(cls, linear,
-                            lambda layer: layer._init_adapter(r_max, alpha, seed, train_lower))
+                            lambda layer: layer._init_adapter(r, alpha, seed, train_lower, r_name))
 
-    def _init_adapter(self, r_max, alpha, seed, train_lower) -> None:
-        r_max = _check_positive_int(r_max, "r_max")
+    def _init_adapter(self, r, alpha, seed, train_lower, r_name: str = "r") -> None:
+        r = _check_positive_int(r, r_name)
         if alpha is None:
-            alpha = float(r_max)
+            alpha = float(r)
         if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
                 or not math.isfinite(alpha) or alpha <= 0):
             raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
@@ -98,7 +107,7 @@ class DyLoRALinear(nn.Linear):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if not isinstance(train_lower, bool):
             raise ValueError(f"train_lower must be a bool, got {train_lower!r}")
-        self.r_max, self.alpha, self.seed = r_max, float(alpha), int(seed)
+        self.r, self.alpha, self.seed = r, float(alpha), int(seed)
         self.train_lower = train_lower
         self.merged = False
         self.merged_rank: int | None = None
@@ -106,10 +115,10 @@ class DyLoRALinear(nn.Linear):
         self.generator = torch.Generator().manual_seed(self.seed)
 
         device, dtype = self.weight.device, self.weight.dtype
-        a = torch.empty(r_max, self.in_features)
+        a = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=self.generator)
         self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r_max, device=device,
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device,
                                                dtype=dtype))
 
         # The rank state is a runtime setting, not part of the checkpoint.
@@ -117,26 +126,33 @@ class DyLoRALinear(nn.Linear):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device),
                                  persistent=False)
 
-        buffer("rank_mask", (r_max,))
+        buffer("rank_mask", (r,))
         buffer("rank_scale", ())
-        buffer("_train_mask", (r_max,))
+        buffer("_train_mask", (r,))
         buffer("_train_scale", ())
-        buffer("_train_grad", (r_max,), torch.bool)
+        buffer("_train_grad", (r,), torch.bool)
         self.register_buffer("_merge_backup", None, persistent=False)
-        self._rank = r_max
-        self._write_rank(self.rank_mask, self.rank_scale, r_max)
+        self._rank = r
+        self._write_rank(self.rank_mask, self.rank_scale, r)
 
     # -- rank ------------------------------------------------------------------------------
     @property
+    def r_max(self) -> int:
+        """Deprecated (read-only): the maximum rank, now ``r``."""
+        warnings.warn("DyLoRALinear.r_max is deprecated, use .r", DeprecationWarning,
+                      stacklevel=2)
+        return self.r
+
+    @property
     def rank(self) -> int:
-        """The inference rank (set_rank); r_max until changed."""
+        """The inference rank (set_rank); r, the maximum rank, until changed."""
         return self._rank
 
     def _check_rank(self, rank, name: str = "rank") -> int:
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-            raise ValueError(f"{name} must be an int in 1..{self.r_max}, got {rank!r}")
-        if not 1 <= rank <= self.r_max:
-            raise ValueError(f"{name} must be in 1..{self.r_max} (r_max), got {rank}")
+            raise ValueError(f"{name} must be an int in 1..{self.r}, got {rank!r}")
+        if not 1 <= rank <= self.r:
+            raise ValueError(f"{name} must be in 1..{self.r} (r, the maximum rank), got {rank}")
         return int(rank)
 
     @torch.no_grad()
@@ -146,7 +162,7 @@ class DyLoRALinear(nn.Linear):
         scale.fill_(self.alpha / b)
 
     def set_rank(self, rank: int) -> "DyLoRALinear":
-        """Use the first ``rank`` components at inference (1 ≤ rank ≤ r_max). Only the rank_mask
+        """Use the first ``rank`` components at inference (1 ≤ rank ≤ r). Only the rank_mask
         and rank_scale buffers change, in place: no copy of A or B, no recompilation."""
         b = self._check_rank(rank)
         if self.merged and b != self.merged_rank:
@@ -159,11 +175,11 @@ class DyLoRALinear(nn.Linear):
     @torch.compiler.disable
     def _sample_rank(self) -> None:
         # Runs eagerly even inside torch.compile (a graph break): the generator is Python state.
-        b = int(torch.randint(1, self.r_max + 1, (1,), generator=self.generator))
+        b = int(torch.randint(1, self.r + 1, (1,), generator=self.generator))
         self._write_rank(self._train_mask, self._train_scale, b)
         with torch.no_grad():
             self._train_grad.copy_(self._train_mask.bool() if self.train_lower
-                                   else torch.arange(self.r_max) == b - 1)
+                                   else torch.arange(self.r) == b - 1)
         self.last_rank = b
 
     # -- forward ---------------------------------------------------------------------------
@@ -223,6 +239,6 @@ class DyLoRALinear(nn.Linear):
         return self
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, r_max={self.r_max}, rank={self._rank}, "
+        return (f"{super().extra_repr()}, r={self.r}, rank={self._rank}, "
                 f"alpha={self.alpha}, train_lower={self.train_lower}"
                 f"{f', merged at rank {self.merged_rank}' if self.merged else ''}")
