@@ -187,7 +187,8 @@ def check_scale(value, name: str = "scale") -> float:
     for a GPU tensor; a scale is a constant of the computation, so a tensor that requires grad
     is refused rather than silently cut from the graph). Refused with TypeError naming
     ``name``: bool (True is not a scale), str, None, complex, sequences, tensors that require
-    grad, have more than one element or are bool/complex. Refused with ValueError: NaN and ±inf.
+    grad, have more than one element or are bool/complex. Refused with ValueError: NaN, ±inf and
+    numbers beyond float's range (an int such as 10**400).
     """
     if type(value) is float:  # the hot path (layers keep their scale as a float)
         if math.isfinite(value):
@@ -203,7 +204,11 @@ def check_scale(value, name: str = "scale") -> float:
         value = value.item()
     elif _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number (int or float), got {_describe(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int (or Fraction) past float's range
+        raise ValueError(f"{name} must be finite, got {type(value).__name__} beyond float's "
+                         "range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value

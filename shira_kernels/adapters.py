@@ -644,21 +644,25 @@ class AdapterBank:
         """Add the SHiRA adapter that PEFT's ``save_pretrained`` wrote to directory ``path``
         (adapter_config.json + adapter_model.safetensors) as ``name``; PEFT's module paths
         (``base_model.model.`` stripped) are the layer names. ``scale`` is PEFT's scaling, 1.0
-        unless the adapter was used with ``set_scale`` (it is not saved). Any problem is a
-        ValueError naming the file, key or layer, and leaves the bank unchanged.
-        See shira_kernels.integrations.peft."""
-        from .integrations.peft import load_peft_into_bank
+        unless the adapter was used with ``set_scale`` (it is not saved; TypeError if it is not
+        a real number, ValueError if not finite). Any problem with the checkpoint is a
+        ValueError naming the file, key or layer. The bank is unchanged after any error.
+        See shira_kernels.io.peft_format."""
+        from .io.peft_format import peft_adapter_deltas
 
-        load_peft_into_bank(self, name, path, scale=scale)
+        with self.lock:
+            self._check_new_name(name)  # before reading the checkpoint, as load() does
+            shapes = {layer: tuple(module.weight.shape) for layer, module in self._layers.items()}
+            self.add(name, peft_adapter_deltas(path, shapes, scale=scale))
 
     def save_peft(self, name: str, path, *, base_model_name_or_path: str | None = None,
                   task_type: str | None = None) -> int:
         """Write adapter ``name`` as a PEFT SHiRA checkpoint directory, which
         ``PeftModel.from_pretrained(base_model, path)`` loads onto this bank's base model.
         PEFT needs r·(out+in) entries on every layer with one r (returned); per-layer scales
-        are folded into the values. See shira_kernels.integrations.peft."""
-        from .integrations.peft import save_bank_as_peft
+        are folded into the values. See shira_kernels.io.peft_format."""
+        from .io.peft_format import write_peft_adapter
 
-        return save_bank_as_peft(self, name, path,
-                                 base_model_name_or_path=base_model_name_or_path,
-                                 task_type=task_type)
+        return write_peft_adapter(path, self.deltas(name),
+                                  base_model_name_or_path=base_model_name_or_path,
+                                  task_type=task_type)

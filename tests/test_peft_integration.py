@@ -255,7 +255,7 @@ CORRUPTIONS = {
                                                        torch.zeros(2)})), "head.weight"),
     "indices shape": (_edit_tensors(lambda t: t.update({I1: t[I1].reshape(-1)})), r"\[2, nnz\]"),
     "fractional indices": (_edit_tensors(lambda t: t.update({I1: t[I1].float() + 0.5})),
-                           "whole numbers"),
+                           "not whole"),
     "nan value": (_edit_tensors(lambda t: t[W1].__setitem__(0, float("nan"))), "non-finite"),
     "value count": (_edit_tensors(lambda t: t.update({W1: t[W1][:-1].clone()})), "fc1"),
     "out of range": (_edit_tensors(_out_of_range), "fc1.*shape mismatch"),
@@ -309,6 +309,64 @@ def test_save_peft_errors(tmp_path):
     with pytest.raises(KeyError):
         bank.save_peft("missing", tmp_path / "missing")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_format_needs_only_layer_shapes_and_the_old_names_still_work(tmp_path):
+    from shira_kernels.io import peft_format
+
+    base = tiny()
+    shira(base).save_pretrained(tmp_path / "peft")
+    # No bank, no model: the layers' shapes are all the format needs.
+    deltas = peft_format.peft_adapter_deltas(tmp_path / "peft", SHAPES, scale=0.5)
+    bank = AdapterBank(copy.deepcopy(base))
+    skpeft.load_peft_into_bank(bank, "a", tmp_path / "peft", scale=0.5)
+    assert set(deltas) == set(bank.deltas("a")) == set(TARGETS)
+    for layer, (delta, scale) in bank.deltas("a").items():
+        assert scale == deltas[layer][1] == 0.5 and delta.shape == SHAPES[layer]
+        assert torch.equal(delta.flat_indices, deltas[layer][0].flat_indices)
+        assert torch.equal(bits(delta.values), bits(deltas[layer][0].values))
+    # A PEFT-wrapped model's layers are P.base_layer.
+    wrapped = {f"base_model.model.{k}.base_layer": v for k, v in SHAPES.items()}
+    assert set(peft_format.peft_adapter_deltas(tmp_path / "peft", wrapped)) == set(wrapped)
+    with pytest.raises(ValueError, match="blocks.0.0.*shape mismatch"):
+        peft_format.peft_adapter_deltas(tmp_path / "peft", {**SHAPES, "blocks.0.0": (8, 13)})
+    with pytest.raises(ValueError, match="no layer 'blocks.0.0'"):
+        peft_format.peft_adapter_deltas(tmp_path / "peft", {"fc1": SHAPES["fc1"]})
+    with pytest.raises(TypeError, match="layer_shapes"):
+        peft_format.peft_adapter_deltas(tmp_path / "peft", [("fc1", (24, 16))])
+    with pytest.raises(TypeError, match="'fc1': in"):
+        peft_format.peft_adapter_deltas(tmp_path / "peft", {**SHAPES, "fc1": (24, 16.0)})
+    # Everything integrations.peft offered is still there: the format's names are the same
+    # objects, and the bank functions are the bank's methods.
+    for name in ("CONFIG_NAME", "PEFT_PREFIX", "SAFETENSORS_NAME", "BIN_NAME",
+                 "read_peft_adapter", "peft_adapter_deltas", "write_peft_adapter"):
+        assert getattr(skpeft, name) is getattr(peft_format, name)
+    assert set(skpeft.__all__) <= set(dir(skpeft))
+    assert skpeft.save_bank_as_peft(bank, "a", tmp_path / "out") == R
+    assert peft_format.read_peft_adapter(tmp_path / "out")[0]["r"] == R
+
+
+@pytest.mark.parametrize("scale, error", [
+    ("2.0", TypeError), (True, TypeError), (None, TypeError), ([1.0], TypeError),
+    (float("nan"), ValueError), (float("inf"), ValueError), (10**400, ValueError)], ids=repr)
+def test_a_scale_that_is_not_a_finite_number_is_refused(tmp_path, scale, error):
+    # One rule for every scale of the package (_checks.check_scale): TypeError for what is not
+    # a real number, ValueError for a number that is not finite.
+    from shira_kernels.io.peft_format import peft_adapter_deltas, write_peft_adapter
+
+    base = tiny()
+    shira(base).save_pretrained(tmp_path / "peft")
+    bank = AdapterBank(copy.deepcopy(base))
+    before = snapshot(bank.model)
+    with pytest.raises(error, match="^scale must be"):
+        bank.add_peft("a", tmp_path / "peft", scale=scale)
+    with pytest.raises(error, match="^scale must be"):
+        peft_adapter_deltas(tmp_path / "peft", SHAPES, scale=scale)
+    assert bank.names == () and same_bits(snapshot(bank.model), before)
+    delta = random_bank_adapter(torch.Generator().manual_seed(0), {})["fc1"][0]
+    with pytest.raises(error, match="^layer 'fc1': scale must be"):
+        write_peft_adapter(tmp_path / "out", {"fc1": (delta, scale)})
+    assert not (tmp_path / "out").exists()
 
 
 # =============================================================================================

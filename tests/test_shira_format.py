@@ -210,6 +210,8 @@ def _corrupt(case, path, version=FORMAT_VERSION):
         layers["2"]["scale"] = float("inf")  # json writes Infinity, which json.loads accepts
     elif case == "huge integer scale":
         layers["2"]["scale"] = 10**400  # past float's range: float() overflows
+    elif case == "bool scale":
+        layers["2"]["scale"] = True  # a bad file: ValueError, though check_scale's is TypeError
     elif case == "bool nnz":
         layers["0"]["nnz"] = True
         tensors["0.indices"] = tensors["0.indices"][:1].clone()
@@ -233,10 +235,10 @@ CORRUPT = ["empty file", "truncated in the length", "truncated in the header",
            "missing key", "extra key", "index out of range", "negative index", "repeated index",
            "unsorted indices", "length mismatch", "nnz mismatch", "values dtype", "float indices",
            "bad shape", "bad scale", "bad dtype name", "infinite scale", "huge integer scale",
-           "bool nnz", "nan value", "inf value", "repeated layer", "repeated field"]
+           "bool scale", "bool nnz", "nan value", "inf value", "repeated layer", "repeated field"]
 NAMES_LAYER_2 = ("missing key", "index out of range", "repeated index", "length mismatch",
                  "values dtype", "bad shape", "bad scale", "infinite scale", "huge integer scale",
-                 "nan value", "inf value", "repeated layer")
+                 "bool scale", "nan value", "inf value", "repeated layer")
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
@@ -467,6 +469,8 @@ def test_non_finite_values_are_refused_without_a_base(tmp_path, bad):
                          ids=repr)
 @pytest.mark.parametrize("given_as", ["tuple", "mapping", "single"])
 def test_save_refuses_a_scale_that_is_not_a_finite_number(tmp_path, scale, given_as):
+    # As every scale of the package (_checks.check_scale): TypeError for what is not a real
+    # number (a bool, a string, None), ValueError for a number that is not finite.
     delta = _adapter()["0"]
     adapter, scales = {"0": delta}, scale
     if given_as == "tuple":
@@ -477,7 +481,9 @@ def test_save_refuses_a_scale_that_is_not_a_finite_number(tmp_path, scale, given
         save_adapter(tmp_path / "a.safetensors", adapter, 3.0)
         assert load_adapter(tmp_path / "a.safetensors")["0"][1] == 3.0
         return
-    with pytest.raises(ValueError, match="scale"):
+    error = TypeError if scale is True or scale is None or isinstance(scale, str) else ValueError
+    where = "scales" if given_as == "single" else "layer '0': scale"
+    with pytest.raises(error, match=f"^{where}.* must be"):
         save_adapter(tmp_path / "a.safetensors", adapter, scales)
     assert list(tmp_path.iterdir()) == []
 

@@ -1,48 +1,30 @@
-"""Hugging Face PEFT's SHiRA adapters: checkpoints in and out of an AdapterBank, and PEFT's own
-ShiRA layers run on this package's kernels.
-
-PEFT's SHiRA checkpoint (what ``PeftModel.save_pretrained`` writes for a ShiraConfig adapter) is
-a directory with
-  ``adapter_config.json``        the ShiraConfig: ``"peft_type": "SHIRA"``, ``r``, ``mask_type``,
-                                 ``target_modules``, ... (no scaling: see below)
-  ``adapter_model.safetensors``  per adapted nn.Linear at module path P of the base model:
-                                 ``base_model.model.P.shira_weight``   values [nnz], the layer's
-                                                                       dtype unless upcast
-                                 ``base_model.model.P.shira_indices``  COO int32 [2, nnz]
-                                                                       (rows; columns)
-                                 (``adapter_model.bin``, a torch pickle, with safe_serialization
-                                 off; PEFT on Windows stores the indices as float32)
-PEFT gives every layer nnz = r·(in + out) entries, one r for the whole adapter, and applies
-W + scaling·S with a per-layer ``scaling`` that is 1.0 when an adapter is created or loaded
-(only ``set_scale`` changes it, and it is not saved). Non-default adapters are saved in a
-subdirectory named after the adapter.
-
-``load_peft_into_bank`` / ``save_bank_as_peft`` (AdapterBank.add_peft / save_peft) translate
-between that layout and the bank's {layer: (SparseDelta, scale)}: P is the bank's layer name.
+"""Hugging Face PEFT's SHiRA adapters at run time: PEFT's own ShiRA layers on this package's
+kernels, and the bridge between PEFT checkpoints and an AdapterBank.
 
 ``accelerate(peft_model)`` swaps the class of every ``peft.tuners.shira.Linear`` in a model for
 a subclass whose unfused forward is one sparse_delta_linear (no copy of W, no dense delta, no
 dense gradient) and whose merge / unmerge swap entries with scatter_swap_ (unmerge restores W
 bit for bit). Parameters, buffers, state_dict and PEFT's bookkeeping stay as they are; what it
-does not accelerate goes to PEFT's own code.
+does not accelerate goes to PEFT's own code. ``restore`` undoes it.
+
+The checkpoint format itself (adapter_config.json + adapter_model.safetensors, read, checked
+against layer shapes and written) is shira_kernels.io.peft_format; its names are importable
+from here too. ``load_peft_into_bank`` / ``save_bank_as_peft`` are AdapterBank.add_peft /
+save_peft as functions.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import numbers
-import re
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .._checks import FLOAT_DTYPES, tensor_stamp, unchanged
 from ..formats import SparseDelta, flat_index_dtype
-from ..io._files import write_atomically
+from ..io.peft_format import BIN_NAME  # noqa: F401  (importable from here, as before)
+from ..io.peft_format import (CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, peft_adapter_deltas,
+                              read_peft_adapter, write_peft_adapter)
 from ..ops.scatter_swap import adapted_entries, merge_by_swap, swap_transaction
 from ..ops.sparse_delta import STRATEGIES, linear_of_parts
 
@@ -52,287 +34,22 @@ __all__ = ["CONFIG_NAME", "PEFT_PREFIX", "SAFETENSORS_NAME", "accelerate", "acce
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
-_WEIGHT_SUFFIX = ".shira_weight"
-_INDEX_SUFFIX = ".shira_indices"
-
 
 # =============================================================================================
-# Checkpoints
+# Checkpoints and an AdapterBank
 # =============================================================================================
-def _bad(path, why: str) -> ValueError:
-    return ValueError(f"{path}: {why}")
-
-
-def _finite(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        hint = ""
-        if directory.is_dir():
-            subdirs = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
-            if subdirs:
-                hint = (f" (PEFT saves non-default adapters in a subdirectory per adapter; found "
-                        f"{subdirs[:4]})")
-        raise ValueError(f"{path}: no such file; expected the directory PEFT's save_pretrained "
-                         f"wrote{hint}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(path, f"cannot read it as JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise _bad(path, "not a JSON object")
-    peft_type = config.get("peft_type")
-    if str(peft_type).upper() != "SHIRA":
-        raise _bad(path, f"peft_type is {peft_type!r}; only SHiRA adapters (\"SHIRA\") can be read")
-    r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise _bad(path, f"r must be a positive integer, got {r!r}")
-    if config.get("fan_in_fan_out"):
-        raise _bad(path, "fan_in_fan_out is set: only nn.Linear layers ([out, in] weights) are "
-                         "supported")
-    return config
-
-
-def _read_tensors(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    st_path, bin_path = directory / SAFETENSORS_NAME, directory / BIN_NAME
-    if st_path.is_file():
-        from safetensors.torch import load
-
-        try:
-            return st_path, load(st_path.read_bytes())
-        except Exception as e:  # safetensors raises its own error type for a damaged file
-            raise _bad(st_path, f"safetensors cannot read it ({e})") from None
-    if bin_path.is_file():
-        try:
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise _bad(bin_path, f"torch.load cannot read it ({e})") from None
-        if not isinstance(tensors, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
-            raise _bad(bin_path, "not a mapping of names to tensors")
-        return bin_path, dict(tensors)
-    raise ValueError(f"{directory}: no {SAFETENSORS_NAME} (or {BIN_NAME}) in it")
-
-
-def _module_path(key: str) -> tuple[str, str]:
-    """'base_model.model.P.shira_weight' → (P, 'weight'); P alone when there is no prefix."""
-    for suffix, kind in ((_WEIGHT_SUFFIX, "weight"), (_INDEX_SUFFIX, "indices")):
-        if key.endswith(suffix):
-            path = key[: -len(suffix)]
-            return (path[len(PEFT_PREFIX):] if path.startswith(PEFT_PREFIX) else path), kind
-    return "", ""
-
-
-def read_peft_adapter(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]], Path]:
-    """Read a PEFT SHiRA checkpoint directory without interpreting it against a model:
-    (config, {module path P: (indices as stored [2, nnz], values [nnz])}, tensor file).
-
-    Checks the config (SHiRA, r), that every tensor is a shira_weight or shira_indices and that
-    each layer has both; ValueError naming the file and key otherwise."""
-    directory = Path(path)
-    config = _read_config(directory)
-    file, tensors = _read_tensors(directory)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        module, kind = _module_path(key)
-        if not kind or not module:
-            raise _bad(file, f"tensor {key!r} is not a SHiRA weight or index tensor (a "
-                             "modules_to_save layer or another tuner's weight?); only SHiRA "
-                             "layers can be read into an AdapterBank")
-        if kind in parts.setdefault(module, {}):
-            raise _bad(file, f"layer {module!r} has two {kind} tensors")
-        parts[module][kind] = tensor
-    if not parts:
-        raise _bad(file, "no SHiRA tensors in it")
-    out = {}
-    for module, found in sorted(parts.items()):
-        for kind, suffix in (("weight", _WEIGHT_SUFFIX), ("indices", _INDEX_SUFFIX)):
-            if kind not in found:
-                raise _bad(file, f"layer {module!r}: missing tensor "
-                                 f"{PEFT_PREFIX + module + suffix!r}")
-        out[module] = (found["indices"], found["weight"])
-    return config, out, file
-
-
-def _coo_rows_cols(file, module: str, indices: torch.Tensor, nnz: int):
-    if indices.dim() != 2 or indices.shape[0] != 2:
-        raise _bad(file, f"layer {module!r}: shira_indices must have shape [2, nnz], got "
-                         f"{tuple(indices.shape)}")
-    if indices.shape[1] != nnz:
-        raise _bad(file, f"layer {module!r}: {indices.shape[1]} index pairs but {nnz} values")
-    if indices.dtype.is_floating_point:  # PEFT on Windows saves them as float32
-        if not bool(torch.isfinite(indices).all()) or not bool((indices == indices.round()).all()):
-            raise _bad(file, f"layer {module!r}: shira_indices ({indices.dtype}) are not whole "
-                             "numbers")
-    elif indices.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
-        raise _bad(file, f"layer {module!r}: shira_indices must be integers, got {indices.dtype}")
-    idx = indices.long()
-    return idx[0], idx[1]
-
-
-def _resolve_layer(layers: set[str], module: str) -> str | None:
-    # The bank's model is normally the base model itself (P is its layer name); when it is a
-    # PEFT-wrapped model, the nn.Linear is P's base_layer.
-    for candidate in (module, f"{module}.base_layer", f"{PEFT_PREFIX}{module}.base_layer"):
-        if candidate in layers:
-            return candidate
-    return None
-
-
-def peft_adapter_deltas(path, layer_shapes: Mapping[str, tuple[int, int]], *,
-                        scale: float = 1.0) -> dict[str, tuple[SparseDelta, float]]:
-    """A PEFT SHiRA checkpoint as {layer: (SparseDelta, scale)} for the layers named in
-    ``layer_shapes`` (layer → (out, in) of its weight). Every check happens here: unknown
-    layers, shapes (indices in range, nnz = r·(in + out) as PEFT requires), dtypes, non-finite
-    values, repeated entries; ValueError naming the file, the key and the layer."""
-    scale = _finite(scale, "scale")
-    config, layers, file = read_peft_adapter(path)
-    r = config["r"]
-    known = set(layer_shapes)
-    out: dict[str, tuple[SparseDelta, float]] = {}
-    for module, (indices, values) in layers.items():
-        key = PEFT_PREFIX + module + _WEIGHT_SUFFIX
-        layer = _resolve_layer(known, module)
-        if layer is None:
-            sample = sorted(known)[:6]
-            raise _bad(file, f"tensor {key!r}: the model has no nn.Linear layer {module!r} "
-                             f"(its layers include {sample})")
-        if layer in out:
-            raise _bad(file, f"two checkpoint layers map to layer {layer!r}")
-        shape = tuple(int(s) for s in layer_shapes[layer])
-        if values.dim() != 1 or not values.dtype.is_floating_point:
-            raise _bad(file, f"tensor {key!r}: shira_weight must be a 1-D float tensor, got "
-                             f"{values.dtype} of shape {tuple(values.shape)}")
-        nnz = values.numel()
-        rows, cols = _coo_rows_cols(file, module, indices, nnz)
-        expected = r * (shape[0] + shape[1])
-        if nnz != expected:
-            raise _bad(file, f"layer {layer!r}: shape mismatch: the checkpoint has {nnz} entries "
-                             f"but r={r} on the model's {shape[0]}x{shape[1]} weight gives "
-                             f"r·(out+in) = {expected} (a checkpoint of another model?)")
-        for what, t, extent in (("row", rows, shape[0]), ("column", cols, shape[1])):
-            if nnz and (int(t.min()) < 0 or int(t.max()) >= extent):
-                raise _bad(file, f"layer {layer!r}: shape mismatch: {what} indices span "
-                                 f"[{int(t.min())}, {int(t.max())}] but the model's weight is "
-                                 f"{shape[0]}x{shape[1]}")
-        if not bool(torch.isfinite(values).all()):
-            raise _bad(file, f"tensor {key!r}: non-finite values")
-        if values.dtype not in FLOAT_DTYPES:
-            values = values.float()
-        try:
-            delta = SparseDelta.from_coo(rows, cols, shape, values.contiguous())
-        except (TypeError, ValueError) as e:  # e.g. repeated (row, column) pairs
-            raise _bad(file, f"layer {layer!r}: {e}") from None
-        out[layer] = (delta, scale)
-    return out
-
-
 def load_peft_into_bank(bank, name: str, path, *, scale: float = 1.0) -> None:
-    """AdapterBank.add_peft: add the PEFT SHiRA checkpoint in directory ``path`` as ``name``.
-
-    Layers are matched by module path (``base_model.model.`` stripped). ``scale`` is PEFT's
-    scaling (1.0 unless the adapter was used with ``set_scale``; it is not in the checkpoint).
-    Everything is checked before the bank is touched; any problem is a ValueError and leaves the
-    bank and the model unchanged.
-    """
-    with bank.lock:
-        bank._check_new_name(name)
-        shapes = {layer: tuple(bank.model.get_submodule(layer).weight.shape)
-                  for layer in bank.layers}
-        bank.add(name, peft_adapter_deltas(path, shapes, scale=scale))
-
-
-def write_peft_adapter(path, deltas: Mapping[str, object], *,
-                       base_model_name_or_path: str | None = None,
-                       task_type: str | None = None) -> int:
-    """Write {layer: SparseDelta or (SparseDelta, scale)} as a PEFT SHiRA checkpoint directory
-    that ``PeftModel.from_pretrained(base_model, path)`` loads; returns r.
-
-    PEFT needs nnz = r·(in + out) on every layer with one r (else ValueError naming the layer).
-    The scale is folded into the values (PEFT loads with scaling 1.0): values are written in
-    their dtype when the scale is 1, else as float32 scale·values. ``target_modules`` is a regular
-    expression matching exactly the written layers (a list would also match longer paths ending
-    in the same names).
-    """
-    from safetensors.torch import save
-
-    if not isinstance(deltas, Mapping) or not deltas:
-        raise ValueError("deltas must be a non-empty mapping of layer name → SparseDelta")
-    tensors: dict[str, torch.Tensor] = {}
-    r = None
-    for layer, item in deltas.items():
-        scale = 1.0
-        if isinstance(item, tuple) and len(item) == 2:
-            item, scale = item
-        scale = _finite(scale, f"layer {layer!r}: scale")
-        if not isinstance(layer, str) or not layer:
-            raise ValueError(f"layer names must be non-empty strings, got {layer!r}")
-        if not isinstance(item, SparseDelta):
-            raise TypeError(f"layer {layer!r}: expected a SparseDelta, got {type(item).__name__}")
-        out_f, in_f = item.shape
-        if item.nnz % (out_f + in_f):
-            raise ValueError(
-                f"layer {layer!r}: {item.nnz} entries on a {out_f}x{in_f} weight; PEFT's SHiRA "
-                f"needs r·(out+in) = a multiple of {out_f + in_f} entries")
-        layer_r = item.nnz // (out_f + in_f)
-        if r is None:
-            r = layer_r
-        elif layer_r != r:
-            raise ValueError(f"layer {layer!r} has r = {layer_r} but an earlier layer has r = {r}; "
-                             "PEFT's ShiraConfig has one r for all layers")
-        flat = item.flat_indices.detach().long()
-        values = item.values.detach()
-        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
-            order = torch.argsort(flat)
-            flat, values = flat[order], values[order]
-        if scale != 1.0:
-            values = values.float() * scale
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"layer {layer!r}: non-finite values")
-        rows = torch.div(flat, in_f, rounding_mode="floor")
-        coo = torch.stack([rows, flat - rows * in_f]).to(torch.int32)
-        tensors[f"{PEFT_PREFIX}{layer}{_WEIGHT_SUFFIX}"] = values.cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{layer}{_INDEX_SUFFIX}"] = coo.cpu().contiguous()
-    config = {
-        "peft_type": "SHIRA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": r,
-        "mask_type": "random",
-        "random_seed": None,
-        "target_modules": "^(?:" + "|".join(re.escape(layer) for layer in deltas) + ")$",
-        "fan_in_fan_out": False,
-        "init_weights": True,
-        "modules_to_save": None,
-    }
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    data = save(tensors, metadata={"format": "pt"})
-    write_atomically(directory / SAFETENSORS_NAME, data)
-    write_atomically(directory / CONFIG_NAME,
-                      (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    return r
+    """``bank.add_peft(name, path, scale=scale)``: add the PEFT SHiRA checkpoint in directory
+    ``path`` to an AdapterBank as ``name`` (see AdapterBank.add_peft)."""
+    bank.add_peft(name, path, scale=scale)
 
 
 def save_bank_as_peft(bank, name: str, path, *, base_model_name_or_path: str | None = None,
                       task_type: str | None = None) -> int:
-    """AdapterBank.save_peft: write adapter ``name`` as a PEFT SHiRA checkpoint directory
-    (see write_peft_adapter); returns its r."""
-    with bank.lock:
-        deltas = bank.deltas(name)
-    return write_peft_adapter(path, deltas, base_model_name_or_path=base_model_name_or_path,
-                              task_type=task_type)
+    """``bank.save_peft(name, path, ...)``: write adapter ``name`` of an AdapterBank as a PEFT
+    SHiRA checkpoint directory (see write_peft_adapter); returns its r."""
+    return bank.save_peft(name, path, base_model_name_or_path=base_model_name_or_path,
+                          task_type=task_type)
 
 
 # =============================================================================================

@@ -59,8 +59,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
-import numbers
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -68,7 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES, validate_indices
+from .._checks import FLOAT_DTYPES, check_scale, validate_indices
 from ..formats import SparseDelta, flat_index_dtype
 from ._files import write_atomically
 
@@ -125,17 +123,6 @@ def content_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
     record(_canonical_json({k: v for k, v in metadata.items() if k != CHECKSUM_KEY})
            .encode("ascii"))
     return digest.hexdigest()
-
-
-def _finite_scale(scale) -> float | None:
-    """float(scale) when it is a finite real number (not a bool), else None."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        return None
-    try:
-        value = float(scale)
-    except (OverflowError, ValueError, TypeError):  # e.g. an int past float's range
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _first_non_finite(values: torch.Tensor) -> int | None:
@@ -211,9 +198,8 @@ def _check_fits(where: str, layer: str, delta: SparseDelta, scale: float,
 def _normalize(adapter_deltas, scales) -> dict[str, tuple[SparseDelta, float]]:
     if not isinstance(adapter_deltas, Mapping) or not adapter_deltas:
         raise ValueError("adapter_deltas must be a non-empty mapping of layer name → SparseDelta")
-    if not isinstance(scales, Mapping) and _finite_scale(scales) is None:
-        raise ValueError(f"scales must be a finite number or a mapping layer → scale, got "
-                         f"{scales!r:.80}")
+    if not isinstance(scales, Mapping):
+        check_scale(scales, "scales (a number, or a mapping layer → scale)")
     out: dict[str, tuple[SparseDelta, float]] = {}
     for layer, item in adapter_deltas.items():
         if not isinstance(layer, str):
@@ -225,9 +211,7 @@ def _normalize(adapter_deltas, scales) -> dict[str, tuple[SparseDelta, float]]:
             raise TypeError(f"layer {layer!r}: expected a SparseDelta, got {type(item).__name__}")
         if scale is None:
             scale = scales.get(layer, 1.0) if isinstance(scales, Mapping) else scales
-        finite = _finite_scale(scale)
-        if finite is None:
-            raise ValueError(f"layer {layer!r}: scale must be a finite number, got {scale!r:.80}")
+        finite = check_scale(scale, f"layer {layer!r}: scale")
         # The delta's tensors may have been edited or replaced since it was built.
         indices, values = item.flat_indices, item.values
         try:
@@ -399,10 +383,10 @@ def _layer_meta(path, layer, entry) -> tuple[tuple[int, int], torch.dtype, float
     if dtype is None:
         raise _bad(path, f"layer {layer!r}: dtype must be one of {sorted(_DTYPES_BY_NAME)}, got "
                          f"{entry.get('dtype')!r:.80}")
-    scale = _finite_scale(entry.get("scale"))
-    if scale is None:
-        raise _bad(path, f"layer {layer!r}: scale must be a finite number, got "
-                         f"{entry.get('scale')!r:.80}")
+    try:
+        scale = check_scale(entry.get("scale"), f"layer {layer!r}: scale")
+    except (TypeError, ValueError) as e:  # in a file: the file is bad, whatever the value
+        raise _bad(path, str(e)) from None
     base_dtype, base_sha = entry.get("base_dtype"), entry.get("base_sha256")
     if (base_sha is None) != (base_dtype is None) or not (
             base_sha is None or (isinstance(base_sha, str) and isinstance(base_dtype, str))):
