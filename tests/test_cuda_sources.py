@@ -21,6 +21,25 @@ ARCHS = ("sm_80", "sm_90")
 TORCH_INCLUDE_RE = re.compile(
     r'^\s*#\s*include\s*[<"]\s*(torch|ATen|c10)(/|\.h\b|\.hpp\b)', re.MULTILINE
 )
+LOCAL_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def _reached_files(roots):
+    """roots and every file they reach through #include "...", found as nvcc finds it: beside
+    the including file, then in CUDA_DIR (the -I below). Headers outside csrc/cuda count too
+    (csrc/dispatch.h, shared with the CPU kernels)."""
+    seen, todo = set(), [p.resolve() for p in roots]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in LOCAL_INCLUDE_RE.findall(path.read_text(encoding="utf-8")):
+            found = next((base / name for base in (path.parent, CUDA_DIR)
+                          if (base / name).is_file()), None)
+            if found is not None:
+                todo.append(found.resolve())
+    return sorted(seen)
 
 
 def _find_nvcc():
@@ -65,9 +84,11 @@ def test_cu_compiles(cu_file, arch, tmp_path):
 def test_cuda_sources_do_not_include_torch():
     # Kernels and the headers they include must build without torch; only
     # bindings.cpp may include torch/ATen/c10.
-    sources = CU_FILES + sorted(CUDA_DIR.glob("*.cuh")) + sorted(CUDA_DIR.glob("*.h"))
+    headers = sorted(CUDA_DIR.glob("*.cuh")) + sorted(CUDA_DIR.glob("*.h"))
+    sources = _reached_files(CU_FILES + headers)
+    assert (REPO_ROOT / "csrc" / "dispatch.h").resolve() in sources
     offenders = []
     for path in sources:
         for match in TORCH_INCLUDE_RE.finditer(path.read_text(encoding="utf-8")):
-            offenders.append(f"{path.name}: {match.group(0).strip()}")
+            offenders.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0).strip()}")
     assert not offenders, "torch headers included in plain CUDA sources:\n" + "\n".join(offenders)

@@ -41,49 +41,49 @@ inline fvec signs(ivec w, int i) {
   return reinterpret_cast<const fvec&>(bits);
 }
 
-// x·sᵀ's sign source: the bytes of RB vectors of outputs (from o0) for steps j .. j + 7, one
-// byte per lane; step j + i is bit i (bytes_t's rows are padded to whole vectors).
-struct TransposedBytes {
-  static constexpr int kSteps = 8;
-  const uint8_t* bytes_t;
-  int64_t ld, o0;
-  template <int RB>
-  void load(int64_t j, ivec (&w)[RB]) const {
-    const uint8_t* b = bytes_t + (j / 8) * ld + o0;
-#pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r)
-      w[r] = __builtin_convertvector(*reinterpret_cast<const bvec*>(b + kLanes * r), ivec);
-  }
-  static int bit(int i) { return i; }
-};
+// Where a block's signs come from: the rows of a byte matrix (stride bytes apart), read for the
+// RB vectors of lanes from lane l0. load(j) fills w with steps j .. j + kSteps - 1: step j + i's
+// sign of a lane is bit bit(i) of that lane.
+//   kTransposed (x·sᵀ): a lane is an output and the matrix is bytes_t: one byte per lane holds
+//     its 8 steps from j, step j + i at bit i (bytes_t's rows are padded to whole vectors).
+//   kRows (g·s): a lane is an input feature and row j is output j's packed signs, each lane's
+//     bit moved to bit 31. l0 is a multiple of kLanes, so a vector's bits are one aligned byte
+//     (AVX2) or 16-bit half-word (AVX-512) of the row, within the row's words even where the
+//     vector runs past in_features (those lanes are computed, not stored).
+enum class SignLayout { kTransposed, kRows };
 
-// g·s's sign source: output row j's signs of RB vectors of input features (from k0), each
-// lane's bit moved to bit 31. k0 is a multiple of kLanes, so a vector's bits are one aligned
-// byte (AVX2) or 16-bit half-word (AVX-512) of the row, within the row's words even where the
-// vector runs past in_features (those lanes are computed, not stored).
-struct PackedRows {
-  static constexpr int kSteps = 1;
-  const uint8_t* packed;
-  int64_t row_bytes, k0;
+template <SignLayout L>
+struct SignSource {
+  static constexpr bool kTransposed = L == SignLayout::kTransposed;
+  static constexpr int kSteps = kTransposed ? 8 : 1;
+  const uint8_t* bytes;
+  int64_t stride, l0;
   template <int RB>
   void load(int64_t j, ivec (&w)[RB]) const {
-    ivec up;  // lane l: 31 - l, so that bit l of the broadcast word lands on bit 31
-    for (int l = 0; l < kLanes; ++l) up[l] = 31 - l;
-    const uint8_t* row = packed + j * row_bytes + k0 / 8;
+    if constexpr (kTransposed) {
+      const uint8_t* b = bytes + (j / 8) * stride + l0;
 #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r) {
-      uint32_t v;
-      if constexpr (kLanes == 16) {
-        uint16_t h;
-        std::memcpy(&h, row + 2 * r, 2);
-        v = h;
-      } else {
-        v = row[r];
+      for (int r = 0; r < RB; ++r)
+        w[r] = __builtin_convertvector(*reinterpret_cast<const bvec*>(b + kLanes * r), ivec);
+    } else {
+      ivec up;  // lane l: 31 - l, so that bit l of the broadcast word lands on bit 31
+      for (int l = 0; l < kLanes; ++l) up[l] = 31 - l;
+      const uint8_t* row = bytes + j * stride + l0 / 8;
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        uint32_t v;
+        if constexpr (kLanes == 16) {
+          uint16_t h;
+          std::memcpy(&h, row + 2 * r, 2);
+          v = h;
+        } else {
+          v = row[r];
+        }
+        w[r] = (ivec{} + static_cast<int32_t>(v)) << up;
       }
-      w[r] = (ivec{} + static_cast<int32_t>(v)) << up;
     }
   }
-  static int bit(int) { return 31; }
+  static int bit(int i) { return kTransposed ? i : 31; }
 };
 
 // total[t][l] = Σ_j a[t, j]·s(j, l) for TT rows of a (lda apart), `steps` steps and RB vectors
@@ -175,23 +175,25 @@ void binary_products(const float* a, int64_t tokens, int64_t steps, int64_t lane
 
 }  // namespace
 
-void shira_binary_matmul_cpu(const float* x, int64_t tokens, int64_t in, const uint8_t* bytes_t,
-                             int64_t ld, int64_t out, const float* alpha, bool alpha_per_row,
-                             const float* mu, bool mu_per_row, const float* bias, float scale,
-                             float* y) {
+void shira::cpu::binary_linear(const float* x, int64_t tokens, int64_t in,
+                               const uint8_t* bytes_t, int64_t ld, int64_t out,
+                               const float* alpha, bool alpha_per_row, const float* mu,
+                               bool mu_per_row, const float* bias, float scale, float* y) {
   std::vector<float> xsum(tokens);
   for (int64_t t = 0; t < tokens; ++t) xsum[t] = row_sum(x + t * in, in);
   const Epilogue e{alpha, alpha_per_row, mu, mu_per_row, bias, scale, xsum.data()};
-  binary_products(x, tokens, in, out, [&](int64_t o0) { return TransposedBytes{bytes_t, ld, o0}; },
-                  e, y);
+  binary_products(x, tokens, in, out, [&](int64_t o0) {
+    return SignSource<SignLayout::kTransposed>{bytes_t, ld, o0};
+  }, e, y);
 }
 
-void shira_binary_matmul_t_cpu(const float* g, int64_t tokens, int64_t out,
-                               const int32_t* packed, int64_t words, int64_t in, const float* add,
-                               float* gx) {
+void shira::cpu::binary_linear_grad_x(const float* g, int64_t tokens, int64_t out,
+                                      const int32_t* packed, int64_t words, int64_t in,
+                                      const float* add, float* gx) {
   const float one = 1.0f;
   const Epilogue e{&one, false, &one, false, nullptr, 1.0f, add};
   const auto* bytes = reinterpret_cast<const uint8_t*>(packed);
-  binary_products(g, tokens, out, in, [&](int64_t k0) { return PackedRows{bytes, words * 4, k0}; },
-                  e, gx);
+  binary_products(g, tokens, out, in, [&](int64_t k0) {
+    return SignSource<SignLayout::kRows>{bytes, words * 4, k0};
+  }, e, gx);
 }

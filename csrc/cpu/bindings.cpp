@@ -2,6 +2,7 @@
 // points; these checks only guard the raw-pointer contract.
 #include <torch/extension.h>
 
+#include "../torch_dtype.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -16,11 +17,11 @@ void check_table(const torch::Tensor& t, int64_t cols, const char* name) {
 // Returns the number of entries skipped for an index outside their weight (nothing written
 // for them): the caller undoes the swap and raises.
 int64_t scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, int64_t block) {
-  check_table(tasks, kSwapTaskColumns, "tasks");
+  check_table(tasks, shira::cpu::kSwapTaskColumns, "tasks");
   check_table(blocks, 2, "blocks");
   TORCH_CHECK(block > 0, "block must be positive");
-  return shira_scatter_swap_cpu(tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(),
-                                blocks.size(0), block);
+  return shira::cpu::scatter_swap(tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(),
+                                  blocks.size(0), block);
 }
 
 void check_sparse(const torch::Tensor& offsets, const torch::Tensor& cols,
@@ -36,13 +37,6 @@ void check_sparse(const torch::Tensor& offsets, const torch::Tensor& cols,
               "row offsets must end at the number of entries");
 }
 
-int dtype_code(const torch::Tensor& t, const char* what) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == torch::kFloat || st == torch::kHalf || st == torch::kBFloat16,
-              what, ": float32, float16 or bfloat16 expected");
-  return st == torch::kFloat ? 0 : st == torch::kHalf ? 1 : 2;
-}
-
 // y_in + scale * x @ S^T, S [rows, x.size(1)] in CSR; the result has y_in's dtype. With
 // overwrite_y it is written into y_in (whose caller no longer needs it): no second [T, rows].
 torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
@@ -54,18 +48,12 @@ torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
               "spmm: x [T, in] and y [T, out] expected");
   TORCH_CHECK(x.scalar_type() == y_in.scalar_type() && x.is_contiguous() && y_in.is_contiguous(),
               "spmm: x and y must be contiguous and of one dtype");
-  const int dtype = dtype_code(x, "spmm");
+  const shira::DType dtype = dtype_of(x, "spmm: x");
   const torch::Tensor vals = values.to(torch::kFloat).contiguous();
   torch::Tensor out = overwrite_y ? y_in : torch::empty_like(y_in);
-  if (cols.scalar_type() == torch::kInt16) {
-    shira_spmm_cpu(dtype, x.data_ptr(), y_in.data_ptr(), out.data_ptr(), tokens, x.size(1), rows,
-                   offsets.data_ptr<int64_t>(), cols.data_ptr<int16_t>(), vals.data_ptr<float>(),
-                   static_cast<float>(scale));
-  } else {
-    shira_spmm_cpu(dtype, x.data_ptr(), y_in.data_ptr(), out.data_ptr(), tokens, x.size(1), rows,
-                   offsets.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), vals.data_ptr<float>(),
-                   static_cast<float>(scale));
-  }
+  shira::cpu::spmm(dtype, x.data_ptr(), y_in.data_ptr(), out.data_ptr(), tokens, x.size(1), rows,
+                   offsets.data_ptr<int64_t>(), cols.data_ptr(), cols.element_size(),
+                   vals.data_ptr<float>(), static_cast<float>(scale));
   return out;
 }
 
@@ -81,7 +69,7 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
   TORCH_CHECK(gy.dim() == 2 && x.dim() == 2 && gy.size(0) == x.size(0), "sddmm: gy [T, out] and x [T, in]");
   TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gy.is_contiguous() && x.is_contiguous(),
               "sddmm: gy and x must be contiguous and of one dtype");
-  const int dtype = dtype_code(x, "sddmm");
+  const shira::DType dtype = dtype_of(x, "sddmm: x");
   const int64_t out = gy.size(1), nnz = rows.numel();
   torch::Tensor row_offsets;
   if (offsets.has_value()) {
@@ -102,13 +90,9 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
     o[out] = nnz;
   }
   torch::Tensor g = torch::empty({nnz}, gy.options().dtype(torch::kFloat));
-  if (cols.scalar_type() == torch::kInt16) {
-    shira_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), x.size(0), out, x.size(1),
-                    row_offsets.data_ptr<int64_t>(), cols.data_ptr<int16_t>(), g.data_ptr<float>());
-  } else {
-    shira_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), x.size(0), out, x.size(1),
-                    row_offsets.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), g.data_ptr<float>());
-  }
+  shira::cpu::sddmm(dtype, gy.data_ptr(), x.data_ptr(), x.size(0), out, x.size(1),
+                    row_offsets.data_ptr<int64_t>(), cols.data_ptr(), cols.element_size(),
+                    g.data_ptr<float>());
   return g;
 }
 
@@ -129,21 +113,14 @@ std::tuple<torch::Tensor, torch::Tensor> spmm_t_sddmm(
   TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gx_in.scalar_type() == x.scalar_type() &&
                   gy.is_contiguous() && x.is_contiguous() && gx_in.is_contiguous(),
               "spmm_t_sddmm: gy, x and gx must be contiguous and of one dtype");
-  const int dtype = dtype_code(x, "spmm_t_sddmm");
+  const shira::DType dtype = dtype_of(x, "spmm_t_sddmm: x");
   const torch::Tensor vals = values.to(torch::kFloat).contiguous();
   torch::Tensor gx = overwrite_gx ? gx_in : torch::empty_like(gx_in);
   torch::Tensor g = torch::empty({trows.numel()}, x.options().dtype(torch::kFloat));
-  if (trows.scalar_type() == torch::kInt16) {
-    shira_spmm_t_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), gx_in.data_ptr(), gx.data_ptr(),
-                           tokens, gy.size(1), in, t_offsets.data_ptr<int64_t>(),
-                           trows.data_ptr<int16_t>(), perm.data_ptr<int64_t>(),
-                           vals.data_ptr<float>(), static_cast<float>(scale), g.data_ptr<float>());
-  } else {
-    shira_spmm_t_sddmm_cpu(dtype, gy.data_ptr(), x.data_ptr(), gx_in.data_ptr(), gx.data_ptr(),
-                           tokens, gy.size(1), in, t_offsets.data_ptr<int64_t>(),
-                           trows.data_ptr<int32_t>(), perm.data_ptr<int64_t>(),
-                           vals.data_ptr<float>(), static_cast<float>(scale), g.data_ptr<float>());
-  }
+  shira::cpu::spmm_t_sddmm(dtype, gy.data_ptr(), x.data_ptr(), gx_in.data_ptr(), gx.data_ptr(),
+                           tokens, gy.size(1), in, t_offsets.data_ptr<int64_t>(), trows.data_ptr(),
+                           trows.element_size(), perm.data_ptr<int64_t>(), vals.data_ptr<float>(),
+                           static_cast<float>(scale), g.data_ptr<float>());
   return {gx, g};
 }
 
@@ -162,7 +139,7 @@ torch::Tensor folded_linear(const torch::Tensor& a, const torch::Tensor& weight,
   TORCH_CHECK(a.size(1) == steps && offsets.numel() == lines + 1,
               "folded_linear: a's last dim and S's offsets do not match the weight");
   TORCH_CHECK(a.scalar_type() == weight.scalar_type(), "folded_linear: a and weight must share a dtype");
-  const int dtype = dtype_code(weight, "folded_linear");
+  const shira::DType dtype = dtype_of(weight, "folded_linear: weight");
   const int64_t* perm_ptr = nullptr;
   if (perm.has_value()) {
     TORCH_CHECK(perm->scalar_type() == torch::kInt64 && perm->is_contiguous() &&
@@ -178,17 +155,10 @@ torch::Tensor folded_linear(const torch::Tensor& a, const torch::Tensor& weight,
   const torch::Tensor vals = values.to(torch::kFloat).contiguous();
   torch::Tensor result = torch::empty({tokens, lines}, weight.options());
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (idx.scalar_type() == torch::kInt16) {
-    shira_folded_linear_cpu(dtype, af.data_ptr<float>(), tokens, weight.data_ptr(), out, in, grad_x,
-                           offsets.data_ptr<int64_t>(), idx.data_ptr<int16_t>(), perm_ptr,
-                           vals.data_ptr<float>(), static_cast<float>(scale), bias_ptr,
-                           result.data_ptr());
-  } else {
-    shira_folded_linear_cpu(dtype, af.data_ptr<float>(), tokens, weight.data_ptr(), out, in, grad_x,
-                           offsets.data_ptr<int64_t>(), idx.data_ptr<int32_t>(), perm_ptr,
-                           vals.data_ptr<float>(), static_cast<float>(scale), bias_ptr,
-                           result.data_ptr());
-  }
+  shira::cpu::folded_linear(dtype, af.data_ptr<float>(), tokens, weight.data_ptr(), out, in,
+                            grad_x, offsets.data_ptr<int64_t>(), idx.data_ptr(),
+                            idx.element_size(), perm_ptr, vals.data_ptr<float>(),
+                            static_cast<float>(scale), bias_ptr, result.data_ptr());
   return result;
 }
 
@@ -200,26 +170,23 @@ int64_t scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch
                  const torch::Tensor& values, double scale, c10::optional<torch::Tensor> saved) {
   TORCH_CHECK(out.is_contiguous() && weight.is_contiguous() && values.is_contiguous() &&
                   idx.is_contiguous(), "scatter_add: contiguous tensors expected");
+  TORCH_CHECK(idx.scalar_type() == torch::kInt32 || idx.scalar_type() == torch::kInt64,
+              "scatter_add: flat_indices must be int32 or int64");
   TORCH_CHECK(out.scalar_type() == weight.scalar_type() && values.scalar_type() == weight.scalar_type(),
               "scatter_add: out, weight and values must share a dtype");
   TORCH_CHECK(out.numel() == weight.numel() && values.numel() == idx.numel(),
               "scatter_add: out and weight must have the same size, values one entry per index");
   const auto st = weight.scalar_type();
-  const int dtype = dtype_code(weight, "scatter_add");
+  const shira::DType dtype = dtype_of(weight, "scatter_add: weight");
   void* saved_ptr = nullptr;
   if (saved.has_value()) {
     TORCH_CHECK(saved->is_contiguous() && saved->scalar_type() == st && saved->numel() == idx.numel(),
                 "scatter_add: saved must be contiguous, of the weight's dtype, one entry per index");
     saved_ptr = saved->data_ptr();
   }
-  if (idx.scalar_type() == torch::kInt64) {
-    return shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), weight.numel(),
-                                 idx.data_ptr<int64_t>(), values.data_ptr(),
+  return shira::cpu::scatter_add(dtype, weight.data_ptr(), out.data_ptr(), weight.numel(),
+                                 idx.data_ptr(), idx.element_size(), values.data_ptr(),
                                  static_cast<float>(scale), idx.numel(), saved_ptr);
-  }
-  return shira_scatter_add_cpu(dtype, weight.data_ptr(), out.data_ptr(), weight.numel(),
-                               idx.data_ptr<int32_t>(), values.data_ptr(),
-                               static_cast<float>(scale), idx.numel(), saved_ptr);
 }
 
 // y = scale * (x @ (mu + alpha * s)^T + bias) in fp32 for 1-bit signs packed in int32
@@ -249,11 +216,11 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
   torch::Tensor xf = x.to(torch::kFloat).contiguous();
   torch::Tensor y = torch::empty({tokens, out}, xf.options());
   if (tokens == 0 || out == 0) return y;
-  shira_binary_matmul_cpu(xf.data_ptr<float>(), tokens, in, bytes_t.data_ptr<uint8_t>(),
-                          bytes_t.size(1), out, alpha.data_ptr<float>(), alpha.numel() > 1,
-                          mu.data_ptr<float>(), mu.numel() > 1,
-                          b.defined() ? b.data_ptr<float>() : nullptr, static_cast<float>(scale),
-                          y.data_ptr<float>());
+  shira::cpu::binary_linear(xf.data_ptr<float>(), tokens, in, bytes_t.data_ptr<uint8_t>(),
+                            bytes_t.size(1), out, alpha.data_ptr<float>(), alpha.numel() > 1,
+                            mu.data_ptr<float>(), mu.numel() > 1,
+                            b.defined() ? b.data_ptr<float>() : nullptr, static_cast<float>(scale),
+                            y.data_ptr<float>());
   return y;
 }
 
@@ -274,8 +241,8 @@ torch::Tensor binary_linear_grad_x(const torch::Tensor& gy, const torch::Tensor&
   g = (g * alpha.reshape(-1)).contiguous();
   torch::Tensor gx = torch::empty({tokens, in}, g.options());
   if (tokens == 0 || in == 0) return gx;
-  shira_binary_matmul_t_cpu(g.data_ptr<float>(), tokens, out, packed.data_ptr<int32_t>(), words,
-                            in, add.data_ptr<float>(), gx.data_ptr<float>());
+  shira::cpu::binary_linear_grad_x(g.data_ptr<float>(), tokens, out, packed.data_ptr<int32_t>(),
+                                   words, in, add.data_ptr<float>(), gx.data_ptr<float>());
   return gx;
 }
 
@@ -299,6 +266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_lanes", []() { return kLanes; },
         "fp32 lanes per vector the kernels were built with (16: AVX-512, 8: otherwise)");
   m.def("scatter_swap", &scatter_swap, "batched scatter-swap over a task table (CPU)",
+        pybind11::arg("tasks"), pybind11::arg("blocks"), pybind11::arg("block"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("spmm", &spmm, "y + scale * x @ S^T with S in CSR (CPU)", pybind11::arg("y"),
         pybind11::arg("x"), pybind11::arg("offsets"), pybind11::arg("cols"),
@@ -328,7 +296,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("scatter_add", &scatter_add, "out[idx] = weight[idx] + scale * values",
-        pybind11::arg("out"), pybind11::arg("weight"), pybind11::arg("idx"), pybind11::arg("values"),
-        pybind11::arg("scale"), pybind11::arg("saved") = pybind11::none(),
+        pybind11::arg("out"), pybind11::arg("weight"), pybind11::arg("flat_indices"),
+        pybind11::arg("values"), pybind11::arg("scale"), pybind11::arg("saved") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

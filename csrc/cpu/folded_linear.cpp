@@ -227,30 +227,15 @@ void folded_typed(const float* a, int64_t tokens, const void* weight, int64_t ou
 
 }  // namespace
 
-template <typename C>
-void shira_folded_linear_cpu(int dtype, const float* a, int64_t tokens, const void* weight,
-                            int64_t out, int64_t in, bool grad_x, const int64_t* offsets,
-                            const C* idx, const int64_t* perm, const float* values, float scale,
-                            const float* bias, void* result) {
+void shira::cpu::folded_linear(DType dtype, const float* a, int64_t tokens, const void* weight,
+                               int64_t out, int64_t in, bool grad_x, const int64_t* offsets,
+                               const void* idx, int idx_bytes, const int64_t* perm,
+                               const float* values, float scale, const float* bias,
+                               void* result) {
   if (tokens == 0 || (grad_x ? in : out) == 0) return;
-  switch (dtype) {
-    case 0:
-      return folded_typed<float>(a, tokens, weight, out, in, grad_x, offsets, idx, perm, values,
-                                scale, bias, result);
-    case 1:
-      return folded_typed<_Float16>(a, tokens, weight, out, in, grad_x, offsets, idx, perm, values,
-                                   scale, bias, result);
-    default:
-      return folded_typed<uint16_t>(a, tokens, weight, out, in, grad_x, offsets, idx, perm, values,
-                                   scale, bias, result);
-  }
+  dispatch_sparse(dtype, idx_bytes, [&](auto t, auto c) {
+    folded_typed<typename decltype(t)::type>(a, tokens, weight, out, in, grad_x, offsets,
+                                             static_cast<const typename decltype(c)::type*>(idx),
+                                             perm, values, scale, bias, result);
+  });
 }
-
-template void shira_folded_linear_cpu<int16_t>(int, const float*, int64_t, const void*, int64_t,
-                                              int64_t, bool, const int64_t*, const int16_t*,
-                                              const int64_t*, const float*, float, const float*,
-                                              void*);
-template void shira_folded_linear_cpu<int32_t>(int, const float*, int64_t, const void*, int64_t,
-                                              int64_t, bool, const int64_t*, const int32_t*,
-                                              const int64_t*, const float*, float, const float*,
-                                              void*);

@@ -34,22 +34,10 @@ int64_t swap_range(T* weight, int64_t numel, const I* index, T* value, int64_t b
   return skipped;
 }
 
-template <typename T>
-int64_t swap_range_any_index(const int64_t* task, int64_t begin, int64_t end) {
-  T* weight = reinterpret_cast<T*>(task[0]);
-  T* value = reinterpret_cast<T*>(task[2]);
-  if (task[5]) {
-    return swap_range(weight, task[6], reinterpret_cast<const int64_t*>(task[1]), value, begin,
-                      end);
-  }
-  return swap_range(weight, task[6], reinterpret_cast<const int32_t*>(task[1]), value, begin,
-                    end);
-}
-
 }  // namespace
 
-int64_t shira_scatter_swap_cpu(const int64_t* tasks, const int64_t* blocks,
-                               int64_t num_blocks, int64_t block) {
+int64_t shira::cpu::scatter_swap(const int64_t* tasks, const int64_t* blocks, int64_t num_blocks,
+                                 int64_t block) {
   // Every block holds `block` entries (a task's last one fewer), so a static schedule over the
   // blocks of all tasks balances the threads however unequal the tasks are.
   int64_t skipped = 0;
@@ -58,11 +46,16 @@ int64_t shira_scatter_swap_cpu(const int64_t* tasks, const int64_t* blocks,
     const int64_t* task = tasks + kSwapTaskColumns * blocks[2 * b];
     const int64_t begin = blocks[2 * b + 1];
     const int64_t end = std::min(begin + block, task[3]);
-    if (task[4] == 2) {
-      skipped += swap_range_any_index<uint16_t>(task, begin, end);
-    } else {
-      skipped += swap_range_any_index<uint32_t>(task, begin, end);
-    }
+    // Elements move as the unsigned words of their size, 2 or 4 bytes (the Python side passes
+    // no other; another is left alone, as on CUDA); indices are int32 or int64.
+    skipped += dispatch_index<uint16_t, uint32_t>(task[4], int64_t{0}, [&](auto bits) {
+      using T = typename decltype(bits)::type;
+      return dispatch_index<int32_t, int64_t>(task[5] ? 8 : 4, int64_t{0}, [&](auto index) {
+        return swap_range(reinterpret_cast<T*>(task[0]), task[6],
+                          reinterpret_cast<const typename decltype(index)::type*>(task[1]),
+                          reinterpret_cast<T*>(task[2]), begin, end);
+      });
+    });
   }
   return skipped;
 }

@@ -30,7 +30,7 @@ constexpr int64_t kColumnBlockBytes = 512 * 1024;
 constexpr int64_t kEntryBlock = 64;
 
 template <typename T, typename I>
-int64_t scatter_add(const T* weight, T* out, int64_t numel, const I* idx, const T* values,
+int64_t scatter_add_typed(const T* weight, T* out, int64_t numel, const I* idx, const T* values,
                     float scale, int64_t nnz, T* saved) {
   int64_t skipped = 0;  // out-of-range indices (see scatter_swap.cpp): never written
 #pragma omp parallel for schedule(static) reduction(+ : skipped) if (nnz > 4096)
@@ -370,103 +370,55 @@ void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int6
 
 }  // namespace
 
-template <typename C>
-void shira_spmm_cpu(int dtype, const void* x, const void* y_in, void* out, int64_t tokens,
-                    int64_t in, int64_t rows, const int64_t* offsets, const C* cols,
-                    const float* values, float scale) {
+void shira::cpu::spmm(DType dtype, const void* x, const void* y_in, void* out, int64_t tokens,
+                      int64_t in, int64_t rows, const int64_t* offsets, const void* cols,
+                      int col_bytes, const float* values, float scale) {
   if (tokens == 0 || rows == 0) return;
-  switch (dtype) {
-    case 0:
-      return spmm_typed(static_cast<const float*>(x), static_cast<const float*>(y_in),
-                        static_cast<float*>(out), tokens, in, rows, offsets, cols, values, scale);
-    case 1:
-      return spmm_typed(static_cast<const _Float16*>(x), static_cast<const _Float16*>(y_in),
-                        static_cast<_Float16*>(out), tokens, in, rows, offsets, cols, values, scale);
-    default:
-      return spmm_typed(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(y_in),
-                        static_cast<uint16_t*>(out), tokens, in, rows, offsets, cols, values, scale);
-  }
+  dispatch_sparse(dtype, col_bytes, [&](auto t, auto c) {
+    using T = typename decltype(t)::type;
+    spmm_typed(static_cast<const T*>(x), static_cast<const T*>(y_in), static_cast<T*>(out),
+               tokens, in, rows, offsets, static_cast<const typename decltype(c)::type*>(cols),
+               values, scale);
+  });
 }
 
-template <typename C>
-void shira_sddmm_cpu(int dtype, const void* gy, const void* x, int64_t tokens, int64_t out,
-                     int64_t in, const int64_t* offsets, const C* cols, float* g) {
+void shira::cpu::sddmm(DType dtype, const void* gy, const void* x, int64_t tokens, int64_t out,
+                       int64_t in, const int64_t* offsets, const void* cols, int col_bytes,
+                       float* g) {
   const int64_t nnz = offsets[out];
   if (nnz == 0) return;
   if (tokens == 0) return std::fill(g, g + nnz, 0.0f);
-  switch (dtype) {
-    case 0:
-      return sddmm_typed(static_cast<const float*>(gy), static_cast<const float*>(x), tokens, out,
-                         in, offsets, cols, g);
-    case 1:
-      return sddmm_typed(static_cast<const _Float16*>(gy), static_cast<const _Float16*>(x), tokens,
-                         out, in, offsets, cols, g);
-    default:
-      return sddmm_typed(static_cast<const uint16_t*>(gy), static_cast<const uint16_t*>(x), tokens,
-                         out, in, offsets, cols, g);
-  }
+  dispatch_sparse(dtype, col_bytes, [&](auto t, auto c) {
+    using T = typename decltype(t)::type;
+    sddmm_typed(static_cast<const T*>(gy), static_cast<const T*>(x), tokens, out, in, offsets,
+                static_cast<const typename decltype(c)::type*>(cols), g);
+  });
 }
 
-template <typename C>
-void shira_spmm_t_sddmm_cpu(int dtype, const void* gy, const void* x, const void* gx_in,
-                            void* gx_out, int64_t tokens, int64_t out, int64_t in,
-                            const int64_t* t_offsets, const C* trows, const int64_t* perm,
-                            const float* values, float scale, float* g) {
+void shira::cpu::spmm_t_sddmm(DType dtype, const void* gy, const void* x, const void* gx_in,
+                              void* gx_out, int64_t tokens, int64_t out, int64_t in,
+                              const int64_t* t_offsets, const void* trows, int row_bytes,
+                              const int64_t* perm, const float* values, float scale, float* g) {
   const int64_t nnz = t_offsets[in];
   if (tokens == 0) return std::fill(g, g + nnz, 0.0f);
-  switch (dtype) {
-    case 0:
-      return spmm_t_sddmm_typed(static_cast<const float*>(gy), static_cast<const float*>(x),
-                                static_cast<const float*>(gx_in), static_cast<float*>(gx_out),
-                                tokens, out, in, t_offsets, trows, perm, values, scale, g);
-    case 1:
-      return spmm_t_sddmm_typed(static_cast<const _Float16*>(gy), static_cast<const _Float16*>(x),
-                                static_cast<const _Float16*>(gx_in), static_cast<_Float16*>(gx_out),
-                                tokens, out, in, t_offsets, trows, perm, values, scale, g);
-    default:
-      return spmm_t_sddmm_typed(static_cast<const uint16_t*>(gy), static_cast<const uint16_t*>(x),
-                                static_cast<const uint16_t*>(gx_in), static_cast<uint16_t*>(gx_out),
-                                tokens, out, in, t_offsets, trows, perm, values, scale, g);
-  }
+  dispatch_sparse(dtype, row_bytes, [&](auto t, auto c) {
+    using T = typename decltype(t)::type;
+    spmm_t_sddmm_typed(static_cast<const T*>(gy), static_cast<const T*>(x),
+                       static_cast<const T*>(gx_in), static_cast<T*>(gx_out), tokens, out, in,
+                       t_offsets, static_cast<const typename decltype(c)::type*>(trows), perm,
+                       values, scale, g);
+  });
 }
 
-template <typename I>
-int64_t shira_scatter_add_cpu(int dtype, const void* weight, void* out, int64_t numel,
-                              const I* idx, const void* values, float scale, int64_t nnz,
-                              void* saved) {
-  switch (dtype) {
-    case 0:
-      return scatter_add(static_cast<const float*>(weight), static_cast<float*>(out), numel, idx,
-                         static_cast<const float*>(values), scale, nnz,
-                         static_cast<float*>(saved));
-    case 1:
-      return scatter_add(static_cast<const _Float16*>(weight), static_cast<_Float16*>(out), numel,
-                         idx, static_cast<const _Float16*>(values), scale, nnz,
-                         static_cast<_Float16*>(saved));
-    default:
-      return scatter_add(static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), numel,
-                         idx, static_cast<const uint16_t*>(values), scale, nnz,
-                         static_cast<uint16_t*>(saved));
-  }
+int64_t shira::cpu::scatter_add(DType dtype, const void* weight, void* out, int64_t numel,
+                                const void* idx, int idx_bytes, const void* values, float scale,
+                                int64_t nnz, void* saved) {
+  return dispatch_float<CpuFloat>(dtype, nnz, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return dispatch_index<int32_t, int64_t>(idx_bytes, nnz, [&](auto i) {
+      return scatter_add_typed(static_cast<const T*>(weight), static_cast<T*>(out), numel,
+                               static_cast<const typename decltype(i)::type*>(idx),
+                               static_cast<const T*>(values), scale, nnz, static_cast<T*>(saved));
+    });
+  });
 }
-
-template void shira_spmm_cpu<int16_t>(int, const void*, const void*, void*, int64_t, int64_t,
-                                      int64_t, const int64_t*, const int16_t*, const float*, float);
-template void shira_spmm_cpu<int32_t>(int, const void*, const void*, void*, int64_t, int64_t,
-                                      int64_t, const int64_t*, const int32_t*, const float*, float);
-template void shira_sddmm_cpu<int16_t>(int, const void*, const void*, int64_t, int64_t, int64_t,
-                                       const int64_t*, const int16_t*, float*);
-template void shira_sddmm_cpu<int32_t>(int, const void*, const void*, int64_t, int64_t, int64_t,
-                                       const int64_t*, const int32_t*, float*);
-template int64_t shira_scatter_add_cpu<int32_t>(int, const void*, void*, int64_t, const int32_t*,
-                                                const void*, float, int64_t, void*);
-template int64_t shira_scatter_add_cpu<int64_t>(int, const void*, void*, int64_t, const int64_t*,
-                                                const void*, float, int64_t, void*);
-template void shira_spmm_t_sddmm_cpu<int16_t>(int, const void*, const void*, const void*, void*,
-                                               int64_t, int64_t, int64_t, const int64_t*,
-                                               const int16_t*, const int64_t*, const float*, float,
-                                               float*);
-template void shira_spmm_t_sddmm_cpu<int32_t>(int, const void*, const void*, const void*, void*,
-                                               int64_t, int64_t, int64_t, const int64_t*,
-                                               const int32_t*, const int64_t*, const float*, float,
-                                               float*);

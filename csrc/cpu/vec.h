@@ -11,6 +11,8 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+
+#include "../dispatch.h"
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -65,6 +67,18 @@ inline uint16_t float_to_bf16(float f) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
+}
+
+// The storage types of the dtypes (shira::DType) in the kernels: bf16 as its bits.
+using CpuFloat = shira::FloatTypes<float, _Float16, uint16_t>;
+
+// f(TypeTag<T>{}, TypeTag<C>{}) for T, the storage type of dtype, and C, the type (int16 or
+// int32) of S's indices, index_bytes wide; nothing runs for other codes (the bindings pass none).
+template <typename F>
+inline void dispatch_sparse(shira::DType dtype, int64_t index_bytes, F&& f) {
+  shira::dispatch_float<CpuFloat>(dtype, [&](auto t) {
+    shira::dispatch_index<int16_t, int32_t>(index_bytes, [&](auto c) { f(t, c); });
+  });
 }
 
 template <typename T>

@@ -20,6 +20,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -43,6 +44,17 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
     v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
+}
+
+// f(std::integral_constant<int, NT>()) for NT, the tokens per block of the few-token kernels:
+// the least of 1, 2, 4 and 8 that holds num_tokens (8 beyond that: blocks of 8). Those
+// kernels keep NT sums per row in registers, unrolled.
+template <typename F>
+cudaError_t with_token_tile(int64_t num_tokens, F&& f) {
+  if (num_tokens == 1) return f(std::integral_constant<int, 1>());
+  if (num_tokens == 2) return f(std::integral_constant<int, 2>());
+  if (num_tokens <= 4) return f(std::integral_constant<int, 4>());
+  return f(std::integral_constant<int, 8>());
 }
 
 // ---------------------------------------------------------------------------
@@ -78,18 +90,31 @@ __device__ __forceinline__ void stage_x_chunk(float* xs, const T* __restrict__ x
 }
 
 // ---------------------------------------------------------------------------
+// One binary weight as the kernels read it: row o's signs at packed + o * words,
+// its alpha at alpha[o * alpha_stride] and its mu at mu[o * mu_stride] (stride
+// 0: one value for the whole tensor, 1: one per row).
+
+struct BinaryRows {
+  const int32_t* packed;  // [rows, words]
+  const float* alpha;     // [1] or [rows]
+  const float* mu;        // [1] or [rows]
+  int64_t alpha_stride;
+  int64_t mu_stride;
+};
+
+BinaryRows binary_rows(const shira::cuda::BinaryWeight& w) {
+  return {w.packed, w.alpha, w.mu, w.alpha_per_row ? 1 : 0, w.mu_per_row ? 1 : 0};
+}
+
+// ---------------------------------------------------------------------------
 // binary_linear: y[t, o] = alpha_o * sum_i x[t, i] s[o, i] + mu_o * sum_i x[t, i] + bias[o].
 
 template <typename T>
 struct BinaryLinearArgs {
   const T* x;             // [num_tokens, in_features]
-  const int32_t* packed;  // [out_features, words]
-  const float* alpha;     // [1] or [out_features]
-  const float* mu;        // [1] or [out_features]
+  BinaryRows w;           // [out_features, in_features]
   const T* bias;          // [out_features] or nullptr
   T* y;                   // [num_tokens, out_features]
-  int64_t alpha_stride;   // 0 (per tensor) or 1 (per row)
-  int64_t mu_stride;
   int64_t num_tokens;
   int64_t in_features;
   int64_t out_features;
@@ -138,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) binary_gemv_kernel(const BinaryLinea
       for (int j = 0; j < kGemvRows; ++j) {
         const int64_t row = row0 + j;
         nw[j] = row < a.out_features
-                    ? ~static_cast<uint32_t>(a.packed[row * a.words + w0 + lane])
+                    ? ~static_cast<uint32_t>(a.w.packed[row * a.words + w0 + lane])
                     : 0u;
       }
       const float* xl = xs + lane * 33;
@@ -180,8 +205,8 @@ __global__ void __launch_bounds__(kThreads) binary_gemv_kernel(const BinaryLinea
   for (int j = 0; j < kGemvRows; ++j) {
     const int64_t row = row0 + j;
     if (row >= a.out_features) break;
-    const float al = a.alpha[row * a.alpha_stride];
-    const float mu = a.mu[row * a.mu_stride];
+    const float al = a.w.alpha[row * a.w.alpha_stride];
+    const float mu = a.w.mu[row * a.w.mu_stride];
     const float b = a.bias != nullptr ? to_float(a.bias[row]) : 0.0f;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -223,12 +248,12 @@ __global__ void __launch_bounds__(kThreads) binary_gemm_kernel(const BinaryLinea
   const bool lrow_ok = lrow < a.out_features;
   float w_pos = 0.0f, w_neg = 0.0f;  // mu + alpha and mu - alpha for that row
   if (lrow_ok) {
-    const float al = a.alpha[lrow * a.alpha_stride];
-    const float mu = a.mu[lrow * a.mu_stride];
+    const float al = a.w.alpha[lrow * a.w.alpha_stride];
+    const float mu = a.w.mu[lrow * a.w.mu_stride];
     w_pos = mu + al;
     w_neg = mu - al;
   }
-  const int32_t* lrow_words = a.packed + (lrow_ok ? lrow * a.words : 0);
+  const int32_t* lrow_words = a.w.packed + (lrow_ok ? lrow * a.words : 0);
 
   const int64_t num_tiles = ceil_div(a.num_tokens, kTileT);
   // blockIdx.y / gridDim.y are block-uniform, so all threads reach the barriers.
@@ -322,10 +347,11 @@ cudaError_t launch_gemv(const BinaryLinearArgs<T>& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_binary_linear_typed(const BinaryLinearArgs<T>& a, cudaStream_t stream) {
-  if (a.num_tokens == 1) return launch_gemv<T, 1>(a, stream);
-  if (a.num_tokens == 2) return launch_gemv<T, 2>(a, stream);
-  if (a.num_tokens <= 4) return launch_gemv<T, 4>(a, stream);
-  if (a.num_tokens <= kGemvMaxTokens) return launch_gemv<T, 8>(a, stream);
+  if (a.num_tokens <= kGemvMaxTokens) {
+    return with_token_tile(a.num_tokens, [&](auto nt) {
+      return launch_gemv<T, decltype(nt)::value>(a, stream);
+    });
+  }
 
   const int64_t blocks_x = ceil_div(a.out_features, kTileO);
   if (blocks_x > kMaxGridX) return cudaErrorInvalidValue;
@@ -333,28 +359,6 @@ cudaError_t launch_binary_linear_typed(const BinaryLinearArgs<T>& a, cudaStream_
   const dim3 grid(static_cast<unsigned int>(blocks_x), static_cast<unsigned int>(blocks_y));
   binary_gemm_kernel<T><<<grid, dim3(kThreads), 0, stream>>>(a);
   return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_binary_linear_dtype(const void* x, const int32_t* packed, const float* alpha,
-                                       int alpha_per_row, const float* mu, int mu_per_row,
-                                       const void* bias, void* y, int64_t num_tokens,
-                                       int64_t in_features, int64_t out_features,
-                                       cudaStream_t stream) {
-  BinaryLinearArgs<T> a;
-  a.x = static_cast<const T*>(x);
-  a.packed = packed;
-  a.alpha = alpha;
-  a.mu = mu;
-  a.bias = static_cast<const T*>(bias);
-  a.y = static_cast<T*>(y);
-  a.alpha_stride = alpha_per_row ? 1 : 0;
-  a.mu_stride = mu_per_row ? 1 : 0;
-  a.num_tokens = num_tokens;
-  a.in_features = in_features;
-  a.out_features = out_features;
-  a.words = ceil_div(in_features, 32);
-  return launch_binary_linear_typed<T>(a, stream);
 }
 
 // ---------------------------------------------------------------------------
@@ -379,17 +383,9 @@ constexpr int64_t kLoraMinOutputsPerSplit = 256;
 template <typename T>
 struct BinaryLoraArgs {
   const T* x;                  // [num_tokens, in_features]
-  const int32_t* down_packed;  // [rank, down_words]
-  const float* down_alpha;     // [1] or [rank]
-  const float* down_mu;
-  const int32_t* up_packed;    // [out_features, up_words]
-  const float* up_alpha;       // [1] or [out_features]
-  const float* up_mu;
+  BinaryRows down;             // [rank, in_features], down_words per row
+  BinaryRows up;               // [out_features, rank], up_words per row
   T* y;                        // [num_tokens, out_features]
-  int64_t down_alpha_stride;   // 0 (per tensor) or 1 (per row), same below
-  int64_t down_mu_stride;
-  int64_t up_alpha_stride;
-  int64_t up_mu_stride;
   float scale;
   int relu;
   int rank;                    // 1 .. kLoraMaxRank
@@ -420,8 +416,8 @@ __global__ void __launch_bounds__(kThreads) binary_lora_kernel(const BinaryLoraA
 #pragma unroll
   for (int j = 0; j < kLoraRowsPerWarp; ++j) {
     const int k = warp + kWarps * j;
-    const float al = k < rank ? a.down_alpha[k * a.down_alpha_stride] : 0.0f;
-    const float mu = k < rank ? a.down_mu[k * a.down_mu_stride] : 0.0f;
+    const float al = k < rank ? a.down.alpha[k * a.down.alpha_stride] : 0.0f;
+    const float mu = k < rank ? a.down.mu[k * a.down.mu_stride] : 0.0f;
     wp[j] = mu + al;
     wn[j] = mu - al;
 #pragma unroll
@@ -441,7 +437,7 @@ __global__ void __launch_bounds__(kThreads) binary_lora_kernel(const BinaryLoraA
       for (int j = 0; j < kLoraRowsPerWarp; ++j) {
         const int k = warp + kWarps * j;
         nw[j] = k < rank
-                    ? ~static_cast<uint32_t>(a.down_packed[k * a.down_words + w0 + lane])
+                    ? ~static_cast<uint32_t>(a.down.packed[k * a.down_words + w0 + lane])
                     : 0u;
       }
       const float* xl = xs + lane * 33;
@@ -491,10 +487,10 @@ __global__ void __launch_bounds__(kThreads) binary_lora_kernel(const BinaryLoraA
     float out_acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) out_acc[t] = 0.0f;
-    const float al = a.up_alpha[o * a.up_alpha_stride];
-    const float mu = a.up_mu[o * a.up_mu_stride];
+    const float al = a.up.alpha[o * a.up.alpha_stride];
+    const float mu = a.up.mu[o * a.up.mu_stride];
     const float up_pos = mu + al, up_neg = mu - al;
-    const int32_t* words = a.up_packed + o * a.up_words;
+    const int32_t* words = a.up.packed + o * a.up_words;
 #pragma unroll
     for (int q = 0; q < kLoraUpWords; ++q) {
       if (q < a.up_words) {
@@ -539,110 +535,63 @@ cudaError_t launch_lora(BinaryLoraArgs<T> a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_binary_lora_dtype(const BinaryLoraArgs<T>& a, cudaStream_t stream) {
-  if (a.num_tokens == 1) return launch_lora<T, 1>(a, stream);
-  if (a.num_tokens == 2) return launch_lora<T, 2>(a, stream);
-  if (a.num_tokens <= 4) return launch_lora<T, 4>(a, stream);
-  return launch_lora<T, 8>(a, stream);
-}
-
-template <typename T>
-cudaError_t make_lora_args(const void* x, const int32_t* down_packed, const float* down_alpha,
-                           int down_alpha_per_row, const float* down_mu, int down_mu_per_row,
-                           const int32_t* up_packed, const float* up_alpha, int up_alpha_per_row,
-                           const float* up_mu, int up_mu_per_row, float scale, int relu, void* y,
-                           int64_t num_tokens, int64_t in_features, int64_t rank,
-                           int64_t out_features, cudaStream_t stream) {
-  BinaryLoraArgs<T> a;
-  a.x = static_cast<const T*>(x);
-  a.down_packed = down_packed;
-  a.down_alpha = down_alpha;
-  a.down_mu = down_mu;
-  a.up_packed = up_packed;
-  a.up_alpha = up_alpha;
-  a.up_mu = up_mu;
-  a.y = static_cast<T*>(y);
-  a.down_alpha_stride = down_alpha_per_row ? 1 : 0;
-  a.down_mu_stride = down_mu_per_row ? 1 : 0;
-  a.up_alpha_stride = up_alpha_per_row ? 1 : 0;
-  a.up_mu_stride = up_mu_per_row ? 1 : 0;
-  a.scale = scale;
-  a.relu = relu ? 1 : 0;
-  a.rank = static_cast<int>(rank);
-  a.up_words = static_cast<int>(ceil_div(rank, 32));
-  a.num_tokens = num_tokens;
-  a.in_features = in_features;
-  a.out_features = out_features;
-  a.down_words = ceil_div(in_features, 32);
-  a.outputs_per_split = out_features;
-  return launch_binary_lora_dtype<T>(a, stream);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------
 // Launchers (declared in kernels.h).
 
-cudaError_t shira_launch_binary_linear(const void* x, const int32_t* packed, const float* alpha,
-                                       int alpha_per_row, const float* mu, int mu_per_row,
-                                       const void* bias, void* y, int dtype, int64_t num_tokens,
+cudaError_t shira::cuda::binary_linear(const void* x, const BinaryWeight& w, const void* bias,
+                                       void* y, DType dtype, int64_t num_tokens,
                                        int64_t in_features, int64_t out_features,
                                        cudaStream_t stream) {
   if (num_tokens < 0 || in_features < 0 || out_features < 0) return cudaErrorInvalidValue;
   if (num_tokens == 0 || out_features == 0) return cudaSuccess;  // no output elements
-  if (y == nullptr || alpha == nullptr || mu == nullptr) return cudaErrorInvalidValue;
-  if (in_features > 0 && (x == nullptr || packed == nullptr)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case kShiraFloat32:
-      return launch_binary_linear_dtype<float>(x, packed, alpha, alpha_per_row, mu, mu_per_row,
-                                               bias, y, num_tokens, in_features, out_features,
-                                               stream);
-    case kShiraFloat16:
-      return launch_binary_linear_dtype<__half>(x, packed, alpha, alpha_per_row, mu, mu_per_row,
-                                                bias, y, num_tokens, in_features, out_features,
-                                                stream);
-    case kShiraBFloat16:
-      return launch_binary_linear_dtype<__nv_bfloat16>(x, packed, alpha, alpha_per_row, mu,
-                                                       mu_per_row, bias, y, num_tokens,
-                                                       in_features, out_features, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  if (y == nullptr || w.alpha == nullptr || w.mu == nullptr) return cudaErrorInvalidValue;
+  if (in_features > 0 && (x == nullptr || w.packed == nullptr)) return cudaErrorInvalidValue;
+  return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    BinaryLinearArgs<T> a;
+    a.x = static_cast<const T*>(x);
+    a.w = binary_rows(w);
+    a.bias = static_cast<const T*>(bias);
+    a.y = static_cast<T*>(y);
+    a.num_tokens = num_tokens;
+    a.in_features = in_features;
+    a.out_features = out_features;
+    a.words = ceil_div(in_features, 32);
+    return launch_binary_linear_typed<T>(a, stream);
+  });
 }
 
-cudaError_t shira_launch_binary_lora(const void* x, const int32_t* down_packed,
-                                     const float* down_alpha, int down_alpha_per_row,
-                                     const float* down_mu, int down_mu_per_row,
-                                     const int32_t* up_packed, const float* up_alpha,
-                                     int up_alpha_per_row, const float* up_mu, int up_mu_per_row,
-                                     float scale, int relu, void* y, int dtype,
-                                     int64_t num_tokens, int64_t in_features, int64_t rank,
-                                     int64_t out_features, cudaStream_t stream) {
+cudaError_t shira::cuda::binary_lora(const void* x, const BinaryWeight& down,
+                                     const BinaryWeight& up, float scale, bool relu, void* y,
+                                     DType dtype, int64_t num_tokens, int64_t in_features,
+                                     int64_t rank, int64_t out_features, cudaStream_t stream) {
   if (num_tokens < 0 || in_features < 0 || out_features < 0) return cudaErrorInvalidValue;
   if (rank < 1 || rank > kLoraMaxRank) return cudaErrorInvalidValue;
   if (num_tokens == 0 || out_features == 0) return cudaSuccess;  // no output elements
-  if (y == nullptr || down_alpha == nullptr || down_mu == nullptr || up_packed == nullptr ||
-      up_alpha == nullptr || up_mu == nullptr)
+  if (y == nullptr || down.alpha == nullptr || down.mu == nullptr || up.packed == nullptr ||
+      up.alpha == nullptr || up.mu == nullptr)
     return cudaErrorInvalidValue;
-  if (in_features > 0 && (x == nullptr || down_packed == nullptr)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case kShiraFloat32:
-      return make_lora_args<float>(x, down_packed, down_alpha, down_alpha_per_row, down_mu,
-                                   down_mu_per_row, up_packed, up_alpha, up_alpha_per_row, up_mu,
-                                   up_mu_per_row, scale, relu, y, num_tokens, in_features, rank,
-                                   out_features, stream);
-    case kShiraFloat16:
-      return make_lora_args<__half>(x, down_packed, down_alpha, down_alpha_per_row, down_mu,
-                                    down_mu_per_row, up_packed, up_alpha, up_alpha_per_row, up_mu,
-                                    up_mu_per_row, scale, relu, y, num_tokens, in_features, rank,
-                                    out_features, stream);
-    case kShiraBFloat16:
-      return make_lora_args<__nv_bfloat16>(x, down_packed, down_alpha, down_alpha_per_row,
-                                           down_mu, down_mu_per_row, up_packed, up_alpha,
-                                           up_alpha_per_row, up_mu, up_mu_per_row, scale, relu,
-                                           y, num_tokens, in_features, rank, out_features, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  if (in_features > 0 && (x == nullptr || down.packed == nullptr)) return cudaErrorInvalidValue;
+  return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    BinaryLoraArgs<T> a;
+    a.x = static_cast<const T*>(x);
+    a.down = binary_rows(down);
+    a.up = binary_rows(up);
+    a.y = static_cast<T*>(y);
+    a.scale = scale;
+    a.relu = relu ? 1 : 0;
+    a.rank = static_cast<int>(rank);
+    a.up_words = static_cast<int>(ceil_div(rank, 32));
+    a.num_tokens = num_tokens;
+    a.in_features = in_features;
+    a.out_features = out_features;
+    a.down_words = ceil_div(in_features, 32);
+    a.outputs_per_split = out_features;
+    return with_token_tile(num_tokens, [&](auto nt) {
+      return launch_lora<T, decltype(nt)::value>(a, stream);
+    });
+  });
 }

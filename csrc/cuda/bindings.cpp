@@ -3,7 +3,8 @@
 // Only this file includes torch headers; the kernels in *.cu are plain CUDA
 // and are reached through the launchers declared in kernels.h. To add an op:
 // write its launcher in a .cu file, declare it in kernels.h, add one function
-// below, and one m.def line in PYBIND11_MODULE.
+// below, and one m.def line in PYBIND11_MODULE. The ops shared with the CPU
+// extension take the same arguments, by the same names, as its bindings.
 
 #include <torch/extension.h>
 
@@ -14,7 +15,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <string>
 
+#include "../torch_dtype.h"
 #include "kernels.h"
 
 namespace {
@@ -34,16 +38,23 @@ void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " failed: ", cudaGetErrorString(err));
 }
 
-// A one-element int64 counter on `device` that the kernels add skipped entries to.
-void check_counter(const torch::Tensor& t, const torch::Device& device) {
-  TORCH_CHECK(t.is_cuda() && t.device() == device && t.scalar_type() == torch::kInt64 &&
-                  t.numel() == 1 && t.is_contiguous(),
-              "skipped must be a one-element int64 tensor on ", device);
+// The current stream of `device` (whose guard the caller holds), so that a
+// launch is ordered with the surrounding torch work.
+cudaStream_t current_stream(const torch::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
-// A zeroed one-element int64 counter on `device` for the kernels to add skipped entries to.
-torch::Tensor new_counter(const torch::Device& device) {
-  return torch::zeros({1}, torch::TensorOptions().dtype(torch::kInt64).device(device));
+// launch(skipped, stream) for the launchers that count the entries they skip
+// (an index outside its weight): skipped is a zeroed counter on `device`, the
+// current device, and the count is returned (a device sync).
+template <typename Launch>
+int64_t launch_counting_skipped(const torch::Device& device, const char* op, Launch&& launch) {
+  const torch::Tensor skipped =
+      torch::zeros({1}, torch::TensorOptions().dtype(torch::kInt64).device(device));
+  check_cuda(launch(reinterpret_cast<unsigned long long*>(skipped.data_ptr<int64_t>()),
+                    current_stream(device)),
+             op);
+  return skipped.item<int64_t>();
 }
 
 // scatter_swap(tasks [T,7] int64, blocks [B,2] int64, block) -> int
@@ -64,41 +75,40 @@ int64_t scatter_swap(const torch::Tensor& tasks, const torch::Tensor& blocks, in
   if (num_blocks == 0) return 0;
   TORCH_CHECK(tasks.size(0) > 0, "tasks is empty but blocks has ", num_blocks, " rows");
 
-  // Launch on tasks' device and that device's current stream, so the op is
-  // ordered with the surrounding torch work.
+  // Launch on tasks' device.
   const c10::cuda::CUDAGuard device_guard(tasks.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(tasks.device().index()).stream();
-  const torch::Tensor skipped = new_counter(tasks.device());
-  check_counter(skipped, tasks.device());
-
-  check_cuda(shira_launch_scatter_swap(
-                 tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), num_blocks, block,
-                 reinterpret_cast<unsigned long long*>(skipped.data_ptr<int64_t>()), stream),
-             "scatter_swap");
-  return skipped.item<int64_t>();
+  return launch_counting_skipped(tasks.device(), "scatter_swap",
+                                 [&](unsigned long long* skipped, cudaStream_t stream) {
+    return shira::cuda::scatter_swap(tasks.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(),
+                                     num_blocks, block, skipped, stream);
+  });
 }
 
 // --- SHiRA sparse-delta ops ------------------------------------------------
 
-// Maps a floating dtype to the ShiraDType code of kernels.h.
-int dtype_code(const torch::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case torch::kFloat32: return kShiraFloat32;
-    case torch::kFloat16: return kShiraFloat16;
-    case torch::kBFloat16: return kShiraBFloat16;
-    default:
-      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return -1;  // unreachable
+// A CUDA, contiguous tensor on `device`.
+void check_placed(const torch::Tensor& t, const std::string& name, const torch::Device& device) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 // A CUDA, contiguous tensor of the given rank on `device`.
-void check_operand(const torch::Tensor& t, const char* name, int64_t dim,
+void check_operand(const torch::Tensor& t, const std::string& name, int64_t dim,
                    const torch::Device& device) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  check_placed(t, name, device);
   TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+struct Operand {
+  const torch::Tensor& tensor;
+  const char* name;
+  int64_t dim;
+};
+
+// check_operand for each of an op's tensor arguments, in order.
+void check_operands(const torch::Device& device, std::initializer_list<Operand> operands) {
+  for (const Operand& o : operands) check_operand(o.tensor, o.name, o.dim, device);
 }
 
 void check_same_dtype(const torch::Tensor& t, const char* name, const torch::Tensor& ref,
@@ -114,49 +124,45 @@ int col_index_size(const torch::Tensor& t, const char* name) {
   return static_cast<int>(t.element_size());
 }
 
-// spmm(y_in [T,out], x [T,in], row_offsets int64 [out+1], col_indices int16/int32 [nnz],
-//      values [nnz], scale, overwrite_y) -> y_out [T,out]
-// y_out[t, r] = y_in[t, r] + scale * sum_{j in row r} values[j] * x[t, col_indices[j]].
-// With overwrite_y (the caller no longer needs y_in) y_out is y_in itself: the
-// launcher allows y_in == y_out.
+// spmm(y [T,out], x [T,in], offsets int64 [out+1], cols int16/int32 [nnz],
+//      values [nnz], scale, overwrite_y) -> [T,out]
+// result[t, r] = y[t, r] + scale * sum_{j in row r} values[j] * x[t, cols[j]],
+// for S's CSR row offsets and column indices. With overwrite_y (the caller no
+// longer needs y) the result is y itself: the launcher allows y_in == y_out.
 // With the CSC structure of S (the CSR of S^T) it computes gx = gy * S. Not
-// checked (it would need a device sync): row_offsets is non-decreasing with
-// row_offsets[0] == 0, row_offsets[out] == nnz, and col_indices are in [0, in).
-torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
-                   const torch::Tensor& row_offsets, const torch::Tensor& col_indices,
-                   const torch::Tensor& values, double scale, bool overwrite_y) {
+// checked (it would need a device sync): offsets is non-decreasing with
+// offsets[0] == 0, offsets[out] == nnz, and cols are in [0, in).
+torch::Tensor spmm(const torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& offsets,
+                   const torch::Tensor& cols, const torch::Tensor& values, double scale,
+                   bool overwrite_y) {
   const torch::Device device = x.device();
-  check_operand(x, "x", 2, device);
-  check_operand(y_in, "y_in", 2, device);
-  check_operand(row_offsets, "row_offsets", 1, device);
-  check_operand(col_indices, "col_indices", 1, device);
-  check_operand(values, "values", 1, device);
-  const int dtype = dtype_code(x, "x");
-  check_same_dtype(y_in, "y_in", x, "x");
+  check_operands(device, {{x, "x", 2}, {y, "y", 2}, {offsets, "offsets", 1}, {cols, "cols", 1},
+                          {values, "values", 1}});
+  const shira::DType dtype = dtype_of(x, "x");
+  check_same_dtype(y, "y", x, "x");
   check_same_dtype(values, "values", x, "x");
-  TORCH_CHECK(row_offsets.scalar_type() == torch::kInt64, "row_offsets must be int64, got ",
-              row_offsets.scalar_type());
-  const int col_size = col_index_size(col_indices, "col_indices");
-  TORCH_CHECK(row_offsets.size(0) >= 1, "row_offsets must have at least one entry");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64, "offsets must be int64, got ",
+              offsets.scalar_type());
+  const int col_size = col_index_size(cols, "cols");
+  TORCH_CHECK(offsets.size(0) >= 1, "offsets must have at least one entry");
 
   const int64_t num_tokens = x.size(0);
   const int64_t in_features = x.size(1);
-  const int64_t out_features = row_offsets.size(0) - 1;
+  const int64_t out_features = offsets.size(0) - 1;
   const int64_t nnz = values.size(0);
-  TORCH_CHECK(y_in.size(0) == num_tokens && y_in.size(1) == out_features, "y_in must have shape [",
-              num_tokens, ", ", out_features, "] (x is ", x.sizes(), ", row_offsets has ",
-              row_offsets.size(0), " entries), got ", y_in.sizes());
-  TORCH_CHECK(col_indices.size(0) == nnz, "col_indices and values must have the same length, got ",
-              col_indices.size(0), " and ", nnz);
+  TORCH_CHECK(y.size(0) == num_tokens && y.size(1) == out_features, "y must have shape [",
+              num_tokens, ", ", out_features, "] (x is ", x.sizes(), ", offsets has ",
+              offsets.size(0), " entries), got ", y.sizes());
+  TORCH_CHECK(cols.size(0) == nnz, "cols and values must have the same length, got ",
+              cols.size(0), " and ", nnz);
 
   const c10::cuda::CUDAGuard device_guard(device);
-  torch::Tensor y_out = overwrite_y ? y_in : torch::empty_like(y_in);
+  torch::Tensor y_out = overwrite_y ? y : torch::empty_like(y);
   if (y_out.numel() == 0) return y_out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_cuda(shira_launch_spmm(y_in.data_ptr(), y_out.data_ptr(), x.data_ptr(),
-                               row_offsets.data_ptr<int64_t>(), col_indices.data_ptr(), col_size,
+  check_cuda(shira::cuda::spmm(y.data_ptr(), y_out.data_ptr(), x.data_ptr(),
+                               offsets.data_ptr<int64_t>(), cols.data_ptr(), col_size,
                                values.data_ptr(), dtype, num_tokens, out_features, in_features,
-                               nnz, static_cast<float>(scale), stream),
+                               nnz, static_cast<float>(scale), current_stream(device)),
              "spmm");
   return y_out;
 }
@@ -170,11 +176,8 @@ torch::Tensor spmm(const torch::Tensor& y_in, const torch::Tensor& x,
 torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch::Tensor& rows,
                     const torch::Tensor& cols, const c10::optional<torch::Tensor>& /*offsets*/) {
   const torch::Device device = x.device();
-  check_operand(gy, "gy", 2, device);
-  check_operand(x, "x", 2, device);
-  check_operand(rows, "rows", 1, device);
-  check_operand(cols, "cols", 1, device);
-  const int dtype = dtype_code(x, "x");
+  check_operands(device, {{gy, "gy", 2}, {x, "x", 2}, {rows, "rows", 1}, {cols, "cols", 1}});
+  const shira::DType dtype = dtype_of(x, "x");
   check_same_dtype(gy, "gy", x, "x");
   TORCH_CHECK(rows.scalar_type() == torch::kInt32, "rows must be int32, got ", rows.scalar_type());
   const int col_size = col_index_size(cols, "cols");
@@ -187,10 +190,9 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
   const c10::cuda::CUDAGuard device_guard(device);
   torch::Tensor g = torch::empty({nnz}, x.options().dtype(torch::kFloat32));
   if (nnz == 0) return g;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_cuda(shira_launch_sddmm(gy.data_ptr(), x.data_ptr(), rows.data_ptr<int32_t>(),
+  check_cuda(shira::cuda::sddmm(gy.data_ptr(), x.data_ptr(), rows.data_ptr<int32_t>(),
                                 cols.data_ptr(), col_size, g.data_ptr<float>(), dtype, x.size(0),
-                                gy.size(1), x.size(1), nnz, stream),
+                                gy.size(1), x.size(1), nnz, current_stream(device)),
              "sddmm");
   return g;
 }
@@ -209,11 +211,9 @@ int64_t scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
                     const torch::Tensor& flat_indices, const torch::Tensor& values, double scale,
                     const c10::optional<torch::Tensor>& saved) {
   const torch::Device device = weight.device();
-  check_operand(out, "out", out.dim(), device);
-  check_operand(weight, "weight", weight.dim(), device);
-  check_operand(flat_indices, "flat_indices", 1, device);
-  check_operand(values, "values", 1, device);
-  const int dtype = dtype_code(weight, "weight");
+  check_operands(device, {{out, "out", out.dim()}, {weight, "weight", weight.dim()},
+                          {flat_indices, "flat_indices", 1}, {values, "values", 1}});
+  const shira::DType dtype = dtype_of(weight, "weight");
   check_same_dtype(out, "out", weight, "weight");
   check_same_dtype(values, "values", weight, "weight");
   // Both are contiguous, so equal numel means the same flat layout.
@@ -240,41 +240,51 @@ int64_t scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
     saved->copy_(weight.reshape({-1}).index_select(
         0, flat_indices.to(torch::kInt64).clamp(0, weight.numel() - 1)));
   }
-  const torch::Tensor skipped = new_counter(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_cuda(shira_launch_scatter_add(
-                 out.data_ptr(), weight.data_ptr(), weight.numel(), flat_indices.data_ptr(),
-                 static_cast<int>(flat_indices.element_size()), values.data_ptr(), dtype, nnz,
-                 static_cast<float>(scale),
-                 reinterpret_cast<unsigned long long*>(skipped.data_ptr<int64_t>()), stream),
-             "scatter_add");
-  return skipped.item<int64_t>();
+  return launch_counting_skipped(device, "scatter_add",
+                                 [&](unsigned long long* skipped, cudaStream_t stream) {
+    return shira::cuda::scatter_add(out.data_ptr(), weight.data_ptr(), weight.numel(),
+                                    flat_indices.data_ptr(),
+                                    static_cast<int>(flat_indices.element_size()),
+                                    values.data_ptr(), dtype, nnz, static_cast<float>(scale),
+                                    skipped, stream);
+  });
 }
 
 // --- 1-bit (binary) weight ops ----------------------------------------------
 
 // alpha / mu of a binary weight with `rows` rows: fp32, contiguous, numel 1
-// (per tensor) or rows (per row). Returns 1 when per row, else 0.
-int check_binary_scale(const torch::Tensor& t, const char* name, int64_t rows,
-                       const torch::Device& device) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+// (per tensor) or rows (per row). Returns whether per row.
+bool check_binary_scale(const torch::Tensor& t, const std::string& name, int64_t rows,
+                        const torch::Device& device) {
+  check_placed(t, name, device);
   TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.numel() == 1 || t.numel() == rows, name, " must have 1 or ", rows,
               " elements (per tensor or per row), got shape ", t.sizes());
-  return t.numel() == rows && rows != 1 ? 1 : 0;
+  return t.numel() == rows && rows != 1;
 }
 
 // Packed signs of a binary weight: int32, contiguous [rows, ceil(cols / 32)].
-void check_binary_packed(const torch::Tensor& t, const char* name, int64_t cols,
+void check_binary_packed(const torch::Tensor& t, const std::string& name, int64_t cols,
                          const torch::Device& device) {
   check_operand(t, name, 2, device);
   TORCH_CHECK(t.scalar_type() == torch::kInt32, name, " must be int32, got ", t.scalar_type());
   const int64_t words = (cols + 31) / 32;
   TORCH_CHECK(t.size(1) == words, name, " must have ceil(", cols, " / 32) = ", words,
               " words per row, got shape ", t.sizes());
+}
+
+// The binary weight [packed.size(0), cols] of arguments <prefix>packed,
+// <prefix>alpha and <prefix>mu, checked, as the launchers take it.
+shira::cuda::BinaryWeight binary_weight(const std::string& prefix, const torch::Tensor& packed,
+                                        const torch::Tensor& alpha, const torch::Tensor& mu,
+                                        int64_t cols, const torch::Device& device) {
+  check_binary_packed(packed, prefix + "packed", cols, device);
+  const int64_t rows = packed.size(0);
+  const bool alpha_per_row = check_binary_scale(alpha, prefix + "alpha", rows, device);
+  const bool mu_per_row = check_binary_scale(mu, prefix + "mu", rows, device);
+  return {packed.data_ptr<int32_t>(), alpha.data_ptr<float>(), alpha_per_row,
+          mu.data_ptr<float>(), mu_per_row};
 }
 
 // binary_linear(x [T,in], packed int32 [out, ceil(in/32)], alpha, mu, bias?, in_features)
@@ -287,14 +297,12 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
                             const c10::optional<torch::Tensor>& bias, int64_t in_features) {
   const torch::Device device = x.device();
   check_operand(x, "x", 2, device);
-  const int dtype = dtype_code(x, "x");
+  const shira::DType dtype = dtype_of(x, "x");
   TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
   TORCH_CHECK(x.size(1) == in_features, "x must have shape [T, ", in_features, "], got ",
               x.sizes());
-  check_binary_packed(packed, "packed", in_features, device);
+  const shira::cuda::BinaryWeight w = binary_weight("", packed, alpha, mu, in_features, device);
   const int64_t out_features = packed.size(0);
-  const int alpha_per_row = check_binary_scale(alpha, "alpha", out_features, device);
-  const int mu_per_row = check_binary_scale(mu, "mu", out_features, device);
   const void* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     const torch::Tensor& b = *bias;
@@ -309,11 +317,9 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
   const c10::cuda::CUDAGuard device_guard(device);
   torch::Tensor y = torch::empty({num_tokens, out_features}, x.options());
   if (y.numel() == 0) return y;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_cuda(shira_launch_binary_linear(x.data_ptr(), packed.data_ptr<int32_t>(),
-                                        alpha.data_ptr<float>(), alpha_per_row,
-                                        mu.data_ptr<float>(), mu_per_row, bias_ptr, y.data_ptr(),
-                                        dtype, num_tokens, in_features, out_features, stream),
+  check_cuda(shira::cuda::binary_linear(x.data_ptr(), w, bias_ptr, y.data_ptr(), dtype,
+                                        num_tokens, in_features, out_features,
+                                        current_stream(device)),
              "binary_linear");
   return y;
 }
@@ -329,30 +335,24 @@ torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_pack
                           const torch::Tensor& up_mu, double scale, bool relu) {
   const torch::Device device = x.device();
   check_operand(x, "x", 2, device);
-  const int dtype = dtype_code(x, "x");
+  const shira::DType dtype = dtype_of(x, "x");
   const int64_t in_features = x.size(1);
-  check_binary_packed(down_packed, "down_packed", in_features, device);
+  const shira::cuda::BinaryWeight down =
+      binary_weight("down_", down_packed, down_alpha, down_mu, in_features, device);
   const int64_t rank = down_packed.size(0);
   TORCH_CHECK(rank >= 1 && rank <= 64,
               "binary_lora supports ranks 1..64 (down_packed.size(0)), got rank ", rank);
-  check_binary_packed(up_packed, "up_packed", rank, device);
+  const shira::cuda::BinaryWeight up =
+      binary_weight("up_", up_packed, up_alpha, up_mu, rank, device);
   const int64_t out_features = up_packed.size(0);
-  const int down_alpha_per_row = check_binary_scale(down_alpha, "down_alpha", rank, device);
-  const int down_mu_per_row = check_binary_scale(down_mu, "down_mu", rank, device);
-  const int up_alpha_per_row = check_binary_scale(up_alpha, "up_alpha", out_features, device);
-  const int up_mu_per_row = check_binary_scale(up_mu, "up_mu", out_features, device);
 
   const int64_t num_tokens = x.size(0);
   const c10::cuda::CUDAGuard device_guard(device);
   torch::Tensor y = torch::empty({num_tokens, out_features}, x.options());
   if (y.numel() == 0) return y;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_cuda(shira_launch_binary_lora(
-                 x.data_ptr(), down_packed.data_ptr<int32_t>(), down_alpha.data_ptr<float>(),
-                 down_alpha_per_row, down_mu.data_ptr<float>(), down_mu_per_row,
-                 up_packed.data_ptr<int32_t>(), up_alpha.data_ptr<float>(), up_alpha_per_row,
-                 up_mu.data_ptr<float>(), up_mu_per_row, static_cast<float>(scale), relu ? 1 : 0,
-                 y.data_ptr(), dtype, num_tokens, in_features, rank, out_features, stream),
+  check_cuda(shira::cuda::binary_lora(x.data_ptr(), down, up, static_cast<float>(scale), relu,
+                                      y.data_ptr(), dtype, num_tokens, in_features, rank,
+                                      out_features, current_stream(device)),
              "binary_lora");
   return y;
 }
@@ -367,10 +367,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "their weight",
         py::arg("tasks"), py::arg("blocks"), py::arg("block"));
   m.def("spmm", &spmm,
-        "y_in + scale * x @ S^T for a CSR S (row_offsets, col_indices, values); "
-        "a new tensor, or y_in itself with overwrite_y",
-        py::arg("y_in"), py::arg("x"), py::arg("row_offsets"), py::arg("col_indices"),
-        py::arg("values"), py::arg("scale"), py::arg("overwrite_y") = false);
+        "y + scale * x @ S^T for a CSR S (offsets, cols, values); "
+        "a new tensor, or y itself with overwrite_y",
+        py::arg("y"), py::arg("x"), py::arg("offsets"), py::arg("cols"), py::arg("values"),
+        py::arg("scale"), py::arg("overwrite_y") = false);
   m.def("sddmm", &sddmm,
         "fp32 g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]] on a COO sparsity pattern",
         py::arg("gy"), py::arg("x"), py::arg("rows"), py::arg("cols"),

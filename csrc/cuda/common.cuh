@@ -1,6 +1,6 @@
-// Device helpers shared by the CUDA kernels (no torch headers): launch limits, fp32 <->
-// storage-type conversions and small integer helpers, in an anonymous namespace so that each
-// kernel file gets its own internal copies.
+// Device helpers shared by the CUDA kernels (no torch headers): launch limits, the dtypes'
+// storage types, fp32 <-> storage-type conversions and small integer helpers, in an anonymous
+// namespace so that each kernel file gets its own internal copies.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,7 +9,12 @@
 #include <climits>
 #include <cstdint>
 
+#include "../dispatch.h"
+
 namespace {
+
+// The storage types of the dtypes (shira::DType) in the kernels.
+using CudaFloat = shira::FloatTypes<float, __half, __nv_bfloat16>;
 
 constexpr int kWarpSize = 32;
 constexpr unsigned int kFullMask = 0xffffffffu;

@@ -1,4 +1,5 @@
-// Host-side launchers for the shira_kernels CUDA kernels.
+// Host-side launchers for the shira_kernels CUDA kernels: shira::cuda::<op>, as
+// the CPU entry points are shira::cpu::<op> (csrc/cpu/kernels.h).
 //
 // This header is deliberately free of torch/ATen/c10 includes: the .cu files
 // must compile with a plain nvcc, and only bindings.cpp talks to torch.
@@ -7,13 +8,18 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "../dispatch.h"
+
+namespace shira::cuda {
+
 // Batched in-place swap between weight rows selected by an index and a dense
 // value buffer, for many (weight, index, value) triples in one launch.
 //
-// tasks:  device int64 [T, 6], row t =
-//         (weight_addr, index_addr, value_addr, n, elem_size, index_is_int64)
-//         addresses are raw device pointers; elem_size is 2 or 4 (bytes);
-//         index_is_int64 is 0 (int32 indices) or 1 (int64 indices).
+// tasks:  device int64 [T, 7], row t = (weight_addr, index_addr, value_addr,
+//         n, elem_size, index_is_int64, weight_numel)
+//         addresses are raw device pointers; elem_size is 2 or 4 (bytes;
+//         tasks of another size are left alone); index_is_int64 is 0 (int32
+//         indices) or 1 (int64 indices).
 // blocks: device int64 [num_blocks, 2], row b = (task_id, start); CUDA block b
 //         handles entries [start, min(start + block, n)) of task task_id.
 // For each such entry j: k = index[j]; swap(weight[k], value[j]).
@@ -22,23 +28,15 @@
 // cudaErrorInvalidValue for bad sizes, otherwise cudaGetLastError().
 // Entries whose index is outside [0, weight_numel) are skipped and counted in
 // *skipped (one unsigned 64-bit counter in device memory, added to).
-cudaError_t shira_launch_scatter_swap(const int64_t* tasks,
-                                      const int64_t* blocks,
-                                      int64_t num_blocks,
-                                      int64_t block,
-                                      unsigned long long* skipped,
-                                      cudaStream_t stream);
+cudaError_t scatter_swap(const int64_t* tasks, const int64_t* blocks, int64_t num_blocks,
+                         int64_t block, unsigned long long* skipped, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
 // SHiRA sparse-delta matmul (csrc/cuda/sparse_delta.cu).
 //
-// Element types of x / y / gy / values / weight, all the same in one call.
-// Products and sums are accumulated in fp32 and rounded once when stored.
-enum ShiraDType : int {
-  kShiraFloat32 = 0,
-  kShiraFloat16 = 1,
-  kShiraBFloat16 = 2,
-};
+// x / y / gy / values / weight are all of one dtype in a call (a shira::DType,
+// stored as float, __half or __nv_bfloat16). Products and sums are accumulated
+// in fp32 and rounded once when stored.
 
 // spmm with a CSR matrix S [rows, in_features]:
 //   y_out[t, r] = y_in[t, r]
@@ -48,15 +46,14 @@ enum ShiraDType : int {
 // row_offsets: int64 [rows + 1] with row_offsets[rows] == nnz.
 // col_indices: [nnz], col_index_size bytes each: 2 (int16) or 4 (int32),
 //              each in [0, in_features).
-// values: [nnz] of dtype (a ShiraDType code).
+// values: [nnz] of dtype.
 // Passing the CSC structure of S (the CSR of S^T) computes gx = gy * S.
 // Returns cudaSuccess without launching when num_tokens == 0 or rows == 0,
 // cudaErrorInvalidValue for bad sizes / codes, otherwise cudaGetLastError().
-cudaError_t shira_launch_spmm(const void* y_in, void* y_out, const void* x,
-                              const int64_t* row_offsets, const void* col_indices,
-                              int col_index_size, const void* values, int dtype,
-                              int64_t num_tokens, int64_t rows, int64_t in_features,
-                              int64_t nnz, float scale, cudaStream_t stream);
+cudaError_t spmm(const void* y_in, void* y_out, const void* x, const int64_t* row_offsets,
+                 const void* col_indices, int col_index_size, const void* values, DType dtype,
+                 int64_t num_tokens, int64_t rows, int64_t in_features, int64_t nnz, float scale,
+                 cudaStream_t stream);
 
 // sddmm on the sparsity pattern (COO rows / cols):
 //   g[j] = sum_{t < num_tokens} gy[t, rows[j]] * x[t, cols[j]]   for j < nnz
@@ -67,10 +64,9 @@ cudaError_t shira_launch_spmm(const void* y_in, void* y_out, const void* x,
 // zeroed on the stream first), so the summation order is not fixed then.
 // Returns cudaSuccess without launching when nnz == 0,
 // cudaErrorInvalidValue for bad sizes / codes, otherwise cudaGetLastError().
-cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* rows,
-                               const void* cols, int col_index_size, float* g, int dtype,
-                               int64_t num_tokens, int64_t out_features, int64_t in_features,
-                               int64_t nnz, cudaStream_t stream);
+cudaError_t sddmm(const void* gy, const void* x, const int32_t* rows, const void* cols,
+                  int col_index_size, float* g, DType dtype, int64_t num_tokens,
+                  int64_t out_features, int64_t in_features, int64_t nnz, cudaStream_t stream);
 
 // Scaled scatter-add of sparse values into a copy of a dense weight:
 //   out[k] = round_to_dtype(float(weight[k]) + scale * float(values[j])),  k = flat_indices[j]
@@ -80,10 +76,9 @@ cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* row
 // [0, numel) is skipped and counted in *skipped (device memory, added to).
 // Returns cudaSuccess without launching when nnz == 0,
 // cudaErrorInvalidValue for bad sizes / codes, otherwise cudaGetLastError().
-cudaError_t shira_launch_scatter_add(void* out, const void* weight, int64_t numel,
-                                     const void* flat_indices, int index_size,
-                                     const void* values, int dtype, int64_t nnz, float scale,
-                                     unsigned long long* skipped, cudaStream_t stream);
+cudaError_t scatter_add(void* out, const void* weight, int64_t numel, const void* flat_indices,
+                        int index_size, const void* values, DType dtype, int64_t nnz, float scale,
+                        unsigned long long* skipped, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
 // 1-bit (binary) weights (csrc/cuda/binary.cu).
@@ -92,39 +87,42 @@ cudaError_t shira_launch_scatter_add(void* out, const void* weight, int64_t nume
 // packed: int32 [rows, words], words = ceil(cols / 32), row-major; bit k of
 // word j of row o (LSB first) is the sign of column 32 * j + k, 1 meaning +1.
 // Each row is padded on its own; padding bits are ignored. alpha / mu are fp32
-// with one value (*_per_row == 0) or one per row (*_per_row != 0).
-// x / y / bias are of dtype (a ShiraDType code), row-major and contiguous;
-// sums are accumulated in fp32 and rounded once when y is stored.
+// with one value (*_per_row false) or one per row (*_per_row true).
+// x / y / bias are of dtype, row-major and contiguous; sums are accumulated in
+// fp32 and rounded once when y is stored.
+struct BinaryWeight {
+  const int32_t* packed;  // [rows, words]
+  const float* alpha;
+  bool alpha_per_row;
+  const float* mu;
+  bool mu_per_row;
+};
 
 // y[t, o] = alpha_o * sum_i x[t, i] s[o, i] + mu_o * sum_i x[t, i] + bias[o]
 // for t < num_tokens, o < out_features. x: [num_tokens, in_features];
-// packed: [out_features, ceil(in_features / 32)]; bias: [out_features] of
-// dtype, or nullptr for none; y: [num_tokens, out_features], fully written.
+// w: [out_features, in_features]; bias: [out_features] of dtype, or nullptr
+// for none; y: [num_tokens, out_features], fully written.
 // Returns cudaSuccess without launching when num_tokens == 0 or
 // out_features == 0, cudaErrorInvalidValue for bad sizes / codes, otherwise
 // cudaGetLastError().
-cudaError_t shira_launch_binary_linear(const void* x, const int32_t* packed, const float* alpha,
-                                       int alpha_per_row, const float* mu, int mu_per_row,
-                                       const void* bias, void* y, int dtype, int64_t num_tokens,
-                                       int64_t in_features, int64_t out_features,
-                                       cudaStream_t stream);
+cudaError_t binary_linear(const void* x, const BinaryWeight& w, const void* bias, void* y,
+                          DType dtype, int64_t num_tokens, int64_t in_features,
+                          int64_t out_features, cudaStream_t stream);
 
-// Binary LoRA: y = scale * up(act(down(x))), act = ReLU if relu != 0 else identity,
+// Binary LoRA: y = scale * up(act(down(x))), act = ReLU if relu else identity,
 // with down a binary [rank, in_features] weight and up a binary
 // [out_features, rank] weight (each with its own alpha / mu):
 //   h[t, k] = act(down_alpha_k * sum_i x[t, i] s_down[k, i] + down_mu_k * sum_i x[t, i])
 //   y[t, o] = scale * (up_alpha_o * sum_k h[t, k] s_up[o, k] + up_mu_o * sum_k h[t, k])
 // h stays on chip (h is fp32, not rounded to dtype). x: [num_tokens, in_features];
-// down_packed: [rank, ceil(in_features / 32)]; up_packed: [out_features,
-// ceil(rank / 32)]; y: [num_tokens, out_features], fully written.
+// down: [rank, in_features]; up: [out_features, rank]; y: [num_tokens,
+// out_features], fully written.
 // rank must be in [1, 64]. Returns cudaSuccess without launching when
 // num_tokens == 0 or out_features == 0, cudaErrorInvalidValue for bad sizes /
 // codes, otherwise cudaGetLastError().
-cudaError_t shira_launch_binary_lora(const void* x, const int32_t* down_packed,
-                                     const float* down_alpha, int down_alpha_per_row,
-                                     const float* down_mu, int down_mu_per_row,
-                                     const int32_t* up_packed, const float* up_alpha,
-                                     int up_alpha_per_row, const float* up_mu, int up_mu_per_row,
-                                     float scale, int relu, void* y, int dtype,
-                                     int64_t num_tokens, int64_t in_features, int64_t rank,
-                                     int64_t out_features, cudaStream_t stream);
+cudaError_t binary_lora(const void* x, const BinaryWeight& down, const BinaryWeight& up,
+                        float scale, bool relu, void* y, DType dtype, int64_t num_tokens,
+                        int64_t in_features, int64_t rank, int64_t out_features,
+                        cudaStream_t stream);
+
+}  // namespace shira::cuda

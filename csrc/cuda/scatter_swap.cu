@@ -78,33 +78,22 @@ scatter_swap_kernel(const int64_t* __restrict__ tasks,
   const int64_t end = (start + block < n) ? start + block : n;
   if (start >= end) return;
 
-  // Unsupported element sizes are skipped (the Python side validates them);
-  // trapping here would poison the whole CUDA context.
-  if (elem_size == 2) {
-    if (index_is_int64)
-      swap_range<uint16_t, int64_t>(weight_addr, index_addr, value_addr, numel, start, end,
-                                        skipped);
-    else
-      swap_range<uint16_t, int32_t>(weight_addr, index_addr, value_addr, numel, start, end,
-                                        skipped);
-  } else if (elem_size == 4) {
-    if (index_is_int64)
-      swap_range<uint32_t, int64_t>(weight_addr, index_addr, value_addr, numel, start, end,
-                                        skipped);
-    else
-      swap_range<uint32_t, int32_t>(weight_addr, index_addr, value_addr, numel, start, end,
-                                        skipped);
-  }
+  // Elements move as the unsigned words of their size. Unsupported element
+  // sizes are skipped (the Python side validates them); trapping here would
+  // poison the whole CUDA context.
+  shira::dispatch_index<uint16_t, uint32_t>(elem_size, [&](auto bits) {
+    shira::dispatch_index<int32_t, int64_t>(index_is_int64 ? 8 : 4, [&](auto index) {
+      swap_range<typename decltype(bits)::type, typename decltype(index)::type>(
+          weight_addr, index_addr, value_addr, numel, start, end, skipped);
+    });
+  });
 }
 
 }  // namespace
 
-cudaError_t shira_launch_scatter_swap(const int64_t* tasks,
-                                      const int64_t* blocks,
-                                      int64_t num_blocks,
-                                      int64_t block,
-                                      unsigned long long* skipped,
-                                      cudaStream_t stream) {
+cudaError_t shira::cuda::scatter_swap(const int64_t* tasks, const int64_t* blocks,
+                                      int64_t num_blocks, int64_t block,
+                                      unsigned long long* skipped, cudaStream_t stream) {
   if (num_blocks == 0) return cudaSuccess;  // nothing to do; launching 0 blocks is an error
   // gridDim.x allows up to 2^31-1 blocks (1-D grid), which we use directly.
   if (num_blocks < 0 || num_blocks > static_cast<int64_t>(INT_MAX) || block <= 0)

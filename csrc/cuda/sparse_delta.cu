@@ -156,21 +156,6 @@ cudaError_t launch_spmm_typed(const void* y_in, void* y_out, const void* x,
   return launch_spmm_group<T, Col, 32>(a, stream);
 }
 
-template <typename T>
-cudaError_t launch_spmm_dtype(int col_index_size, const void* y_in, void* y_out, const void* x,
-                              const int64_t* row_offsets, const void* col_indices,
-                              const void* values, int64_t num_tokens, int64_t rows,
-                              int64_t in_features, int64_t nnz, float scale,
-                              cudaStream_t stream) {
-  if (col_index_size == 2)
-    return launch_spmm_typed<T, int16_t>(y_in, y_out, x, row_offsets, col_indices, values,
-                                         num_tokens, rows, in_features, nnz, scale, stream);
-  if (col_index_size == 4)
-    return launch_spmm_typed<T, int32_t>(y_in, y_out, x, row_offsets, col_indices, values,
-                                         num_tokens, rows, in_features, nnz, scale, stream);
-  return cudaErrorInvalidValue;
-}
-
 // ---------------------------------------------------------------------------
 // sddmm: g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]].
 //
@@ -243,20 +228,6 @@ cudaError_t launch_sddmm_typed(const void* gy, const void* x, const int32_t* row
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_sddmm_dtype(int col_index_size, const void* gy, const void* x,
-                               const int32_t* rows, const void* cols, float* g,
-                               int64_t num_tokens, int64_t out_features, int64_t in_features,
-                               int64_t nnz, cudaStream_t stream) {
-  if (col_index_size == 2)
-    return launch_sddmm_typed<T, int16_t>(gy, x, rows, cols, g, num_tokens, out_features,
-                                          in_features, nnz, stream);
-  if (col_index_size == 4)
-    return launch_sddmm_typed<T, int32_t>(gy, x, rows, cols, g, num_tokens, out_features,
-                                          in_features, nnz, stream);
-  return cudaErrorInvalidValue;
-}
-
 // ---------------------------------------------------------------------------
 // scatter_add: out[idx[j]] = round(float(weight[idx[j]]) + scale * float(values[j])).
 //
@@ -297,54 +268,33 @@ cudaError_t launch_scatter_add_typed(void* out, const void* weight, int64_t nume
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_scatter_add_dtype(int index_size, void* out, const void* weight,
-                                     int64_t numel, const void* flat_indices, const void* values,
-                                     int64_t nnz, float scale, unsigned long long* skipped,
-                                     cudaStream_t stream) {
-  if (index_size == 4)
-    return launch_scatter_add_typed<T, int32_t>(out, weight, numel, flat_indices, values, nnz,
-                                                scale, skipped, stream);
-  if (index_size == 8)
-    return launch_scatter_add_typed<T, int64_t>(out, weight, numel, flat_indices, values, nnz,
-                                                scale, skipped, stream);
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------
 // Launchers (declared in kernels.h).
 
-cudaError_t shira_launch_spmm(const void* y_in, void* y_out, const void* x,
+cudaError_t shira::cuda::spmm(const void* y_in, void* y_out, const void* x,
                               const int64_t* row_offsets, const void* col_indices,
-                              int col_index_size, const void* values, int dtype,
-                              int64_t num_tokens, int64_t rows, int64_t in_features,
-                              int64_t nnz, float scale, cudaStream_t stream) {
+                              int col_index_size, const void* values, DType dtype,
+                              int64_t num_tokens, int64_t rows, int64_t in_features, int64_t nnz,
+                              float scale, cudaStream_t stream) {
   if (num_tokens < 0 || rows < 0 || in_features < 0 || nnz < 0) return cudaErrorInvalidValue;
   if (num_tokens == 0 || rows == 0) return cudaSuccess;  // no output elements
   if (y_in == nullptr || y_out == nullptr || row_offsets == nullptr)
     return cudaErrorInvalidValue;
   if (nnz > 0 && (x == nullptr || col_indices == nullptr || values == nullptr))
     return cudaErrorInvalidValue;
-  switch (dtype) {
-    case kShiraFloat32:
-      return launch_spmm_dtype<float>(col_index_size, y_in, y_out, x, row_offsets, col_indices,
-                                      values, num_tokens, rows, in_features, nnz, scale, stream);
-    case kShiraFloat16:
-      return launch_spmm_dtype<__half>(col_index_size, y_in, y_out, x, row_offsets, col_indices,
-                                       values, num_tokens, rows, in_features, nnz, scale, stream);
-    case kShiraBFloat16:
-      return launch_spmm_dtype<__nv_bfloat16>(col_index_size, y_in, y_out, x, row_offsets,
-                                              col_indices, values, num_tokens, rows, in_features,
-                                              nnz, scale, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
+    return dispatch_index<int16_t, int32_t>(col_index_size, cudaErrorInvalidValue, [&](auto c) {
+      return launch_spmm_typed<typename decltype(t)::type, typename decltype(c)::type>(
+          y_in, y_out, x, row_offsets, col_indices, values, num_tokens, rows, in_features, nnz,
+          scale, stream);
+    });
+  });
 }
 
-cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* rows,
-                               const void* cols, int col_index_size, float* g, int dtype,
+cudaError_t shira::cuda::sddmm(const void* gy, const void* x, const int32_t* rows,
+                               const void* cols, int col_index_size, float* g, DType dtype,
                                int64_t num_tokens, int64_t out_features, int64_t in_features,
                                int64_t nnz, cudaStream_t stream) {
   if (num_tokens < 0 || out_features < 0 || in_features < 0 || nnz < 0)
@@ -352,42 +302,27 @@ cudaError_t shira_launch_sddmm(const void* gy, const void* x, const int32_t* row
   if (nnz == 0) return cudaSuccess;  // no output elements
   if (rows == nullptr || cols == nullptr || g == nullptr) return cudaErrorInvalidValue;
   if (num_tokens > 0 && (gy == nullptr || x == nullptr)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case kShiraFloat32:
-      return launch_sddmm_dtype<float>(col_index_size, gy, x, rows, cols, g, num_tokens,
-                                       out_features, in_features, nnz, stream);
-    case kShiraFloat16:
-      return launch_sddmm_dtype<__half>(col_index_size, gy, x, rows, cols, g, num_tokens,
-                                        out_features, in_features, nnz, stream);
-    case kShiraBFloat16:
-      return launch_sddmm_dtype<__nv_bfloat16>(col_index_size, gy, x, rows, cols, g, num_tokens,
-                                               out_features, in_features, nnz, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
+    return dispatch_index<int16_t, int32_t>(col_index_size, cudaErrorInvalidValue, [&](auto c) {
+      return launch_sddmm_typed<typename decltype(t)::type, typename decltype(c)::type>(
+          gy, x, rows, cols, g, num_tokens, out_features, in_features, nnz, stream);
+    });
+  });
 }
 
-cudaError_t shira_launch_scatter_add(void* out, const void* weight, int64_t numel,
+cudaError_t shira::cuda::scatter_add(void* out, const void* weight, int64_t numel,
                                      const void* flat_indices, int index_size,
-                                     const void* values, int dtype, int64_t nnz, float scale,
+                                     const void* values, DType dtype, int64_t nnz, float scale,
                                      unsigned long long* skipped, cudaStream_t stream) {
   if (nnz < 0 || numel < 0) return cudaErrorInvalidValue;
   if (nnz == 0) return cudaSuccess;
   if (out == nullptr || weight == nullptr || flat_indices == nullptr || values == nullptr ||
       skipped == nullptr)
     return cudaErrorInvalidValue;
-  switch (dtype) {
-    case kShiraFloat32:
-      return launch_scatter_add_dtype<float>(index_size, out, weight, numel, flat_indices, values,
-                                             nnz, scale, skipped, stream);
-    case kShiraFloat16:
-      return launch_scatter_add_dtype<__half>(index_size, out, weight, numel, flat_indices,
-                                              values, nnz, scale, skipped, stream);
-    case kShiraBFloat16:
-      return launch_scatter_add_dtype<__nv_bfloat16>(index_size, out, weight, numel,
-                                                     flat_indices, values, nnz, scale, skipped,
-                                                     stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
+    return dispatch_index<int32_t, int64_t>(index_size, cudaErrorInvalidValue, [&](auto i) {
+      return launch_scatter_add_typed<typename decltype(t)::type, typename decltype(i)::type>(
+          out, weight, numel, flat_indices, values, nnz, scale, skipped, stream);
+    });
+  });
 }

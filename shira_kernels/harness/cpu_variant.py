@@ -22,7 +22,8 @@ def build_cpu_variant(src: Path, march: str = "native"):
     if not sources:
         raise FileNotFoundError(f"no *.cpp under {src}")
     key = hashlib.sha256()
-    for path in sources + sorted(Path(src).glob("*.h")):
+    # The headers beside the sources and one level up (csrc/dispatch.h, shared with CUDA).
+    for path in sources + sorted(Path(src).glob("*.h")) + sorted(Path(src).parent.glob("*.h")):
         key.update(path.name.encode() + path.read_bytes())
     key.update(repr((march, torch.__version__, platform.python_version(), _cpu_model())).encode())
     name = f"shira_cpu_variant_{key.hexdigest()[:16]}"
