@@ -4,6 +4,9 @@
                         and a short scatter-swap timing against a torch indexing loop.
   shira-kernels demo    a short story: two SHiRA adapters trained, switched, fused, saved and
                         reloaded with the AdapterBank (under a minute on a laptop CPU).
+  shira-kernels tune    measure, for each layer shape of a Llama-shaped model, which strategy of
+                        sparse_delta_linear is fastest on this machine (what "auto" then runs),
+                        keep it in the tuning cache and print the table.
   shira-kernels bench   this package against PEFT ShiRA / LoRA on a Llama-shaped model: adapter
                         switching and drift, forward, training step and memory, 1-bit matmuls;
                         a table, DIR/results.json, DIR/results.md and plots (--quick: minutes).
@@ -120,6 +123,67 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, "
+                                         f"got {text!r}")
+    return values
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype_list(text: str) -> list[torch.dtype]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in _DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad or text!r}; choose from "
+                                         f"{', '.join(_DTYPES)}")
+    return [_DTYPES[n] for n in names]
+
+
+def tune(args: argparse.Namespace) -> int:
+    from . import tuning
+    from .ops import sparse_delta as sd
+
+    if args.force:
+        os.environ[tuning.MODE_ENV] = "force"
+    if tuning.mode() == "off":
+        print(f"shira-kernels tune: {tuning.MODE_ENV}=off: nothing is measured", file=sys.stderr)
+        return 2
+    hidden, intermediate = args.size
+    shapes = sorted({(hidden, hidden), (intermediate, hidden), (hidden, intermediate)})
+    r = args.r if args.r is not None else max(1, hidden // 128)
+    modes = {"both": (False, True), "inference": (False,), "training": (True,)}[args.mode]
+    device = torch.device(args.device)
+    print(f"tuning sparse_delta_linear's strategy on {tuning.fingerprint()['cpu']} "
+          f"({tuning.arch_class(device.type)}, {torch.get_num_threads()} threads), "
+          f"r={r} (nnz = r·(out+in)), cache {tuning.cache_file()}")
+    print(f"  {'layer':>11s} {'dtype':8s} {'tokens':>6s} {'mode':9s} {'choice':6s} "
+          f"{'ms per candidate':34s} tuning s  measured")
+    total = 0.0
+    for shape in shapes:
+        for dtype in args.dtype:
+            for tokens in args.tokens:
+                for training in modes:
+                    nnz = r * (shape[0] + shape[1])
+                    choice = sd.auto_strategy(device, dtype, tokens, training, shape, nnz)
+                    entry = sd.strategy_entry(device, dtype, tokens, training, shape, nnz) or {}
+                    ms = "  ".join(f"{k} {v:.3g}" for k, v in entry.get("ms", {}).items())
+                    measured = entry.get("source") == "measured"
+                    total += entry.get("tuning_s", 0.0) if measured else 0.0
+                    print(f"  {shape[0]:>5d}x{shape[1]:<5d} {str(dtype)[6:]:8s} {tokens:6d} "
+                          f"{'training' if training else 'inference':9s} {choice:6s} "
+                          f"{ms:34s} {entry.get('tuning_s', 0) if measured else 0:7.2f}  "
+                          f"{entry.get('how', '') if measured else 'read from the cache'}")
+    print(f"tuning took {total:.1f} s in all (decisions found in the cache cost nothing)")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from .harness import demo as story
 
@@ -141,6 +205,27 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--steps", type=int, default=40, help="training steps per adapter")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(run=demo)
+
+    p_tune = sub.add_parser(
+        "tune", help="measure the fastest strategy per layer shape here and cache it",
+        description="For each layer shape of a Llama-shaped model (hidden x hidden, "
+                    "intermediate x hidden, hidden x intermediate), dtype, token count and "
+                    "training/inference: the strategy sparse_delta_linear's \"auto\" runs on "
+                    "this machine, measured now or read from the tuning cache "
+                    "($SHIRA_KERNELS_CACHE_DIR), with each candidate's time.")
+    p_tune.add_argument("--size", type=_int_list, default=[4096, 11008], metavar="H,I",
+                        help="hidden and intermediate size (default 4096,11008: Llama-7B)")
+    p_tune.add_argument("--r", type=int, default=None,
+                        help="adapter budget r: nnz = r·(out+in) (default hidden/128)")
+    p_tune.add_argument("--dtype", type=_dtype_list, default=[torch.float32, torch.bfloat16],
+                        metavar="D,...", help="fp32, bf16, fp16 (default fp32,bf16)")
+    p_tune.add_argument("--tokens", type=_int_list, default=[1, 128, 2048], metavar="T,...",
+                        help="token counts (default 1,128,2048)")
+    p_tune.add_argument("--mode", choices=("both", "inference", "training"), default="both")
+    p_tune.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p_tune.add_argument("--force", action="store_true",
+                        help="measure again, replacing the cached decisions")
+    p_tune.set_defaults(run=tune)
 
     p_bench = sub.add_parser(
         "bench", help="measure against PEFT ShiRA/LoRA; table, results.json/.md, plots",

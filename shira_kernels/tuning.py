@@ -6,11 +6,11 @@ The ops ask ``lookup(decision, device_type, dtype)``; the most specific row wins
 machine's architecture class over one for any ("*"), then one for the dtype over one for any. Values that nothing measured for a device
 type fall back to the default the op passes.
 
-Architecture classes: for CPUs the vector ISA torch was built to use here
-(``torch.backends.cpu.get_cpu_capability()``: "AVX512", "AVX2", ...), for CUDA devices the
-device name. Every row below is "*" today: each decision was measured on one machine per device
-type (a 2-core AMD EPYC, Zen 5; one H200), which the row names. Rows measured on other
-machines are added with their class.
+Architecture classes: for CPUs the vector ISA torch uses here
+(``torch.backends.cpu.get_cpu_capability()``: "AVX512", "AVX2", ...) with "+BF16" and "+AMX"
+where the CPU has AVX512-BF16 and AMX tiles (the AMD EPYC measured: "AVX512+BF16"; Intel Xeons
+with AMX: "AVX512+BF16+AMX"), for CUDA devices the device name. The "*" rows were measured on
+one machine per device type (a 2-core AMD EPYC, Zen 5; one H200), which the row names.
 
 Decisions:
   fold_tokens           (first, last or None) token counts at which sparse_delta_linear's
@@ -27,17 +27,48 @@ Decisions:
   triton_first          ops whose Triton kernel measured faster than the CUDA one try backends
                         in this order (backends.select's ``order``)
   swap_block            entries per block of work in scatter_swap_'s launch table, per backend
+
+Autotuning. A decision whose best value depends on the machine more than a table can say (the
+strategy of sparse_delta_linear: it turns on the speed of torch's matmul here against the
+package's own kernels) is measured where the code runs: ``decide`` times the candidates the
+first time a key is needed, keeps the winner in memory and in a file per machine fingerprint
+(CPU model and ISA flags, cores, torch and BLAS build), and reads it from there in later
+processes. ``SHIRA_KERNELS_TUNE`` says how: "auto" (default) measure what the file lacks, "off"
+never measure and use the table above (the static defaults per architecture class), "force"
+measure again once per process, replacing what the file has. The file's folder is
+``SHIRA_KERNELS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/shira_kernels`` or
+``~/.cache/shira_kernels``); each write merges under a file lock and replaces the file
+atomically, so concurrent processes lose nothing. Each measurement is given
+``SHIRA_KERNELS_TUNE_BUDGET`` seconds (default 0.5), measuring the
+largest slice of the problem that fits in it (``measure_sliced``).
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-__all__ = ["Row", "ROWS", "arch_class", "lookup", "view"]
+__all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
+           "measure_sliced", "fingerprint", "cache_file", "entry", "measured_decisions", "cached_decisions",
+           "forget_decisions"]
 
 _CPU_AMD = "AMD EPYC (Zen 5), 2 cores, torch 2.13 CPU (MKL fp32 matmul)"
+_CPU_INTEL = "Intel Xeon (AVX-512, AVX512-BF16, AMX), 2 cores, torch 2.13 CPU (issue 17)"
+_AMX = "AVX512+BF16+AMX"
 _H200 = "NVIDIA H200"
 _ANY = None  # any dtype
 
@@ -74,6 +105,17 @@ ROWS: tuple[Row, ...] = (
     Row("sddmm_block_bytes", "cuda", _ANY, 16 * 2**20, "gpu_h200.md (sddmm table)", _H200),
     Row("gemv_max_tokens", "cuda", _ANY, 8, "gpu_h200.md", _H200),
     Row("triton_first", "cuda", _ANY, ("triton", "cuda", "reference"), "gpu_h200.md", _H200),
+    # Intel with AMX: torch's matmul (oneDNN on AMX, MKL) beat fold at 128 and 2048 tokens.
+    Row("fold_tokens", "cpu", torch.float32, (None, None), "intel_xeon_amx.md", _CPU_INTEL,
+        _AMX),
+    Row("fold_tokens", "cpu", torch.bfloat16, (None, None), "intel_xeon_amx.md", _CPU_INTEL,
+        _AMX),
+    Row("fold_training_tokens", "cpu", torch.float32, (None, None), "intel_xeon_amx.md",
+        _CPU_INTEL, _AMX),
+    Row("fold_training_tokens", "cpu", torch.bfloat16, (None, None), "intel_xeon_amx.md",
+        _CPU_INTEL, _AMX),
+    Row("swap_from_tokens", "cpu", torch.float32, 1024, "intel_xeon_amx.md", _CPU_INTEL, _AMX),
+    Row("swap_from_tokens", "cpu", torch.bfloat16, 128, "intel_xeon_amx.md", _CPU_INTEL, _AMX),
     Row("swap_block", "cpu", _ANY, 4096, "scatter_swap_cpu.md", _CPU_AMD),
     Row("swap_block", "triton", _ANY, 1024, "gpu_h200.md", _H200),
     Row("swap_block", "cuda", _ANY, 2048, "gpu_h200.md", _H200),
@@ -84,7 +126,14 @@ ROWS: tuple[Row, ...] = (
 def arch_class(device_type: str) -> str:
     """The architecture class of this machine's ``device_type`` (module docstring)."""
     if device_type == "cpu":
-        return torch.backends.cpu.get_cpu_capability()
+        # The vector ISA torch uses, and the matrix units its bf16/fp16 GEMMs use where present
+        # (oneDNN on AMX is several times faster than on AVX512-BF16 alone).
+        arch = torch.backends.cpu.get_cpu_capability()
+        if torch.cpu._is_avx512_bf16_supported():
+            arch += "+BF16"
+        if torch.cpu._is_amx_tile_supported():
+            arch += "+AMX"
+        return arch
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return "*"
@@ -117,15 +166,325 @@ def lookup(decision: str, device_type: str, dtype: torch.dtype | None = None, de
     return default if value is _MISSING else value
 
 
-def view(decision: str) -> dict:
-    """{device_type: value} or {device_type: {dtype: value}} of a decision's rows (all
-    architectures), for code and reports that print the table."""
-    out: dict = {}
-    for row in ROWS:
-        if row.decision != decision:
+class _View(Mapping):
+    """{device_type: value}, or {device_type: {dtype: value}} where rows differ by dtype: the
+    values lookup() resolves on this machine, read when an item is read (a device's class is
+    not probed before its decision is asked for)."""
+
+    def __init__(self, decision: str):
+        self._decision = decision
+
+    def _rows(self, device_type=None):
+        return [row for row in ROWS if row.decision == self._decision
+                and device_type in (None, row.device_type)]
+
+    def __getitem__(self, device_type: str):
+        rows = self._rows(device_type)
+        if not rows:
+            raise KeyError(device_type)
+        if all(row.dtype is None for row in rows):
+            return _resolved(self._decision, device_type, None)
+        dtypes = (torch.float32, torch.float16, torch.bfloat16)
+        values = {dtype: _resolved(self._decision, device_type, dtype) for dtype in dtypes}
+        return {dtype: value for dtype, value in values.items() if value is not _MISSING}
+
+    def __iter__(self):
+        return iter(dict.fromkeys(row.device_type for row in self._rows()))
+
+    def __len__(self) -> int:
+        return len(set(row.device_type for row in self._rows()))
+
+    def __repr__(self) -> str:
+        return f"tuning.view({self._decision!r})"
+
+
+def view(decision: str) -> Mapping:
+    """A decision's values on this machine per device type (and dtype, where rows differ by
+    it), for code and reports that read the table."""
+    return _View(decision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning: decisions measured where the code runs, cached per machine.
+# ---------------------------------------------------------------------------------------------
+MODE_ENV = "SHIRA_KERNELS_TUNE"
+CACHE_DIR_ENV = "SHIRA_KERNELS_CACHE_DIR"
+BUDGET_ENV = "SHIRA_KERNELS_TUNE_BUDGET"
+MODES = ("auto", "off", "force")
+_FORMAT = 1
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: as it was at trace time
+def mode() -> str:
+    """The tuning mode from SHIRA_KERNELS_TUNE: "auto" (unset or empty), "off" or "force"."""
+    raw = os.environ.get(MODE_ENV, "")
+    value = raw.strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{MODE_ENV}={raw!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def budget_s() -> float:
+    """Seconds one decision may spend measuring (SHIRA_KERNELS_TUNE_BUDGET, default 0.5)."""
+    raw = os.environ.get(BUDGET_ENV, "")
+    if not raw.strip():
+        return 0.5
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{BUDGET_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def _cpuinfo() -> dict[str, str]:
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+            if not line.strip() and fields:
+                break  # the first processor describes them all
+    return fields
+
+
+@functools.cache
+def fingerprint() -> dict[str, str]:
+    """What makes a measurement valid for another process: the CPU (model, ISA flags), the cores
+    this process may use, and the torch and BLAS build. GPUs are named in their decisions' keys
+    instead, so a CPU decision survives a GPU change."""
+    info = _cpuinfo()
+    flags = info.get("flags") or info.get("Features") or ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "isa": arch_class("cpu") + " " + hashlib.sha256(flags.encode()).hexdigest()[:12],
+        "cores": str(cores),
+        "torch": torch.__version__,
+        "build": hashlib.sha256(torch.__config__.show().encode()).hexdigest()[:12],
+    }
+
+
+def cache_file() -> Path:
+    """This machine's decision file (it need not exist yet)."""
+    folder = os.environ.get(CACHE_DIR_ENV)
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(base) / "shira_kernels"
+    digest = hashlib.sha256(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()
+    return Path(folder) / f"tuning-{digest[:16]}.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"shira_kernels: ignoring unreadable tuning cache {path}: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != _FORMAT \
+            or not isinstance(data.get("decisions"), dict):
+        return {}
+    return data["decisions"]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks: the atomic replace still keeps the file whole
+        yield
+        return
+    with open(path.with_suffix(".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write(path: Path, key: str, entry: dict) -> None:
+    """Merge one decision into the file: under the lock, read what other processes wrote, add
+    this one, write a temporary file beside it and rename it over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(path):
+        decisions = _read(path)
+        decisions[key] = entry
+        body = {"format": _FORMAT, "fingerprint": fingerprint(), "decisions": decisions}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(body, handle, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+_memo: dict[str, dict] = {}      # key → entry, everything decided or read in this process
+_forced: set[str] = set()        # keys measured in this process under "force"
+_measured_here: set[str] = set()  # keys measured (not read) in this process
+_disk: dict[Path, dict] = {}     # the decision file as read once per process
+_tuning = threading.RLock()      # one measurement at a time (a decision may nest another)
+_unwritable: set[Path] = set()
+
+
+def _key(decision: str, key: tuple) -> str:
+    return decision + "|" + "|".join(str(part) for part in key)
+
+
+def decide(decision: str, key: tuple, default: str,
+           timings: Callable[[], tuple[Mapping[str, float], str]]) -> str:
+    """The fastest candidate for ``decision`` at ``key`` (a tuple of plain values): in "off"
+    mode ``default`` without measuring; otherwise the value decided before (this process, then
+    the machine's file), or the winner of ``timings()`` ({candidate: seconds}, how they were
+    taken: see measure, measure_sliced) measured now and kept. ``default`` also where no
+    candidate could run."""
+    tune = mode()
+    if tune == "off":
+        return default
+    name = _key(decision, key)
+    entry = _memo.get(name)
+    if entry is not None and (tune == "auto" or name in _forced):
+        return entry["value"]
+    with _tuning:
+        entry = _memo.get(name)
+        if entry is not None and (tune == "auto" or name in _forced):
+            return entry["value"]
+        path = cache_file()
+        entry = None
+        if tune == "auto":
+            if path not in _disk:
+                _disk[path] = _read(path)
+            entry = _disk[path].get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("value"), str):
+            started = time.perf_counter()
+            times, how = timings()
+            entry = {"value": min(times, key=times.get) if times else default,
+                     "ms": {k: round(v * 1e3, 4) for k, v in times.items()}, "how": how,
+                     "tuning_s": round(time.perf_counter() - started, 3),
+                     "when": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                         timespec="seconds")}
+            _keep(path, name, entry)
+            _measured_here.add(name)
+            if tune == "force":
+                _forced.add(name)
+        _memo[name] = entry
+        return entry["value"]
+
+
+def _keep(path: Path, name: str, entry: dict) -> None:
+    _disk.setdefault(path, {})[name] = entry
+    if path in _unwritable:
+        return
+    try:
+        _write(path, name, entry)
+    except OSError as exc:
+        _unwritable.add(path)
+        warnings.warn(f"shira_kernels: cannot write the tuning cache {path} ({exc}); decisions "
+                      f"are kept for this process only", RuntimeWarning, stacklevel=4)
+
+
+def _time_once(call: Callable, sync) -> float:
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    call()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start
+
+
+def measure(calls: Mapping[str, Callable], *, rounds: int = 3, sync=None
+            ) -> tuple[dict[str, float], str]:
+    """Median seconds of each call over ``rounds`` rounds taken in turn (after one warm-up
+    call each), so that a slow spell of the machine hits every candidate alike. A call that
+    raises is left out."""
+    times: dict[str, list[float]] = {}
+    for name, call in calls.items():
+        try:
+            _time_once(call, sync)
+        except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
             continue
-        if row.dtype is None:
-            out[row.device_type] = row.value
-        else:
-            out.setdefault(row.device_type, {})[row.dtype] = row.value
-    return out
+        times[name] = []
+    for _ in range(rounds):
+        for name in times:
+            times[name].append(_time_once(calls[name], sync))
+    return {name: statistics.median(ts) for name, ts in times.items()}, f"median of {rounds}"
+
+
+def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
+                   step: int = 64, rounds: int = 5, sync=None) -> tuple[dict[str, float], str]:
+    """Median seconds of each candidate on a slice of the problem, as large as the budget
+    allows: ``make(n)`` gives the calls on n of the problem's ``full`` independent rows (a
+    layer's output rows), whose cost grows alike for every candidate as n grows, so that the
+    ranking on the slice is the whole problem's. The whole is measured where it fits; a small
+    problem (few tokens: overheads and memory traffic decide) always fits."""
+    started = time.perf_counter()
+    n = min(full, step)
+    probe = make(n)
+    once: dict[str, float] = {}
+    for name, call in probe.items():
+        try:
+            _time_once(call, sync)
+            once[name] = _time_once(call, sync)
+        except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
+            pass
+    left = budget_s() - (time.perf_counter() - started)
+    per_round = sum(once.values())
+    if not once or per_round * rounds > left:  # even the smallest slice is over budget
+        return once, f"one run on {n} of {full} rows"
+    rows = n
+    while rows < full and per_round * min(2 * rows, full) / n * (rounds + 1) <= left:
+        rows = min(2 * rows, full)
+    calls = {name: probe[name] for name in once} if rows == n else make(rows)
+    times, how = measure(calls, rounds=rounds, sync=sync)
+    return times, f"{how} on {rows} of {full} rows"
+
+
+def entry(decision: str, key: tuple) -> dict | None:
+    """What this process decided (or read) for ``decision`` at ``key``: the value, the
+    candidates' milliseconds, how they were measured, the seconds the measuring took, and
+    "source": "measured" (in this process) or "cache" (read from the file)."""
+    name = _key(decision, key)
+    found = _memo.get(name)
+    if found is None:
+        return None
+    return {**found, "source": "measured" if name in _measured_here else "cache"}
+
+
+def measured_decisions() -> dict[str, dict]:
+    """The decisions this process measured (not those it read from the file)."""
+    return {name: _memo[name] for name in _measured_here if name in _memo}
+
+
+def cached_decisions() -> dict[str, dict]:
+    """Every decision this process knows: the machine's file, then what it decided itself."""
+    path = cache_file()
+    return {**_read(path), **_disk.get(path, {}), **_memo}
+
+
+_memos: list[dict] = []
+
+
+def memo() -> dict:
+    """A dict for a caller's own shortcut to its decisions (raw arguments → value), emptied
+    with everything else by forget_decisions."""
+    _memos.append({})
+    return _memos[-1]
+
+
+def forget_decisions() -> None:
+    """Drop what this process has decided or read (the file stays): for tests and `tune`."""
+    with _tuning:
+        for shortcut in _memos:
+            shortcut.clear()
+        _memo.clear()
+        _forced.clear()
+        _measured_here.clear()
+        _disk.clear()
+        _unwritable.clear()

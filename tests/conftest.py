@@ -6,6 +6,9 @@ import importlib.util
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Deterministic choices: "auto" runs the tuning table's static strategy, nothing is measured
+# (tests/test_autotune.py turns measuring on where it tests it).
+os.environ.setdefault("SHIRA_KERNELS_TUNE", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -310,7 +310,7 @@ def test_auto_strategy_switches_at_the_measured_token_counts():
     for training, table in ((False, sd.FOLD_TOKENS), (True, sd.FOLD_TRAINING_TOKENS)):
         for dtype in DTYPES:
             first, last = table["cpu"].get(dtype, (None, None))
-            swap_from = sd.SWAP_FROM_TOKENS["cpu"]
+            swap_from = sd.SWAP_FROM_TOKENS["cpu"][dtype]
             counts = sorted({1, 2, 3, 4, 5, 9, swap_from - 1, swap_from}
                             | ({first - 1, first} if first else set())
                             | ({last, last + 1} if last else set()))

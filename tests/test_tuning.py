@@ -22,29 +22,39 @@ def test_no_two_rows_decide_the_same_thing():
 
 
 def test_most_specific_row_wins(monkeypatch):
-    rows = tuning.ROWS + (
-        tuning.Row("swap_from_tokens", "cpu", torch.bfloat16, 7, "x.md", "test"),
-        tuning.Row("swap_from_tokens", "cpu", None, 9, "x.md", "test",
-                   arch=tuning.arch_class("cpu")),
-        tuning.Row("swap_from_tokens", "cpu", torch.float16, 11, "x.md", "test",
-                   arch="some other CPU"),
+    # A table of its own and a machine of a known class: the result does not depend on the
+    # CPU the test runs on.
+    rows = (
+        tuning.Row("d", "cpu", None, 1, "x.md", "test"),
+        tuning.Row("d", "cpu", torch.bfloat16, 7, "x.md", "test"),
+        tuning.Row("d", "cpu", None, 9, "x.md", "test", arch="HERE"),
+        tuning.Row("d", "cpu", torch.float16, 11, "x.md", "test", arch="ELSEWHERE"),
+        tuning.Row("d", "cuda", None, 512, "x.md", "test"),
     )
-    monkeypatch.setattr(tuning, "ROWS", rows[:-2] + rows[-1:])
-    tuning._resolved.cache_clear()
-    assert tuning.lookup("swap_from_tokens", "cpu", torch.bfloat16) == 7   # the dtype row
-    assert tuning.lookup("swap_from_tokens", "cpu", torch.float16) == 1024  # not that arch
-    monkeypatch.setattr(tuning, "ROWS", rows)
+    monkeypatch.setattr(tuning, "arch_class", lambda device_type: "HERE")
+    monkeypatch.setattr(tuning, "ROWS", rows[:2] + rows[3:])
     tuning._resolved.cache_clear()
     try:
+        assert tuning.lookup("d", "cpu", torch.bfloat16) == 7   # the dtype row
+        assert tuning.lookup("d", "cpu", torch.float16) == 1    # not that arch
+        monkeypatch.setattr(tuning, "ROWS", rows)
+        tuning._resolved.cache_clear()
         # This machine's architecture first, then the dtype.
-        assert tuning.lookup("swap_from_tokens", "cpu", torch.bfloat16) == 9
-        assert tuning.lookup("swap_from_tokens", "cpu", torch.float32) == 9
-        assert tuning.lookup("swap_from_tokens", "cpu", torch.float16) == 9    # not that arch
-        assert tuning.lookup("swap_from_tokens", "cuda", torch.float16) == 512
+        assert tuning.lookup("d", "cpu", torch.bfloat16) == 9
+        assert tuning.lookup("d", "cpu", torch.float32) == 9
+        assert tuning.lookup("d", "cpu", torch.float16) == 9    # not that arch
+        assert tuning.lookup("d", "cuda", torch.float16) == 512
         assert tuning.lookup("no_such_decision", "cpu", None, "fallback") == "fallback"
     finally:
         monkeypatch.undo()
         tuning._resolved.cache_clear()
+
+
+def test_cpu_architecture_class_names_bf16_and_amx_units():
+    arch = tuning.arch_class("cpu")
+    assert arch.startswith(torch.backends.cpu.get_cpu_capability())
+    assert ("+BF16" in arch) == torch.cpu._is_avx512_bf16_supported()
+    assert ("+AMX" in arch) == torch.cpu._is_amx_tile_supported()
 
 
 def test_auto_strategy_reads_the_table():

@@ -262,8 +262,8 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
     - Unfused forward with one active adapter: sparse_delta_linear(x, W, b, S, scaling,
       strategy) instead of PEFT's clone of W plus a dense sum of a sparse COO tensor; the
       gradient of ``shira_weight`` comes from the sampled product (no dense m×n gradient).
-      ``strategy``: "auto" (sparse_delta.auto_strategy: on the CPU "fold" for fp32 and fp16,
-      bf16 at 1 token; else spmm for few tokens and swap for many), "fold" (S added to
+      ``strategy``: "auto" (sparse_delta.auto_strategy: the strategy measured fastest on
+      this machine for the layer, dtype and token count; README, autotuning), "fold" (S added to
       W's panels inside one matmul), "spmm", "swap" (W briefly holds W + scaling·S during the
       call: no other thread may read W meanwhile) or "merge" (a scratch copy of W).
     - merge() / unmerge(): scatter_swap_ of the adapted entries; unmerge restores W bit for bit

@@ -17,9 +17,11 @@ sparse_delta_linear runs one of four strategies, each one dense matmul plus extr
            on W hold it shared (_concurrency.py), so none of them sees the adapted entries
   "merge"  W' = W + scale·S into a reused scratch buffer, y = x·W'ᵀ + b: O(out·in) copy, for
            callers that need W untouched while many tokens run
-"auto" picks by token count, as measured by bench/report_shira_linear.py and recorded in the
-tuning table (tuning.py): on the CPU fold at the counts of "fold_tokens" ("fold_training_tokens"
-when the call records a backward); elsewhere spmm below "swap_from_tokens", else swap.
+"auto" runs the strategy measured fastest on this machine for the layer's shape, dtype, class
+of entries, token class and training or not (auto_strategy: tuning.decide times the candidates
+once and caches the winner per machine); with tuning off, the tuning table's choice by token
+count (static_strategy: on the CPU fold at the counts of "fold_tokens", or "fold_training_tokens"
+when the call records a backward; elsewhere spmm below "swap_from_tokens", else swap).
 The backward gives x (gy·W + scale·gy·S, gy·(W + scale·S) in one pass for fold, or gy·W' as
 the strategy says), S's values
 (scale·sddmm), the bias, and W only if W asks: it never builds a dense m×n gradient unless W
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 
 import torch
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from .. import _native, backends, tuning
 from .._checks import FLOAT_DTYPES, TensorCache, check_scale
 from .._concurrency import reading, weight_lock
-from ..formats import SparseDelta
+from ..formats import SparseDelta, SparseStructure, flat_index_dtype
 from . import registry
 from ._eager import eager_function, via_op
 from .scatter_swap import raise_outside, swap_in_range, swap_unchecked
@@ -536,15 +539,116 @@ def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
     return out
 
 
-def auto_strategy(device_type: str, dtype: torch.dtype, tokens: int,
-                  training: bool = False) -> str:
-    """The strategy "auto" runs for this many tokens of this dtype on this device type;
+def static_strategy(device_type: str, dtype: torch.dtype, tokens: int,
+                    training: bool = False) -> str:
+    """The tuning table's strategy for this many tokens (what "auto" runs with tuning off);
     ``training``: the call records a backward (its strategy is the forward's)."""
     first, last = tuning.lookup("fold_training_tokens" if training else "fold_tokens",
                                 device_type, dtype, (None, None))
     if first is not None and first <= tokens and (last is None or tokens <= last):
         return "fold"
     return "swap" if tokens >= tuning.lookup("swap_from_tokens", device_type, dtype, 64) else "spmm"
+
+
+def auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int,
+                  training: bool = False, shape: tuple[int, int] | None = None,
+                  nnz: int | None = None) -> str:
+    """The strategy "auto" runs for this many tokens of this dtype on ``device`` (a layer of
+    ``shape`` with ``nnz`` adapted entries): measured on this machine for the layer's class
+    (tuning.decide), or the table's choice (static_strategy) when tuning is off or the layer's
+    shape is not given."""
+    device = torch.device(device)
+    default = static_strategy(device.type, dtype, tokens, training)
+    if shape is None or nnz is None or not nnz or tuning.mode() == "off":
+        return default
+    token_class = next((c for c in _TOKEN_CLASSES if tokens <= c), _TOKEN_CLASSES[-1])
+    return _tuned_strategy(str(device), dtype, int(shape[0]), int(shape[1]), int(nnz),
+                           token_class, bool(training), default)
+
+
+STRATEGY_DECISION = "sparse_delta_linear.strategy"
+# Token classes: a decision is measured once per class, at its upper end.
+_TOKEN_CLASSES = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+def _strategy_key(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int, nnz: int,
+                  tokens: int, training: bool) -> tuple:
+    """The decision's key: where it runs (the GPU, or the CPU threads torch uses), the backend
+    asked for, the dtype, the layer's shape, its number of entries to the nearest power of two,
+    the token class and training or not."""
+    where = (f"{torch.cuda.get_device_name(device)} "
+             f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+             if device.type == "cuda" else f"cpu {torch.get_num_threads()} threads")
+    nnz_class = min(1 << round(math.log2(max(nnz, 1))), out_f * in_f)
+    return (where, backends.requested() or "auto", str(dtype).removeprefix("torch."),
+            f"{out_f}x{in_f}", nnz_class, tokens, "training" if training else "inference")
+
+
+def strategy_entry(device, dtype: torch.dtype, tokens: int, training: bool, shape,
+                   nnz: int) -> dict | None:
+    """The tuned decision behind auto_strategy for these arguments (value, each candidate's
+    ms, how it was measured), or None where none was made in this process."""
+    token_class = next((c for c in _TOKEN_CLASSES if tokens <= c), _TOKEN_CLASSES[-1])
+    key = _strategy_key(torch.device(device), dtype, int(shape[0]), int(shape[1]), int(nnz),
+                        token_class, training)
+    return tuning.entry(STRATEGY_DECISION, key)
+
+
+_decided = tuning.memo()  # the arguments of _tuned_strategy → its result, for this process
+
+
+@torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
+def _tuned_strategy(device: str, dtype: torch.dtype, out_f: int, in_f: int, nnz: int,
+                    tokens: int, training: bool, default: str) -> str:
+    # A layer's forward asks this once per call: a dict lookup on the raw arguments (and what
+    # else the key depends on) first, the key and the decision only the first time.
+    fast = (device, dtype, out_f, in_f, nnz, tokens, training, default, tuning.mode(),
+            backends.requested(), torch.get_num_threads())
+    value = _decided.get(fast)
+    if value is None:
+        dev = torch.device(device)
+        key = _strategy_key(dev, dtype, out_f, in_f, nnz, tokens, training)
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+        make = functools.partial(_strategy_calls, dev, dtype, (out_f, in_f), key[4], tokens,
+                                 training)
+        value = _decided[fast] = tuning.decide(
+            STRATEGY_DECISION, key, default, lambda: tuning.measure_sliced(make, out_f, sync=sync))
+    return value
+
+
+def _strategy_calls(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], nnz: int,
+                    tokens: int, training: bool, rows: int) -> dict:
+    """{strategy: a call running it} on ``rows`` output rows of a layer like the one asked
+    about (its width, dtype and density of entries, spread at random), forward and, for
+    ``training``, the backward of x and of S's values, through the op bodies (lock-free: these
+    tensors are the call's own). Values do not change the time: W is a constant."""
+    in_f = shape[1]
+    gen = torch.Generator().manual_seed(rows)
+    entries = max(1, round(nnz * rows / shape[0]))
+    flat = torch.randint(0, rows * in_f, (entries,), generator=gen).unique()
+    flat = flat.to(flat_index_dtype((rows, in_f))).to(device)
+    s = SparseStructure.build(flat, (rows, in_f))
+    values = torch.full((flat.numel(),), 1e-3, dtype=dtype, device=device)
+    weight = torch.full((rows, in_f), 0.01, dtype=dtype, device=device)
+    x = torch.empty(tokens, in_f, dtype=dtype, device=device).uniform_(-1, 1)
+    gy = torch.empty(tokens, rows, dtype=dtype, device=device).uniform_(-1, 1)
+    struct = (s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols, s.t_perm)
+    names = ["spmm", "swap"]
+    if backends.select(device) == "cpu":  # elsewhere "fold" is composed as "spmm" is
+        names.insert(0, "fold")
+
+    def call(strategy: str):
+        def run():
+            if strategy == "swap":
+                with _adapted_in_place(weight, flat, values, 1.0):
+                    F.linear(x, weight, None)
+            else:
+                _linear_reading(x, weight, None, values, flat, *struct, 1.0, strategy)
+            if training:
+                _backward_holding(gy, x, weight, values, flat, *struct, 1.0, strategy,
+                                  True, False)
+        return run
+    return {name: call(name) for name in names}
 
 
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -585,7 +689,8 @@ def linear_of_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         training = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or values.requires_grad
             or (bias is not None and bias.requires_grad))
-        strategy = auto_strategy(x.device.type, run_dtype, x2.shape[0], training)
+        strategy = auto_strategy(x.device, run_dtype, x2.shape[0], training, weight.shape,
+                                 values.shape[0])
     s = structure
     run = _linear_op if via_op(x) else _eager_linear
     y = run(x2, weight, bias, values, flat_indices, s.row_offsets, s.cols, s.rows,

@@ -1,0 +1,240 @@
+"""Autotuning (tuning.decide and the strategy of sparse_delta_linear): measured once per key and
+machine, kept in a file that survives processes and concurrent writers, never measured with
+tuning off, and decided outside the graph under torch.compile."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from shira_kernels import backends, tuning
+from shira_kernels.nn import ShiraLinear
+from shira_kernels.ops import sparse_delta as sd
+
+
+@pytest.fixture
+def tune(monkeypatch, tmp_path):
+    """Tuning on ("auto"), into a cache folder of the test's own; the process forgets what it
+    decided before and after."""
+    monkeypatch.setenv(tuning.MODE_ENV, "auto")
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(tmp_path))
+    tuning.forget_decisions()
+    yield tmp_path
+    tuning.forget_decisions()
+
+
+class Timings:
+    """A timings() for decide that counts its calls and returns fixed seconds."""
+
+    def __init__(self, **seconds):
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self):
+        self.calls += 1
+        return dict(self.seconds), "fixed"
+
+
+def test_off_never_measures(tune, monkeypatch):
+    monkeypatch.setenv(tuning.MODE_ENV, "off")
+    timings = Timings(a=1.0, b=0.5)
+    assert tuning.decide("d", (1,), "a", timings) == "a"
+    assert timings.calls == 0 and not any(tune.iterdir())
+
+
+def test_auto_measures_once_and_later_processes_read_the_file(tune):
+    timings = Timings(a=2.0, b=0.5, c=1.0)
+    assert tuning.decide("d", (1, "x"), "a", timings) == "b"
+    assert tuning.decide("d", (1, "x"), "a", timings) == "b"
+    assert timings.calls == 1
+    (path,) = tune.glob("tuning-*.json")
+    body = json.loads(path.read_text())
+    assert body["fingerprint"] == tuning.fingerprint()
+    assert body["decisions"]["d|1|x"]["ms"] == {"a": 2000.0, "b": 500.0, "c": 1000.0}
+    tuning.forget_decisions()  # as a new process
+    again = Timings(a=0.1, b=1.0)
+    assert tuning.decide("d", (1, "x"), "a", again) == "b" and again.calls == 0
+    assert tuning.decide("d", (2, "x"), "a", again) == "a" and again.calls == 1
+
+
+def test_force_measures_again_once_per_process(tune, monkeypatch):
+    assert tuning.decide("d", (1,), "a", Timings(a=2.0, b=1.0)) == "b"
+    monkeypatch.setenv(tuning.MODE_ENV, "force")
+    timings = Timings(a=1.0, b=2.0)
+    assert tuning.decide("d", (1,), "b", timings) == "a"
+    assert tuning.decide("d", (1,), "b", timings) == "a" and timings.calls == 1
+    tuning.forget_decisions()
+    monkeypatch.setenv(tuning.MODE_ENV, "auto")
+    assert tuning.decide("d", (1,), "b", Timings()) == "a"  # the file holds the new winner
+
+
+def test_no_candidate_ran_gives_the_default(tune):
+    assert tuning.decide("d", (1,), "fallback", Timings()) == "fallback"
+
+
+@pytest.mark.parametrize("var, value", [(tuning.MODE_ENV, "sometimes"),
+                                        (tuning.BUDGET_ENV, "-1"), (tuning.BUDGET_ENV, "x"),
+                                        (tuning.BUDGET_ENV, "nan")])
+def test_bad_settings_name_the_variable(tune, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=var):
+        tuning.decide("d", (1,), "a", Timings(a=1.0)) if var == tuning.MODE_ENV \
+            else tuning.budget_s()
+
+
+def test_unreadable_file_is_ignored_and_replaced(tune):
+    path = tuning.cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="unreadable tuning cache"):
+        assert tuning.decide("d", (1,), "a", Timings(a=1.0, b=0.5)) == "b"
+    assert json.loads(path.read_text())["decisions"]["d|1"]["value"] == "b"
+
+
+def test_unwritable_folder_keeps_decisions_in_memory(tune, monkeypatch):
+    blocker = tune / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(blocker / "sub"))
+    timings = Timings(a=1.0, b=0.5)
+    with pytest.warns(RuntimeWarning, match="cannot write the tuning cache"):
+        assert tuning.decide("d", (1,), "a", timings) == "b"
+    assert tuning.decide("d", (1,), "a", timings) == "b" and timings.calls == 1
+
+
+def test_another_machine_uses_another_file(tune, monkeypatch):
+    here, print_ = tuning.cache_file(), tuning.fingerprint()
+    monkeypatch.setattr(tuning, "fingerprint", lambda: {**print_, "cpu": "other"})
+    assert tuning.cache_file() != here and tuning.cache_file().parent == here.parent
+
+
+_WRITER = """
+import sys
+from shira_kernels import backends, tuning
+for i in range(int(sys.argv[2])):
+    assert tuning.decide("d", (sys.argv[1], i), "a",
+                         lambda: ({"a": 1.0, "b": 0.5}, "fixed")) == "b"
+"""
+
+
+def test_concurrent_processes_lose_no_decision(tune):
+    env = {**os.environ, tuning.MODE_ENV: "auto", tuning.CACHE_DIR_ENV: str(tune)}
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, f"p{n}", "15"], env=env)
+             for n in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    (path,) = tune.glob("tuning-*.json")
+    decisions = json.loads(path.read_text())["decisions"]
+    assert {k for k in decisions} == {f"d|p{n}|{i}" for n in range(4) for i in range(15)}
+    assert not list(tune.glob("*.tmp"))
+
+
+def test_measure_sliced_ranks_on_the_largest_slice_the_budget_allows(tune, monkeypatch):
+    monkeypatch.setenv(tuning.BUDGET_ENV, "0.2")
+    seen = []
+
+    def make(rows):
+        seen.append(rows)
+        return {"slow": lambda: time.sleep(2e-5 * rows), "fast": lambda: time.sleep(1e-5 * rows),
+                "broken": lambda: 1 / 0}
+    times, how = tuning.measure_sliced(make, 100_000, step=64)
+    assert set(times) == {"slow", "fast"} and times["fast"] < times["slow"]
+    # One probe slice and one larger one; the larger one's 4 rounds fit in the budget.
+    assert seen[0] == 64 and len(seen) == 2 and 64 < seen[1] < 100_000
+    assert seen[1] * 3e-5 * 4 <= 0.2 and f"on {seen[1]} of 100000 rows" in how
+    seen.clear()
+    times, how = tuning.measure_sliced(make, 100, step=64)  # the whole fits
+    assert seen == [64, 100] and how.endswith("on 100 of 100 rows")
+
+
+def test_measure_takes_rounds_in_turn_and_drops_failures():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b"),
+             "c": lambda: (_ for _ in ()).throw(RuntimeError("cannot run here"))}
+    times, how = tuning.measure(calls, rounds=3)
+    assert set(times) == {"a", "b"} and order == ["a", "b"] + ["a", "b"] * 3
+    assert how == "median of 3"
+
+
+def _layer(out_f=48, in_f=64, dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = ShiraLinear.from_linear(torch.nn.Linear(in_f, out_f).to(dtype), r=2)
+    return layer, layer.shira_values.numel()
+
+
+def test_auto_strategy_runs_the_measured_winner(tune):
+    layer, nnz = _layer()
+    key = sd._strategy_key(torch.device("cpu"), torch.float32, 48, 64, nnz, 16, False)
+    forced = "merge"  # never the static choice: proves the decision is read
+    assert sd.static_strategy("cpu", torch.float32, 16) != forced
+    tuning.decide(sd.STRATEGY_DECISION, key, "spmm", lambda: ({forced: 0.1}, "fixed"))
+    assert sd.auto_strategy("cpu", torch.float32, 9, False, (48, 64), nnz) == forced
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        auto, merged = layer(x), sd.sparse_delta_linear(
+            x, layer.weight, layer.bias, layer.delta, strategy=forced)
+    assert torch.equal(auto, merged)
+
+
+def test_auto_strategy_measures_every_candidate_of_the_backend(tune):
+    _, nnz = _layer()
+    choice = sd.auto_strategy("cpu", torch.float32, 3, True, (48, 64), nnz)
+    entry = sd.strategy_entry("cpu", torch.float32, 3, True, (48, 64), nnz)
+    expected = {"spmm", "swap"} | ({"fold"} if backends.select("cpu") == "cpu" else set())
+    assert entry["value"] == choice and set(entry["ms"]) == expected
+    assert entry["ms"][choice] == min(entry["ms"].values())
+    assert "on 48 of 48 rows" in entry["how"]
+
+
+def test_tuning_off_or_unknown_shape_is_the_static_choice(tune, monkeypatch):
+    assert sd.auto_strategy("cpu", torch.bfloat16, 2048, False) == \
+        sd.static_strategy("cpu", torch.bfloat16, 2048, False)
+    monkeypatch.setenv(tuning.MODE_ENV, "off")
+    assert sd.auto_strategy("cpu", torch.float32, 5, True, (48, 64), 100) == \
+        sd.static_strategy("cpu", torch.float32, 5, True)
+    assert not any(tune.iterdir())
+
+
+def test_compiled_layer_is_tuned_at_trace_time_without_breaks_or_recompiles(tune):
+    layer, nnz = _layer()
+    x = torch.randn(5, 64, requires_grad=True)
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            y = compiled(x)
+            y.sum().backward()
+    entry = sd.strategy_entry("cpu", torch.float32, 5, True, (48, 64), nnz)
+    assert entry is not None and len(entry["ms"]) >= 2
+    eager = layer(x)
+    assert torch.allclose(y, eager, rtol=0, atol=1e-5)
+
+
+def test_tune_command_measures_then_reads_the_cache(tune, capsys):
+    from shira_kernels import cli
+
+    argv = ["tune", "--size", "64,160", "--dtype", "fp32,bf16", "--tokens", "1,20",
+            "--mode", "inference"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    rows = [line for line in first.splitlines() if "inference" in line]
+    assert len(rows) == 3 * 2 * 2  # shapes x dtypes x token counts
+    assert all(re.search(r"inference (fold|spmm|swap) ", row) for row in rows), rows
+    assert "median of 5 on" in first and str(tuning.cache_file()) in first
+    tuning.forget_decisions()  # a new process reads them
+    assert cli.main(argv) == 0
+    assert "tuning took 0.0 s" in capsys.readouterr().out
+
+
+def test_tune_command_refuses_when_tuning_is_off(tune, monkeypatch, capsys):
+    from shira_kernels import cli
+
+    monkeypatch.setenv(tuning.MODE_ENV, "off")
+    assert cli.main(["tune", "--size", "64,160", "--tokens", "1"]) == 2
+    assert "nothing is measured" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--tokens", "0"])
+    assert "positive integers" in capsys.readouterr().err
