@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from . import _machine
+
 log = logging.getLogger("shira_kernels")
 
 _lock = threading.Lock()
@@ -33,20 +35,10 @@ def csrc_dir() -> Path:
     raise FileNotFoundError(f"csrc/ with the native sources was not found next to {here}")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("SHIRA_KERNELS_CACHE") or Path.home() / ".cache" / "shira_kernels"
-    return Path(root)
-
-
-def _cpu_model() -> str:
-    # -march=native code must not be reused on another processor: the model is part of the key.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+def _cpu_key() -> str:
+    # -march=native code must not run on another processor: its model and ISA flags are part
+    # of the key (a hypervisor may show several CPU generations under one model name).
+    return f"{_machine.cpu_model()} {_machine.cpu_flags()}"
 
 
 def _cpu_flags(march: str) -> dict:
@@ -82,9 +74,9 @@ def _build(kind: str):
     key = hashlib.sha256()
     for path in sources + sorted(csrc_dir().rglob("*.h")) + sorted(csrc_dir().rglob("*.cuh")):
         key.update(path.name.encode() + path.read_bytes())
-    key.update(repr((flags, torch.__version__, platform.python_version(), _cpu_model())).encode())
+    key.update(repr((flags, torch.__version__, platform.python_version(), _cpu_key())).encode())
     name = f"shira_{kind}_{key.hexdigest()[:16]}"
-    build_dir = cache_dir() / name
+    build_dir = _machine.cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("shira_kernels: building %s kernels in %s (first use only)", kind, build_dir)
     try:

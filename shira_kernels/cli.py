@@ -147,6 +147,10 @@ def _dtype_list(text: str) -> list[torch.dtype]:
 
 
 def tune(args: argparse.Namespace) -> int:
+    """For each layer shape of a Llama-shaped model (hidden x hidden, intermediate x hidden,
+    hidden x intermediate), dtype, token count and training/inference: the strategy
+    sparse_delta_linear's "auto" runs on this machine, measured now or read from the tuning
+    cache ($SHIRA_KERNELS_CACHE, or $SHIRA_KERNELS_TUNE_CACHE), with each candidate's time."""
     from . import tuning
     from .ops import sparse_delta as sd
 
@@ -206,13 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(run=demo)
 
-    p_tune = sub.add_parser(
-        "tune", help="measure the fastest strategy per layer shape here and cache it",
-        description="For each layer shape of a Llama-shaped model (hidden x hidden, "
-                    "intermediate x hidden, hidden x intermediate), dtype, token count and "
-                    "training/inference: the strategy sparse_delta_linear's \"auto\" runs on "
-                    "this machine, measured now or read from the tuning cache "
-                    "($SHIRA_KERNELS_CACHE_DIR), with each candidate's time.")
+    p_tune = sub.add_parser("tune", description=tune.__doc__,
+                            help="measure the fastest strategy per layer shape here and cache it")
     p_tune.add_argument("--size", type=_int_list, default=[4096, 11008], metavar="H,I",
                         help="hidden and intermediate size (default 4096,11008: Llama-7B)")
     p_tune.add_argument("--r", type=int, default=None,

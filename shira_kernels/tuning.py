@@ -35,9 +35,10 @@ first time a key is needed, keeps the winner in memory and in a file per machine
 (CPU model and ISA flags, cores, torch and BLAS build), and reads it from there in later
 processes. ``SHIRA_KERNELS_TUNE`` says how: "auto" (default) measure what the file lacks, "off"
 never measure and use the table above (the static defaults per architecture class), "force"
-measure again once per process, replacing what the file has. The file's folder is
-``SHIRA_KERNELS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/shira_kernels`` or
-``~/.cache/shira_kernels``); each write merges under a file lock and replaces the file
+measure again once per process, replacing what the file has. The file's folder is the
+package's cache ($SHIRA_KERNELS_CACHE, default ~/.cache/shira_kernels, beside the compiled
+kernels) or ``SHIRA_KERNELS_TUNE_CACHE`` where set (a fresh tuning cache without rebuilding
+the kernels); each write merges under a file lock and replaces the file
 atomically, so concurrent processes lose nothing. Each measurement is given
 ``SHIRA_KERNELS_TUNE_BUDGET`` seconds (default 0.5), measuring the
 largest slice of the problem that fits in it (``measure_sliced``).
@@ -50,7 +51,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -61,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import _machine
 
 __all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
            "measure_sliced", "fingerprint", "cache_file", "entry", "measured_decisions", "cached_decisions",
@@ -208,7 +210,7 @@ def view(decision: str) -> Mapping:
 # Autotuning: decisions measured where the code runs, cached per machine.
 # ---------------------------------------------------------------------------------------------
 MODE_ENV = "SHIRA_KERNELS_TUNE"
-CACHE_DIR_ENV = "SHIRA_KERNELS_CACHE_DIR"
+CACHE_DIR_ENV = "SHIRA_KERNELS_TUNE_CACHE"
 BUDGET_ENV = "SHIRA_KERNELS_TUNE_BUDGET"
 MODES = ("auto", "off", "force")
 _FORMAT = 1
@@ -238,27 +240,15 @@ def budget_s() -> float:
     return value
 
 
-def _cpuinfo() -> dict[str, str]:
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields.setdefault(name.strip(), value.strip())
-            if not line.strip() and fields:
-                break  # the first processor describes them all
-    return fields
-
-
 @functools.cache
 def fingerprint() -> dict[str, str]:
     """What makes a measurement valid for another process: the CPU (model, ISA flags), the cores
     this process may use, and the torch and BLAS build. GPUs are named in their decisions' keys
     instead, so a CPU decision survives a GPU change."""
-    info = _cpuinfo()
-    flags = info.get("flags") or info.get("Features") or ""
+    flags = _machine.cpu_flags()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu": _machine.cpu_model(),
         "isa": arch_class("cpu") + " " + hashlib.sha256(flags.encode()).hexdigest()[:12],
         "cores": str(cores),
         "torch": torch.__version__,
@@ -268,10 +258,7 @@ def fingerprint() -> dict[str, str]:
 
 def cache_file() -> Path:
     """This machine's decision file (it need not exist yet)."""
-    folder = os.environ.get(CACHE_DIR_ENV)
-    if not folder:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        folder = Path(base) / "shira_kernels"
+    folder = os.environ.get(CACHE_DIR_ENV) or _machine.cache_dir()
     digest = hashlib.sha256(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()
     return Path(folder) / f"tuning-{digest[:16]}.json"
 

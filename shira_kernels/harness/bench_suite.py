@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__, backends
+from .. import __version__, _machine, backends
 from ..adapters import AdapterBank
 from ..formats import BinaryWeight, SparseDelta
 from ..nn.shira_linear import replace_linear
@@ -939,19 +939,8 @@ def measure_memory(cfg: BenchConfig, results: Results, progress: Progress, devic
 _PEFT_SKIP = f"peft is not installed ({ENABLE_HINT} enables it)"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(device: torch.device) -> dict:
-    out = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+    out = {"platform": platform.platform(), "cpu": _machine.cpu_model(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "device": str(device), "gpu": None,
            "backend": backends.select(device)}
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _machine
 from ..masks import sample_distinct
 
 __all__ = [
@@ -323,16 +324,7 @@ __all__ += [
 # Describing a run: the machine and the command that made a report.
 # ---------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    import platform
-    from pathlib import Path
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return _machine.cpu_model()
 
 
 def write_report(text: str, out: str) -> None:

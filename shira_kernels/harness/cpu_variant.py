@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .._native import _cpu_flags, _cpu_model, cache_dir
+from .. import _machine
+from .._native import _cpu_flags, _cpu_key
 
 
 def build_cpu_variant(src: Path, march: str = "native"):
@@ -25,9 +26,9 @@ def build_cpu_variant(src: Path, march: str = "native"):
     # The headers beside the sources and one level up (csrc/dispatch.h, shared with CUDA).
     for path in sources + sorted(Path(src).glob("*.h")) + sorted(Path(src).parent.glob("*.h")):
         key.update(path.name.encode() + path.read_bytes())
-    key.update(repr((march, torch.__version__, platform.python_version(), _cpu_model())).encode())
+    key.update(repr((march, torch.__version__, platform.python_version(), _cpu_key())).encode())
     name = f"shira_cpu_variant_{key.hexdigest()[:16]}"
-    build_dir = cache_dir() / name
+    build_dir = _machine.cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=name, sources=[str(p) for p in sources],
                               build_directory=str(build_dir), extra_include_paths=[str(src)],

@@ -1,0 +1,42 @@
+"""The machine this process runs on, as the package's caches key it: its CPU, and the folder
+where compiled kernels and tuning decisions are kept ($SHIRA_KERNELS_CACHE, default
+~/.cache/shira_kernels)."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+from pathlib import Path
+
+CACHE_ENV = "SHIRA_KERNELS_CACHE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "shira_kernels")
+
+
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (they describe them all); {} elsewhere."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                if fields:
+                    break
+                continue
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    info = cpu_info()
+    return info.get("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> str:
+    """The ISA flags (x86 "flags", Arm "Features"), or "" where the OS does not list them."""
+    info = cpu_info()
+    return info.get("flags") or info.get("Features") or ""
