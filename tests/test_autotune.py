@@ -238,3 +238,11 @@ def test_tune_command_refuses_when_tuning_is_off(tune, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["tune", "--tokens", "0"])
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_a_cached_value_that_is_no_strategy_gives_the_static_choice(tune):
+    _, nnz = _layer()
+    key = sd._strategy_key(torch.device("cpu"), torch.float32, 48, 64, nnz, 16, False)
+    tuning.decide(sd.STRATEGY_DECISION, key, "spmm", lambda: ({"warp": 0.1}, "fixed"))
+    assert sd.auto_strategy("cpu", torch.float32, 9, False, (48, 64), nnz) == \
+        sd.static_strategy("cpu", torch.float32, 9, False)

@@ -611,8 +611,11 @@ def _tuned_strategy(device: str, dtype: torch.dtype, out_f: int, in_f: int, nnz:
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
         make = functools.partial(_strategy_calls, dev, dtype, (out_f, in_f), key[4], tokens,
                                  training)
-        value = _decided[fast] = tuning.decide(
-            STRATEGY_DECISION, key, default, lambda: tuning.measure_sliced(make, out_f, sync=sync))
+        value = tuning.decide(STRATEGY_DECISION, key, default,
+                              lambda: tuning.measure_sliced(make, out_f, sync=sync))
+        if value not in STRATEGIES[1:]:  # a cache file written by another version
+            value = default
+        _decided[fast] = value
     return value
 
 
