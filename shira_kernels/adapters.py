@@ -405,7 +405,7 @@ class AdapterBank:
         as adapter ``name``: its indices, current values and scale, under its module name."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        adapter = {layer: (SparseDelta(module.weight.shape, module.shira_indices.detach(),
+        adapter = {layer: (SparseDelta(module.weight.shape, module.shira_flat_indices.detach(),
                                        module.shira_values.detach()), module.scale)
                    for layer, module in model.named_modules() if isinstance(module, ShiraLinear)}
         if not adapter:

@@ -111,13 +111,13 @@ def test_binary_kernel(builds, shape):
                               f"{MARCH} binary_linear_grad_x", torch_result=theirs)
 
 
-def test_scatter_add_is_exact(builds):
+def test_add_at_indices_is_exact(builds):
     weight = torch.randn(50, 70).to(torch.bfloat16)
     delta = make_delta(50, 70, torch.bfloat16)
     outs = []
     for mod in builds:
         w, saved = weight.clone(), torch.empty_like(delta.values)
-        mod.scatter_add(w, w, delta.flat_indices, delta.values, 0.5, saved)
+        mod.add_at_indices(w, w, delta.flat_indices, delta.values, 0.5, saved)
         outs.append((w, saved))
     assert all(torch.equal(a, b) for a, b in zip(*outs))  # one rounding per entry, no sums
     assert torch.equal(outs[0][1], weight.view(-1)[delta.flat_indices.long()])

@@ -25,7 +25,7 @@ from shira_kernels.ops import scatter_swap as swap_ops
 from shira_kernels.ops import sparse_delta as sd_ops
 from shira_kernels.ops.binary import binary_linear, binary_lora
 from shira_kernels.ops.scatter_swap import scatter_swap_
-from shira_kernels.ops.sparse_delta import csr_add, sddmm, sparse_delta_linear, spmm, spmm_t
+from shira_kernels.ops.sparse_delta import add_delta, sddmm, sparse_delta_linear, spmm, spmm_t
 
 STRATEGIES = ("fold", "spmm", "swap", "merge", "auto")
 
@@ -202,9 +202,9 @@ def test_structure_computed_inside_serves_training_outside():
 # ---------------------------------------------------------------------------------------------
 def _op_results(delta, w, x, y0, gy, bias, strategies):
     out = [spmm(y0, x, delta, 0.75), spmm_t(x.clone(), gy, delta, -1.5), sddmm(gy, x, delta),
-           csr_add(w, delta, 2.0)]
+           add_delta(w, delta, 2.0)]
     buf = torch.empty_like(w)
-    csr_add(w, delta, 0.5, out=buf)
+    add_delta(w, delta, 0.5, out=buf)
     out.append(buf)
     for strategy in strategies:
         out.append(sparse_delta_linear(x, w, bias, delta, 1.25, strategy))

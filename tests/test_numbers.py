@@ -17,7 +17,7 @@ import shira_kernels
 from shira_kernels import AdapterBank, BinaryWeight, SparseDelta, backends
 from shira_kernels.nn import BinaryLoRALinear, DyLoRALinear, ShiraLinear
 from shira_kernels.nn.binary import BinaryAdapter
-from shira_kernels.ops.sparse_delta import csr_add, sparse_delta_linear, spmm, spmm_t
+from shira_kernels.ops.sparse_delta import add_delta, sparse_delta_linear, spmm, spmm_t
 
 from conftest import DTYPES
 
@@ -213,7 +213,7 @@ def test_ops_reject_bad_scales(dtype, scale):
     saved = snapshot(*inputs)
     calls = {"spmm": lambda: spmm(y, x, delta, scale),
              "spmm_t": lambda: spmm_t(gx, gy, delta, scale),
-             "csr_add": lambda: csr_add(weight, delta, scale, out=out),
+             "add_delta": lambda: add_delta(weight, delta, scale, out=out),
              "sparse_delta_linear": lambda: sparse_delta_linear(x, weight, None, delta, scale),
              "fold": lambda: sparse_delta_linear(x, weight, None, delta, scale, "fold"),
              "swap": lambda: sparse_delta_linear(x, weight, None, delta, scale, "swap")}

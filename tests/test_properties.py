@@ -181,7 +181,7 @@ def test_shira_linear_load_state_dict_is_right_or_changes_nothing(data):
     mask = torch.rand(out_f, in_f) < 0.5
     mask.view(-1)[0] = True
     layer = ShiraLinear.from_linear(torch.nn.Linear(in_f, out_f), mask=mask)
-    nnz = layer.shira_indices.numel()
+    nnz = layer.shira_flat_indices.numel()
     if data.draw(st.booleans()):  # a canonical set of the layer's size: loadable (about half)
         chosen = data.draw(st.lists(st.integers(0, out_f * in_f - 1), min_size=nnz,
                                     max_size=nnz, unique=True))
@@ -192,14 +192,14 @@ def test_shira_linear_load_state_dict_is_right_or_changes_nothing(data):
     values = torch.randn(idx.numel() + data.draw(st.sampled_from([0, 0, 0, 1]))).to(
         data.draw(st.sampled_from(FLOATS + FLOATS + (torch.int32,))))
     state = dict(layer.state_dict())
-    state["shira_indices"], state["shira_values"] = idx, values
+    state["shira_flat_indices"], state["shira_values"] = idx, values
     before = {k: bits(v) for k, v in layer.state_dict().items()}
     flat = idx.tolist()
     loadable = (len(flat) == nnz and values.numel() == nnz and values.is_floating_point()
                 and flat == sorted(set(flat)) and all(0 <= k < out_f * in_f for k in flat))
     if loadable:
         layer.load_state_dict(state)
-        assert layer.shira_indices.tolist() == flat
+        assert layer.shira_flat_indices.tolist() == flat
         assert torch.equal(bits(layer.shira_values.detach()), bits(values.to(
             layer.shira_values.dtype)))
         x = torch.randn(3, in_f)

@@ -135,7 +135,7 @@ def test_rejected_load_state_dict_changes_nothing(corrupt):
     y_before = layer(x).detach()
     before = layer_bits(layer)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    idx = state["shira_indices"]
+    idx = state["shira_flat_indices"]
     if corrupt == "duplicate":
         idx[1] = idx[0]
     elif corrupt == "int32_max":
@@ -147,7 +147,7 @@ def test_rejected_load_state_dict_changes_nothing(corrupt):
     elif corrupt == "short_values":
         state["shira_values"] = state["shira_values"][:-1]
     elif corrupt == "float_indices":
-        state["shira_indices"] = idx.float()
+        state["shira_flat_indices"] = idx.float()
     else:
         state["shira_values"] = [0.0] * idx.numel()
     state["weight"] = torch.zeros_like(state["weight"])  # would be copied if loading went on
@@ -241,7 +241,7 @@ def test_stale_delta_indices_never_write_out_of_bounds(backend_name, strategy):
             sparse_delta_linear(x, weight, None, delta, 1.0, strategy)
         assert torch.equal(bits(weight), w0)
         with pytest.raises(ValueError, match="outside"):
-            shira_kernels.csr_add(weight, delta)
+            shira_kernels.add_delta(weight, delta)
         assert torch.equal(bits(weight), w0)
 
 
@@ -528,7 +528,7 @@ def test_indices_written_in_place_are_checked_and_rederived():
     other = shira_layer(seed=5)
     x = torch.randn(6, 40)
     with torch.no_grad():
-        layer.shira_indices.copy_(other.shira_indices)
+        layer.shira_flat_indices.copy_(other.shira_flat_indices)
         layer.shira_values.copy_(other.shira_values)
         layer.weight.copy_(other.weight)
         layer.bias.copy_(other.bias)
@@ -537,7 +537,7 @@ def test_indices_written_in_place_are_checked_and_rederived():
         assert torch.equal(layer(x), other(x)), strategy
     w0 = bits(layer.weight)
     with torch.no_grad():
-        layer.shira_indices[3] = layer.shira_indices[2]  # a repeated entry
-    with pytest.raises(ValueError, match="shira_indices"):
+        layer.shira_flat_indices[3] = layer.shira_flat_indices[2]  # a repeated entry
+    with pytest.raises(ValueError, match="shira_flat_indices"):
         layer(x)
     assert torch.equal(bits(layer.weight), w0)

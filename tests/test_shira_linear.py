@@ -27,7 +27,7 @@ def test_from_linear_is_a_drop_in_replacement():
     assert isinstance(layer, nn.Linear)
     assert layer.weight is base.weight and layer.bias is base.bias  # no copy
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
-    assert keys <= set(layer.state_dict()) and {"shira_values", "shira_indices"} <= set(layer.state_dict())
+    assert keys <= set(layer.state_dict()) and {"shira_values", "shira_flat_indices"} <= set(layer.state_dict())
     assert layer.shira_values.numel() == 1 * (10 + 6) and layer.shira_values.requires_grad
     x = torch.randn(4, 10)
     # The adapter starts at zero: with torch's matmul (spmm) the output is the base layer's,
@@ -56,7 +56,7 @@ def test_gradient_equals_the_clone_and_add_formulation(backend, device, dtype, s
 
     def reference(x, values, weight, bias, scale=layer.scale):
         w = weight.clone()
-        w.view(-1)[layer.shira_indices.long()] += scale * values
+        w.view(-1)[layer.shira_flat_indices.long()] += scale * values
         return F.linear(x, w, bias)
 
     ref = reference(x, layer.shira_values, layer.weight, layer.bias)
@@ -85,7 +85,7 @@ def test_merge_and_unmerge_are_exact(backend, device, dtype):
     layer.merge()
     assert layer.merged
     changed = (layer.weight != base).view(-1).nonzero().view(-1)
-    assert set(changed.tolist()) <= set(layer.shira_indices.tolist())
+    assert set(changed.tolist()) <= set(layer.shira_flat_indices.tolist())
     # Merged or not, the forward is x·(W + scale·S)ᵀ + b within the bound of every strategy
     # (merged: W + scale·S rounded once to the dtype, then torch's matmul).
     delta = layer.delta
@@ -135,7 +135,7 @@ def test_training_lowers_the_loss_and_changes_only_masked_entries(backend, devic
         assert torch.equal(layer.weight, base[f"{name}.weight"])  # unfused: W never written
         layer.merge()
         changed = (layer.weight != base[f"{name}.weight"]).view(-1).nonzero().view(-1)
-        assert len(changed) > 0 and set(changed.tolist()) <= set(layer.shira_indices.tolist())
+        assert len(changed) > 0 and set(changed.tolist()) <= set(layer.shira_flat_indices.tolist())
         layer.unmerge()
         assert torch.equal(layer.weight, base[f"{name}.weight"])
 
@@ -143,16 +143,62 @@ def test_training_lowers_the_loss_and_changes_only_masked_entries(backend, devic
 def test_state_dict_round_trip_with_another_mask():
     src = trained_layer(seed=1)
     dst = ShiraLinear.from_linear(nn.Linear(33, 17), r=2, seed=2)
-    assert not torch.equal(src.shira_indices, dst.shira_indices)
+    assert not torch.equal(src.shira_flat_indices, dst.shira_flat_indices)
     dst.load_state_dict(src.state_dict())
     x = torch.randn(4, 33)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
     assert torch.equal(dst._shira_row_offsets, src._shira_row_offsets)  # structure re-derived
 
 
+def test_state_dict_holds_the_indices_under_their_new_name_only():
+    keys = set(trained_layer().state_dict())
+    assert "shira_flat_indices" in keys and "shira_indices" not in keys
+
+
+def test_state_dict_saved_under_the_old_indices_name_loads():
+    # Checkpoints of earlier versions name the buffer shira_indices.
+    src = nn.Sequential(trained_layer(seed=1))
+    old = {k.replace("shira_flat_indices", "shira_indices"): v
+           for k, v in src.state_dict().items()}
+    assert "0.shira_indices" in old and "0.shira_flat_indices" not in old
+    dst = nn.Sequential(ShiraLinear.from_linear(nn.Linear(33, 17), r=2, seed=2))
+    dst.load_state_dict(old)  # strict: no unexpected or missing key
+    assert "0.shira_indices" in old  # the caller's dict is left as it was
+    for (k1, v1), (k2, v2) in zip(dst.state_dict().items(), src.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    x = torch.randn(4, 33)
+    assert torch.equal(dst(x), src(x))
+    assert torch.equal(dst[0]._shira_row_offsets, src[0]._shira_row_offsets)
+    # The old key is checked as the new one is: a repeated entry is refused, nothing changes.
+    bad = dict(old)
+    bad["0.shira_indices"] = old["0.shira_indices"].clone()
+    bad["0.shira_indices"][1] = bad["0.shira_indices"][0]
+    other = nn.Sequential(ShiraLinear.from_linear(nn.Linear(33, 17), r=2, seed=3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="shira_flat_indices"):
+        other.load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_shira_indices_is_a_deprecated_alias_of_shira_flat_indices():
+    layer, other = trained_layer(seed=1), trained_layer(seed=2)
+    with pytest.warns(DeprecationWarning, match="shira_flat_indices"):
+        assert layer.shira_indices is layer.shira_flat_indices
+    with torch.no_grad():
+        layer.weight.copy_(other.weight)
+        layer.bias.copy_(other.bias)
+        layer.shira_values.copy_(other.shira_values)
+    with pytest.warns(DeprecationWarning, match="shira_flat_indices"):
+        layer.shira_indices = other.shira_flat_indices.clone()
+    assert torch.equal(layer.shira_flat_indices, other.shira_flat_indices)
+    assert "shira_flat_indices" in layer._buffers and "shira_indices" not in layer.state_dict()
+    x = torch.randn(3, 33)
+    assert torch.equal(layer(x), other(x))  # the structure is re-derived from the new indices
+
+
 def test_to_moves_and_casts_the_adapter():
     layer = trained_layer().to(torch.bfloat16)
-    assert layer.shira_values.dtype == torch.bfloat16 and layer.shira_indices.dtype == torch.int32
+    assert layer.shira_values.dtype == torch.bfloat16 and layer.shira_flat_indices.dtype == torch.int32
     assert layer(torch.randn(2, 33, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
@@ -174,7 +220,7 @@ def test_masks_are_passed_through():
     mask = torch.zeros(4, 8, dtype=torch.bool)
     mask[1, 2] = mask[3, 7] = True
     layer = ShiraLinear.from_linear(base, mask=mask)
-    assert layer.shira_indices.tolist() == [1 * 8 + 2, 3 * 8 + 7]
+    assert layer.shira_flat_indices.tolist() == [1 * 8 + 2, 3 * 8 + 7]
     wm = ShiraLinear.from_linear(nn.Linear(8, 4), mask="wm", density=0.25)
     assert wm.shira_values.numel() == 8
 

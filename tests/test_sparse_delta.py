@@ -181,22 +181,35 @@ def test_cpu_kernels_reject_offsets_that_do_not_match_the_entries():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_csr_add(backend, device, dtype):
+def test_add_delta(backend, device, dtype):
     delta = make_delta(37, 4097, dtype, density=0.05, device=device)
     weight = randn(37, 4097, dtype=dtype, seed=7, device=device)
     before = weight.clone()
-    out = shira_kernels.csr_add(weight, delta, 0.25)
+    out = shira_kernels.add_delta(weight, delta, 0.25)
     assert torch.equal(weight, before)
     dense = delta.to_dense()
     exact = weight.double() + 0.25 * dense.double()
     # K = 2: the scale and the add, in fp32; then the one rounding to the dtype.
-    assert_within_error_bound(out, exact, abs64(weight) + 0.25 * abs64(dense), 2, "csr_add",
+    assert_within_error_bound(out, exact, abs64(weight) + 0.25 * abs64(dense), 2, "add_delta",
                               torch_result=weight + 0.25 * dense)
     untouched = dense == 0
     assert torch.equal(out[untouched], weight[untouched])
     buffer = torch.full_like(weight, float("nan"))
-    assert shira_kernels.csr_add(weight, delta, 0.25, out=buffer) is buffer
+    assert shira_kernels.add_delta(weight, delta, 0.25, out=buffer) is buffer
     assert torch.equal(buffer, out)
+
+
+def test_old_names_are_deprecated_aliases():
+    x, weight, bias, delta, _ = _linear_case((3, 6, 10), torch.float32)
+    x, weight = x.detach(), weight.detach()
+    new = shira_kernels.add_delta(weight, delta, 0.5)
+    for csr_add in (shira_kernels.csr_add, shira_kernels.ops.csr_add, sd.csr_add):
+        with pytest.warns(DeprecationWarning, match="add_delta"):
+            assert torch.equal(csr_add(weight, delta, 0.5), new)
+    parts = (weight.shape, delta.values, delta.flat_indices, delta.structure, 0.5, "spmm")
+    new = sd.sparse_delta_linear_unpacked(x, weight, bias, *parts)
+    with pytest.warns(DeprecationWarning, match="sparse_delta_linear_unpacked"):
+        assert torch.equal(sd.linear_of_parts(x, weight, bias, *parts), new)
 
 
 def _linear_case(shape, dtype, bias=True, weight_grad=False, seed=0, device="cpu"):
@@ -365,7 +378,7 @@ def test_opcheck_every_op(backend, device):
     y = torch.randn(x2.shape[0], 6, device=device)
     opcheck(torch.ops.shira.spmm.default, (y, x2, s.row_offsets, s.cols, values, 0.5))
     opcheck(torch.ops.shira.sddmm.default, (y, x2, s.rows, s.cols))
-    opcheck(torch.ops.shira.csr_add.default, (weight, delta.flat_indices, values, 0.5, torch.empty_like(weight)))
+    opcheck(torch.ops.shira.add_delta.default, (weight, delta.flat_indices, values, 0.5, torch.empty_like(weight)))
     struct = (delta.flat_indices, s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols, s.t_perm)
     for strategy in ("fold", "spmm", "swap", "merge"):
         opcheck(torch.ops.shira.sparse_delta_linear.default,
@@ -396,7 +409,7 @@ def test_bad_inputs_name_the_argument():
         shira_kernels.sparse_delta_linear(x, torch.randn(10, 6).T, bias, delta)
     out = torch.zeros(6, 10)
     with pytest.raises(ValueError, match=r"out must be contiguous with shape \(6, 10\)"):
-        shira_kernels.csr_add(weight, delta, out=torch.zeros(6, 11))
+        shira_kernels.add_delta(weight, delta, out=torch.zeros(6, 11))
     assert torch.equal(out, torch.zeros(6, 10))
 
 

@@ -68,9 +68,9 @@ def exercise_launchers() -> None:
             sparse_delta.sddmm(y, x, s.rows, s.cols)
             weight = torch.randn(9, in_f).to(dtype)
             for idx in (delta.flat_indices, delta.flat_indices.long()):
-                sparse_delta.scatter_add(weight, weight, idx, delta.values, 0.5)
-                sparse_delta.scatter_add(weight, weight, idx, delta.values, 0.5,
-                                         torch.empty_like(delta.values))
+                sparse_delta.add_at_indices(weight, weight, idx, delta.values, 0.5)
+                sparse_delta.add_at_indices(weight, weight, idx, delta.values, 0.5,
+                                            torch.empty_like(delta.values))
         w, i, v = [torch.randn(50).to(dtype)], [torch.arange(7)], [torch.randn(7).to(dtype)]
         scatter_swap.scatter_swap(*swap_table(w, i, v, 1024), 1024)
         for method in ("petl", "row"):

@@ -166,27 +166,32 @@ torch::Tensor folded_linear(const torch::Tensor& a, const torch::Tensor& weight,
 // out are left as they are (the caller copied the weight there). saved, if given, receives the
 // weight's entries first (out may be weight: an in-place add that can be swapped back).
 // Returns the number of entries skipped for an index outside the weight (nothing written).
-int64_t scatter_add(torch::Tensor& out, const torch::Tensor& weight, const torch::Tensor& idx,
-                 const torch::Tensor& values, double scale, c10::optional<torch::Tensor> saved) {
+int64_t add_at_indices(torch::Tensor& out, const torch::Tensor& weight,
+                       const torch::Tensor& idx, const torch::Tensor& values, double scale,
+                       c10::optional<torch::Tensor> saved) {
   TORCH_CHECK(out.is_contiguous() && weight.is_contiguous() && values.is_contiguous() &&
-                  idx.is_contiguous(), "scatter_add: contiguous tensors expected");
+                  idx.is_contiguous(), "add_at_indices: contiguous tensors expected");
   TORCH_CHECK(idx.scalar_type() == torch::kInt32 || idx.scalar_type() == torch::kInt64,
-              "scatter_add: flat_indices must be int32 or int64");
-  TORCH_CHECK(out.scalar_type() == weight.scalar_type() && values.scalar_type() == weight.scalar_type(),
-              "scatter_add: out, weight and values must share a dtype");
+              "add_at_indices: flat_indices must be int32 or int64");
+  TORCH_CHECK(out.scalar_type() == weight.scalar_type() &&
+                  values.scalar_type() == weight.scalar_type(),
+              "add_at_indices: out, weight and values must share a dtype");
   TORCH_CHECK(out.numel() == weight.numel() && values.numel() == idx.numel(),
-              "scatter_add: out and weight must have the same size, values one entry per index");
+              "add_at_indices: out and weight must have the same size, values one entry per "
+              "index");
   const auto st = weight.scalar_type();
-  const shira::DType dtype = dtype_of(weight, "scatter_add: weight");
+  const shira::DType dtype = dtype_of(weight, "add_at_indices: weight");
   void* saved_ptr = nullptr;
   if (saved.has_value()) {
-    TORCH_CHECK(saved->is_contiguous() && saved->scalar_type() == st && saved->numel() == idx.numel(),
-                "scatter_add: saved must be contiguous, of the weight's dtype, one entry per index");
+    TORCH_CHECK(saved->is_contiguous() && saved->scalar_type() == st &&
+                    saved->numel() == idx.numel(),
+                "add_at_indices: saved must be contiguous, of the weight's dtype, one entry per "
+                "index");
     saved_ptr = saved->data_ptr();
   }
-  return shira::cpu::scatter_add(dtype, weight.data_ptr(), out.data_ptr(), weight.numel(),
-                                 idx.data_ptr(), idx.element_size(), values.data_ptr(),
-                                 static_cast<float>(scale), idx.numel(), saved_ptr);
+  return shira::cpu::add_at_indices(dtype, weight.data_ptr(), out.data_ptr(), weight.numel(),
+                                    idx.data_ptr(), idx.element_size(), values.data_ptr(),
+                                    static_cast<float>(scale), idx.numel(), saved_ptr);
 }
 
 // y = scale * (x @ (mu + alpha * s)^T + bias) in fp32 for 1-bit signs packed in int32
@@ -295,7 +300,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("scatter_add", &scatter_add, "out[idx] = weight[idx] + scale * values",
+  m.def("add_at_indices", &add_at_indices, "out[idx] = weight[idx] + scale * values",
         pybind11::arg("out"), pybind11::arg("weight"), pybind11::arg("flat_indices"),
         pybind11::arg("values"), pybind11::arg("scale"), pybind11::arg("saved") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());

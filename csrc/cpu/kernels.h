@@ -59,8 +59,9 @@ void folded_linear(DType dtype, const float* a, int64_t tokens, const void* weig
 // in one pass and keeps the base entries to be swapped back. Entries whose index is outside
 // [0, numel) (numel of weight and out) are skipped (saved[j] untouched); returns how many were
 // (all of them for an idx_bytes other than 4 or 8).
-int64_t scatter_add(DType dtype, const void* weight, void* out, int64_t numel, const void* idx,
-                    int idx_bytes, const void* values, float scale, int64_t nnz, void* saved);
+int64_t add_at_indices(DType dtype, const void* weight, void* out, int64_t numel,
+                       const void* idx, int idx_bytes, const void* values, float scale,
+                       int64_t nnz, void* saved);
 
 // 1-bit weights, W = mu + alpha * s with s = +-1 (signs packed LSB first, 1 = +1):
 //   y[t, o] = scale * (alpha[o] * sum_k x[t, k] * s[o, k] + mu[o] * xsum[t] + bias[o])

@@ -30,8 +30,8 @@ constexpr int64_t kColumnBlockBytes = 512 * 1024;
 constexpr int64_t kEntryBlock = 64;
 
 template <typename T, typename I>
-int64_t scatter_add_typed(const T* weight, T* out, int64_t numel, const I* idx, const T* values,
-                    float scale, int64_t nnz, T* saved) {
+int64_t add_at_indices_typed(const T* weight, T* out, int64_t numel, const I* idx,
+                             const T* values, float scale, int64_t nnz, T* saved) {
   int64_t skipped = 0;  // out-of-range indices (see scatter_swap.cpp): never written
 #pragma omp parallel for schedule(static) reduction(+ : skipped) if (nnz > 4096)
   for (int64_t j = 0; j < nnz; ++j) {
@@ -410,15 +410,16 @@ void shira::cpu::spmm_t_sddmm(DType dtype, const void* gy, const void* x, const 
   });
 }
 
-int64_t shira::cpu::scatter_add(DType dtype, const void* weight, void* out, int64_t numel,
-                                const void* idx, int idx_bytes, const void* values, float scale,
-                                int64_t nnz, void* saved) {
+int64_t shira::cpu::add_at_indices(DType dtype, const void* weight, void* out, int64_t numel,
+                                   const void* idx, int idx_bytes, const void* values,
+                                   float scale, int64_t nnz, void* saved) {
   return dispatch_float<CpuFloat>(dtype, nnz, [&](auto t) {
     using T = typename decltype(t)::type;
     return dispatch_index<int32_t, int64_t>(idx_bytes, nnz, [&](auto i) {
-      return scatter_add_typed(static_cast<const T*>(weight), static_cast<T*>(out), numel,
-                               static_cast<const typename decltype(i)::type*>(idx),
-                               static_cast<const T*>(values), scale, nnz, static_cast<T*>(saved));
+      return add_at_indices_typed(static_cast<const T*>(weight), static_cast<T*>(out), numel,
+                                  static_cast<const typename decltype(i)::type*>(idx),
+                                  static_cast<const T*>(values), scale, nnz,
+                                  static_cast<T*>(saved));
     });
   });
 }

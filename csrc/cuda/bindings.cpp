@@ -197,8 +197,8 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
   return g;
 }
 
-// scatter_add(out, weight, flat_indices int32/int64 [nnz], values [nnz], scale,
-//             saved [nnz] or None) -> int
+// add_at_indices(out, weight, flat_indices int32/int64 [nnz], values [nnz], scale,
+//                saved [nnz] or None) -> int
 // out.view(-1)[k] = weight.view(-1)[k] + scale * values[j] for k = flat_indices[j]
 // (out and weight: same dtype and numel, any contiguous shape)
 // (fp32 math, one rounding); other entries of out are left as they are.
@@ -207,9 +207,9 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
 // can be swapped back). An index outside [0, weight.numel()) is skipped (never
 // read or written by the kernel) and the count of those returned (a device
 // sync). Not checked: flat_indices are unique.
-int64_t scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
-                    const torch::Tensor& flat_indices, const torch::Tensor& values, double scale,
-                    const c10::optional<torch::Tensor>& saved) {
+int64_t add_at_indices(const torch::Tensor& out, const torch::Tensor& weight,
+                       const torch::Tensor& flat_indices, const torch::Tensor& values,
+                       double scale, const c10::optional<torch::Tensor>& saved) {
   const torch::Device device = weight.device();
   check_operands(device, {{out, "out", out.dim()}, {weight, "weight", weight.dim()},
                           {flat_indices, "flat_indices", 1}, {values, "values", 1}});
@@ -240,13 +240,13 @@ int64_t scatter_add(const torch::Tensor& out, const torch::Tensor& weight,
     saved->copy_(weight.reshape({-1}).index_select(
         0, flat_indices.to(torch::kInt64).clamp(0, weight.numel() - 1)));
   }
-  return launch_counting_skipped(device, "scatter_add",
+  return launch_counting_skipped(device, "add_at_indices",
                                  [&](unsigned long long* skipped, cudaStream_t stream) {
-    return shira::cuda::scatter_add(out.data_ptr(), weight.data_ptr(), weight.numel(),
-                                    flat_indices.data_ptr(),
-                                    static_cast<int>(flat_indices.element_size()),
-                                    values.data_ptr(), dtype, nnz, static_cast<float>(scale),
-                                    skipped, stream);
+    return shira::cuda::add_at_indices(out.data_ptr(), weight.data_ptr(), weight.numel(),
+                                       flat_indices.data_ptr(),
+                                       static_cast<int>(flat_indices.element_size()),
+                                       values.data_ptr(), dtype, nnz, static_cast<float>(scale),
+                                       skipped, stream);
   });
 }
 
@@ -375,7 +375,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp32 g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]] on a COO sparsity pattern",
         py::arg("gy"), py::arg("x"), py::arg("rows"), py::arg("cols"),
         py::arg("offsets") = py::none());
-  m.def("scatter_add", &scatter_add,
+  m.def("add_at_indices", &add_at_indices,
         "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place "
         "(saved, if given, gets the weight's entries first); returns the count of indices "
         "outside the weight (skipped)",

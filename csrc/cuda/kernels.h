@@ -68,7 +68,8 @@ cudaError_t sddmm(const void* gy, const void* x, const int32_t* rows, const void
                   int col_index_size, float* g, DType dtype, int64_t num_tokens,
                   int64_t out_features, int64_t in_features, int64_t nnz, cudaStream_t stream);
 
-// Scaled scatter-add of sparse values into a copy of a dense weight:
+// The sparse values, scaled, added at their flat indices into a copy of a dense weight
+// (each entry assigned once, not accumulated as torch's scatter_add would):
 //   out[k] = round_to_dtype(float(weight[k]) + scale * float(values[j])),  k = flat_indices[j]
 // for j < nnz. out / weight are flat buffers of dtype (out may equal weight);
 // only the nnz indexed entries of out are written. flat_indices: [nnz] of
@@ -76,9 +77,10 @@ cudaError_t sddmm(const void* gy, const void* x, const int32_t* rows, const void
 // [0, numel) is skipped and counted in *skipped (device memory, added to).
 // Returns cudaSuccess without launching when nnz == 0,
 // cudaErrorInvalidValue for bad sizes / codes, otherwise cudaGetLastError().
-cudaError_t scatter_add(void* out, const void* weight, int64_t numel, const void* flat_indices,
-                        int index_size, const void* values, DType dtype, int64_t nnz, float scale,
-                        unsigned long long* skipped, cudaStream_t stream);
+cudaError_t add_at_indices(void* out, const void* weight, int64_t numel,
+                           const void* flat_indices, int index_size, const void* values,
+                           DType dtype, int64_t nnz, float scale, unsigned long long* skipped,
+                           cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
 // 1-bit (binary) weights (csrc/cuda/binary.cu).

@@ -1,5 +1,6 @@
 // SHiRA sparse-delta kernels: CSR spmm, sddmm (the gradient of the sparse
-// values) and a scaled scatter-add of the sparse values into a dense weight.
+// values) and add_at_indices (the scaled sparse values added into a dense
+// weight at their flat indices).
 //
 // Element types are float, __half and __nv_bfloat16; every product and sum is
 // accumulated in fp32 and rounded once, when it is stored. No torch headers
@@ -229,7 +230,7 @@ cudaError_t launch_sddmm_typed(const void* gy, const void* x, const int32_t* row
 }
 
 // ---------------------------------------------------------------------------
-// scatter_add: out[idx[j]] = round(float(weight[idx[j]]) + scale * float(values[j])).
+// add_at_indices: out[idx[j]] = round(float(weight[idx[j]]) + scale * float(values[j])).
 //
 // The indices are assumed unique (duplicates would race). out and weight may
 // be the same buffer (each element is read and written by one thread). The
@@ -238,9 +239,9 @@ cudaError_t launch_sddmm_typed(const void* gy, const void* x, const int32_t* row
 
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads)
-scatter_add_kernel(T* out, const T* weight, int64_t numel, const Index* __restrict__ idx,
-                   const T* __restrict__ values, float scale, int64_t nnz,
-                   unsigned long long* __restrict__ skipped) {
+add_at_indices_kernel(T* out, const T* weight, int64_t numel, const Index* __restrict__ idx,
+                      const T* __restrict__ values, float scale, int64_t nnz,
+                      unsigned long long* __restrict__ skipped) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < nnz;
        j += stride) {
@@ -254,15 +255,16 @@ scatter_add_kernel(T* out, const T* weight, int64_t numel, const Index* __restri
   }
 }
 
-constexpr int64_t kScatterMaxBlocks = 1 << 16;  // grid-stride beyond this
+constexpr int64_t kAddMaxBlocks = 1 << 16;  // grid-stride beyond this
 
 template <typename T, typename Index>
-cudaError_t launch_scatter_add_typed(void* out, const void* weight, int64_t numel,
-                                     const void* flat_indices, const void* values, int64_t nnz,
-                                     float scale, unsigned long long* skipped,
-                                     cudaStream_t stream) {
-  const int64_t blocks = min64(ceil_div(nnz, kThreads), kScatterMaxBlocks);
-  scatter_add_kernel<T, Index><<<dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), 0, stream>>>(
+cudaError_t launch_add_at_indices_typed(void* out, const void* weight, int64_t numel,
+                                        const void* flat_indices, const void* values,
+                                        int64_t nnz, float scale, unsigned long long* skipped,
+                                        cudaStream_t stream) {
+  const int64_t blocks = min64(ceil_div(nnz, kThreads), kAddMaxBlocks);
+  add_at_indices_kernel<T, Index>
+      <<<dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), 0, stream>>>(
       static_cast<T*>(out), static_cast<const T*>(weight), numel,
       static_cast<const Index*>(flat_indices), static_cast<const T*>(values), scale, nnz, skipped);
   return cudaGetLastError();
@@ -310,10 +312,11 @@ cudaError_t shira::cuda::sddmm(const void* gy, const void* x, const int32_t* row
   });
 }
 
-cudaError_t shira::cuda::scatter_add(void* out, const void* weight, int64_t numel,
-                                     const void* flat_indices, int index_size,
-                                     const void* values, DType dtype, int64_t nnz, float scale,
-                                     unsigned long long* skipped, cudaStream_t stream) {
+cudaError_t shira::cuda::add_at_indices(void* out, const void* weight, int64_t numel,
+                                        const void* flat_indices, int index_size,
+                                        const void* values, DType dtype, int64_t nnz,
+                                        float scale, unsigned long long* skipped,
+                                        cudaStream_t stream) {
   if (nnz < 0 || numel < 0) return cudaErrorInvalidValue;
   if (nnz == 0) return cudaSuccess;
   if (out == nullptr || weight == nullptr || flat_indices == nullptr || values == nullptr ||
@@ -321,7 +324,7 @@ cudaError_t shira::cuda::scatter_add(void* out, const void* weight, int64_t nume
     return cudaErrorInvalidValue;
   return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
     return dispatch_index<int32_t, int64_t>(index_size, cudaErrorInvalidValue, [&](auto i) {
-      return launch_scatter_add_typed<typename decltype(t)::type, typename decltype(i)::type>(
+      return launch_add_at_indices_typed<typename decltype(t)::type, typename decltype(i)::type>(
           out, weight, numel, flat_indices, values, nnz, scale, skipped, stream);
     });
   });

@@ -26,7 +26,7 @@ from ..io.peft_format import BIN_NAME  # noqa: F401  (importable from here, as b
 from ..io.peft_format import (CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, peft_adapter_deltas,
                               read_peft_adapter, write_peft_adapter)
 from ..ops.scatter_swap import adapted_entries, merge_by_swap, swap_transaction
-from ..ops.sparse_delta import STRATEGIES, linear_of_parts
+from ..ops.sparse_delta import STRATEGIES, sparse_delta_linear_unpacked
 
 __all__ = ["CONFIG_NAME", "PEFT_PREFIX", "SAFETENSORS_NAME", "accelerate", "accelerated_layers",
            "load_peft_into_bank", "peft_adapter_deltas", "read_peft_adapter", "restore",
@@ -164,8 +164,9 @@ class _AcceleratedShira:
         values = self._sk_values(adapter, plan)
         if values.dtype != weight.dtype and not autocast:
             values = values.to(weight.dtype)  # PEFT adds an upcast adapter into W's dtype too
-        return linear_of_parts(x, weight, bias, weight.shape, values, plan.flat, plan.structure,
-                               float(self.scaling[adapter]), self._sk_strategy)
+        return sparse_delta_linear_unpacked(x, weight, bias, weight.shape, values, plan.flat,
+                                            plan.structure, float(self.scaling[adapter]),
+                                            self._sk_strategy)
 
     # -- merge / unmerge --------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

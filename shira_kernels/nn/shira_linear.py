@@ -2,9 +2,11 @@
 
 The base weight and bias stay the very Parameters of the original layer (frozen), so
 isinstance checks, .weight, .bias and the base's state_dict keys are unchanged. The adapter is
-a trainable vector ``shira_values`` over the entries named by the buffer ``shira_indices``
-(sorted flat indices; saved in the state_dict). The derived CSR structure lives in
-non-persistent buffers, so .to() moves it and torch.compile sees plain tensors.
+a trainable vector ``shira_values`` over the entries named by the buffer ``shira_flat_indices``
+(sorted flat indices into W.view(-1); saved in the state_dict). Its old name ``shira_indices``
+(PEFT's ShiRA uses that name for COO [2, nnz] pairs) is a deprecated alias, and state_dicts
+saved under it still load. The derived CSR structure lives in non-persistent buffers, so .to()
+moves it and torch.compile sees plain tensors.
 
 Unfused, forward runs sparse_delta_linear (no clone of W, no dense gradient). merge() swaps the
 adapted entries into W with scatter_swap_ (forward is then a plain linear: zero overhead) and
@@ -12,6 +14,7 @@ unmerge() swaps the base entries back, bit for bit.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -23,7 +26,7 @@ from .._checks import tensor_stamp, unchanged, validate_indices
 from ..formats import SparseDelta, SparseStructure
 from ..masks import make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
-from ..ops.sparse_delta import linear_of_parts
+from ..ops.sparse_delta import sparse_delta_linear_unpacked
 from ._wrap import adopt_linear
 
 _STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
@@ -33,7 +36,7 @@ _STRUCTURE_BUFFERS = tuple(f"_shira_{name}" for name in _STRUCTURE_FIELDS)
 class ShiraLinear(nn.Linear):
     """nn.Linear plus a sparse adapter: y = x·(W + scale·S)ᵀ + b, S trained on fixed entries."""
 
-    shira_indices: torch.Tensor
+    shira_flat_indices: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  indices: torch.Tensor, scale: float = 1.0, device=None, dtype=None):
@@ -72,7 +75,7 @@ class ShiraLinear(nn.Linear):
         self.merged = False
         # SHiRA starts from zero: the adapted model equals the base until it is trained.
         self.shira_values = nn.Parameter(delta.values)
-        self.register_buffer("shira_indices", indices)
+        self.register_buffer("shira_flat_indices", indices)
         self._set_structure(delta.structure)
         self.register_buffer("_shira_swapped", None, persistent=False)
         self.register_load_state_dict_post_hook(ShiraLinear._after_load)
@@ -81,17 +84,18 @@ class ShiraLinear(nn.Linear):
         for name in _STRUCTURE_FIELDS:
             self.register_buffer(f"_shira_{name}", getattr(structure, name), persistent=False)
         # What the structure was derived from: forward rederives it if the indices change.
-        indices = self._buffers["shira_indices"]
+        indices = self._buffers["shira_flat_indices"]
         self._shira_derived_from = (indices, tensor_stamp(indices))
 
     def _refresh_structure(self) -> None:
         """The indices were replaced or written in place since the structure was derived
-        (e.g. ``layer.shira_indices.copy_(other)``): check them and derive it again, so that
-        no kernel reads through the old structure while the swap path uses the new indices."""
-        indices = self._buffers["shira_indices"]
-        validate_indices(indices, self.weight.numel(), name="shira_indices", ascending=True)
+        (e.g. ``layer.shira_flat_indices.copy_(other)``): check them and derive it again, so
+        that no kernel reads through the old structure while the swap path uses the new
+        indices."""
+        indices = self._buffers["shira_flat_indices"]
+        validate_indices(indices, self.weight.numel(), name="shira_flat_indices", ascending=True)
         if indices.numel() != self.shira_values.numel():
-            raise ValueError(f"shira_indices has {indices.numel()} entries but shira_values "
+            raise ValueError(f"shira_flat_indices has {indices.numel()} entries but shira_values "
                              f"has {self.shira_values.numel()}")
         self._set_structure(SparseDelta(self.weight.shape, indices, self.shira_values.detach())
                             .structure)
@@ -101,28 +105,31 @@ class ShiraLinear(nn.Linear):
         # Everything this layer would take from state_dict is checked before torch copies any
         # of it: a rejected load leaves the layer as it was (torch copies the indices before a
         # post-hook could object; bad indices would then corrupt W on the next forward).
+        old, new = prefix + "shira_indices", prefix + "shira_flat_indices"
+        if old in state_dict and new not in state_dict:  # saved before the buffer's rename
+            state_dict = {(new if key == old else key): t for key, t in state_dict.items()}
         self._check_loadable(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def _check_loadable(self, state_dict, prefix: str) -> None:
-        names = {key: prefix + key for key in ("weight", "shira_indices", "shira_values")}
+        names = {key: prefix + key for key in ("weight", "shira_flat_indices", "shira_values")}
         if not any(name in state_dict for name in names.values()):
             return
         if self.merged:
             raise RuntimeError(f"{prefix or 'layer'}: unmerge() before load_state_dict (the "
                                "held-aside base entries belong to the current weight)")
         weight = state_dict.get(names["weight"], self.weight)
-        indices = state_dict.get(names["shira_indices"], self.shira_indices)
+        indices = state_dict.get(names["shira_flat_indices"], self.shira_flat_indices)
         values = state_dict.get(names["shira_values"], self.shira_values)
-        for key, t in ((names["weight"], weight), (names["shira_indices"], indices),
+        for key, t in ((names["weight"], weight), (names["shira_flat_indices"], indices),
                        (names["shira_values"], values)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
         if tuple(weight.shape) != tuple(self.weight.shape):
             return  # torch reports the size mismatch itself, copying nothing of it
         try:
-            validate_indices(indices, self.weight.numel(), name=names["shira_indices"],
+            validate_indices(indices, self.weight.numel(), name=names["shira_flat_indices"],
                              ascending=True)
         except TypeError as e:
             raise TypeError(f"load_state_dict: {e}") from None
@@ -130,13 +137,14 @@ class ShiraLinear(nn.Linear):
             raise ValueError(f"load_state_dict: {e}") from None
         if values.dim() != 1 or values.numel() != indices.numel():
             raise ValueError(f"load_state_dict: {names['shira_values']} has shape "
-                             f"{tuple(values.shape)} but {names['shira_indices']} has "
+                             f"{tuple(values.shape)} but {names['shira_flat_indices']} has "
                              f"{indices.numel()} entries")
         if values.dtype not in FLOAT_DTYPES:
             raise TypeError(f"load_state_dict: {names['shira_values']} has dtype {values.dtype}")
-        if indices.numel() != self.shira_indices.numel():
-            raise ValueError(f"load_state_dict: {names['shira_indices']} has {indices.numel()} "
-                             f"entries but this layer has {self.shira_indices.numel()}; build "
+        if indices.numel() != self.shira_flat_indices.numel():
+            raise ValueError(f"load_state_dict: {names['shira_flat_indices']} has "
+                             f"{indices.numel()} entries but this layer has "
+                             f"{self.shira_flat_indices.numel()}; build "
                              "the layer with that mask (ShiraLinear(..., indices=...)) to load it")
 
     @staticmethod
@@ -149,9 +157,23 @@ class ShiraLinear(nn.Linear):
         return SparseStructure(*(buffers[name] for name in _STRUCTURE_BUFFERS))
 
     @property
+    def shira_indices(self) -> torch.Tensor:
+        """Deprecated: the buffer ``shira_flat_indices`` (renamed: these are flat indices, not
+        PEFT's COO pairs of the same name)."""
+        warnings.warn("ShiraLinear.shira_indices is deprecated, use .shira_flat_indices",
+                      DeprecationWarning, stacklevel=2)
+        return self.shira_flat_indices
+
+    @shira_indices.setter
+    def shira_indices(self, value: torch.Tensor) -> None:
+        warnings.warn("ShiraLinear.shira_indices is deprecated, use .shira_flat_indices",
+                      DeprecationWarning, stacklevel=2)
+        self.shira_flat_indices = value
+
+    @property
     def delta(self) -> SparseDelta:
         """The adapter as a SparseDelta (shares the indices, values and structure)."""
-        return SparseDelta(self.weight.shape, self.shira_indices, self.shira_values,
+        return SparseDelta(self.weight.shape, self.shira_flat_indices, self.shira_values,
                            structure=self._structure())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,12 +181,13 @@ class ShiraLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if not torch.compiler.is_compiling():
             derived_from, stamp = self._shira_derived_from
-            indices = self._buffers["shira_indices"]
+            indices = self._buffers["shira_flat_indices"]
             if derived_from is not indices or not unchanged(indices, stamp):
                 self._refresh_structure()
         weight = self.weight
-        return linear_of_parts(x, weight, self.bias, weight.shape, self.shira_values,
-                               self.shira_indices, self._structure(), self.scale, self.strategy)
+        return sparse_delta_linear_unpacked(x, weight, self.bias, weight.shape,
+                                            self.shira_values, self.shira_flat_indices,
+                                            self._structure(), self.scale, self.strategy)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -177,7 +200,7 @@ class ShiraLinear(nn.Linear):
             self._shira_swapped = held
             self.merged = True
         # One step: whatever interrupts it, the weight and the flags agree afterwards.
-        merge_by_swap(self.weight, self.shira_indices, self.shira_values, self.scale, commit,
+        merge_by_swap(self.weight, self.shira_flat_indices, self.shira_values, self.scale, commit,
                       "merge")
 
     @torch.no_grad()
@@ -189,10 +212,11 @@ class ShiraLinear(nn.Linear):
         def commit():
             self.merged = False
             self._shira_swapped = None
-        swap_transaction([self.weight], [self.shira_indices], [self._shira_swapped], commit)
+        swap_transaction([self.weight], [self.shira_flat_indices], [self._shira_swapped], commit)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, nnz={self.shira_indices.numel()}, scale={self.scale}"
+        return (f"{super().extra_repr()}, nnz={self.shira_flat_indices.numel()}, "
+                f"scale={self.scale}"
                 f"{', merged' if self.merged else ''}")
 
 

@@ -8,8 +8,8 @@ family's file, the specification), so a caller looks one up and calls it whateve
                                   device's automatic order): a dict hit per call
   lookup(op, backend)             the kernel of a named backend
 
-Kernels are registered by each op family's file (sparse_delta.py, binary.py, scatter_swap.py),
-in one block per backend:
+Kernels are registered by each op family's file (sparse_delta/parts.py, binary.py,
+scatter_swap.py), in one block per backend:
 
   register(op, backend, fn)       a kernel that exists at import (the references, adapters)
   register_lazy(op, backend, load)

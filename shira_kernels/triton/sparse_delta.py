@@ -1,8 +1,21 @@
 """Sparse-delta matmul parts in Triton: spmm (y + scale·x·Sᵀ, CSR), sddmm (gradient of S's
-values) and scatter_add (W + scale·S on S's entries). Accumulation in fp32 throughout."""
+values) and add_at_indices (W + scale·S on S's entries). Accumulation in fp32 throughout."""
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _entry_block(n, BLOCK: tl.constexpr):
+    """This program's block of entries j of n (one program per block), and which exist."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return j, j < n
+
+
+@triton.jit
+def _load_index(indices, j, mask):
+    """indices[j] as int64 (0 where masked off: a safe address)."""
+    return tl.load(indices + j, mask=mask, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -19,7 +32,7 @@ def _spmm_kernel(y_in, y_out, x, offsets, cols, values, scale, tokens, n_rows, n
     for j0 in range(start, end, BLOCK_NZ):
         j = j0 + tl.arange(0, BLOCK_NZ)
         j_mask = j < end
-        c = tl.load(cols + j, mask=j_mask, other=0).to(tl.int64)
+        c = _load_index(cols, j, j_mask)
         v = tl.load(values + j, mask=j_mask, other=0.0).to(tl.float32)
         xt = tl.load(x + t[:, None] * n_cols + c[None, :],
                      mask=t_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
@@ -33,10 +46,9 @@ def _sddmm_kernel(gy, x, rows, cols, g, tokens, nnz, n_out, n_in,
                   BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
     # One program per block of entries, looping over all tokens; wide token tiles keep the
     # fp32 sum close to a pairwise one (few sequential adds), as accurate as a dense matmul.
-    j = tl.program_id(0).to(tl.int64) * BLOCK_NZ + tl.arange(0, BLOCK_NZ)
-    j_mask = j < nnz
-    r = tl.load(rows + j, mask=j_mask, other=0).to(tl.int64)
-    c = tl.load(cols + j, mask=j_mask, other=0).to(tl.int64)
+    j, j_mask = _entry_block(nnz, BLOCK_NZ)
+    r = _load_index(rows, j, j_mask)
+    c = _load_index(cols, j, j_mask)
     acc = tl.zeros([BLOCK_NZ], dtype=tl.float32)
     for t0 in range(0, tokens, BLOCK_T):
         t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -48,11 +60,10 @@ def _sddmm_kernel(gy, x, rows, cols, g, tokens, nnz, n_out, n_in,
 
 
 @triton.jit
-def _scatter_add_kernel(out, weight, numel, idx, values, saved, skipped, scale, nnz,
-                        SAVE: tl.constexpr, BLOCK: tl.constexpr):
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = j < nnz
-    k = tl.load(idx + j, mask=in_range, other=0).to(tl.int64)
+def _add_at_indices_kernel(out, weight, numel, idx, values, saved, skipped, scale, nnz,
+                           SAVE: tl.constexpr, BLOCK: tl.constexpr):
+    j, in_range = _entry_block(nnz, BLOCK)
+    k = _load_index(idx, j, in_range)
     # An index outside the weight is never read or written, only counted (ops/scatter_swap.py
     # says why the Python checks alone are not enough).
     m = in_range & (k >= 0) & (k < numel)
@@ -89,14 +100,15 @@ def sddmm(gy, x, rows, cols, offsets=None):
     return g
 
 
-def scatter_add(out, weight, idx, values, scale: float, saved=None) -> int:
-    """Returns how many entries were skipped for an index outside the weight."""
+def add_at_indices(out, weight, idx, values, scale: float, saved=None) -> int:
+    """out[idx] = weight[idx] + scale·values (saved, if given, gets weight[idx] first); returns
+    how many entries were skipped for an index outside the weight."""
     nnz = idx.numel()
     if not nnz:
         return 0
     block = 1024
     skipped = torch.zeros(1, dtype=torch.int64, device=weight.device)
-    _scatter_add_kernel[(triton.cdiv(nnz, block),)](
+    _add_at_indices_kernel[(triton.cdiv(nnz, block),)](
         out, weight, weight.numel(), idx, values, saved if saved is not None else values,
         skipped, float(scale), nnz, SAVE=saved is not None, BLOCK=block)
     return int(skipped.item())

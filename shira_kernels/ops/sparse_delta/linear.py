@@ -1,12 +1,7 @@
-"""Sparse-delta matmul: y = x·(W + scale·S)ᵀ + b with S a SparseDelta, and its parts.
+"""sparse_delta_linear: y = x·(W + scale·S)ᵀ + b with S a SparseDelta, from the parts
+(parts.py); its strategies, op, backward and autograd, and the choice of strategy ("auto").
 
-The parts (each a torch.library op with reference, cpu, triton and cuda kernels, registered in
-ops/registry.py under (part, backend), every one in its reference's signature):
-  spmm     y + scale·x·Sᵀ for S in CSR          (forward; with Sᵀ's CSR also gx += gy·S)
-  sddmm    g[j] = Σ_t gy[t, row_j]·x[t, col_j]   (gradient of S's values: no dense m×n grad)
-  csr_add  out = W + scale·S                     (copy W, then add on S's entries only)
-
-sparse_delta_linear runs one of four strategies, each one dense matmul plus extra work:
+It runs one of four strategies, each one dense matmul plus extra work:
   "fold"   y = x·(W + scale·S)ᵀ + b in one matmul that adds S's entries to each panel of W as
            it is loaded (O(nnz) adds, nothing written to W): the CPU kernel (folded_linear.cpp);
            on other backends it is composed as "spmm" is
@@ -23,9 +18,9 @@ once and caches the winner per machine); with tuning off, the tuning table's cho
 count (static_strategy: on the CPU fold at the counts of "fold_tokens", or "fold_training_tokens"
 when the call records a backward; elsewhere spmm below "swap_from_tokens", else swap).
 The backward gives x (gy·W + scale·gy·S, gy·(W + scale·S) in one pass for fold, or gy·W' as
-the strategy says), S's values
-(scale·sddmm), the bias, and W only if W asks: it never builds a dense m×n gradient unless W
-requires grad, and never copies W beyond the one scratch buffer of "merge".
+the strategy says), S's values (scale·sddmm), the bias, and W only if W asks: it never builds a
+dense m×n gradient unless W requires grad, and never copies W beyond the one scratch buffer of
+"merge".
 """
 from __future__ import annotations
 
@@ -33,265 +28,33 @@ import contextlib
 import functools
 import math
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
-from .. import _native, backends, tuning
-from .._checks import FLOAT_DTYPES, TensorCache, check_scale
-from .._concurrency import reading, weight_lock
-from ..formats import SparseDelta, SparseStructure, flat_index_dtype
-from . import registry
-from ._eager import eager_function, via_op
-from .scatter_swap import raise_outside, swap_in_range, swap_unchecked
+
+from ... import backends, tuning
+from ..._checks import check_scale
+from ..._concurrency import weight_lock
+from ...formats import SparseDelta, SparseStructure, flat_index_dtype
+from .. import registry
+from .._eager import eager_function, via_op
+from ..scatter_swap import raise_outside, swap_in_range, swap_unchecked
+from .parts import (_add_delta_holding, _check_delta, _check_delta_shape, _check_float,
+                    _values_gradient)
 
 STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
-# The measured decisions ("auto"'s token thresholds, the dense sddmm's) are rows of the tuning
-# table (shira_kernels/tuning.py, which names the reports that measured them). These names are
+# The measured decisions ("auto"'s token thresholds) are rows of the tuning table
+# (shira_kernels/tuning.py, which names the reports that measured them). These names are
 # read-only views of it, kept for code that reads them.
 FOLD_TOKENS = tuning.view("fold_tokens")
 FOLD_TRAINING_TOKENS = tuning.view("fold_training_tokens")
 SWAP_FROM_TOKENS = tuning.view("swap_from_tokens")
-DENSE_SDDMM_FROM_TOKENS = tuning.view("dense_sddmm_from_tokens")["cuda"]
-SDDMM_BLOCK_BYTES = tuning.view("sddmm_block_bytes")["cuda"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference: the specification of each part.
+# The strategies; the op, its backward and autograd (and their eager twin, ops/_eager.py).
 # ---------------------------------------------------------------------------------------------
-def _csr_to_dense(offsets, cols, values, n_cols) -> torch.Tensor:
-    n_rows = offsets.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n_rows, device=offsets.device), offsets.diff())
-    dense = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=values.device)
-    dense[rows, cols.long()] = values.float()
-    return dense
-
-
-def spmm_reference(y, x, offsets, cols, values, scale: float, overwrite_y=False) -> torch.Tensor:
-    dense = _csr_to_dense(offsets, cols, values, x.shape[1])
-    return (y.float() + scale * (x.float() @ dense.T)).to(y.dtype)
-
-
-def sddmm_reference(gy, x, rows, cols, offsets=None) -> torch.Tensor:
-    # The dense gradient gyᵀ·x read at S's entries (offsets, S's CSR row offsets, are a hint
-    # that kernels walking S by rows may take; the result does not depend on them).
-    return (gy.float().T @ x.float())[rows.long(), cols.long()]
-
-
-def scatter_add_reference(out, weight, flat_indices, values, scale: float, saved=None) -> int:
-    """out[idx] = round(weight[idx] + scale·values); saved (if given) gets weight[idx] first.
-    Returns the number of indices outside the weight; if there are any, nothing is written."""
-    flat = flat_indices.long()
-    outside = int(((flat < 0) | (flat >= weight.numel())).sum())
-    if outside:
-        return outside
-    base = weight.view(-1)[flat]
-    if saved is not None:
-        saved.copy_(base)
-    out.view(-1)[flat] = (base.float() + scale * values.float()).to(out.dtype)
-    return 0
-
-
-def sparse_delta_linear_reference(x, weight, bias, delta: SparseDelta, scale: float = 1.0):
-    """Clone W, add the dense delta, F.linear: what PEFT's SHiRA layer does."""
-    return F.linear(x, weight + scale * delta.to_dense(weight.dtype), bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels per backend (registry.py), each in its reference's signature:
-#   spmm(y, x, offsets, cols, values, scale, overwrite_y=False) -> y + scale·x·Sᵀ; with
-#       overwrite_y (the caller no longer needs y) a kernel may write the result into y.
-#   sddmm(gy, x, rows, cols, offsets=None) -> fp32 [nnz], the gradient of S's values; offsets
-#       (S's CSR row offsets, when the caller has them) spare the CPU kernel deriving them.
-#   scatter_add(out, weight, flat, values, scale, saved=None) -> int: out[flat] = weight[flat]
-#       + scale·values; saved, if given, gets weight[flat] first. Every index is checked
-#       against the weight's size: entries outside are skipped (never read or written) and
-#       their count returned.
-#   spmm_t_sddmm(gx, gy, x, values, struct, scale) -> (gx + scale·gy·S, sddmm(gy, x)), the
-#       spmm strategy's backward; gx may be overwritten. struct is the SparseStructure's
-#       tensors (rows, cols, row_offsets, t_offsets, t_cols, t_perm). The CPU backend does
-#       both in one pass over S; the others compose spmm and sddmm.
-#   folded_linear(x, weight, bias, values, struct, scale) -> x·(W + scale·S)ᵀ + b, and
-#   folded_linear_grad_x(gy, weight, values, struct, scale) -> gy·(W + scale·S): the fold
-#       strategy. The CPU backend folds S into W as W is read; the others compose a dense
-#       matmul and spmm.
-# ---------------------------------------------------------------------------------------------
-def _register_composites(backend: str) -> None:
-    """spmm_t_sddmm and the fold as ``backend``'s spmm and sddmm plus a dense matmul (what the
-    "spmm" strategy runs), for a backend without fused kernels for them."""
-    def spmm_t_sddmm(gx, gy, x, values, struct, scale):
-        rows, cols, offsets, t_offsets, t_cols, t_perm = struct
-        gx = registry.lookup("spmm", backend)(gx, gy, t_offsets, t_cols,
-                                              values.index_select(0, t_perm), scale,
-                                              overwrite_y=True)
-        return gx, _values_gradient(registry.lookup("sddmm", backend), gy, x, rows, cols,
-                                    offsets)
-
-    def folded_linear(x, weight, bias, values, struct, scale):
-        _, cols, offsets, _, _, _ = struct
-        return registry.lookup("spmm", backend)(F.linear(x, weight, bias), x, offsets, cols,
-                                                values, scale, overwrite_y=True)
-
-    def folded_linear_grad_x(gy, weight, values, struct, scale):
-        _, _, _, t_offsets, t_cols, t_perm = struct
-        return registry.lookup("spmm", backend)(gy @ weight, gy, t_offsets, t_cols,
-                                                values.index_select(0, t_perm), scale,
-                                                overwrite_y=True)
-    for fn in (spmm_t_sddmm, folded_linear, folded_linear_grad_x):
-        registry.register(fn.__name__, backend, fn)
-
-
-def _triton_kernels():
-    from ..triton import sparse_delta
-    return sparse_delta
-
-
-# reference: the specification; the fused parts composed of it.
-registry.register("spmm", "reference", spmm_reference)
-registry.register("sddmm", "reference", sddmm_reference)
-registry.register("scatter_add", "reference", scatter_add_reference)
-_register_composites("reference")
-
-# triton (shira_kernels/triton/sparse_delta.py).
-registry.register_module("triton", _triton_kernels, "spmm", "sddmm", "scatter_add")
-_register_composites("triton")
-
-# cuda (csrc/cuda/bindings.cpp).
-registry.register_module("cuda", functools.partial(_native.module, "cuda"),
-                         "spmm", "sddmm", "scatter_add")
-_register_composites("cuda")
-
-# cpu (csrc/cpu/bindings.cpp): the parts as bound; the fused backward and the fold take S's
-# structure as separate tensors, and the fold and its gradient are one binding (grad_x).
-registry.register_module("cpu", functools.partial(_native.module, "cpu"),
-                         "spmm", "sddmm", "scatter_add")
-
-
-@functools.partial(registry.register_lazy, "spmm_t_sddmm", "cpu")
-def _cpu_spmm_t_sddmm():
-    fused = _native.module("cpu").spmm_t_sddmm
-
-    def spmm_t_sddmm(gx, gy, x, values, struct, scale):
-        _, _, _, t_offsets, t_cols, t_perm = struct
-        return fused(gx, gy, x, t_offsets, t_cols, t_perm, values, scale, overwrite_gx=True)
-    return spmm_t_sddmm
-
-
-@functools.partial(registry.register_lazy, "folded_linear", "cpu")
-def _cpu_folded_linear():
-    fold = _native.module("cpu").folded_linear
-
-    def folded_linear(x, weight, bias, values, struct, scale):
-        _, cols, offsets, _, _, _ = struct
-        return fold(x, weight, bias, offsets, cols, None, values, scale, False)
-    return folded_linear
-
-
-@functools.partial(registry.register_lazy, "folded_linear_grad_x", "cpu")
-def _cpu_folded_linear_grad_x():
-    fold = _native.module("cpu").folded_linear
-
-    def folded_linear_grad_x(gy, weight, values, struct, scale):
-        _, _, _, t_offsets, t_cols, t_perm = struct
-        return fold(gy, weight, None, t_offsets, t_cols, t_perm, values, scale, True)
-    return folded_linear_grad_x
-
-
-_ROW_BLOCKS = TensorCache()
-
-
-def _row_blocks(rows, cols, offsets, n_in: int, rows_per_block: int):
-    """[(first row, entry range, entries' flat index in the block)], cached per index tensor."""
-    key = (rows_per_block, n_in)
-    cached = _ROW_BLOCKS.get(rows, key)
-    if cached is not None:
-        return cached
-    starts = offsets.tolist()  # once per structure (a device sync on CUDA)
-    n_out = len(starts) - 1
-    blocks = []
-    for r0 in range(0, n_out, rows_per_block):
-        a, b = starts[r0], starts[min(r0 + rows_per_block, n_out)]
-        if b > a:
-            local = (rows[a:b].long() - r0) * n_in + cols[a:b].long()
-            blocks.append((r0, a, b, local))
-    return _ROW_BLOCKS.put(rows, blocks, key)
-
-
-def _values_gradient(sddmm, gy, x, rows, cols, offsets):
-    """A backend's sddmm, or on CUDA for many tokens the dense row blocks (sddmm_row_blocks)."""
-    if (gy.is_cuda and gy.shape[0] >= tuning.lookup("dense_sddmm_from_tokens", "cuda")
-            and sddmm is not sddmm_reference):
-        return sddmm_row_blocks(gy, x, rows, cols, offsets)
-    return sddmm(gy, x, rows, cols, offsets)
-
-
-def sddmm_row_blocks(gy, x, rows, cols, offsets, block_bytes: int | None = None):
-    """sddmm as row blocks of the dense gyᵀ·x (fp32 result, at most block_bytes of it at a
-    time), each read at S's entries in those rows. On a GPU the products run on tensor cores,
-    far faster than gathering per entry once there are many tokens."""
-    if block_bytes is None:
-        block_bytes = tuning.lookup("sddmm_block_bytes", gy.device.type, None,
-                                    SDDMM_BLOCK_BYTES)
-    n_in = x.shape[1]
-    per = max(1, block_bytes // (4 * n_in))
-    g = torch.empty(rows.numel(), dtype=torch.float32, device=gy.device)
-    for r0, a, b, local in _row_blocks(rows, cols, offsets, n_in, per):
-        lhs = gy[:, r0:r0 + per].T
-        if gy.is_cuda and gy.dtype != torch.float32:
-            block = torch.mm(lhs, x, out_dtype=torch.float32)  # fp32 sums, not rounded to bf16
-        else:
-            block = lhs.float() @ x.float()
-        g[a:b] = block.view(-1)[local]
-    return g
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library ops with fake kernels.
-# ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("shira::spmm", mutates_args=())
-def _spmm_op(y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, cols: torch.Tensor,
-             values: torch.Tensor, scale: float) -> torch.Tensor:
-    return registry.kernel("spmm", y.device)(y.contiguous(), x.contiguous(), offsets, cols,
-                                             values.contiguous(), scale)
-
-
-@_spmm_op.register_fake
-def _(y, x, offsets, cols, values, scale):
-    return torch.empty_like(y)
-
-
-@torch.library.custom_op("shira::sddmm", mutates_args=())
-def _sddmm_op(gy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
-              cols: torch.Tensor) -> torch.Tensor:
-    return registry.kernel("sddmm", gy.device)(gy.contiguous(), x.contiguous(), rows, cols)
-
-
-@_sddmm_op.register_fake
-def _(gy, x, rows, cols):
-    return gy.new_empty(rows.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("shira::csr_add", mutates_args=("out",))
-def _csr_add_op(weight: torch.Tensor, flat_indices: torch.Tensor, values: torch.Tensor,
-                scale: float, out: torch.Tensor) -> None:
-    with reading(weight):
-        _csr_add_holding(weight, flat_indices, values, scale, out)
-
-
-def _csr_add_holding(weight, flat_indices, values, scale, out) -> None:
-    """csr_add's body, for callers that hold W's lock already (it is not reentrant)."""
-    if out.data_ptr() != weight.data_ptr():
-        out.copy_(weight)
-    skipped = registry.kernel("scatter_add", weight.device)(out, weight, flat_indices,
-                                                            values.contiguous(), scale)
-    if skipped:
-        raise_outside(skipped, [flat_indices])
-
-
-@_csr_add_op.register_fake
-def _(weight, flat_indices, values, scale, out):
-    return None
-
-
 # Scratch buffers, one per (kind, shape, dtype, device) and thread, reused by every layer of
 # that shape: no allocation (or page faults) per call, and for "swap" a stable address, so
 # scatter_swap_'s launch table is built once.
@@ -310,7 +73,7 @@ def _scratch_buffer(kind: str, like: torch.Tensor, shape) -> torch.Tensor:
 
 def _merged_weight(weight, flat, values, scale) -> torch.Tensor:
     buf = _scratch_buffer("merge", weight, weight.shape)
-    _csr_add_holding(weight, flat, values, scale, buf)
+    _add_delta_holding(weight, flat, values, scale, buf)
     return buf
 
 
@@ -322,8 +85,8 @@ def _adapted_in_place(weight, flat, values, scale):
     w = weight.data
     saved = _scratch_buffer("swap", w, flat.shape)
     # One pass: W[idx] += scale·S (fp32, rounded once) while the base bits go to `saved`.
-    skipped = registry.kernel("scatter_add", w.device)(w, w, flat, values.contiguous(), scale,
-                                                       saved)
+    skipped = registry.kernel("add_at_indices", w.device)(w, w, flat, values.contiguous(),
+                                                          scale, saved)
     if skipped:  # the kernel skipped indices outside W: put back the entries it did write
         swap_in_range([w], [flat], [saved])
         raise_outside(skipped, [flat])
@@ -457,88 +220,8 @@ _eager_linear = eager_function("_EagerLinear", _linear, _setup_context,
 
 
 # ---------------------------------------------------------------------------------------------
-# Public functions: validate once, then call the op.
+# The choice of strategy: the tuning table's (static_strategy) or measured here (auto_strategy).
 # ---------------------------------------------------------------------------------------------
-def _check_delta(delta, shape=None, what: str = "") -> SparseDelta:
-    if not isinstance(delta, SparseDelta):
-        raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
-    if shape is not None:
-        _check_delta_shape(delta.shape, shape, what)
-    return delta
-
-
-def _check_delta_shape(delta_shape, shape, what: str) -> None:
-    if tuple(delta_shape) != tuple(shape):
-        raise ValueError(f"delta has shape {tuple(delta_shape)} but {what} needs {tuple(shape)}")
-
-
-def _check_float(name: str, t, dtype=None, device=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but the other inputs have {dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
-
-
-def spmm(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta, scale: float = 1.0):
-    """y + scale·x·Sᵀ for x [T, in], y [T, out], S = delta [out, in]."""
-    _check_float("x", x)
-    _check_float("y", y, x.dtype, x.device)
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x must be [T, in] and y [T, out], got {tuple(x.shape)} and {tuple(y.shape)}")
-    _check_delta(delta, (y.shape[1], x.shape[1]), "y and x")
-    _check_float("delta.values", delta.values, x.dtype, x.device)
-    s = delta.structure
-    return _spmm_op(y, x, s.row_offsets, s.cols, delta.values, check_scale(scale))
-
-
-def spmm_t(gx: torch.Tensor, gy: torch.Tensor, delta: SparseDelta, scale: float = 1.0):
-    """gx + scale·gy·S for gy [T, out], gx [T, in]: the gradient of x through S."""
-    _check_float("gy", gy)
-    _check_float("gx", gx, gy.dtype, gy.device)
-    if gx.dim() != 2 or gy.dim() != 2 or gx.shape[0] != gy.shape[0]:
-        raise ValueError(f"gy must be [T, out] and gx [T, in], got {tuple(gy.shape)} and {tuple(gx.shape)}")
-    _check_delta(delta, (gy.shape[1], gx.shape[1]), "gy and gx")
-    _check_float("delta.values", delta.values, gy.dtype, gy.device)
-    s = delta.structure
-    return _spmm_op(gx, gy, s.t_offsets, s.t_cols, delta.values.index_select(0, s.t_perm),
-                    check_scale(scale))
-
-
-def sddmm(gy: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
-    """fp32 [nnz]: Σ_t gy[t, row_j]·x[t, col_j] for each entry j of delta."""
-    _check_float("gy", gy)
-    _check_float("x", x, gy.dtype, gy.device)
-    if gy.dim() != 2 or x.dim() != 2 or gy.shape[0] != x.shape[0]:
-        raise ValueError(f"gy must be [T, out] and x [T, in], got {tuple(gy.shape)} and {tuple(x.shape)}")
-    _check_delta(delta, (gy.shape[1], x.shape[1]), "gy and x")
-    if delta.device != gy.device:
-        raise ValueError(f"delta is on {delta.device} but gy is on {gy.device}")
-    s = delta.structure
-    return _sddmm_op(gy, x, s.rows, s.cols)
-
-
-def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """W + scale·S (entries computed in fp32 and rounded once), into ``out`` if given."""
-    _check_float("weight", weight)
-    if weight.dim() != 2 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
-    _check_delta(delta, weight.shape, "weight")
-    _check_float("delta.values", delta.values, weight.dtype, weight.device)
-    if out is None:
-        out = torch.empty_like(weight)
-    else:
-        _check_float("out", out, weight.dtype, weight.device)
-        if out.shape != weight.shape or not out.is_contiguous():
-            raise ValueError(f"out must be contiguous with shape {tuple(weight.shape)}")
-    _csr_add_op(weight, delta.flat_indices, delta.values, check_scale(scale), out)
-    return out
-
-
 def static_strategy(device_type: str, dtype: torch.dtype, tokens: int,
                     training: bool = False) -> str:
     """The tuning table's strategy for this many tokens (what "auto" runs with tuning off);
@@ -654,21 +337,26 @@ def _strategy_calls(device: torch.device, dtype: torch.dtype, shape: tuple[int, 
     return {name: call(name) for name in names}
 
 
+# ---------------------------------------------------------------------------------------------
+# Public functions: validate once, then call the op.
+# ---------------------------------------------------------------------------------------------
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         delta: SparseDelta, scale: float = 1.0, strategy: str = "auto"):
     """x·(W + scale·S)ᵀ + b for x of any leading shape [..., in]; differentiable in x, S's
     values, the bias and (only if it requires grad) W."""
     _check_delta(delta)
-    return linear_of_parts(x, weight, bias, delta.shape, delta.values, delta.flat_indices,
-                           delta.structure, scale, strategy)
+    return sparse_delta_linear_unpacked(x, weight, bias, delta.shape, delta.values,
+                                        delta.flat_indices, delta.structure, scale, strategy)
 
 
-def linear_of_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    delta_shape, values: torch.Tensor, flat_indices: torch.Tensor, structure,
-                    scale: float = 1.0, strategy: str = "auto"):
-    """sparse_delta_linear with the delta as its parts (shape, values, flat indices and their
-    SparseStructure), which the caller keeps canonical, as ShiraLinear does with its buffers:
-    no SparseDelta is built per call (its checks take longer than a small layer's matmul)."""
+def sparse_delta_linear_unpacked(x: torch.Tensor, weight: torch.Tensor,
+                                 bias: torch.Tensor | None, delta_shape, values: torch.Tensor,
+                                 flat_indices: torch.Tensor, structure, scale: float = 1.0,
+                                 strategy: str = "auto"):
+    """sparse_delta_linear with the delta unpacked into its fields (shape, values, flat indices
+    and their SparseStructure), which the caller keeps canonical, as ShiraLinear does with its
+    buffers: no SparseDelta is built per call (its checks take longer than a small layer's
+    matmul)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     _check_float("x", x)
@@ -699,3 +387,10 @@ def linear_of_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = run(x2, weight, bias, values, flat_indices, s.row_offsets, s.cols, s.rows,
             s.t_offsets, s.t_cols, s.t_perm, check_scale(scale), strategy)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_of_parts(*args, **kwargs):
+    """Deprecated name of sparse_delta_linear_unpacked."""
+    warnings.warn("linear_of_parts is deprecated, use sparse_delta_linear_unpacked",
+                  DeprecationWarning, stacklevel=2)
+    return sparse_delta_linear_unpacked(*args, **kwargs)
