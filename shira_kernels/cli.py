@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--r", type=int, default=None,
                          help="adapter budget r (default hidden/128, at least 1)")
     p_bench.add_argument("--repeat", type=int, default=None,
-                         help="timed rounds per configuration (default 5 with --quick, else 9)")
+                         help="the least timed rounds per configuration (default 5 with --quick, "
+                              "else 9); more follow until the median's 95%% interval is within "
+                              "±5%% or the time cap is reached")
     p_bench.add_argument("--drift-switches", type=int, default=1000,
                          help="switches before the drift of the base weights is measured")
     p_bench.add_argument("--seed", type=int, default=0)

@@ -71,12 +71,17 @@ def test_shira_linear_report_quick(tmp_path):
     assert "| fused forward within 1.02× of nn.Linear (every token count) | **" in text
 
 
-def test_median_interval_brackets_the_median():
+def load_report(name: str):
+    """bench/<name>.py imported as a module (its functions, without running it)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("report_shira_linear",
-                                                  ROOT / "bench" / "report_shira_linear.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_median_interval_brackets_the_median():
+    report = load_report("report_shira_linear")
     widths = []
     for n in (9, 100, 1000):
         values = [((k * 7919) % n) / n for k in range(n)]  # 0 .. (n-1)/n, shuffled
@@ -89,3 +94,57 @@ def test_median_interval_brackets_the_median():
     work = lambda: sum(range(99))  # noqa: E731
     ratios = report.paired(work, work, least=5, min_time=0, most=5)
     assert len(ratios) == 5 and all(r > 0 for r in ratios)
+
+
+def test_median_ci_is_the_reports_interval_and_covers_the_median():
+    import random
+
+    from shira_kernels.harness import benchmark as sb
+    report = load_report("report_shira_linear")
+    rng = random.Random(0)
+    for n in (1, 2, 5, 6, 9, 100, 1000):
+        values = [rng.random() for _ in range(n)]
+        assert sb.median_ci(values) == report.median_interval(values)[1:]
+    # Coverage: the interval holds the true median (0.5 of a uniform) about 95% of the time.
+    for n in (6, 30, 200):
+        hits = sum(low <= 0.5 <= high for low, high in
+                   (sb.median_ci([rng.random() for _ in range(n)]) for _ in range(1000)))
+        assert hits >= 930, (n, hits)
+    assert not sb.interval_within([1.0] * (sb.MIN_CI_VALUES - 1), 0.05)
+    assert sb.interval_within([1.0] * sb.MIN_CI_VALUES, 0.05)
+
+
+def test_round_robin_until_tight_stops_at_the_interval_or_the_cap():
+    import itertools
+
+    from shira_kernels.harness import benchmark as sb
+    now = [0.0]
+    order = []
+
+    def takes(name, seconds):
+        durations = itertools.cycle(seconds)
+
+        def call():
+            order.append(name)
+            now[0] += next(durations)
+        return call
+
+    def run(least, cap_s, most=100_000, **durations):
+        order.clear()
+        fns = {name: takes(name, d) for name, d in durations.items()}
+        return sb.round_robin_until_tight(fns, least=least, cap_s=cap_s, most=most,
+                                          clock=lambda: now[0])
+
+    # Steady calls: tight once there are enough values for the interval; never below `least`.
+    times = run(2, 1e9, a=[1.0], b=[2.0])
+    assert {k: len(v) for k, v in times.items()} == {"a": sb.MIN_CI_VALUES, "b": sb.MIN_CI_VALUES}
+    assert order[:6] == ["a", "b", "a", "b", "b", "a"]  # warm-up, then each round one along
+    assert len(run(10, 0.0, a=[1.0])["a"]) == 10
+    # One noisy call (1 s, 3 s, ...) keeps every method going until the cap has passed.
+    start = now[0]
+    times = run(2, 100.0, a=[1.0, 3.0], b=[1.0])
+    elapsed = sum(times["a"]) + sum(times["b"])
+    last_round = times["a"][-1] + times["b"][-1]
+    assert elapsed >= 100.0 > elapsed - last_round
+    assert now[0] - start == elapsed + 2.0  # and the untimed warm-up round (1 s + 1 s)
+    assert len(run(2, 1e9, most=40, a=[1.0, 3.0])["a"]) == 40

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from shira_kernels import _native, cli
+from shira_kernels import _machine, _native, cli
 from shira_kernels.harness import bench_suite
 
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
@@ -15,13 +15,16 @@ TINY = ["--quick", "--size-override", "64,160,2", "--repeat", "2", "--drift-swit
 
 TOP_FIELDS = {"schema", "created", "command", "elapsed_s", "machine", "versions", "config",
               "skipped", "comparisons", "measurements", "plots"}
-MACHINE_FIELDS = {"platform", "cpu", "cpu_count", "torch_threads", "device", "gpu", "backend"}
+MACHINE_FIELDS = {"platform", "cpu", "cpu_count", "cpu_cores", "cpu_threads", "torch_threads",
+                  "device", "gpu", "backend"}
 VERSION_FIELDS = {"shira_kernels", "python", "torch", "cuda", "triton", "peft", "matplotlib"}
 CONFIG_FIELDS = {"quick", "device", "hidden", "intermediate", "blocks", "r", "repeat",
                  "drift_switches", "switch_blocks", "forward_tokens", "train_tokens",
-                 "binary_tokens", "drift_hidden", "drift_intermediate", "size_source"}
+                 "binary_tokens", "drift_hidden", "drift_intermediate", "size_source",
+                 "ci_target", "time_cap_s"}
 MEASUREMENT_FIELDS = {"id", "group", "metric", "method", "role", "unit", "median", "min", "max",
-                      "n", "ratio", "best_alternative", "skipped", "params", "extra"}
+                      "n", "ratio", "best_alternative", "skipped", "params", "extra", "ci95",
+                      "ci_tight"}
 EXPECTED = {  # group → methods that must appear (PEFT's measured or marked skipped)
     "switch": {bench_suite.BANK, bench_suite.PEFT_SHIRA, bench_suite.PEFT_LORA,
                bench_suite.LORA_MERGE},
@@ -84,7 +87,8 @@ def test_llama_shaped_model_names_the_projections_like_llama():
         [(64, 64)] * 4 + [(160, 64), (160, 64), (64, 160)]
 
 
-def test_bench_quick_tiny(tmp_path, capsys):
+def test_bench_quick_tiny(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_suite, "QUICK_TIME_CAP_S", 1.0)  # the test's time, not the CLI's
     out_dir = tmp_path / "results"
     assert cli.main(["bench", *TINY, "--out", str(out_dir)]) == 0
     printed = capsys.readouterr()
@@ -97,6 +101,7 @@ def test_bench_quick_tiny(tmp_path, capsys):
     assert VERSION_FIELDS <= set(data["versions"])
     assert CONFIG_FIELDS <= set(data["config"])
     assert data["config"]["hidden"] == 64 and data["config"]["blocks"] == 2
+    assert data["config"]["time_cap_s"] == 1.0 and data["config"]["ci_target"] == 0.05
 
     by_group = {}
     for m in data["measurements"]:
@@ -104,9 +109,18 @@ def test_bench_quick_tiny(tmp_path, capsys):
         by_group.setdefault(m["group"], {})[m["method"]] = by_group.get(m["group"], {}).get(
             m["method"], []) + [m]
         if m["skipped"]:
-            assert m["median"] is None
+            assert m["median"] is None and m["ci95"] is None
+            continue
+        assert m["n"] >= 1 and m["min"] <= m["median"] <= m["max"]
+        low, high = m["ci95"]
+        assert m["min"] <= low <= m["median"] <= high <= m["max"], m
+        if m["unit"] == "ms":  # timed in rounds: at least --repeat, more until tight or capped
+            assert m["n"] >= 2 and isinstance(m["ci_tight"], bool), m
+            if m["ci_tight"]:
+                assert m["n"] >= bench_suite.sb.MIN_CI_VALUES
+                assert m["median"] * 0.95 <= low and high <= m["median"] * 1.05, m
         else:
-            assert m["n"] >= 1 and m["min"] <= m["median"] <= m["max"]
+            assert m["ci_tight"] is None, m
     for group, methods in EXPECTED.items():
         assert methods <= set(by_group.get(group, {})), (group, set(by_group.get(group, {})))
     switch_layers = {m["params"]["layers"] for ms in by_group["switch"].values() for m in ms}
@@ -132,9 +146,33 @@ def test_bench_quick_tiny(tmp_path, capsys):
     assert data["comparisons"]
     for c in data["comparisons"]:
         assert {"metric", "unit", "ours", "best_alternative", "ratio"} <= set(c)
+        assert {"median", "n", "ci95", "ci_tight"} <= set(c["ours"])
         if c["best_alternative"] is not None and c["best_alternative"]["median"] > 0:
             assert c["ratio"] == pytest.approx(c["ours"]["median"] /
                                                c["best_alternative"]["median"])
+
+    # What the figures are of stands at the top of results.md and of the printed table: size,
+    # dtype, r, the CPU with its threads, and for --quick that only the ratios compare with the
+    # README's headline table.
+    md = (out_dir / "results.md").read_text()
+    head = md.split("Made by")[0]
+    tail = printed.out.split("metric")[0]
+    for text in (head, tail):
+        assert "hidden 64, intermediate 160, 2 blocks" in text and "r = 1" in text
+        assert "float32" in text and "bfloat16" in text
+        assert _machine.cpu_model() in text and "threads" in text
+        assert "--quick" in text and "smaller model than the README's headline table" in text
+        assert "only as ratios" in text
+    assert "## Intervals wider than ±5%" in md and "95% CI" in md
+    for m in data["measurements"]:
+        if m["ci_tight"] is False:
+            assert f"- {m['metric']}, {m['method']}:" in md
+    # A figure whose interval stayed wide is listed; a run at the README's size has no note.
+    data["measurements"][0]["ci_tight"] = False
+    first = data["measurements"][0]
+    assert f"- {first['metric']}, {first['method']}:" in bench_suite.markdown(data)
+    data["config"].update(quick=False, hidden=2048, intermediate=5504, blocks=4)
+    assert len(bench_suite.run_header(data)) == 2
 
     if HAVE_MATPLOTLIB:
         assert set(data["plots"]) == {"switch_time_vs_layers.png",
@@ -166,7 +204,8 @@ def test_bench_without_peft_says_what_it_skipped(tmp_path, capsys, monkeypatch):
     assert methods[("drift", bench_suite.BANK)].median == 0
 
 
-def test_bench_only_some_groups(tmp_path, capsys):
+def test_bench_only_some_groups(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_suite, "QUICK_TIME_CAP_S", 1.0)
     out_dir = tmp_path / "switch_only"
     assert cli.main(["bench", *TINY, "--only", "switch,drift", "--no-progress",
                      "--out", str(out_dir)]) == 0

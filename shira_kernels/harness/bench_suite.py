@@ -16,10 +16,14 @@ gate, up, down, named as in Llama so PEFT's target_modules find them) and measur
   binary    binary_linear and binary_lora (1-bit weights) against the same products as dense
             fp32 matmuls, at 1, 16 and 128 tokens.
 
-Every number is kept with its median, min, max and count, and its ratio to the best alternative
-measured in the same run (below 1: ours is faster, or smaller). Results go to DIR/results.json
-and DIR/results.md, plots to DIR/*.png (matplotlib). Without peft the PEFT comparisons are
-skipped (and said so); without matplotlib the plots are.
+Every number is kept with its median, min, max and count, a distribution-free ~95% confidence
+interval of the median (benchmark.median_ci) and its ratio to the best alternative measured in
+the same run (below 1: ours is faster, or smaller). Times are taken in rounds, round robin over
+the methods compared, until every median's interval is within ±5% of it or a time cap per
+configuration is reached (at least --repeat rounds either way); results.md lists the figures
+whose interval stayed wider. Results go to DIR/results.json and DIR/results.md, plots to
+DIR/*.png (matplotlib). Without peft the PEFT comparisons are skipped (and said so); without
+matplotlib the plots are.
 
 The peak memory of a CPU training step is measured as bench/report_shira_linear.py does: in a
 fresh subprocess per method, the peak resident set size during the step (VmHWM, reset just
@@ -64,8 +68,15 @@ SIZE_ENV = "SHIRA_KERNELS_BENCH_SIZE"
 ENABLE_HINT = "pip install 'shira-kernels[bench]'"
 # (hidden, intermediate, blocks). Quick: Llama's 4096/11008 proportions at 1/8 width, about
 # 1 minute on 2 idle CPU cores; full: half width (the `info` block), about 6 minutes there.
+# FULL_SIZE is also the size of the README's headline table.
 QUICK_SIZE = (512, 1376, 4)
 FULL_SIZE = (2048, 5504, 4)
+# Timing rounds go on until every compared median's ~95% interval is within ±CI_TARGET of it,
+# or until this many seconds of rounds per configuration (a forward at 16 tokens, a switch of
+# 14 layers, ...) have passed.
+CI_TARGET = 0.05
+QUICK_TIME_CAP_S = 3.0
+FULL_TIME_CAP_S = 10.0
 # The drift check runs on one block of at most this size (what it shows does not depend on it).
 DRIFT_MAX = (512, 1376)
 FORWARD_TOKENS = (1, 16, 128)
@@ -120,6 +131,8 @@ class BenchConfig:
     forward_dtype: str = "float32"
     switch_dtype: str = "bfloat16"
     lora_scale: float = sb.DEFAULT_LORA_SCALE
+    ci_target: float = CI_TARGET
+    time_cap_s: float = 0.0  # 0: exactly `repeat` rounds
 
     @property
     def layers(self) -> int:
@@ -170,7 +183,8 @@ def make_config(*, quick: bool = False, device: str = "cpu", size: str | None = 
     cfg = BenchConfig(quick=quick, device=device, hidden=hidden, intermediate=intermediate,
                       blocks=blocks, r=r, repeat=repeat or (5 if quick else 9),
                       drift_switches=int(drift_switches), seed=seed, size_source=source,
-                      groups=[g for g in GROUPS if g in groups])
+                      groups=[g for g in GROUPS if g in groups],
+                      time_cap_s=QUICK_TIME_CAP_S if quick else FULL_TIME_CAP_S)
     cfg.switch_blocks = sorted({1, max(1, blocks // 2), blocks})
     cfg.drift_hidden = min(hidden, DRIFT_MAX[0])
     cfg.drift_intermediate = min(intermediate, DRIFT_MAX[1])
@@ -344,6 +358,10 @@ class Measurement:
     skipped: str | None = None
     params: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    ci95: list[float] | None = None  # [low, high]: benchmark.median_ci of the values
+    # Timings: whether ci95 came within ±ci_target of the median (False: the time cap came
+    # first); None for figures not timed in rounds (drift, memory).
+    ci_tight: bool | None = None
 
 
 class Results:
@@ -351,7 +369,9 @@ class Results:
         self.items: list[Measurement] = []
 
     def add(self, group, metric, method, role, unit, values=None, *, skipped=None, params=None,
-            extra=None, key=None) -> Measurement:
+            extra=None, key=None, target: float | None = None) -> Measurement:
+        """``target``: for timings taken until their interval is within ±target of the median,
+        which fills ``ci_tight``."""
         m = Measurement(id=f"{group}/{key or metric}/{method}", group=group, metric=metric,
                         method=method, role=role, unit=unit, skipped=skipped,
                         params=dict(params or {}), extra=dict(extra or {}))
@@ -359,6 +379,9 @@ class Results:
             values = [float(v) for v in values]
             m.median, m.min, m.max = statistics.median(values), min(values), max(values)
             m.n = len(values)
+            m.ci95 = list(sb.median_ci(values))
+            if target is not None:
+                m.ci_tight = sb.interval_within(values, target)
         self.items.append(m)
         return m
 
@@ -409,7 +432,8 @@ class Results:
 
 
 def _summary(m: Measurement) -> dict:
-    return {"method": m.method, "median": m.median, "min": m.min, "max": m.max, "n": m.n}
+    return {"method": m.method, "median": m.median, "min": m.min, "max": m.max, "n": m.n,
+            "ci95": m.ci95, "ci_tight": m.ci_tight}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,21 +456,16 @@ def _synced(fn, device: torch.device):
     return run
 
 
-def round_robin(fns: dict, *, repeat: int, device: torch.device) -> dict[str, list[float]]:
-    """Times (ms) of each callable: one untimed warm-up round, then ``repeat`` rounds calling
-    each once, every round starting one further along, so that a change of load on a shared
-    machine hits all alike. Each call is synchronised with the device."""
-    names = list(fns)
-    runs = {name: _synced(fns[name], device) for name in names}
-    for name in names:
-        runs[name]()
-    times = {name: [] for name in names}
-    for k in range(repeat):
-        for j in range(len(names)):
-            name = names[(k + j) % len(names)]
-            _, (seconds,) = sb.median_time(runs[name], warmup=0, repeat=1)
-            times[name].append(seconds * 1e3)
-    return times
+def round_robin(fns: dict, *, repeat: int, device: torch.device, cap_s: float = 0.0,
+                rel: float = CI_TARGET) -> dict[str, list[float]]:
+    """Times (ms) of each callable (benchmark.round_robin_until_tight): one untimed warm-up
+    round, then rounds calling each once, every round starting one further along, so that a
+    change of load on a shared machine hits all alike; at least ``repeat`` rounds, more until
+    every median's ~95% interval is within ±``rel`` of it or ``cap_s`` seconds of rounds have
+    passed. Each call is synchronised with the device."""
+    runs = {name: _synced(fn, device) for name, fn in fns.items()}
+    times = sb.round_robin_until_tight(runs, least=repeat, cap_s=cap_s, rel=rel)
+    return {name: [t * 1e3 for t in ts] for name, ts in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,28 +691,37 @@ class SwitchSetup:
 def measure_switch(cfg: BenchConfig, results: Results, progress: Progress, device, with_peft):
     setup = SwitchSetup(cfg.hidden, cfg.intermediate, cfg.blocks, cfg.r, device, cfg.seed,
                         with_peft, cfg.lora_scale)
-    repeat = 2 * cfg.repeat
     for blocks in cfg.switch_blocks:
         layers = 7 * blocks
         metric = f"adapter switch A→B, {layers} layers"
         progress.step(f"switch, {layers} layers")
         params = {"layers": layers, "blocks": blocks, "dtype": "bfloat16", "r": cfg.r}
-        for method, make in setup.switchers(blocks).items():
-            switcher = make()
+        # Every method switches the same weights, in turn (round robin, as the forward):
+        # each switch is a pass over its entries whose time does not depend on the values
+        # the others left there; the base is put back from the snapshot afterwards.
+        switchers = {method: make() for method, make in setup.switchers(blocks).items()}
+        slowest = 0.0
+        for switcher in switchers.values():
             switcher.begin()
-            run = _synced(switcher.switch, device)
-            # Two untimed switches (both directions: plans and caches are built) also tell
-            # how long one takes; a slow method gets fewer rounds (at least 3).
-            _, warm = sb.median_time(run, warmup=0, repeat=2)
-            rounds = repeat if max(warm) < 0.2 else max(3, min(repeat, int(3.0 / max(warm))))
-            _, times = sb.median_time(run, warmup=0, repeat=rounds)
+            # One untimed switch here and one in round_robin's warm-up round: both directions'
+            # plans and caches are built. This one also tells how long a switch takes.
+            _, (seconds,) = sb.median_time(_synced(switcher.switch, device), warmup=0, repeat=1)
+            slowest = max(slowest, seconds)
+        # At least --repeat rounds, fewer (at least 3) where they would run past the time cap.
+        least = cfg.repeat
+        if cfg.time_cap_s and slowest * least > cfg.time_cap_s:
+            least = min(least, max(3, int(cfg.time_cap_s / max(slowest, 1e-9))))
+        times = round_robin({method: s.switch for method, s in switchers.items()}, repeat=least,
+                            device=device, cap_s=cfg.time_cap_s, rel=cfg.ci_target)
+        for switcher in reversed(switchers.values()):
             switcher.end()
-            _sync(device)()
-            if method != BANK:
-                setup.restore()
+        _sync(device)()
+        setup.restore()
+        for method in switchers:
             results.add("switch", metric, method, "ours" if method == BANK else "alternative",
-                        "ms", [t * 1e3 for t in times], params=params, key=f"layers={layers}")
-            del switcher
+                        "ms", times[method], params=params, key=f"layers={layers}",
+                        target=cfg.ci_target)
+        del switchers
         if not with_peft:
             results.skip("switch", metric, PEFT_METHODS, "ms", _PEFT_SKIP, params=params,
                          key=f"layers={layers}")
@@ -768,12 +796,13 @@ def measure_forward_and_train(cfg: BenchConfig, results: Results, progress: Prog
         params = {"tokens": tokens, "dtype": "float32", "layers": cfg.layers}
         with _quiet():
             times = round_robin({name: _no_grad(lambda m=m: m(x)) for name, (m, _) in
-                                 models.items()}, repeat=cfg.repeat, device=device)
+                                 models.items()}, repeat=cfg.repeat, device=device,
+                                cap_s=cfg.time_cap_s, rel=cfg.ci_target)
         base_ms = statistics.median(times[BASE])
         for name, (_, role) in models.items():
             results.add("forward", metric, name, role, "ms", times[name], params=params,
                         extra={"ratio_to_base": statistics.median(times[name]) / base_ms},
-                        key=f"tokens={tokens}")
+                        key=f"tokens={tokens}", target=cfg.ci_target)
         if not with_peft:
             results.skip("forward", metric, PEFT_METHODS, "ms", _PEFT_SKIP, params=params,
                          key=f"tokens={tokens}")
@@ -784,13 +813,14 @@ def measure_forward_and_train(cfg: BenchConfig, results: Results, progress: Prog
     params = {"tokens": cfg.train_tokens, "dtype": "float32", "layers": cfg.layers}
     steps = {name: sb.training_step(m, x) for name, (m, _) in models.items()}
     with _quiet():
-        times = round_robin(steps, repeat=cfg.repeat, device=device)
+        times = round_robin(steps, repeat=cfg.repeat, device=device, cap_s=cfg.time_cap_s,
+                            rel=cfg.ci_target)
     for name, (m, role) in models.items():
         trainable = sum(p.numel() for p in sb.trainable_parameters(m))
         results.add("train", metric, SHIRA if name == UNFUSED else name,
                     "ours" if name == UNFUSED else role, "ms", times[name], params=params,
                     extra={"trainable_parameters": trainable},
-                    key=f"time,tokens={cfg.train_tokens}")
+                    key=f"time,tokens={cfg.train_tokens}", target=cfg.ci_target)
         for p in sb.trainable_parameters(m):
             p.grad = None
     if not with_peft:
@@ -814,8 +844,8 @@ def measure_binary(cfg: BenchConfig, results: Results, progress: Progress, devic
                DENSE_LINEAR: lambda: F.linear(x, dense),
                BINARY_LORA: lambda: binary_lora(x, bdown, bup, scale),
                DENSE_LORA: lambda: F.linear(F.linear(x, down), up) * scale}
-        times = round_robin({k: _no_grad(f) for k, f in fns.items()}, repeat=2 * cfg.repeat,
-                            device=device)
+        times = round_robin({k: _no_grad(f) for k, f in fns.items()}, repeat=cfg.repeat,
+                            device=device, cap_s=cfg.time_cap_s, rel=cfg.ci_target)
         suffix = _tokens(tokens)
         common = {"tokens": tokens, "x_dtype": "float32"}
         linear_params = dict(common, shape=[out_f, in_f],
@@ -832,7 +862,8 @@ def measure_binary(cfg: BenchConfig, results: Results, progress: Progress, devic
                 (DENSE_LORA, "alternative", f"1-bit LoRA {out_f}x{in_f} r={rank}, {suffix}",
                  lora_params)):
             results.add("binary", metric, name, role, "ms", times[name], params=params,
-                        key=f"{'lora' if 'LoRA' in metric else 'linear'},tokens={tokens}")
+                        key=f"{'lora' if 'LoRA' in metric else 'linear'},tokens={tokens}",
+                        target=cfg.ci_target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -939,8 +970,32 @@ def measure_memory(cfg: BenchConfig, results: Results, progress: Progress, devic
 _PEFT_SKIP = f"peft is not installed ({ENABLE_HINT} enables it)"
 
 
+def _physical_cores() -> int | None:
+    """The CPU's cores as lscpu counts them (distinct physical id, core id pairs of
+    /proc/cpuinfo); None where that file does not say."""
+    cores, package = set(), None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "physical id":
+                package = value
+            elif key == "core id":
+                cores.add((package, value))
+    return len(cores) or None
+
+
+def _usable_threads() -> int | None:
+    """The hardware threads this process may run on (its affinity mask), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
 def machine(device: torch.device) -> dict:
-    out = {"platform": platform.platform(), "cpu": _machine.cpu_model(), "cpu_count": os.cpu_count(),
+    out = {"platform": platform.platform(), "cpu": _machine.cpu_model(),
+           "cpu_count": os.cpu_count(), "cpu_cores": _physical_cores(),
+           "cpu_threads": _usable_threads(),
            "torch_threads": torch.get_num_threads(), "device": str(device), "gpu": None,
            "backend": backends.select(device)}
     try:
@@ -1002,12 +1057,32 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.3f} ms"
 
 
-def _spread(m: dict | None, unit: str) -> str:
+def _interval(m: dict | None, unit: str) -> str:
+    """The ~95% interval of the median and the count, "0.301–0.322 (n=57)" (below
+    MIN_CI_VALUES values: min–max, "(n=3: min–max)"); a trailing * where the interval stayed
+    wider than the target (the time cap came first)."""
     if not m or m["median"] is None:
         return "–"
     if m["n"] <= 1:
         return "(1 run)"
-    return f"{_fmt(m['min'], unit)}–{_fmt(m['max'], unit)}".replace(" ms–", "–")
+    low, high = m.get("ci95") or (m["min"], m["max"])
+    text = f"{_fmt(low, unit)}–{_fmt(high, unit)}".replace(" ms–", "–").replace(" MiB–", "–")
+    count = f"n={m['n']}" + (": min–max" if m["n"] < sb.MIN_CI_VALUES else "")
+    return f"{text} ({count})" + ("*" if m.get("ci_tight") is False else "")
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:.3g}%"
+
+
+def _deviation(m: dict) -> str:
+    """How far the interval reaches from the median, "−3.1%, +4.0%" (whole percents from 10%)."""
+    low, high = m["ci95"]
+    if not m["median"]:
+        return "–"
+    below, above = ((m["median"] - low) / m["median"], (high - m["median"]) / m["median"])
+    return ", ".join(f"{sign}{x:.1%}" if x < 0.1 else f"{sign}{x:.0%}"
+                     for sign, x in (("−", below), ("+", above)))
 
 
 def _ratio(value: float | None) -> str:
@@ -1016,8 +1091,8 @@ def _ratio(value: float | None) -> str:
     return f"{value:.3f}x" if value < 10 else f"{value:.1f}x"
 
 
-TABLE_HEAD = ("metric", "ours", "median", "spread", "best alternative", "median", "spread",
-              "ratio")
+TABLE_HEAD = ("metric", "ours", "median", "95% CI (n)", "best alternative", "median",
+              "95% CI (n)", "ratio")
 
 
 def table_rows(comparisons: list[dict]) -> list[tuple[str, ...]]:
@@ -1026,9 +1101,9 @@ def table_rows(comparisons: list[dict]) -> list[tuple[str, ...]]:
         ours, alt, unit = c["ours"], c["best_alternative"], c["unit"]
         alt_name = alt["method"] if alt else ("skipped: " + ", ".join(c["skipped_alternatives"])
                                               if c["skipped_alternatives"] else "–")
-        rows.append((c["metric"], ours["method"], _fmt(ours["median"], unit), _spread(ours, unit),
-                     alt_name, _fmt(alt["median"], unit) if alt else "–", _spread(alt, unit),
-                     _ratio(c["ratio"])))
+        rows.append((c["metric"], ours["method"], _fmt(ours["median"], unit),
+                     _interval(ours, unit), alt_name, _fmt(alt["median"], unit) if alt else "–",
+                     _interval(alt, unit), _ratio(c["ratio"])))
     return rows
 
 
@@ -1046,49 +1121,122 @@ def text_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _size(cfg: dict) -> str:
+    return (f"hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, {cfg['blocks']} "
+            f"block{'s' * (cfg['blocks'] != 1)}")
+
+
+def _processor(mach: dict) -> str:
+    """The device that ran the timings: the GPU's name, or the CPU model with its cores and
+    the threads this process had (as lscpu says them)."""
+    cores = mach.get("cpu_cores")
+    threads = mach.get("cpu_threads") or mach.get("cpu_count")
+    cpu = (f"{mach['cpu']}, {f'{cores} cores / ' if cores else ''}{threads} threads "
+           f"(torch uses {mach['torch_threads']})")
+    if mach.get("gpu"):
+        return f"GPU {mach['gpu']} (host CPU {cpu})"
+    return f"CPU {cpu}"
+
+
+def run_header(data: dict) -> list[str]:
+    """What the figures are of, at the top of results.md and of the printed table: the model
+    size, dtypes and r, the processor, and (for --quick or another size than the README's
+    headline table) that only the ratios measured in this run compare with that table."""
+    cfg, mach = data["config"], data["machine"]
+    lines = [f"Model: Llama-shaped, {_size(cfg)} ({7 * cfg['blocks']} adapted layers), "
+             f"r = {cfg['r']}; forward and training in {cfg['forward_dtype']}, switching and "
+             f"drift in {cfg['switch_dtype']}.",
+             f"Measured on: {_processor(mach)}, device {mach['device']}."]
+    full = dict(zip(("hidden", "intermediate", "blocks"), FULL_SIZE))
+    if (cfg["hidden"], cfg["intermediate"], cfg["blocks"]) != FULL_SIZE:
+        smaller = cfg["hidden"] * cfg["intermediate"] * cfg["blocks"] < math.prod(FULL_SIZE)
+        lines.append(
+            ("--quick: " if cfg["quick"] else "")
+            + f"these figures are for a {'smaller' if smaller else 'different'} model than the "
+            f"README's headline table ({_size(full)}, r = {default_r(FULL_SIZE[0])}, measured "
+            "on a shared 2-core AMD EPYC). They are not comparable with its milliseconds or "
+            "MiB: compare them with it only as ratios, each measured side by side in this run.")
+    elif mach.get("gpu"):
+        lines.append("The README's headline table was measured on a CPU: compare these GPU "
+                     "figures with it only as ratios, each measured side by side in this run.")
+    return lines
+
+
+def _timing_rule(cfg: dict) -> str:
+    if not cfg.get("time_cap_s"):
+        return (f"Times are medians of {cfg['repeat']} rounds, the methods of one configuration "
+                "timed round robin (no time cap: no more rounds).")
+    return (f"Times are medians of rounds, the methods of one configuration timed round "
+            f"robin: at least {cfg['repeat']} rounds (at least 3 where {cfg['repeat']} rounds "
+            "of the slowest switch would run past the time cap), and more until every method's "
+            "median has its ~95% confidence interval (order statistics n/2 ∓ 0.98·√n, at "
+            f"least {sb.MIN_CI_VALUES} rounds) within ±{_pct(cfg.get('ci_target', CI_TARGET))} of "
+            f"it, or until {cfg['time_cap_s']:g} s of rounds per configuration have passed.")
+
+
+def _capped(data: dict) -> list[dict]:
+    """The timings whose interval stayed wider than the target (the time cap came first)."""
+    return [m for m in data["measurements"] if m.get("ci_tight") is False]
+
+
 def markdown(data: dict) -> str:
     cfg, mach, ver = data["config"], data["machine"], data["versions"]
-    out = ["# shira-kernels bench", "",
-           f"Made by `{data['command']}` on {data['created']}; the run took "
-           f"{data['elapsed_s']:.0f} s.", "",
-           "## Machine", "",
-           f"- {mach['cpu']}, {mach['cpu_count']} cores, torch threads {mach['torch_threads']}, "
-           f"{mach.get('memory_gib')} GiB; {mach['platform']}",
-           f"- device {mach['device']}" + (f": {mach['gpu']}" if mach.get("gpu") else "")
-           + f"; shira_kernels backend {mach['backend']}",
-           f"- load average (1, 5, 15 min): {mach.get('load_average_start')} at the start, "
-           f"{mach.get('load_average_end')} at the end (this run's own work included)",
-           "- versions: " + ", ".join(f"{k} {v if v is not None else 'not installed'}"
-                                      for k, v in ver.items()), "",
-           "## Setup", "",
-           f"Llama-shaped model: hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
-           f"{cfg['blocks']} blocks ({7 * cfg['blocks']} adapted projections), r = {cfg['r']} "
-           f"(SHiRA: r·(out+in) entries per weight; LoRA: rank r, scale {cfg['lora_scale']}). "
-           f"Forward and training in {cfg['forward_dtype']}, switching and drift in "
-           f"{cfg['switch_dtype']}. Switch times at "
-           f"{', '.join(str(n) for n in cfg['switch_layers'])} "
-           f"layers; drift after {cfg['drift_switches']} switches A→B→A… on one block of "
-           f"{cfg['drift_hidden']}/{cfg['drift_intermediate']}. Times are medians of "
-           f"{cfg['repeat']} rounds (switching and 1-bit: {2 * cfg['repeat']}), the variants of "
-           "one configuration timed round robin; the ratio is ours / the best alternative "
-           "(below 1: ours is faster or smaller).", ""]
+    target = cfg.get("ci_target", CI_TARGET)
+    out = ["# shira-kernels bench", ""]
+    out += [f"- {line}" for line in run_header(data)]
+    out += ["", f"Made by `{data['command']}` on {data['created']}; the run took "
+            f"{data['elapsed_s']:.0f} s.", "",
+            "## Machine", "",
+            f"- {_processor(mach)}, {mach.get('memory_gib')} GiB; {mach['platform']}",
+            f"- device {mach['device']}" + (f": {mach['gpu']}" if mach.get("gpu") else "")
+            + f"; shira_kernels backend {mach['backend']}",
+            f"- load average (1, 5, 15 min): {mach.get('load_average_start')} at the start, "
+            f"{mach.get('load_average_end')} at the end (this run's own work included)",
+            "- versions: " + ", ".join(f"{k} {v if v is not None else 'not installed'}"
+                                       for k, v in ver.items()), "",
+            "## Setup", "",
+            f"Llama-shaped model: {_size(cfg)} ({7 * cfg['blocks']} adapted projections), "
+            f"r = {cfg['r']} (SHiRA: r·(out+in) entries per weight; LoRA: rank r, scale "
+            f"{cfg['lora_scale']}). Forward and training in {cfg['forward_dtype']}, switching "
+            f"and drift in {cfg['switch_dtype']}. Switch times at "
+            f"{', '.join(str(n) for n in cfg['switch_layers'])} "
+            f"layers; drift after {cfg['drift_switches']} switches A→B→A… on one block of "
+            f"{cfg['drift_hidden']}/{cfg['drift_intermediate']}. " + _timing_rule(cfg)
+            + " The ratio is ours / the best alternative (below 1: ours is faster or smaller).",
+            ""]
     if data["skipped"]:
         out += ["## Skipped", ""] + [f"- {s['what']}: {s['reason']}" for s in data["skipped"]] \
             + [""]
-    out += ["## Summary", "", "| " + " | ".join(TABLE_HEAD) + " |",
+    capped = _capped(data)
+    out += [f"## Intervals wider than ±{_pct(target)}", ""]
+    if capped:
+        out += [f"The time cap per configuration came before these intervals narrowed to "
+                f"±{_pct(target)} (marked * below): read their medians with the interval.", ""]
+        out += [f"- {m['metric']}, {m['method']}: {_fmt(m['median'], m['unit'])}, interval "
+                f"{_fmt(m['ci95'][0], m['unit'])}–{_fmt(m['ci95'][1], m['unit'])} "
+                f"({_deviation(m)}) after {m['n']} rounds" for m in capped]
+    else:
+        out += [f"None: every timing's interval is within ±{_pct(target)} of its median."]
+    out += ["", "## Summary", "", "| " + " | ".join(TABLE_HEAD) + " |",
             "|---|---|---:|---:|---|---:|---:|---:|"]
     out += ["| " + " | ".join(row) + " |" for row in table_rows(data["comparisons"])]
     out += ["", "## Every measurement", "",
-            "| group | metric | method | role | median | min | max | n | × best alternative |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|"]
+            "| group | metric | method | role | median | 95% CI of the median | min | max | n "
+            "| × best alternative |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in data["measurements"]:
         unit = m["unit"]
         if m["skipped"]:
             out.append(f"| {m['group']} | {m['metric']} | {m['method']} | {m['role']} | "
-                       f"skipped: {m['skipped']} | | | | |")
+                       f"skipped: {m['skipped']} | | | | | |")
             continue
+        if m["n"] < sb.MIN_CI_VALUES or not m.get("ci95"):
+            ci = f"– (n < {sb.MIN_CI_VALUES})"
+        else:
+            ci = f"{_fmt(m['ci95'][0], unit)}–{_fmt(m['ci95'][1], unit)} ({_deviation(m)})"
+        ci += "*" if m.get("ci_tight") is False else ""
         out.append(f"| {m['group']} | {m['metric']} | {m['method']} | {m['role']} | "
-                   f"{_fmt(m['median'], unit)} | {_fmt(m['min'], unit)} | "
+                   f"{_fmt(m['median'], unit)} | {ci} | {_fmt(m['min'], unit)} | "
                    f"{_fmt(m['max'], unit)} | {m['n']} | {_ratio(m['ratio'])} |")
     drift = [m for m in data["measurements"] if m["group"] == "drift" and not m["skipped"]]
     if drift:
@@ -1096,7 +1244,9 @@ def markdown(data: dict) -> str:
                 + "; ".join(f"{m['method']} {m['extra']['changed_entries']:,} of "
                             f"{m['extra']['entries']:,}" for m in drift) + "."]
     if data["plots"]:
-        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in data["plots"]]
+        out += ["", "## Plots", "", "Error bars: the ~95% interval of each median (memory: "
+                "min–max of its processes)."]
+        out += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in data["plots"]]
     out += ["", "Wall times on a shared machine are noisy; the ratios, measured side by side in "
             "one run, are what to compare.", ""]
     return "\n".join(out)
@@ -1137,27 +1287,48 @@ def plots(data: dict, out_dir: Path) -> tuple[list[str], str | None]:
     return written, None
 
 
+def _error_bars(rows: list[dict]) -> list[list[float]]:
+    """matplotlib's yerr (below, above) from each measurement's ~95% interval of the median."""
+    bounds = [m.get("ci95") or (m["min"], m["max"]) for m in rows]
+    return [[m["median"] - lo for m, (lo, _) in zip(rows, bounds)],
+            [hi - m["median"] for m, (_, hi) in zip(rows, bounds)]]
+
+
+def _plot_title(what: str, dtype: str, data: dict) -> str:
+    """Two lines: what, and the size, dtype, r and processor it was measured with."""
+    cfg, mach = data["config"], data["machine"]
+    where = f"GPU {mach['gpu']}" if mach.get("gpu") else \
+        f"CPU {mach['cpu']}, {mach.get('cpu_threads') or mach.get('cpu_count')} threads"
+    return (f"{what}\nhidden {cfg['hidden']} / intermediate {cfg['intermediate']} / "
+            f"{cfg['blocks']} blocks, r = {cfg['r']}, {dtype}; {where}")
+
+
+def _lines(ax, ms, group: str, x: str) -> None:
+    """One line per method of ``group``: its medians against params[x], with error bars."""
+    for method in dict.fromkeys(m["method"] for m in ms if m["group"] == group):
+        rows = sorted((m for m in ms if m["group"] == group and m["method"] == method),
+                      key=lambda m: m["params"][x])
+        ax.errorbar([m["params"][x] for m in rows], [m["median"] for m in rows],
+                    yerr=_error_bars(rows), marker="o", capsize=3, label=method)
+
+
 def _switch_plot(ax, ms, data) -> None:
-    for method in dict.fromkeys(m["method"] for m in ms if m["group"] == "switch"):
-        pts = sorted((m["params"]["layers"], m["median"], m["min"], m["max"]) for m in ms
-                     if m["group"] == "switch" and m["method"] == method)
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+    _lines(ax, ms, "switch", "layers")
     ax.set_xticks(data["config"]["switch_layers"])
-    ax.set(xlabel="adapted layers", ylabel="switch A→B (ms, log)", yscale="log",
-           title=f"Adapter switch time ({data['config']['switch_dtype']})")
+    ax.set(xlabel="adapted layers", ylabel="switch A→B (ms, log; bars: 95% CI of the median)",
+           yscale="log")
+    ax.set_title(_plot_title("Adapter switch time", data["config"]["switch_dtype"], data),
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
 
 def _forward_plot(ax, ms, data) -> None:
-    for method in dict.fromkeys(m["method"] for m in ms if m["group"] == "forward"):
-        pts = sorted((m["params"]["tokens"], m["median"]) for m in ms
-                     if m["group"] == "forward" and m["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set(xlabel="tokens (log)", ylabel="forward latency (ms, log)", xscale="log",
-           yscale="log", title=f"Forward latency, {7 * data['config']['blocks']} layers")
+    _lines(ax, ms, "forward", "tokens")
+    ax.set(xlabel="tokens (log)", ylabel="forward latency (ms, log; bars: 95% CI of the median)",
+           xscale="log", yscale="log")
+    ax.set_title(_plot_title(f"Forward latency, {7 * data['config']['blocks']} layers",
+                             data["config"]["forward_dtype"], data), fontsize=9)
     tokens = data["config"]["forward_tokens"]
     ax.set_xticks(tokens, [str(t) for t in tokens])
     ax.grid(True, which="both", alpha=0.3)
@@ -1166,19 +1337,18 @@ def _forward_plot(ax, ms, data) -> None:
 
 def _training_plot(axes, ms, data) -> None:
     ax_t, ax_m = axes
-    for ax, group, label in ((ax_t, "train", "training step (ms)"),
-                             (ax_m, "memory", "training-step peak memory (MiB)")):
+    for ax, group, label in ((ax_t, "train", "training step (ms; bars: 95% CI of the median)"),
+                             (ax_m, "memory", "peak memory of the step (MiB; bars: min–max)")):
         rows = [m for m in ms if m["group"] == group]
         names = [m["method"] for m in rows]
         colors = ["tab:green" if m["role"] == "ours" else "tab:gray" for m in rows]
         ax.bar(range(len(rows)), [m["median"] for m in rows], color=colors,
-               yerr=[[m["median"] - m["min"] for m in rows],
-                     [m["max"] - m["median"] for m in rows]],
-               capsize=3)
+               yerr=_error_bars(rows), capsize=3)
         ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    ax_t.figure.suptitle(f"Training, {data['config']['train_tokens']} tokens")
+    ax_t.figure.suptitle(_plot_title(f"Training, {data['config']['train_tokens']} tokens",
+                                     data["config"]["forward_dtype"], data), fontsize=9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1255,7 +1425,13 @@ def run_bench(cfg: BenchConfig, out_dir, *, command: str = "shira-kernels bench"
     data = _jsonable(data)
     (out_dir / "results.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     (out_dir / "results.md").write_text(markdown(data), encoding="utf-8")
+    print("\n".join(run_header(data)) + "\n")
     print(text_table(table_rows(data["comparisons"])))
+    capped = _capped(data)
+    if capped:
+        print(f"* {len(capped)} of the timings ended at the time cap with their 95% interval "
+              f"wider than ±{_pct(data['config']['ci_target'])} of the median (listed in "
+              "results.md)")
     for s in skipped:
         print(f"skipped {s['what']}: {s['reason']}")
     bank_drift = [m for m in data["measurements"]
