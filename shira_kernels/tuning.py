@@ -52,7 +52,6 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -63,6 +62,7 @@ from pathlib import Path
 import torch
 
 from . import _machine
+from ._files import write_atomically
 
 __all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
            "measure_sliced", "fingerprint", "cache_file", "entry", "measured_decisions", "cached_decisions",
@@ -301,15 +301,7 @@ def _write(path: Path, key: str, entry: dict) -> None:
         decisions = _read(path)
         decisions[key] = entry
         body = {"format": _FORMAT, "fingerprint": fingerprint(), "decisions": decisions}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(body, handle, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, json.dumps(body, indent=1, sort_keys=True).encode())
 
 
 _memo: dict[str, dict] = {}      # key → entry, everything decided or read in this process
@@ -405,32 +397,43 @@ def measure(calls: Mapping[str, Callable], *, rounds: int = 3, sync=None
 
 
 def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
-                   step: int = 64, rounds: int = 5, sync=None) -> tuple[dict[str, float], str]:
+                   least: int = 64, rounds: int = 5, sync=None) -> tuple[dict[str, float], str]:
     """Median seconds of each candidate on a slice of the problem, as large as the budget
     allows: ``make(n)`` gives the calls on n of the problem's ``full`` independent rows (a
     layer's output rows), whose cost grows alike for every candidate as n grows, so that the
     ranking on the slice is the whole problem's. The whole is measured where it fits; a small
-    problem (few tokens: overheads and memory traffic decide) always fits."""
+    problem (few tokens: overheads and memory traffic decide) always fits. ``least`` rows at
+    the fewest (a slice small enough to sit in a core's cache would favour scattered writes).
+
+    A probe at ``least`` rows (the faster of two runs each) sizes the slice; a candidate 1.5x
+    slower than the best there is not measured further and not returned (it will not win; the
+    description says so), which leaves the budget to a larger slice for the ones that might."""
     started = time.perf_counter()
-    n = min(full, step)
+    n = min(full, least)
     probe = make(n)
     once: dict[str, float] = {}
     for name, call in probe.items():
         try:
             _time_once(call, sync)
-            once[name] = _time_once(call, sync)
+            once[name] = min(_time_once(call, sync), _time_once(call, sync))
         except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
             pass
+    if not once:
+        return {}, f"no candidate ran on {n} of {full} rows"
+    best = min(once.values())
+    kept = {name: t for name, t in once.items() if t <= 1.5 * best}
+    dropped = sorted(set(once) - set(kept))
+    note = f" ({', '.join(dropped)} left out: ≥1.5x slower on the probe)" if dropped else ""
     left = budget_s() - (time.perf_counter() - started)
-    per_round = sum(once.values())
-    if not once or per_round * rounds > left:  # even the smallest slice is over budget
-        return once, f"one run on {n} of {full} rows"
+    per_round = sum(kept.values())
+    if per_round * rounds > left:  # even the smallest slice is over budget
+        return kept, f"the faster of two runs on {n} of {full} rows{note}"
     rows = n
     while rows < full and per_round * min(2 * rows, full) / n * (rounds + 1) <= left:
         rows = min(2 * rows, full)
-    calls = {name: probe[name] for name in once} if rows == n else make(rows)
-    times, how = measure(calls, rounds=rounds, sync=sync)
-    return times, f"{how} on {rows} of {full} rows"
+    calls = make(rows) if rows != n else probe
+    times, how = measure({name: calls[name] for name in kept}, rounds=rounds, sync=sync)
+    return times, f"{how} on {rows} of {full} rows{note}"
 
 
 def entry(decision: str, key: tuple) -> dict | None:

@@ -35,7 +35,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES, check_scale, check_size
 from ..formats import SparseDelta
-from ._files import write_atomically
+from .._files import write_atomically
 
 __all__ = ["BIN_NAME", "CONFIG_NAME", "PEFT_PREFIX", "SAFETENSORS_NAME", "peft_adapter_deltas",
            "read_peft_adapter", "write_peft_adapter"]

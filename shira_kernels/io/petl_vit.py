@@ -32,7 +32,7 @@ import torch
 
 from ..formats import BinaryWeight
 from ..quant import PETL_LEVEL
-from ._files import write_atomically
+from .._files import write_atomically
 
 __all__ = ["PetlVitCheckpoint", "load_petl_vit", "petl_vit_layout", "save_petl_vit"]
 

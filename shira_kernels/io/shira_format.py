@@ -68,7 +68,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_scale, validate_indices
 from ..formats import SparseDelta, flat_index_dtype
-from ._files import write_atomically
+from .._files import write_atomically
 
 __all__ = ["CHECKSUM_KEY", "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "base_checksum",
            "check_base", "content_checksum", "load_adapter", "read_adapter", "save_adapter"]

@@ -235,67 +235,93 @@ def static_strategy(device_type: str, dtype: torch.dtype, tokens: int,
 
 def auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int,
                   training: bool = False, shape: tuple[int, int] | None = None,
-                  nnz: int | None = None) -> str:
+                  nnz: int | None = None, grad_x: bool = True) -> str:
     """The strategy "auto" runs for this many tokens of this dtype on ``device`` (a layer of
-    ``shape`` with ``nnz`` adapted entries): measured on this machine for the layer's class
+    ``shape`` with ``nnz`` adapted entries; ``training``: the call records a backward, which
+    ``grad_x`` says includes x's gradient): measured on this machine for the layer's class
     (tuning.decide), or the table's choice (static_strategy) when tuning is off or the layer's
     shape is not given."""
     device = torch.device(device)
     default = static_strategy(device.type, dtype, tokens, training)
     if shape is None or nnz is None or not nnz or tuning.mode() == "off":
         return default
-    token_class = next((c for c in _TOKEN_CLASSES if tokens <= c), _TOKEN_CLASSES[-1])
     return _tuned_strategy(str(device), dtype, int(shape[0]), int(shape[1]), int(nnz),
-                           token_class, bool(training), default)
+                           _token_class(tokens), _backward_kind(training, grad_x), default)
+
+
+def _backward_kind(training: bool, grad_x: bool) -> str:
+    """What the call's backward computes, as the decision's key says it: the gradient of x
+    costs a second matmul, as large as the forward's, so it changes which strategy wins."""
+    return "training" if training and grad_x else "training, no grad of x" if training \
+        else "inference"
 
 
 STRATEGY_DECISION = "sparse_delta_linear.strategy"
-# Token classes: a decision is measured once per class, at its upper end.
-_TOKEN_CLASSES = (1, 4, 16, 64, 256, 1024, 4096)
+# Token classes (upper end, the count measured): 1, 2-4, 5-16, ..., 257-1024, 1025 and more. A
+# class is measured once, at half its upper end: within a factor of 2 of every count in it.
+_TOKEN_CLASSES = ((1, 1), (4, 2), (16, 8), (64, 32), (256, 128), (1024, 512))
+_MANY_TOKENS = 2048
+
+
+def _token_class(tokens: int) -> int:
+    """The token count measured for ``tokens``' class."""
+    return next((measured for upper, measured in _TOKEN_CLASSES if tokens <= upper),
+                _MANY_TOKENS)
+
+
+def _token_label(measured: int) -> str:
+    if measured == 1:
+        return "tokens 1"
+    if measured == _MANY_TOKENS:
+        return f"tokens {_TOKEN_CLASSES[-1][0] + 1}+"
+    return f"tokens {measured // 2 + 1}-{2 * measured}"
 
 
 def _strategy_key(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int, nnz: int,
-                  tokens: int, training: bool) -> tuple:
+                  tokens: int, backward: str) -> tuple:
     """The decision's key: where it runs (the GPU, or the CPU threads torch uses), the backend
     asked for, the dtype, the layer's shape, its number of entries to the nearest power of two,
-    the token class and training or not."""
+    the token class and the backward's kind (_backward_kind)."""
     where = (f"{torch.cuda.get_device_name(device)} "
              f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
              if device.type == "cuda" else f"cpu {torch.get_num_threads()} threads")
     nnz_class = min(1 << round(math.log2(max(nnz, 1))), out_f * in_f)
     return (where, backends.requested() or "auto", str(dtype).removeprefix("torch."),
-            f"{out_f}x{in_f}", nnz_class, tokens, "training" if training else "inference")
+            f"{out_f}x{in_f}", nnz_class, _token_label(tokens), backward)
 
 
 def strategy_entry(device, dtype: torch.dtype, tokens: int, training: bool, shape,
-                   nnz: int) -> dict | None:
+                   nnz: int, grad_x: bool = True) -> dict | None:
     """The tuned decision behind auto_strategy for these arguments (value, each candidate's
     ms, how it was measured), or None where none was made in this process."""
-    token_class = next((c for c in _TOKEN_CLASSES if tokens <= c), _TOKEN_CLASSES[-1])
     key = _strategy_key(torch.device(device), dtype, int(shape[0]), int(shape[1]), int(nnz),
-                        token_class, training)
+                        _token_class(tokens), _backward_kind(training, grad_x))
     return tuning.entry(STRATEGY_DECISION, key)
 
 
 _decided = tuning.memo()  # the arguments of _tuned_strategy → its result, for this process
+_SLICE_BYTES = 4 * 2**20
 
 
 @torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
 def _tuned_strategy(device: str, dtype: torch.dtype, out_f: int, in_f: int, nnz: int,
-                    tokens: int, training: bool, default: str) -> str:
+                    tokens: int, backward: str, default: str) -> str:
     # A layer's forward asks this once per call: a dict lookup on the raw arguments (and what
     # else the key depends on) first, the key and the decision only the first time.
-    fast = (device, dtype, out_f, in_f, nnz, tokens, training, default, tuning.mode(),
+    fast = (device, dtype, out_f, in_f, nnz, tokens, backward, default, tuning.mode(),
             backends.requested(), torch.get_num_threads())
     value = _decided.get(fast)
     if value is None:
         dev = torch.device(device)
-        key = _strategy_key(dev, dtype, out_f, in_f, nnz, tokens, training)
+        key = _strategy_key(dev, dtype, out_f, in_f, nnz, tokens, backward)
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
         make = functools.partial(_strategy_calls, dev, dtype, (out_f, in_f), key[4], tokens,
-                                 training)
+                                 backward)
+        # At least 4 MiB of W: a slice that fits a core's cache makes swap's scattered writes
+        # look cheaper than on the whole layer.
+        least = -(-_SLICE_BYTES // (in_f * dtype.itemsize))
         value = tuning.decide(STRATEGY_DECISION, key, default,
-                              lambda: tuning.measure_sliced(make, out_f, sync=sync))
+                              lambda: tuning.measure_sliced(make, out_f, least=least, sync=sync))
         if value not in STRATEGIES[1:]:  # a cache file written by another version
             value = default
         _decided[fast] = value
@@ -303,11 +329,12 @@ def _tuned_strategy(device: str, dtype: torch.dtype, out_f: int, in_f: int, nnz:
 
 
 def _strategy_calls(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], nnz: int,
-                    tokens: int, training: bool, rows: int) -> dict:
+                    tokens: int, backward: str, rows: int) -> dict:
     """{strategy: a call running it} on ``rows`` output rows of a layer like the one asked
-    about (its width, dtype and density of entries, spread at random), forward and, for
-    ``training``, the backward of x and of S's values, through the op bodies (lock-free: these
-    tensors are the call's own). Values do not change the time: W is a constant."""
+    about (its width, dtype and density of entries, spread at random): the forward and the
+    ``backward`` the key names (S's values' gradient, and x's), through the op bodies
+    (lock-free: these tensors are the call's own). Values do not change the time: W is a
+    constant."""
     in_f = shape[1]
     gen = torch.Generator().manual_seed(rows)
     entries = max(1, round(nnz * rows / shape[0]))
@@ -330,9 +357,9 @@ def _strategy_calls(device: torch.device, dtype: torch.dtype, shape: tuple[int, 
                     F.linear(x, weight, None)
             else:
                 _linear_reading(x, weight, None, values, flat, *struct, 1.0, strategy)
-            if training:
+            if backward != "inference":
                 _backward_holding(gy, x, weight, values, flat, *struct, 1.0, strategy,
-                                  True, False)
+                                  backward == "training", False)
         return run
     return {name: call(name) for name in names}
 
@@ -381,7 +408,7 @@ def sparse_delta_linear_unpacked(x: torch.Tensor, weight: torch.Tensor,
             x.requires_grad or weight.requires_grad or values.requires_grad
             or (bias is not None and bias.requires_grad))
         strategy = auto_strategy(x.device, run_dtype, x2.shape[0], training, weight.shape,
-                                 values.shape[0])
+                                 values.shape[0], x.requires_grad)
     s = structure
     run = _linear_op if via_op(x) else _eager_linear
     y = run(x2, weight, bias, values, flat_indices, s.row_offsets, s.cols, s.rows,
