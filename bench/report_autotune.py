@@ -47,8 +47,9 @@ from shira_kernels.harness import benchmark as hb
 hidden, inter, tokens, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 dtype = getattr(torch, dtype)
 shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
-layers = [hb.shira_linear_layer(hb.make_linear(o, i, dtype=dtype, seed=k), r=hidden // 128,
-                                seed=k) for k, (o, i) in enumerate(shapes)]
+r = max(1, hidden // 128)
+layers = [hb.shira_linear_layer(hb.make_linear(o, i, dtype=dtype, seed=k), r=r, seed=k)
+          for k, (o, i) in enumerate(shapes)]
 xs = [torch.randn(tokens, i, dtype=dtype, requires_grad=True) for _, i in shapes]
 steps = [hb.training_step(layer, x) for layer, x in zip(layers, xs)]
 from shira_kernels import backends
@@ -67,8 +68,9 @@ print(json.dumps({"steps_s": times, "measured": len(entries),
 
 def first_step(hidden: int, inter: int, tokens: int, dtype: str, env: dict) -> dict:
     out = subprocess.run([sys.executable, "-c", _FIRST_STEP, str(hidden), str(inter),
-                          str(tokens), dtype], env=env, capture_output=True, text=True,
-                         check=True)
+                          str(tokens), dtype], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the first-step process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -71,6 +71,21 @@ def test_shira_linear_report_quick(tmp_path):
     assert "| fused forward within 1.02× of nn.Linear (every token count) | **" in text
 
 
+def test_autotune_report_at_a_toy_size(tmp_path):
+    # Every decision is measured in the run (tuning on, in a fresh cache of the script's own,
+    # whatever the suite's setting), and the table says which strategy auto ran.
+    out = tmp_path / "autotune.md"
+    run_script("report_autotune.py", "--shapes", "96x80", "--dtypes", "fp32,bf16",
+               "--tokens", "1,20", "--repeat", "1", "--min-time", "0",
+               "--first-step", "64,160,8,float32", "--out", str(out))
+    text = out.read_text()
+    assert "| first (empty cache) | 3 |" in text and "| second (reads the cache) | 0 |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 96x80 |")]
+    assert len(rows) == 2 * 2 * 2
+    assert all(row.split(" | ")[4] in ("fold", "spmm", "swap") for row in rows), rows
+    assert "configurations" in text and "decisions of the table above" in text
+
+
 def load_report(name: str):
     """bench/<name>.py imported as a module (its functions, without running it)."""
     import importlib.util
