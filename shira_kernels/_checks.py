@@ -179,6 +179,19 @@ def _is_bool(value) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
+def check_float_tensor(name: str, t, dtype=None, device=None) -> None:
+    """``t`` is a float32/float16/bfloat16 tensor (of ``dtype`` and on ``device`` where given,
+    those of the call's other inputs); TypeError or ValueError naming ``name`` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the other inputs have {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
 def check_scale(value, name: str = "scale") -> float:
     """``value`` as a Python float, for a scale or weight that multiplies an adapter.
 

@@ -20,7 +20,7 @@ import functools
 import torch
 
 from .. import _native, backends, tuning
-from .._checks import FLOAT_DTYPES, TensorCache, check_scale
+from .._checks import TensorCache, check_float_tensor, check_scale
 from ..formats import BinaryWeight
 from . import registry
 from ._eager import eager_function, via_op
@@ -232,10 +232,7 @@ _eager_binary_lora = eager_function(
 # Public functions.
 # ---------------------------------------------------------------------------------------------
 def _check_x(x, in_features: int, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; supported: float32, float16, bfloat16")
+    check_float_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be {what}'s "
                          f"in_features = {in_features}")

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import _native, backends, tuning
-from .._checks import FLOAT_DTYPES, check_representable, forget_index_checks, validate_indices
+from .._checks import (check_float_tensor, check_representable, forget_index_checks,
+                       validate_indices)
 from .._concurrency import interrupts_deferred, writing
 from . import registry
 
@@ -172,10 +173,7 @@ def _check_swap_args(weights, indices, values):
         return weights, indices, values
     device = weights[0].device
     for i, (w, idx, v) in enumerate(zip(weights, indices, values)):
-        if w.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"weights[{i}] has dtype {w.dtype}; supported: float32, float16, bfloat16")
-        if w.device != device:
-            raise ValueError(f"weights[{i}] is on {w.device} but weights[0] is on {device}")
+        check_float_tensor(f"weights[{i}]", w, device=device)
         if not w.is_contiguous():
             raise ValueError(f"weights[{i}] must be contiguous (it is swapped in place)")
         if idx.device != device:

@@ -34,14 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from ... import backends, tuning
-from ..._checks import check_scale
+from ..._checks import check_float_tensor, check_scale
 from ..._concurrency import weight_lock
 from ...formats import SparseDelta, SparseStructure, flat_index_dtype
 from .. import registry
 from .._eager import eager_function, via_op
 from ..scatter_swap import raise_outside, swap_in_range, swap_unchecked
-from .parts import (_add_delta_holding, _check_delta, _check_delta_shape, _check_float,
-                    _values_gradient)
+from .parts import _add_delta_holding, _check_delta, _check_delta_shape, _values_gradient
 
 STRATEGIES = ("auto", "fold", "spmm", "swap", "merge")
 # The measured decisions ("auto"'s token thresholds) are rows of the tuning table
@@ -386,21 +385,21 @@ def sparse_delta_linear_unpacked(x: torch.Tensor, weight: torch.Tensor,
     matmul)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    _check_float("x", x)
+    check_float_tensor("x", x)
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = None if autocast else x.dtype
-    _check_float("weight", weight, dtype, x.device)
+    check_float_tensor("weight", weight, dtype, x.device)
     if weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
                          f"{weight.shape[1]}")
     if bias is not None:
-        _check_float("bias", bias, dtype, x.device)
+        check_float_tensor("bias", bias, dtype, x.device)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     _check_delta_shape(delta_shape, weight.shape, "weight")
-    _check_float("delta.values", values, dtype, x.device)
+    check_float_tensor("delta.values", values, dtype, x.device)
     x2 = x.reshape(-1, x.shape[-1])
     if strategy == "auto":
         run_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype

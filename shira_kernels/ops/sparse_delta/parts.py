@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _native, tuning
-from ..._checks import FLOAT_DTYPES, TensorCache, check_scale
+from ..._checks import TensorCache, check_float_tensor, check_scale
 from ..._concurrency import reading
 from ...formats import SparseDelta
 from .. import registry
@@ -241,25 +241,14 @@ def _check_delta_shape(delta_shape, shape, what: str) -> None:
         raise ValueError(f"delta has shape {tuple(delta_shape)} but {what} needs {tuple(shape)}")
 
 
-def _check_float(name: str, t, dtype=None, device=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but the other inputs have {dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
-
-
 def _check_operands(delta, first, second, values: bool = True) -> None:
     """Two [T, features] operands, each (name, tensor, "in" | "out"): floating, of the first's
     dtype and device, with the same T, and delta [out, in] between them. ``values``: the op
     reads S's values, so they too must be of that dtype (else delta need only be on that
     device)."""
     (name_a, a, side_a), (name_b, b, side_b) = first, second
-    _check_float(name_a, a)
-    _check_float(name_b, b, a.dtype, a.device)
+    check_float_tensor(name_a, a)
+    check_float_tensor(name_b, b, a.dtype, a.device)
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"{name_a} must be [T, {side_a}] and {name_b} [T, {side_b}], "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -267,7 +256,7 @@ def _check_operands(delta, first, second, values: bool = True) -> None:
     (out_name, out), (in_name, in_) = sides["out"], sides["in"]
     _check_delta(delta, (out.shape[1], in_.shape[1]), f"{out_name} and {in_name}")
     if values:
-        _check_float("delta.values", delta.values, a.dtype, a.device)
+        check_float_tensor("delta.values", delta.values, a.dtype, a.device)
     elif delta.device != a.device:
         raise ValueError(f"delta is on {delta.device} but {name_a} is on {a.device}")
 
@@ -297,15 +286,15 @@ def sddmm(gy: torch.Tensor, x: torch.Tensor, delta: SparseDelta) -> torch.Tensor
 def add_delta(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """W + scale·S (entries computed in fp32 and rounded once), into ``out`` if given."""
-    _check_float("weight", weight)
+    check_float_tensor("weight", weight)
     if weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
     _check_delta(delta, weight.shape, "weight")
-    _check_float("delta.values", delta.values, weight.dtype, weight.device)
+    check_float_tensor("delta.values", delta.values, weight.dtype, weight.device)
     if out is None:
         out = torch.empty_like(weight)
     else:
-        _check_float("out", out, weight.dtype, weight.device)
+        check_float_tensor("out", out, weight.dtype, weight.device)
         if out.shape != weight.shape or not out.is_contiguous():
             raise ValueError(f"out must be contiguous with shape {tuple(weight.shape)}")
     _add_delta_op(weight, delta.flat_indices, delta.values, check_scale(scale), out)
