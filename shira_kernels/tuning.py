@@ -342,13 +342,20 @@ def decide(decision: str, key: tuple, default: str,
             entry = _disk[path].get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("value"), str):
             started = time.perf_counter()
-            times, how = timings()
+            try:
+                times, how = timings()
+            except Exception as exc:  # noqa: BLE001 - measuring must not fail the caller's call
+                warnings.warn(f"shira_kernels: measuring {name} failed ({type(exc).__name__}: "
+                              f"{exc}); using the static choice {default!r} in this process",
+                              RuntimeWarning, stacklevel=3)
+                times, how = None, f"measuring failed: {type(exc).__name__}"
             entry = {"value": min(times, key=times.get) if times else default,
-                     "ms": {k: round(v * 1e3, 4) for k, v in times.items()}, "how": how,
-                     "tuning_s": round(time.perf_counter() - started, 3),
+                     "ms": {k: round(v * 1e3, 4) for k, v in (times or {}).items()},
+                     "how": how, "tuning_s": round(time.perf_counter() - started, 3),
                      "when": datetime.datetime.now(datetime.timezone.utc).isoformat(
                          timespec="seconds")}
-            _keep(path, name, entry)
+            if times is not None:  # a failure is not kept: another process may measure
+                _keep(path, name, entry)
             _measured_here.add(name)
             if tune == "force":
                 _forced.add(name)

@@ -251,3 +251,12 @@ def test_a_cached_value_that_is_no_strategy_gives_the_static_choice(tune):
     tuning.decide(sd.STRATEGY_DECISION, key, "spmm", lambda: ({"warp": 0.1}, "fixed"))
     assert sd.auto_strategy("cpu", torch.float32, 9, False, (48, 64), nnz) == \
         sd.static_strategy("cpu", torch.float32, 9, False)
+
+
+def test_a_failure_while_measuring_gives_the_default_and_is_not_kept(tune):
+    def timings():
+        raise MemoryError("no room for the candidates' tensors")
+    with pytest.warns(RuntimeWarning, match="measuring d.* failed .*MemoryError"):
+        assert tuning.decide("d", (1,), "spmm", timings) == "spmm"
+    assert tuning.decide("d", (1,), "spmm", timings) == "spmm"  # once per process
+    assert not tuning.cache_file().exists()
