@@ -1,9 +1,29 @@
-"""Writing files so that a failure never leaves a truncated file under the final name."""
+"""Files shared between processes: written so that a failure never leaves a truncated file
+under the final name, and locked so that the lock goes when its holder dies."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path):
+    """Hold an exclusive advisory lock (flock) on ``lock_path`` (created if missing) for the
+    block: one holder at a time across processes, released by the OS if the holder dies. Where
+    the OS has no flock (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import _machine
+from ._files import locked
 
 log = logging.getLogger("shira_kernels")
 
@@ -57,6 +58,17 @@ def _spec(kind: str) -> tuple[list[Path], dict]:
     return sources, flags
 
 
+def build_directory(kind: str) -> Path:
+    """Where extension ``kind`` is built and cached: named by a hash of its sources, flags,
+    torch and Python versions and the CPU (a build is reused only where it was made)."""
+    sources, flags = _spec(kind)
+    key = hashlib.sha256()
+    for path in sources + sorted(csrc_dir().rglob("*.h")) + sorted(csrc_dir().rglob("*.cuh")):
+        key.update(path.name.encode() + path.read_bytes())
+    key.update(repr((flags, torch.__version__, platform.python_version(), _cpu_key())).encode())
+    return _machine.cache_dir() / f"shira_{kind}_{key.hexdigest()[:16]}"
+
+
 def _build(kind: str):
     if os.environ.get("SHIRA_KERNELS_NO_BUILD") == "1":
         raise RuntimeError("native build disabled by SHIRA_KERNELS_NO_BUILD=1")
@@ -71,18 +83,22 @@ def _build(kind: str):
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler: {compiler!r} not found on PATH (set CXX)")
     sources, flags = _spec(kind)
-    key = hashlib.sha256()
-    for path in sources + sorted(csrc_dir().rglob("*.h")) + sorted(csrc_dir().rglob("*.cuh")):
-        key.update(path.name.encode() + path.read_bytes())
-    key.update(repr((flags, torch.__version__, platform.python_version(), _cpu_key())).encode())
-    name = f"shira_{kind}_{key.hexdigest()[:16]}"
-    build_dir = _machine.cache_dir() / name
+    build_dir = build_directory(kind)
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("shira_kernels: building %s kernels in %s (first use only)", kind, build_dir)
     try:
-        return cpp_extension.load(name=name, sources=[str(s) for s in sources],
-                                  build_directory=str(build_dir),
-                                  extra_include_paths=[str(csrc_dir())], verbose=False, **flags)
+        with locked(build_dir / "shira_build.lock"):  # across processes
+            # torch's own lock file, left by a build that was killed (Ctrl-C): torch would wait
+            # for it forever. Whoever made it no longer holds our lock, so it is stale.
+            baton = build_dir / "lock"
+            if baton.exists():
+                log.warning("shira_kernels: removing %s, left by a build that did not finish",
+                            baton)
+                baton.unlink(missing_ok=True)
+            return cpp_extension.load(name=build_dir.name, sources=[str(s) for s in sources],
+                                      build_directory=str(build_dir),
+                                      extra_include_paths=[str(csrc_dir())], verbose=False,
+                                      **flags)
     except Exception as exc:  # the compiler's output is in the message
         log_path = build_dir / "build.log"
         log_path.write_text(str(exc))

@@ -45,7 +45,6 @@ largest slice of the problem that fits in it (``measure_sliced``).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -62,7 +61,7 @@ from pathlib import Path
 import torch
 
 from . import _machine
-from ._files import write_atomically
+from ._files import locked, write_atomically
 
 __all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
            "measure_sliced", "fingerprint", "cache_file", "entry", "measured_decisions", "cached_decisions",
@@ -278,26 +277,11 @@ def _read(path: Path) -> dict:
     return data["decisions"]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks: the atomic replace still keeps the file whole
-        yield
-        return
-    with open(path.with_suffix(".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _write(path: Path, key: str, entry: dict) -> None:
     """Merge one decision into the file: under the lock, read what other processes wrote, add
     this one, write a temporary file beside it and rename it over the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path):
+    with locked(path.with_suffix(".lock")):
         decisions = _read(path)
         decisions[key] = entry
         body = {"format": _FORMAT, "fingerprint": fingerprint(), "decisions": decisions}

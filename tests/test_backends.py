@@ -110,3 +110,21 @@ def test_without_a_compiler_runs_on_the_reference_and_says_why_once(tmp_path):
     assert "no C++ compiler" in result.stdout
     # The reason for falling back is logged once, not on every call.
     assert result.stderr.count("cpu backend not used for cpu tensors") == 1, result.stderr
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process():
+    # torch's cpp_extension waits forever on its lock file when a build was killed mid-way
+    # (Ctrl-C); the package removes it under a lock of its own that dies with its holder.
+    from shira_kernels import _native
+
+    build_dir = _native.build_directory("cpu")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / "lock").touch()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop(backends.ENV_VAR, None)
+    result = subprocess.run([sys.executable, "-c", "from shira_kernels import _native; "
+                             "_native.module('cpu'); print('loaded')"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
+    assert not (build_dir / "lock").exists()
+    assert "left by a build that did not finish" in result.stderr
