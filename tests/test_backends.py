@@ -112,19 +112,26 @@ def test_without_a_compiler_runs_on_the_reference_and_says_why_once(tmp_path):
     assert result.stderr.count("cpu backend not used for cpu tensors") == 1, result.stderr
 
 
-def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process():
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process(tmp_path):
     # torch's cpp_extension waits forever on its lock file when a build was killed mid-way
-    # (Ctrl-C); the package removes it under a lock of its own that dies with its holder.
+    # (Ctrl-C); the package removes it under a lock of its own that dies with its holder. On a
+    # copy of this process's build in a cache of the test's own, so that no other build (of
+    # another process sharing the machine's cache) can take the lock file away first.
+    import shutil
+
     from shira_kernels import _native
 
-    build_dir = _native.build_directory("cpu")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    (build_dir / "lock").touch()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    _native.module("cpu")  # built (or loaded) here first
+    built = _native.build_directory("cpu")
+    copy = tmp_path / "cache" / built.name
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "*.lock"))
+    (copy / "lock").touch()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SHIRA_KERNELS_CACHE=str(tmp_path / "cache"))
     env.pop(backends.ENV_VAR, None)
     result = subprocess.run([sys.executable, "-c", "from shira_kernels import _native; "
-                             "_native.module('cpu'); print('loaded')"],
+                             "_native.module('cpu'); print(_native.build_directory('cpu'))"],
                             env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
-    assert not (build_dir / "lock").exists()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(copy)
+    assert not (copy / "lock").exists()
     assert "left by a build that did not finish" in result.stderr
