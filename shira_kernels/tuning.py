@@ -9,7 +9,8 @@ type fall back to the default the op passes.
 Architecture classes: for CPUs the vector ISA torch uses here
 (``torch.backends.cpu.get_cpu_capability()``: "AVX512", "AVX2", ...) with "+BF16" and "+AMX"
 where the CPU has AVX512-BF16 and AMX tiles (the AMD EPYC measured: "AVX512+BF16"; Intel Xeons
-with AMX: "AVX512+BF16+AMX"), for CUDA devices the device name. The "*" rows were measured on
+with AMX: "AVX512+BF16+AMX"; SHIRA_KERNELS_ARCH_CLASS names another, to run with its rows),
+for CUDA devices the device name. The "*" rows were measured on
 one machine per device type (a 2-core AMD EPYC, Zen 5; one H200), which the row names.
 
 Decisions:
@@ -123,10 +124,15 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+ARCH_ENV = "SHIRA_KERNELS_ARCH_CLASS"
+
+
 @functools.cache
 def arch_class(device_type: str) -> str:
     """The architecture class of this machine's ``device_type`` (module docstring)."""
     if device_type == "cpu":
+        if os.environ.get(ARCH_ENV):  # another class's static rows, e.g. to test them here
+            return os.environ[ARCH_ENV]
         # The vector ISA torch uses, and the matrix units its bf16/fp16 GEMMs use where present
         # (oneDNN on AMX is several times faster than on AVX512-BF16 alone).
         arch = torch.backends.cpu.get_cpu_capability()

@@ -2,6 +2,7 @@
 lookups that pick the most specific row."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from shira_kernels import tuning
@@ -50,19 +51,42 @@ def test_most_specific_row_wins(monkeypatch):
         tuning._resolved.cache_clear()
 
 
-def test_cpu_architecture_class_names_bf16_and_amx_units():
-    arch = tuning.arch_class("cpu")
+def test_cpu_architecture_class_names_bf16_and_amx_units(monkeypatch):
+    monkeypatch.delenv(tuning.ARCH_ENV, raising=False)  # the machine's own class
+    arch = tuning.arch_class.__wrapped__("cpu")
     assert arch.startswith(torch.backends.cpu.get_cpu_capability())
     assert ("+BF16" in arch) == torch.cpu._is_avx512_bf16_supported()
     assert ("+AMX" in arch) == torch.cpu._is_amx_tile_supported()
 
 
-def test_auto_strategy_reads_the_table():
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        first, last = tuning.lookup("fold_tokens", "cpu", dtype)
-        assert sd.auto_strategy("cpu", dtype, first) == "fold"
-        if last is not None:
-            assert sd.auto_strategy("cpu", dtype, last + 1) in ("spmm", "swap")
-    assert sd.FOLD_TOKENS == tuning.view("fold_tokens")
+@pytest.mark.parametrize("arch", ["AVX512+BF16", "AVX512+BF16+AMX", "AVX2"])
+def test_auto_strategy_reads_the_table_of_each_cpu_class(monkeypatch, arch):
+    monkeypatch.setattr(tuning, "arch_class", lambda device_type: arch)
+    tuning._resolved.cache_clear()
+    try:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            first, last = tuning.lookup("fold_tokens", "cpu", dtype)
+            swap_from = tuning.lookup("swap_from_tokens", "cpu", dtype)
+            for tokens in (1, 2, 16, swap_from - 1, swap_from, 4096):
+                folds = first is not None and first <= tokens and (last is None or tokens <= last)
+                expected = "fold" if folds else "swap" if tokens >= swap_from else "spmm"
+                assert sd.auto_strategy("cpu", dtype, tokens) == expected, (dtype, tokens)
+        assert sd.FOLD_TOKENS == tuning.view("fold_tokens")
+    finally:
+        monkeypatch.undo()
+        tuning._resolved.cache_clear()
     assert sd.auto_strategy("cuda", torch.bfloat16, tuning.lookup("swap_from_tokens", "cuda")) \
         == "swap"
+
+
+def test_the_amx_class_never_folds_and_swaps_bf16_from_128(monkeypatch):
+    monkeypatch.setattr(tuning, "arch_class", lambda device_type: "AVX512+BF16+AMX")
+    tuning._resolved.cache_clear()
+    try:
+        assert [sd.auto_strategy("cpu", torch.bfloat16, t) for t in (1, 127, 128)] == \
+            ["spmm", "spmm", "swap"]
+        assert [sd.auto_strategy("cpu", torch.float32, t, True) for t in (1, 1023, 1024)] == \
+            ["spmm", "spmm", "swap"]
+    finally:
+        monkeypatch.undo()
+        tuning._resolved.cache_clear()
