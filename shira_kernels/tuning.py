@@ -65,7 +65,7 @@ from . import _machine
 from ._files import locked, write_atomically
 
 __all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
-           "measure_sliced", "fingerprint", "cache_file", "entry", "measured_decisions", "cached_decisions",
+           "measure_sliced", "fingerprint", "cache_file", "entry", "measured_decisions",
            "forget_decisions"]
 
 _CPU_AMD = "AMD EPYC (Zen 5), 2 cores, torch 2.13 CPU (MKL fp32 matmul)"
@@ -447,12 +447,6 @@ def entry(decision: str, key: tuple) -> dict | None:
 def measured_decisions() -> dict[str, dict]:
     """The decisions this process measured (not those it read from the file)."""
     return {name: _memo[name] for name in _measured_here if name in _memo}
-
-
-def cached_decisions() -> dict[str, dict]:
-    """Every decision this process knows: the machine's file, then what it decided itself."""
-    path = cache_file()
-    return {**_read(path), **_disk.get(path, {}), **_memo}
 
 
 _memos: list[dict] = []
