@@ -260,3 +260,22 @@ def test_a_failure_while_measuring_gives_the_default_and_is_not_kept(tune):
         assert tuning.decide("d", (1,), "spmm", timings) == "spmm"
     assert tuning.decide("d", (1,), "spmm", timings) == "spmm"  # once per process
     assert not tuning.cache_file().exists()
+
+
+def test_threads_asking_at_once_measure_once_and_agree(tune):
+    import threading
+
+    calls, results = [], []
+
+    def timings():
+        calls.append(1)
+        time.sleep(0.05)  # long enough for the other threads to arrive meanwhile
+        return {"a": 1.0, "b": 0.5}, "fixed"
+
+    threads = [threading.Thread(target=lambda: results.append(
+        tuning.decide("d", (1,), "a", timings))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["b"] * 4 and len(calls) == 1
