@@ -21,6 +21,7 @@ binary_linear and its gradient of x on a weight of the layer's shape (where a bu
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ from shira_kernels.harness.cpu_variant import build_cpu_variant
 from shira_kernels.ops import binary as binary_ops
 
 
-def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw, bytes_t):
+def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
     """name -> zero-argument call, for the kernels this build has."""
     calls = {"spmm": lambda: mod.spmm(y, x, s.row_offsets, s.cols, values, 1.0, True),
              "sddmm (offsets derived)": lambda: mod.sddmm(gy, x, s.rows, s.cols)}
@@ -51,16 +52,29 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw, bytes_t):
             x, weight, None, s.row_offsets, s.cols, None, values, 1.0, False)
         calls["folded_linear grad x"] = lambda: mod.folded_linear(
             gy, weight, None, s.t_offsets, s.t_cols, s.t_perm, values, 1.0, True)
-    one_bit = (x, bw.packed, bytes_t, bw.alpha, bw.mu, None, 1.0)
-    try:
-        mod.binary_linear(*one_bit)
-        calls["binary_linear"] = lambda: mod.binary_linear(*one_bit)
-    except TypeError:  # a build whose binary_linear takes a token limit: table lookup up to it,
-        # then unpack + mm
-        calls["binary_linear"] = lambda: mod.binary_linear(*one_bit, 16)
+    # The sign layouts differ between builds: this one's panels (ops/binary.py), else the
+    # older [words·4, out rounded up to 16] transpose, and the packed rows for the gradient.
+    panels, panels_t = binary_ops._sign_panels(bw.packed), binary_ops._sign_panels_t(bw.packed)
+    older = bw.packed.new_zeros((bw.packed.shape[1] * 4, -(-bw.shape[0] // 16) * 16),
+                                dtype=torch.uint8)
+    older[:, :bw.shape[0]] = bw.packed.view(torch.uint8).t()
+    for layout, extra in ((panels, ()), (older, ()), (older, (16,))):
+        one_bit = (x, bw.packed, layout, bw.alpha, bw.mu, None, 1.0, *extra)
+        try:
+            mod.binary_linear(*one_bit)
+        except (TypeError, RuntimeError):  # another layout, or a token limit (older builds)
+            continue
+        calls["binary_linear"] = functools.partial(mod.binary_linear, *one_bit)
+        break
     if hasattr(mod, "binary_linear_grad_x"):
-        calls["binary_linear_grad_x"] = lambda: mod.binary_linear_grad_x(
-            gy, bw.packed, bw.alpha, bw.mu, bw.shape[1])
+        for signs in (panels_t, bw.packed):
+            args = (gy, signs, bw.alpha, bw.mu, bw.shape[1])
+            try:
+                mod.binary_linear_grad_x(*args)
+            except (TypeError, RuntimeError):
+                continue
+            calls["binary_linear_grad_x"] = functools.partial(mod.binary_linear_grad_x, *args)
+            break
     return calls
 
 
@@ -119,15 +133,13 @@ def main(argv=None) -> int:
         y, gx = torch.randn(args.tokens, out_f), torch.randn(args.tokens, in_f)
         weight = torch.randn(out_f, in_f)
         bw = shira_kernels.BinaryWeight.from_float(weight)
-        bytes_t = binary_ops._bytes_t(bw.packed)
         calls = {}
         for build, mod in builds.items():
             for kernel, call in kernel_calls(mod, s, values, x.clone(), y.clone(), gy,
-                                             gx.clone(), weight, bw, bytes_t).items():
+                                             gx.clone(), weight, bw).items():
                 calls[(kernel, build)] = call
         for kernel in sorted({k for k, _ in calls}):  # every build, one input: they agree
-            outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone(), weight, bw,
-                                 bytes_t)[kernel]()
+            outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone(), weight, bw)[kernel]()
                     for build, mod in builds.items() if (kernel, build) in calls]
             exact = args.march == "native" and not kernel.startswith("binary")
             if not all(agree(o, outs[0], exact) for o in outs[1:]):

@@ -194,21 +194,27 @@ int64_t add_at_indices(torch::Tensor& out, const torch::Tensor& weight,
                                     static_cast<float>(scale), idx.numel(), saved_ptr);
 }
 
+// Checks that `panels` are the sign panels (kernels.h) of a [lanes, steps] sign matrix.
+void check_panels(const torch::Tensor& panels, int64_t lanes, int64_t steps, const char* what) {
+  TORCH_CHECK(panels.scalar_type() == torch::kUInt8 && panels.is_contiguous() &&
+                  panels.dim() == 3 && panels.size(0) * shira::cpu::kPanel >= lanes &&
+                  panels.size(1) == (steps + 31) / 32 * 4 && panels.size(2) == shira::cpu::kPanel,
+              what, " must be contiguous uint8 [ceil(", lanes, " / 64), ", (steps + 31) / 32 * 4,
+              ", 64], got ", panels.sizes());
+}
+
 // y = scale * (x @ (mu + alpha * s)^T + bias) in fp32 for 1-bit signs packed in int32
-// [out, words] and alpha, mu fp32 of numel 1 or out; bytes_t is packed's bytes transposed to
-// [words * 4, ld] (ld a multiple of 16, at least out), made once per weight by the caller.
+// [out, words] and alpha, mu fp32 of numel 1 or out; panels are s's sign panels
+// [ceil(out / 64), words * 4, 64] (kernels.h), made once per weight by the caller.
 torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
-                            const torch::Tensor& bytes_t, const torch::Tensor& alpha,
+                            const torch::Tensor& panels, const torch::Tensor& alpha,
                             const torch::Tensor& mu, const c10::optional<torch::Tensor>& bias,
                             double scale) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && packed.scalar_type() == torch::kInt32,
               "binary_linear: x [T, in] and packed int32 [out, words]");
   const int64_t tokens = x.size(0), in = x.size(1), out = packed.size(0), words = packed.size(1);
   TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
-  TORCH_CHECK(bytes_t.scalar_type() == torch::kUInt8 && bytes_t.is_contiguous() &&
-                  bytes_t.dim() == 2 && bytes_t.size(0) == words * 4 && bytes_t.size(1) >= out &&
-                  bytes_t.size(1) % 16 == 0,
-              "bytes_t must be contiguous uint8 [words * 4, ld], ld >= out a multiple of 16");
+  check_panels(panels, out, in, "binary_linear: panels");
   TORCH_CHECK(alpha.scalar_type() == torch::kFloat && mu.scalar_type() == torch::kFloat &&
                   alpha.is_contiguous() && mu.is_contiguous() &&
                   (alpha.numel() == 1 || alpha.numel() == out) && (mu.numel() == 1 || mu.numel() == out),
@@ -221,23 +227,22 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
   torch::Tensor xf = x.to(torch::kFloat).contiguous();
   torch::Tensor y = torch::empty({tokens, out}, xf.options());
   if (tokens == 0 || out == 0) return y;
-  shira::cpu::binary_linear(xf.data_ptr<float>(), tokens, in, bytes_t.data_ptr<uint8_t>(),
-                            bytes_t.size(1), out, alpha.data_ptr<float>(), alpha.numel() > 1,
-                            mu.data_ptr<float>(), mu.numel() > 1,
-                            b.defined() ? b.data_ptr<float>() : nullptr, static_cast<float>(scale),
-                            y.data_ptr<float>());
+  shira::cpu::binary_linear(xf.data_ptr<float>(), tokens, in, panels.data_ptr<uint8_t>(), out,
+                            alpha.data_ptr<float>(), alpha.numel() > 1, mu.data_ptr<float>(),
+                            mu.numel() > 1, b.defined() ? b.data_ptr<float>() : nullptr,
+                            static_cast<float>(scale), y.data_ptr<float>());
   return y;
 }
 
-// gx = gy @ (mu + alpha * s) in fp32 without forming the weight: (gy * alpha) @ s + gy @ mu.
-torch::Tensor binary_linear_grad_x(const torch::Tensor& gy, const torch::Tensor& packed,
+// gx = gy @ (mu + alpha * s) in fp32 without forming the weight: (gy * alpha) @ s + gy @ mu,
+// from panels_t, the sign panels of s's transpose [in, out]: [ceil(in / 64), ceil(out / 32) * 4,
+// 64] (made once per weight by the caller).
+torch::Tensor binary_linear_grad_x(const torch::Tensor& gy, const torch::Tensor& panels_t,
                                    const torch::Tensor& alpha, const torch::Tensor& mu,
                                    int64_t in) {
-  TORCH_CHECK(gy.dim() == 2 && packed.dim() == 2 && packed.scalar_type() == torch::kInt32 &&
-                  packed.is_contiguous() && gy.size(1) == packed.size(0),
-              "binary_linear_grad_x: gy [T, out] and packed int32 [out, words]");
-  const int64_t tokens = gy.size(0), out = packed.size(0), words = packed.size(1);
-  TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
+  TORCH_CHECK(gy.dim() == 2, "binary_linear_grad_x: gy [T, out]");
+  const int64_t tokens = gy.size(0), out = gy.size(1);
+  check_panels(panels_t, in, out, "binary_linear_grad_x: panels_t");
   TORCH_CHECK(alpha.scalar_type() == torch::kFloat && mu.scalar_type() == torch::kFloat &&
                   (alpha.numel() == 1 || alpha.numel() == out) && (mu.numel() == 1 || mu.numel() == out),
               "alpha and mu must be fp32 of numel 1 or out");
@@ -246,22 +251,22 @@ torch::Tensor binary_linear_grad_x(const torch::Tensor& gy, const torch::Tensor&
   g = (g * alpha.reshape(-1)).contiguous();
   torch::Tensor gx = torch::empty({tokens, in}, g.options());
   if (tokens == 0 || in == 0) return gx;
-  shira::cpu::binary_linear_grad_x(g.data_ptr<float>(), tokens, out, packed.data_ptr<int32_t>(),
-                                   words, in, add.data_ptr<float>(), gx.data_ptr<float>());
+  shira::cpu::binary_linear_grad_x(g.data_ptr<float>(), tokens, out, panels_t.data_ptr<uint8_t>(),
+                                   in, add.data_ptr<float>(), gx.data_ptr<float>());
   return gx;
 }
 
 // y = scale * up(act(down(x))) for 1-bit down [r, in] and up [out, r] (alpha/mu fp32 [1] or
 // per row): the r intermediate values per token stay inside this call (in cache).
 torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_packed,
-                          const torch::Tensor& down_bytes_t, const torch::Tensor& down_alpha,
+                          const torch::Tensor& down_panels, const torch::Tensor& down_alpha,
                           const torch::Tensor& down_mu, const torch::Tensor& up_packed,
-                          const torch::Tensor& up_bytes_t, const torch::Tensor& up_alpha,
+                          const torch::Tensor& up_panels, const torch::Tensor& up_alpha,
                           const torch::Tensor& up_mu, double scale, bool relu) {
-  torch::Tensor h = binary_linear(x, down_packed, down_bytes_t, down_alpha, down_mu, c10::nullopt,
+  torch::Tensor h = binary_linear(x, down_packed, down_panels, down_alpha, down_mu, c10::nullopt,
                                   1.0);
   if (relu) h.relu_();
-  return binary_linear(h, up_packed, up_bytes_t, up_alpha, up_mu, c10::nullopt, scale)
+  return binary_linear(h, up_packed, up_panels, up_alpha, up_mu, c10::nullopt, scale)
       .to(x.scalar_type());
 }
 

@@ -66,16 +66,19 @@ int64_t add_at_indices(DType dtype, const void* weight, void* out, int64_t numel
 // 1-bit weights, W = mu + alpha * s with s = +-1 (signs packed LSB first, 1 = +1):
 //   y[t, o] = scale * (alpha[o] * sum_k x[t, k] * s[o, k] + mu[o] * xsum[t] + bias[o])
 // for x fp32 [T, in], xsum[t] = sum_k x[t, k], y fp32 [T, out]; alpha and mu fp32 per row or
-// one value each, bias fp32 [out] or null. The signs come as bytes_t [ceil(in / 32) * 4, ld],
-// the packed rows' bytes transposed (byte g of column o holds the signs of features
-// 8g .. 8g + 7 of row o), with ld >= out a multiple of 16 (the padding is read, not used).
-void binary_linear(const float* x, int64_t tokens, int64_t in, const uint8_t* bytes_t, int64_t ld,
+// one value each, bias fp32 [out] or null. The signs come as sign panels of s: for a matrix
+// of signs [lanes, steps], the bytes [ceil(lanes / kPanel), ceil(steps / 32) * 4, kPanel] of
+// its packed rows transposed in panels of kPanel rows (byte [p, g, l] holds the signs of
+// steps 8g .. 8g + 7 of row kPanel·p + l; rows past `lanes` are padding, read and not used),
+// so that a block of lanes reads its signs as one stream.
+constexpr int64_t kPanel = 64;
+void binary_linear(const float* x, int64_t tokens, int64_t in, const uint8_t* panels,
                    int64_t out, const float* alpha, bool alpha_per_row, const float* mu,
                    bool mu_per_row, const float* bias, float scale, float* y);
 // The gradient of x through such a weight, without the weight: gx[t, k] = sum_o g[t, o] *
-// s[o, k] + add[t] for g fp32 [T, out] (gy with alpha folded in), the packed rows int32
-// [out, words] and add[t] = sum_o gy[t, o] * mu[o]; gx fp32 [T, in].
-void binary_linear_grad_x(const float* g, int64_t tokens, int64_t out, const int32_t* packed,
-                          int64_t words, int64_t in, const float* add, float* gx);
+// s[o, k] + add[t] for g fp32 [T, out] (gy with alpha folded in), the sign panels of s's
+// transpose [in, out], and add[t] = sum_o gy[t, o] * mu[o]; gx fp32 [T, in].
+void binary_linear_grad_x(const float* g, int64_t tokens, int64_t out,
+                          const uint8_t* panels_t, int64_t in, const float* add, float* gx);
 
 }  // namespace shira::cpu

@@ -13,7 +13,7 @@
 #include <utility>
 
 #include "../dispatch.h"
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -28,6 +28,22 @@ typedef uint32_t uvec __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 inline fvec loadv(const float* p) { return *reinterpret_cast<const fvec*>(p); }
 inline void storev(float* p, fvec v) { *reinterpret_cast<fvec*>(p) = v; }
+
+// kLanes bytes from p, zero-extended to a lane each. The instruction spelled out: GCC compiled
+// __builtin_convertvector of an unaligned byte vector to 16 scalar loads and inserts.
+inline ivec load_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<ivec>(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  return reinterpret_cast<ivec>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+      reinterpret_cast<const __m128i*>(p))));
+#else
+  ivec v;
+  for (int l = 0; l < kLanes; ++l) v[l] = p[l];
+  return v;
+#endif
+}
 
 // The sum of the lanes, pairwise (as accurate as a tree).
 inline float hsum(fvec v) {

@@ -5,11 +5,12 @@
                               y = scale·up(act(down(x))) for 1-bit down [r, in] and up [out, r]
                               (Bi-LoRA: activation None; Bi-AdaptFormer: "relu")
 
-The signs are never expanded to a dense weight in memory. On the CPU they are expanded in
-registers: per input feature, one bit of 64 outputs' sign bytes becomes four vectors of ±1 that
-multiply x for six tokens at a time (csrc/cpu/binary.cpp), fp32 accumulation, as fast as the FMA
-units go at every token count. The gradient of x is provided (gy·W; on the CPU by the same
-kind of kernel, elsewhere from the dequantized weight); training the 1-bit weights goes through
+The signs are never expanded to a dense weight in memory. On the CPU they are summed by table
+lookup (csrc/cpu/binary.cpp): per token and group of 4 input features the 16 signed sums are
+built once, and each output's 4 sign bits pick one with an in-register permute, fp32 throughout;
+the sign bytes are read in panels of 64 outputs (_sign_panels). The gradient of x is provided
+(gy·W; on the CPU by the same kernel on the transposed signs, elsewhere from the dequantized
+weight); training the 1-bit weights goes through
 quant.fake_quantize instead. Each backend's kernels are registered in ops/registry.py, in the
 references' signatures.
 """
@@ -21,7 +22,7 @@ import torch
 
 from .. import _native, backends, tuning
 from .._checks import TensorCache, check_float_tensor, check_scale
-from ..formats import BinaryWeight
+from ..formats import BinaryWeight, unpack_signs
 from . import registry
 from ._eager import eager_function, via_op
 
@@ -57,20 +58,42 @@ def binary_lora_reference(x, down, up, scale: float, relu: bool) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Kernels per backend.
 # ---------------------------------------------------------------------------------------------
-_BYTES_T = TensorCache()
+_PANELS, _PANELS_T = TensorCache(), TensorCache()
 
 
-def _bytes_t(packed: torch.Tensor) -> torch.Tensor:
-    """The sign bytes in [words·4, ld] order for the CPU kernel (little-endian words: byte b of
-    word j holds columns 32·j + 8·b … + 7), ld = out rounded up to 16 so that every block of 16
-    outputs is whole. Derived once per packed tensor (and again if it is written to)."""
-    cached = _BYTES_T.get(packed)
+def _panels_of(row_bytes: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels' sign panels (csrc/cpu/kernels.h) of the packed sign rows given as bytes
+    [lanes, nbytes]: [ceil(lanes / 64), nbytes, 64], each panel's 64 rows side by side, so that
+    a block of lanes reads its signs as one stream (rows past lanes are zero padding)."""
+    lanes, nbytes = row_bytes.shape
+    panels = -(-lanes // 64)
+    padded = row_bytes.new_zeros((panels * 64, nbytes))
+    padded[:lanes] = row_bytes
+    return padded.view(panels, 64, nbytes).transpose(1, 2).contiguous()
+
+
+def _sign_panels(packed: torch.Tensor) -> torch.Tensor:
+    """The sign panels of packed's rows (little-endian words: byte b of word j holds columns
+    32·j + 8·b … + 7), for y = x·Wᵀ; derived once per packed tensor (again if written to)."""
+    cached = _PANELS.get(packed)
+    if cached is None:
+        cached = _PANELS.put(packed, _panels_of(packed.contiguous().view(torch.uint8)))
+    return cached
+
+
+def _sign_panels_t(packed: torch.Tensor) -> torch.Tensor:
+    """The sign panels of the signs' transpose [words·32, out], for the gradient of x gy·W (the
+    columns past in_features are padding, read and not used); derived once per packed tensor."""
+    cached = _PANELS_T.get(packed)
     if cached is not None:
         return cached
     out, words = packed.shape
-    bytes_t = packed.new_zeros((words * 4, -(-out // 16) * 16), dtype=torch.uint8)
-    bytes_t[:, :out] = packed.view(torch.uint8).t()
-    return _BYTES_T.put(packed, bytes_t)
+    bits = unpack_signs(packed, words * 32).t().to(torch.uint8)  # [in, out]
+    padded = bits.new_zeros((words * 32, -(-out // 32) * 32))
+    padded[:, :out] = bits
+    shifts = torch.arange(8, dtype=torch.uint8)
+    row_bytes = (padded.view(words * 32, -1, 8) << shifts).sum(-1, dtype=torch.uint8)
+    return _PANELS_T.put(packed, _panels_of(row_bytes))
 
 
 def _triton_kernels():
@@ -102,14 +125,14 @@ def _cuda_binary_lora():
     return lambda x, down, up, scale, relu: lora(x, *down[:3], *up[:3], scale, relu)
 
 
-# cpu (csrc/cpu/bindings.cpp): the kernels take the sign bytes transposed (_bytes_t, cached per
-# weight) and return fp32.
+# cpu (csrc/cpu/bindings.cpp): the kernels take sign panels (_sign_panels, _sign_panels_t, cached
+# per weight) and return fp32.
 @functools.partial(registry.register_lazy, "binary_linear", "cpu")
 def _cpu_binary_linear():
     mod = _native.module("cpu")
 
     def binary_linear(x, packed, alpha, mu, bias, in_features):
-        return mod.binary_linear(x, packed, _bytes_t(packed), alpha, mu, bias, 1.0).to(x.dtype)
+        return mod.binary_linear(x, packed, _sign_panels(packed), alpha, mu, bias, 1.0).to(x.dtype)
     return binary_linear
 
 
@@ -118,7 +141,8 @@ def _cpu_binary_linear_grad_x():
     mod = _native.module("cpu")
 
     def binary_linear_grad_x(gy, packed, alpha, mu, in_features):
-        return mod.binary_linear_grad_x(gy, packed, alpha, mu, in_features).to(gy.dtype)
+        return mod.binary_linear_grad_x(gy, _sign_panels_t(packed), alpha, mu,
+                                        in_features).to(gy.dtype)
     return binary_linear_grad_x
 
 
@@ -127,8 +151,8 @@ def _cpu_binary_lora():
     mod = _native.module("cpu")
 
     def binary_lora(x, down, up, scale, relu):
-        return mod.binary_lora(x, down[0], _bytes_t(down[0]), down[1], down[2], up[0],
-                               _bytes_t(up[0]), up[1], up[2], scale, relu)
+        return mod.binary_lora(x, down[0], _sign_panels(down[0]), down[1], down[2], up[0],
+                               _sign_panels(up[0]), up[1], up[2], scale, relu)
     return binary_lora
 
 
