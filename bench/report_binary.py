@@ -32,24 +32,68 @@ from shira_kernels.harness import benchmark as sb  # noqa: E402
 from shira_kernels.formats import BinaryWeight  # noqa: E402
 
 
+COLD_MAX_TOKENS = 16  # up to here each call meets its weight in memory, as a model's layer does
+COLD_BYTES = 256 * 2**20  # the copies of a weight cycled through: far above the caches here
+
+
 def _time(fn, repeat):
     with torch.no_grad():
         return sb.median_time(fn, warmup=1, repeat=repeat)
+
+
+def _copies(make, nbytes: int, cold: bool) -> list:
+    """[make(i)] for as many i as make the copies together exceed COLD_BYTES where cold (each
+    call then reads a weight no earlier call left in the caches, while code and activations
+    stay warm, as in a model whose layers run in turn), else one."""
+    return [make(i) for i in range(-(-COLD_BYTES // nbytes) if cold else 1)]
+
+
+def _cycling(fn, items):
+    """A call of fn on the next of items each time."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn(items[state["i"]])
+    return call
+
+
+def bound_line(shape, tokens, median, limits) -> str:
+    """binary_linear's time against its two bounds: the packed signs read once at the measured
+    memory rate, and 2·T·out·in flops at torch's measured bf16 matmul rate."""
+    out_f, in_f = shape
+    sign_bytes = out_f * -(-in_f // 32) * 4
+    memory_s = sign_bytes / limits["read"]
+    flop_s = 2 * tokens * out_f * in_f / limits["bf16"]
+    return (f"Bounds: the signs ({sign_bytes / 2**20:.2f} MiB) at {limits['read'] / 1e9:.1f} GB/s "
+            f"take {memory_s * 1e3:.3f} ms; {2 * tokens * out_f * in_f / 1e9:.2f} GFLOP at "
+            f"{limits['bf16'] / 1e9:.0f} GFLOP/s take {flop_s * 1e3:.3f} ms. binary_linear takes "
+            f"{median / max(memory_s, flop_s):.1f}x the larger "
+            f"({sign_bytes / median / 1e9:.1f} GB/s of signs).")
 
 
 def linear_rows(shape, tokens, repeat):
     out_f, in_f = shape
     g = torch.Generator().manual_seed(0)
     bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g))
-    w32 = bw.dequantize()
-    w16 = w32.to(torch.bfloat16)
     x = torch.randn(tokens, in_f, generator=g)
     x16 = x.to(torch.bfloat16)
+    cold = tokens <= COLD_MAX_TOKENS
+
+    def signs_like(i):  # another weight of the same kind (random signs, bw's α and μ)
+        packed = bw.packed if i == 0 else torch.randint_like(bw.packed, -2**31, 2**31 - 1)
+        return BinaryWeight(packed, bw.alpha, bw.mu, in_f)
+    binary = _copies(signs_like, bw.packed.numel() * 4, cold)
+    w32 = _copies(lambda i: binary[i % len(binary)].dequantize(), out_f * in_f * 4, cold)
+    w16 = _copies(lambda i: w32[i % len(w32)].to(torch.bfloat16), out_f * in_f * 2, cold)
+    for b in binary:  # the kernel's sign panels, made once per weight as in use
+        shira_kernels.binary_linear(x[:1], b)
     variants = {
-        "binary_linear (this package)": lambda: shira_kernels.binary_linear(x, bw),
-        "dense fp32 matmul": lambda: x @ w32.T,
-        "dense bf16 matmul": lambda: x16 @ w16.T,
-        "unpack then fp32 matmul": lambda: x @ bw.dequantize().T,
+        "binary_linear (this package)": _cycling(lambda b: shira_kernels.binary_linear(x, b),
+                                                 binary),
+        "dense fp32 matmul": _cycling(lambda w: x @ w.T, w32),
+        "dense bf16 matmul": _cycling(lambda w: x16 @ w.T, w16),
+        "unpack then fp32 matmul": _cycling(lambda b: x @ b.dequantize().T, binary),
     }
     return {name: _time(fn, repeat) for name, fn in variants.items()}
 
@@ -101,14 +145,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shapes = [(96, 96), (256, 512)] if args.quick else [(768, 768), (4096, 4096), (11008, 4096)]
     token_counts = [1, 8] if args.quick else [1, 8, 16, 128, 2048]
+    limits = {"read": sb.read_bandwidth(), "bf16": sb.matmul_peak(torch.bfloat16)}
     started = dt.datetime.now(dt.timezone.utc)
     lines = ["# 1-bit ops on the CPU", "",
              f"Made by `{sb.command_line()}` on {started:%Y-%m-%d %H:%M} UTC.", "",
              f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}; torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads; backend for CPU tensors: "
              f"{shira_kernels.backends.select('cpu')}",
-             "- The CPU kernel expands the signs in registers (csrc/cpu/binary.cpp) at every token "
-             "count; the weight is never dequantized in memory.",
+             "- The CPU kernel sums by table lookup (csrc/cpu/binary.cpp) at every token count; "
+             "the weight is never dequantized in memory.",
+             f"- Measured here in this run: memory read {limits['read'] / 1e9:.1f} GB/s (a sum over "
+             f"256 MiB), torch's bf16 matmul {limits['bf16'] / 1e9:.0f} GFLOP/s (2048³); each "
+             "binary_linear table ends with its bounds from these.",
+             f"- binary_linear up to {COLD_MAX_TOKENS} tokens: each call of a variant reads "
+             "another copy of its weight, cycling through copies that together exceed "
+             f"{COLD_BYTES // 2**20} MiB, so every variant meets its weight in memory as a model's "
+             "next layer does (code and activations warm); above, one weight, warm "
+             "(compute-bound).",
              "- Times are medians of the given repeats after one warm-up; this is a shared machine, "
              "so compare the ratios measured side by side.", ""]
     lines += ["## binary_linear", ""]
@@ -118,6 +171,8 @@ def main(argv=None) -> int:
             rows = linear_rows(shape, tokens, args.repeat if tokens < 2048 else 3)
             lines += [f"### {shape[0]}x{shape[1]}, {tokens} token(s)", ""]
             lines += fmt_table(rows, "binary_linear (this package)") + [""]
+            median = rows["binary_linear (this package)"][0]
+            lines += [bound_line(shape, tokens, median, limits), ""]
     lines += ["## Gradient of x through binary_linear (gy·W, as its backward computes it)", ""]
     for shape in shapes[-2:]:
         for tokens in ([1, 9] if args.quick else [1, 128]):

@@ -69,6 +69,20 @@ def _backend_rows(device_type: str) -> list[tuple[str, str]]:
     return rows
 
 
+def _machine_limits() -> list[str]:
+    """What bounds are measured against (docs/benchmarks/): memory and matmul rates here."""
+    from .harness.benchmark import copy_bandwidth, matmul_peak, read_bandwidth
+
+    lines = ["machine limits (this process, measured now)",
+             f"  memory read      {read_bandwidth() / 1e9:8.1f} GB/s (sum over 256 MiB)",
+             f"  memory copy      {copy_bandwidth() / 1e9:8.1f} GB/s (read + write, 256 MiB)"]
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        lines.append(f"  {name:8s} matmul  {matmul_peak(dtype) / 1e9:8.1f} GFLOP/s "
+                     f"(torch, 2048x2048x2048)")
+    return lines
+
+
 def _swap_timing(hidden: int, intermediate: int) -> list[str]:
     from .harness.benchmark import llama_linear_shapes, make_swap_case, median_time, torch_loop_swap
     from .ops import scatter_swap_
@@ -99,6 +113,7 @@ def info(args: argparse.Namespace) -> int:
         for key, value in _backend_rows(device_type):
             print(f"  {key:14s} {value}")
     if not args.no_timing:
+        print("\n".join(_machine_limits()))
         print("\n".join(_swap_timing(args.hidden, args.intermediate)))
     return 0
 
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, devices, backends and a short timing")
-    p_info.add_argument("--no-timing", action="store_true", help="skip the scatter-swap timing")
+    p_info.add_argument("--no-timing", action="store_true", help="skip the timings (machine limits, scatter-swap)")
     p_info.add_argument("--hidden", type=int, default=2048, help="hidden size of the timed block")
     p_info.add_argument("--intermediate", type=int, default=5504,
                         help="MLP size of the timed block")

@@ -1,4 +1,5 @@
 """The command line: `info`, `demo` and `bench` (at a tiny size), run in this process."""
+import functools
 import importlib.util
 import json
 import re
@@ -45,6 +46,18 @@ def test_info_without_timing(capsys):
     assert "versions" in out and "backends for cpu tensors" in out
     lanes = _native.module("cpu").vector_lanes()
     assert lanes in (8, 16) and f"built for this CPU: {lanes}-lane fp32 vectors" in out
+
+
+def test_info_measures_the_machine_limits(capsys, monkeypatch):
+    from shira_kernels.harness import benchmark as sb
+    # Small sizes: the rates are real measurements, at a cost a test can pay.
+    monkeypatch.setattr(sb, "read_bandwidth", functools.partial(sb.read_bandwidth, 2**20))
+    monkeypatch.setattr(sb, "copy_bandwidth", functools.partial(sb.copy_bandwidth, 2**20))
+    peak = sb.matmul_peak
+    monkeypatch.setattr(sb, "matmul_peak", lambda dtype: peak(dtype, 64))
+    lines = cli._machine_limits()
+    rates = [float(re.search(r"([0-9.]+) (GB|GFLOP)/s", line).group(1)) for line in lines[1:]]
+    assert len(rates) == 4 and all(rate > 0 for rate in rates), lines
 
 
 def test_demo_each_adapter_is_best_on_its_own_task(capsys):

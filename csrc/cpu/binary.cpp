@@ -60,9 +60,20 @@ struct Epilogue {
   template <int TT>
   void store(const float (&total)[kMaxTokens][kBlockLanes], int64_t t0, int64_t l0, int n,
              int64_t lanes, float* y) const {
+    // Whole vectors of lanes first: where the sums are short (a narrow input) a scalar
+    // epilogue cost as much as they did.
+    int whole = 0;
+    for (; whole + kLanes <= n; whole += kLanes) {
+      const fvec al = alpha_per_lane ? loadv(alpha + l0 + whole) : fvec{} + alpha[0];
+      const fvec m = mu_per_lane ? loadv(mu + l0 + whole) : fvec{} + mu[0];
+      const fvec b = bias ? loadv(bias + l0 + whole) : fvec{};
+      for (int t = 0; t < TT; ++t)
+        storev(y + (t0 + t) * lanes + l0 + whole,
+               scale * (al * loadv(total[t] + whole) + m * add[t0 + t] + b));
+    }
     for (int t = 0; t < TT; ++t) {
       float* row = y + (t0 + t) * lanes + l0;
-      for (int l = 0; l < n; ++l) {
+      for (int l = whole; l < n; ++l) {
         const float al = alpha[alpha_per_lane ? l0 + l : 0];
         const float m = mu[mu_per_lane ? l0 + l : 0];
         const float b = bias ? bias[l0 + l] : 0.0f;
@@ -128,6 +139,7 @@ void lookup_sums(const float* tables, int64_t groups, const uint8_t* panels, int
     fvec acc[TT][RB] = {};
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* b = panel + j * kPanel;
+      __builtin_prefetch(b + 256 * kPanel);
       ivec lo[RB], hi[RB];
 #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {

@@ -22,6 +22,7 @@ from ..masks import sample_distinct
 __all__ = [
     "SwapCase", "llama_linear_shapes", "make_swap_case", "median_time", "median_ci",
     "interval_within", "round_robin_until_tight", "MIN_CI_VALUES", "copy_bandwidth",
+    "read_bandwidth", "matmul_peak",
     "swap_traffic_bytes", "torch_loop_swap", "lora_addmm_fuse", "peft_lora_merge",
     "DEFAULT_LORA_SCALE", "CACHE_LINE",
 ]
@@ -183,6 +184,23 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, *, repeat: int = 5) -> float:
     dst = torch.zeros_like(src)
     seconds, _ = median_time(lambda: dst.copy_(src), warmup=1, repeat=repeat)
     return 2 * nbytes / seconds
+
+
+def read_bandwidth(nbytes: int = 256 * 2**20, *, repeat: int = 5) -> float:
+    """Bytes per second of reading ``nbytes`` of fp32 once (a sum), as a GEMV reads its weight;
+    the default size is far above any cache here, so this is memory's rate."""
+    src = torch.ones(max(1, nbytes // 4), dtype=torch.float32)  # every page touched
+    seconds, _ = median_time(lambda: src.sum(), warmup=1, repeat=repeat)
+    return src.numel() * 4 / seconds
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, *, repeat: int = 3) -> float:
+    """Flop/s of torch's n x n x n matmul in ``dtype`` here: the rate a compute-bound bound is
+    measured against (the best of ``repeat`` after a warm-up, as a peak is)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    _, times = median_time(lambda: a @ b, warmup=1, repeat=repeat)
+    return 2 * n**3 / min(times)
 
 
 def swap_traffic_bytes(case: SwapCase, line: int = CACHE_LINE) -> int:
