@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import TensorCache, check_size, validate_indices
+from ._checks import TensorCache, check_scale, check_size, validate_indices
 
 __all__ = ["BinaryWeight", "SparseDelta", "SparseStructure", "flat_index_dtype", "pack_signs",
            "unpack_signs"]
@@ -374,3 +374,84 @@ class BinaryWeight:
     def __repr__(self) -> str:
         kind = "per row" if self.alpha.numel() > 1 else "per tensor"
         return f"BinaryWeight(shape={self.shape}, α/μ {kind}, {self.nbytes} bytes, device={self.device})"
+
+
+class SparseDeltaSet:
+    """Many adapters' sparse deltas for one weight [out, in], each with its scale, for a batch
+    whose rows use different adapters (multi_delta_linear).
+
+    Each adapter holds a slot, its index in ``row_adapter`` tensors (``index(name)``); removing
+    one frees its slot and leaves every other slot and delta as it was, and ``add`` reuses the
+    lowest free slot. The deltas are kept as given (their CSR structures built once each).
+    """
+
+    BASE = "__base__"  # the name of "no adapter" in row_adapter lists, as PEFT's adapter_names
+
+    def __init__(self, shape):
+        self.shape = _weight_shape(shape)
+        self._slots: list[tuple[str, SparseDelta, float] | None] = []
+        self._index: dict[str, int] = {}
+
+    def add(self, name: str, delta: SparseDelta, scale: float = 1.0) -> int:
+        """Add adapter ``name`` (its delta and scale); returns its slot."""
+        if not isinstance(name, str) or not name or name == self.BASE:
+            raise ValueError(f"an adapter name must be a non-empty str other than {self.BASE!r}, "
+                             f"got {name!r}")
+        if name in self._index:
+            raise ValueError(f"adapter {name!r} is already in this set")
+        if not isinstance(delta, SparseDelta):
+            raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
+        if tuple(delta.shape) != self.shape:
+            raise ValueError(f"adapter {name!r} has shape {tuple(delta.shape)}, this set's weight "
+                             f"is {self.shape}")
+        for other in self:
+            if other[1].device != delta.device or other[1].dtype != delta.dtype:
+                raise ValueError(f"adapter {name!r} is {delta.dtype} on {delta.device}, the set's "
+                                 f"adapters are {other[1].dtype} on {other[1].device}")
+            break
+        scale = check_scale(scale)
+        delta.structure  # built now, once, not inside a forward
+        slot = next((i for i, entry in enumerate(self._slots) if entry is None), len(self._slots))
+        if slot == len(self._slots):
+            self._slots.append(None)
+        self._slots[slot] = (name, delta, scale)
+        self._index[name] = slot
+        return slot
+
+    def remove(self, name: str) -> None:
+        """Remove adapter ``name``; its slot becomes free, the others keep theirs."""
+        self._slots[self.index(name)] = None
+        del self._index[name]
+
+    def index(self, name: str) -> int:
+        """The slot of adapter ``name``."""
+        try:
+            return self._index[name]
+        except (KeyError, TypeError):
+            raise KeyError(f"no adapter {name!r} in this set (it has {self.names})") from None
+
+    @property
+    def names(self) -> list[str]:
+        return [entry[0] for entry in self._slots if entry is not None]
+
+    @property
+    def slots(self) -> list[tuple[str, SparseDelta, float] | None]:
+        """(name, delta, scale) per slot, None where a slot is free (a copy of the list)."""
+        return list(self._slots)
+
+    def row_adapter(self, names, device=None) -> torch.Tensor:
+        """int64 slots for a list of adapter names, one per batch row (None or "__base__": -1)."""
+        return torch.tensor([-1 if n is None or n == self.BASE else self.index(n) for n in names],
+                            dtype=torch.int64, device=device)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, name) -> bool:
+        return name in self._index
+
+    def __iter__(self):
+        return (entry for entry in self._slots if entry is not None)
+
+    def __repr__(self) -> str:
+        return f"SparseDeltaSet(shape={self.shape}, adapters={self.names})"

@@ -1,0 +1,224 @@
+"""Many sparse adapters in one batch: each row of x through the base weight plus its own
+adapter's delta (SGMV's idea, as punica and S-LoRA serve many LoRAs, for SHiRA).
+
+  multi_delta_linear(x, weight, bias, delta_set, row_adapter)
+      y[t] = x[t]·(W + scale_a·S_a)ᵀ + b  with a = row_adapter[t]; a = -1: the base alone
+
+One dense matmul for the whole batch; then the rows are grouped by adapter (a stable sort of
+row_adapter) and each group's sparse product is the backend's spmm on the group's rows, added to
+their outputs. Per row the result is the same bits as sparse_delta_linear's "spmm" strategy on
+the same batch with that row's adapter (the same dense matmul, and spmm's sum for a token does
+not depend on the other tokens; a group of one row takes the kernels' one-token path, whose sum
+is ordered differently). The backward gives x its gradient (gy·W plus each group's gy·S_a) and
+each adapter's values their own (the group's sddmm), so one batch can train many adapters; the
+weight is only read, under its lock (no swap can change it meanwhile). Backends: whatever spmm
+and spmm_t_sddmm each has (ops/registry.py); one call per adapter present in the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from .._checks import check_float_tensor
+from .._concurrency import reading
+from ..formats import SparseDeltaSet
+from . import registry
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the specification.
+# ---------------------------------------------------------------------------------------------
+def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -> torch.Tensor:
+    """Row by row in float64: x[t]·(W + scale_a·S_a)ᵀ + b for a = row_adapter[t] (deltas[a],
+    scales[a]; -1 the base alone), rounded once to x's dtype. x [N, in], row_adapter [N]."""
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float64, device=x.device)
+    for a in torch.unique(row_adapter).tolist():
+        rows = (row_adapter == a).nonzero().view(-1)
+        w = weight.double()
+        if a >= 0:
+            w = w + scales[a] * deltas[a].to_dense(torch.float64)
+        y[rows] = F.linear(x[rows].double(), w, None if bias is None else bias.double())
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: the adapters' fields as lists (one entry per slot; a free slot has empty tensors).
+# ---------------------------------------------------------------------------------------------
+def _groups(row_adapter: torch.Tensor):
+    """(slot, row indices) for each adapter slot present (not -1), rows in batch order."""
+    order = torch.sort(row_adapter, stable=True)
+    slots, counts = torch.unique_consecutive(order.values, return_counts=True)
+    start = 0
+    for slot, count in zip(slots.tolist(), counts.tolist()):
+        if slot >= 0:
+            yield slot, order.indices[start:start + count]
+        start += count
+
+
+def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  row_adapter: torch.Tensor, values: list[torch.Tensor],
+                  offsets: list[torch.Tensor], cols: list[torch.Tensor],
+                  rows: list[torch.Tensor], t_offsets: list[torch.Tensor],
+                  t_cols: list[torch.Tensor], t_perm: list[torch.Tensor],
+                  scales: list[float]) -> torch.Tensor:
+    # rows and the transposed structures are for the backward (saved from these inputs).
+    x = x.contiguous()
+    with reading(weight):
+        y = F.linear(x, weight, bias)
+    spmm = registry.kernel("spmm", x.device)
+    for a, r in _groups(row_adapter):
+        ya = spmm(y.index_select(0, r), x.index_select(0, r), offsets[a], cols[a],
+                  values[a].contiguous(), scales[a], overwrite_y=True)
+        y.index_copy_(0, r, ya)
+    return y
+
+
+def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    row_adapter: torch.Tensor, values: list[torch.Tensor],
+                    offsets: list[torch.Tensor], cols: list[torch.Tensor],
+                    rows: list[torch.Tensor], t_offsets: list[torch.Tensor],
+                    t_cols: list[torch.Tensor], t_perm: list[torch.Tensor], scales: list[float],
+                    need_x: bool, need_weight: bool
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    gy, x = gy.contiguous(), x.contiguous()
+    gvalues = [torch.zeros_like(v) for v in values]  # adapters without rows: zero gradient
+    with reading(weight):
+        gx = gy @ weight if need_x else gy.new_empty(0)
+    gw = gy.T @ x if need_weight else gy.new_empty(0)
+    both = registry.kernel("spmm_t_sddmm", gy.device)
+    sddmm = registry.kernel("sddmm", gy.device)
+    for a, r in _groups(row_adapter):
+        gy_a, x_a = gy.index_select(0, r), x.index_select(0, r)
+        if need_x:
+            struct = (rows[a], cols[a], offsets[a], t_offsets[a], t_cols[a], t_perm[a])
+            gx_a, g = both(gx.index_select(0, r), gy_a, x_a, values[a].contiguous(), struct,
+                           scales[a])
+            gx.index_copy_(0, r, gx_a)
+        else:
+            g = sddmm(gy_a, x_a, rows[a], cols[a], offsets[a])
+        gvalues[a] = (g if scales[a] == 1.0 else scales[a] * g).to(values[a].dtype)
+    return gx, gvalues, gw
+
+
+_multi_linear_op = torch.library.custom_op("shira::multi_delta_linear",
+                                           mutates_args=())(_multi_linear)
+_multi_backward_op = torch.library.custom_op("shira::multi_delta_linear_backward",
+                                             mutates_args=())(_multi_backward)
+
+
+@_multi_linear_op.register_fake
+def _(x, weight, bias, row_adapter, values, offsets, cols, rows, t_offsets, t_cols, t_perm,
+      scales):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@_multi_backward_op.register_fake
+def _(gy, x, weight, row_adapter, values, offsets, cols, rows, t_offsets, t_cols, t_perm,
+      scales, need_x, need_weight):
+    gx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_x else (0,))
+    gw = gy.new_empty(tuple(weight.shape) if need_weight else (0,))
+    return gx, [v.new_empty(v.shape) for v in values], gw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, row_adapter, *lists, scales = inputs
+    ctx.save_for_backward(x, weight, row_adapter)
+    ctx.lists, ctx.scales = lists, scales  # the adapters' values and structures (per slot)
+    ctx.has_bias = bias is not None
+    ctx.backend = backends.requested()  # autograd's device thread does not see use_backend()
+
+
+def _backward(ctx, gy, backward=_multi_backward_op):
+    x, weight, row_adapter = ctx.saved_tensors
+    need_x, need_w, need_b, _, need_v = ctx.needs_input_grad[:5]
+    with backends.use_backend(ctx.backend):
+        gx, gvalues, gw = backward(gy, x, weight, row_adapter, *ctx.lists, ctx.scales, need_x,
+                                   need_w)
+    gb = gy.sum(0) if ctx.has_bias and need_b else None
+    none = [None] * len(gvalues)  # the lists' structure, as the inputs have it
+    return ((gx if need_x else None), (gw if need_w else None), gb, None,
+            (gvalues if need_v else none)) + (none,) * 6 + (None,)
+
+
+# Always through the op (no eager autograd.Function as the single-adapter ops have): the values
+# come as lists, whose tensors an autograd.Function would not see.
+_multi_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function: validate once, then call the op.
+# ---------------------------------------------------------------------------------------------
+_EMPTY: dict = {}
+
+
+def _slot_fields(delta_set: SparseDeltaSet, device):
+    """Per slot: values, row offsets, cols, rows, t_offsets, t_cols, t_perm, scale (a free
+    slot: empty tensors, scale 0, which no row may use)."""
+    fields = []
+    for entry in delta_set.slots:
+        if entry is None:
+            key = str(device)
+            if key not in _EMPTY:
+                e = torch.empty(0, device=device)
+                z = torch.zeros(1, dtype=torch.int64, device=device)
+                _EMPTY[key] = (e, z, e.int(), e.int(), z, e.int(), e.long())
+            fields.append((*_EMPTY[key], 0.0))
+            continue
+        _, delta, scale = entry
+        s = delta.structure
+        fields.append((delta.values, s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols,
+                       s.t_perm, scale))
+    return [list(column) for column in zip(*fields)] if fields else [[]] * 8
+
+
+def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       delta_set: SparseDeltaSet, row_adapter) -> torch.Tensor:
+    """x·Wᵀ + b with each row's own adapter: y[t] = x[t]·(W + scale_a·S_a)ᵀ + b for
+    a = row_adapter[t], a slot of ``delta_set`` (``delta_set.index(name)``), or -1 for the
+    base alone. x [..., in]; row_adapter: int tensor (or list of ints) of x's leading shape, or
+    a list of adapter names (None or "__base__" for the base), one per row of x flattened.
+    Differentiable in x, the adapters' values, the bias and (only if it requires grad) W."""
+    if not isinstance(delta_set, SparseDeltaSet):
+        raise TypeError(f"delta_set must be a SparseDeltaSet, got {type(delta_set).__name__}")
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight, x.dtype, x.device)
+    if weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
+    if tuple(weight.shape) != delta_set.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but delta_set is for "
+                         f"{delta_set.shape}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
+                         f"{weight.shape[1]}")
+    if bias is not None:
+        check_float_tensor("bias", bias, x.dtype, x.device)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    x2 = x.reshape(-1, x.shape[-1])
+    n = x2.shape[0]
+    if isinstance(row_adapter, (list, tuple)) and any(isinstance(a, str) or a is None
+                                                      for a in row_adapter):
+        row_adapter = delta_set.row_adapter(row_adapter, device=x.device)
+    elif not isinstance(row_adapter, torch.Tensor):
+        row_adapter = torch.as_tensor(row_adapter, dtype=torch.int64, device=x.device)
+    if row_adapter.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"row_adapter must hold integer slots, got {row_adapter.dtype}")
+    if row_adapter.numel() != n or row_adapter.shape not in (x.shape[:-1], (n,)):
+        raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}; x has {n} rows "
+                         f"(leading shape {tuple(x.shape[:-1])})")
+    row_adapter = row_adapter.reshape(n).to(device=x.device, dtype=torch.int64)
+    slots = delta_set.slots
+    used = torch.unique(row_adapter).tolist()
+    for a in used:
+        if a < -1 or a >= len(slots) or (a >= 0 and slots[a] is None):
+            raise ValueError(f"row_adapter holds {a}, which is not an adapter slot of this set "
+                             f"(slots {[i for i, e in enumerate(slots) if e is not None]}, or -1)")
+        if a >= 0:
+            check_float_tensor(f"the values of adapter {slots[a][0]!r}", slots[a][1].values,
+                               x.dtype, x.device)
+    values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _slot_fields(delta_set,
+                                                                                  x.device)
+    y = _multi_linear_op(x2, weight, bias, row_adapter, values, offsets, cols, rows, t_offsets,
+                         t_cols, t_perm, scales)
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,181 @@
+"""multi_delta_linear: a batch whose rows use different sparse adapters, every backend against
+the float64 reference (forward and gradients, within tests/tolerance.py's bound), row for row
+the same bits as the single-adapter spmm strategy on the CPU kernels, and SparseDeltaSet."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import shira_kernels
+from shira_kernels import SparseDeltaSet
+from shira_kernels.ops.multi_delta import multi_delta_linear_reference
+
+from conftest import DTYPES
+from tolerance import abs64, assert_within_error_bound
+from test_sparse_delta import delta_linear_bound, make_delta, randn
+
+SCALES = (0.5, 2.0, 1.0)
+
+
+def make_set(out_f, in_f, dtype, device="cpu", n=3):
+    delta_set = SparseDeltaSet((out_f, in_f))
+    for i in range(n):
+        delta_set.add(f"a{i}", make_delta(out_f, in_f, dtype, density=0.1 + 0.1 * i, seed=i,
+                                          device=device), SCALES[i % len(SCALES)])
+    return delta_set
+
+
+def exact_and_magnitude(x, weight, bias, delta_set, row_adapter, gy, values):
+    """The float64 result and gradients (x, each adapter's values, bias), and the same on
+    absolute values (the magnitudes of the error bound)."""
+    out = []
+    for f in (lambda t: t.detach().double(), abs64):
+        x64, w64, b64 = (f(t).requires_grad_(t.requires_grad) for t in (x, weight, bias))
+        v64 = [f(v).requires_grad_() for v in values]
+        deltas = [e[1].with_values(v) for e, v in zip(delta_set.slots, v64)]
+        scales = [e[2] for e in delta_set.slots]
+        y = multi_delta_linear_reference(x64.reshape(-1, x.shape[-1]), w64, b64, deltas, scales,
+                                         row_adapter.reshape(-1))
+        y = y.view(*x.shape[:-1], -1)
+        inputs = [x64, b64] + v64
+        grads = torch.autograd.grad(y, inputs, f(gy).view(y.shape), allow_unused=True)
+        out.append([y] + [torch.zeros_like(t) if g is None else g
+                          for t, g in zip(inputs, grads)])
+    return out
+
+
+# (tokens, out, in), with the rows' adapters: groups of several rows, a group of one row,
+# base rows, an adapter absent from the batch, every row base, one adapter for all rows.
+CASES = {
+    "mixed": ((9, 33, 65), [0, 1, -1, 0, 2, 1, 0, -1, 2]),
+    "one-row-group": ((5, 17, 40), [0, 0, 1, -1, 0]),
+    "absent-adapter": ((6, 8, 130), [2, 0, 2, 0, -1, 2]),
+    "all-base": ((4, 6, 10), [-1, -1, -1, -1]),
+    "one-adapter": ((7, 131, 50), [1] * 7),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_against_the_reference_with_gradients(backend, device, dtype, case):
+    (tokens, out_f, in_f), assignment = CASES[case]
+    delta_set = make_set(out_f, in_f, dtype, device)
+    values = [e[1].values.requires_grad_() for e in delta_set.slots]
+    x = randn(tokens, in_f, dtype=dtype, seed=1, device=device).requires_grad_()
+    weight = randn(out_f, in_f, dtype=dtype, seed=2, device=device)
+    bias = randn(out_f, dtype=dtype, seed=3, device=device).requires_grad_()
+    row_adapter = torch.tensor(assignment, device=device)
+    gy = randn(tokens, out_f, dtype=dtype, seed=4, device=device)
+    y = shira_kernels.multi_delta_linear(x, weight, bias, delta_set, row_adapter)
+    assert y.shape == (tokens, out_f) and y.dtype == dtype
+    ours = [y] + list(torch.autograd.grad(y, [x, bias] + values, gy))
+    exact, magnitude = exact_and_magnitude(x, weight, bias, delta_set, row_adapter, gy, values)
+    # y and grad x as sparse_delta_linear's; the values' gradient: the group's sddmm sum and the
+    # scale; the bias's: a sum over the tokens.
+    bounds = [delta_linear_bound(in_f), delta_linear_bound(out_f), (tokens, 0)] + \
+        [(tokens + 1, 0)] * len(values)
+    names = ["y", "grad x", "grad bias"] + [f"grad values {i}" for i in range(len(values))]
+    for name, o, e, m, (k, n) in zip(names, ours, exact, magnitude, bounds):
+        assert_within_error_bound(o, e, m, k, f"{case} {name}", roundings=n)
+    for a, grad in enumerate(ours[3:]):  # an adapter no row uses gets a zero gradient
+        if a not in assignment:
+            assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_each_row_is_its_adapters_single_adapter_output(dtype):
+    # The CPU kernels: the same dense matmul on the same batch, and spmm's sum for a token does
+    # not depend on the other tokens, so each row is bit for bit what sparse_delta_linear's
+    # spmm strategy gives with that row's adapter (groups of two or more rows: a single token
+    # takes the one-token path, whose sum is ordered differently).
+    tokens, out_f, in_f = 10, 70, 300
+    delta_set = make_set(out_f, in_f, dtype)
+    assignment = [0, 2, 1, -1, 0, 1, 2, -1, 0, 1]
+    x = randn(2, tokens // 2, in_f, dtype=dtype, seed=1)  # leading dims are flattened
+    weight, bias = randn(out_f, in_f, dtype=dtype, seed=2), randn(out_f, dtype=dtype, seed=3)
+    with torch.no_grad(), shira_kernels.use_backend("cpu"):
+        y = shira_kernels.multi_delta_linear(x, weight, bias, delta_set,
+                                             torch.tensor(assignment).view(2, -1))
+        for a in (-1, 0, 1, 2):
+            if a == -1:
+                single = torch.nn.functional.linear(x, weight, bias)
+            else:
+                _, delta, scale = delta_set.slots[a]
+                single = shira_kernels.sparse_delta_linear(x, weight, bias, delta, scale,
+                                                           strategy="spmm")
+            rows = torch.tensor(assignment).view(2, -1) == a
+            assert torch.equal(y[rows], single[rows]), a
+
+
+def test_names_and_slots():
+    delta_set = make_set(6, 10, torch.float32)
+    x, weight = randn(4, 10, dtype=torch.float32, seed=1), randn(6, 10, dtype=torch.float32, seed=2)
+    by_names = shira_kernels.multi_delta_linear(x, weight, None, delta_set,
+                                                ["a1", None, "__base__", "a0"])
+    by_slots = shira_kernels.multi_delta_linear(x, weight, None, delta_set, [1, -1, -1, 0])
+    assert torch.equal(by_names, by_slots)
+    # Removing an adapter frees its slot and keeps the others; add reuses the lowest free one.
+    delta_set.remove("a1")
+    assert delta_set.names == ["a0", "a2"] and delta_set.index("a2") == 2 and "a1" not in delta_set
+    with pytest.raises(ValueError, match="not an adapter slot"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, [1, -1, -1, 0])
+    after = shira_kernels.multi_delta_linear(x, weight, None, delta_set, [2, -1, -1, 0])
+    assert torch.equal(after[1:], by_slots[1:])
+    assert delta_set.add("new", make_delta(6, 10, torch.float32, seed=9)) == 1
+    assert len(delta_set) == 3
+
+
+def test_bad_inputs_name_the_argument():
+    delta_set = make_set(6, 10, torch.float32)
+    x, weight = randn(4, 10, dtype=torch.float32, seed=1), randn(6, 10, dtype=torch.float32, seed=2)
+    with pytest.raises(KeyError, match="no adapter 'zzz'"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, ["zzz", None, None, None])
+    with pytest.raises(ValueError, match="row_adapter has shape"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, [0, 1])
+    with pytest.raises(ValueError, match="row_adapter holds 7"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, [7, 0, 0, 0])
+    with pytest.raises(TypeError, match="row_adapter must hold integer slots"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, torch.zeros(4))
+    with pytest.raises(ValueError, match="delta_set is for"):
+        shira_kernels.multi_delta_linear(torch.randn(4, 11), torch.randn(6, 11), None, delta_set,
+                                         [0] * 4)
+    with pytest.raises(TypeError, match="delta_set must be a SparseDeltaSet"):
+        shira_kernels.multi_delta_linear(x, weight, None, {}, [0] * 4)
+    with pytest.raises(TypeError, match="values of adapter 'a0'"):  # fp32 adapters, bf16 x
+        shira_kernels.multi_delta_linear(x.bfloat16(), weight.bfloat16(), None, delta_set,
+                                         [0] * 4)
+    with pytest.raises(ValueError, match="already in this set"):
+        delta_set.add("a0", make_delta(6, 10, torch.float32))
+    with pytest.raises(ValueError, match="this set's weight is"):
+        delta_set.add("b", make_delta(6, 11, torch.float32))
+    with pytest.raises(ValueError, match="non-empty str other than '__base__'"):
+        delta_set.add("__base__", make_delta(6, 10, torch.float32))
+    with pytest.raises(ValueError, match="are torch.float32 on cpu"):
+        delta_set.add("b", make_delta(6, 10, torch.bfloat16))
+
+
+def test_weight_is_only_read_and_gets_its_gradient_when_asked():
+    delta_set = make_set(6, 10, torch.float32)
+    x = randn(5, 10, dtype=torch.float32, seed=1)
+    weight = randn(6, 10, dtype=torch.float32, seed=2)
+    base = weight.clone()
+    weight.requires_grad_()
+    y = shira_kernels.multi_delta_linear(x, weight, None, delta_set, [0, 1, 2, -1, 0])
+    (gw,) = torch.autograd.grad(y.sum(), [weight])
+    assert torch.allclose(gw, torch.ones(5, 6).T @ x)  # dy/dW = gyᵀ·x, whatever the adapters
+    assert torch.equal(weight.detach(), base)
+
+
+def test_opcheck(backend, device):
+    delta_set = make_set(6, 10, torch.float32, device)
+    x = randn(5, 10, dtype=torch.float32, seed=1, device=device).requires_grad_()
+    weight = randn(6, 10, dtype=torch.float32, seed=2, device=device)
+    bias = randn(6, dtype=torch.float32, seed=3, device=device)
+    fields = [[] for _ in range(7)]
+    for _, delta, _ in delta_set:
+        s = delta.structure
+        for column, t in zip(fields, (delta.values, s.row_offsets, s.cols, s.rows, s.t_offsets,
+                                      s.t_cols, s.t_perm)):
+            column.append(t)
+    scales = [e[2] for e in delta_set.slots]
+    opcheck(torch.ops.shira.multi_delta_linear.default,
+            (x, weight, bias, torch.tensor([0, 1, 2, -1, 0], device=device), *fields, scales))
