@@ -56,8 +56,9 @@ from torch import nn
 
 from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size,
                       validate_indices)
-from .formats import SparseDelta, flat_index_dtype
+from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
+from .ops.multi_delta import multi_delta_linear
 from .ops.scatter_swap import adapted_entries, swap_transaction
 
 __all__ = ["AdapterBank"]
@@ -66,12 +67,27 @@ __all__ = ["AdapterBank"]
 class _Entry:
     """One adapter (or fusion) on one layer. ``buf`` holds the active values while the owner is
     inactive and the held-aside base entries while it is active. ``delta``/``scale`` are kept
-    for adapters (fusions and save() need them), None for fusions."""
+    for adapters (fusions and save() need them), None for fusions; ``mixed_delta`` is the
+    delta in the weight's dtype with its structure, made the first time a mixed batch uses it."""
 
-    __slots__ = ("indices", "buf", "delta", "scale")
+    __slots__ = ("indices", "buf", "delta", "scale", "mixed_delta")
 
     def __init__(self, indices, buf, delta=None, scale=None):
         self.indices, self.buf, self.delta, self.scale = indices, buf, delta, scale
+        self.mixed_delta = None
+
+
+def _mixed_forward(layer: str, module: nn.Linear, delta_set: SparseDeltaSet, slots):
+    """The forward of ``module`` inside AdapterBank.mixed: each batch row (x's first dim)
+    through its adapter."""
+    def forward(x):
+        if x.dim() < 2 or x.shape[0] != slots.numel():
+            raise ValueError(f"layer {layer!r}: mixed batch of {slots.numel()} rows, but its "
+                             f"input has shape {tuple(x.shape)} (the first dim must be the "
+                             "batch)")
+        row_adapter = slots.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        return multi_delta_linear(x, module.weight, module.bias, delta_set, row_adapter)
+    return forward
 
 
 class _Slot:
@@ -569,6 +585,71 @@ class AdapterBank:
                                 f"layer {layer!r}", base=base)
             entries[layer] = _Entry(union.to(layer_parts[0][0].indices.dtype), active)
         return entries
+
+    # -- many adapters in one batch ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def mixed(self, adapter_names: Sequence[str | None]):
+        """``with bank.mixed(["a", None, "b", ...]): model(x)``: each row of the batch (the
+        first dim of every adapted layer's input) through its own adapter (None or "__base__":
+        the base), by multi_delta_linear on every layer an adapter of the batch touches. No
+        weight is written and no adapter needs activating; the bank's lock is held for the
+        block (no switch meanwhile; put a backward inside it too). The values keep the
+        adapter's scale and meet x in its dtype (a delta given in fp32 is rounded once to a
+        bf16 weight's dtype), so a row's output matches activate(name) then the forward within
+        the rounding of a bf16/fp16 weight, not bit for bit.
+
+        Raises while an adapter or fusion is active (its values are in the weights), for an
+        unknown name, and in a layer whose input's first dim is not len(adapter_names).
+        """
+        names = list(adapter_names) if not isinstance(adapter_names, str) else None
+        if not names:
+            raise ValueError(f"adapter_names must be a non-empty list with one name (or None) per "
+                             f"batch row, got {adapter_names!r}")
+        with self.lock:
+            if self._active is not None:
+                raise RuntimeError(f"mixed batches read the base weights, but {self.active!r} is "
+                                   "active (fused into them); deactivate() first")
+            self._check_unmerged()
+            used = list(dict.fromkeys(n for n in names if n is not None
+                                      and n != SparseDeltaSet.BASE))
+            for n in used:
+                self._slot(n)  # KeyError naming it
+            restore = {}
+            try:
+                for layer, module in self._layers.items():
+                    touching = [n for n in used if layer in self._adapters[n].entries]
+                    if not touching:
+                        continue
+                    if type(module) is not nn.Linear:
+                        raise TypeError(f"layer {layer!r} is a {type(module).__name__}; mixed "
+                                        "batches run plain nn.Linear layers")
+                    delta_set = self._delta_set(layer, touching)
+                    slots = torch.tensor([delta_set.index(n) if n in delta_set else -1
+                                          for n in names], device=module.weight.device)
+                    restore[layer] = module.__dict__.get("forward")
+                    module.forward = _mixed_forward(layer, module, delta_set, slots)
+                yield self
+            finally:
+                for layer, forward in restore.items():
+                    module = self._layers[layer]
+                    if forward is None:
+                        del module.forward
+                    else:
+                        module.forward = forward
+
+    def _delta_set(self, layer: str, names: list[str]) -> SparseDeltaSet:
+        """A SparseDeltaSet of ``names``' deltas on ``layer``, values in the weight's dtype
+        (built per block; the structures are kept with each entry's cached delta)."""
+        weight = self._layers[layer].weight
+        delta_set = SparseDeltaSet(tuple(weight.shape))
+        for n in names:
+            e = self._adapters[n].entries[layer]
+            delta = getattr(e, "mixed_delta", None)
+            if delta is None or delta.dtype != weight.dtype:
+                delta = SparseDelta(tuple(weight.shape), e.indices, e.delta.to(weight.dtype))
+                e.mixed_delta = delta
+            delta_set.add(n, delta, e.scale)
+        return delta_set
 
     # -- thread safety ----------------------------------------------------------------------------
     @contextlib.contextmanager

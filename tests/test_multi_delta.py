@@ -179,3 +179,90 @@ def test_opcheck(backend, device):
     scales = [e[2] for e in delta_set.slots]
     opcheck(torch.ops.shira.multi_delta_linear.default,
             (x, weight, bias, torch.tensor([0, 1, 2, -1, 0], device=device), *fields, scales))
+
+
+# ---------------------------------------------------------------------------------------------
+# AdapterBank.mixed: every adapted layer runs multi_delta_linear for the rows' adapters.
+# ---------------------------------------------------------------------------------------------
+def make_bank(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    model.to(dtype)
+    bank = shira_kernels.AdapterBank(model)
+    bank.add("a", {"0": make_delta(24, 40, torch.float32, seed=1),
+                   "2": make_delta(8, 24, torch.float32, seed=2)}, scale=0.5)
+    bank.add("b", {"0": make_delta(24, 40, torch.float32, seed=3)}, scale=2.0)
+    return model, bank
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bank_mixed_rows_match_their_adapter(dtype):
+    model, bank = make_bank(dtype)
+    names = ["a", None, "b", "__base__", "a", "b"]
+    x = randn(6, 3, 40, dtype=dtype, seed=5)  # [batch, sequence, features]
+    weights = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    hook = model[0].register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad(), bank.mixed(names):
+        model(x)
+    hook.remove()
+    # The first layer's output against its float64 definition: each row's adapter's delta (in
+    # the weight's dtype) and scale, the sequence positions of a row sharing its adapter.
+    first, deltas, scales = model[0], [], []
+    for name in ("a", "b"):
+        delta, scale = bank.deltas(name)["0"]
+        deltas.append(delta.with_values(delta.values.to(dtype)))
+        scales.append(scale)
+    rows = torch.tensor([0, -1, 1, -1, 0, 1]).repeat_interleave(3)
+    exact, magnitude = (multi_delta_linear_reference(
+        f(x.reshape(-1, 40)), f(first.weight), f(first.bias),
+        [d.with_values(f(d.values)) for d in deltas], scales, rows)
+        for f in (lambda t: t.double(), abs64))
+    k, n = delta_linear_bound(40)
+    assert_within_error_bound(seen[0].reshape(-1, 24), exact, magnitude, k, "first layer",
+                              roundings=n)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))  # only read
+    assert all("forward" not in m.__dict__ for m in model)  # the layers' own forward is back
+
+
+def test_bank_mixed_agrees_with_activate_and_trains():
+    model, bank = make_bank(torch.float32)
+    names = ["b", "a", None]
+    x = randn(3, 40, dtype=torch.float32, seed=6).requires_grad_()
+    with bank.mixed(names):
+        y = model(x)
+        y.square().sum().backward()  # the backward inside the block, as reading() asks
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            bank.activate(name)
+            ref = model(x[i:i + 1])
+            bank.deactivate()
+        assert torch.allclose(y[i:i + 1], ref, rtol=1e-5, atol=1e-5), name
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_bank_mixed_refuses_what_it_cannot_do():
+    model, bank = make_bank(torch.float32)
+    x = randn(2, 40, dtype=torch.float32, seed=7)
+    with pytest.raises(KeyError, match="no adapter named 'zzz'"):
+        with bank.mixed(["zzz", None]):
+            pass
+    with pytest.raises(ValueError, match="mixed batch of 3 rows"):
+        with bank.mixed(["a", None, "b"]):
+            model(x)
+    assert all("forward" not in m.__dict__ for m in model)  # restored after the error too
+    with pytest.raises(ValueError, match="non-empty list"):
+        with bank.mixed([]):
+            pass
+    bank.activate("a")
+    with pytest.raises(RuntimeError, match="'a' is active"):
+        with bank.mixed(["a", "b"]):
+            pass
+    bank.deactivate()
+    shira_model = torch.nn.Sequential(shira_kernels.nn.ShiraLinear.from_linear(
+        torch.nn.Linear(40, 24), r=2))
+    shira_bank = shira_kernels.AdapterBank(shira_model)
+    shira_bank.add("a", {"0": make_delta(24, 40, torch.float32, seed=1)})
+    with pytest.raises(TypeError, match="plain nn.Linear"):
+        with shira_bank.mixed(["a", None]):
+            pass

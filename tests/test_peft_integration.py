@@ -783,3 +783,48 @@ def test_accelerate_save_load_roundtrip_pattern(tmp_path, where):
         torch.testing.assert_close(loaded(x), outputs["second"], rtol=1e-5, atol=1e-5)
         loaded.unmerge_adapter()
     assert same_bits(base_weights(loaded), before)
+
+
+# =============================================================================================
+# adapter_names: a batch whose rows use different adapters (PEFT offers it for LoRA only)
+# =============================================================================================
+def two_adapter_model():
+    pm = shira(tiny())
+    pm.add_adapter("other", ShiraConfig(r=R, target_modules=["fc1", "fc2"], random_seed=9))
+    randomize(pm, seed=7, adapter="other")
+    return skpeft.accelerate(pm).eval()
+
+
+def test_adapter_names_rows_match_their_adapter():
+    pa = two_adapter_model()
+    names = ["other", "__base__", "default", "other"]
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mixed = pa(x, adapter_names=names)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with pa.disable_adapter():
+                    ref = pa(x[i:i + 1])
+            else:
+                pa.set_adapter(name)
+                ref = pa(x[i:i + 1])
+            # fp32, sums of at most 24 terms: differences at the level of fp32 rounding.
+            torch.testing.assert_close(mixed[i:i + 1], ref, rtol=1e-5, atol=1e-6)
+        pa.set_adapter("default")
+        # The hooks are gone after the call: a plain forward is the active adapter's again.
+        torch.testing.assert_close(pa(x), pa(x, adapter_names=["default"] * 4))
+
+
+def test_adapter_names_checks_as_peft_lora_does():
+    pa = two_adapter_model()
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        pa(x, adapter_names=["nope", "default"])
+    with pytest.raises(ValueError, match="one name per batch row"):
+        with torch.no_grad():
+            pa(x, adapter_names=["default"] * 3)
+    pa.train()
+    with pytest.raises(ValueError, match="training mode"):
+        pa(x, adapter_names=["default", "other"])
+    skpeft.restore(pa)
+    assert "_enable_peft_forward_hooks" not in pa.base_model.__dict__

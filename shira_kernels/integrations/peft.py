@@ -14,6 +14,8 @@ save_peft as functions.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import warnings
 
@@ -21,10 +23,11 @@ import torch
 from torch import nn
 
 from .._checks import FLOAT_DTYPES, tensor_stamp, unchanged
-from ..formats import SparseDelta, flat_index_dtype
+from ..formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from ..io.peft_format import BIN_NAME  # noqa: F401  (importable from here, as before)
 from ..io.peft_format import (CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, peft_adapter_deltas,
                               read_peft_adapter, write_peft_adapter)
+from ..ops.multi_delta import multi_delta_linear
 from ..ops.scatter_swap import adapted_entries, merge_by_swap, swap_transaction
 from ..ops.sparse_delta import STRATEGIES, sparse_delta_linear_unpacked
 
@@ -141,6 +144,9 @@ class _AcceleratedShira:
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = kwargs.pop("adapter_names", None)  # injected by _mixed_batch_hooks
+        if names is not None:
+            return self._sk_mixed(x, names)
         if self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
             return super().forward(x, *args, **kwargs)
         weight = self._sk_plain_weight()
@@ -167,6 +173,37 @@ class _AcceleratedShira:
         return sparse_delta_linear_unpacked(x, weight, bias, weight.shape, values, plan.flat,
                                             plan.structure, float(self.scaling[adapter]),
                                             self._sk_strategy)
+
+    def _sk_mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Each row of the batch (x's first dim) through its adapter ("__base__", or an adapter
+        this layer does not have: the base), by multi_delta_linear; as PEFT does for LoRA."""
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` while an adapter is merged; unmerge "
+                             "first")
+        weight, bias = self._sk_plain_weight(), self.get_base_layer().bias
+        if weight is None or not isinstance(x, torch.Tensor) or x.dtype != weight.dtype:
+            raise ValueError("`adapter_names` with SHiRA needs a plain float weight and an "
+                             "input of its dtype")
+        if x.dim() < 2 or x.shape[0] != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the layer's input has "
+                             f"shape {tuple(x.shape)} (one name per batch row)")
+        if self.disable_adapters:
+            return torch.nn.functional.linear(x, weight, bias)
+        delta_set = SparseDeltaSet(tuple(weight.shape))
+        for adapter in dict.fromkeys(names):
+            if adapter not in self.shira_weight.keys():
+                continue  # "__base__", or an adapter on other layers only: the base here
+            plan = self._sk_plan(adapter)
+            if plan is None:
+                raise ValueError(f"adapter {adapter!r}: its indices cannot run on the kernels "
+                                 "(out of range or repeated)")
+            values = self._sk_values(adapter, plan).to(weight.dtype)
+            delta = SparseDelta(tuple(weight.shape), plan.flat, values, structure=plan.structure)
+            delta_set.add(adapter, delta, float(self.scaling[adapter]))
+        slots = torch.tensor([delta_set.index(n) if n in delta_set else -1 for n in names],
+                             device=x.device)
+        rows = slots.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        return multi_delta_linear(x, weight, bias, delta_set, rows)
 
     # -- merge / unmerge --------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -269,6 +306,10 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
       call: no other thread may read W meanwhile) or "merge" (a scratch copy of W).
     - merge() / unmerge(): scatter_swap_ of the adapted entries; unmerge restores W bit for bit
       (PEFT's subtracts the delta again, which rounds in 16-bit weights).
+    - ``model(x, adapter_names=[...])`` and ``generate(..., adapter_names=[...])``: each batch
+      row through its adapter ("__base__": the base), with PEFT LoRA's semantics and checks
+      (inference only, names must exist, beams expanded), by multi_delta_linear on every
+      accelerated layer; PEFT itself offers this for LoRA only.
     - Everything else runs PEFT's own code: disabled adapters, merged layers, several active
       adapters, quantized or non-contiguous weights, inputs of another dtype, indices the kernels
       cannot take (out of range or repeated), layers merged by PEFT before accelerate().
@@ -300,8 +341,53 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
         raise ValueError("the model has no PEFT SHiRA layer (peft.tuners.shira.Linear); build "
                          "it with get_peft_model(model, ShiraConfig(...)) or "
                          "PeftModel.from_pretrained")
+    for tuner in _tuners(peft_model):  # adapter_names= in forward and generate (PEFT: LoRA only)
+        tuner._enable_peft_forward_hooks = functools.partial(_mixed_batch_hooks, tuner)
     log.info("accelerated %d PEFT SHiRA layers (strategy %r)", count, strategy)
     return peft_model
+
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+@contextlib.contextmanager
+def _mixed_batch_hooks(tuner, *args, **kwargs):
+    """PeftModel's forward and generate enter this (the tuner's _enable_peft_forward_hooks, set
+    by accelerate()) with their arguments: with ``adapter_names`` it hands the names to every
+    accelerated layer for the call, with PEFT LoRA's checks and beam-search expansion."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        yield
+        return
+    if tuner.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    names = list(names)
+    unknown = sorted({n for n in names if n != BASE and n not in tuner.peft_config})
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    beams = kwargs.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        names = [n for n in names for _ in range(beams)]
+
+    def inject(module, args, layer_kwargs):
+        layer_kwargs["adapter_names"] = names
+        return args, layer_kwargs
+    handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
+               for module in tuner.modules() if isinstance(module, _CLASS)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tuners(model: nn.Module) -> list:
+    """The PEFT SHiRA tuners (ShiraModel) in ``model``: PeftModel.base_model and the like."""
+    try:
+        from peft.tuners.shira import ShiraModel
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, ShiraModel)]
 
 
 def accelerated_layers(model: nn.Module) -> list[str]:
@@ -331,4 +417,6 @@ def restore(model: nn.Module) -> nn.Module:
             module.__dict__.pop(attr, None)
         for adapter in remerge:
             module.merge(adapter_names=[adapter])
+    for tuner in _tuners(model):
+        tuner.__dict__.pop("_enable_peft_forward_hooks", None)
     return model

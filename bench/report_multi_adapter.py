@@ -1,0 +1,173 @@
+"""Time a batch whose sequences use different SHiRA adapters (multi_delta_linear) against its
+alternatives, in one run, on the CPU.
+
+    python bench/report_multi_adapter.py [--hidden 2048 --intermediate 5504] [--sequences 32]
+        [--tokens 128] [--adapters 1,8,32] [--repeat 3] [--out docs/benchmarks/multi_adapter_cpu.md]
+
+The seven projections of one Llama-shaped block (bias-free), the batch's sequences x tokens as
+rows, each sequence's adapter assigned round-robin from k distinct adapters (r = 32 budget:
+32·(out + in) random entries per weight and adapter). Per dtype (fp32, bf16) and k, the forward
+through the seven projections, timed round robin:
+  - mixed: multi_delta_linear with each row's adapter (this package);
+  - one adapter unfused: sparse_delta_linear, the spmm strategy, the same adapter for all rows
+    (what mixing costs over serving one adapter);
+  - group and switch: per adapter, its rows gathered, its entries swapped into the weights
+    (scatter_swap_, as AdapterBank.activate does), F.linear, swapped back, rows scattered;
+  - PEFT LoRA r=32 with adapter_names= (k LoRA adapters on each layer, PEFT's per-sub-batch
+    loop), where peft is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import os
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("shira_kernels") is None:  # run from a source checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import shira_kernels  # noqa: E402
+from shira_kernels.harness import benchmark as sb  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def layer_case(out_f, in_f, dtype, adapters, seed):
+    """A weight, k adapters' deltas (a SparseDeltaSet, and each prepared for swapping: indices
+    and the values that stand in W while it is active), and k PEFT LoRA adapters if wanted."""
+    g = torch.Generator().manual_seed(seed)
+    weight = ((torch.rand(out_f, in_f, generator=g) * 2 - 1) / in_f ** 0.5).to(dtype)
+    nnz = min(32 * (out_f + in_f), out_f * in_f)
+    delta_set, swaps = shira_kernels.SparseDeltaSet((out_f, in_f)), []
+    for a in range(adapters):
+        flat = torch.randperm(out_f * in_f, generator=g)[:nnz]
+        values = (torch.randn(nnz, generator=g) * 0.01).to(dtype)
+        delta = shira_kernels.SparseDelta.from_flat(flat, (out_f, in_f), values, dtype=dtype)
+        delta_set.add(f"a{a}", delta, 1.0)
+        indices = delta.flat_indices.to(torch.int64)
+        swaps.append((indices, (weight.view(-1)[indices].float() + delta.values.float()).to(dtype)))
+    return weight, delta_set, swaps
+
+
+def peft_lora_layer(weight, adapters):
+    """PEFT's LoRA layer over ``weight`` with k adapters (r = 32, B random), or None."""
+    if not sb.peft_available():
+        return None
+    import peft
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    layer = sb.peft_lora_layer(linear, r=32)  # adapter "default"
+    config = peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0)
+    for a in range(1, adapters):
+        layer.update_layer(f"a{a}", r=32, lora_alpha=64, lora_dropout=0.0,
+                           init_lora_weights=True, use_rslora=False, lora_bias=False,
+                           config=config)
+    for module in layer.lora_B.values():
+        with torch.no_grad():
+            module.weight.normal_(0, 0.01)
+    return layer.to(weight.dtype)
+
+
+def variants(layers, x, row_adapter, names, groups):
+    def mixed():
+        for weight, delta_set, _, _ in layers:
+            shira_kernels.multi_delta_linear(x[weight.shape[1]], weight, None, delta_set,
+                                             row_adapter)
+
+    def single():
+        for weight, delta_set, _, _ in layers:
+            _, delta, scale = delta_set.slots[0]
+            shira_kernels.sparse_delta_linear(x[weight.shape[1]], weight, None, delta, scale,
+                                              strategy="spmm")
+
+    def group_and_switch():
+        for weight, _, swaps, _ in layers:
+            xs = x[weight.shape[1]]
+            y = xs.new_empty(xs.shape[0], weight.shape[0])
+            for a, rows in enumerate(groups):
+                indices, values = swaps[a]
+                shira_kernels.scatter_swap_([weight], [indices], [values])
+                y.index_copy_(0, rows, F.linear(xs.index_select(0, rows), weight))
+                shira_kernels.scatter_swap_([weight], [indices], [values])  # back, bit for bit
+
+    out = {"mixed (this package)": mixed, "one adapter, unfused": single,
+           "group and switch (activate per group)": group_and_switch}
+    if all(layer[3] is not None for layer in layers):
+        def peft_lora():
+            for weight, _, _, lora in layers:
+                lora(x[weight.shape[1]], adapter_names=names)
+        out["PEFT LoRA, adapter_names="] = peft_lora
+    return out
+
+
+def run(hidden, intermediate, sequences, tokens, adapters, dtype, repeat):
+    shapes = [shape for _, shape in sb.llama_linear_shapes(hidden, intermediate, blocks=1)]
+    layers = []
+    for k, (out_f, in_f) in enumerate(shapes):
+        weight, delta_set, swaps = layer_case(out_f, in_f, dtype, adapters, seed=k)
+        layers.append((weight, delta_set, swaps, peft_lora_layer(weight, adapters)))
+    g = torch.Generator().manual_seed(99)
+    x = {f: torch.randn(sequences * tokens, f, generator=g).to(dtype) for f in {s[1] for s in shapes}}
+    per_sequence = [s % adapters for s in range(sequences)]
+    row_adapter = torch.tensor(per_sequence).repeat_interleave(tokens)
+    lora_names = ["default" if a == 0 else f"a{a}" for a in per_sequence]
+    names = [n for n in lora_names for _ in range(tokens)]
+    groups = [(row_adapter == a).nonzero().view(-1) for a in range(adapters)]
+    fns = variants(layers, x, row_adapter, names, groups)
+    with torch.no_grad():
+        times = sb.round_robin_until_tight(fns, least=repeat, cap_s=15.0, most=repeat + 4)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5504)
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--adapters", default="1,8,32")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default="docs/benchmarks/multi_adapter_cpu.md",
+                        help="'-' only prints")
+    args = parser.parse_args(argv)
+    counts = [int(v) for v in args.adapters.split(",")]
+    started = dt.datetime.now(dt.timezone.utc)
+    lines = ["# Many SHiRA adapters in one batch (CPU)", "",
+             f"Made by `{sb.command_line()}` on {started:%Y-%m-%d %H:%M} UTC.", "",
+             f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}; torch "
+             f"{torch.__version__}, {torch.get_num_threads()} threads",
+             f"- The forward of one Llama-shaped block's seven projections (hidden {args.hidden}, "
+             f"intermediate {args.intermediate}, no bias) on {args.sequences} sequences x "
+             f"{args.tokens} tokens; sequence s uses adapter s mod k; r = 32 budget per adapter "
+             "and weight. Times are medians of rounds in which the variants are timed round robin.",
+             "- mixed: multi_delta_linear; one adapter, unfused: sparse_delta_linear (spmm) with "
+             "adapter 0 for every row; group and switch: per adapter, scatter_swap_ its entries "
+             "in, F.linear on its rows, swap back; PEFT LoRA: k LoRA r=32 adapters, "
+             "adapter_names= per row.", ""]
+    for label, dtype in DTYPES.items():
+        lines += [f"## {label}", "",
+                  "| adapters | variant | ms | × mixed |", "|---:|---|---:|---:|"]
+        for k in counts:
+            print(f"{label}, {k} adapters", file=sys.stderr, flush=True)
+            t = run(args.hidden, args.intermediate, args.sequences, args.tokens, k, dtype,
+                    args.repeat)
+            ref = t["mixed (this package)"]
+            for name, seconds in t.items():
+                lines.append(f"| {k} | {name} | {seconds * 1e3:.1f} | {seconds / ref:.2f} |")
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    sb.write_report(text, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
