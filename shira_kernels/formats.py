@@ -43,21 +43,21 @@ def flat_index_dtype(shape: tuple[int, int]) -> torch.dtype:
     return torch.int32 if shape[0] * shape[1] < 2**31 else torch.int64
 
 
-def _column_dtype(extent: int) -> torch.dtype:
-    # int16 halves the index traffic of the row-wise kernels for widths up to 32767.
-    return torch.int16 if extent <= 32767 else torch.int32
-
-
 @dataclass(frozen=True)
 class SparseStructure:
     """The derived index arrays of a SparseDelta (all on the indices' device).
 
     rows:        int32 [nnz], the row of each entry (COO, for the sddmm)
-    cols:        int16/int32 [nnz], the column of each entry (CSR column indices too)
+    cols:        int32 [nnz], the column of each entry (CSR column indices too)
     row_offsets: int64 [out + 1], CSR offsets
     t_offsets:   int64 [in + 1], offsets of the transposed CSR (S as [in, out], for gy·S)
-    t_cols:      int16/int32 [nnz], its column indices (= rows of S, in column-major order)
+    t_cols:      int32 [nnz], its column indices (= rows of S, in column-major order)
     t_perm:      int64 [nnz], values[t_perm] are the values in transposed order
+
+    Columns are int32 even where int16 would hold them: a module's buffers must be of a type
+    torch.distributed can broadcast (DDP syncs buffers; neither gloo nor NCCL carries int16),
+    and int16 columns measured no faster in the CPU kernels (their time goes to the gathered
+    rows of x, not to the index bytes).
     """
     rows: torch.Tensor
     cols: torch.Tensor
@@ -79,9 +79,9 @@ class SparseStructure:
         t_offsets = torch.zeros(in_features + 1, dtype=torch.int64, device=flat.device)
         t_offsets[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
         return SparseStructure(
-            rows=rows.to(torch.int32), cols=cols.to(_column_dtype(in_features)),
+            rows=rows.to(torch.int32), cols=cols.to(torch.int32),
             row_offsets=row_offsets, t_offsets=t_offsets,
-            t_cols=rows[t_perm].to(_column_dtype(out_features)), t_perm=t_perm)
+            t_cols=rows[t_perm].to(torch.int32), t_perm=t_perm)
 
 
 _STRUCTURES = TensorCache()

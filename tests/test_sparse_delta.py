@@ -14,7 +14,7 @@ from conftest import DTYPES, with_threads
 from tolerance import abs64, assert_within_error_bound
 
 # (tokens, out, in): odd sizes, 0 and 1 token, a wide layer, a long sequence.
-# in 40000 > 32767 takes the int32 column indices. The CPU kernels work on token chunks of
+# in 40000: a wide layer (columns past int16). The CPU kernels work on token chunks of
 # 128 and column blocks of 1024 (at 128 tokens): T130-in4097 crosses both with partial ends.
 # The fold kernel's panels are 64 outputs (out 131: two and a partial one; in 65 and 4097 for
 # the gradient of x), 256 steps (in 4097) and chunks of 192 tokens (T2049).
@@ -419,7 +419,7 @@ def test_sparse_delta_format():
     assert delta.flat_indices.tolist() == [0, 3, 4, 9] and delta.flat_indices.dtype == torch.int32
     assert delta.values.tolist() == [4.0, 2.0, 3.0, 1.0]
     s = delta.structure
-    assert s.row_offsets.tolist() == [0, 2, 3, 4] and s.cols.dtype == torch.int16
+    assert s.row_offsets.tolist() == [0, 2, 3, 4] and s.cols.dtype == torch.int32
     assert delta.structure is s  # derived once
     dense = delta.to_dense()
     assert dense[2, 1] == 1.0 and dense[0, 3] == 2.0 and dense.count_nonzero() == 4
