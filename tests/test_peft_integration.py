@@ -828,3 +828,19 @@ def test_adapter_names_checks_as_peft_lora_does():
         pa(x, adapter_names=["default", "other"])
     skpeft.restore(pa)
     assert "_enable_peft_forward_hooks" not in pa.base_model.__dict__
+
+
+def test_accelerated_model_compiles_with_no_more_graph_breaks_than_peft():
+    pm = shira(tiny())
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    breaks = {}
+    for name, model in (("peft", pm), ("accelerated", pa)):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(x)
+        breaks[name] = (explanation.graph_break_count, explanation.break_reasons)
+    assert breaks["accelerated"][0] <= breaks["peft"][0], breaks
+    torch._dynamo.reset()
+    compiled = torch.compile(pa, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), pa(x), rtol=1e-6, atol=1e-6)

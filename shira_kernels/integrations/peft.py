@@ -125,6 +125,11 @@ class _AcceleratedShira:
         if not isinstance(source, torch.Tensor):
             return None
         plan = self._sk_plans.get(adapter)
+        if torch.compiler.is_compiling():
+            # Traced: the plan made in eager mode (accelerate() makes one per adapter), taken as
+            # it is; checking or deriving it reads versions and values (graph breaks). Without
+            # one, PEFT's own forward runs.
+            return plan if plan is not None and plan.ok else None
         if plan is None or not plan.fresh(source, weight.device):
             plan = self._sk_plans[adapter] = _Plan(source, tuple(weight.shape), weight.device)
         return plan if plan.ok else None
@@ -334,6 +339,9 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
             module._sk_plans = {}
             module._sk_held = {}
             count += 1
+        if isinstance(module, cls):  # the plans now, so that a compiled forward finds them
+            for adapter in module.shira_indices.keys():
+                module._sk_plan(adapter)
         elif isinstance(module, base_cls):
             log.info("layer %r is a %s, a subclass of PEFT's SHiRA Linear: left as it is",
                      name, type(module).__name__)
