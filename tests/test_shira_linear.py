@@ -215,6 +215,55 @@ def test_torch_compile_fullgraph_of_a_model_with_shira_layers():
     assert model.up.shira_values.grad is not None
 
 
+def _compile_counted(model):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(model, backend=counter, fullgraph=True), counter
+
+
+def test_hotswap_in_a_compiled_model_recompiles_nothing():
+    from shira_kernels import SparseDelta
+    torch.manual_seed(0)
+    model = TinyModel()
+    replace_linear(model, filter=lambda name, m: True, r=2)
+    compiled, counter = _compile_counted(model)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        compiled(x)
+        layer = model.up
+        capacity = layer.shira_values.numel()
+        for nnz in (capacity, capacity // 2, 1):  # another mask of the same size, then smaller
+            flat = torch.randperm(layer.weight.numel())[:nnz]
+            delta = SparseDelta.from_flat(flat, layer.weight.shape, torch.randn(nnz))
+            layer.hotswap_(delta)
+            assert layer.shira_values.numel() == capacity
+            dense = (layer.weight + delta.to_dense()).detach()
+            expected = model.down(torch.relu(F.linear(x, dense, layer.bias)))
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1  # one graph, never recompiled
+    with pytest.raises(ValueError, match="more than this layer's"):
+        layer.hotswap_(SparseDelta.from_flat(torch.arange(capacity + 1), layer.weight.shape))
+
+
+def test_bank_switch_in_a_compiled_model_recompiles_nothing():
+    from shira_kernels import AdapterBank, SparseDelta
+    torch.manual_seed(0)
+    model = TinyModel()
+    bank = AdapterBank(model)
+    for name in ("a", "b"):
+        bank.add(name, {"up": SparseDelta.from_flat(torch.randperm(1024)[:40], (64, 16),
+                                                    torch.randn(40))})
+    compiled, counter = _compile_counted(model)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        for state in (None, "a", "b", None, "a"):
+            bank.activate(state)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert counter.frame_count == 1
+
+
 def test_masks_are_passed_through():
     base = nn.Linear(8, 4)
     mask = torch.zeros(4, 8, dtype=torch.bool)

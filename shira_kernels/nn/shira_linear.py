@@ -214,6 +214,49 @@ class ShiraLinear(nn.Linear):
             self._shira_swapped = None
         swap_transaction([self.weight], [self.shira_flat_indices], [self._shira_swapped], commit)
 
+    @torch.no_grad()
+    def hotswap_(self, delta: SparseDelta) -> None:
+        """Put ``delta`` (any mask of at most this layer's entry count) in the adapter's place,
+        in place: the indices, values and derived structure are copied into the existing
+        tensors, so a compiled model keeps its graphs (no recompile, as PEFT's
+        prepare_model_for_compiled_hotswap offers for LoRA). A smaller delta is padded with
+        entries of value 0 at positions outside its mask (they add nothing; they would train
+        like any entry, so hot-swap to serve). Not while merged; nothing changes on an error."""
+        if self.merged:
+            raise RuntimeError("unmerge() before hotswap_ (the held-aside base entries belong to "
+                               "the current mask)")
+        if not isinstance(delta, SparseDelta):
+            raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
+        if tuple(delta.shape) != tuple(self.weight.shape):
+            raise ValueError(f"delta has shape {tuple(delta.shape)}, the layer's weight "
+                             f"{tuple(self.weight.shape)}")
+        capacity, nnz = self.shira_values.numel(), delta.values.numel()
+        if nnz > capacity:
+            raise ValueError(f"delta has {nnz} entries, more than this layer's {capacity}; build "
+                             "the layer with a budget of at least that many")
+        device = self.shira_flat_indices.device
+        indices = delta.flat_indices.to(device=device, dtype=torch.int64)
+        values = delta.values.to(device=device, dtype=self.shira_values.dtype)
+        if nnz < capacity:  # pad with the first positions outside the mask, value 0
+            free = torch.ones(self.weight.numel(), dtype=torch.bool, device=device)
+            free[indices] = False
+            pad = free.nonzero().view(-1)[:capacity - nnz]
+            indices, order = torch.sort(torch.cat([indices, pad]))
+            values = torch.cat([values, values.new_zeros(capacity - nnz)])[order]
+        structure = SparseDelta(self.weight.shape, indices.to(self.shira_flat_indices.dtype),
+                                values).structure
+        buffers = self._buffers
+        for name in _STRUCTURE_FIELDS:
+            if buffers[f"_shira_{name}"].dtype != getattr(structure, name).dtype:
+                raise RuntimeError("the layer's structure buffers are of another type; rebuild "
+                                   "the layer")
+        buffers["shira_flat_indices"].copy_(indices)
+        self.shira_values.copy_(values)
+        for name in _STRUCTURE_FIELDS:
+            buffers[f"_shira_{name}"].copy_(getattr(structure, name))
+        indices = buffers["shira_flat_indices"]
+        self._shira_derived_from = (indices, tensor_stamp(indices))
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, nnz={self.shira_flat_indices.numel()}, "
                 f"scale={self.scale}"
