@@ -2,7 +2,7 @@
 kernels (or this one's, built for another target) loaded in the same process.
 
     python bench/ab_cpu_kernels.py [--against DIR [--march TARGET]] [--shapes 2048x2048,4096x4096]
-                                   [--tokens 128]
+                                   [--tokens 128] [--dtype fp32|bf16|fp16] [--r R]
 
 Before every call a dense matmul of the layer's own size runs (gy·W), as in a training step: it
 streams the weight through the caches, so the kernel meets its activations cold. Warm-cache
@@ -17,6 +17,8 @@ forward), spmm_t_sddmm (the spmm strategy's backward, where a build has it), sdd
 offsets derived by the kernel and given by the caller (where a build takes them), the fold
 strategy's folded_linear and its gradient of x (where a build has them), and the 1-bit
 binary_linear and its gradient of x on a weight of the layer's shape (where a build has them).
+torch's own matmuls of the frozen layer (x·Wᵀ and gy·W) run in the same rounds, and the sparse
+parts of a training step are printed as a share of them.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ import shira_kernels
 from shira_kernels import _native
 from shira_kernels.harness.cpu_variant import build_cpu_variant
 from shira_kernels.ops import binary as binary_ops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH = "torch"  # the build name of the dense matmuls' rows
 
 
 def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
@@ -95,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=None,
                    help="SHiRA rank: r·(out+in) entries (default min(out, in) / 128)")
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="of the activations, weight and values (the 1-bit kernels take fp32)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--march", default="native", help="the target --against is built for")
     args = p.parse_args(argv)
@@ -120,19 +127,21 @@ def main(argv=None) -> int:
         name = str(args.against) + ("" if args.march == "native" else f" -march={args.march}")
         builds[name] = other
     torch.manual_seed(0)
-    print(f"{args.tokens} tokens, fp32, {torch.get_num_threads()} threads, medians of "
+    dtype = DTYPES[args.dtype]
+    print(f"{args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} threads, medians of "
           f"{args.rounds} rounds, a dense matmul of the layer's size before every call")
     for out_f, in_f in shapes:
         shape = f"{out_f}x{in_f}"
         r = args.r or max(1, min(out_f, in_f) // 128)
         nnz = min(r * (out_f + in_f), out_f * in_f)
         flat = torch.randperm(out_f * in_f)[:nnz]
-        delta = shira_kernels.SparseDelta.from_flat(flat, (out_f, in_f), torch.randn(nnz) * 0.01)
+        delta = shira_kernels.SparseDelta.from_flat(flat, (out_f, in_f),
+                                                    (torch.randn(nnz) * 0.01).to(dtype))
         s, values = delta.structure, delta.values
-        x, gy = torch.randn(args.tokens, in_f), torch.randn(args.tokens, out_f)
-        y, gx = torch.randn(args.tokens, out_f), torch.randn(args.tokens, in_f)
-        weight = torch.randn(out_f, in_f)
-        bw = shira_kernels.BinaryWeight.from_float(weight)
+        x, gx = (torch.randn(args.tokens, in_f, dtype=dtype) for _ in range(2))
+        gy, y = (torch.randn(args.tokens, out_f, dtype=dtype) for _ in range(2))
+        weight = torch.randn(out_f, in_f, dtype=dtype)
+        bw = shira_kernels.BinaryWeight.from_float(weight.float())
         calls = {}
         for build, mod in builds.items():
             for kernel, call in kernel_calls(mod, s, values, x.clone(), y.clone(), gy,
@@ -144,6 +153,10 @@ def main(argv=None) -> int:
             exact = args.march == "native" and not kernel.startswith("binary")
             if not all(agree(o, outs[0], exact) for o in outs[1:]):
                 raise SystemExit(f"{shape} {kernel}: the builds disagree")
+        # The frozen layer's own matmuls (torch's, in the same rounds): what the sparse parts of
+        # a training step add to.
+        calls[("dense x·Wᵀ (frozen forward)", TORCH)] = lambda: x @ weight.T
+        calls[("dense gy·W (frozen grad of x)", TORCH)] = lambda: gy @ weight
         times = {key: [] for key in calls}
         order = list(calls)
         for call in calls.values():
@@ -157,13 +170,20 @@ def main(argv=None) -> int:
                 times[key].append(time.perf_counter() - t)
         print(f"\n{shape}, r = {r}, {nnz} entries")
         for kernel in sorted({k for k, _ in calls}):
-            row = {b: statistics.median(times[(kernel, b)]) * 1e3 for b in builds
+            row = {b: statistics.median(times[(kernel, b)]) * 1e3 for b in [*builds, TORCH]
                    if (kernel, b) in times}
             text = ", ".join(f"{b}: {ms:.3f} ms" for b, ms in row.items())
             if len(row) == 2:
                 mine, other = row.values()
                 text += f"; this/other {mine / other:.3f}"
             print(f"  {kernel:24s} {text}")
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        if ("spmm_t_sddmm", "this checkout") in ms:
+            sparse = ms[("spmm", "this checkout")] + ms[("spmm_t_sddmm", "this checkout")]
+            frozen = ms[("dense x·Wᵀ (frozen forward)", TORCH)] + \
+                ms[("dense gy·W (frozen grad of x)", TORCH)]
+            print(f"  the sparse parts of a training step (spmm + spmm_t_sddmm), this checkout: "
+                  f"{sparse / frozen:.0%} of the frozen layer's two matmuls")
     return 0
 
 

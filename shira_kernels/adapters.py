@@ -85,8 +85,7 @@ def _mixed_forward(layer: str, module: nn.Linear, delta_set: SparseDeltaSet, slo
             raise ValueError(f"layer {layer!r}: mixed batch of {slots.numel()} rows, but its "
                              f"input has shape {tuple(x.shape)} (the first dim must be the "
                              "batch)")
-        row_adapter = slots.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-        return multi_delta_linear(x, module.weight, module.bias, delta_set, row_adapter)
+        return multi_delta_linear(x, module.weight, module.bias, delta_set, slots)
     return forward
 
 
@@ -601,7 +600,8 @@ class AdapterBank:
         Raises while an adapter or fusion is active (its values are in the weights), for an
         unknown name, and in a layer whose input's first dim is not len(adapter_names).
         """
-        names = list(adapter_names) if not isinstance(adapter_names, str) else None
+        names = (list(adapter_names) if isinstance(adapter_names, Sequence)
+                 and not isinstance(adapter_names, str) else None)
         if not names:
             raise ValueError(f"adapter_names must be a non-empty list with one name (or None) per "
                              f"batch row, got {adapter_names!r}")
@@ -644,7 +644,7 @@ class AdapterBank:
         delta_set = SparseDeltaSet(tuple(weight.shape))
         for n in names:
             e = self._adapters[n].entries[layer]
-            delta = getattr(e, "mixed_delta", None)
+            delta = e.mixed_delta
             if delta is None or delta.dtype != weight.dtype:
                 delta = SparseDelta(tuple(weight.shape), e.indices, e.delta.to(weight.dtype))
                 e.mixed_delta = delta

@@ -404,11 +404,10 @@ class SparseDeltaSet:
         if tuple(delta.shape) != self.shape:
             raise ValueError(f"adapter {name!r} has shape {tuple(delta.shape)}, this set's weight "
                              f"is {self.shape}")
-        for other in self:
-            if other[1].device != delta.device or other[1].dtype != delta.dtype:
-                raise ValueError(f"adapter {name!r} is {delta.dtype} on {delta.device}, the set's "
-                                 f"adapters are {other[1].dtype} on {other[1].device}")
-            break
+        first = next(iter(self), None)
+        if first is not None and (first[1].device, first[1].dtype) != (delta.device, delta.dtype):
+            raise ValueError(f"adapter {name!r} is {delta.dtype} on {delta.device}, the set's "
+                             f"adapters are {first[1].dtype} on {first[1].device}")
         scale = check_scale(scale)
         delta.structure  # built now, once, not inside a forward
         slot = next((i for i, entry in enumerate(self._slots) if entry is None), len(self._slots))

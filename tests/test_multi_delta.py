@@ -113,6 +113,11 @@ def test_names_and_slots():
                                                 ["a1", None, "__base__", "a0"])
     by_slots = shira_kernels.multi_delta_linear(x, weight, None, delta_set, [1, -1, -1, 0])
     assert torch.equal(by_names, by_slots)
+    # One adapter per batch row of a [batch, sequence, features] input, for all its positions.
+    x3 = x.view(2, 2, 10)
+    per_batch_row = shira_kernels.multi_delta_linear(x3, weight, None, delta_set, [1, 0])
+    assert torch.equal(per_batch_row, shira_kernels.multi_delta_linear(
+        x3, weight, None, delta_set, torch.tensor([[1, 1], [0, 0]])))
     # Removing an adapter frees its slot and keeps the others; add reuses the lowest free one.
     delta_set.remove("a1")
     assert delta_set.names == ["a0", "a2"] and delta_set.index("a2") == 2 and "a1" not in delta_set
@@ -254,6 +259,9 @@ def test_bank_mixed_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="non-empty list"):
         with bank.mixed([]):
             pass
+    with pytest.raises(ValueError, match="non-empty list"):
+        with bank.mixed(None):
+            pass
     bank.activate("a")
     with pytest.raises(RuntimeError, match="'a' is active"):
         with bank.mixed(["a", "b"]):
@@ -266,3 +274,21 @@ def test_bank_mixed_refuses_what_it_cannot_do():
     with pytest.raises(TypeError, match="plain nn.Linear"):
         with shira_bank.mixed(["a", None]):
             pass
+
+
+def test_threads_get_right_answers_and_change_nothing():
+    # Two threads on one weight and set (the weight read under its lock), each its own batch.
+    from concurrent.futures import ThreadPoolExecutor
+    delta_set = make_set(33, 65, torch.float32)
+    weight = randn(33, 65, dtype=torch.float32, seed=2)
+    base = weight.clone()
+    batches = [(randn(9, 65, dtype=torch.float32, seed=10 + i),
+                torch.tensor([i % 3, -1, 2, 0, 1, 1, 0, 2, -1])) for i in range(8)]
+    alone = [shira_kernels.multi_delta_linear(x, weight, None, delta_set, r) for x, r in batches]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(5):
+            together = list(pool.map(
+                lambda b: shira_kernels.multi_delta_linear(b[0], weight, None, delta_set, b[1]),
+                batches))
+            assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert torch.equal(weight, base)

@@ -247,6 +247,68 @@ def test_hotswap_in_a_compiled_model_recompiles_nothing():
         layer.hotswap_(SparseDelta.from_flat(torch.arange(capacity + 1), layer.weight.shape))
 
 
+def test_hotswap_while_another_thread_runs_the_layer_corrupts_nothing():
+    # The "swap" strategy swaps W's entries at the layer's indices out and back in during a
+    # forward; hotswap_ waits for it (the weight's lock), so W comes back as it was.
+    import threading
+    from shira_kernels import SparseDelta
+    torch.manual_seed(0)
+    # Big enough that a forward's matmul (between its swap in and out) takes a while.
+    layer = ShiraLinear.from_linear(nn.Linear(512, 384), r=4)
+    layer.strategy = "swap"
+    base = layer.weight.detach().clone()
+    capacity = layer.shira_values.numel()
+    deltas = [SparseDelta.from_flat(torch.randperm(512 * 384)[:capacity], (384, 512),
+                                    torch.randn(capacity)) for _ in range(4)]
+    x, stop, errors, forwards = torch.randn(512, 512), threading.Event(), [], [0]
+
+    def run():
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    layer(x)
+                    forwards[0] += 1
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    worker = threading.Thread(target=run)
+    worker.start()
+    # Swap masks for as long as the other thread runs 30 forwards (without the lock, W ended
+    # with about 10,000 wrong entries this way).
+    i = 0
+    while forwards[0] < 30 and worker.is_alive():
+        layer.hotswap_(deltas[i % len(deltas)])
+        i += 1
+    stop.set()
+    worker.join()
+    assert not errors
+    assert torch.equal(layer.weight.detach(), base)
+    delta = deltas[(i - 1) % len(deltas)]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, base + delta.to_dense(), layer.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_hotswap_refuses_bad_input_and_changes_nothing():
+    from shira_kernels import SparseDelta
+    torch.manual_seed(0)
+    layer = ShiraLinear.from_linear(nn.Linear(16, 8), r=1)
+    before = {k: v.clone() for k, v in layer.state_dict(keep_vars=False).items()}
+    structure = [b.clone() for n, b in layer.named_buffers() if n.startswith("_shira_")]
+    with pytest.raises(TypeError, match="delta must be a SparseDelta"):
+        layer.hotswap_({"indices": torch.arange(3)})
+    with pytest.raises(ValueError, match="delta has shape"):
+        layer.hotswap_(SparseDelta.from_flat(torch.arange(3), (8, 15)))
+    with pytest.raises(ValueError, match="more than this layer's"):
+        layer.hotswap_(SparseDelta.from_flat(torch.arange(25), (8, 16)))
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.hotswap_(SparseDelta.from_flat(torch.arange(3), (8, 16)))
+    layer.unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(
+        structure, [b for n, b in layer.named_buffers() if n.startswith("_shira_")]))
+
+
 def test_bank_switch_in_a_compiled_model_recompiles_nothing():
     from shira_kernels import AdapterBank, SparseDelta
     torch.manual_seed(0)

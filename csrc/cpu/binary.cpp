@@ -14,8 +14,8 @@ namespace {
 // are built once (a table of 16 floats: one AVX-512 vector); then a lane (an output) picks its
 // sum with its nibble of sign bits, one in-register permute for 16 outputs x 4 features. Per
 // byte of signs (8 features) and token that is 2 permutes and 2 adds for 16 outputs: about a
-// quarter of the operations of expanding the bits to ±1.0 and FMA-ing them, and it beat that
-// kernel at every token count measured, AVX2 included (docs/benchmarks/binary_cpu.md).
+// quarter of the operations of expanding the bits to ±1.0 and FMA-ing them, the kernel it
+// replaced (figures: docs/ARCHITECTURE.md, "1-bit weights").
 //   y = x·sᵀ:  the sum runs over input features; a lane is an output.
 //   g·s:       (the gradient of x) the sum runs over outputs; a lane is an input feature, and
 //              the signs are those of sᵀ, in the same layout.
@@ -168,12 +168,16 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
   const int64_t groups = 2 * rows, table_bytes = groups * kTableEntries * 4;
   const int64_t fit = std::max<int64_t>(1, (512 << 10) / table_bytes / kMaxTokens) * kMaxTokens;
   const int64_t per_pass = std::min(fit, tokens);
-  std::vector<float> tables(static_cast<size_t>(per_pass * groups) * kTableEntries);
+  // Kept per calling thread (vec.h's Scratch), as the sparse kernels keep their tiles: a fresh
+  // buffer past malloc's mmap threshold (128 KiB: in ≥ 8192 at one token) is faulted in anew
+  // on every call.
+  thread_local Scratch table_scratch;
+  float* tables = table_scratch.get(per_pass * groups * kTableEntries);
   const int64_t lane_blocks = (lanes + kBlockLanes - 1) / kBlockLanes;
 #pragma omp parallel if (tokens * lanes * steps > (1 << 16))
   for (int64_t s0 = 0; s0 < tokens; s0 += per_pass) {
     const int64_t st = std::min(per_pass, tokens - s0);
-    build_tables(x + s0 * steps, steps, st, steps, groups, tables.data());  // ends in a barrier
+    build_tables(x + s0 * steps, steps, st, steps, groups, tables);  // ends in a barrier
     const int64_t token_blocks = (st + kMaxTokens - 1) / kMaxTokens;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t lb = 0; lb < lane_blocks; ++lb) {
@@ -181,7 +185,7 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
         const int64_t l0 = lb * kBlockLanes, t0 = tb * kMaxTokens;
         const int n = static_cast<int>(std::min<int64_t>(kBlockLanes, lanes - l0));
         const int tt = static_cast<int>(std::min<int64_t>(kMaxTokens, st - t0));
-        const float* tl = tables.data() + t0 * groups * kTableEntries;
+        const float* tl = tables + t0 * groups * kTableEntries;
         with_constant<kMaxVectors>((n + kLanes - 1) / kLanes, [&](auto rb) {
           with_constant<kMaxTokens>(tt, [&](auto tc) {
             constexpr int RB = decltype(rb)::value, TT = decltype(tc)::value;

@@ -206,9 +206,8 @@ class _AcceleratedShira:
             delta = SparseDelta(tuple(weight.shape), plan.flat, values, structure=plan.structure)
             delta_set.add(adapter, delta, float(self.scaling[adapter]))
         slots = torch.tensor([delta_set.index(n) if n in delta_set else -1 for n in names],
-                             device=x.device)
-        rows = slots.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-        return multi_delta_linear(x, weight, bias, delta_set, rows)
+                             device=x.device)  # one per batch row: multi_delta_linear broadcasts
+        return multi_delta_linear(x, weight, bias, delta_set, slots)
 
     # -- merge / unmerge --------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -355,9 +354,6 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
     return peft_model
 
 
-BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
-
-
 @contextlib.contextmanager
 def _mixed_batch_hooks(tuner, *args, **kwargs):
     """PeftModel's forward and generate enter this (the tuner's _enable_peft_forward_hooks, set
@@ -370,7 +366,8 @@ def _mixed_batch_hooks(tuner, *args, **kwargs):
     if tuner.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
     names = list(names)
-    unknown = sorted({n for n in names if n != BASE and n not in tuner.peft_config})
+    unknown = sorted({n for n in names
+                      if n != SparseDeltaSet.BASE and n not in tuner.peft_config})
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
     beams = kwargs.get("num_beams")

@@ -23,6 +23,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_scale, check_size
 from .._checks import tensor_stamp, unchanged, validate_indices
+from .._concurrency import writing
 from ..formats import SparseDelta, SparseStructure
 from ..masks import make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
@@ -250,12 +251,16 @@ class ShiraLinear(nn.Linear):
             if buffers[f"_shira_{name}"].dtype != getattr(structure, name).dtype:
                 raise RuntimeError("the layer's structure buffers are of another type; rebuild "
                                    "the layer")
-        buffers["shira_flat_indices"].copy_(indices)
-        self.shira_values.copy_(values)
-        for name in _STRUCTURE_FIELDS:
-            buffers[f"_shira_{name}"].copy_(getattr(structure, name))
-        indices = buffers["shira_flat_indices"]
-        self._shira_derived_from = (indices, tensor_stamp(indices))
+        # The weight's lock, exclusively: a forward in another thread holds it for its call (the
+        # "swap" strategy swaps W's entries at these indices out and back in), so the indices
+        # and structure never change under one.
+        with writing(self.weight):
+            buffers["shira_flat_indices"].copy_(indices)
+            self.shira_values.copy_(values)
+            for name in _STRUCTURE_FIELDS:
+                buffers[f"_shira_{name}"].copy_(getattr(structure, name))
+            indices = buffers["shira_flat_indices"]
+            self._shira_derived_from = (indices, tensor_stamp(indices))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, nnz={self.shira_flat_indices.numel()}, "

@@ -149,21 +149,14 @@ _multi_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public function: validate once, then call the op.
 # ---------------------------------------------------------------------------------------------
-_EMPTY: dict = {}
-
-
 def _slot_fields(delta_set: SparseDeltaSet, device):
     """Per slot: values, row offsets, cols, rows, t_offsets, t_cols, t_perm, scale (a free
     slot: empty tensors, scale 0, which no row may use)."""
     fields = []
     for entry in delta_set.slots:
         if entry is None:
-            key = str(device)
-            if key not in _EMPTY:
-                e = torch.empty(0, device=device)
-                z = torch.zeros(1, dtype=torch.int64, device=device)
-                _EMPTY[key] = (e, z, e.int(), e.int(), z, e.int(), e.long())
-            fields.append((*_EMPTY[key], 0.0))
+            e, z = torch.empty(0, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+            fields.append((e, z, e.int(), e.int(), z, e.int(), e.long(), 0.0))
             continue
         _, delta, scale = entry
         s = delta.structure
@@ -176,8 +169,9 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        delta_set: SparseDeltaSet, row_adapter) -> torch.Tensor:
     """x·Wᵀ + b with each row's own adapter: y[t] = x[t]·(W + scale_a·S_a)ᵀ + b for
     a = row_adapter[t], a slot of ``delta_set`` (``delta_set.index(name)``), or -1 for the
-    base alone. x [..., in]; row_adapter: int tensor (or list of ints) of x's leading shape, or
-    a list of adapter names (None or "__base__" for the base), one per row of x flattened.
+    base alone. x [..., in]; row_adapter: int tensor (or list of ints) of x's leading shape,
+    of its rows flattened, or of its first dim only (one adapter per batch row, for all its
+    positions), or a list of adapter names (None or "__base__" for the base) of those lengths.
     Differentiable in x, the adapters' values, the bias and (only if it requires grad) W."""
     if not isinstance(delta_set, SparseDeltaSet):
         raise TypeError(f"delta_set must be a SparseDeltaSet, got {type(delta_set).__name__}")
@@ -204,6 +198,8 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         row_adapter = torch.as_tensor(row_adapter, dtype=torch.int64, device=x.device)
     if row_adapter.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
         raise TypeError(f"row_adapter must hold integer slots, got {row_adapter.dtype}")
+    if x.dim() > 2 and row_adapter.shape == x.shape[:1] != (n,):  # per batch row
+        row_adapter = row_adapter.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
     if row_adapter.numel() != n or row_adapter.shape not in (x.shape[:-1], (n,)):
         raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}; x has {n} rows "
                          f"(leading shape {tuple(x.shape[:-1])})")
