@@ -272,8 +272,8 @@ def test_hotswap_while_another_thread_runs_the_layer_corrupts_nothing():
             errors.append(exc)
     worker = threading.Thread(target=run)
     worker.start()
-    # Swap masks for as long as the other thread runs 30 forwards (without the lock, W ended
-    # with about 10,000 wrong entries this way).
+    # Swap masks for as long as the other thread runs 30 forwards (without the lock this left
+    # wrong entries in W).
     i = 0
     while forwards[0] < 30 and worker.is_alive():
         layer.hotswap_(deltas[i % len(deltas)])
