@@ -844,3 +844,35 @@ def test_accelerated_model_compiles_with_no_more_graph_breaks_than_peft():
     compiled = torch.compile(pa, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), pa(x), rtol=1e-6, atol=1e-6)
+
+
+def test_accelerated_tiny_llama_compiles_with_the_base_models_graph_breaks():
+    # The case: a transformers Llama with SHiRA on every projection. PEFT's own layers
+    # break the graph in every layer (sparse_coo_tensor); accelerated, the model breaks exactly
+    # where the model without adapters does, and the compiled forward is the eager one.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    base = transformers.LlamaForCausalLM(config).eval()
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    pm = get_peft_model(copy.deepcopy(base), ShiraConfig(r=4, target_modules=projections)).eval()
+    for layer in pm.modules():
+        if isinstance(layer, PeftShiraLinear):  # nonzero adapters, so outputs differ from base's
+            nn.init.normal_(layer.shira_weight["default"], std=0.1)
+    pa = skpeft.accelerate(copy.deepcopy(pm))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    breaks = {}
+    for name, model in (("base", base), ("peft", pm), ("accelerated", pa)):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(input_ids=ids)
+        breaks[name] = explanation.graph_break_count
+    assert breaks["accelerated"] == breaks["base"] < breaks["peft"], breaks
+    torch._dynamo.reset()
+    compiled = torch.compile(pa, backend="aot_eager")
+    with torch.no_grad():
+        eager = pa(input_ids=ids).logits
+        assert not torch.equal(eager, base(input_ids=ids).logits)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
