@@ -292,3 +292,29 @@ def test_threads_get_right_answers_and_change_nothing():
                 batches))
             assert all(torch.equal(a, b) for a, b in zip(alone, together))
     assert torch.equal(weight, base)
+
+
+def test_compiles_whole_and_new_row_assignments_do_not_recompile():
+    # The slots are checked inside the op, so the public function has no host sync: fullgraph
+    # traces it, and another assignment of rows to adapters (same shape) reuses the graph.
+    delta_set = make_set(12, 20, torch.float32)
+    x = randn(6, 20, dtype=torch.float32, seed=1).requires_grad_()
+    weight, bias = randn(12, 20, dtype=torch.float32, seed=2), randn(12, dtype=torch.float32, seed=3)
+
+    def step(x, row_adapter):
+        return shira_kernels.multi_delta_linear(x, weight, bias, delta_set, row_adapter)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assignments = ([0, 1, -1, 2, 0, 1], [2, 2, 2, -1, -1, 0], [-1] * 6)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in assignments:
+            row_adapter = torch.tensor(rows)
+            y = compiled(x, row_adapter)
+            expected = step(x, row_adapter)
+            assert torch.equal(y, expected)
+            gx, = torch.autograd.grad(y.sum(), x)
+            assert torch.equal(gx, torch.autograd.grad(expected.sum(), x)[0])
+        with pytest.raises(ValueError, match="row_adapter holds 5"):
+            compiled(x, torch.tensor([5, 0, 0, 0, 0, 0]))
+    torch._dynamo.reset()

@@ -45,12 +45,22 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 # ---------------------------------------------------------------------------------------------
 # The op: the adapters' fields as lists (one entry per slot; a free slot has empty tensors).
 # ---------------------------------------------------------------------------------------------
-def _groups(row_adapter: torch.Tensor):
-    """(slot, row indices) for each adapter slot present (not -1), rows in batch order."""
+def _groups(row_adapter: torch.Tensor, offsets: list[torch.Tensor], out_features: int):
+    """(slot, row indices) for each adapter slot present (not -1), rows in batch order.
+
+    The slots are checked here, inside the op, where reading them is free: the public function
+    then has no host sync and traces whole under torch.compile. A free slot has offsets of
+    length 1, a live one out_features + 1."""
     order = torch.sort(row_adapter, stable=True)
     slots, counts = torch.unique_consecutive(order.values, return_counts=True)
+    slots, counts = slots.tolist(), counts.tolist()
+    live = [a for a, o in enumerate(offsets) if o.numel() == out_features + 1]
+    for slot in slots:
+        if slot != -1 and slot not in live:
+            raise ValueError(f"row_adapter holds {slot}, which is not an adapter slot of this "
+                             f"set (slots {live}, or -1)")
     start = 0
-    for slot, count in zip(slots.tolist(), counts.tolist()):
+    for slot, count in zip(slots, counts):
         if slot >= 0:
             yield slot, order.indices[start:start + count]
         start += count
@@ -67,7 +77,7 @@ def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     with reading(weight):
         y = F.linear(x, weight, bias)
     spmm = registry.kernel("spmm", x.device)
-    for a, r in _groups(row_adapter):
+    for a, r in _groups(row_adapter, offsets, weight.shape[0]):
         ya = spmm(y.index_select(0, r), x.index_select(0, r), offsets[a], cols[a],
                   values[a].contiguous(), scales[a], overwrite_y=True)
         y.index_copy_(0, r, ya)
@@ -88,7 +98,7 @@ def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     gw = gy.T @ x if need_weight else gy.new_empty(0)
     both = registry.kernel("spmm_t_sddmm", gy.device)
     sddmm = registry.kernel("sddmm", gy.device)
-    for a, r in _groups(row_adapter):
+    for a, r in _groups(row_adapter, offsets, weight.shape[0]):
         gy_a, x_a = gy.index_select(0, r), x.index_select(0, r)
         if need_x:
             struct = (rows[a], cols[a], offsets[a], t_offsets[a], t_cols[a], t_perm[a])
@@ -172,7 +182,9 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     base alone. x [..., in]; row_adapter: int tensor (or list of ints) of x's leading shape,
     of its rows flattened, or of its first dim only (one adapter per batch row, for all its
     positions), or a list of adapter names (None or "__base__" for the base) of those lengths.
-    Differentiable in x, the adapters' values, the bias and (only if it requires grad) W."""
+    Every adapter of the set must have x's dtype and device. Differentiable in x, the adapters'
+    values, the bias and (only if it requires grad) W. No host sync before the op: under
+    torch.compile it traces whole (a bad slot is reported when the op runs)."""
     if not isinstance(delta_set, SparseDeltaSet):
         raise TypeError(f"delta_set must be a SparseDeltaSet, got {type(delta_set).__name__}")
     check_float_tensor("x", x)
@@ -204,15 +216,10 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}; x has {n} rows "
                          f"(leading shape {tuple(x.shape[:-1])})")
     row_adapter = row_adapter.reshape(n).to(device=x.device, dtype=torch.int64)
-    slots = delta_set.slots
-    used = torch.unique(row_adapter).tolist()
-    for a in used:
-        if a < -1 or a >= len(slots) or (a >= 0 and slots[a] is None):
-            raise ValueError(f"row_adapter holds {a}, which is not an adapter slot of this set "
-                             f"(slots {[i for i, e in enumerate(slots) if e is not None]}, or -1)")
-        if a >= 0:
-            check_float_tensor(f"the values of adapter {slots[a][0]!r}", slots[a][1].values,
-                               x.dtype, x.device)
+    for entry in delta_set.slots:  # row_adapter's slots are checked inside the op (no sync)
+        if entry is not None:
+            check_float_tensor(f"the values of adapter {entry[0]!r}", entry[1].values, x.dtype,
+                               x.device)
     values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _slot_fields(delta_set,
                                                                                   x.device)
     y = _multi_linear_op(x2, weight, bias, row_adapter, values, offsets, cols, rows, t_offsets,
