@@ -4,24 +4,36 @@ sparse_diff     a full fine-tune → one SparseDelta per weight: the largest |fi
 lora_to_sparse  a LoRA (scale·B·A) → the SparseDelta of its largest entries, row block by row
                 block, so the dense update is never built whole; also the relative error
 add_sparse      wa·a + wb·b of two SparseDeltas of one shape (union of their entries)
+distill_adapter Trans-LoRA: a task adapter moved to another base model (and adapter type:
+                SHiRA, 1-bit LoRA) by distillation on synthetic inputs that the source base
+                generates from a few seed examples and a discriminator filters; no task data
+                beyond the seeds (docs/methods/trans_lora.md)
 
 The budget is the one of shira_kernels.masks.budget: r·(out+in) entries (the parameter count of
 a rank-r LoRA) or round(density·out·in). Entries are ranked by |ΔW| in fp32 and ties at the cut
 go to the lower flat index, as for the score-based masks, so the choice does not depend on how a
 device orders equal values. Values are fp32.
+
+distill_adapter needs no access to the source adapter's weights (only the source model's
+outputs), so it also moves adapters between bases of different shapes, where the three
+functions above cannot.
 """
 from __future__ import annotations
 
 import math
 import numbers
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .formats import SparseDelta, flat_index_dtype
 from .masks import budget
+from .nn import BinaryAdapter, BinaryLoRALinear, ShiraLinear, replace_linear
 
-__all__ = ["add_sparse", "lora_to_sparse", "sparse_diff"]
+__all__ = ["DistillReport", "adapter_parameters", "add_sparse", "distill_adapter",
+           "lora_to_sparse", "sample_from_prompts", "sparse_diff"]
 
 
 def _check_budget_args(r, density) -> None:
@@ -228,3 +240,506 @@ def lora_to_sparse(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.
         raise ValueError("scale·lora_B·lora_A overflows float32")
     error = math.sqrt(dropped_sq / total_sq) if total_sq > 0 else 0.0
     return SparseDelta.from_flat(top_flat, (out_f, in_f), top_vals), error
+
+
+# ---------------------------------------------------------------------------------------------
+# Trans-LoRA: moving a task adapter to another base (and adapter type) with synthetic data.
+# ---------------------------------------------------------------------------------------------
+ADAPTER_KINDS = ("shira", "binary")
+DISCRIMINATORS = ("hidden", "tokens")
+
+
+@dataclass
+class DistillReport:
+    """What distill_adapter did.
+
+    generated: synthetic samples drawn (all rounds); kept: those used for distillation (at
+    most n_synthetic); rejected: those the discriminator scored below keep_threshold (generated
+    = kept + rejected + the surplus of the last round beyond n_synthetic). discriminator_accuracy:
+    its class-balanced accuracy on its own training samples (None without a filter). losses:
+    the matching loss (KL) of every step. adapted_layers: the target layers distill_adapter
+    wrapped (empty for an already adapted target); trainable_parameters: the adapter's entries
+    trained. kept_inputs: the synthetic inputs the target was trained on.
+    """
+
+    generated: int
+    kept: int
+    rejected: int
+    discriminator_accuracy: float | None
+    losses: list[float]
+    adapted_layers: list[str]
+    trainable_parameters: int
+    kept_inputs: torch.Tensor = field(repr=False)
+
+    @property
+    def surplus(self) -> int:
+        """Samples accepted in the last round beyond n_synthetic (not used)."""
+        return self.generated - self.kept - self.rejected
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_positive_float(value, name: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _logits(model, input_ids: torch.Tensor, name: str) -> torch.Tensor:
+    """model(input_ids) as logits [B, T, V]: the output itself, its .logits or its first item."""
+    out = model(input_ids)
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if (not isinstance(out, torch.Tensor) or out.dim() != 3
+            or tuple(out.shape[:2]) != tuple(input_ids.shape)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name}(input_ids [B, T]) must return logits [B, T, vocab] (a tensor, "
+                         f"or an output with .logits); got {got} for input_ids of shape "
+                         f"{tuple(input_ids.shape)}")
+    return out.float()
+
+
+class _AdapterDisabled:
+    """Calls a PEFT model with its adapters disabled (its base model)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+
+@torch.no_grad()
+def sample_from_prompts(model, seed_examples: torch.Tensor, n: int, *, prompt_tokens: int,
+                        temperature: float = 1.0,
+                        generator: torch.Generator | None = None,
+                        batch_size: int = 256) -> torch.Tensor:
+    """n synthetic sequences of the seed examples' length: each starts with the first
+    ``prompt_tokens`` tokens of a seed example drawn at random and continues by sampling
+    ``model`` (logits / temperature, no cache: fine for short sequences)."""
+    count, length = seed_examples.shape
+    picks = torch.randint(count, (n,), generator=generator, device=seed_examples.device)
+    out = []
+    for start in range(0, n, batch_size):
+        ids = seed_examples[picks[start:start + batch_size], :prompt_tokens]
+        while ids.shape[1] < length:
+            logits = _logits(model, ids, "generator")[:, -1] / temperature
+            probs = torch.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)
+            ids = torch.cat([ids, nxt], dim=1)
+        out.append(ids)
+    return torch.cat(out)
+
+
+def _token_features(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One-hot tokens per position and the token histogram, as one float vector per row."""
+    onehot = torch.nn.functional.one_hot(ids, vocab).float()
+    return torch.cat([onehot.flatten(1), onehot.mean(1)], dim=1)
+
+
+@torch.no_grad()
+def _hidden_features(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    feats = []
+    for start in range(0, ids.shape[0], batch_size):
+        try:
+            out = model(ids[start:start + batch_size], output_hidden_states=True)
+            hidden = out.hidden_states[-1]
+        except (TypeError, AttributeError, IndexError) as e:
+            raise ValueError("discriminator='hidden' needs a model that returns hidden_states "
+                             "when called with output_hidden_states=True (a transformers "
+                             "model); pass discriminator='tokens', a callable, or None "
+                             f"({type(e).__name__}: {e})") from None
+        feats.append(hidden.float().mean(1))
+    return torch.cat(feats)
+
+
+class _Discriminator:
+    """A small MLP on fixed features, trained real (1) vs synthetic (0) with class-balanced
+    binary cross-entropy (full batch, Adam); scores are P(real)."""
+
+    def __init__(self, featurize, real: torch.Tensor, fake: torch.Tensor, *, steps: int,
+                 hidden: int, seed: int):
+        self.featurize = featurize
+        x_real, x_fake = featurize(real), featurize(fake)
+        x = torch.cat([x_real, x_fake])
+        self.mean, self.std = x.mean(0), x.std(0).clamp_min(1e-6)
+        x = (x - self.mean) / self.std
+        y = torch.cat([torch.ones(len(x_real)), torch.zeros(len(x_fake))]).to(x.device)
+        weight = torch.where(y > 0, 0.5 / len(x_real), 0.5 / len(x_fake))
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(),
+                                     nn.Linear(hidden, 1)).to(x.device)
+        opt = torch.optim.Adam(self.net.parameters(), lr=1e-2, weight_decay=1e-3)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = (torch.nn.functional.binary_cross_entropy_with_logits(
+                    self.net(x).squeeze(1), y, reduction="none") * weight).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            right = ((self.net(x).squeeze(1) > 0).float() == y).float()
+            self.accuracy = float(0.5 * right[y > 0].mean() + 0.5 * right[y == 0].mean())
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        x = (self.featurize(ids) - self.mean) / self.std
+        return torch.sigmoid(self.net(x).squeeze(1))
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter parameters of ``model``, by name: ShiraLinear's shira_values, the float
+    weights of BinaryLoRALinear / BinaryAdapter branches, DyLoRALinear's lora_A / lora_B, and
+    every parameter with a name part starting "lora_" (PEFT's LoRA, DoRA)."""
+    found: dict[str, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        prefix = module_name + "." if module_name else ""
+        if isinstance(module, ShiraLinear):
+            found[prefix + "shira_values"] = module.shira_values
+        elif isinstance(module, BinaryAdapter) and not module.packed:
+            found[prefix + "down"], found[prefix + "up"] = module.down, module.up
+    for name, param in model.named_parameters():
+        if any(part.startswith("lora_") for part in name.split(".")):
+            found.setdefault(name, param)
+    return found
+
+
+def _default_target_filter(name: str, module: nn.Module) -> bool:
+    return not (name == "lm_head" or name.endswith(".lm_head"))
+
+
+def _attach(target: nn.Module, kind: str, target_modules, kwargs: dict, seed: int):
+    """Wrap the chosen nn.Linear layers; returns (names, an undo function)."""
+    originals = {name: module for name, module in target.named_modules()
+                 if isinstance(module, nn.Linear)}
+    flags = {name: p.requires_grad for name, p in target.named_parameters()}
+    choose = ({"filter": _default_target_filter} if target_modules is None
+              else {"target_modules": target_modules})
+    if kind == "shira":
+        kwargs = dict(kwargs)
+        kwargs.setdefault("seed", seed)
+        if "r" not in kwargs and "density" not in kwargs:
+            kwargs["density"] = 0.05
+        replaced = replace_linear(target, **choose, **kwargs)
+    else:
+        r = kwargs.get("r", 4)
+        extra = {k: v for k, v in kwargs.items() if k != "r"}
+        with torch.random.fork_rng(devices=[]):  # the branches' init: seeded, RNG left alone
+            torch.manual_seed(seed)
+            replaced = replace_linear(target, **choose, factory=lambda linear: (
+                BinaryLoRALinear.from_linear(linear, r, **extra)))
+
+    def undo():
+        for name in replaced:
+            parent_name, _, child = name.rpartition(".")
+            parent = target.get_submodule(parent_name) if parent_name else target
+            setattr(parent, child, originals[name])
+        for name, p in target.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+    return replaced, undo
+
+
+def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.Tensor, *,
+                    adapter: str | None = "shira", adapter_kwargs: Mapping | None = None,
+                    target_modules: str | Iterable[str] | None = None,
+                    n_synthetic: int = 256, max_generated: int | None = None,
+                    generator=None, generate_fn=None, prompt_tokens: int | None = None,
+                    temperature: float = 1.0,
+                    discriminator="hidden", discriminator_model=None,
+                    discriminator_synthetic: int | None = None, discriminator_steps: int = 200,
+                    discriminator_hidden: int = 64, keep_threshold: float = 0.5,
+                    steps: int = 200, lr: float = 1e-3, batch_size: int = 32,
+                    positions="all", kl_temperature: float = 1.0,
+                    seed: int = 0) -> DistillReport:
+    """Move a task adapter from ``source_model`` (a base with its adapter) to ``target_model``
+    (another base) with synthetic data only (Trans-LoRA). See docs/methods/trans_lora.md.
+
+    Models are called as ``model(input_ids)`` (LongTensor [B, T]) and must return logits
+    [B, T, V] (or an output with .logits), with one vocabulary for both. seed_examples: a
+    LongTensor [N, T] of a few real task sequences (N ≥ 2).
+
+    1. Synthetic inputs: ``generate_fn(seed_examples, n, torch_generator)`` → LongTensor [n, T']
+       if given, else ``generator`` (default: the source; a PEFT source with its adapters
+       disabled, i.e. its base) continues the first ``prompt_tokens`` (default T // 3, at least
+       1) tokens of random seed examples to length T at ``temperature``.
+    2. Filter: a discriminator (an MLP) is trained on the seed examples (real) against
+       ``discriminator_synthetic`` separate synthetic samples (default max(64, 2N)), on the
+       mean last hidden state of ``discriminator_model`` (default: the generator) for
+       "hidden", on one-hot tokens and their histogram for "tokens"; a callable(ids) → P(real)
+       [n] replaces it; None keeps every sample. A sample is kept if P(real) ≥
+       ``keep_threshold``. Rounds of n_synthetic samples are drawn until n_synthetic are kept
+       or ``max_generated`` (default 4·n_synthetic) are drawn.
+    3. Adapter: ``adapter`` "shira" wraps the target's nn.Linear layers (``target_modules``,
+       PEFT-style names or suffixes; default all but ``lm_head``) in ShiraLinear
+       (``adapter_kwargs`` go to ShiraLinear.from_linear; default density=0.05, mask "rand"),
+       "binary" in BinaryLoRALinear (``adapter_kwargs``: r (default 4), scale, method); None
+       trains the adapter the target already has (adapter_parameters(target_model)). The
+       target is changed in place; its other parameters are never trained.
+    4. Distillation: ``steps`` Adam steps (``lr``) on minibatches of ``batch_size`` kept
+       inputs, minimising KL(source ‖ target) of the next-token distributions at ``positions``
+       ("all", or a list of position indices, negative from the end), both at
+       ``kl_temperature`` (the loss is scaled by its square).
+
+    Everything is checked, and the synthetic data drawn and filtered, before the target is
+    touched; if training fails the wrapped layers are put back. The source is never changed.
+    Random draws use a torch.Generator seeded with ``seed``; the global RNG is left alone.
+    """
+    # -- arguments ---------------------------------------------------------------------------
+    if not callable(source_model):
+        raise TypeError(f"source_model must be a callable model, got {type(source_model).__name__}")
+    if not isinstance(target_model, nn.Module):
+        raise TypeError(f"target_model must be an nn.Module, got {type(target_model).__name__}")
+    if source_model is target_model:
+        raise ValueError("source_model and target_model are the same object; the target must "
+                         "be another base (copy it if you mean to re-fit the same one)")
+    if (not isinstance(seed_examples, torch.Tensor) or seed_examples.dim() != 2
+            or seed_examples.dtype not in (torch.int64, torch.int32)):
+        got = (f"a {seed_examples.dim()}-D {seed_examples.dtype} tensor"
+               if isinstance(seed_examples, torch.Tensor) else type(seed_examples).__name__)
+        raise ValueError(f"seed_examples must be an integer tensor [N, T] of token ids, got {got}")
+    n_seed, length = seed_examples.shape
+    if n_seed < 2 or length < 2:
+        raise ValueError(f"seed_examples needs at least 2 sequences of at least 2 tokens, got "
+                         f"shape {tuple(seed_examples.shape)}")
+    seed_examples = seed_examples.long()
+    if adapter is not None and adapter not in ADAPTER_KINDS:
+        raise ValueError(f"adapter must be one of {ADAPTER_KINDS} or None (train the target's "
+                         f"own adapter), got {adapter!r}")
+    if adapter_kwargs is None:
+        adapter_kwargs = {}
+    elif not isinstance(adapter_kwargs, Mapping):
+        raise ValueError(f"adapter_kwargs must be a mapping, got {type(adapter_kwargs).__name__}")
+    elif adapter is None and adapter_kwargs:
+        raise ValueError("adapter_kwargs is given but adapter=None (the target's own adapter is "
+                         "trained as it is)")
+    if adapter is None and target_modules is not None:
+        raise ValueError("target_modules is given but adapter=None (nothing is wrapped)")
+    if adapter == "binary":
+        unknown = set(adapter_kwargs) - {"r", "scale", "method"}
+        if unknown:
+            raise ValueError(f"adapter_kwargs for adapter='binary' takes r, scale, method; got "
+                             f"{sorted(unknown)}")
+    n_synthetic = _check_positive_int(n_synthetic, "n_synthetic")
+    if max_generated is None:
+        max_generated = 4 * n_synthetic
+    elif _check_positive_int(max_generated, "max_generated") < n_synthetic:
+        raise ValueError(f"max_generated ({max_generated}) must be at least n_synthetic "
+                         f"({n_synthetic})")
+    if generate_fn is not None and not callable(generate_fn):
+        raise TypeError(f"generate_fn must be callable, got {type(generate_fn).__name__}")
+    if generator is not None and not callable(generator):
+        raise TypeError(f"generator must be a callable model, got {type(generator).__name__}")
+    if generate_fn is not None and (generator is not None or prompt_tokens is not None):
+        raise ValueError("give generate_fn or generator / prompt_tokens, not both")
+    if prompt_tokens is None:
+        prompt_tokens = max(1, length // 3)
+    elif (isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, numbers.Integral)
+          or not 1 <= prompt_tokens < length):
+        raise ValueError(f"prompt_tokens must be an int in [1, {length - 1}] (the seed examples "
+                         f"have {length} tokens), got {prompt_tokens!r}")
+    temperature = _check_positive_float(temperature, "temperature")
+    if not (discriminator is None or callable(discriminator) or discriminator in DISCRIMINATORS):
+        raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, a callable(ids) → "
+                         f"P(real), or None, got {discriminator!r}")
+    if discriminator_model is not None and discriminator != "hidden":
+        raise ValueError("discriminator_model is only used with discriminator='hidden'")
+    if discriminator_model is not None and not callable(discriminator_model):
+        raise TypeError("discriminator_model must be a callable model, got "
+                        f"{type(discriminator_model).__name__}")
+    if discriminator_synthetic is None:
+        discriminator_synthetic = max(64, 2 * n_seed)
+    discriminator_synthetic = _check_positive_int(discriminator_synthetic,
+                                                  "discriminator_synthetic")
+    discriminator_steps = _check_positive_int(discriminator_steps, "discriminator_steps")
+    discriminator_hidden = _check_positive_int(discriminator_hidden, "discriminator_hidden")
+    if (isinstance(keep_threshold, bool) or not isinstance(keep_threshold, numbers.Real)
+            or not 0 <= keep_threshold <= 1):
+        raise ValueError(f"keep_threshold must be a number in [0, 1], got {keep_threshold!r}")
+    steps = _check_positive_int(steps, "steps")
+    lr = _check_positive_float(lr, "lr")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    kl_temperature = _check_positive_float(kl_temperature, "kl_temperature")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if isinstance(positions, str):
+        if positions != "all":
+            raise ValueError(f"positions must be 'all' or a list of position indices, got "
+                             f"{positions!r}")
+    else:
+        try:
+            positions = [int(p) for p in positions]
+        except (TypeError, ValueError):
+            raise ValueError(f"positions must be 'all' or a list of position indices, got "
+                             f"{positions!r}") from None
+        if not positions or any(not -length <= p < length for p in positions):
+            raise ValueError(f"positions must be indices in [-{length}, {length}) (the seed "
+                             f"examples' length), got {positions!r}")
+
+    # -- the vocabulary, from one forward of each model ----------------------------------------
+    was_training = target_model.training
+    target_model.eval()
+    try:
+        with torch.no_grad():
+            probe = seed_examples[:1].clamp_min(0)
+            vocab = _logits(source_model, probe, "source_model").shape[-1]
+            target_vocab = _logits(target_model, probe.to(_device_of(target_model)),
+                                   "target_model").shape[-1]
+        if vocab != target_vocab:
+            raise ValueError(f"source_model has a vocabulary of {vocab} but target_model of "
+                             f"{target_vocab}: they must share one tokenizer")
+        if int(seed_examples.min()) < 0 or int(seed_examples.max()) >= vocab:
+            raise ValueError(f"seed_examples holds token ids outside [0, {vocab})")
+        if adapter is None:
+            trainable = adapter_parameters(target_model)
+            if not trainable:
+                raise ValueError("adapter=None but target_model has no adapter parameters "
+                                 "(ShiraLinear, BinaryLoRALinear, DyLoRALinear or PEFT LoRA); "
+                                 "pass adapter='shira' or 'binary'")
+
+        # -- synthetic data and the filter -----------------------------------------------------
+        rng = torch.Generator().manual_seed(int(seed))
+        if generator is None:
+            generator = (_AdapterDisabled(source_model)
+                         if callable(getattr(source_model, "disable_adapter", None))
+                         else source_model)
+
+        def draw(n: int) -> torch.Tensor:
+            if generate_fn is not None:
+                ids = generate_fn(seed_examples, n, rng)
+                if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != n
+                        or ids.shape[1] < 1 or ids.dtype not in (torch.int64, torch.int32)):
+                    got = (f"a {ids.dim()}-D {ids.dtype} tensor of shape {tuple(ids.shape)}"
+                           if isinstance(ids, torch.Tensor) else type(ids).__name__)
+                    raise ValueError(f"generate_fn must return an integer tensor [{n}, T], "
+                                     f"got {got}")
+                ids = ids.long()
+                if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                    raise ValueError(f"generate_fn returned token ids outside [0, {vocab})")
+                return ids.to(seed_examples.device)
+            return sample_from_prompts(generator, seed_examples, n, prompt_tokens=prompt_tokens,
+                                       temperature=temperature, generator=rng)
+
+        score = None
+        accuracy = None
+        if discriminator is not None:
+            if callable(discriminator) and not isinstance(discriminator, str):
+                score = discriminator
+            else:
+                if discriminator == "hidden":
+                    feature_model = discriminator_model or generator
+                    featurize = lambda ids: _hidden_features(feature_model, ids, 256)  # noqa: E731
+                else:
+                    featurize = lambda ids: _token_features(ids, vocab)  # noqa: E731
+                fake = draw(discriminator_synthetic)
+                if fake.shape[1] != length and discriminator == "tokens":
+                    raise ValueError("discriminator='tokens' needs synthetic samples of the seed "
+                                     f"examples' length {length}; generate_fn gave "
+                                     f"{fake.shape[1]}")
+                score = _Discriminator(featurize, seed_examples, fake, steps=discriminator_steps,
+                                       hidden=discriminator_hidden, seed=int(seed))
+                accuracy = score.accuracy
+        kept_parts, kept_count, generated, rejected = [], 0, 0, 0
+        while kept_count < n_synthetic and generated < max_generated:
+            ids = draw(min(n_synthetic, max_generated - generated))
+            generated += ids.shape[0]
+            if score is not None:
+                p_real = torch.as_tensor(score(ids)).reshape(-1)
+                if p_real.numel() != ids.shape[0]:
+                    raise ValueError(f"discriminator returned {p_real.numel()} scores for "
+                                     f"{ids.shape[0]} samples")
+                keep = p_real.to(ids.device) >= keep_threshold
+                rejected += int((~keep).sum())
+                ids = ids[keep]
+            kept_parts.append(ids)
+            kept_count += ids.shape[0]
+        kept_inputs = torch.cat(kept_parts)[:n_synthetic]
+        if kept_inputs.shape[0] == 0:
+            raise RuntimeError(f"the discriminator rejected all {generated} synthetic samples; "
+                               "lower keep_threshold, raise max_generated, or pass "
+                               "discriminator=None")
+        if positions != "all":
+            width = kept_inputs.shape[1]
+            if any(not -width <= p < width for p in positions):
+                raise ValueError(f"positions {positions} do not fit the synthetic inputs' "
+                                 f"length {width}")
+    except BaseException:
+        target_model.train(was_training)
+        raise
+
+    # -- the adapter, then distillation --------------------------------------------------------
+    undo = None
+    adapted: list[str] = []
+    flags = {name: p.requires_grad for name, p in target_model.named_parameters()}
+    try:
+        if adapter is not None:
+            adapted, undo = _attach(target_model, adapter, target_modules, dict(adapter_kwargs),
+                                    int(seed))
+            target_model.eval()
+        trainable = adapter_parameters(target_model)
+        for p in target_model.parameters():
+            p.requires_grad_(False)
+        for p in trainable.values():
+            p.requires_grad_(True)
+        params = list(trainable.values())
+        optimizer = torch.optim.Adam(params, lr=lr)
+        device = _device_of(target_model)
+        losses = []
+        n = kept_inputs.shape[0]
+        order = torch.randperm(n, generator=rng)
+        cursor = 0
+        for _ in range(steps):
+            if cursor + min(batch_size, n) > n:
+                order, cursor = torch.randperm(n, generator=rng), 0
+            batch = kept_inputs[order[cursor:cursor + batch_size]]
+            cursor += batch_size
+            with torch.no_grad():
+                teacher = _logits(source_model, batch, "source_model")
+            student = _logits(target_model, batch.to(device), "target_model")
+            if positions != "all":
+                teacher, student = teacher[:, positions], student[:, positions]
+            log_p = torch.log_softmax(teacher.to(student.device) / kl_temperature, dim=-1)
+            log_q = torch.log_softmax(student / kl_temperature, dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * kl_temperature ** 2
+            if not torch.isfinite(kl):
+                raise RuntimeError(f"the matching loss became {float(kl)} at step "
+                                   f"{len(losses)}; lower lr")
+            optimizer.zero_grad()
+            kl.backward()
+            optimizer.step()
+            losses.append(float(kl.detach()))
+    except BaseException:
+        if undo is not None:
+            undo()
+        else:
+            for name, p in target_model.named_parameters():
+                if name in flags:
+                    p.requires_grad_(flags[name])
+        target_model.train(was_training)
+        raise
+    # The adapter stays trainable and the wrapped layers' bases frozen (as after
+    # ShiraLinear.from_linear); every other parameter gets back the flag it had.
+    wrapped = tuple(name + "." for name in adapted)
+    for name, p in target_model.named_parameters():
+        if name not in trainable and name in flags and not name.startswith(wrapped):
+            p.requires_grad_(flags[name])
+    target_model.train(was_training)
+    return DistillReport(generated=generated, kept=int(kept_inputs.shape[0]), rejected=rejected,
+                         discriminator_accuracy=accuracy, losses=losses, adapted_layers=adapted,
+                         trainable_parameters=sum(p.numel() for p in params),
+                         kept_inputs=kept_inputs)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
