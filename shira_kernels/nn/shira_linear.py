@@ -29,6 +29,7 @@ from ..masks import make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
 from ..ops.sparse_delta import sparse_delta_linear_unpacked
 from ._wrap import adopt_linear
+from .quantized import QuantizedShiraLinear, quantized_format
 
 _STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
 _STRUCTURE_BUFFERS = tuple(f"_shira_{name}" for name in _STRUCTURE_FIELDS)
@@ -48,17 +49,29 @@ class ShiraLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, r: int | None = None, density: float | None = None,
                     mask: str | torch.Tensor = "rand", seed: int = 0, scale: float = 1.0,
-                    grads: Iterable[torch.Tensor] | None = None) -> "ShiraLinear":
+                    grads: Iterable[torch.Tensor] | None = None
+                    ) -> "ShiraLinear | QuantizedShiraLinear":
         """Wrap ``linear`` (its weight Parameter is reused, not copied, and frozen).
 
         mask: "rand" | "struct" | "wm" | "grad" | "snip" (grad/snip need ``grads``, gradients of
         the weight from calibration batches) or a bool tensor of the weight's shape; the budget
         is r·(out+in) entries (``r``) or a fraction of them (``density``).
+
+        A quantized ``linear`` (bitsandbytes Linear8bitLt / Linear4bit, an nn.Linear quantized
+        by torchao) gives a QuantizedShiraLinear: its own quantized forward plus the sparse
+        product, no dense delta (nn/quantized.py).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, ShiraLinear):
             raise TypeError("linear is already a ShiraLinear")
+        if quantized_format(linear) is not None:
+            return QuantizedShiraLinear.from_quantized(linear, r=r, density=density, mask=mask,
+                                                       seed=seed, scale=scale, grads=grads)
+        if linear.weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"linear.weight has dtype {linear.weight.dtype}: neither a float "
+                            "weight nor a supported quantized layer (bitsandbytes "
+                            "Linear8bitLt / Linear4bit, torchao)")
         if not linear.weight.is_contiguous():
             raise ValueError("linear.weight must be contiguous (adapted entries are swapped into it)")
         scale = check_scale(scale)  # before adopt_linear freezes linear's parameters
@@ -275,16 +288,20 @@ def replace_linear(model: nn.Module, target_modules: Iterable[str] | None = None
     """Replace the nn.Linear layers of ``model`` chosen by ``target_modules`` (names or name
     suffixes, as in PEFT) or ``filter(fqn, module)`` with ``factory(linear)`` (default:
     ShiraLinear.from_linear with ``from_linear_kwargs``; each layer's mask gets its own seed).
-    Returns the replaced names."""
+    Quantized layers become QuantizedShiraLinear (see ShiraLinear.from_linear). Returns the
+    replaced names."""
     if (target_modules is None) == (filter is None):
         raise ValueError("give exactly one of target_modules or filter")
     if target_modules is not None:
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         filter = lambda name, _: any(name == t or name.endswith("." + t) for t in targets)  # noqa: E731
     seed = from_linear_kwargs.pop("seed", 0)
+    # A quantized base inside a QuantizedShiraLinear (its base_layer) is adapted already.
+    adapted = tuple(name + "." for name, module in model.named_modules()
+                    if isinstance(module, QuantizedShiraLinear))
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and not isinstance(module, ShiraLinear)
-              and filter(name, module)]
+              and not name.startswith(adapted) and filter(name, module)]
     if not chosen:
         raise ValueError("no nn.Linear layer of the model matches target_modules / filter")
     for i, (name, module) in enumerate(chosen):

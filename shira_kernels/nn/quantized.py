@@ -1,0 +1,408 @@
+"""SHiRA adapters on quantized base layers (issue 20): the base's own quantized forward plus the
+sparse product, never a dense m×n delta.
+
+  QuantizedShiraLinear   y = base_layer(x) + scale·x·Sᵀ; ShiraLinear.from_linear returns one
+                         for a quantized layer (bitsandbytes Linear8bitLt / Linear4bit,
+                         torchao-quantized nn.Linear)
+  sparse_product_add     y + scale·x·Sᵀ with gradients to y, x and S's values (spmm forward;
+                         backward: gx by spmm_t, the values' by sddmm, fused on the CPU)
+  quantized_format       which quantized format a layer holds (None: not a quantized one)
+  dequantize_weight      the layer's weight as a float tensor (for score masks and dequantize())
+
+The base is frozen and runs as it is (its kernels, hooks and state_dict entries, under the
+prefix ``base_layer.``, as PEFT names it). A quantized weight cannot take the adapter exactly:
+its entries are integer codes times a scale shared by a row or a block, and W + scale·S is in
+general not on that grid, so merge() refuses (``dequantize()`` gives a plain ShiraLinear, which
+merges exactly). Neither bitsandbytes nor torchao is imported here: a layer of theirs can only
+exist once its package was imported, so the checks look in sys.modules.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .. import backends
+from .._checks import FLOAT_DTYPES, check_float_tensor, check_scale, tensor_stamp, unchanged
+from .._checks import validate_indices
+from ..formats import SparseDelta, SparseStructure
+from ..masks import make_mask, mask_to_indices
+from ..ops import registry
+from ..ops._eager import via_op
+
+_STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
+_STRUCTURE_BUFFERS = tuple(f"_shira_{name}" for name in _STRUCTURE_FIELDS)
+_SCORE_MASKS = ("wm", "snip")  # the masks that read the weight's values
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse product with autograd.
+# ---------------------------------------------------------------------------------------------
+class _SparseProductAdd(torch.autograd.Function):
+    """y + scale·x·Sᵀ for 2-D y [T, out], x [T, in] and values of y's dtype. ``use_ops``:
+    through the shira::spmm / shira::sddmm ops (torch.compile, autocast), else the backend's
+    kernels directly (an op call costs tens of microseconds of Python)."""
+
+    @staticmethod
+    def forward(ctx, y, x, values, rows, cols, offsets, t_offsets, t_cols, t_perm, scale,
+                use_ops):
+        ctx.save_for_backward(x, values, rows, cols, offsets, t_offsets, t_cols, t_perm)
+        ctx.scale, ctx.use_ops = scale, use_ops
+        ctx.backend = backends.requested()  # autograd's device thread does not see use_backend()
+        if use_ops:
+            return torch.ops.shira.spmm(y, x, offsets, cols, values, scale)
+        # Not overwrite_y: y is the base's output, which a forward hook may have kept.
+        return registry.kernel("spmm", y.device)(y, x, offsets, cols, values, scale)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, values, rows, cols, offsets, t_offsets, t_cols, t_perm = ctx.saved_tensors
+        need_y, need_x, need_v = ctx.needs_input_grad[:3]
+        gy, scale = gy.contiguous(), ctx.scale
+        gx = g = None
+        with backends.use_backend(ctx.backend):
+            if ctx.use_ops:
+                if need_x:
+                    gx = torch.ops.shira.spmm(gy.new_zeros(x.shape), gy, t_offsets, t_cols,
+                                              values.index_select(0, t_perm), scale)
+                if need_v:
+                    g = torch.ops.shira.sddmm(gy, x, rows, cols)
+            elif need_x:  # gx and the values' gradient in one pass over S (CPU)
+                struct = (rows, cols, offsets, t_offsets, t_cols, t_perm)
+                gx, g = registry.kernel("spmm_t_sddmm", gy.device)(
+                    gy.new_zeros(x.shape), gy, x, values, struct, scale)
+            elif need_v:
+                g = registry.kernel("sddmm", gy.device)(gy, x, rows, cols, offsets)
+        gvalues = None
+        if need_v:
+            gvalues = (g if scale == 1.0 else scale * g).to(values.dtype)
+        return (gy if need_y else None), (gx if need_x else None), gvalues, *([None] * 8)
+
+
+def sparse_product_add(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta,
+                       scale: float = 1.0) -> torch.Tensor:
+    """y + scale·x·Sᵀ for x [..., in], y [..., out] and S = delta [out, in], computed in y's
+    dtype (x and S's values are cast to it); differentiable in y, x and S's values (gx by
+    spmm_t, the values' gradient by sddmm: no dense m×n tensor either way)."""
+    if not isinstance(delta, SparseDelta):
+        raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
+    return sparse_product_add_unpacked(y, x, delta.shape, delta.values, delta.structure, scale)
+
+
+def sparse_product_add_unpacked(y: torch.Tensor, x: torch.Tensor, delta_shape,
+                                values: torch.Tensor, structure: SparseStructure,
+                                scale: float = 1.0) -> torch.Tensor:
+    """sparse_product_add with the delta as (shape, values, structure), which the caller keeps
+    canonical (a layer's buffers): no SparseDelta is built per call."""
+    check_float_tensor("y", y)
+    check_float_tensor("x", x, device=y.device)
+    check_float_tensor("values", values, device=y.device)
+    out_f, in_f = (int(n) for n in delta_shape)
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
+                         f"{in_f}")
+    if y.shape[-1:] != (out_f,) or y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"y has shape {tuple(y.shape)}; expected {(*x.shape[:-1], out_f)} "
+                         f"for x of shape {tuple(x.shape)}")
+    if values.dim() != 1 or values.numel() != structure.rows.numel():
+        raise ValueError(f"values has shape {tuple(values.shape)} but the structure has "
+                         f"{structure.rows.numel()} entries")
+    dtype = y.dtype
+    x2 = x.reshape(-1, in_f).to(dtype).contiguous()
+    y2 = y.reshape(-1, out_f).contiguous()
+    s = structure
+    out = _SparseProductAdd.apply(y2, x2, values.to(dtype).contiguous(), s.rows, s.cols,
+                                  s.row_offsets, s.t_offsets, s.t_cols, s.t_perm,
+                                  check_scale(scale), via_op(x))
+    return out.view(y.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized formats.
+# ---------------------------------------------------------------------------------------------
+def _bnb():
+    return sys.modules.get("bitsandbytes")
+
+
+def _torchao_tensor_class():
+    utils = sys.modules.get("torchao.utils")
+    return getattr(utils, "TorchAOBaseTensor", None)
+
+
+def _is_torchao_weight(weight) -> bool:
+    cls = _torchao_tensor_class()
+    return cls is not None and isinstance(weight, cls)
+
+
+def quantized_format(layer: nn.Module) -> str | None:
+    """A description of ``layer``'s quantized format ("bitsandbytes int8 (LLM.int8, per-row
+    absmax)", "bitsandbytes nf4 (4-bit, blocks of 64)", "torchao Int8Tensor", ...), or None
+    for a layer that is not one of the supported quantized kinds. A supported kind that is not
+    quantized yet (bitsandbytes quantizes when the layer is moved to its device) is a
+    ValueError."""
+    bnb = _bnb()
+    if bnb is not None and isinstance(layer, bnb.nn.Linear8bitLt):
+        weight = layer.weight
+        if weight.dtype != torch.int8 or _bnb_int8_scales(layer) is None:
+            raise ValueError("the bitsandbytes Linear8bitLt is not quantized (its weight is "
+                             f"{weight.dtype}; has_fp16_weights=True keeps it so): build it "
+                             "with has_fp16_weights=False and move it to its device (.to(...)) "
+                             "first")
+        return "bitsandbytes int8 (LLM.int8, per-row absmax)"
+    if bnb is not None and isinstance(layer, bnb.nn.Linear4bit):
+        weight = layer.weight
+        if not getattr(weight, "bnb_quantized", False) or weight.quant_state is None:
+            raise ValueError("the bitsandbytes Linear4bit is not quantized yet: move it to its "
+                             "device (.to(...)) first")
+        return (f"bitsandbytes {weight.quant_type} (4-bit, blocks of "
+                f"{weight.quant_state.blocksize})")
+    weight = getattr(layer, "weight", None)
+    if isinstance(layer, nn.Linear) and _is_torchao_weight(weight):
+        return f"torchao {type(weight).__name__}"
+    return None
+
+
+def _bnb_int8_scales(layer: nn.Module) -> torch.Tensor | None:
+    """A bitsandbytes Linear8bitLt's per-row scales: on the weight until the first forward,
+    which moves them to the layer's state."""
+    scales = getattr(layer.weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(layer, "state", None), "SCB", None)
+    return scales
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The quantized ``layer``'s weight as a float [out, in] tensor (a new tensor: the m×n
+    copy this module's forward never makes)."""
+    fmt = quantized_format(layer)
+    if fmt is None:
+        raise TypeError(f"layer is not a supported quantized layer: {type(layer).__name__}")
+    weight = layer.weight
+    with torch.no_grad():
+        if fmt.startswith("torchao"):
+            return weight.dequantize()
+        functional = _bnb().functional
+        if fmt.startswith("bitsandbytes int8"):
+            return functional.int8_vectorwise_dequant(weight.data, _bnb_int8_scales(layer))
+        return functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def _layer_shape(layer: nn.Module) -> tuple[int, int]:
+    return int(layer.out_features), int(layer.in_features)
+
+
+def _adapter_dtype(layer: nn.Module, fmt: str) -> torch.dtype:
+    """The values' dtype: the dtype the base was quantized from where the format records it
+    (torchao's weight.dtype, bitsandbytes 4-bit's quant_state.dtype), else the bias's, else
+    float32 (bitsandbytes int8 keeps no original dtype)."""
+    if fmt.startswith("torchao"):
+        dtype = layer.weight.dtype
+    elif fmt.startswith("bitsandbytes int8"):
+        dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+    else:
+        dtype = layer.weight.quant_state.dtype
+    return dtype if dtype in FLOAT_DTYPES else torch.float32
+
+
+def _device(layer: nn.Module) -> torch.device:
+    return layer.weight.device
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer.
+# ---------------------------------------------------------------------------------------------
+class QuantizedShiraLinear(nn.Module):
+    """A SHiRA sparse adapter on a frozen quantized linear: y = base_layer(x) + scale·x·Sᵀ.
+
+    The adapter is ``shira_values`` (trainable) over the entries named by the buffer
+    ``shira_flat_indices`` (sorted flat indices into the [out, in] weight), as in ShiraLinear;
+    the derived structure lives in non-persistent buffers. Build one with
+    ``ShiraLinear.from_linear(quantized_layer, ...)`` or ``QuantizedShiraLinear.from_quantized``.
+    """
+
+    shira_flat_indices: torch.Tensor
+
+    def __init__(self, base_layer: nn.Module, *, indices: torch.Tensor, scale: float = 1.0,
+                 dtype: torch.dtype | None = None):
+        fmt = quantized_format(base_layer)
+        if fmt is None:
+            raise TypeError("base_layer must be a quantized linear (bitsandbytes Linear8bitLt / "
+                            "Linear4bit, or an nn.Linear quantized by torchao), got "
+                            f"{type(base_layer).__name__}")
+        scale = check_scale(scale)
+        shape = _layer_shape(base_layer)
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a tensor, got {type(indices).__name__}")
+        device = _device(base_layer)
+        indices = indices.to(device)
+        validate_indices(indices, shape[0] * shape[1], name="indices", ascending=True)
+        if dtype is None:
+            dtype = _adapter_dtype(base_layer, fmt)
+        elif dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        delta = SparseDelta(shape, indices, torch.zeros(indices.numel(), dtype=dtype,
+                                                         device=device))
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = shape[1], shape[0]
+        self.quant_format = fmt
+        self.scale = scale
+        self.merged = False  # never: merge() refuses (see there)
+        # SHiRA starts from zero: the adapted model equals the base until it is trained.
+        self.shira_values = nn.Parameter(delta.values)
+        self.register_buffer("shira_flat_indices", indices)
+        self._set_structure(delta.structure)
+        self.register_load_state_dict_post_hook(QuantizedShiraLinear._after_load)
+        # Frozen, last (nothing above changes the base, so a refused call leaves it as it was):
+        # the quantized codes are not trainable, and the bias stays as it was trained.
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_quantized(cls, layer: nn.Module, *, r: int | None = None,
+                       density: float | None = None, mask: str | torch.Tensor = "rand",
+                       seed: int = 0, scale: float = 1.0, grads=None,
+                       dtype: torch.dtype | None = None) -> "QuantizedShiraLinear":
+        """Wrap the quantized ``layer`` (frozen, not copied). mask and budget as in
+        ShiraLinear.from_linear: "rand", "struct" and "grad" need only the shape; "wm" and
+        "snip" rank the dequantized weight, dequantized once here. dtype: the values' (default:
+        the dtype the base was quantized from where the format records it, else float32)."""
+        if quantized_format(layer) is None:
+            raise TypeError("layer must be a quantized linear (bitsandbytes Linear8bitLt / "
+                            "Linear4bit, or an nn.Linear quantized by torchao), got "
+                            f"{type(layer).__name__}")
+        scale = check_scale(scale)
+        if isinstance(mask, str) and r is None and density is None:
+            r = 32
+        shape, device = _layer_shape(layer), _device(layer)
+        if isinstance(mask, str) and mask in _SCORE_MASKS:
+            weight = dequantize_weight(layer)
+        else:  # the shape and device alone, without an m×n tensor behind them
+            weight = torch.zeros((), device=device).expand(shape)
+        chosen = make_mask(mask, weight, r=r, density=density, seed=seed, grads=grads)
+        del weight
+        indices = mask_to_indices(chosen).to(device)
+        return cls(layer, indices=indices, scale=scale, dtype=dtype)
+
+    # -- structure (as ShiraLinear keeps it) --------------------------------------------------
+    def _set_structure(self, structure: SparseStructure) -> None:
+        for name in _STRUCTURE_FIELDS:
+            self.register_buffer(f"_shira_{name}", getattr(structure, name), persistent=False)
+        indices = self._buffers["shira_flat_indices"]
+        self._shira_derived_from = (indices, tensor_stamp(indices))
+
+    def _refresh_structure(self) -> None:
+        """The indices were replaced or written in place: check them and derive the structure
+        again, so no kernel reads through a stale one."""
+        indices = self._buffers["shira_flat_indices"]
+        validate_indices(indices, self.out_features * self.in_features,
+                         name="shira_flat_indices", ascending=True)
+        if indices.numel() != self.shira_values.numel():
+            raise ValueError(f"shira_flat_indices has {indices.numel()} entries but shira_values "
+                             f"has {self.shira_values.numel()}")
+        self._set_structure(SparseDelta(self.shape, indices, self.shira_values.detach())
+                            .structure)
+
+    def _structure(self) -> SparseStructure:
+        buffers = self._buffers
+        return SparseStructure(*(buffers[name] for name in _STRUCTURE_BUFFERS))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The adapted weight's shape, (out_features, in_features)."""
+        return self.out_features, self.in_features
+
+    @property
+    def delta(self) -> SparseDelta:
+        """The adapter as a SparseDelta (shares the indices, values and structure)."""
+        return SparseDelta(self.shape, self.shira_flat_indices, self.shira_values,
+                           structure=self._structure())
+
+    # -- state_dict ---------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The adapter's entries are checked before torch copies any of them: a refused load
+        # leaves the layer as it was.
+        self._check_loadable(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _check_loadable(self, state_dict, prefix: str) -> None:
+        idx_key, val_key = prefix + "shira_flat_indices", prefix + "shira_values"
+        if idx_key not in state_dict and val_key not in state_dict:
+            return
+        indices = state_dict.get(idx_key, self.shira_flat_indices)
+        values = state_dict.get(val_key, self.shira_values)
+        for key, t in ((idx_key, indices), (val_key, values)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"load_state_dict: {key} must be a tensor, got "
+                                f"{type(t).__name__}")
+        try:
+            validate_indices(indices, self.out_features * self.in_features, name=idx_key,
+                             ascending=True)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"load_state_dict: {e}") from None
+        if values.dim() != 1 or values.numel() != indices.numel():
+            raise ValueError(f"load_state_dict: {val_key} has shape {tuple(values.shape)} but "
+                             f"{idx_key} has {indices.numel()} entries")
+        if values.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"load_state_dict: {val_key} has dtype {values.dtype}")
+        if indices.numel() != self.shira_flat_indices.numel():
+            raise ValueError(f"load_state_dict: {idx_key} has {indices.numel()} entries but "
+                             f"this layer has {self.shira_flat_indices.numel()}; build the "
+                             "layer with that mask (indices=...) to load it")
+
+    @staticmethod
+    def _after_load(module: "QuantizedShiraLinear", incompatible_keys) -> None:
+        module._refresh_structure()
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base_layer(x), the quantized layer's own forward, plus scale·x·Sᵀ by spmm."""
+        if not torch.compiler.is_compiling():
+            derived_from, stamp = self._shira_derived_from
+            indices = self._buffers["shira_flat_indices"]
+            if derived_from is not indices or not unchanged(indices, stamp):
+                self._refresh_structure()
+        y = self.base_layer(x)
+        return sparse_product_add_unpacked(y, x, self.shape, self.shira_values,
+                                           self._structure(), self.scale)
+
+    # -- merge --------------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Refused: the quantized weight cannot hold W + scale·S exactly (see the error)."""
+        raise RuntimeError(
+            f"cannot merge a SHiRA adapter into a {self.quant_format} weight: its entries are "
+            "integer codes times a scale shared by a row or block, and W + scale·S is in general "
+            "not on that grid, so merge would requantize (lossy, and unmerge could not restore "
+            "the base). Use the unfused forward, or dequantize first: layer.dequantize() gives a "
+            "ShiraLinear on the dequantized weight, which merges exactly")
+
+    def unmerge(self) -> None:
+        """Nothing to undo: this layer is never merged."""
+
+    def dequantize(self) -> nn.Module:
+        """A ShiraLinear on the dequantized base weight (a new float tensor) with this layer's
+        bias, mask, values (copied) and scale: it merges exactly, unlike this layer."""
+        from .shira_linear import ShiraLinear  # shira_linear imports this module
+
+        weight = dequantize_weight(self.base_layer).contiguous()
+        bias = self.base_layer.bias
+        layer = ShiraLinear(self.in_features, self.out_features, bias is not None,
+                            indices=self.shira_flat_indices.clone(), scale=self.scale,
+                            device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+            layer.shira_values.copy_(self.shira_values)
+        layer.weight.requires_grad_(False)
+        if bias is not None:
+            layer.bias.requires_grad_(False)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.quant_format}, nnz={self.shira_flat_indices.numel()}, "
+                f"scale={self.scale}")
