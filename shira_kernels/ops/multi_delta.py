@@ -16,6 +16,8 @@ and spmm_t_sddmm each has (ops/registry.py); one call per adapter present in the
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,16 +47,14 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 # ---------------------------------------------------------------------------------------------
 # The op: the adapters' fields as lists (one entry per slot; a free slot has empty tensors).
 # ---------------------------------------------------------------------------------------------
-def _groups(row_adapter: torch.Tensor, offsets: list[torch.Tensor], out_features: int):
+def _groups(row_adapter: torch.Tensor, live: list[int]):
     """(slot, row indices) for each adapter slot present (not -1), rows in batch order.
 
-    The slots are checked here, inside the op, where reading them is free: the public function
-    then has no host sync and traces whole under torch.compile. A free slot has offsets of
-    length 1, a live one out_features + 1."""
+    The slots are checked here, inside the ops, where reading them is free: the public
+    functions then have no host sync and trace whole under torch.compile."""
     order = torch.sort(row_adapter, stable=True)
     slots, counts = torch.unique_consecutive(order.values, return_counts=True)
     slots, counts = slots.tolist(), counts.tolist()
-    live = [a for a, o in enumerate(offsets) if o.numel() == out_features + 1]
     for slot in slots:
         if slot != -1 and slot not in live:
             raise ValueError(f"row_adapter holds {slot}, which is not an adapter slot of this "
@@ -64,6 +64,12 @@ def _groups(row_adapter: torch.Tensor, offsets: list[torch.Tensor], out_features
         if slot >= 0:
             yield slot, order.indices[start:start + count]
         start += count
+
+
+def _live(offsets: list[torch.Tensor], out_features: int) -> list[int]:
+    """The slots holding an adapter: a free slot's row offsets have length 1, a live one's
+    out_features + 1."""
+    return [a for a, o in enumerate(offsets) if o.numel() == out_features + 1]
 
 
 def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -77,7 +83,7 @@ def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     with reading(weight):
         y = F.linear(x, weight, bias)
     spmm = registry.kernel("spmm", x.device)
-    for a, r in _groups(row_adapter, offsets, weight.shape[0]):
+    for a, r in _groups(row_adapter, _live(offsets, weight.shape[0])):
         ya = spmm(y.index_select(0, r), x.index_select(0, r), offsets[a], cols[a],
                   values[a].contiguous(), scales[a], overwrite_y=True)
         y.index_copy_(0, r, ya)
@@ -98,7 +104,7 @@ def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     gw = gy.T @ x if need_weight else gy.new_empty(0)
     both = registry.kernel("spmm_t_sddmm", gy.device)
     sddmm = registry.kernel("sddmm", gy.device)
-    for a, r in _groups(row_adapter, offsets, weight.shape[0]):
+    for a, r in _groups(row_adapter, _live(offsets, weight.shape[0])):
         gy_a, x_a = gy.index_select(0, r), x.index_select(0, r)
         if need_x:
             struct = (rows[a], cols[a], offsets[a], t_offsets[a], t_cols[a], t_perm[a])
@@ -175,6 +181,26 @@ def _slot_fields(delta_set: SparseDeltaSet, device):
     return [list(column) for column in zip(*fields)] if fields else [[]] * 8
 
 
+def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
+    """row_adapter as int64 slots, one per row of x's rows flattened: from a tensor or list of
+    ints of x's leading shape, of its rows flattened, or of its first dim only (one adapter per
+    batch row, broadcast over the rest), or a list of names that ``slots_of_names`` maps."""
+    n = math.prod(x.shape[:-1])
+    if isinstance(row_adapter, (list, tuple)) and any(isinstance(a, str) or a is None
+                                                      for a in row_adapter):
+        row_adapter = slots_of_names(row_adapter, device=x.device)
+    elif not isinstance(row_adapter, torch.Tensor):
+        row_adapter = torch.as_tensor(row_adapter, dtype=torch.int64, device=x.device)
+    if row_adapter.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"row_adapter must hold integer slots, got {row_adapter.dtype}")
+    if x.dim() > 2 and row_adapter.shape == x.shape[:1] != (n,):  # per batch row
+        row_adapter = row_adapter.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    if row_adapter.numel() != n or row_adapter.shape not in (x.shape[:-1], (n,)):
+        raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}; x has {n} rows "
+                         f"(leading shape {tuple(x.shape[:-1])})")
+    return row_adapter.reshape(n).to(device=x.device, dtype=torch.int64)
+
+
 def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        delta_set: SparseDeltaSet, row_adapter) -> torch.Tensor:
     """x·Wᵀ + b with each row's own adapter: y[t] = x[t]·(W + scale_a·S_a)ᵀ + b for
@@ -202,20 +228,7 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     x2 = x.reshape(-1, x.shape[-1])
-    n = x2.shape[0]
-    if isinstance(row_adapter, (list, tuple)) and any(isinstance(a, str) or a is None
-                                                      for a in row_adapter):
-        row_adapter = delta_set.row_adapter(row_adapter, device=x.device)
-    elif not isinstance(row_adapter, torch.Tensor):
-        row_adapter = torch.as_tensor(row_adapter, dtype=torch.int64, device=x.device)
-    if row_adapter.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
-        raise TypeError(f"row_adapter must hold integer slots, got {row_adapter.dtype}")
-    if x.dim() > 2 and row_adapter.shape == x.shape[:1] != (n,):  # per batch row
-        row_adapter = row_adapter.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    if row_adapter.numel() != n or row_adapter.shape not in (x.shape[:-1], (n,)):
-        raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}; x has {n} rows "
-                         f"(leading shape {tuple(x.shape[:-1])})")
-    row_adapter = row_adapter.reshape(n).to(device=x.device, dtype=torch.int64)
+    row_adapter = row_slots(x, row_adapter, delta_set.row_adapter)
     for entry in delta_set.slots:  # row_adapter's slots are checked inside the op (no sync)
         if entry is not None:
             check_float_tensor(f"the values of adapter {entry[0]!r}", entry[1].values, x.dtype,
