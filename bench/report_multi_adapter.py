@@ -14,7 +14,9 @@ through the seven projections, timed round robin:
   - group and switch: per adapter, its rows gathered, its entries swapped into the weights
     (scatter_swap_, as AdapterBank.activate does), F.linear, swapped back, rows scattered;
   - PEFT LoRA r=32 with adapter_names= (k LoRA adapters on each layer, PEFT's per-sub-batch
-    loop), where peft is installed.
+    loop), where peft is installed;
+  - 1-bit LoRA r=32 per row: F.linear plus multi_binary_lora with each row's packed adapter,
+    and the same with one adapter for all rows (F.linear plus binary_lora).
 """
 from __future__ import annotations
 
@@ -56,6 +58,14 @@ def layer_case(out_f, in_f, dtype, adapters, seed):
     return weight, delta_set, swaps
 
 
+def binary_adapters(out_f, in_f, adapters, seed):
+    """k packed 1-bit LoRA adapters (r = 32) for one weight: (down, up, scale) each."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    return [(shira_kernels.BinaryWeight.from_float(torch.randn(32, in_f, generator=g), "petl"),
+             shira_kernels.BinaryWeight.from_float(torch.randn(out_f, 32, generator=g), "row"),
+             0.01) for _ in range(adapters)]
+
+
 def peft_lora_layer(weight, adapters):
     """PEFT's LoRA layer over ``weight`` with k adapters (r = 32, B random), or None."""
     if not sb.peft_available():
@@ -78,18 +88,18 @@ def peft_lora_layer(weight, adapters):
 
 def variants(layers, x, row_adapter, names, groups):
     def mixed():
-        for weight, delta_set, _, _ in layers:
+        for weight, delta_set, *_ in layers:
             shira_kernels.multi_delta_linear(x[weight.shape[1]], weight, None, delta_set,
                                              row_adapter)
 
     def single():
-        for weight, delta_set, _, _ in layers:
+        for weight, delta_set, *_ in layers:
             _, delta, scale = delta_set.slots[0]
             shira_kernels.sparse_delta_linear(x[weight.shape[1]], weight, None, delta, scale,
                                               strategy="spmm")
 
     def group_and_switch():
-        for weight, _, swaps, _ in layers:
+        for weight, _, swaps, *_ in layers:
             xs = x[weight.shape[1]]
             y = xs.new_empty(xs.shape[0], weight.shape[0])
             for a, rows in enumerate(groups):
@@ -102,9 +112,22 @@ def variants(layers, x, row_adapter, names, groups):
            "group and switch (activate per group)": group_and_switch}
     if all(layer[3] is not None for layer in layers):
         def peft_lora():
-            for weight, _, _, lora in layers:
+            for weight, _, _, lora, _ in layers:
                 lora(x[weight.shape[1]], adapter_names=names)
         out["PEFT LoRA, adapter_names="] = peft_lora
+
+    def binary_mixed():
+        for weight, _, _, _, adapters in layers:
+            xs = x[weight.shape[1]]
+            F.linear(xs, weight) + shira_kernels.multi_binary_lora(xs, adapters, row_adapter)
+
+    def binary_single():
+        for weight, _, _, _, adapters in layers:
+            xs = x[weight.shape[1]]
+            F.linear(xs, weight) + shira_kernels.binary_lora(xs, *adapters[0])
+
+    out["1-bit LoRA mixed (multi_binary_lora)"] = binary_mixed
+    out["1-bit LoRA, one adapter (binary_lora)"] = binary_single
     return out
 
 
@@ -113,7 +136,8 @@ def run(hidden, intermediate, sequences, tokens, adapters, dtype, repeat):
     layers = []
     for k, (out_f, in_f) in enumerate(shapes):
         weight, delta_set, swaps = layer_case(out_f, in_f, dtype, adapters, seed=k)
-        layers.append((weight, delta_set, swaps, peft_lora_layer(weight, adapters)))
+        layers.append((weight, delta_set, swaps, peft_lora_layer(weight, adapters),
+                       binary_adapters(out_f, in_f, adapters, seed=k)))
     g = torch.Generator().manual_seed(99)
     x = {f: torch.randn(sequences * tokens, f, generator=g).to(dtype) for f in {s[1] for s in shapes}}
     per_sequence = [s % adapters for s in range(sequences)]
@@ -151,7 +175,8 @@ def main(argv=None) -> int:
              "- mixed: multi_delta_linear; one adapter, unfused: sparse_delta_linear (spmm) with "
              "adapter 0 for every row; group and switch: per adapter, scatter_swap_ its entries "
              "in, F.linear on its rows, swap back; PEFT LoRA: k LoRA r=32 adapters, "
-             "adapter_names= per row.", ""]
+             "adapter_names= per row; 1-bit LoRA: packed r=32 1-bit adapters, each row's own "
+             "(multi_binary_lora) or adapter 0 for all (binary_lora), after F.linear.", ""]
     for label, dtype in DTYPES.items():
         lines += [f"## {label}", "",
                   "| adapters | variant | ms | × mixed |", "|---:|---|---:|---:|"]
