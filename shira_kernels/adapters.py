@@ -38,6 +38,19 @@ bank's bookkeeping either both happen or neither does, whatever raises in betwee
 MemoryError, an error in a callback) or interrupts it (a KeyboardInterrupt is held back for
 the few microseconds it takes). So ``deactivate()`` always restores the base exactly.
 
+FSDP2. On a model sharded with ``torch.distributed.fsdp.fully_shard`` a layer's weight is a
+DTensor whose rows are split over the ranks (Shard(0)); each rank holds rows [start, start +
+rows) as its local tensor. The bank maps every adapter's flat indices (row·in + col) to that
+local tensor once, when the adapter is added, keeps only the entries of this rank's rows, and
+switches by swapping those in the local shard: the same exact swap, no collective, and the next
+forward's all-gather carries the switched entries. FSDP2 keeps a module's parameters gathered
+after a forward in some cases (the root's, without a backward); the bank reshards the model's
+FSDP modules first (``FSDPModule.reshard()``, which frees the gathered copy, no communication),
+so that no stale gathered weight is read. Calls that need entries of other ranks' rows are
+collective (every rank calls them with the same arguments): save() and load() (the base
+entries' checksum; a bit-exact sum of bit patterns, over the adapter's entries only) and
+add_from_model() (the sharded adapter values). mixed() is refused on a sharded layer.
+
 Rules the bank relies on: the model's structure does not change while the bank is in use (build
 the bank after replace_linear), no ShiraLinear of the model is merged (its merge swaps entries
 of the same weights; the bank refuses to work while one is), and nothing else writes the
@@ -61,20 +74,101 @@ from .nn.shira_linear import ShiraLinear
 from .ops.multi_delta import multi_delta_linear
 from .ops.scatter_swap import adapted_entries, swap_transaction
 
+try:  # torch.distributed may be absent from a build; then no weight is a DTensor
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Shard as _ShardPlacement
+except ImportError:  # pragma: no cover
+    _FSDPModule = _DTensor = _ShardPlacement = None
+
 __all__ = ["AdapterBank"]
+
+# Integer types of a float's width: the bit patterns that _RowShard.gather sums.
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+class _RowShard:
+    """Where this rank's FSDP2 shard of a layer's weight sits: rows [start, start + rows) of the
+    out × in weight, the local tensor being rows × in. FSDP2 splits dim 0 as torch.chunk does:
+    ceil(out / world) rows per rank, fewer (or none) on the last ones."""
+
+    __slots__ = ("start", "rows", "cols", "group")
+
+    def __init__(self, layer: str, weight):
+        placements, mesh = tuple(weight.placements), weight.device_mesh
+        sharded = [d for d, p in enumerate(placements) if not p.is_replicate()]
+        # Exactly Shard(0) (not a strided or other subclass: FSDP2 + tensor parallel), on one
+        # mesh dim; replicated dims (HSDP) hold the same rows.
+        if (len(sharded) != 1 or type(placements[sharded[0]]) is not _ShardPlacement
+                or placements[sharded[0]].dim != 0 or weight.dim() != 2):
+            raise ValueError(f"layer {layer!r}: the bank handles weights sharded by rows as "
+                             f"FSDP2 does (one Shard(0) placement), got placements {placements} "
+                             f"for a weight of shape {tuple(weight.shape)}")
+        dim = sharded[0]
+        world, coordinate = mesh.size(dim), mesh.get_coordinate()
+        if coordinate is None:
+            raise ValueError(f"layer {layer!r}: this rank is not in the weight's device mesh")
+        out, self.cols = weight.shape
+        chunk = -(-out // world)
+        self.start = min(coordinate[dim] * chunk, out)
+        self.rows = min(chunk, out - self.start)
+        self.group = mesh.get_group(dim)
+        with torch.no_grad():
+            local_shape = tuple(weight.to_local().shape)
+        if local_shape != (self.rows, self.cols):
+            raise ValueError(f"layer {layer!r}: the local shard has shape {local_shape}, not the "
+                             f"rows [{self.start}, {self.start + self.rows}) of "
+                             f"{tuple(weight.shape)} that row sharding gives this rank")
+
+    @property
+    def offset(self) -> int:
+        """The flat index of the shard's first entry in the full weight."""
+        return self.start * self.cols
+
+    def split(self, indices: torch.Tensor, values: torch.Tensor):
+        """(local indices, their values) of the sorted global ``indices`` in this shard."""
+        flat = indices.long()
+        lo, hi = (int(torch.searchsorted(flat, bound))
+                  for bound in (self.offset, self.offset + self.rows * self.cols))
+        return (flat[lo:hi] - self.offset).to(indices.dtype), values[lo:hi]
+
+    def gather(self, indices: torch.Tensor, local_entries) -> torch.Tensor:
+        """The full weight's entries at global ``indices`` (int64, any order): each rank reads
+        those in its rows with ``local_entries(local indices)`` and an all_reduce sums their
+        bit patterns as integers, zeros elsewhere, so every float arrives bit for bit (-0.0 and
+        NaN payloads too). A collective over the shard's group: every rank must call it with the
+        same indices. Moves len(indices) integers, not the weight."""
+        mine = (indices >= self.offset) & (indices < self.offset + self.rows * self.cols)
+        values = local_entries(indices[mine] - self.offset)
+        bits = torch.zeros(indices.numel(), dtype=torch.int64, device=values.device)
+        bits[mine] = values.view(_BITS[values.dtype]).long()
+        torch.distributed.all_reduce(bits, group=self.group)
+        return bits.to(_BITS[values.dtype]).view(values.dtype)
 
 
 class _Entry:
     """One adapter (or fusion) on one layer. ``buf`` holds the active values while the owner is
     inactive and the held-aside base entries while it is active. ``delta``/``scale`` are kept
     for adapters (fusions and save() need them), None for fusions; ``mixed_delta`` is the
-    delta in the weight's dtype with its structure, made the first time a mixed batch uses it."""
+    delta in the weight's dtype with its structure, made the first time a mixed batch uses it.
+    On an FSDP2-sharded layer ``indices``, ``buf`` and ``delta`` cover this rank's rows only
+    (indices into the local shard) and ``full`` keeps the adapter's (global indices, delta)
+    as given; None elsewhere (the indices are global)."""
 
-    __slots__ = ("indices", "buf", "delta", "scale", "mixed_delta")
+    __slots__ = ("indices", "buf", "delta", "scale", "mixed_delta", "full")
 
-    def __init__(self, indices, buf, delta=None, scale=None):
+    def __init__(self, indices, buf, delta=None, scale=None, full=None):
         self.indices, self.buf, self.delta, self.scale = indices, buf, delta, scale
         self.mixed_delta = None
+        self.full = full
+
+    def given(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global indices, delta) as the adapter was given."""
+        return self.full if self.full is not None else (self.indices, self.delta)
 
 
 def _mixed_forward(layer: str, module: nn.Linear, delta_set: SparseDeltaSet, slots):
@@ -207,10 +301,13 @@ class AdapterBank:
     def __init__(self, model: nn.Module, *, max_fusions: int = 8, max_pairs: int = 64):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.lock = threading.RLock()
         self.max_fusions = check_size(max_fusions, "max_fusions", minimum=0)
         self.max_pairs = check_size(max_pairs, "max_pairs", minimum=0)
+        self.model = model
+        self.lock = threading.RLock()
+        self._fsdp_modules = ([m for m in model.modules() if isinstance(m, _FSDPModule)]
+                              if _FSDPModule is not None else [])
+        self._reshard()  # the sharded parameters registered, so the layers' weights are DTensors
         self._layers: dict[str, nn.Linear] = {}
         self._alias: dict[str, str] = {}
         first_owner: dict[int, str] = {}
@@ -223,6 +320,10 @@ class AdapterBank:
                     self._layers[name] = module
         if not self._layers:
             raise ValueError("the model has no nn.Linear layer to take adapters")
+        # Per layer: its FSDP2 row shard, or None for a whole (unsharded) weight.
+        self._shards: dict[str, _RowShard | None] = {
+            name: _RowShard(name, module.weight) if _is_dtensor(module.weight) else None
+            for name, module in self._layers.items()}
         self._order = {name: i for i, name in enumerate(self._layers)}
         self._adapters: dict[str, _Slot] = {}
         self._fusions: OrderedDict[tuple, _Slot] = OrderedDict()
@@ -280,23 +381,57 @@ class AdapterBank:
     def deltas(self, name: str) -> dict[str, tuple[SparseDelta, float]]:
         """Adapter ``name`` as given: {layer: (SparseDelta, scale)} (copies)."""
         with self.lock:
-            return {layer: (SparseDelta(self._layers[layer].weight.shape, e.indices.clone(),
-                                        e.delta.clone()), e.scale)
-                    for layer, e in self._slot(name).entries.items()}
+            out = {}
+            for layer, e in self._slot(name).entries.items():
+                indices, delta = e.given()
+                out[layer] = (SparseDelta(self._layers[layer].weight.shape, indices.clone(),
+                                          delta.clone()), e.scale)
+            return out
 
     def prepared(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{layer: (indices, values)}: the values that stand in W while ``name`` is active
-        (copies)."""
+        (copies). On an FSDP2-sharded layer, those of this rank's rows (global flat indices)."""
         with self.lock:
             slot = self._slot(name)
             out = {}
             for layer, e in slot.entries.items():
                 if slot is self._active:  # the buffer holds the base; W holds the values
-                    values = self._layers[layer].weight.detach().view(-1)[e.indices.long()]
+                    values = self._weight(layer).view(-1)[e.indices.long()]
                 else:
                     values = e.buf.clone()
-                out[layer] = (e.indices.clone(), values)
+                shard = self._shards[layer]
+                indices = (e.indices.clone() if shard is None
+                           else (e.indices.long() + shard.offset).to(e.indices.dtype))
+                out[layer] = (indices, values)
             return out
+
+    # -- the weights ------------------------------------------------------------------------------
+    def _reshard(self) -> None:
+        """Put the model's FSDP2 modules in their sharded state (no communication): a module
+        gathered by a forward (the root after a forward without backward) would otherwise keep
+        a full copy that a switch of the shards does not reach."""
+        for module in self._fsdp_modules:
+            module.reshard()
+
+    def _weight(self, layer: str) -> torch.Tensor:
+        """The tensor the bank reads and swaps for ``layer``, detached: the weight, or this
+        rank's local shard of an FSDP2-sharded one."""
+        module = self._layers[layer]
+        shard = self._shards[layer]
+        if shard is None:
+            return module.weight.detach()
+        if not _is_dtensor(module.weight):  # gathered since: back to the shards
+            self._reshard()
+            if not _is_dtensor(module.weight):
+                raise RuntimeError(f"layer {layer!r}: its weight was sharded when the bank was "
+                                   "built but is not now (the model changed under the bank)")
+        with torch.no_grad():
+            local = module.weight.to_local()
+        if tuple(local.shape) != (shard.rows, shard.cols):
+            raise RuntimeError(f"layer {layer!r}: the local shard has shape "
+                               f"{tuple(local.shape)}, not {(shard.rows, shard.cols)} as when "
+                               "the bank was built (the model changed under the bank)")
+        return local.detach()
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_unmerged(self) -> None:
@@ -373,10 +508,9 @@ class AdapterBank:
 
     # -- base entries -----------------------------------------------------------------------------
     def _base_entries(self, layer: str, indices: torch.Tensor) -> torch.Tensor:
-        """The BASE weight's entries at ``indices`` (int64): W's, except where the active slot
-        holds the base aside."""
-        weight = self._layers[layer].weight.detach()
-        values = weight.view(-1)[indices]  # advanced indexing: a copy
+        """The BASE weight's entries at ``indices`` (int64; local ones on a sharded layer): W's,
+        except where the active slot holds the base aside."""
+        values = self._weight(layer).view(-1)[indices]  # advanced indexing: a copy
         held = self._active.entries.get(layer) if self._active is not None else None
         if held is not None and held.indices.numel() and indices.numel():
             held_indices = held.indices.long()
@@ -391,7 +525,11 @@ class AdapterBank:
         if tuple(module.weight.shape) != tuple(shape):
             raise ValueError(f"layer {layer!r}: the weight has shape {tuple(module.weight.shape)} "
                              f"but the adapter's delta has {tuple(shape)}")
-        return self._base_entries(layer, indices.to(module.weight.device).long())
+        indices = indices.to(module.weight.device).long()
+        shard = self._shards[layer]
+        if shard is None:
+            return self._base_entries(layer, indices)
+        return shard.gather(indices, lambda local: self._base_entries(layer, local))
 
     # -- adding and removing ----------------------------------------------------------------------
     def add(self, name: str, adapter: Mapping, scale: float = 1.0) -> None:
@@ -408,21 +546,32 @@ class AdapterBank:
             # Outside inference_mode: the buffers are swapped later, also outside it.
             with torch.no_grad(), torch.inference_mode(False):
                 for layer, indices, values, layer_scale in self._validated(name, adapter, scale):
+                    full, shard = None, self._shards[layer]
+                    if shard is not None:  # once: the entries of this rank's rows, local
+                        full = (indices, values)
+                        indices, values = shard.split(indices, values)
                     base = self._base_entries(layer, indices.long())
                     # fp32 arithmetic, one rounding to W's dtype (as ShiraLinear.merge does).
                     active = adapted_entries(base, values, layer_scale)
                     check_representable(active, f"adapter {name!r}, layer {layer!r}", base=base)
-                    entries[layer] = _Entry(indices, active, values, layer_scale)
+                    entries[layer] = _Entry(indices, active, values, layer_scale, full)
             self._adapters[name] = _Slot(name, entries)
 
     def add_from_model(self, name: str, model: nn.Module) -> None:
         """Add every ShiraLinear of ``model`` (this bank's model or one of the same structure)
-        as adapter ``name``: its indices, current values and scale, under its module name."""
+        as adapter ``name``: its indices, current values and scale, under its module name.
+        Collective where ``model`` is FSDP2-sharded (its values are gathered)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        adapter = {layer: (SparseDelta(module.weight.shape, module.shira_flat_indices.detach(),
-                                       module.shira_values.detach()), module.scale)
-                   for layer, module in model.named_modules() if isinstance(module, ShiraLinear)}
+        adapter = {}
+        for layer, module in model.named_modules():
+            if isinstance(module, ShiraLinear):
+                values = module.shira_values.detach()
+                if _is_dtensor(values):  # FSDP2 shards the values too: gather them (collective)
+                    values = values.full_tensor()
+                adapter[layer] = (SparseDelta(module.weight.shape,
+                                              module.shira_flat_indices.detach(), values),
+                                  module.scale)
         if not adapter:
             raise ValueError(f"adapter {name!r}: the model has no ShiraLinear layer")
         self.add(name, adapter)
@@ -506,13 +655,16 @@ class AdapterBank:
                     # `held`; B's (its active values) stands in W at B's entries right now.
                     for m, _, _, held in updates:
                         m.a.buf.copy_(held[m.scratch.numel():])
-                        weight = self._layers[m.layer].weight.detach().view(-1)
+                        weight = self._weight(m.layer).view(-1)
                         m.b.buf.copy_(weight[m.b.indices.long()])
                     self._active = current
                     raise
 
-        swap_transaction([self._layers[layer].weight for layer in layers], indices, values,
-                         commit)
+        # Layers without entries here (a shard holding none of an adapter's rows) have nothing
+        # to swap.
+        kept = [i for i, index in enumerate(indices) if index.numel()]
+        swap_transaction([self._weight(layers[i]) for i in kept], [indices[i] for i in kept],
+                         [values[i] for i in kept], commit)
 
     def _pair_plan(self, a: _Slot, b: _Slot) -> _PairPlan:
         key = (a, b)
@@ -620,6 +772,9 @@ class AdapterBank:
                     touching = [n for n in used if layer in self._adapters[n].entries]
                     if not touching:
                         continue
+                    if self._shards[layer] is not None:
+                        raise TypeError(f"layer {layer!r} is FSDP2-sharded; mixed batches need "
+                                        "the whole weight on every rank")
                     if type(module) is not nn.Linear:
                         raise TypeError(f"layer {layer!r} is a {type(module).__name__}; mixed "
                                         "batches run plain nn.Linear layers")
@@ -703,7 +858,8 @@ class AdapterBank:
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, name: str, path) -> None:
         """Write adapter ``name`` to ``path`` (shira_kernels.io.shira_format), with the checksum
-        of the bank's base entries under it."""
+        of the bank's base entries under it. Collective on an FSDP2-sharded model (every rank
+        calls it; the base entries come from all shards)."""
         from .io.shira_format import save_adapter
 
         with self.lock:
@@ -713,7 +869,8 @@ class AdapterBank:
         """Add the adapter in ``path`` as ``name``. The file must pass its content checksum
         (every tensor and the metadata) and have been saved against this base (checksum of the
         base entries); values that are not finite, or that overflow the weight's dtype once
-        added, are refused. Any problem is a ValueError and leaves the bank unchanged."""
+        added, are refused. Any problem is a ValueError and leaves the bank unchanged.
+        Collective on an FSDP2-sharded model, as save()."""
         from .io.shira_format import load_adapter
 
         with self.lock:
