@@ -163,3 +163,14 @@ def test_round_robin_until_tight_stops_at_the_interval_or_the_cap():
     assert elapsed >= 100.0 > elapsed - last_round
     assert now[0] - start == elapsed + 2.0  # and the untimed warm-up round (1 s + 1 s)
     assert len(run(2, 1e9, most=40, a=[1.0, 3.0])["a"]) == 40
+
+
+def test_multi_adapter_report_at_toy_size(tmp_path):
+    out = tmp_path / "multi.md"
+    run_script("report_multi_adapter.py", "--hidden", "64", "--intermediate", "96",
+               "--sequences", "4", "--tokens", "8", "--adapters", "1,3", "--repeat", "1",
+               "--out", str(out))
+    text = out.read_text()
+    for row in ("| 3 | mixed (this package) |", "| 3 | group and switch",
+                "| 3 | 1-bit LoRA mixed (multi_binary_lora) |", "## bf16"):
+        assert row in text, row
