@@ -247,9 +247,27 @@ def _bank_worker(rank, out_dir):
         bank2.activate("a")
         with torch.no_grad():
             root_only_output = root_only(bank_input())
+        # Refused, naming the layer: mixed batches on a sharded layer, and weights sharded
+        # other than by rows.
+        errors = []
+        bank2.deactivate()
+        try:
+            with bank2.mixed(["a"]):
+                pass
+        except TypeError as e:
+            errors.append(str(e))
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        by_columns = nn.Sequential(nn.Linear(4, 6))
+        by_columns[0].weight = nn.Parameter(distribute_tensor(
+            by_columns[0].weight.detach(), init_device_mesh("cpu", (WORLD,)), [Shard(1)]))
+        try:
+            AdapterBank(by_columns)
+        except ValueError as e:
+            errors.append(str(e))
         torch.save({"snapshots": snapshots, "comms": comms, "given": given,
                     "prepared": {name: p[0] for name, p in prepared.items()},
-                    "loaded": loaded, "root_only": root_only_output},
+                    "loaded": loaded, "root_only": root_only_output, "errors": errors},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -301,8 +319,10 @@ def test_adapter_bank_on_fsdp2_switches_shards_exactly_without_collectives(tmp_p
         for name, (indices, values) in got["prepared"]["a"].items():
             assert torch.equal(got["loaded"][name][0], indices)
             assert_same_bits(got["loaded"][name][1], values, f"rank {rank}: loaded, {name}")
-        with torch.no_grad():
-            assert_same_bits(got["root_only"], expected[0][2], f"rank {rank}: root-only FSDP2")
+        assert_same_bits(got["root_only"], expected[0][2], f"rank {rank}: root-only FSDP2")
+        mixed_error, placement_error = got["errors"]
+        assert "layer '0'" in mixed_error and "sharded" in mixed_error
+        assert "layer '0'" in placement_error and "Shard(dim=1)" in placement_error
     # Each rank's prepared values are its rows' entries: together, the single bank's.
     for name in ("a", "b"):
         parts = [torch.load(tmp_path / f"rank{r}.pt")["prepared"][name] for r in range(WORLD)]
@@ -373,6 +393,11 @@ def assert_restored(state, output, what):
         torch.testing.assert_close(output, model(batches()[0][0]), rtol=1e-6, atol=1e-6)
 
 
+# DCP warns that it runs in one process when no process group is initialized (as meant here).
+_ONE_PROCESS_DCP = "ignore:torch.distributed is disabled:UserWarning"
+
+
+@pytest.mark.filterwarnings(_ONE_PROCESS_DCP)
 @pytest.mark.parametrize("wrap", ["fsdp2", "ddp"])
 def test_distributed_checkpoint_restores_adapters_and_base_exactly(wrap, tmp_path):
     if wrap == "fsdp2":
@@ -392,6 +417,7 @@ def test_distributed_checkpoint_restores_adapters_and_base_exactly(wrap, tmp_pat
     assert_restored(*_restored_state(fresh, fresh), f"{wrap} checkpoint in one process")
 
 
+@pytest.mark.filterwarnings(_ONE_PROCESS_DCP)
 def test_distributed_checkpoint_in_one_process(tmp_path):
     pytest.importorskip("torch.distributed.checkpoint.state_dict")
     differed, state, output = _dcp_save_and_restore("single", str(tmp_path / "checkpoint"))
