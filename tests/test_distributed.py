@@ -247,6 +247,12 @@ def _bank_worker(rank, out_dir):
         bank2.activate("a")
         with torch.no_grad():
             root_only_output = root_only(bank_input())
+        # add_from_model on a sharded ShiraLinear model gathers the adapter values (collective).
+        shira = make_model()
+        shira_bank = AdapterBank(_wrap(shira, "fsdp2"))
+        shira_bank.add_from_model("trained", shira)
+        shira_deltas = {name: (d.flat_indices, d.values, scale)
+                        for name, (d, scale) in shira_bank.deltas("trained").items()}
         # Refused, naming the layer: mixed batches on a sharded layer, and weights sharded
         # other than by rows.
         errors = []
@@ -267,7 +273,8 @@ def _bank_worker(rank, out_dir):
             errors.append(str(e))
         torch.save({"snapshots": snapshots, "comms": comms, "given": given,
                     "prepared": {name: p[0] for name, p in prepared.items()},
-                    "loaded": loaded, "root_only": root_only_output, "errors": errors},
+                    "loaded": loaded, "root_only": root_only_output, "errors": errors,
+                    "from_model": shira_deltas},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -320,6 +327,13 @@ def test_adapter_bank_on_fsdp2_switches_shards_exactly_without_collectives(tmp_p
             assert torch.equal(got["loaded"][name][0], indices)
             assert_same_bits(got["loaded"][name][1], values, f"rank {rank}: loaded, {name}")
         assert_same_bits(got["root_only"], expected[0][2], f"rank {rank}: root-only FSDP2")
+        from_model = AdapterBank(make_model())
+        from_model.add_from_model("trained", make_model())
+        assert got["from_model"].keys() == {"0", "2"}
+        for name, (delta, scale) in from_model.deltas("trained").items():
+            got_indices, got_values, got_scale = got["from_model"][name]
+            assert got_scale == scale and torch.equal(got_indices, delta.flat_indices)
+            assert_same_bits(got_values, delta.values, f"rank {rank}: add_from_model, {name}")
         mixed_error, placement_error = got["errors"]
         assert "layer '0'" in mixed_error and "sharded" in mixed_error
         assert "layer '0'" in placement_error and "Shard(dim=1)" in placement_error
