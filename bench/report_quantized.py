@@ -188,7 +188,8 @@ def main(argv=None) -> int:
              + "; ".join(f"{p} {_version(p)}" for p in ("bitsandbytes", "torchao", "peft")),
              f"- {args.tokens} tokens, r = {args.r} (r·(out+in) entries, PEFT's random mask, "
              "the same for both), no bias. Medians of rounds timed round robin. ×: the row's "
-             "time over this package's (PEFT SHiRA's × is this package's speed-up). Peak: resident memory growth during one training step.",
+             "time over this package's (PEFT SHiRA's × is this package's speed-up). Peak: "
+             "resident memory growth during one training step.",
              "- this package: QuantizedShiraLinear (base forward + spmm; backward spmm_t + "
              "sddmm); PEFT SHiRA: dequantize, add the dense delta, F.linear.", ""]
     if missing:

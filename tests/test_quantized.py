@@ -426,3 +426,26 @@ def test_integer_weights_that_are_no_known_format_are_refused():
     linear.weight = nn.Parameter(torch.zeros(3, 4, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="quantized"):
         ShiraLinear.from_linear(linear, r=1)
+
+
+@pytest.mark.parametrize("kind", kind_params("torchao-int8"))
+def test_compiles_without_graph_breaks(kind):
+    # Traced, the product goes through the shira::spmm / sddmm ops inside the autograd.Function
+    # (aot_eager: the same eager kernels for the base, so its output is the eager one).
+    layer = adapted(kind)
+    x = torch.randn(5, IN_F, requires_grad=True)
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    y = torch.compile(layer, backend="aot_eager")(x)
+    with torch.no_grad():
+        y_base = layer.base_layer(x)
+    s = dense_delta(layer)
+    x64 = x.detach().double()
+    assert_within_error_bound(y, y_base.double() + SCALE * x64 @ s.T,
+                              abs64(y_base) + SCALE * x64.abs() @ s.abs().T, IN_F + 2, "compiled")
+    gy = torch.randn(y.shape)
+    y.backward(gy)
+    rows, cols = layer.delta.structure.rows.long(), layer.delta.structure.cols.long()
+    assert_within_error_bound(layer.shira_values.grad, SCALE * (gy.double().T @ x64)[rows, cols],
+                              SCALE * (gy.double().abs().T @ x64.abs())[rows, cols], 5 + 2,
+                              "compiled grad values")

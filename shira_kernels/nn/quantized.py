@@ -18,6 +18,7 @@ exist once its package was imported, so the checks look in sys.modules.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -49,7 +50,9 @@ class _SparseProductAdd(torch.autograd.Function):
                 use_ops):
         ctx.save_for_backward(x, values, rows, cols, offsets, t_offsets, t_cols, t_perm)
         ctx.scale, ctx.use_ops = scale, use_ops
-        ctx.backend = backends.requested()  # autograd's device thread does not see use_backend()
+        # Autograd's device thread does not see use_backend(): the backward re-enters the
+        # forward's explicit choice (not read while tracing: a context variable breaks the graph).
+        ctx.backend = None if torch.compiler.is_compiling() else backends.requested()
         if use_ops:
             return torch.ops.shira.spmm(y, x, offsets, cols, values, scale)
         # Not overwrite_y: y is the base's output, which a forward hook may have kept.
@@ -61,7 +64,8 @@ class _SparseProductAdd(torch.autograd.Function):
         need_y, need_x, need_v = ctx.needs_input_grad[:3]
         gy, scale = gy.contiguous(), ctx.scale
         gx = g = None
-        with backends.use_backend(ctx.backend):
+        with (backends.use_backend(ctx.backend) if ctx.backend is not None
+              else contextlib.nullcontext()):
             if ctx.use_ops:
                 if need_x:
                     gx = torch.ops.shira.spmm(gy.new_zeros(x.shape), gy, t_offsets, t_cols,
