@@ -1,7 +1,7 @@
 """MoSA on a small synthetic task: does splitting an adapter into sparse modules, trained a
 random subset at a time and merged afterwards, beat the same adapter trained whole?
 
-    python examples/mosa.py [--quick] [--seed N]
+    python examples/mosa.py [--quick] [--seed N] [--no-rescale]
 
 A small residual MLP classifier is pre-trained here on task A (labels of a random teacher
 network), then frozen and adapted with few examples to task B (a perturbed teacher: related,
@@ -93,7 +93,7 @@ def frozen_copy(base):
     return model
 
 
-def run(seed: int, quick: bool) -> dict:
+def run(seed: int, quick: bool, rescale: bool = True) -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     pre_steps, steps = (300, 150) if quick else (1500, 600)
@@ -129,15 +129,17 @@ def run(seed: int, quick: bool) -> dict:
     beside = lambda a: lambda m: setattr(m, "mlp", ParallelAdapter(m.mlp, a))  # noqa: E731
     adapt("dense bottleneck", beside(copy.deepcopy(adapter)), 3e-3)
     adapt("MoSA bottleneck", beside(MoSABottleneck.from_bottleneck(
-        adapter, k=4, active=2, seed=seed)), 3e-3)
+        adapter, k=4, active=2, rescale=rescale, seed=seed)), 3e-3)
     adapt("MoSA hierarchical", beside(MoSABottleneck.from_bottleneck(
-        adapter, k=2, active=2, hierarchical=True, k_fine=2, active_fine=1, seed=seed)), 3e-3)
+        adapter, k=2, active=2, hierarchical=True, k_fine=2, active_fine=1, rescale=rescale,
+        seed=seed)), 3e-3)
 
     def shira(split: bool):
         def make(model):
             for i in (0, 2):
                 layer = ShiraLinear.from_linear(model.mlp[i], r=SHIRA_R, seed=seed + i)
-                model.mlp[i] = (MoSAShiraLinear.from_shira(layer, k=4, active=2, seed=seed)
+                model.mlp[i] = (MoSAShiraLinear.from_shira(layer, k=4, active=2, rescale=rescale,
+                                                           seed=seed)
                                 if split else layer)
         return make
     adapt("ShiraLinear", shira(False), 3e-3)
@@ -149,12 +151,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (the test's mode)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-rescale", action="store_true",
+                        help="MoSA's active entries not scaled by modules/active in training")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
     try:
-        result = run(args.seed, args.quick)
+        result = run(args.seed, args.quick, rescale=not args.no_rescale)
     finally:
         torch.set_num_threads(threads)
     acc = result["accuracy"]

@@ -1,6 +1,7 @@
 """MoSA (shira_kernels/methods/mosa.py): a step's modules are the only entries in the forward
 and the only ones an optimizer moves; the merged adapter is the sum of the modules; the
 subset's structure is the one SparseStructure.build derives; bad arguments; the example."""
+import copy
 import importlib.util
 import itertools
 import pathlib
@@ -20,6 +21,8 @@ from test_sparse_delta import delta_linear_bound
 from tolerance import assert_within_error_bound
 
 DTYPES = (torch.float32, torch.bfloat16)
+# CUDA tensors too where a GPU is visible (the ops pick the cuda or triton backend there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
 
 
@@ -35,7 +38,8 @@ def _dense64(modules: SparseModules, chosen, absolute=False) -> torch.Tensor:
     dense = torch.zeros(modules.shape, dtype=torch.float64)
     for j in chosen:
         values = modules.module_values[j].detach().double()
-        dense.view(-1)[modules.module_flat_indices[j].long()] += values.abs() if absolute else values
+        values = values.abs() if absolute else values
+        dense.view(-1)[modules.module_flat_indices[j].long()] += values
     return dense
 
 
@@ -43,8 +47,9 @@ def _bottleneck64(layer, x, chosen, factor, absolute=False):
     """scale·(f·relu(f·x·Dᵀ + b_d)·Uᵀ + b_u) in float64 over the chosen modules (absolute: the
     same on absolute values, the error bound's magnitude)."""
     t = (lambda v: v.detach().double().abs()) if absolute else (lambda v: v.detach().double())
-    h = factor * t(x) @ _dense64(layer.down_modules, chosen, absolute).T + t(layer.down_bias)
-    y = factor * torch.relu(h) @ _dense64(layer.up_modules, chosen, absolute).T + t(layer.up_bias)
+    down, up = (_dense64(m, chosen, absolute) for m in (layer.down_modules, layer.up_modules))
+    h = factor * t(x) @ down.T + t(layer.down_bias)
+    y = factor * torch.relu(h) @ up.T + t(layer.up_bias)
     return abs(layer.scale) * y if absolute else layer.scale * y
 
 
@@ -67,9 +72,8 @@ def test_subset_structure_is_the_derived_one(hierarchical):
     mask = torch.rand(7, 13, generator=g) < 0.55
     nnz = int(mask.sum())
     mask.view(-1)[mask.view(-1).nonzero().view(-1)[:nnz % 4]] = False  # 4 | nnz
-    modules = SparseModules(mask, 2, k_fine=2 if hierarchical else 1, seed=5,
-                            init=torch.randn(7, 13, generator=g)) if hierarchical else \
-        SparseModules(mask, 4, seed=5, init=torch.randn(7, 13, generator=g))
+    k, k_fine = (2, 2) if hierarchical else (4, 1)
+    modules = SparseModules(mask, k, k_fine=k_fine, seed=5, init=torch.randn(7, 13, generator=g))
     assert modules.n_modules == 4 and modules.nnz == int(mask.sum())
     union = torch.cat([i.long() for i in modules.module_flat_indices]).sort().values
     assert torch.equal(union, mask.view(-1).nonzero().view(-1))  # disjoint, union = mask
@@ -139,20 +143,23 @@ def _bottleneck_bound(d, r):
     return d + r + 2, 5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rescale", [True, False])
-def test_bottleneck_forward_uses_only_the_active_modules(dtype, rescale):
+def test_bottleneck_forward_uses_only_the_active_modules(dtype, rescale, device):
     d, r = 13, 3
-    layer = _mosa_bottleneck(d, r, dtype, rescale=rescale)
+    layer = _mosa_bottleneck(d, r, dtype, rescale=rescale)  # the reference reads it on the CPU
     x = torch.randn(2, 4, d, dtype=dtype)
+    on_device = copy.deepcopy(layer).to(device)
     k, n = _bottleneck_bound(d, r)
     for chosen in [(0,), (2,), (0, 2), (0, 1, 2)]:
-        layer.set_active(chosen)
+        on_device.set_active(chosen)
         factor = 3 / len(chosen) if rescale else 1.0
         exact = _bottleneck64(layer, x, chosen, factor)
         magnitude = _bottleneck64(layer, x, chosen, factor, absolute=True)
-        assert_within_error_bound(layer(x), exact, magnitude, k, f"modules {chosen}",
-                                  roundings=n)
+        assert_within_error_bound(on_device(x.to(device)).cpu(), exact, magnitude, k,
+                                  f"modules {chosen}", roundings=n)
+    layer = on_device
     assert layer.last_active == (0, 1, 2)
 
 
@@ -334,6 +341,8 @@ def test_bad_arguments():
         MoSAShiraLinear.from_shira(shira, k=5, active=1)
     with pytest.raises(TypeError, match="ShiraLinear"):
         MoSAShiraLinear.from_shira(base)
+    with pytest.raises(TypeError, match="from_shira"):
+        MoSAShiraLinear(11, 7)
     shira.merge()
     with pytest.raises(ValueError, match="unmerge"):
         MoSAShiraLinear.from_shira(shira)

@@ -43,7 +43,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.shira.spmm / sddmm)
@@ -172,6 +171,7 @@ class SparseModules(nn.Module):
         super().__init__()
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
             raise TypeError("mask must be a 2-D bool tensor")
+        k, k_fine = check_size(k, "k"), check_size(k_fine, "k_fine")
         self.shape = (int(mask.shape[0]), int(mask.shape[1]))
         nnz, parts = int(mask.sum()), k * k_fine
         if nnz == 0:
@@ -473,6 +473,10 @@ class MoSAShiraLinear(_Activation, nn.Linear):
     scale·S_active)ᵀ + b through sparse_delta_linear, S_active the step's modules. The base
     weight and bias are the wrapped layer's Parameters (frozen). merge() gives one ShiraLinear
     with the union as its SparseDelta (merged into W by default)."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build a MoSAShiraLinear with MoSAShiraLinear.from_shira(shira_layer, "
+                        "k=..., active=...) or .from_linear(linear, k=..., active=..., r=...)")
 
     @classmethod
     def from_shira(cls, layer: ShiraLinear, *, k: int = 4, active: int = 2,
