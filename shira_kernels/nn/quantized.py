@@ -7,6 +7,7 @@ sparse product, never a dense m×n delta.
   sparse_product_add     y + scale·x·Sᵀ with gradients to y, x and S's values (spmm forward;
                          backward: gx by spmm_t, the values' by sddmm, fused on the CPU)
   quantized_format       which quantized format a layer holds (None: not a quantized one)
+  merge_error            why a merge into that format is refused, and what to do instead
   dequantize_weight      the layer's weight as a float tensor (for score masks and dequantize())
 
 The base is frozen and runs as it is (its kernels, hooks and state_dict entries, under the
@@ -192,6 +193,17 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
         return functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
+def merge_error(quant_format: str) -> RuntimeError:
+    """The error of a merge into a quantized weight of ``quant_format`` (quantized_format's
+    description): why it is refused and what to do instead."""
+    return RuntimeError(
+        f"cannot merge a SHiRA adapter into a {quant_format} weight: its entries are integer "
+        "codes times a scale shared by a row or block, and W + scale·S is in general not on "
+        "that grid, so merge would requantize (lossy, and unmerge could not restore the base). "
+        "Use the unfused forward, or dequantize first: layer.dequantize() gives a ShiraLinear "
+        "on the dequantized weight, which merges exactly")
+
+
 def _layer_shape(layer: nn.Module) -> tuple[int, int]:
     return int(layer.out_features), int(layer.in_features)
 
@@ -375,13 +387,8 @@ class QuantizedShiraLinear(nn.Module):
 
     # -- merge --------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Refused: the quantized weight cannot hold W + scale·S exactly (see the error)."""
-        raise RuntimeError(
-            f"cannot merge a SHiRA adapter into a {self.quant_format} weight: its entries are "
-            "integer codes times a scale shared by a row or block, and W + scale·S is in general "
-            "not on that grid, so merge would requantize (lossy, and unmerge could not restore "
-            "the base). Use the unfused forward, or dequantize first: layer.dequantize() gives a "
-            "ShiraLinear on the dequantized weight, which merges exactly")
+        """Refused: the quantized weight cannot hold W + scale·S exactly (see merge_error)."""
+        raise merge_error(self.quant_format)
 
     def unmerge(self) -> None:
         """Nothing to undo: this layer is never merged."""
