@@ -449,3 +449,13 @@ def test_compiles_without_graph_breaks(kind):
     assert_within_error_bound(layer.shira_values.grad, SCALE * (gy.double().T @ x64)[rows, cols],
                               SCALE * (gy.double().abs().T @ x64.abs())[rows, cols], 5 + 2,
                               "compiled grad values")
+
+
+@pytest.mark.parametrize("kind", kind_params("torchao-int8", "bnb-int8"))
+def test_inference_mode_gives_the_same_bits(kind):
+    layer = adapted(kind)
+    x = torch.randn(2, 3, IN_F)
+    with torch.inference_mode():
+        served = layer(x)
+    trained = layer(x)
+    assert trained.requires_grad and torch.equal(served, trained.detach())
