@@ -229,7 +229,7 @@ def _bank_worker(rank, out_dir):
         counted("forward", lambda: model(bank_input()))
         given = {name: (d.flat_indices, d.values, scale)
                  for name, (d, scale) in bank.deltas("a").items()}
-        prepared = {name: (bank.prepared(name), bank.prepared(name)) for name in ("a", "b")}
+        prepared = {name: bank.prepared(name) for name in ("a", "b")}
         # Saving and loading are collective (the base entries' checksum); the file of either
         # rank loads into a single-process bank (checked by the test).
         path = os.path.join(out_dir, f"a_rank{rank}.safetensors")
@@ -272,7 +272,7 @@ def _bank_worker(rank, out_dir):
         except ValueError as e:
             errors.append(str(e))
         torch.save({"snapshots": snapshots, "comms": comms, "given": given,
-                    "prepared": {name: p[0] for name, p in prepared.items()},
+                    "prepared": prepared,
                     "loaded": loaded, "root_only": root_only_output, "errors": errors,
                     "from_model": shira_deltas},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -295,6 +295,10 @@ def assert_same_bits(got, expected, what):
 def test_adapter_bank_on_fsdp2_switches_shards_exactly_without_collectives(tmp_path):
     _needs_fsdp2()
     a, b = bank_adapters()
+    for layer, item in b.items():  # a → b runs over the union on the layers both touch
+        b_delta = item[0] if isinstance(item, tuple) else item
+        shared = set(a[layer].flat_indices.tolist()) & set(b_delta.flat_indices.tolist())
+        assert shared and len(shared) < a[layer].flat_indices.numel()
     single_model = make_bank_model()
     base = {name: single_model.get_submodule(name).weight.detach().clone()
             for name in BANK_LAYERS}
