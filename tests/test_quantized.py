@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from shira_kernels import masks
 from shira_kernels.nn import ShiraLinear, replace_linear
 from shira_kernels.nn import quantized as q
-from shira_kernels.nn.quantized import QuantizedShiraLinear, sparse_product_add
+from shira_kernels import sparse_product_add
+from shira_kernels.nn.quantized import QuantizedShiraLinear
 
 from tolerance import abs64, assert_within_error_bound
 

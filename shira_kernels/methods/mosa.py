@@ -32,8 +32,8 @@ Why this layout (SparseModules):
   Parameters concatenated and gathered into index order (O(nnz), differentiable: the gather's
   backward scatters the gradient back, the concatenation's splits it per module).
 - The kernels then run on the active entries only: ShiraLinear's sparse_delta_linear, and for
-  the bottleneck (which has no base weight) spmm forward, spmm with the transposed CSR for the
-  input gradient and sddmm for the values' gradient (_SparseMatmul). No dense masked matmul:
+  the bottleneck (which has no base weight) sparse_product_add: spmm forward, the transposed
+  spmm for the input gradient and sddmm for the values' gradient. No dense masked matmul:
   a step's adapter costs O(tokens·active entries).
 """
 from __future__ import annotations
@@ -45,13 +45,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import ops as _ops  # noqa: F401  (registers torch.ops.shira.spmm / sddmm)
 from .._checks import check_float_tensor, check_scale, check_size
 from ..formats import SparseDelta, SparseStructure, flat_index_dtype
 from ..masks import split_mask
 from ..nn import ShiraLinear
 from ..nn._wrap import adopt_linear
-from ..ops.sparse_delta import sparse_delta_linear_unpacked
+from ..ops.sparse_delta import sparse_delta_linear_unpacked, sparse_product_add_unpacked
 
 __all__ = ["Bottleneck", "MoSABottleneck", "MoSAShiraLinear", "ParallelAdapter", "SparseModules",
            "merge_mosa"]
@@ -312,34 +311,10 @@ class SparseModules(nn.Module):
         return f"shape={self.shape}, modules={self.n_modules}x{self.module_flat_indices.shape[1]}"
 
 
-class _SparseMatmul(torch.autograd.Function):
-    """y = scale·x·Sᵀ with S on a SparseStructure and no base weight: spmm forward; backward
-    gx = scale·gy·S (spmm on the transposed CSR) and gvalues = scale·sddmm(gy, x)."""
-
-    @staticmethod
-    def forward(ctx, x, values, structure: SparseStructure, scale: float, out_features: int):
-        y = torch.ops.shira.spmm(x.new_zeros(x.shape[0], out_features), x,
-                                 structure.row_offsets, structure.cols, values, scale)
-        ctx.save_for_backward(x, values)
-        ctx.structure, ctx.scale = structure, scale
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, values = ctx.saved_tensors
-        s, scale = ctx.structure, ctx.scale
-        gy = gy.contiguous()
-        gx = gvalues = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.shira.spmm(gy.new_zeros(x.shape), gy, s.t_offsets, s.t_cols,
-                                      values.index_select(0, s.t_perm), scale)
-        if ctx.needs_input_grad[1]:
-            gvalues = (torch.ops.shira.sddmm(gy, x, s.rows, s.cols) * scale).to(values.dtype)
-        return gx, gvalues, None, None, None
-
-
 def _sparse_matmul(x2, values, structure, scale, out_features):
-    return _SparseMatmul.apply(x2, values, structure, scale, out_features)
+    """scale·x·Sᵀ with gradients to x and S's values (sparse_product_add on a zero y)."""
+    return sparse_product_add_unpacked(x2.new_zeros(x2.shape[0], out_features), x2,
+                                       (out_features, x2.shape[1]), values, structure, scale)
 
 
 # ---------------------------------------------------------------------------------------------

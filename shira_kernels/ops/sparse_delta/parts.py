@@ -5,21 +5,25 @@ reference's signature, naive.py):
   sddmm      g[j] = Σ_t gy[t, row_j]·x[t, col_j]   (gradient of S's values: no dense m×n grad)
   add_delta  out = W + scale·S                     (copy W, then add_at_indices on S's entries)
 Here: their kernel registrations per backend (with the fused spmm_t_sddmm and the fold that
-sparse_delta_linear's strategies run), the ops with fake kernels, and the public functions.
+sparse_delta_linear's strategies run), the ops with fake kernels, and the public functions;
+last, sparse_product_add: y + scale·x·Sᵀ differentiable in y, x and S's values, for layers that
+have no float W (a quantized base, a bare sparse matrix).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from ... import _native, tuning
+from ... import _native, backends, tuning
 from ..._checks import TensorCache, check_float_tensor, check_scale
 from ..._concurrency import reading
-from ...formats import SparseDelta
+from ...formats import SparseDelta, SparseStructure
 from .. import registry
+from .._eager import via_op
 from ..scatter_swap import raise_outside
 from .naive import add_at_indices_reference, sddmm_reference, spmm_reference
 
@@ -307,3 +311,89 @@ def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
     warnings.warn("csr_add is deprecated, use add_delta (S is given by flat indices, not CSR)",
                   DeprecationWarning, stacklevel=2)
     return add_delta(weight, delta, scale, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse product alone, with autograd (no base weight: a quantized base's output, or a
+# bare sparse matrix as MoSA's bottleneck).
+# ---------------------------------------------------------------------------------------------
+class _SparseProductAdd(torch.autograd.Function):
+    """y + scale·x·Sᵀ for 2-D y [T, out], x [T, in] and values of y's dtype. ``use_ops``:
+    through the shira::spmm / shira::sddmm ops (torch.compile, autocast), else the backend's
+    kernels directly (an op call costs tens of microseconds of Python)."""
+
+    @staticmethod
+    def forward(ctx, y, x, values, rows, cols, offsets, t_offsets, t_cols, t_perm, scale,
+                use_ops):
+        ctx.save_for_backward(x, values, rows, cols, offsets, t_offsets, t_cols, t_perm)
+        ctx.scale, ctx.use_ops = scale, use_ops
+        # Autograd's device thread does not see use_backend(): the backward re-enters the
+        # forward's explicit choice (not read while tracing: a context variable breaks the graph).
+        ctx.backend = None if torch.compiler.is_compiling() else backends.requested()
+        if use_ops:
+            return torch.ops.shira.spmm(y, x, offsets, cols, values, scale)
+        # Not overwrite_y: y is the base's output, which a forward hook may have kept.
+        return registry.kernel("spmm", y.device)(y, x, offsets, cols, values, scale)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, values, rows, cols, offsets, t_offsets, t_cols, t_perm = ctx.saved_tensors
+        need_y, need_x, need_v = ctx.needs_input_grad[:3]
+        gy, scale = gy.contiguous(), ctx.scale
+        gx = g = None
+        with (backends.use_backend(ctx.backend) if ctx.backend is not None
+              else contextlib.nullcontext()):
+            if ctx.use_ops:
+                if need_x:
+                    gx = torch.ops.shira.spmm(gy.new_zeros(x.shape), gy, t_offsets, t_cols,
+                                              values.index_select(0, t_perm), scale)
+                if need_v:
+                    g = torch.ops.shira.sddmm(gy, x, rows, cols)
+            elif need_x:  # gx and the values' gradient in one pass over S (CPU)
+                struct = (rows, cols, offsets, t_offsets, t_cols, t_perm)
+                gx, g = registry.kernel("spmm_t_sddmm", gy.device)(
+                    gy.new_zeros(x.shape), gy, x, values, struct, scale)
+            elif need_v:
+                g = registry.kernel("sddmm", gy.device)(gy, x, rows, cols, offsets)
+        gvalues = None
+        if need_v:
+            gvalues = (g if scale == 1.0 else scale * g).to(values.dtype)
+        return (gy if need_y else None), (gx if need_x else None), gvalues, *([None] * 8)
+
+
+def sparse_product_add(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta,
+                       scale: float = 1.0) -> torch.Tensor:
+    """y + scale·x·Sᵀ for x [..., in], y [..., out] and S = delta [out, in], computed in y's
+    dtype (x and S's values are cast to it); differentiable in y, x and S's values (gx by
+    spmm_t, the values' gradient by sddmm: no dense m×n tensor either way)."""
+    if not isinstance(delta, SparseDelta):
+        raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
+    return sparse_product_add_unpacked(y, x, delta.shape, delta.values, delta.structure, scale)
+
+
+def sparse_product_add_unpacked(y: torch.Tensor, x: torch.Tensor, delta_shape,
+                                values: torch.Tensor, structure: SparseStructure,
+                                scale: float = 1.0) -> torch.Tensor:
+    """sparse_product_add with the delta as (shape, values, structure), which the caller keeps
+    canonical (a layer's buffers): no SparseDelta is built per call."""
+    check_float_tensor("y", y)
+    check_float_tensor("x", x, device=y.device)
+    check_float_tensor("values", values, device=y.device)
+    out_f, in_f = (int(n) for n in delta_shape)
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
+                         f"{in_f}")
+    if y.shape[-1:] != (out_f,) or y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"y has shape {tuple(y.shape)}; expected {(*x.shape[:-1], out_f)} "
+                         f"for x of shape {tuple(x.shape)}")
+    if values.dim() != 1 or values.numel() != structure.rows.numel():
+        raise ValueError(f"values has shape {tuple(values.shape)} but the structure has "
+                         f"{structure.rows.numel()} entries")
+    dtype = y.dtype
+    x2 = x.reshape(-1, in_f).to(dtype).contiguous()
+    y2 = y.reshape(-1, out_f).contiguous()
+    s = structure
+    out = _SparseProductAdd.apply(y2, x2, values.to(dtype).contiguous(), s.rows, s.cols,
+                                  s.row_offsets, s.t_offsets, s.t_cols, s.t_perm,
+                                  check_scale(scale), via_op(x))
+    return out.view(y.shape)
