@@ -429,7 +429,11 @@ def _attach(target: nn.Module, kind: str, target_modules, kwargs: dict, seed: in
         kwargs.setdefault("seed", seed)
         if "r" not in kwargs and "density" not in kwargs:
             kwargs["density"] = 0.05
+        strategy = kwargs.pop("strategy", None)
         replaced = replace_linear(target, **choose, **kwargs)
+        if strategy is not None:
+            for name in replaced:
+                target.get_submodule(name).strategy = strategy
     else:
         r = kwargs.get("r", 4)
         extra = {k: v for k, v in kwargs.items() if k != "r"}
@@ -481,7 +485,8 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
        or ``max_generated`` (default 4·n_synthetic) are drawn.
     3. Adapter: ``adapter`` "shira" wraps the target's nn.Linear layers (``target_modules``,
        PEFT-style names or suffixes; default all but ``lm_head``) in ShiraLinear
-       (``adapter_kwargs`` go to ShiraLinear.from_linear; default density=0.05, mask "rand"),
+       (``adapter_kwargs`` go to ShiraLinear.from_linear, default density=0.05 and mask
+       "rand", except ``strategy``, which is set on each layer: e.g. "spmm" skips autotuning),
        "binary" in BinaryLoRALinear (``adapter_kwargs``: r (default 4), scale, method); None
        trains the adapter the target already has (adapter_parameters(target_model)). The
        target is changed in place; its other parameters are never trained.
