@@ -460,3 +460,45 @@ def test_inference_mode_gives_the_same_bits(kind):
         served = layer(x)
     trained = layer(x)
     assert trained.requires_grad and torch.equal(served, trained.detach())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", kind_params("bnb-int8", "bnb-nf4", "bnb-fp4"))
+def test_accelerated_peft_shira_on_a_quantized_base(kind, dtype):
+    # PEFT's SHiRA on a bitsandbytes base dequantizes W and adds a dense delta per forward;
+    # accelerated, it is QuantizedShiraLinear's computation: the same bits, forward and
+    # gradients, no m×n tensor beyond the base's own, and merge refused (PEFT's requantizes).
+    # (PEFT takes torchao bases only through transformers' quantization config: not here.)
+    peft = pytest.importorskip("peft")
+    from shira_kernels.integrations import peft as skpeft
+    model = nn.Sequential(make_base(kind, dtype))
+    pm = peft.get_peft_model(model, peft.ShiraConfig(r=4, target_modules=["0"]))
+    layer = pm.base_model.model[0]
+    assert layer.quantization_backend is not None
+    values = layer.shira_weight["default"]
+    with torch.no_grad():
+        values.copy_(torch.randn(values.shape, generator=torch.Generator().manual_seed(3)))
+    rows, cols = layer.shira_indices["default"].to(torch.int64)  # PEFT's [2, nnz]
+    flat = rows * IN_F + cols
+    order = flat.argsort()
+    ours = QuantizedShiraLinear(make_base(kind, dtype), indices=flat[order],
+                                scale=layer.scaling["default"], dtype=values.dtype)
+    with torch.no_grad():
+        ours.shira_values.copy_(values[order])
+    skpeft.accelerate(pm)
+    x = torch.randn(5, IN_F, generator=torch.Generator().manual_seed(4)).to(dtype)
+    xa, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = pm(xa)
+    assert torch.equal(y, ours(xo)) and not torch.equal(y, layer.get_base_layer()(x))
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    y.backward(gy)
+    ours(xo).backward(gy)
+    assert torch.equal(xa.grad, xo.grad)
+    assert torch.equal(values.grad[order], ours.shira_values.grad)
+    with torch.no_grad():
+        assert _large_in_step(lambda: pm(x), OUT_F * IN_F) == _large_in_step(
+            lambda: layer.get_base_layer()(x), OUT_F * IN_F)
+    before = values.detach().clone()
+    with pytest.raises(RuntimeError, match="requantize"):
+        pm.merge_adapter()
+    assert not layer.merged and torch.equal(values, before) and torch.equal(pm(x), y.detach())

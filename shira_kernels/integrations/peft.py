@@ -27,9 +27,11 @@ from ..formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from ..io.peft_format import BIN_NAME  # noqa: F401  (importable from here, as before)
 from ..io.peft_format import (CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, peft_adapter_deltas,
                               read_peft_adapter, write_peft_adapter)
+from ..nn.quantized import merge_error, quantized_format
 from ..ops.multi_delta import multi_delta_linear
 from ..ops.scatter_swap import adapted_entries, merge_by_swap, swap_transaction
-from ..ops.sparse_delta import STRATEGIES, sparse_delta_linear_unpacked
+from ..ops.sparse_delta import (STRATEGIES, sparse_delta_linear_unpacked,
+                                sparse_product_add_unpacked)
 
 __all__ = ["CONFIG_NAME", "PEFT_PREFIX", "SAFETENSORS_NAME", "accelerate", "accelerated_layers",
            "load_peft_into_bank", "peft_adapter_deltas", "read_peft_adapter", "restore",
@@ -131,7 +133,9 @@ class _AcceleratedShira:
             # one, PEFT's own forward runs.
             return plan if plan is not None and plan.ok else None
         if plan is None or not plan.fresh(source, weight.device):
-            plan = self._sk_plans[adapter] = _Plan(source, tuple(weight.shape), weight.device)
+            # (out, in), not weight.shape: a 4-bit base's weight is its packed codes.
+            shape = (self.out_features, self.in_features)
+            plan = self._sk_plans[adapter] = _Plan(source, shape, weight.device)
         return plan if plan.ok else None
 
     def _sk_values(self, adapter: str, plan: _Plan) -> torch.Tensor:
@@ -154,6 +158,8 @@ class _AcceleratedShira:
             return self._sk_mixed(x, names)
         if self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
             return super().forward(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            return self._sk_quantized(x, *args, **kwargs)
         weight = self._sk_plain_weight()
         adapters = [a for a in self.active_adapters if a in self.shira_weight.keys()]
         if weight is None or len(adapters) > 1:  # several adapters: PEFT sums them densely
@@ -178,6 +184,25 @@ class _AcceleratedShira:
         return sparse_delta_linear_unpacked(x, weight, bias, weight.shape, values, plan.flat,
                                             plan.structure, float(self.scaling[adapter]),
                                             self._sk_strategy)
+
+    def _sk_quantized(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """A quantized base (bitsandbytes, torchao): its own forward plus the sparse product
+        (sparse_product_add), where PEFT dequantizes W and adds a dense delta on every call."""
+        base = self.get_base_layer()
+        adapters = [a for a in self.active_adapters if a in self.shira_weight.keys()]
+        try:
+            known = quantized_format(base) is not None
+        except ValueError:  # a kind we know that is not quantized yet: PEFT's own path
+            known = False
+        if not known or len(adapters) != 1 or x.dim() == 0 or x.shape[-1] != self.in_features:
+            return super().forward(x, *args, **kwargs)
+        plan = self._sk_plan(adapters[0])
+        if plan is None:
+            return super().forward(x, *args, **kwargs)
+        y = base(x, *args, **kwargs)
+        return sparse_product_add_unpacked(y, x, (self.out_features, self.in_features),
+                                           self._sk_values(adapters[0], plan), plan.structure,
+                                           float(self.scaling[adapters[0]]))
 
     def _sk_mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Each row of the batch (x's first dim) through its adapter ("__base__", or an adapter
@@ -214,6 +239,13 @@ class _AcceleratedShira:
         from peft.tuners.tuners_utils import check_adapters_to_merge
 
         weight = self._sk_plain_weight()
+        if weight is None and self.quantization_backend is not None:
+            try:
+                fmt = quantized_format(self.get_base_layer())
+            except ValueError:
+                fmt = None
+            if fmt is not None:  # PEFT would dequantize, add and requantize: lossy, and for good
+                raise merge_error(fmt)
         if weight is None:
             return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         for adapter in check_adapters_to_merge(self, adapter_names):
@@ -314,9 +346,13 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
       row through its adapter ("__base__": the base), with PEFT LoRA's semantics and checks
       (inference only, names must exist, beams expanded), by multi_delta_linear on every
       accelerated layer; PEFT itself offers this for LoRA only.
+    - A quantized base (bitsandbytes int8/4-bit, torchao; nn/quantized.py): the base's own
+      forward plus the sparse product (sparse_product_add), no dense delta; merge() is refused
+      (merge_error: W + scaling·S is not on the quantized grid, so PEFT's requantizing merge
+      would be lossy and could not be undone).
     - Everything else runs PEFT's own code: disabled adapters, merged layers, several active
-      adapters, quantized or non-contiguous weights, inputs of another dtype, indices the kernels
-      cannot take (out of range or repeated), layers merged by PEFT before accelerate().
+      adapters, non-contiguous weights, inputs of another dtype, indices the kernels cannot
+      take (out of range or repeated), layers merged by PEFT before accelerate().
     The parameters stay the same objects (``shira_weight`` is still what PEFT trains and saves),
     so state_dict, save_pretrained, loading and optimizers are unaffected. Layers added later
     (a new adapter on new target modules) need another call. Calling it again only updates
