@@ -328,6 +328,7 @@ class AdapterBank:
         self._adapters: dict[str, _Slot] = {}
         self._fusions: OrderedDict[tuple, _Slot] = OrderedDict()
         self._pairs: OrderedDict[tuple[_Slot, _Slot], _PairPlan] = OrderedDict()
+        self._hotswapped: str | None = None
         self._active: _Slot | None = None
         self._guard: _ForwardGuard | None = None
         self._held = threading.local()  # per-thread depth of guarded forwards and reading()
@@ -791,6 +792,65 @@ class AdapterBank:
                         del module.forward
                     else:
                         module.forward = forward
+
+    def hotswap(self, name: str | None) -> None:
+        """Serve adapter ``name`` unfused through the model's own ShiraLinear layers (None: their
+        adapters all zero, the base): each adapted layer gets the adapter's entries in place by
+        ShiraLinear.hotswap_ (a smaller mask padded with zero-valued entries), a layer the
+        adapter does not touch an all-zero adapter. The tensors stay the same objects, so a
+        compiled model serves every adapter without recompiling (PEFT's compiled hot-swap, for
+        SHiRA). The values are the adapter's times its scale over the layer's ``scale``
+        (rounded once to the layer's values' dtype; exact when the scales are equal).
+
+        All or nothing: every layer is checked before any is written (an entry on a layer that
+        is not a ShiraLinear, more entries than a layer holds, a merged layer). Refused while an
+        adapter is active (fused into the weights) and on FSDP2-sharded layers.
+        """
+        with self.lock:
+            if self._active is not None:
+                raise RuntimeError(f"{self.active!r} is active (fused into the weights); "
+                                   "deactivate() before a hot-swap")
+            entries = {} if name is None else self._slot(name).entries  # KeyError naming it
+            plan = []
+            for layer, module in self._layers.items():
+                if layer in entries and not isinstance(module, ShiraLinear):
+                    raise TypeError(f"layer {layer!r} is a {type(module).__name__}, not a "
+                                    f"ShiraLinear: adapter {name!r} cannot be hot-swapped into "
+                                    "it (nn.replace_linear makes the layers)")
+                if not isinstance(module, ShiraLinear):
+                    continue
+                if self._shards[layer] is not None:
+                    raise TypeError(f"layer {layer!r} is FSDP2-sharded; hot-swap needs the whole "
+                                    "layer on every rank")
+                if module.merged:
+                    raise RuntimeError(f"layer {layer!r} is merged; unmerge() it before a "
+                                       "hot-swap")
+                shape = tuple(module.weight.shape)
+                if layer in entries:
+                    e = entries[layer]
+                    indices, values = e.given()
+                    capacity = module.shira_values.numel()
+                    if indices.numel() > capacity:
+                        raise ValueError(f"adapter {name!r} has {indices.numel()} entries on "
+                                         f"layer {layer!r}, more than its {capacity}")
+                    values = (values.float() * (e.scale / module.scale)).to(
+                        module.shira_values.dtype)
+                    delta = SparseDelta(shape, indices, values)
+                else:
+                    delta = SparseDelta(shape, torch.empty(0, dtype=torch.int64),
+                                        torch.empty(0, dtype=module.shira_values.dtype))
+                plan.append((module, delta))
+            if not plan:
+                raise ValueError("the model has no ShiraLinear layer to hot-swap into")
+            for module, delta in plan:
+                module.hotswap_(delta)
+            self._hotswapped = name
+
+    @property
+    def hotswapped(self) -> str | None:
+        """The adapter the last hotswap() put in the ShiraLinear layers (None: none, or the
+        base)."""
+        return self._hotswapped
 
     def _delta_set(self, layer: str, names: list[str]) -> SparseDeltaSet:
         """A SparseDeltaSet of ``names``' deltas on ``layer``, values in the weight's dtype

@@ -326,6 +326,71 @@ def test_bank_switch_in_a_compiled_model_recompiles_nothing():
     assert counter.frame_count == 1
 
 
+def test_bank_hotswap_serves_adapters_unfused_in_a_compiled_model_without_recompiling():
+    from shira_kernels import AdapterBank, SparseDelta
+    torch.manual_seed(0)
+    model = TinyModel()
+    replace_linear(model, filter=lambda name, m: True, r=2, scale=0.5)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bank = AdapterBank(model)
+    up_cap, down_cap = model.up.shira_values.numel(), model.down.shira_values.numel()
+    # a: both layers, full size, scale 1; b: "up" only, a smaller mask, scale 0.25 (the
+    # layers' own scale is 0.5: the values are rescaled into it).
+    sizes = {"a": {"up": up_cap, "down": down_cap}, "b": {"up": up_cap // 3}}
+    scales = {"a": 1.0, "b": 0.25}
+    given = {}
+    for name, layers in sizes.items():
+        given[name] = {}
+        for layer, nnz in layers.items():
+            w = getattr(model, layer).weight
+            given[name][layer] = SparseDelta.from_flat(torch.randperm(w.numel())[:nnz], w.shape,
+                                                       torch.randn(nnz))
+        bank.add(name, given[name], scale=scales[name])
+
+    def expected(x, name):
+        out = x
+        for layer in ("up", "down"):
+            w = base[f"{layer}.weight"].clone()
+            if name is not None and layer in given[name]:
+                w = w + scales[name] * given[name][layer].to_dense()
+            out = F.linear(out, w, base[f"{layer}.bias"])
+            if layer == "up":
+                out = torch.relu(out)
+        return out
+
+    compiled, counter = _compile_counted(model)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        for name in ("a", "b", None, "a"):
+            bank.hotswap(name)
+            assert bank.hotswapped == name
+            torch.testing.assert_close(compiled(x), expected(x, name), rtol=1e-5, atol=1e-5)
+            # W itself is never written: the adapters live in the layers' own tensors.
+            assert all(torch.equal(p, base[n]) for n, p in model.named_parameters()
+                       if not n.endswith("shira_values"))
+    assert counter.frame_count == 1
+    # All or nothing: an adapter too big for one layer changes no layer.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    big = SparseDelta.from_flat(torch.randperm(64 * 16)[:up_cap + 1], (64, 16),
+                                torch.randn(up_cap + 1))
+    bank.add("big", {"down": given["a"]["down"], "up": big})
+    with pytest.raises(ValueError, match="more than its"):
+        bank.hotswap("big")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert bank.hotswapped == "a"
+    with pytest.raises(KeyError):
+        bank.hotswap("nope")
+    bank.activate("b")
+    with pytest.raises(RuntimeError, match="deactivate"):
+        bank.hotswap("a")
+    bank.deactivate()
+    plain = TinyModel()
+    plain_bank = AdapterBank(plain)
+    plain_bank.add("a", {"up": given["b"]["up"]})
+    with pytest.raises(TypeError, match="not a ShiraLinear"):
+        plain_bank.hotswap("a")
+
+
 def test_masks_are_passed_through():
     base = nn.Linear(8, 4)
     mask = torch.zeros(4, 8, dtype=torch.bool)
