@@ -595,7 +595,7 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
     target_model.eval()
     try:
         with torch.no_grad():
-            probe = seed_examples[:1].clamp_min(0)
+            probe = torch.zeros_like(seed_examples[:1])  # token 0: in any vocabulary
             vocab = _logits(source_model, probe, "source_model").shape[-1]
             target_vocab = _logits(target_model, probe.to(_device_of(target_model)),
                                    "target_model").shape[-1]
