@@ -8,6 +8,7 @@ colours, rendered with torch), and Kendall's tau between predicted scores and tr
 measured on held-out lists before and after training (chance: about 0).
 
     python examples/ranking_clip.py [--quick] [--seed N] [--adapter shira|binary]
+                                    [--loss ranknet|listmle] [--aux-weight W] [--steps N]
 
 The last line printed is the verdict. ``main(argv)`` returns the figures as a dict (the tests
 run the quick mode in-process).
@@ -24,7 +25,7 @@ os.environ.setdefault("SHIRA_KERNELS_TUNE", "off")  # no strategy timing at star
 import torch  # noqa: E402
 
 from shira_kernels.methods.ranking_clip import (  # noqa: E402
-    ADAPTERS, HashTokenizer, RankingCLIPAdapter, kendall_tau)
+    ADAPTERS, LOSSES, HashTokenizer, RankingCLIPAdapter, kendall_tau)
 
 INSTRUCTION = "how many dots"
 IMAGE_SIZE, GRID, MAX_DOTS = 32, 4, 10
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer steps (seconds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapter", choices=ADAPTERS, default="shira")
+    parser.add_argument("--loss", choices=LOSSES, default="ranknet")
+    parser.add_argument("--aux-weight", type=float, default=0.5,
+                        help="weight of the auxiliary branch's loss (0: no branch)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: "
                         "150 with --quick, else 600)")
     args = parser.parse_args(argv)
@@ -137,17 +141,18 @@ def run(args: argparse.Namespace, steps: int) -> dict:
 
     clip, tokenizer = small_clip(args.seed)
     model = RankingCLIPAdapter(clip, adapter=args.adapter, r=4, n_prompt=4, seed=args.seed,
-                               tokenizer=tokenizer)
+                               loss=args.loss, aux_weight=args.aux_weight, tokenizer=tokenizer)
     model.eval()
     tau_before = held_out_tau(model, test_images, test_counts)
-    print(f"adapter {args.adapter}, seed {args.seed}: held-out Kendall tau (48 lists of 8 images, "
+    print(f"adapter {args.adapter}, loss {args.loss}, aux weight {args.aux_weight}, seed "
+          f"{args.seed}: held-out Kendall tau (48 lists of 8 images, "
           f"1..{MAX_DOTS} dots; chance ~0) before training {tau_before:+.3f}")
     train(model, steps, torch.Generator().manual_seed(args.seed), "adapted")
     tau_after = held_out_tau(model, test_images, test_counts)
 
     clip, _ = small_clip(args.seed)
     head_only = RankingCLIPAdapter(clip, adapter=args.adapter, r=4, n_prompt=4, seed=args.seed,
-                                   tokenizer=tokenizer)
+                                   loss=args.loss, tokenizer=tokenizer)
     keep_only_head_trainable(head_only)
     train(head_only, steps, torch.Generator().manual_seed(args.seed), "head only")
     tau_head_only = held_out_tau(head_only, test_images, test_counts)
@@ -163,7 +168,8 @@ def run(args: argparse.Namespace, steps: int) -> dict:
     verdict = "PASS" if passed else "FAIL"
     print(f"{verdict}: held-out tau {tau_before:+.3f} -> {tau_after:+.3f} (pass: >= 0.5 and at "
           "least 0.3 above the untrained model)")
-    return dict(adapter=args.adapter, seed=args.seed, steps=steps, tau_before=tau_before,
+    return dict(adapter=args.adapter, loss=args.loss, aux_weight=args.aux_weight, seed=args.seed,
+                steps=steps, tau_before=tau_before,
                 tau_after=tau_after, tau_head_only=tau_head_only, tau_pixel_sum=tau_pixel_sum,
                 trainable=trainable, base=base, seconds=seconds, passed=passed)
 

@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import BinaryLoRALinear, ShiraLinear
-from ..nn.shira_linear import replace_linear
+from ..nn import BinaryLoRALinear, ShiraLinear, replace_linear
 
 ADAPTERS = ("shira", "binary")
 LOSSES = ("ranknet", "listmle")
