@@ -39,10 +39,11 @@ def render_dots(counts: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     n = counts.numel()
     cell = IMAGE_SIZE / GRID
     order = torch.rand(n, GRID * GRID, generator=generator).argsort(dim=1)
-    used = torch.arange(GRID * GRID).unsqueeze(0) < counts.unsqueeze(1)  # first k cells of the order
+    used = torch.arange(GRID * GRID).unsqueeze(0) < counts.unsqueeze(1)  # the order's first k
     cells = torch.zeros(n, GRID * GRID, dtype=torch.bool).scatter(1, order, used)
     radius = 1.0 + 2.4 * torch.rand(n, GRID * GRID, generator=generator)
-    jitter = (torch.rand(n, GRID * GRID, 2, generator=generator) - 0.5) * (cell - 2 * radius.unsqueeze(-1))
+    room = cell - 2 * radius.unsqueeze(-1)  # how far a dot can move and stay in its cell
+    jitter = (torch.rand(n, GRID * GRID, 2, generator=generator) - 0.5) * room
     index = torch.arange(GRID * GRID)
     centres = torch.stack([index // GRID, index % GRID], -1).float() * cell + cell / 2 + jitter
     colours = 0.4 + 0.6 * torch.rand(n, GRID * GRID, 3, generator=generator)

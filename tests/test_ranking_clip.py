@@ -52,7 +52,8 @@ def test_untrained_encoders_equal_clip_and_prompt_changes_text(adapter):
         expected_text = reference.get_text_features(input_ids=ids)
         expected_image = reference.get_image_features(pixel_values=pixels)
         if not isinstance(expected_text, torch.Tensor):  # transformers >= 5: an output object
-            expected_text, expected_image = expected_text.pooler_output, expected_image.pooler_output
+            expected_text = expected_text.pooler_output
+            expected_image = expected_image.pooler_output
         # Adapters start at zero, so the adapted encoders equal the base; the text path is run
         # on embeddings by the adapter itself (mask and pooling as CLIP's).
         torch.testing.assert_close(model.encode_text("how many dots"), expected_text,
@@ -90,6 +91,16 @@ def test_shapes_of_scores_and_branches():
     batch = images(3, 4)
     torch.testing.assert_close(model(batch, "how many dots").relative_scores[1],
                                model(batch[1], "how many dots").relative_scores)
+
+
+def test_a_bf16_clip_trains_with_fp32_heads():
+    clip, tokenizer = tiny_clip()
+    model = RankingCLIPAdapter(clip.to(torch.bfloat16), tokenizer=tokenizer)
+    output = model(images(2, 3).to(torch.bfloat16), "how many dots")
+    assert output.scores.dtype == output.relative_scores.dtype == torch.float32
+    model.loss(images(3), "how many dots", torch.tensor([1.0, 3.0, 2.0])).backward()
+    assert model.clip.text_model.encoder.layers[0].self_attn.q_proj.shira_values.grad is not None
+    assert model.prompt.grad.dtype == torch.float32
 
 
 def test_relative_scores_depend_on_the_other_images_of_the_list():

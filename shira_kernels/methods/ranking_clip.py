@@ -199,7 +199,8 @@ class RankingAwareAttention(nn.Module):
         n = u.shape[1]
         differences = u.unsqueeze(2) - u.unsqueeze(1)  # [B, i, j, d]: u_i − u_j
         query = self.query(u) + self.query_text(text).unsqueeze(1)  # [B, n, d]
-        logits = torch.einsum("bid,bijd->bij", query, self.key(differences)) / math.sqrt(u.shape[-1])
+        keys = self.key(differences)
+        logits = torch.einsum("bid,bijd->bij", query, keys) / math.sqrt(u.shape[-1])
         self_pairs = torch.eye(n, dtype=torch.bool, device=u.device)
         weights = logits.masked_fill(self_pairs, float("-inf")).softmax(-1)
         attended = torch.einsum("bij,bijd->bid", weights, self.value(differences))
@@ -236,7 +237,8 @@ class RankingCLIPAdapter(nn.Module):
         if (not isinstance(aux_weight, (int, float)) or isinstance(aux_weight, bool)
                 or not math.isfinite(aux_weight) or aux_weight < 0):
             raise ValueError(f"aux_weight must be a finite number >= 0, got {aux_weight!r}")
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                or not math.isfinite(scale)):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
@@ -248,8 +250,8 @@ class RankingCLIPAdapter(nn.Module):
         longest = text_config.max_position_embeddings - n_prompt
         if longest < 2:
             raise ValueError(f"n_prompt={n_prompt} leaves {longest} of the text model's "
-                             f"{text_config.max_position_embeddings} positions for the instruction; "
-                             "it needs at least 2 (start and end of text)")
+                             f"{text_config.max_position_embeddings} positions for the "
+                             "instruction; it needs at least 2 (start and end of text)")
 
         clip.requires_grad_(False)
         in_encoders = lambda name, _: name.startswith(("text_model.encoder.",  # noqa: E731
@@ -270,8 +272,10 @@ class RankingCLIPAdapter(nn.Module):
         self.aux_weight, self.tokenizer = float(aux_weight), tokenizer
 
         dim, width = clip.config.projection_dim, text_config.hidden_size
+        device = clip.text_projection.weight.device
         generator = torch.Generator().manual_seed(seed)
-        self.prompt = nn.Parameter(torch.randn(n_prompt, width, generator=generator) * 0.02)
+        self.prompt = nn.Parameter(
+            (torch.randn(n_prompt, width, generator=generator) * 0.02).to(device))
         self.image_norm = nn.LayerNorm(dim)
         self.film = nn.Linear(dim, 2 * dim)  # the instruction's γ and β
         nn.init.zeros_(self.film.weight)
@@ -279,6 +283,10 @@ class RankingCLIPAdapter(nn.Module):
         self.head = nn.Sequential(nn.Linear(dim, head_hidden), nn.GELU(), nn.Linear(head_hidden, 1))
         self.aux_project = nn.Linear(dim, dim)
         self.attention = RankingAwareAttention(dim)
+        # The new parts live on the CLIP's device and stay fp32 whatever the CLIP's dtype
+        # (_conditioned casts the features to them).
+        for part in (self.image_norm, self.film, self.head, self.aux_project, self.attention):
+            part.to(device)
 
     # -- what trains -------------------------------------------------------------------------
 
@@ -314,7 +322,8 @@ class RankingCLIPAdapter(nn.Module):
         longest = config.max_position_embeddings - self.prompt.shape[0]
         if not 2 <= ids.shape[1] <= longest:
             raise ValueError(f"the instruction must have 2..{longest} tokens (the text model's "
-                             f"positions less {self.prompt.shape[0]} prompt tokens), got {ids.shape[1]}")
+                             f"positions less {self.prompt.shape[0]} prompt tokens), got "
+                             f"{ids.shape[1]}")
         return ids.to(self.prompt.device)
 
     def encode_text(self, text) -> torch.Tensor:
@@ -356,8 +365,9 @@ class RankingCLIPAdapter(nn.Module):
     # -- scoring -----------------------------------------------------------------------------
 
     def _conditioned(self, images: torch.Tensor, text) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.encode_images(images)
-        text_feature = F.normalize(self.encode_text(text), dim=-1)
+        dtype = self.image_norm.weight.dtype
+        features = self.encode_images(images).to(dtype)
+        text_feature = F.normalize(self.encode_text(text).to(dtype), dim=-1)
         gamma, beta = self.film(text_feature).chunk(2, dim=-1)
         if features.dim() == 3:
             gamma, beta = gamma.unsqueeze(1), beta.unsqueeze(1)
