@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smaller run (under a minute)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=32, help="real task examples for transfer")
+    parser.add_argument("--discriminator", choices=["hidden", "tokens", "none"],
+                        default="hidden", help="the filter of the synthetic samples")
+    parser.add_argument("--adapter", choices=["shira", "binary"], default="shira",
+                        help="the target's adapter type (SHiRA or 1-bit LoRA)")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     # These models are tiny: one thread is as fast, and far faster on a busy machine.
@@ -132,8 +136,10 @@ def _run(args) -> dict:
 
     # The source's task adapter: a PEFT LoRA trained on plenty of task data.
     from peft import LoraConfig, get_peft_model
-    source = get_peft_model(source, LoraConfig(r=8, lora_alpha=16, target_modules=LAYERS,
-                                               lora_dropout=0.0))
+    with torch.random.fork_rng(devices=[]):  # LoRA's A is drawn from the global RNG
+        torch.manual_seed(3000 + args.seed)
+        source = get_peft_model(source, LoraConfig(r=8, lora_alpha=16, target_modules=LAYERS,
+                                                   lora_dropout=0.0))
     source.eval()
     train(source, [p for p in source.parameters() if p.requires_grad], lora_steps, 3e-3,
           lambda: task_batch(64, gen), loss_at=ANSWER_AT)
@@ -153,10 +159,12 @@ def _run(args) -> dict:
           1e-2, lambda: seed_examples, loss_at=ANSWER_AT)
     results["target_seed_only"] = accuracy(reference, test)
 
+    adapter_kwargs = ({"density": density, "strategy": "spmm"} if args.adapter == "shira"
+                      else {"r": 4})
     report = transfer.distill_adapter(
-        source, target, seed_examples, adapter="shira", target_modules=LAYERS,
-        adapter_kwargs={"density": density, "strategy": "spmm"},
-        n_synthetic=512 if quick else 2048, prompt_tokens=4, discriminator="hidden",
+        source, target, seed_examples, adapter=args.adapter, target_modules=LAYERS,
+        adapter_kwargs=adapter_kwargs, n_synthetic=512 if quick else 2048, prompt_tokens=4,
+        discriminator=None if args.discriminator == "none" else args.discriminator,
         steps=distill_steps, lr=1e-2, batch_size=64, seed=args.seed)
     results["target_after_transfer"] = accuracy(target, test)
     results.update(generated=report.generated, kept=report.kept, rejected=report.rejected,
@@ -164,15 +172,17 @@ def _run(args) -> dict:
                    final_loss=sum(report.losses[-10:]) / len(report.losses[-10:]),
                    seconds=time.perf_counter() - started)
 
-    print(f"synthetic samples: {report.generated} drawn, {report.rejected} rejected by the "
-          f"discriminator (its accuracy on its training samples "
-          f"{report.discriminator_accuracy:.2f}), {report.kept} kept; final KL "
-          f"{results['final_loss']:.4f}")
+    judged = ("no filter" if report.discriminator_accuracy is None else
+              f"discriminator's accuracy on its training samples "
+              f"{report.discriminator_accuracy:.2f}")
+    print(f"synthetic samples: {report.generated} drawn, {report.rejected} rejected, "
+          f"{report.kept} kept ({judged}); final KL {results['final_loss']:.4f}")
     print(f"source with LoRA:           {results['source_with_adapter']:.3f}")
     print(f"target without adapter:     {results['target_without_adapter']:.3f}")
     print(f"target SHiRA, seeds only:   {results['target_seed_only']:.3f}  "
           f"({args.seeds} real examples)")
-    print(f"target after transfer:      {results['target_after_transfer']:.3f}")
+    print(f"target after transfer:      {results['target_after_transfer']:.3f}  "
+          f"({args.adapter}, {report.trainable_parameters} adapter parameters)")
     gain = results["target_after_transfer"] - results["target_without_adapter"]
     results["verdict"] = "transferred" if gain >= 0.3 else "not transferred"
     print(f"verdict: {results['verdict']} (after transfer − without adapter = {gain:+.3f}; "

@@ -323,8 +323,8 @@ def test_example_quick_transfers():
     threads = torch.get_num_threads()
     result = example.main(["--quick", "--seed", "0"])
     assert torch.get_num_threads() == threads
-    # Seeds 0-3 (checked by hand): source 1.0, without adapter ≤ 0.06, after transfer ≥ 0.998,
-    # seeds only 0.69-0.89; the margins asserted are much smaller than those seen.
+    # Seeds 0-3 (checked by hand): source ≥ 0.998, without adapter ≤ 0.06, after transfer
+    # ≥ 0.948, seeds only 0.69-0.89; the margins asserted are well inside those seen.
     assert result["source_with_adapter"] >= 0.9
     assert result["target_without_adapter"] <= 0.3
     assert result["target_after_transfer"] >= result["target_without_adapter"] + 0.5
