@@ -317,14 +317,48 @@ class _AdapterDisabled:
             return self.model(*args, **kwargs)
 
 
-@torch.no_grad()
+def _check_seed_examples(seed_examples) -> torch.Tensor:
+    if (not isinstance(seed_examples, torch.Tensor) or seed_examples.dim() != 2
+            or seed_examples.dtype not in (torch.int64, torch.int32)):
+        got = (f"a {seed_examples.dim()}-D {seed_examples.dtype} tensor"
+               if isinstance(seed_examples, torch.Tensor) else type(seed_examples).__name__)
+        raise ValueError(f"seed_examples must be an integer tensor [N, T] of token ids, got {got}")
+    if seed_examples.shape[0] < 1 or seed_examples.shape[1] < 2:
+        raise ValueError(f"seed_examples needs sequences of at least 2 tokens, got shape "
+                         f"{tuple(seed_examples.shape)}")
+    return seed_examples.long()
+
+
+def _check_prompt_tokens(prompt_tokens, length: int) -> int:
+    if (isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, numbers.Integral)
+            or not 1 <= prompt_tokens < length):
+        raise ValueError(f"prompt_tokens must be an int in [1, {length - 1}] (the seed examples "
+                         f"have {length} tokens), got {prompt_tokens!r}")
+    return int(prompt_tokens)
+
+
 def sample_from_prompts(model, seed_examples: torch.Tensor, n: int, *, prompt_tokens: int,
                         temperature: float = 1.0,
                         generator: torch.Generator | None = None,
                         batch_size: int = 256) -> torch.Tensor:
     """n synthetic sequences of the seed examples' length: each starts with the first
     ``prompt_tokens`` tokens of a seed example drawn at random and continues by sampling
-    ``model`` (logits / temperature, no cache: fine for short sequences)."""
+    ``model`` (logits / temperature, no cache: fine for short sequences). ``generator``: the
+    torch.Generator of the draws (CPU); the model runs on seed_examples' device."""
+    if not callable(model):
+        raise TypeError(f"model must be a callable model, got {type(model).__name__}")
+    seed_examples = _check_seed_examples(seed_examples)
+    n = _check_positive_int(n, "n")
+    prompt_tokens = _check_prompt_tokens(prompt_tokens, seed_examples.shape[1])
+    temperature = _check_positive_float(temperature, "temperature")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return _sample(model, seed_examples, n, prompt_tokens, temperature, generator, batch_size)
+
+
+@torch.no_grad()
+def _sample(model, seed_examples, n, prompt_tokens, temperature, generator, batch_size):
     count, length = seed_examples.shape
     picks = torch.randint(count, (n,), generator=generator, device=seed_examples.device)
     out = []
@@ -507,16 +541,11 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
     if source_model is target_model:
         raise ValueError("source_model and target_model are the same object; the target must "
                          "be another base (copy it if you mean to re-fit the same one)")
-    if (not isinstance(seed_examples, torch.Tensor) or seed_examples.dim() != 2
-            or seed_examples.dtype not in (torch.int64, torch.int32)):
-        got = (f"a {seed_examples.dim()}-D {seed_examples.dtype} tensor"
-               if isinstance(seed_examples, torch.Tensor) else type(seed_examples).__name__)
-        raise ValueError(f"seed_examples must be an integer tensor [N, T] of token ids, got {got}")
+    seed_examples = _check_seed_examples(seed_examples)
     n_seed, length = seed_examples.shape
-    if n_seed < 2 or length < 2:
-        raise ValueError(f"seed_examples needs at least 2 sequences of at least 2 tokens, got "
-                         f"shape {tuple(seed_examples.shape)}")
-    seed_examples = seed_examples.long()
+    if n_seed < 2:
+        raise ValueError(f"seed_examples needs at least 2 sequences, got shape "
+                         f"{tuple(seed_examples.shape)}")
     if adapter is not None and adapter not in ADAPTER_KINDS:
         raise ValueError(f"adapter must be one of {ADAPTER_KINDS} or None (train the target's "
                          f"own adapter), got {adapter!r}")
@@ -546,12 +575,8 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
         raise TypeError(f"generator must be a callable model, got {type(generator).__name__}")
     if generate_fn is not None and (generator is not None or prompt_tokens is not None):
         raise ValueError("give generate_fn or generator / prompt_tokens, not both")
-    if prompt_tokens is None:
-        prompt_tokens = max(1, length // 3)
-    elif (isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, numbers.Integral)
-          or not 1 <= prompt_tokens < length):
-        raise ValueError(f"prompt_tokens must be an int in [1, {length - 1}] (the seed examples "
-                         f"have {length} tokens), got {prompt_tokens!r}")
+    prompt_tokens = (max(1, length // 3) if prompt_tokens is None
+                     else _check_prompt_tokens(prompt_tokens, length))
     temperature = _check_positive_float(temperature, "temperature")
     if not (discriminator is None or callable(discriminator) or discriminator in DISCRIMINATORS):
         raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, a callable(ids) → "
@@ -631,8 +656,7 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
                 if int(ids.min()) < 0 or int(ids.max()) >= vocab:
                     raise ValueError(f"generate_fn returned token ids outside [0, {vocab})")
                 return ids.to(seed_examples.device)
-            return sample_from_prompts(generator, seed_examples, n, prompt_tokens=prompt_tokens,
-                                       temperature=temperature, generator=rng)
+            return _sample(generator, seed_examples, n, prompt_tokens, temperature, rng, 256)
 
         score = None
         accuracy = None

@@ -313,6 +313,13 @@ def test_sampling_continues_the_seed_prefixes():
     prefixes = {tuple(r) for r in s[:, :2].tolist()}
     assert all(tuple(r) in prefixes for r in out[:, :2].tolist())
     assert int(out.min()) >= 0 and int(out.max()) < VOCAB
+    for bad, name in ((dict(n=0), "n"), (dict(prompt_tokens=LENGTH), "prompt_tokens"),
+                      (dict(temperature=0), "temperature"), (dict(generator=0), "generator"),
+                      (dict(seed_examples=s.float()), "seed_examples")):
+        kwargs = dict(seed_examples=s, n=4, prompt_tokens=2)
+        kwargs.update(bad)
+        with pytest.raises((ValueError, TypeError), match=name):
+            transfer.sample_from_prompts(TinyLM(12, 0), **kwargs)
 
 
 # -- the example -------------------------------------------------------------------------------
