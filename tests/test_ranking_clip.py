@@ -306,6 +306,8 @@ def test_bad_inputs_are_refused_with_the_argument_named():
         untokenized.score(images(3), "how many dots")
     with pytest.raises(ValueError, match="token ids must lie"):
         model.score(images(3), torch.tensor([VOCAB - 2, VOCAB, VOCAB - 1]))
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        model.score(images(3), torch.tensor([VOCAB - 2, 5, 7]))
     with pytest.raises(ValueError, match="2..8 tokens"):
         model.score(images(3), "one two three four five six seven eight")
     with pytest.raises(ValueError, match=r"\[L\] or \[1, L\]"):

@@ -319,6 +319,9 @@ class RankingCLIPAdapter(nn.Module):
         if ids.numel() and (ids.min() < 0 or ids.max() >= config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
+        eos = self.clip.text_model.eos_token_id
+        if eos != 2 and not (ids == eos).any():  # eos id 2: old configs pool at the highest id
+            raise ValueError(f"token ids hold no end-of-text token (id {eos}), where CLIP pools")
         longest = config.max_position_embeddings - self.prompt.shape[0]
         if not 2 <= ids.shape[1] <= longest:
             raise ValueError(f"the instruction must have 2..{longest} tokens (the text model's "
@@ -380,9 +383,9 @@ class RankingCLIPAdapter(nn.Module):
 
     def forward(self, images: torch.Tensor, text) -> RankingOutput:
         """Both branches' scores for lists of at least 2 images: [n] or [B, n] each."""
+        if isinstance(images, torch.Tensor) and images.dim() in (4, 5) and images.shape[-4] < 2:
+            raise ValueError(f"a list needs at least 2 images, got {images.shape[-4]}")
         conditioned, text_feature = self._conditioned(images, text)
-        if conditioned.shape[-2] < 2:
-            raise ValueError(f"a list needs at least 2 images, got {conditioned.shape[-2]}")
         scores = self.head(conditioned).squeeze(-1)
         lists = conditioned if conditioned.dim() == 3 else conditioned.unsqueeze(0)
         relative = self.attention(self.aux_project(lists), text_feature)
