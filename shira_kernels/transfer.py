@@ -31,6 +31,7 @@ from torch import nn
 from .formats import SparseDelta, flat_index_dtype
 from .masks import budget
 from .nn import BinaryAdapter, BinaryLoRALinear, ShiraLinear, replace_linear
+from .ops.sparse_delta import STRATEGIES
 
 __all__ = ["DistillReport", "adapter_parameters", "add_sparse", "distill_adapter",
            "lora_to_sparse", "sample_from_prompts", "sparse_diff"]
@@ -451,40 +452,109 @@ def _default_target_filter(name: str, module: nn.Module) -> bool:
     return not (name == "lm_head" or name.endswith(".lm_head"))
 
 
-def _attach(target: nn.Module, kind: str, target_modules, kwargs: dict, seed: int):
-    """Wrap the chosen nn.Linear layers; returns (names, an undo function)."""
-    originals = {name: module for name, module in target.named_modules()
-                 if isinstance(module, nn.Linear)}
-    flags = {name: p.requires_grad for name, p in target.named_parameters()}
-    choose = ({"filter": _default_target_filter} if target_modules is None
-              else {"target_modules": target_modules})
-    if kind == "shira":
-        kwargs = dict(kwargs)
-        kwargs.setdefault("seed", seed)
-        if "r" not in kwargs and "density" not in kwargs:
-            kwargs["density"] = 0.05
-        strategy = kwargs.pop("strategy", None)
-        replaced = replace_linear(target, **choose, **kwargs)
-        if strategy is not None:
-            for name in replaced:
-                target.get_submodule(name).strategy = strategy
+def _chosen_layers(target: nn.Module, target_modules) -> dict[str, nn.Linear]:
+    """The nn.Linear layers that replace_linear would wrap (checked before anything runs)."""
+    if target_modules is None:
+        pick = _default_target_filter
     else:
-        r = kwargs.get("r", 4)
-        extra = {k: v for k, v in kwargs.items() if k != "r"}
-        with torch.random.fork_rng(devices=[]):  # the branches' init: seeded, RNG left alone
-            torch.manual_seed(seed)
-            replaced = replace_linear(target, **choose, factory=lambda linear: (
-                BinaryLoRALinear.from_linear(linear, r, **extra)))
+        if isinstance(target_modules, str):
+            names = [target_modules]
+        elif isinstance(target_modules, Iterable):
+            names = list(target_modules)
+        else:
+            raise ValueError("target_modules must be a layer name or an iterable of names, got "
+                             f"{type(target_modules).__name__}")
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"target_modules must name at least one layer, got {target_modules!r}")
+        pick = lambda name, _: any(name == t or name.endswith("." + t) for t in names)  # noqa: E731
+    chosen = {name: module for name, module in target.named_modules()
+              if isinstance(module, nn.Linear) and not isinstance(module, ShiraLinear)
+              and pick(name, module)}
+    if not chosen:
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear layer of "
+                         "target_model")
+    return chosen
+
+
+def _shira_kwargs(kwargs: Mapping, seed: int) -> tuple[dict, str | None]:
+    kwargs = dict(kwargs)
+    kwargs.setdefault("seed", seed)
+    if ("r" not in kwargs and "density" not in kwargs
+            and not isinstance(kwargs.get("mask"), torch.Tensor)):  # a mask tensor is its budget
+        kwargs["density"] = 0.05
+    return kwargs, kwargs.pop("strategy", None)
+
+
+def _check_adapter_kwargs(kind: str, layers: Mapping[str, nn.Linear], kwargs: Mapping) -> None:
+    """The budget or rank against every chosen layer, before any work."""
+    if kind == "shira":
+        shira, strategy = _shira_kwargs(kwargs, 0)
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"adapter_kwargs: strategy must be one of {STRATEGIES}, got "
+                             f"{strategy!r}")
+        for name, layer in layers.items():
+            if "r" not in shira and "density" not in shira:
+                break  # a mask tensor: from_linear checks it against each layer
+            try:
+                budget(tuple(layer.weight.shape), r=shira.get("r"), density=shira.get("density"))
+            except ValueError as e:
+                raise ValueError(f"adapter_kwargs for layer {name!r}: {e}") from None
+    else:
+        unknown = set(kwargs) - {"r", "scale", "method"}
+        if unknown:
+            raise ValueError(f"adapter_kwargs for adapter='binary' takes r, scale, method; got "
+                             f"{sorted(unknown)}")
+        _check_positive_int(kwargs.get("r", 4), "adapter_kwargs['r']")
+
+
+def _attach(target: nn.Module, kind: str, layers: Mapping[str, nn.Linear], kwargs: Mapping,
+            seed: int):
+    """Wrap ``layers``; returns (names, an undo function). All or nothing: if a layer is
+    refused, the ones wrapped before it are put back."""
+    flags = {name: p.requires_grad for name, p in target.named_parameters()}
+    wrapped: list[str] = []
 
     def undo():
-        for name in replaced:
+        for name in wrapped:
             parent_name, _, child = name.rpartition(".")
             parent = target.get_submodule(parent_name) if parent_name else target
-            setattr(parent, child, originals[name])
+            setattr(parent, child, layers[name])
         for name, p in target.named_parameters():
             if name in flags:
                 p.requires_grad_(flags[name])
-    return replaced, undo
+
+    if kind == "shira":
+        shira, strategy = _shira_kwargs(kwargs, seed)
+        base_seed = shira.pop("seed")
+        seeds = {name: base_seed + i for i, name in enumerate(layers)}  # as replace_linear does
+
+        def factory(linear: nn.Linear) -> nn.Module:
+            name = next(n for n, m in layers.items() if m is linear)
+            try:
+                layer = ShiraLinear.from_linear(linear, seed=seeds[name], **shira)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"adapter_kwargs for layer {name!r}: {e}") from None
+            if strategy is not None:
+                layer.strategy = strategy
+            wrapped.append(name)
+            return layer
+    else:
+        r = kwargs.get("r", 4)
+        extra = {k: v for k, v in kwargs.items() if k != "r"}
+
+        def factory(linear: nn.Linear) -> nn.Module:
+            layer = BinaryLoRALinear.from_linear(linear, r, **extra)
+            wrapped.append(next(n for n, m in layers.items() if m is linear))
+            return layer
+    chosen = set(layers)
+    try:
+        with torch.random.fork_rng(devices=[]):  # initialisations seeded, global RNG left alone
+            torch.manual_seed(seed)
+            replace_linear(target, filter=lambda name, _: name in chosen, factory=factory)
+    except BaseException:  # a layer refused: put back the ones wrapped before it
+        undo()
+        raise
+    return list(layers), undo
 
 
 def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.Tensor, *,
@@ -558,11 +628,9 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
                          "trained as it is)")
     if adapter is None and target_modules is not None:
         raise ValueError("target_modules is given but adapter=None (nothing is wrapped)")
-    if adapter == "binary":
-        unknown = set(adapter_kwargs) - {"r", "scale", "method"}
-        if unknown:
-            raise ValueError(f"adapter_kwargs for adapter='binary' takes r, scale, method; got "
-                             f"{sorted(unknown)}")
+    if adapter is not None:
+        layers = _chosen_layers(target_model, target_modules)
+        _check_adapter_kwargs(adapter, layers, adapter_kwargs)
     n_synthetic = _check_positive_int(n_synthetic, "n_synthetic")
     if max_generated is None:
         max_generated = 4 * n_synthetic
@@ -665,7 +733,8 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
                 score = discriminator
             else:
                 if discriminator == "hidden":
-                    feature_model = discriminator_model or generator
+                    feature_model = (generator if discriminator_model is None
+                                     else discriminator_model)
                     featurize = lambda ids: _hidden_features(feature_model, ids, 256)  # noqa: E731
                 else:
                     featurize = lambda ids: _token_features(ids, vocab)  # noqa: E731
@@ -711,8 +780,7 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
     flags = {name: p.requires_grad for name, p in target_model.named_parameters()}
     try:
         if adapter is not None:
-            adapted, undo = _attach(target_model, adapter, target_modules, dict(adapter_kwargs),
-                                    int(seed))
+            adapted, undo = _attach(target_model, adapter, layers, adapter_kwargs, int(seed))
             target_model.eval()
         trainable = adapter_parameters(target_model)
         for p in target_model.parameters():

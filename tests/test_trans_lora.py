@@ -93,6 +93,14 @@ BAD = [
     (dict(adapter="binary", adapter_kwargs={"density": 0.1}), ValueError, "adapter_kwargs"),
     (dict(adapter_kwargs={"density": 2.0}), ValueError, "density"),
     (dict(target_modules=["nothing_here"]), ValueError, "target_modules"),
+    (dict(target_modules=3), ValueError, "target_modules"),
+    # lm_head [8, 8] cannot hold r=5 (80 > 64 entries), up [16, 8] can: refused before any work
+    (dict(target_modules=["up", "lm_head"], adapter_kwargs={"r": 5}), ValueError, "'lm_head'"),
+    # a mask tensor fits up but not lm_head: up is wrapped first, then put back
+    (dict(target_modules=["up", "lm_head"],
+          adapter_kwargs={"mask": torch.ones(16, 8, dtype=torch.bool)}), ValueError, "'lm_head'"),
+    (dict(adapter_kwargs={"strategy": "fast"}), ValueError, "strategy"),
+    (dict(adapter="binary", adapter_kwargs={"r": 0}), ValueError, "r"),
     (dict(n_synthetic=0), ValueError, "n_synthetic"),
     (dict(n_synthetic=True), ValueError, "n_synthetic"),
     (dict(max_generated=4), ValueError, "max_generated"),
