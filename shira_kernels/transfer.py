@@ -574,7 +574,8 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
 
     Models are called as ``model(input_ids)`` (LongTensor [B, T]) and must return logits
     [B, T, V] (or an output with .logits), with one vocabulary for both. seed_examples: a
-    LongTensor [N, T] of a few real task sequences (N ≥ 2).
+    LongTensor [N, T] of a few real task sequences (N ≥ 2), on the device of the source and
+    the generator (the target may be on another; its inputs are moved there).
 
     1. Synthetic inputs: ``generate_fn(seed_examples, n, torch_generator)`` → LongTensor [n, T']
        if given, else ``generator`` (default: the source; a PEFT source with its adapters

@@ -219,13 +219,18 @@ def test_shira_to_binary_trains_the_one_bit_branch_only():
     assert mean_kl(source, target, ids) < 0.6 * mean_kl(source, base, ids)
 
 
-def test_an_already_adapted_target_is_trained_in_place():
+def test_shira_to_an_already_adapted_shira_target_is_trained_in_place():
     source, target = TinyLM(12, 0), TinyLM(8, 1)
+    replace_linear(source, ["up"], density=0.3, seed=0)
+    with torch.no_grad():
+        source.up.shira_values.normal_(generator=torch.Generator().manual_seed(5))
     replace_linear(target, ["up"], density=0.5, seed=0)
-    before = snapshot(target)
+    before_source, before = snapshot(source), snapshot(target)
     report = transfer.distill_adapter(source, target, seeds(),
                                       **small(adapter=None, adapter_kwargs=None))
     assert report.adapted_layers == []
+    assert report.trainable_parameters == target.up.shira_values.numel()
+    assert_same(before_source, source)
     after = target.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"up.shira_values"}
