@@ -6,11 +6,11 @@ from .formats import BinaryWeight, SparseDelta, SparseDeltaSet
 from .ops import (add_delta, binary_linear, binary_lora, csr_add, multi_binary_lora,
                   multi_delta_linear, scatter_swap_, sddmm, sparse_delta_linear,
                   sparse_product_add, spmm, spmm_t, validate_indices)
-from .transfer import lora_to_sparse, sparse_diff
+from .transfer import distill_adapter, lora_to_sparse, sparse_diff
 
 __version__ = "0.1.0"
 __all__ = ["AdapterBank", "BinaryWeight", "SparseDelta", "SparseDeltaSet", "add_delta", "backends",
-           "binary_linear", "binary_lora", "csr_add", "io", "lora_to_sparse", "masks",
+           "binary_linear", "binary_lora", "csr_add", "distill_adapter", "io", "lora_to_sparse", "masks",
            "multi_binary_lora", "multi_delta_linear", "nn", "scatter_swap_", "sddmm",
            "sparse_delta_linear", "sparse_diff", "sparse_product_add", "spmm", "spmm_t",
            "use_backend", "validate_indices", "__version__"]
