@@ -1,8 +1,11 @@
 """Composed sparse fine-tunes: shira_kernels/methods/composed.py (LT-SFT's mask selection and the
 layers that train it) and the example examples/composed_finetunes.py run in its quick mode."""
+import contextlib
 import copy
 import importlib.util
+import io
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -161,12 +164,19 @@ def test_sparse_finetunes_compose_in_the_bank_and_restore_the_base(dtype):
 def quick_run():
     spec = importlib.util.spec_from_file_location("composed_finetunes_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example.main(["--quick", "--seed", "0"])
+    sys.modules[spec.name] = example  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(example)
+    finally:
+        del sys.modules[spec.name]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = example.main(["--quick", "--seed", "0"])
+    return result, printed.getvalue()
 
 
 def test_example_restores_the_base_and_learns_both_finetunes(quick_run):
-    run = quick_run["runs"][0]
+    run = quick_run[0]["runs"][0]
     assert run["base_restored"] is True
     mrr, mlm = run["mrr"], run["mlm_accuracy"]
     # The language SFT learns to read and write A (masked-LM accuracy), the base barely can.
@@ -175,3 +185,20 @@ def test_example_restores_the_base_and_learns_both_finetunes(quick_run):
     # untrained (random ≈ 0.34 for 8 candidates).
     assert mrr["lang_B + task (source SFT)"]["B"] >= 0.8
     assert mrr["base"]["B"] <= 0.5
+    # The task does not transfer to A on its own (zero-shot): near chance.
+    assert mrr["task alone"]["A"] <= 0.45
+
+
+def test_example_prints_the_table_and_the_verdict_last(quick_run):
+    result, printed = quick_run
+    lines = printed.strip().splitlines()
+    assert lines[-1] == f"verdict: {result['verdict']}"
+    run = result["runs"][0]
+    mrr, margin = run["mrr"], run["composition_margin"]
+    composed = mrr["lang_A + task (composed)"]["A"]
+    rival = max(mrr["lang_A alone"]["A"], mrr["task alone"]["A"])
+    assert abs(margin["margin"] - (composed - rival)) < 1e-9
+    assert result["composition_wins"] == (margin["margin"] > 2 * margin["standard_error"])
+    assert ("does NOT" in result["verdict"]) == (not result["composition_wins"])
+    row = next(line for line in lines if line.startswith("lang_A + task (composed)"))
+    assert f"{composed:6.3f}" in row
