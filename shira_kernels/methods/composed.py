@@ -68,7 +68,8 @@ def change_masks(base: nn.Module, tuned: nn.Module, *, density: float | None = N
     masks = {}
     for name in names:
         delta = deltas[name]
-        mask = torch.zeros(delta.shape[0] * delta.shape[1], dtype=torch.bool, device=delta.flat_indices.device)
+        mask = torch.zeros(delta.shape[0] * delta.shape[1], dtype=torch.bool,
+                           device=delta.flat_indices.device)
         mask[delta.flat_indices.long()] = True
         masks[name] = mask.view(delta.shape)
     return masks
