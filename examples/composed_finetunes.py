@@ -87,7 +87,7 @@ class Settings:
     task_dense_steps: int = 100
     task_steps: int = 300
     task_batch: int = 16        # queries per step (x candidates sequences)
-    lang_density: float = 0.1   # of each encoder Linear weight
+    lang_density: float = 0.1   # of each encoder Linear weight (word_proj: all of it)
     task_density: float = 0.05
     lr: float = 2e-3
     sft_lr: float = 5e-3
