@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._checks import check_scale
-from ..nn.shira_linear import ShiraLinear
+from ..nn.shira_linear import ShiraLinear, replace_linear
 from ..transfer import sparse_diff
 
 __all__ = ["change_masks", "sparsify"]
@@ -102,10 +102,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
         if not module.weight.is_contiguous():
             raise ValueError(f"layer {name!r}: the weight must be contiguous (the adapter's "
                              "entries are swapped into it)")
-    replaced = []
-    for name in (name for name in linears if name in masks):  # model order
-        new = ShiraLinear.from_linear(linears[name], mask=masks[name], scale=scale)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced.append(name)
-    return replaced
+    mask_of = {id(linears[name]): mask for name, mask in masks.items()}
+    return replace_linear(model, filter=lambda name, module: name in masks,
+                          factory=lambda linear: ShiraLinear.from_linear(
+                              linear, mask=mask_of[id(linear)], scale=scale))
