@@ -3,8 +3,8 @@ with synthetic data only.
 
 Everything is built here, nothing is downloaded. The vocabulary is the digits 0-9, BOS and SEP.
 Both bases (LlamaForCausalLM from a config, random init, of different widths) are pre-trained
-briefly on a corpus of "BOS d1..d9 SEP a" with uniform random digits and a random answer a, so
-they can generate the format but know nothing of the task. The task: the nine digits hold one
+briefly on a corpus of "BOS d1..d9 SEP a" whose digits tend to recur and whose answer follows
+another rule (corpus_batch), so they can generate the format but know nothing of the task. The task: the nine digits hold one
 digit five times (a majority) and a is that digit. The source base gets a PEFT LoRA trained on
 plenty of task data. Then transfer.distill_adapter moves it to the target base as a SHiRA
 adapter, seeing only a few (--seeds) task examples: the source base continues prefixes of
