@@ -25,14 +25,12 @@ import sys
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES, check_float_tensor, check_scale, tensor_stamp, unchanged
-from .._checks import validate_indices
-from ..formats import SparseDelta, SparseStructure
+from .._checks import FLOAT_DTYPES, check_scale, validate_indices
+from ..formats import SparseDelta
 from ..masks import make_mask, mask_to_indices
 from ..ops.sparse_delta import sparse_product_add_unpacked
+from ._adapter_state import SparseAdapterState
 
-_STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
-_STRUCTURE_BUFFERS = tuple(f"_shira_{name}" for name in _STRUCTURE_FIELDS)
 _SCORE_MASKS = ("wm", "snip")  # the masks that read the weight's values
 
 
@@ -141,7 +139,7 @@ def _device(layer: nn.Module) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # The layer.
 # ---------------------------------------------------------------------------------------------
-class QuantizedShiraLinear(nn.Module):
+class QuantizedShiraLinear(SparseAdapterState, nn.Module):
     """A SHiRA sparse adapter on a frozen quantized linear: y = base_layer(x) + scale·x·Sᵀ.
 
     The adapter is ``shira_values`` (trainable) over the entries named by the buffer
@@ -214,39 +212,12 @@ class QuantizedShiraLinear(nn.Module):
         indices = mask_to_indices(chosen).to(device)
         return cls(layer, indices=indices, scale=scale, dtype=dtype)
 
-    # -- structure (as ShiraLinear keeps it) --------------------------------------------------
-    def _set_structure(self, structure: SparseStructure) -> None:
-        for name in _STRUCTURE_FIELDS:
-            self.register_buffer(f"_shira_{name}", getattr(structure, name), persistent=False)
-        indices = self._buffers["shira_flat_indices"]
-        self._shira_derived_from = (indices, tensor_stamp(indices))
-
-    def _refresh_structure(self) -> None:
-        """The indices were replaced or written in place: check them and derive the structure
-        again, so no kernel reads through a stale one."""
-        indices = self._buffers["shira_flat_indices"]
-        validate_indices(indices, self.out_features * self.in_features,
-                         name="shira_flat_indices", ascending=True)
-        if indices.numel() != self.shira_values.numel():
-            raise ValueError(f"shira_flat_indices has {indices.numel()} entries but shira_values "
-                             f"has {self.shira_values.numel()}")
-        self._set_structure(SparseDelta(self.shape, indices, self.shira_values.detach())
-                            .structure)
-
-    def _structure(self) -> SparseStructure:
-        buffers = self._buffers
-        return SparseStructure(*(buffers[name] for name in _STRUCTURE_BUFFERS))
-
     @property
     def shape(self) -> tuple[int, int]:
         """The adapted weight's shape, (out_features, in_features)."""
         return self.out_features, self.in_features
 
-    @property
-    def delta(self) -> SparseDelta:
-        """The adapter as a SparseDelta (shares the indices, values and structure)."""
-        return SparseDelta(self.shape, self.shira_flat_indices, self.shira_values,
-                           structure=self._structure())
+    adapted_shape = shape
 
     # -- state_dict ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -263,40 +234,15 @@ class QuantizedShiraLinear(nn.Module):
             return
         indices = state_dict.get(idx_key, self.shira_flat_indices)
         values = state_dict.get(val_key, self.shira_values)
-        for key, t in ((idx_key, indices), (val_key, values)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"load_state_dict: {key} must be a tensor, got "
-                                f"{type(t).__name__}")
-        try:
-            validate_indices(indices, self.out_features * self.in_features, name=idx_key,
-                             ascending=True)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"load_state_dict: {e}") from None
-        if values.dim() != 1 or values.numel() != indices.numel():
-            raise ValueError(f"load_state_dict: {val_key} has shape {tuple(values.shape)} but "
-                             f"{idx_key} has {indices.numel()} entries")
-        if values.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"load_state_dict: {val_key} has dtype {values.dtype}")
-        if indices.numel() != self.shira_flat_indices.numel():
-            raise ValueError(f"load_state_dict: {idx_key} has {indices.numel()} entries but "
-                             f"this layer has {self.shira_flat_indices.numel()}; build the "
-                             "layer with that mask (indices=...) to load it")
-
-    @staticmethod
-    def _after_load(module: "QuantizedShiraLinear", incompatible_keys) -> None:
-        module._refresh_structure()
+        self._check_loadable_entries(indices, values, idx_key, val_key, "indices=...")
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base_layer(x), the quantized layer's own forward, plus scale·x·Sᵀ by spmm."""
-        if not torch.compiler.is_compiling():
-            derived_from, stamp = self._shira_derived_from
-            indices = self._buffers["shira_flat_indices"]
-            if derived_from is not indices or not unchanged(indices, stamp):
-                self._refresh_structure()
+        structure = self._structure_for_forward()
         y = self.base_layer(x)
-        return sparse_product_add_unpacked(y, x, self.shape, self.shira_values,
-                                           self._structure(), self.scale)
+        return sparse_product_add_unpacked(y, x, self.shape, self.shira_values, structure,
+                                           self.scale)
 
     # -- merge --------------------------------------------------------------------------------
     def merge(self) -> None:

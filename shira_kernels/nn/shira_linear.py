@@ -21,21 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import FLOAT_DTYPES, check_scale, check_size
-from .._checks import tensor_stamp, unchanged, validate_indices
+from .._checks import FLOAT_DTYPES, check_scale, check_size, tensor_stamp
 from .._concurrency import writing
-from ..formats import SparseDelta, SparseStructure
+from ..formats import SparseDelta
 from ..masks import make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
 from ..ops.sparse_delta import sparse_delta_linear_unpacked
+from ._adapter_state import STRUCTURE_FIELDS, SparseAdapterState
 from ._wrap import adopt_linear
 from .quantized import QuantizedShiraLinear, quantized_format
 
-_STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
-_STRUCTURE_BUFFERS = tuple(f"_shira_{name}" for name in _STRUCTURE_FIELDS)
 
-
-class ShiraLinear(nn.Linear):
+class ShiraLinear(SparseAdapterState, nn.Linear):
     """nn.Linear plus a sparse adapter: y = x·(W + scale·S)ᵀ + b, S trained on fixed entries."""
 
     shira_flat_indices: torch.Tensor
@@ -94,25 +91,9 @@ class ShiraLinear(nn.Linear):
         self.register_buffer("_shira_swapped", None, persistent=False)
         self.register_load_state_dict_post_hook(ShiraLinear._after_load)
 
-    def _set_structure(self, structure: SparseStructure) -> None:
-        for name in _STRUCTURE_FIELDS:
-            self.register_buffer(f"_shira_{name}", getattr(structure, name), persistent=False)
-        # What the structure was derived from: forward rederives it if the indices change.
-        indices = self._buffers["shira_flat_indices"]
-        self._shira_derived_from = (indices, tensor_stamp(indices))
-
-    def _refresh_structure(self) -> None:
-        """The indices were replaced or written in place since the structure was derived
-        (e.g. ``layer.shira_flat_indices.copy_(other)``): check them and derive it again, so
-        that no kernel reads through the old structure while the swap path uses the new
-        indices."""
-        indices = self._buffers["shira_flat_indices"]
-        validate_indices(indices, self.weight.numel(), name="shira_flat_indices", ascending=True)
-        if indices.numel() != self.shira_values.numel():
-            raise ValueError(f"shira_flat_indices has {indices.numel()} entries but shira_values "
-                             f"has {self.shira_values.numel()}")
-        self._set_structure(SparseDelta(self.weight.shape, indices, self.shira_values.detach())
-                            .structure)
+    @property
+    def adapted_shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -142,33 +123,8 @@ class ShiraLinear(nn.Linear):
                 raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
         if tuple(weight.shape) != tuple(self.weight.shape):
             return  # torch reports the size mismatch itself, copying nothing of it
-        try:
-            validate_indices(indices, self.weight.numel(), name=names["shira_flat_indices"],
-                             ascending=True)
-        except TypeError as e:
-            raise TypeError(f"load_state_dict: {e}") from None
-        except ValueError as e:
-            raise ValueError(f"load_state_dict: {e}") from None
-        if values.dim() != 1 or values.numel() != indices.numel():
-            raise ValueError(f"load_state_dict: {names['shira_values']} has shape "
-                             f"{tuple(values.shape)} but {names['shira_flat_indices']} has "
-                             f"{indices.numel()} entries")
-        if values.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"load_state_dict: {names['shira_values']} has dtype {values.dtype}")
-        if indices.numel() != self.shira_flat_indices.numel():
-            raise ValueError(f"load_state_dict: {names['shira_flat_indices']} has "
-                             f"{indices.numel()} entries but this layer has "
-                             f"{self.shira_flat_indices.numel()}; build "
-                             "the layer with that mask (ShiraLinear(..., indices=...)) to load it")
-
-    @staticmethod
-    def _after_load(module: "ShiraLinear", incompatible_keys) -> None:
-        # Loaded indices may differ from the ones the structure was derived from.
-        module._refresh_structure()
-
-    def _structure(self) -> SparseStructure:
-        buffers = self._buffers  # not getattr: nn.Module.__getattr__ would run per name, per call
-        return SparseStructure(*(buffers[name] for name in _STRUCTURE_BUFFERS))
+        self._check_loadable_entries(indices, values, names["shira_flat_indices"],
+                                     names["shira_values"], "ShiraLinear(..., indices=...)")
 
     @property
     def shira_indices(self) -> torch.Tensor:
@@ -184,24 +140,14 @@ class ShiraLinear(nn.Linear):
                       DeprecationWarning, stacklevel=2)
         self.shira_flat_indices = value
 
-    @property
-    def delta(self) -> SparseDelta:
-        """The adapter as a SparseDelta (shares the indices, values and structure)."""
-        return SparseDelta(self.weight.shape, self.shira_flat_indices, self.shira_values,
-                           structure=self._structure())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        if not torch.compiler.is_compiling():
-            derived_from, stamp = self._shira_derived_from
-            indices = self._buffers["shira_flat_indices"]
-            if derived_from is not indices or not unchanged(indices, stamp):
-                self._refresh_structure()
+        structure = self._structure_for_forward()
         weight = self.weight
         return sparse_delta_linear_unpacked(x, weight, self.bias, weight.shape,
                                             self.shira_values, self.shira_flat_indices,
-                                            self._structure(), self.scale, self.strategy)
+                                            structure, self.scale, self.strategy)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -260,7 +206,7 @@ class ShiraLinear(nn.Linear):
         structure = SparseDelta(self.weight.shape, indices.to(self.shira_flat_indices.dtype),
                                 values).structure
         buffers = self._buffers
-        for name in _STRUCTURE_FIELDS:
+        for name in STRUCTURE_FIELDS:
             if buffers[f"_shira_{name}"].dtype != getattr(structure, name).dtype:
                 raise RuntimeError("the layer's structure buffers are of another type; rebuild "
                                    "the layer")
@@ -270,7 +216,7 @@ class ShiraLinear(nn.Linear):
         with writing(self.weight):
             buffers["shira_flat_indices"].copy_(indices)
             self.shira_values.copy_(values)
-            for name in _STRUCTURE_FIELDS:
+            for name in STRUCTURE_FIELDS:
                 buffers[f"_shira_{name}"].copy_(getattr(structure, name))
             indices = buffers["shira_flat_indices"]
             self._shira_derived_from = (indices, tensor_stamp(indices))
