@@ -114,10 +114,18 @@ def _worker(rank, wrap, kind, out_dir):
     try:
         model = make_model(kind)
         wrapped = _wrap(model, wrap)
+        reduced = []  # DDP: the elements of every gradient bucket it all-reduces
+        if wrap.startswith("ddp"):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counting(state, bucket):
+                reduced.append(bucket.buffer().numel())
+                return allreduce_hook(state, bucket)
+            wrapped.register_comm_hook(None, counting)
         losses = train(wrapped, batches(), rank, WORLD)
         state = adapter_state(model)
         base_grads = [p.grad for n, p in model.named_parameters() if not p.requires_grad]
-        torch.save({"losses": losses, "state": state,
+        torch.save({"losses": losses, "state": state, "reduced": reduced,
                     "base_grads": [g is None for g in base_grads]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -145,6 +153,9 @@ def test_distributed_training_matches_one_process(wrap, kind, tmp_path):
         for name, value in expected.items():
             torch.testing.assert_close(got["state"][name].cpu(), value, rtol=1e-5, atol=1e-6)
         assert all(got["base_grads"])  # the frozen base never got a gradient
+        if wrap.startswith("ddp"):  # and DDP all-reduces the adapters' gradients, nothing more
+            adapter_numel = sum(v.numel() for v in expected.values())
+            assert sum(got["reduced"]) == STEPS * adapter_numel, (got["reduced"], adapter_numel)
 
 
 # -- AdapterBank on an FSDP2-sharded model ------------------------------------------------------
