@@ -148,6 +148,33 @@ def test_training_changes_only_adapter_prompt_and_heads(adapter, loss):
         assert not torch.equal(param, start[name]), f"{name} did not train"
 
 
+@pytest.mark.parametrize("adapter", ["shira", "binary"])
+def test_prepare_inference_merges_or_packs_and_keeps_the_ranking(adapter):
+    clip, tokenizer = tiny_clip()
+    model = RankingCLIPAdapter(clip, adapter=adapter, tokenizer=tokenizer)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    targets = torch.tensor([[3.0, 1.0, 4.0, 2.0, 6.0, 5.0]])
+    for _ in range(3):  # trained adapters, so merging or packing has something to carry
+        optimizer.zero_grad()
+        model.loss(images(1, 6), "how many dots", targets).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        before = model.score(images(3, 6, seed=1), "how many dots")
+        model.prepare_inference()
+        after = model.score(images(3, 6, seed=1), "how many dots")
+    layers = [m for m in model.clip.modules() if isinstance(m, (ShiraLinear, BinaryLoRALinear))]
+    assert layers and not model.training
+    if adapter == "shira":
+        assert all(m.merged for m in layers)
+    else:
+        assert all(m.lora.packed for m in layers)
+    # Every layer's sums are reassociated (the merged weight, the packed kernel), so the scores
+    # move by fp32 roundings through the network; the ranking of every list is unchanged.
+    assert torch.equal(before.argsort(dim=-1), after.argsort(dim=-1))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
 def test_aux_weight_zero_leaves_the_branch_without_gradient():
     clip, tokenizer = tiny_clip()
     model = RankingCLIPAdapter(clip, aux_weight=0.0, tokenizer=tokenizer)

@@ -301,6 +301,20 @@ class RankingCLIPAdapter(nn.Module):
         return {name: p for name, p in self.clip.named_parameters()
                 if not name.endswith(adapter_names)}
 
+    @torch.no_grad()
+    def prepare_inference(self) -> "RankingCLIPAdapter":
+        """Serve without the adapters' training cost: every ShiraLinear's entries merged into
+        its weight (a plain linear then; exact, and ``unmerge()`` on the layers restores the
+        base bit for bit) and every 1-bit branch packed into sign words (its binary_lora
+        kernel then; irreversible: the float latent weights are dropped). Scores stay the same
+        up to fp32 rounding. Returns self, in eval mode."""
+        for module in self.clip.modules():
+            if isinstance(module, ShiraLinear):
+                module.merge()
+            elif isinstance(module, BinaryLoRALinear):
+                module.pack()
+        return self.eval()
+
     # -- encoders ----------------------------------------------------------------------------
 
     def _token_ids(self, text) -> torch.Tensor:
