@@ -318,3 +318,39 @@ def test_compiles_whole_and_new_row_assignments_do_not_recompile():
         with pytest.raises(ValueError, match="row_adapter holds 5"):
             compiled(x, torch.tensor([5, 0, 0, 0, 0, 0]))
     torch._dynamo.reset()
+
+
+def test_triton_forward_is_one_launch_with_the_per_group_bits():
+    # All groups in one grouped_spmm launch (no per-adapter spmm), and each row the same bits
+    # as Triton's own spmm strategy with its adapter.
+    pytest.importorskip("triton")
+    from unittest import mock
+    from shira_kernels.triton import sparse_delta as triton_sd
+    (tokens, out_f, in_f), assignment = CASES["mixed"]
+    delta_set = make_set(out_f, in_f, torch.float32)
+    x = randn(tokens, in_f, dtype=torch.float32, seed=1)
+    weight = randn(out_f, in_f, dtype=torch.float32, seed=2)
+    row_adapter = torch.tensor(assignment)
+    launches = {"_grouped_spmm_kernel": 0, "_spmm_kernel": 0}
+
+    class Counted:  # a jitted kernel whose launches (kernel[grid](...)) are counted
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(triton_sd, name)
+
+        def __getitem__(self, grid):
+            launches[self.name] += 1
+            return self.kernel[grid]
+    with shira_kernels.use_backend("triton"), \
+            mock.patch.object(triton_sd, "_spmm_kernel", Counted("_spmm_kernel")), \
+            mock.patch.object(triton_sd, "_grouped_spmm_kernel",
+                              Counted("_grouped_spmm_kernel")):
+        y = shira_kernels.multi_delta_linear(x, weight, None, delta_set, row_adapter)
+    assert launches == {"_grouped_spmm_kernel": 1, "_spmm_kernel": 0}, launches
+    with shira_kernels.use_backend("triton"):
+        for a in set(assignment) - {-1}:
+            rows = (row_adapter == a).nonzero().view(-1)
+            _, delta, scale = delta_set.slots[a]
+            # The whole batch with that adapter (the same dense matmul), then its rows.
+            one = shira_kernels.sparse_delta_linear(x, weight, None, delta, scale,
+                                                    strategy="spmm")
+            assert torch.equal(y[rows], one[rows]), a

@@ -5,14 +5,15 @@ adapter's delta (SGMV's idea, as punica and S-LoRA serve many LoRAs, for SHiRA).
       y[t] = x[t]·(W + scale_a·S_a)ᵀ + b  with a = row_adapter[t]; a = -1: the base alone
 
 One dense matmul for the whole batch; then the rows are grouped by adapter (a stable sort of
-row_adapter) and each group's sparse product is the backend's spmm on the group's rows, added to
-their outputs. Per row the result is the same bits as sparse_delta_linear's "spmm" strategy on
-the same batch with that row's adapter (the same dense matmul, and spmm's sum for a token does
-not depend on the other tokens; a group of one row takes the kernels' one-token path, whose sum
-is ordered differently). The backward gives x its gradient (gy·W plus each group's gy·S_a) and
+row_adapter) and every group's sparse product is added to its rows' outputs by the backend's
+grouped_spmm: on Triton one launch for all groups (SGMV's idea), elsewhere the backend's spmm
+per group on the gathered rows. Per row the result is the same bits as sparse_delta_linear's
+"spmm" strategy on the same batch with that row's adapter (the same dense matmul, and spmm's
+sum for a token does not depend on the other tokens; on the CPU a group of one row takes the
+kernels' one-token path, whose sum is ordered differently). The backward gives x its gradient (gy·W plus each group's gy·S_a) and
 each adapter's values their own (the group's sddmm), so one batch can train many adapters; the
-weight is only read, under its lock (no swap can change it meanwhile). Backends: whatever spmm
-and spmm_t_sddmm each has (ops/registry.py); one call per adapter present in the batch.
+weight is only read, under its lock (no swap can change it meanwhile). The backward is still
+one spmm_t_sddmm (or sddmm) call per adapter present, on every backend.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .._checks import check_float_tensor
 from .._concurrency import reading
 from ..formats import SparseDeltaSet
 from . import registry
+from .sparse_delta.naive import spmm_reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,10 +47,41 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 
 
 # ---------------------------------------------------------------------------------------------
+# Kernels per backend: grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales)
+# adds, in place, scales[s]·x[rows]·S_sᵀ to y[rows] for each group (rows = order[b0:b1], s its
+# slot; the lists are per slot). Triton: one launch for all groups
+# (triton/sparse_delta.py); the others: the backend's spmm per group on the gathered rows (on
+# the CPU each call is one parallel region; CUDA: not written as one launch yet).
+# ---------------------------------------------------------------------------------------------
+def _grouped_by(spmm):
+    def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
+        for (b0, b1), s in zip(bounds, slots):
+            r = order[b0:b1]
+            ya = spmm(y.index_select(0, r), x.index_select(0, r), offsets[s], cols[s],
+                      values[s].contiguous(), scales[s], overwrite_y=True)
+            y.index_copy_(0, r, ya)
+        return y
+    return grouped_spmm
+
+
+def _triton_kernels():
+    from ..triton import sparse_delta
+    return sparse_delta
+
+
+registry.register("grouped_spmm", "reference", _grouped_by(spmm_reference))
+registry.register_module("triton", _triton_kernels, "grouped_spmm")
+for _backend in ("cpu", "cuda"):
+    registry.register_lazy("grouped_spmm", _backend,
+                           lambda b=_backend: _grouped_by(registry.lookup("spmm", b)))
+
+
+# ---------------------------------------------------------------------------------------------
 # The op: the adapters' fields as lists (one entry per slot; a free slot has empty tensors).
 # ---------------------------------------------------------------------------------------------
-def _groups(row_adapter: torch.Tensor, live: list[int]):
-    """(slot, row indices) for each adapter slot present (not -1), rows in batch order.
+def _sorted_groups(row_adapter: torch.Tensor, live: list[int]):
+    """(order, bounds, slots): the rows sorted by slot (stable: batch order within a slot), and
+    for each adapter slot present (not -1) its range [b0, b1) of ``order``.
 
     The slots are checked here, inside the ops, where reading them is free: the public
     functions then have no host sync and trace whole under torch.compile."""
@@ -59,11 +92,20 @@ def _groups(row_adapter: torch.Tensor, live: list[int]):
         if slot != -1 and slot not in live:
             raise ValueError(f"row_adapter holds {slot}, which is not an adapter slot of this "
                              f"set (slots {live}, or -1)")
-    start = 0
+    bounds, present, start = [], [], 0
     for slot, count in zip(slots, counts):
         if slot >= 0:
-            yield slot, order.indices[start:start + count]
+            bounds.append((start, start + count))
+            present.append(slot)
         start += count
+    return order.indices, bounds, present
+
+
+def _groups(row_adapter: torch.Tensor, live: list[int]):
+    """(slot, row indices) for each adapter slot present, rows in batch order."""
+    order, bounds, slots = _sorted_groups(row_adapter, live)
+    for (b0, b1), slot in zip(bounds, slots):
+        yield slot, order[b0:b1]
 
 
 def _live(offsets: list[torch.Tensor], out_features: int) -> list[int]:
@@ -82,12 +124,9 @@ def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x = x.contiguous()
     with reading(weight):
         y = F.linear(x, weight, bias)
-    spmm = registry.kernel("spmm", x.device)
-    for a, r in _groups(row_adapter, _live(offsets, weight.shape[0])):
-        ya = spmm(y.index_select(0, r), x.index_select(0, r), offsets[a], cols[a],
-                  values[a].contiguous(), scales[a], overwrite_y=True)
-        y.index_copy_(0, r, ya)
-    return y
+    order, bounds, slots = _sorted_groups(row_adapter, _live(offsets, weight.shape[0]))
+    return registry.kernel("grouped_spmm", x.device)(y, x, order, bounds, slots, offsets, cols,
+                                                     values, scales)
 
 
 def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

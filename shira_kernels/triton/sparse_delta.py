@@ -1,5 +1,8 @@
 """Sparse-delta matmul parts in Triton: spmm (y + scale·x·Sᵀ, CSR), sddmm (gradient of S's
-values) and add_at_indices (W + scale·S on S's entries). Accumulation in fp32 throughout."""
+values), add_at_indices (W + scale·S on S's entries) and grouped_spmm (many adapters' spmm over
+their rows of one batch in one launch, for multi_delta_linear). Accumulation in fp32."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -112,3 +115,59 @@ def add_at_indices(out, weight, idx, values, scale: float, saved=None) -> int:
         out, weight, weight.numel(), idx, values, saved if saved is not None else values,
         skipped, float(scale), nnz, SAVE=saved is not None, BLOCK=block)
     return int(skipped.item())
+
+
+@triton.jit
+def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, offsets, cols, values,
+                         scales, n_rows, n_cols, BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
+    # _spmm_kernel over many adapters at once: one program per (output feature r, tile of one
+    # group's rows); the group's CSR is its block of the concatenated offsets, and its rows
+    # are order[tile_start .. group_end) (a tile never spans two groups).
+    r = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    g = tl.load(tile_group + tile).to(tl.int64)
+    p = tl.load(tile_start + tile).to(tl.int64) + tl.arange(0, BLOCK_T)
+    p_mask = p < tl.load(group_end + g)
+    t = tl.load(order + p, mask=p_mask, other=0).to(tl.int64)
+    start = tl.load(offsets + g * (n_rows + 1) + r)
+    end = tl.load(offsets + g * (n_rows + 1) + r + 1)
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_NZ):
+        j = j0 + tl.arange(0, BLOCK_NZ)
+        j_mask = j < end
+        c = _load_index(cols, j, j_mask)
+        v = tl.load(values + j, mask=j_mask, other=0.0).to(tl.float32)
+        xt = tl.load(x + t[:, None] * n_cols + c[None, :],
+                     mask=p_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xt * v[None, :], axis=1)
+    scale = tl.load(scales + g)
+    yv = tl.load(y + t * n_rows + r, mask=p_mask, other=0.0).to(tl.float32)
+    tl.store(y + t * n_rows + r, (yv + scale * acc).to(y.dtype.element_ty), mask=p_mask)
+
+
+def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
+    """In place, for each group i: y[rows] += scales[s]·x[rows]·S_sᵀ with s = slots[i] and
+    rows = order[bounds[i][0]:bounds[i][1]], in ONE launch: the groups' CSR structures are
+    concatenated for the call (their entries once: O(nnz) of the adapters present)."""
+    n_rows = y.shape[1]
+    if not slots or not n_rows:
+        return y
+    block_t = 64
+    cat_offsets, cat_cols, cat_values, base = [], [], [], 0
+    tile_group, tile_start = [], []
+    for i, ((b0, b1), s) in enumerate(zip(bounds, slots)):
+        cat_offsets.append(offsets[s] + base)
+        cat_cols.append(cols[s])
+        cat_values.append(values[s])
+        base += values[s].numel()
+        starts = range(b0, b1, block_t)
+        tile_group.extend([i] * len(starts))
+        tile_start.extend(starts)
+    device = y.device
+    as_int64 = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    _grouped_spmm_kernel[(n_rows, len(tile_group))](
+        y, x, order, as_int64(tile_group), as_int64(tile_start), as_int64([b1 for _, b1 in bounds]),
+        torch.cat(cat_offsets), torch.cat(cat_cols), torch.cat(cat_values).contiguous(),
+        torch.tensor([float(scales[s]) for s in slots], dtype=torch.float32, device=device),
+        n_rows, x.shape[1], BLOCK_T=block_t, BLOCK_NZ=32)
+    return y
