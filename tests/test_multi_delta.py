@@ -321,9 +321,11 @@ def test_compiles_whole_and_new_row_assignments_do_not_recompile():
 
 
 def test_triton_forward_is_one_launch_with_the_per_group_bits():
-    # All groups in one grouped_spmm launch (no per-adapter spmm), and each row the same bits
-    # as Triton's own spmm strategy with its adapter.
+    # All groups in one grouped_spmm launch (no per-adapter spmm), the backward in one for gx
+    # and one for every adapter's values, and each row the same bits as Triton's own spmm
+    # strategy with its adapter.
     pytest.importorskip("triton")
+    import contextlib
     from unittest import mock
     from shira_kernels.triton import sparse_delta as triton_sd
     (tokens, out_f, in_f), assignment = CASES["mixed"]
@@ -331,7 +333,12 @@ def test_triton_forward_is_one_launch_with_the_per_group_bits():
     x = randn(tokens, in_f, dtype=torch.float32, seed=1)
     weight = randn(out_f, in_f, dtype=torch.float32, seed=2)
     row_adapter = torch.tensor(assignment)
-    launches = {"_grouped_spmm_kernel": 0, "_spmm_kernel": 0}
+    launches = dict.fromkeys(["_grouped_spmm_kernel", "_spmm_kernel", "_grouped_sddmm_kernel",
+                              "_sddmm_kernel"], 0)
+    x.requires_grad_()
+    delta_set = SparseDeltaSet((out_f, in_f))  # values that take a gradient too
+    for name, delta, scale in make_set(out_f, in_f, torch.float32).slots:
+        delta_set.add(name, delta.with_values(delta.values.clone().requires_grad_()), scale)
 
     class Counted:  # a jitted kernel whose launches (kernel[grid](...)) are counted
         def __init__(self, name):
@@ -340,12 +347,17 @@ def test_triton_forward_is_one_launch_with_the_per_group_bits():
         def __getitem__(self, grid):
             launches[self.name] += 1
             return self.kernel[grid]
-    with shira_kernels.use_backend("triton"), \
-            mock.patch.object(triton_sd, "_spmm_kernel", Counted("_spmm_kernel")), \
-            mock.patch.object(triton_sd, "_grouped_spmm_kernel",
-                              Counted("_grouped_spmm_kernel")):
+    with shira_kernels.use_backend("triton"), contextlib.ExitStack() as stack:
+        for name in launches:
+            stack.enter_context(mock.patch.object(triton_sd, name, Counted(name)))
         y = shira_kernels.multi_delta_linear(x, weight, None, delta_set, row_adapter)
-    assert launches == {"_grouped_spmm_kernel": 1, "_spmm_kernel": 0}, launches
+        assert launches == {"_grouped_spmm_kernel": 1, "_spmm_kernel": 0,
+                            "_grouped_sddmm_kernel": 0, "_sddmm_kernel": 0}, launches
+        y.sum().backward()  # gx: one grouped launch; every adapter's values: one more
+    assert launches == {"_grouped_spmm_kernel": 2, "_spmm_kernel": 0,
+                        "_grouped_sddmm_kernel": 1, "_sddmm_kernel": 0}, launches
+    assert all(entry[1].values.grad is not None for entry in delta_set.slots)
+    y = y.detach()
     with shira_kernels.use_backend("triton"):
         for a in set(assignment) - {-1}:
             rows = (row_adapter == a).nonzero().view(-1)

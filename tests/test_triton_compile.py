@@ -25,6 +25,6 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     kernels = {d["kernel"] for d in lines}
     assert kernels == {"_spmm_kernel", "_grouped_spmm_kernel", "_sddmm_kernel",
-                       "_add_at_indices_kernel",
+                       "_grouped_sddmm_kernel", "_add_at_indices_kernel",
                        "_scatter_swap_kernel", "_binary_linear_kernel", "_binary_lora_kernel"}
     assert {d["arch"] for d in lines} == {80, 90}

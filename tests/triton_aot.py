@@ -69,6 +69,7 @@ def exercise_launchers() -> None:
             order = torch.tensor([4, 0, 2, 1, 3])  # two groups of rows, the same adapter
             sparse_delta.grouped_spmm(y, x, order, [(0, 2), (2, 5)], [0, 0], [s.row_offsets],
                                       [s.cols], [delta.values], [0.5])
+            sparse_delta.grouped_sddmm(y, x, order, [(0, 2), (2, 5)], [0, 0], [s.rows], [s.cols])
             weight = torch.randn(9, in_f).to(dtype)
             for idx in (delta.flat_indices, delta.flat_indices.long()):
                 sparse_delta.add_at_indices(weight, weight, idx, delta.values, 0.5)

@@ -12,8 +12,9 @@ per group on the gathered rows. Per row the result is the same bits as sparse_de
 sum for a token does not depend on the other tokens; on the CPU a group of one row takes the
 kernels' one-token path, whose sum is ordered differently). The backward gives x its gradient (gy·W plus each group's gy·S_a) and
 each adapter's values their own (the group's sddmm), so one batch can train many adapters; the
-weight is only read, under its lock (no swap can change it meanwhile). The backward is still
-one spmm_t_sddmm (or sddmm) call per adapter present, on every backend.
+weight is only read, under its lock (no swap can change it meanwhile). Triton runs the forward's
+and the backward's sparse parts in one launch each for all groups; the CPU and CUDA one call per
+adapter present.
 """
 from __future__ import annotations
 
@@ -47,11 +48,17 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels per backend: grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales)
-# adds, in place, scales[s]·x[rows]·S_sᵀ to y[rows] for each group (rows = order[b0:b1], s its
-# slot; the lists are per slot). Triton: one launch for all groups
-# (triton/sparse_delta.py); the others: the backend's spmm per group on the gathered rows (on
-# the CPU each call is one parallel region; CUDA: not written as one launch yet).
+# Kernels per backend, over the groups (rows = order[b0:b1] for each (b0, b1) of bounds, s its
+# slot; the per-slot lists as the op gets them):
+#   grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales) -> y, in place:
+#       y[rows] += scales[s]·x[rows]·S_sᵀ
+#   grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x)
+#       -> (gx with gx[rows] += scales[s]·gy[rows]·S_s if need_x, [sddmm(gy[rows], x[rows])
+#       per group, fp32, unscaled])
+# Triton: one launch each for all groups (triton/sparse_delta.py grouped_spmm, grouped_sddmm);
+# the others: the backend's spmm / spmm_t_sddmm / sddmm per group on the gathered rows (on the
+# CPU each call is one parallel region, and the backward one fused pass over S per group;
+# CUDA: not written as one launch yet).
 # ---------------------------------------------------------------------------------------------
 def _grouped_by(spmm):
     def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
@@ -64,6 +71,42 @@ def _grouped_by(spmm):
     return grouped_spmm
 
 
+def _backward_by(backend: str):
+    """grouped_backward as one call per group: the backend's fused spmm_t_sddmm (gx and the
+    values' gradient; the CPU does both in one pass over S), or its sddmm alone."""
+    def grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x):
+        both = registry.lookup("spmm_t_sddmm", backend)
+        sddmm = registry.lookup("sddmm", backend)
+        grads = []
+        for (b0, b1), s in zip(bounds, slots):
+            r = order[b0:b1]
+            gy_s, x_s = gy.index_select(0, r), x.index_select(0, r)
+            if need_x:
+                gx_s, g = both(gx.index_select(0, r), gy_s, x_s, values[s].contiguous(),
+                               structs[s], scales[s])
+                gx.index_copy_(0, r, gx_s)
+            else:
+                rows, cols, offsets = structs[s][:3]
+                g = sddmm(gy_s, x_s, rows, cols, offsets)
+            grads.append(g)
+        return gx, grads
+    return grouped_backward
+
+
+def _triton_grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x):
+    """One launch for gx (grouped_spmm over the transposed structures) and one for all the
+    values' gradients (grouped_sddmm)."""
+    kernels = _triton_kernels()
+    if need_x and slots:
+        transposed = {s: values[s].index_select(0, structs[s][5]) for s in slots}
+        t_values = [transposed.get(s) for s in range(len(values))]
+        kernels.grouped_spmm(gx, gy, order, bounds, slots, [st[3] for st in structs],
+                             [st[4] for st in structs], t_values, scales)
+    grads = kernels.grouped_sddmm(gy, x, order, bounds, slots, [st[0] for st in structs],
+                                  [st[1] for st in structs])
+    return gx, grads
+
+
 def _triton_kernels():
     from ..triton import sparse_delta
     return sparse_delta
@@ -71,9 +114,12 @@ def _triton_kernels():
 
 registry.register("grouped_spmm", "reference", _grouped_by(spmm_reference))
 registry.register_module("triton", _triton_kernels, "grouped_spmm")
+registry.register("grouped_backward", "reference", _backward_by("reference"))
+registry.register("grouped_backward", "triton", _triton_grouped_backward)
 for _backend in ("cpu", "cuda"):
     registry.register_lazy("grouped_spmm", _backend,
                            lambda b=_backend: _grouped_by(registry.lookup("spmm", b)))
+    registry.register("grouped_backward", _backend, _backward_by(_backend))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,18 +187,13 @@ def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     with reading(weight):
         gx = gy @ weight if need_x else gy.new_empty(0)
     gw = gy.T @ x if need_weight else gy.new_empty(0)
-    both = registry.kernel("spmm_t_sddmm", gy.device)
-    sddmm = registry.kernel("sddmm", gy.device)
-    for a, r in _groups(row_adapter, _live(offsets, weight.shape[0])):
-        gy_a, x_a = gy.index_select(0, r), x.index_select(0, r)
-        if need_x:
-            struct = (rows[a], cols[a], offsets[a], t_offsets[a], t_cols[a], t_perm[a])
-            gx_a, g = both(gx.index_select(0, r), gy_a, x_a, values[a].contiguous(), struct,
-                           scales[a])
-            gx.index_copy_(0, r, gx_a)
-        else:
-            g = sddmm(gy_a, x_a, rows[a], cols[a], offsets[a])
-        gvalues[a] = (g if scales[a] == 1.0 else scales[a] * g).to(values[a].dtype)
+    order, bounds, slots = _sorted_groups(row_adapter, _live(offsets, weight.shape[0]))
+    structs = [(rows[s], cols[s], offsets[s], t_offsets[s], t_cols[s], t_perm[s])
+               for s in range(len(values))]
+    gx, grads = registry.kernel("grouped_backward", gy.device)(
+        gx, gy, x, order, bounds, slots, values, structs, scales, need_x)
+    for s, g in zip(slots, grads):
+        gvalues[s] = (g if scales[s] == 1.0 else scales[s] * g).to(values[s].dtype)
     return gx, gvalues, gw
 
 

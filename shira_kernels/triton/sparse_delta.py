@@ -171,3 +171,53 @@ def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
         torch.tensor([float(scales[s]) for s in slots], dtype=torch.float32, device=device),
         n_rows, x.shape[1], BLOCK_T=block_t, BLOCK_NZ=32)
     return y
+
+
+@triton.jit
+def _grouped_sddmm_kernel(gy, x, order, tile_group, tile_start, entry_end, group_rows, rows,
+                          cols, g, n_out, n_in, BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
+    # _sddmm_kernel over many adapters at once: one program per block of one group's entries
+    # (in the concatenated rows/cols), over that group's rows order[b0:b1] only.
+    tile = tl.program_id(0)
+    grp = tl.load(tile_group + tile).to(tl.int64)
+    j = tl.load(tile_start + tile).to(tl.int64) + tl.arange(0, BLOCK_NZ)
+    j_mask = j < tl.load(entry_end + grp)
+    r = _load_index(rows, j, j_mask)
+    c = _load_index(cols, j, j_mask)
+    b0 = tl.load(group_rows + 2 * grp)
+    b1 = tl.load(group_rows + 2 * grp + 1)
+    acc = tl.zeros([BLOCK_NZ], dtype=tl.float32)
+    for p0 in range(b0, b1, BLOCK_T):
+        p = p0 + tl.arange(0, BLOCK_T)
+        p_mask = p < b1
+        t = tl.load(order + p, mask=p_mask, other=0).to(tl.int64)
+        m = p_mask[:, None] & j_mask[None, :]
+        a = tl.load(gy + t[:, None] * n_out + r[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(x + t[:, None] * n_in + c[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=0)
+    tl.store(g + j, acc, mask=j_mask)
+
+
+def grouped_sddmm(gy, x, order, bounds, slots, rows, cols):
+    """For each group i, sddmm(gy[rows_i], x[rows_i]) over its slot's entries (rows_i =
+    order[bounds[i][0]:bounds[i][1]], s = slots[i]; rows/cols per slot), in ONE launch; a list
+    of fp32 [nnz_s], one per group."""
+    sizes = [rows[s].numel() for s in slots]
+    total = sum(sizes)
+    g = torch.empty(total, dtype=torch.float32, device=gy.device)
+    if total:
+        block_nz = 64
+        tile_group, tile_start, entry_end, base = [], [], [], 0
+        for i, n in enumerate(sizes):
+            starts = range(base, base + n, block_nz)
+            tile_group.extend([i] * len(starts))
+            tile_start.extend(starts)
+            base += n
+            entry_end.append(base)
+        as_int64 = functools.partial(torch.tensor, dtype=torch.int64, device=gy.device)
+        _grouped_sddmm_kernel[(len(tile_group),)](
+            gy, x, order, as_int64(tile_group), as_int64(tile_start), as_int64(entry_end),
+            as_int64([b for bound in bounds for b in bound]),
+            torch.cat([rows[s] for s in slots]), torch.cat([cols[s] for s in slots]), g,
+            gy.shape[1], x.shape[1], BLOCK_T=128, BLOCK_NZ=block_nz)
+    return list(g.split(sizes))
