@@ -22,15 +22,10 @@ def _load_index(indices, j, mask):
 
 
 @triton.jit
-def _spmm_kernel(y_in, y_out, x, offsets, cols, values, scale, tokens, n_rows, n_cols,
-                 BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
-    # One program per (output feature r, tile of tokens): the row's entries are read once per
-    # tile and applied to all its tokens.
-    r = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < tokens
-    start = tl.load(offsets + r)
-    end = tl.load(offsets + r + 1)
+def _row_products(x, t, t_mask, cols, values, start, end, n_cols, BLOCK_T: tl.constexpr,
+                  BLOCK_NZ: tl.constexpr):
+    """Σ_j values[j]·x[t, cols[j]] over one CSR row's entries j in [start, end), for the tokens
+    t (fp32, [BLOCK_T]); entries a block at a time, the same order for every caller."""
     acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for j0 in range(start, end, BLOCK_NZ):
         j = j0 + tl.arange(0, BLOCK_NZ)
@@ -40,6 +35,20 @@ def _spmm_kernel(y_in, y_out, x, offsets, cols, values, scale, tokens, n_rows, n
         xt = tl.load(x + t[:, None] * n_cols + c[None, :],
                      mask=t_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(xt * v[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _spmm_kernel(y_in, y_out, x, offsets, cols, values, scale, tokens, n_rows, n_cols,
+                 BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
+    # One program per (output feature r, tile of tokens): the row's entries are read once per
+    # tile and applied to all its tokens.
+    r = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < tokens
+    start = tl.load(offsets + r)
+    end = tl.load(offsets + r + 1)
+    acc = _row_products(x, t, t_mask, cols, values, start, end, n_cols, BLOCK_T, BLOCK_NZ)
     y = tl.load(y_in + t * n_rows + r, mask=t_mask, other=0.0).to(tl.float32)
     tl.store(y_out + t * n_rows + r, (y + scale * acc).to(y_out.dtype.element_ty), mask=t_mask)
 
@@ -131,15 +140,7 @@ def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, offsets
     t = tl.load(order + p, mask=p_mask, other=0).to(tl.int64)
     start = tl.load(offsets + g * (n_rows + 1) + r)
     end = tl.load(offsets + g * (n_rows + 1) + r + 1)
-    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for j0 in range(start, end, BLOCK_NZ):
-        j = j0 + tl.arange(0, BLOCK_NZ)
-        j_mask = j < end
-        c = _load_index(cols, j, j_mask)
-        v = tl.load(values + j, mask=j_mask, other=0.0).to(tl.float32)
-        xt = tl.load(x + t[:, None] * n_cols + c[None, :],
-                     mask=p_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(xt * v[None, :], axis=1)
+    acc = _row_products(x, t, p_mask, cols, values, start, end, n_cols, BLOCK_T, BLOCK_NZ)
     scale = tl.load(scales + g)
     yv = tl.load(y + t * n_rows + r, mask=p_mask, other=0.0).to(tl.float32)
     tl.store(y + t * n_rows + r, (yv + scale * acc).to(y.dtype.element_ty), mask=p_mask)
