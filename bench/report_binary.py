@@ -190,9 +190,7 @@ def main(argv=None) -> int:
         lines += [f"### {tokens} token(s)", ""]
         lines += fmt_table(lora_rows(tokens, args.repeat, in_f, out_f, activation=None),
                            "binary_lora (this package)") + [""]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    sb.write_report(text, args.out)
+    sb.publish_report(lines, args.out)
     return 0
 
 

@@ -188,9 +188,7 @@ def main(argv=None) -> int:
             for name, seconds in t.items():
                 lines.append(f"| {k} | {name} | {seconds * 1e3:.1f} | {seconds / ref:.2f} |")
         lines.append("")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    sb.write_report(text, args.out)
+    sb.publish_report(lines, args.out)
     return 0
 
 

@@ -215,9 +215,7 @@ def main(argv=None) -> int:
                     lines.append(f"| {kind} | (outputs: this package vs PEFT, relative "
                                  f"difference {rel:.1e}) | | | | | |")
             lines.append("")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    sb.write_report(text, out)
+    sb.publish_report(lines, out)
     return 0
 
 

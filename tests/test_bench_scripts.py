@@ -174,3 +174,10 @@ def test_multi_adapter_report_at_toy_size(tmp_path):
     for row in ("| 3 | mixed (this package) |", "| 3 | group and switch",
                 "| 3 | 1-bit LoRA mixed (multi_binary_lora) |", "## bf16"):
         assert row in text, row
+
+
+def test_quantized_report_quick(tmp_path):
+    out = tmp_path / "quantized.md"
+    run_script("report_quantized.py", "--quick", "--out", str(out))
+    text = out.read_text()
+    assert "## fp32, 96x64" in text and "this package" in text

@@ -415,6 +415,13 @@ def write_report(text: str, out: str) -> None:
         print(f"\nwritten to {path}")
 
 
+def publish_report(lines: list[str], out: str) -> None:
+    """The report's lines as one text: printed, then written to ``out`` as write_report does."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_report(text, out)
+
+
 def command_line() -> str:
     """The command that is running, as `python <script relative to cwd> <args>`."""
     import shlex
