@@ -825,6 +825,9 @@ class AdapterBank:
                 if module.merged:
                     raise RuntimeError(f"layer {layer!r} is merged; unmerge() it before a "
                                        "hot-swap")
+                if layer in entries and module.scale == 0:
+                    raise ValueError(f"layer {layer!r} has scale 0: no values can carry adapter "
+                                     f"{name!r} through it")
                 shape = tuple(module.weight.shape)
                 if layer in entries:
                     e = entries[layer]

@@ -384,6 +384,10 @@ def test_bank_hotswap_serves_adapters_unfused_in_a_compiled_model_without_recomp
     with pytest.raises(RuntimeError, match="deactivate"):
         bank.hotswap("a")
     bank.deactivate()
+    model.down.scale = 0.0  # no values could carry the adapter: refused, nothing written
+    with pytest.raises(ValueError, match="scale 0"):
+        bank.hotswap("a")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     plain = TinyModel()
     plain_bank = AdapterBank(plain)
     plain_bank.add("a", {"up": given["b"]["up"]})

@@ -19,7 +19,6 @@ sddmm, fused on the CPU).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch

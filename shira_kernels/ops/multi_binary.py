@@ -18,7 +18,6 @@ import torch
 
 from .. import backends
 from .._checks import check_scale
-from ..formats import BinaryWeight
 from . import registry
 from .binary import ACTIVATIONS, _check_binary, _check_x, binary_lora_reference
 from .multi_delta import _groups, row_slots

@@ -29,6 +29,7 @@ from .._concurrency import reading
 from ..formats import SparseDeltaSet
 from . import registry
 from .sparse_delta.naive import spmm_reference
+from .sparse_delta.parts import _triton_kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,11 +106,6 @@ def _triton_grouped_backward(gx, gy, x, order, bounds, slots, values, structs, s
     grads = kernels.grouped_sddmm(gy, x, order, bounds, slots, [st[0] for st in structs],
                                   [st[1] for st in structs])
     return gx, grads
-
-
-def _triton_kernels():
-    from ..triton import sparse_delta
-    return sparse_delta
 
 
 registry.register("grouped_spmm", "reference", _grouped_by(spmm_reference))
