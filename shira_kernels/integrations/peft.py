@@ -185,16 +185,21 @@ class _AcceleratedShira:
                                             plan.structure, float(self.scaling[adapter]),
                                             self._sk_strategy)
 
+    def _sk_quant_format(self) -> str | None:
+        """The base's quantized format if the kernels serve it (nn/quantized.py), else None (a
+        kind not quantized yet, or one they do not know: PEFT's own path)."""
+        try:
+            return quantized_format(self.get_base_layer())
+        except ValueError:
+            return None
+
     def _sk_quantized(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """A quantized base (bitsandbytes, torchao): its own forward plus the sparse product
         (sparse_product_add), where PEFT dequantizes W and adds a dense delta on every call."""
         base = self.get_base_layer()
         adapters = [a for a in self.active_adapters if a in self.shira_weight.keys()]
-        try:
-            known = quantized_format(base) is not None
-        except ValueError:  # a kind we know that is not quantized yet: PEFT's own path
-            known = False
-        if not known or len(adapters) != 1 or x.dim() == 0 or x.shape[-1] != self.in_features:
+        if (self._sk_quant_format() is None or len(adapters) != 1 or x.dim() == 0
+                or x.shape[-1] != self.in_features):
             return super().forward(x, *args, **kwargs)
         plan = self._sk_plan(adapters[0])
         if plan is None:
@@ -240,10 +245,7 @@ class _AcceleratedShira:
 
         weight = self._sk_plain_weight()
         if weight is None and self.quantization_backend is not None:
-            try:
-                fmt = quantized_format(self.get_base_layer())
-            except ValueError:
-                fmt = None
+            fmt = self._sk_quant_format()
             if fmt is not None:  # PEFT would dequantize, add and requantize: lossy, and for good
                 raise merge_error(fmt)
         if weight is None:
