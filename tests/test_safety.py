@@ -325,6 +325,15 @@ def bank_with_two_adapters():
     return model, base, bank, a, b
 
 
+@pytest.fixture
+def sigint_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a process started in the
+    background by a shell without job control inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_after(monkeypatch, target, attr):
     """Make target.attr send this process SIGINT right after it returns: without deferral the
     KeyboardInterrupt lands before the caller's bookkeeping."""
@@ -338,7 +347,8 @@ def interrupt_after(monkeypatch, target, attr):
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["from_base", "a_to_b"])
-def test_switch_interrupted_by_keyboard_interrupt_stays_consistent(monkeypatch, direct):
+def test_switch_interrupted_by_keyboard_interrupt_stays_consistent(monkeypatch, sigint_raises,
+                                                                   direct):
     model, base, bank, a, b = bank_with_two_adapters()
     if direct:
         bank.activate("a")
@@ -385,7 +395,7 @@ def test_switch_whose_bookkeeping_fails_is_rolled_back(monkeypatch, error):
 
 
 @pytest.mark.parametrize("step", ["merge", "unmerge"])
-def test_merge_interrupted_stays_restorable(monkeypatch, step):
+def test_merge_interrupted_stays_restorable(monkeypatch, sigint_raises, step):
     layer = shira_layer()
     base = bits(layer.weight)
     if step == "unmerge":
