@@ -3,7 +3,9 @@
     python bench/report_binary.py [--quick] [--out docs/benchmarks/binary_cpu.md]
 
 binary_linear is compared, on the same inputs, with a dense fp32 and a dense bf16 matmul of the
-dequantized weight, and with unpack-then-matmul (dequantize() then a matmul, per call), at 1, 8,
+dequantized weight, and with unpack-then-matmul (dequantize() then a matmul, per call); its
+strategies "lut" (the default row, fp32 x) and "dequantize" in fp32 and with bf16 x (against the
+dense bf16 matmul: the same inputs and output dtype), at 1, 8,
 16, 128 and 2048 tokens on 768x768, 4096x4096 and 11008x4096 (out x in); its gradient of x with
 gy·W on the dequantized weight (given, and dequantized per call). binary_lora is compared
 with the dense fp32 adapter (two matmuls) at ViT-B shapes (in = out = 768, r = 32, ReLU between)
@@ -94,6 +96,16 @@ def linear_rows(shape, tokens, repeat):
         "dense fp32 matmul": _cycling(lambda w: x @ w.T, w32),
         "dense bf16 matmul": _cycling(lambda w: x16 @ w.T, w16),
         "unpack then fp32 matmul": _cycling(lambda b: x @ b.dequantize().T, binary),
+        "binary_linear, lut strategy": _cycling(
+            lambda b: shira_kernels.binary_linear(x, b, strategy="lut"), binary),
+        "binary_linear, dequantize strategy": _cycling(
+            lambda b: shira_kernels.binary_linear(x, b, strategy="dequantize"), binary),
+        "binary_linear bf16 x (auto)": _cycling(lambda b: shira_kernels.binary_linear(x16, b),
+                                                binary),
+        "binary_linear bf16 x, lut strategy": _cycling(
+            lambda b: shira_kernels.binary_linear(x16, b, strategy="lut"), binary),
+        "binary_linear bf16 x, dequantize strategy": _cycling(
+            lambda b: shira_kernels.binary_linear(x16, b, strategy="dequantize"), binary),
     }
     return {name: _time(fn, repeat) for name, fn in variants.items()}
 
@@ -152,8 +164,12 @@ def main(argv=None) -> int:
              f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}; torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads; backend for CPU tensors: "
              f"{shira_kernels.backends.select('cpu')}",
-             "- The CPU kernel sums by table lookup (csrc/cpu/binary.cpp) at every token count; "
-             "the weight is never dequantized in memory.",
+             "- binary_linear (this package) and its bf16 row run strategy \"auto\": the faster of "
+             "\"lut\" (the CPU kernel sums by table lookup, csrc/cpu/binary.cpp, the weight never "
+             "formed) and \"dequantize\" (a block of rows of the weight at a time in x's dtype, "
+             "handed to torch's matmul) as measured on this machine for the shape, dtype and "
+             f"token class (tuning mode {shira_kernels.tuning.mode()!r}); the strategy rows force "
+             "one. bf16 rows take x in bf16 (the dense bf16 matmul's inputs).",
              f"- Measured here in this run: memory read {limits['read'] / 1e9:.1f} GB/s (a sum over "
              f"256 MiB), torch's bf16 matmul {limits['bf16'] / 1e9:.0f} GFLOP/s (2048³); each "
              "binary_linear table ends with its bounds from these.",

@@ -65,8 +65,8 @@ from . import _machine
 from ._files import locked, write_atomically
 
 __all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
-           "measure_sliced", "fingerprint", "cache_file", "entry", "measured_decisions",
-           "forget_decisions"]
+           "measure_sliced", "measure_extrapolated", "token_class", "token_label", "fingerprint", "cache_file", "entry",
+           "measured_decisions", "forget_decisions"]
 
 _CPU_AMD = "AMD EPYC (Zen 5), 2 cores, torch 2.13 CPU (MKL fp32 matmul)"
 _CPU_INTEL = "Intel Xeon (AVX-512, AVX512-BF16, AMX), 2 cores, torch 2.13 CPU (issue 17)"
@@ -302,6 +302,28 @@ _tuning = threading.RLock()      # one measurement at a time (a decision may nes
 _unwritable: set[Path] = set()
 
 
+# Token classes of the measured decisions (upper end, the count measured): 1, 2-4, 5-16, ...,
+# 257-1024, 1025 and more. A class is measured once, at half its upper end: within a factor of
+# 2 of every count in it.
+_TOKEN_CLASSES = ((1, 1), (4, 2), (16, 8), (64, 32), (256, 128), (1024, 512))
+_MANY_TOKENS = 2048
+
+
+def token_class(tokens: int) -> int:
+    """The token count measured for ``tokens``' class."""
+    return next((measured for upper, measured in _TOKEN_CLASSES if tokens <= upper),
+                _MANY_TOKENS)
+
+
+def token_label(measured: int) -> str:
+    """The class of a measured token count (token_class) in words, for a decision's key."""
+    if measured == 1:
+        return "tokens 1"
+    if measured == _MANY_TOKENS:
+        return f"tokens {_TOKEN_CLASSES[-1][0] + 1}+"
+    return f"tokens {measured // 2 + 1}-{2 * measured}"
+
+
 def _key(decision: str, key: tuple) -> str:
     return decision + "|" + "|".join(str(part) for part in key)
 
@@ -431,6 +453,29 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     calls = make(rows) if rows != n else probe
     times, how = measure({name: calls[name] for name in kept}, rounds=rounds, sync=sync)
     return times, f"{how} on {rows} of {full} rows{note}"
+
+
+def measure_extrapolated(make: Callable[[int], Mapping[str, Callable]], full: int, *,
+                         least: int = 256, rounds: int = 3, sync=None
+                         ) -> tuple[dict[str, float], str]:
+    """Seconds of each candidate on the whole problem of ``full`` rows, for candidates whose
+    cost is a fixed part plus a part per row (a 1-bit kernel builds its tables per token
+    whatever the rows; a slice alone would favour whatever has no fixed part): measured (median
+    of ``rounds``, in turn) on ``least`` and 4·least rows and extrapolated along the line
+    through the two, or measured whole where 4·least rows is the whole."""
+    small = min(full, least)
+    large = min(full, 4 * small)
+    if large == full:
+        times, how = measure(make(full), rounds=rounds, sync=sync)
+        return times, f"{how} on {full} of {full} rows"
+    at_small, _ = measure(make(small), rounds=rounds, sync=sync)
+    at_large, _ = measure(make(large), rounds=rounds, sync=sync)
+    per_row = {name: (at_large[name] - at_small[name]) / (large - small)
+               for name in at_small if name in at_large}
+    times = {name: max(at_large[name] + per_row[name] * (full - large), at_large[name])
+             for name in per_row}
+    return times, (f"median of {rounds} on {small} and {large} of {full} rows, extrapolated to "
+                   f"{full} along the line through them")
 
 
 def entry(decision: str, key: tuple) -> dict | None:

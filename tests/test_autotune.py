@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
+import shira_kernels
 from shira_kernels import backends, tuning
+from shira_kernels.ops import binary as binary_ops
 from shira_kernels.nn import ShiraLinear
 from shira_kernels.ops import sparse_delta as sd
 
@@ -112,7 +114,9 @@ def test_another_machine_uses_another_file(tune, monkeypatch):
 
 _WRITER = """
 import sys
+import shira_kernels
 from shira_kernels import backends, tuning
+from shira_kernels.ops import binary as binary_ops
 for i in range(int(sys.argv[2])):
     assert tuning.decide("d", (sys.argv[1], i), "a",
                          lambda: ({"a": 1.0, "b": 0.5}, "fixed")) == "b"
@@ -149,6 +153,25 @@ def test_measure_sliced_ranks_on_the_largest_slice_the_budget_allows(tune, monke
     assert seen == [64, 100] and "on 100 of 100 rows" in how
 
 
+def test_measure_extrapolated_accounts_for_a_fixed_cost():
+    # "table" pays 20 ms whatever the rows, then 10 µs a row; "gemm" 40 µs a row. On 64 rows
+    # gemm looks faster; on the whole 2,000 rows table is (40 ms against 80 ms).
+    seen = []
+
+    def make(rows):
+        seen.append(rows)
+        return {"table": lambda: time.sleep(0.02 + 1e-5 * rows),
+                "gemm": lambda: time.sleep(4e-5 * rows), "broken": lambda: 1 / 0}
+    times, how = tuning.measure_extrapolated(make, 2000, least=64)
+    assert seen == [64, 256] and set(times) == {"table", "gemm"}
+    assert times["table"] < times["gemm"]
+    assert abs(times["table"] - 0.04) < 0.01 and abs(times["gemm"] - 0.08) < 0.02
+    assert "extrapolated to 2000" in how
+    seen.clear()
+    times, how = tuning.measure_extrapolated(make, 200, least=64)  # 4·64 covers it: measured
+    assert seen == [200] and "on 200 of 200 rows" in how
+
+
 def test_measure_takes_rounds_in_turn_and_drops_failures():
     order = []
     calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b"),
@@ -167,7 +190,7 @@ def _layer(out_f=48, in_f=64, dtype=torch.float32):
 def test_auto_strategy_runs_the_measured_winner(tune):
     layer, nnz = _layer()
     key = sd._strategy_key(torch.device("cpu"), torch.float32, 48, 64, nnz,
-                           sd._token_class(9), "inference")
+                           tuning.token_class(9), "inference")
     forced = "merge"  # never the static choice: proves the decision is read
     assert sd.static_strategy("cpu", torch.float32, 16) != forced
     tuning.decide(sd.STRATEGY_DECISION, key, "spmm", lambda: ({forced: 0.1}, "fixed"))
@@ -217,6 +240,33 @@ def test_compiled_layer_is_tuned_at_trace_time_without_breaks_or_recompiles(tune
     assert torch.allclose(y, eager, rtol=0, atol=1e-5)
 
 
+def test_binary_linear_auto_measures_lut_and_dequantize(tune):
+    choice = binary_ops.auto_strategy("cpu", torch.bfloat16, 9, (48, 64))
+    key = binary_ops.strategy_key(torch.bfloat16, 48, 64, tuning.token_class(9))
+    entry = tuning.entry(binary_ops.STRATEGY_DECISION, key)
+    candidates = {"lut", "dequantize"}
+    assert entry["value"] == choice and set(entry["ms"]) <= candidates
+    assert all(name in entry["ms"] or name in entry["how"] for name in candidates)
+    assert entry["ms"][choice] == min(entry["ms"].values())
+    # One token, another device, or tuning off: the 1-bit kernel, nothing measured.
+    assert binary_ops.auto_strategy("cpu", torch.bfloat16, 1, (48, 64)) == "lut"
+    assert binary_ops.auto_strategy("meta", torch.bfloat16, 9, (48, 64)) == "lut"
+    assert tuning.entry(binary_ops.STRATEGY_DECISION,
+                        binary_ops.strategy_key(torch.bfloat16, 48, 64, 1)) is None
+
+
+def test_binary_linear_auto_runs_the_measured_winner(tune):
+    torch.manual_seed(0)
+    bw = shira_kernels.BinaryWeight.from_float(torch.randn(48, 64), "row")
+    for forced, tokens in (("dequantize", 9), ("lut", 40)):  # two token classes, two keys
+        key = binary_ops.strategy_key(torch.bfloat16, 48, 64, tuning.token_class(tokens))
+        tuning.decide(binary_ops.STRATEGY_DECISION, key, "lut", lambda: ({forced: 0.1}, "fixed"))
+        assert binary_ops.auto_strategy("cpu", torch.bfloat16, tokens, (48, 64)) == forced
+        x = torch.randn(tokens, 64).to(torch.bfloat16)
+        assert torch.equal(binary_ops.binary_linear(x, bw),
+                           binary_ops.binary_linear(x, bw, strategy=forced))
+
+
 def test_tune_command_measures_then_reads_the_cache(tune, capsys):
     from shira_kernels import cli
 
@@ -247,7 +297,7 @@ def test_tune_command_refuses_when_tuning_is_off(tune, monkeypatch, capsys):
 def test_a_cached_value_that_is_no_strategy_gives_the_static_choice(tune):
     _, nnz = _layer()
     key = sd._strategy_key(torch.device("cpu"), torch.float32, 48, 64, nnz,
-                           sd._token_class(9), "inference")
+                           tuning.token_class(9), "inference")
     tuning.decide(sd.STRATEGY_DECISION, key, "spmm", lambda: ({"warp": 0.1}, "fixed"))
     assert sd.auto_strategy("cpu", torch.float32, 9, False, (48, 64), nnz) == \
         sd.static_strategy("cpu", torch.float32, 9, False)

@@ -8,6 +8,7 @@ from torch.library import opcheck
 import shira_kernels
 from shira_kernels.formats import BinaryWeight, pack_signs, unpack_signs
 from shira_kernels.ops import registry
+from shira_kernels.ops import binary as binary_ops
 from shira_kernels.ops.binary import binary_linear, binary_lora
 from shira_kernels.quant import PETL_LEVEL, fake_quantize
 
@@ -146,6 +147,47 @@ def test_binary_linear(backend, device, dtype, shape, method):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0, 9, 768), (1, 5, 4097), (197, 33, 768), (7, 100, 45)],
+                         ids=["T0", "T1-in4097", "T197", "T7-out100-in45"])
+@pytest.mark.parametrize("blocks", ["one block", "blocks of 16 rows"])
+def test_binary_linear_dequantize_strategy(backend, device, dtype, shape, blocks, monkeypatch):
+    # The weight rounded once to x's dtype (one rounding of u_dtype along every term), then
+    # torch's matmul: within the bound of F.linear on bw.dequantize(dtype), blocked or not.
+    if blocks != "one block":
+        monkeypatch.setattr(binary_ops, "_DEQUANTIZE_BLOCK_BYTES", 1)  # 16 rows (the least)
+    tokens, out_f, in_f = shape
+    bw = _weight(out_f, in_f, "row", seed=tokens, device=device)
+    x = _x(tokens, in_f, dtype, seed=1, device=device).requires_grad_(True)
+    bias = torch.randn(out_f).to(device, dtype)
+    y = binary_linear(x, bw, bias, strategy="dequantize")
+    assert y.shape == (tokens, out_f) and y.dtype == dtype
+    w = bw.dequantize()
+    theirs = F.linear(x, bw.dequantize(dtype), bias)
+    exact = F.linear(x.double(), w.double(), bias.double())
+    magnitude = abs64(x) @ binary_abs(bw).T + abs64(bias)
+    assert_within_error_bound(y, exact, magnitude, binary_k(in_f), "y", torch_result=theirs,
+                              roundings=1)
+    gy = _x(tokens, out_f, dtype, seed=2, device=device)
+    (gx,) = torch.autograd.grad(y, x, gy)  # through the 1-bit kernel, as with "lut"
+    (gx_lut,) = torch.autograd.grad(binary_linear(x, bw, bias, strategy="lut"), x, gy)
+    assert torch.equal(gx, gx_lut)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_f", [1, 31, 32, 33, 77, 4097])
+@pytest.mark.parametrize("method", ["petl", "row"])
+def test_cpu_dequantize_kernel_equals_dequantize(dtype, in_f, method):
+    # The CPU kernel copies μ ± α (rounded once to the dtype) by each sign bit: bit for bit
+    # BinaryWeight.dequantize(dtype), the last word's padding bits unused.
+    bw = _weight(37, in_f, method, seed=in_f)
+    hi = (bw.mu + bw.alpha).to(dtype).expand(37).contiguous()
+    lo = (bw.mu - bw.alpha).to(dtype).expand(37).contiguous()
+    ours = shira_kernels._native.module("cpu").binary_dequantize(bw.packed, hi, lo, in_f)
+    assert ours.dtype == dtype
+    assert torch.equal(ours.view(torch.uint8), bw.dequantize(dtype).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rank", [1, 32])
 @pytest.mark.parametrize("tokens", [0, 1, 197])
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -238,6 +280,8 @@ def test_bad_inputs():
         binary_linear(torch.randn(3, 41), bw)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
         binary_linear(torch.zeros(3, 40, dtype=torch.int64), bw)
+    with pytest.raises(ValueError, match="strategy must be one of .*'gemm'"):
+        binary_linear(torch.randn(3, 40), bw, strategy="gemm")
     with pytest.raises(TypeError, match="bw must be a BinaryWeight"):
         binary_linear(torch.randn(3, 40), bw.dequantize())
     with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(6,\)"):

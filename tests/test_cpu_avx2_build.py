@@ -111,6 +111,18 @@ def test_binary_kernel(builds, shape):
                               f"{MARCH} binary_linear_grad_x", torch_result=theirs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_binary_dequantize_is_exact(builds, dtype):
+    # Without AVX-512 BW the kernel takes its scalar loop: the same bits.
+    native, avx2 = builds
+    bw = BinaryWeight.from_float(torch.randn(9, 77, generator=torch.Generator().manual_seed(6)))
+    hi = (bw.mu + bw.alpha).to(dtype).expand(9).contiguous()
+    lo = (bw.mu - bw.alpha).to(dtype).expand(9).contiguous()
+    for mod in (avx2, native):
+        ours = mod.binary_dequantize(bw.packed, hi, lo, 77)
+        assert torch.equal(ours.view(torch.uint8), bw.dequantize(dtype).view(torch.uint8))
+
+
 def test_add_at_indices_is_exact(builds):
     weight = torch.randn(50, 70).to(torch.bfloat16)
     delta = make_delta(50, 70, torch.bfloat16)

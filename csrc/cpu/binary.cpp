@@ -218,3 +218,48 @@ void shira::cpu::binary_linear_grad_x(const float* g, int64_t tokens, int64_t ou
   const Epilogue e{&one, false, &one, false, nullptr, 1.0f, add};
   lookup_products(g, tokens, out, panels_t, in, e, gx);
 }
+
+namespace {
+
+// One row of binary_dequantize: 32 columns per sign word, each a blend of lo and hi by the
+// word's bits (AVX-512 BW: one masked blend and store per 32 bf16/fp16 or 16 fp32 columns).
+template <typename E>
+void dequantize_row(const int32_t* words, int64_t in, E hi, E lo, E* out) {
+  int64_t k = 0;
+#if defined(__AVX512BW__)
+  if constexpr (sizeof(E) == 2) {
+    const __m512i h = _mm512_set1_epi16(static_cast<short>(hi));
+    const __m512i l = _mm512_set1_epi16(static_cast<short>(lo));
+    for (; k + 32 <= in; k += 32)
+      _mm512_storeu_si512(out + k, _mm512_mask_blend_epi16(
+                                       static_cast<__mmask32>(words[k / 32]), l, h));
+  } else {
+    const __m512i h = _mm512_set1_epi32(static_cast<int>(hi));
+    const __m512i l = _mm512_set1_epi32(static_cast<int>(lo));
+    for (; k + 32 <= in; k += 32) {
+      const uint32_t w = static_cast<uint32_t>(words[k / 32]);
+      _mm512_storeu_si512(out + k, _mm512_mask_blend_epi32(static_cast<__mmask16>(w), l, h));
+      _mm512_storeu_si512(out + k + 16,
+                          _mm512_mask_blend_epi32(static_cast<__mmask16>(w >> 16), l, h));
+    }
+  }
+#endif
+  for (; k < in; ++k)
+    out[k] = (static_cast<uint32_t>(words[k / 32]) >> (k % 32)) & 1u ? hi : lo;
+}
+
+}  // namespace
+
+void shira::cpu::binary_dequantize(const int32_t* packed, int64_t rows, int64_t words,
+                                   int64_t in, const void* hi, const void* lo, int elem_bytes,
+                                   void* out) {
+  auto run = [&](auto tag) {
+    using E = decltype(tag);
+    const E* h = static_cast<const E*>(hi);
+    const E* l = static_cast<const E*>(lo);
+    E* o = static_cast<E*>(out);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) dequantize_row<E>(packed + r * words, in, h[r], l[r], o + r * in);
+  };
+  if (elem_bytes == 2) run(uint16_t{}); else run(uint32_t{});
+}

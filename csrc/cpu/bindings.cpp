@@ -194,6 +194,26 @@ int64_t add_at_indices(torch::Tensor& out, const torch::Tensor& weight,
                                     static_cast<float>(scale), idx.numel(), saved_ptr);
 }
 
+// The 1-bit weight's rows as a dense tensor of hi's dtype: out[r, k] = s[r, k] ? hi[r] : lo[r]
+// (hi = mu + alpha, lo = mu - alpha, rounded by the caller), for packed int32 [rows, words].
+torch::Tensor binary_dequantize(const torch::Tensor& packed, const torch::Tensor& hi,
+                                const torch::Tensor& lo, int64_t in) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kInt32 && packed.is_contiguous(),
+              "binary_dequantize: packed must be contiguous int32 [rows, words]");
+  const int64_t rows = packed.size(0), words = packed.size(1);
+  TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
+  TORCH_CHECK(hi.dim() == 1 && hi.numel() == rows && hi.is_contiguous() && lo.sizes() == hi.sizes() &&
+                  lo.scalar_type() == hi.scalar_type() && lo.is_contiguous(),
+              "binary_dequantize: hi and lo must be contiguous, one value per row, one dtype");
+  dtype_of(hi, "binary_dequantize: hi");  // a float dtype the kernels take
+  torch::Tensor out = torch::empty({rows, in}, hi.options());
+  if (rows == 0 || in == 0) return out;
+  shira::cpu::binary_dequantize(packed.data_ptr<int32_t>(), rows, words, in, hi.data_ptr(),
+                                lo.data_ptr(), static_cast<int>(hi.element_size()),
+                                out.data_ptr());
+  return out;
+}
+
 // Checks that `panels` are the sign panels (kernels.h) of a [lanes, steps] sign matrix.
 void check_panels(const torch::Tensor& panels, int64_t lanes, int64_t steps, const char* what) {
   TORCH_CHECK(panels.scalar_type() == torch::kUInt8 && panels.is_contiguous() &&
@@ -302,6 +322,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_linear_grad_x", &binary_linear_grad_x,
         "gy @ (mu + alpha * s) in fp32 for packed 1-bit signs s, without forming the weight",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("binary_dequantize", &binary_dequantize,
+        "the rows of a 1-bit weight as a dense tensor: s ? hi : lo per row",
+        pybind11::arg("packed"), pybind11::arg("hi"), pybind11::arg("lo"), pybind11::arg("in"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
         pybind11::call_guard<pybind11::gil_scoped_release>());

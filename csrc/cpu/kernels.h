@@ -80,5 +80,11 @@ void binary_linear(const float* x, int64_t tokens, int64_t in, const uint8_t* pa
 // transpose [in, out], and add[t] = sum_o gy[t, o] * mu[o]; gx fp32 [T, in].
 void binary_linear_grad_x(const float* g, int64_t tokens, int64_t out,
                           const uint8_t* panels_t, int64_t in, const float* add, float* gx);
+// The weight itself, for handing to a vendor GEMM a block of rows at a time: out[r, k] =
+// s[r, k] ? hi[r] : lo[r] for r < rows, k < in, with hi = mu + alpha and lo = mu - alpha already
+// rounded to the output dtype (elem_bytes 2 or 4: their bits are copied, not converted), the
+// signs packed in words [rows, words].
+void binary_dequantize(const int32_t* packed, int64_t rows, int64_t words, int64_t in,
+                       const void* hi, const void* lo, int elem_bytes, void* out);
 
 }  // namespace shira::cpu

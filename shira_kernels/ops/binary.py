@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from .. import _native, backends, tuning
 from .._checks import TensorCache, check_float_tensor, check_scale
@@ -42,6 +43,11 @@ def _dequantized(packed, alpha, mu, in_features) -> torch.Tensor:
 def binary_linear_reference(x, packed, alpha, mu, bias, in_features) -> torch.Tensor:
     y = x.float() @ _dequantized(packed, alpha, mu, in_features).T
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def binary_linear_dequantized_reference(x, packed, alpha, mu, bias, in_features) -> torch.Tensor:
+    """The "dequantize" strategy: the weight rounded once to x's dtype, then torch's matmul."""
+    return F.linear(x, _dequantized(packed, alpha, mu, in_features).to(x.dtype), bias)
 
 
 def binary_linear_grad_x_reference(gy, packed, alpha, mu, in_features) -> torch.Tensor:
@@ -107,6 +113,9 @@ def _triton_kernels():
 
 # reference: the specification.
 registry.register("binary_linear", "reference", binary_linear_reference)
+# The dequantize strategy is torch's matmul after the weight: on GPUs the reference is it.
+for _backend in ("reference", "triton", "cuda"):
+    registry.register("binary_linear_dequantized", _backend, binary_linear_dequantized_reference)
 registry.register("binary_linear_grad_x", "reference", binary_linear_grad_x_reference)
 registry.register("binary_lora", "reference", binary_lora_reference)
 
@@ -136,6 +145,35 @@ def _cpu_binary_linear():
     return binary_linear
 
 
+# The "dequantize" strategy on the CPU: the weight a block of rows at a time (about
+# _DEQUANTIZE_BLOCK_BYTES, so that it is still in cache when the matmul reads it) in x's dtype,
+# each block handed to torch's matmul (oneDNN or MKL; AMX tiles where the CPU has them). 4 MiB
+# measured faster than 1 MiB (more matmul calls) and than the whole weight (written to memory
+# and read back) on the AMD EPYC, at 768x768 and 4096x4096, 128 and 2048 tokens.
+_DEQUANTIZE_BLOCK_BYTES = 4 << 20
+
+
+@functools.partial(registry.register_lazy, "binary_linear_dequantized", "cpu")
+def _cpu_binary_linear_dequantized():
+    mod = _native.module("cpu")
+
+    def binary_linear_dequantized(x, packed, alpha, mu, bias, in_features):
+        out = packed.shape[0]
+        # As BinaryWeight.dequantize: μ ± α in fp32, rounded once to x's dtype.
+        hi = (mu + alpha).to(x.dtype).expand(out).contiguous()
+        lo = (mu - alpha).to(x.dtype).expand(out).contiguous()
+        block = max(16, _DEQUANTIZE_BLOCK_BYTES // (in_features * x.element_size()))
+        if block >= out:
+            return F.linear(x, mod.binary_dequantize(packed, hi, lo, in_features), bias)
+        y = x.new_empty((x.shape[0], out))
+        for r0 in range(0, out, block):
+            r1 = min(out, r0 + block)
+            w = mod.binary_dequantize(packed[r0:r1], hi[r0:r1], lo[r0:r1], in_features)
+            y[:, r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
+        return y
+    return binary_linear_dequantized
+
+
 @functools.partial(registry.register_lazy, "binary_linear_grad_x", "cpu")
 def _cpu_binary_linear_grad_x():
     mod = _native.module("cpu")
@@ -160,7 +198,11 @@ def _cpu_binary_lora():
 # torch.library ops (fake kernels; the gradient of x), and their eager Functions (_eager.py).
 # ---------------------------------------------------------------------------------------------
 def _binary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
-                   mu: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+                   mu: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                   strategy: str = "lut") -> torch.Tensor:
+    if strategy == "dequantize":
+        return registry.kernel("binary_linear_dequantized", x.device)(
+            x.contiguous(), packed, alpha, mu, bias, in_features)
     order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
     return registry.kernel("binary_linear", x.device, order)(x.contiguous(), packed, alpha, mu,
                                                              bias, in_features)
@@ -170,12 +212,12 @@ _binary_linear_op = torch.library.custom_op("shira::binary_linear", mutates_args
 
 
 @_binary_linear_op.register_fake
-def _(x, packed, alpha, mu, bias, in_features):
+def _(x, packed, alpha, mu, bias, in_features, strategy="lut"):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, packed, alpha, mu, bias, in_features = inputs
+    x, packed, alpha, mu, bias, in_features = inputs[:6]
     ctx.save_for_backward(packed, alpha, mu)
     ctx.in_features, ctx.has_bias = in_features, bias is not None
     ctx.backend = backends.requested()  # the backward runs where use_backend() is not seen
@@ -201,7 +243,7 @@ def _linear_backward(ctx, gy, grad_x=_grad_x_op):
     with backends.use_backend(ctx.backend):
         gx = grad_x(gy, packed, alpha, mu, ctx.in_features)
     gb = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return gx, None, None, None, gb, None
+    return gx, None, None, None, gb, None, None
 
 
 _binary_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -241,7 +283,7 @@ def _lora_backward(ctx, gy, grad_x=_grad_x_op, linear=_binary_linear_op):
     with backends.use_backend(ctx.backend):
         gh = ctx.scale * grad_x(gy.float(), up, ua, um, ctx.up_in)
         if ctx.relu:  # the forward's down(x), recomputed in fp32
-            gh = gh * (linear(x.float(), dp, da, dm, None, ctx.down_in) > 0)
+            gh = gh * (linear(x.float(), dp, da, dm, None, ctx.down_in, "lut") > 0)
         gx = grad_x(gh, dp, da, dm, ctx.down_in)
     return gx.to(gy.dtype), *([None] * 10)
 
@@ -269,9 +311,23 @@ def _check_binary(name: str, bw, device) -> None:
         raise ValueError(f"{name} is on {bw.device} but x is on {device}")
 
 
-def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None = None):
+STRATEGIES = ("auto", "lut", "dequantize")
+STRATEGY_DECISION = "binary_linear.strategy"
+
+
+def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None = None, *,
+                  strategy: str = "auto"):
     """x·(μ + α·s)ᵀ + b for x [..., in] and a BinaryWeight bw [out, in]; the result has x's
-    dtype (fp32 accumulation)."""
+    dtype (fp32 accumulation).
+
+    strategy: "lut" sums the packed signs directly (the backend's 1-bit kernel: table lookup on
+    the CPU), the weight never formed; "dequantize" forms the weight in x's dtype (on the CPU a
+    block of rows at a time, in cache) and runs torch's matmul on it, so W is rounded once to
+    x's dtype as in F.linear(x, bw.dequantize(x.dtype), bias); "auto" picks between them on the
+    CPU by measuring both on this machine (tuning.decide; "lut" with tuning off, at one token,
+    and on other devices). The gradient of x always goes through the 1-bit kernel."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     _check_binary("bw", bw, getattr(x, "device", None))
     _check_x(x, bw.shape[1], "bw")
     if bias is not None:
@@ -280,9 +336,56 @@ def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None =
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias has dtype {bias.dtype} on {bias.device}; x has {x.dtype} on {x.device}")
     x2 = x.reshape(-1, x.shape[-1])
+    if strategy == "auto":
+        strategy = auto_strategy(x2.device, x2.dtype, x2.shape[0], bw.shape)
     run = _binary_linear_op if via_op(x) else _eager_binary_linear
-    y = run(x2, bw.packed, bw.alpha, bw.mu, bias, bw.shape[1])
+    y = run(x2, bw.packed, bw.alpha, bw.mu, bias, bw.shape[1], strategy)
     return y.view(*x.shape[:-1], bw.shape[0])
+
+
+def auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int,
+                  shape: tuple[int, int]) -> str:
+    """The strategy binary_linear's "auto" runs: on the CPU, from 2 tokens, the faster of "lut"
+    and "dequantize" for this dtype, layer shape and token class as measured on this machine
+    (tuning.decide; "lut" with tuning off); "lut" elsewhere."""
+    device = torch.device(device)
+    if device.type != "cpu" or tokens < 2 or tuning.mode() == "off":
+        return "lut"
+    return _tuned_strategy(dtype, int(shape[0]), int(shape[1]), tuning.token_class(tokens))
+
+
+_decided = tuning.memo()
+
+
+@torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
+def _tuned_strategy(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> str:
+    fast = (dtype, out_f, in_f, tokens, tuning.mode(), torch.get_num_threads())
+    value = _decided.get(fast)
+    if value is None:
+        value = tuning.decide(STRATEGY_DECISION, strategy_key(dtype, out_f, in_f, tokens), "lut",
+                              lambda: tuning.measure_extrapolated(
+                                  functools.partial(_strategy_calls, dtype, in_f, tokens), out_f))
+        if value not in STRATEGIES[1:]:  # a cache file written by another version
+            value = "lut"
+        _decided[fast] = value
+    return value
+
+
+def strategy_key(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> tuple:
+    """The decision's key: the CPU threads torch uses, the dtype, the layer's shape and the
+    token class of ``tokens`` (a count tuning.token_class gives)."""
+    return (f"cpu {torch.get_num_threads()} threads", str(dtype).removeprefix("torch."),
+            f"{out_f}x{in_f}", tuning.token_label(tokens))
+
+
+def _strategy_calls(dtype: torch.dtype, in_f: int, tokens: int, rows: int) -> dict:
+    """{strategy: a call running it} on ``rows`` output rows of a 1-bit layer of width in_f."""
+    gen = torch.Generator().manual_seed(rows)
+    signs = torch.rand(rows, in_f, generator=gen) < 0.5
+    bw = BinaryWeight.from_signs(signs, torch.rand(rows, generator=gen), 0.0)
+    x = torch.empty(tokens, in_f, dtype=dtype).uniform_(-1, 1, generator=gen)
+    return {name: functools.partial(_binary_linear, x, bw.packed, bw.alpha, bw.mu, None, in_f,
+                                    name) for name in STRATEGIES[1:]}
 
 
 def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: float = 1.0,

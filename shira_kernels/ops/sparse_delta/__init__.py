@@ -9,7 +9,7 @@ The names below are this package's interface (``from shira_kernels.ops import sp
 sd; sd.auto_strategy(...)``), including the few private ones that tests read.
 """
 from .linear import (FOLD_TOKENS, FOLD_TRAINING_TOKENS, STRATEGIES, STRATEGY_DECISION,
-                     SWAP_FROM_TOKENS, _scratch, _strategy_key, _token_class, auto_strategy,
+                     SWAP_FROM_TOKENS, _scratch, _strategy_key, auto_strategy,
                      linear_of_parts, sparse_delta_linear, sparse_delta_linear_unpacked, static_strategy,
                      strategy_entry)
 from .naive import (add_at_indices_reference, sddmm_reference, sparse_delta_linear_reference,

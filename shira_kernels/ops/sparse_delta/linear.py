@@ -245,7 +245,7 @@ def auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int,
     if shape is None or nnz is None or not nnz or tuning.mode() == "off":
         return default
     return _tuned_strategy(str(device), dtype, int(shape[0]), int(shape[1]), int(nnz),
-                           _token_class(tokens), _backward_kind(training, grad_x), default)
+                           tuning.token_class(tokens), _backward_kind(training, grad_x), default)
 
 
 def _backward_kind(training: bool, grad_x: bool) -> str:
@@ -256,26 +256,6 @@ def _backward_kind(training: bool, grad_x: bool) -> str:
 
 
 STRATEGY_DECISION = "sparse_delta_linear.strategy"
-# Token classes (upper end, the count measured): 1, 2-4, 5-16, ..., 257-1024, 1025 and more. A
-# class is measured once, at half its upper end: within a factor of 2 of every count in it.
-_TOKEN_CLASSES = ((1, 1), (4, 2), (16, 8), (64, 32), (256, 128), (1024, 512))
-_MANY_TOKENS = 2048
-
-
-def _token_class(tokens: int) -> int:
-    """The token count measured for ``tokens``' class."""
-    return next((measured for upper, measured in _TOKEN_CLASSES if tokens <= upper),
-                _MANY_TOKENS)
-
-
-def _token_label(measured: int) -> str:
-    if measured == 1:
-        return "tokens 1"
-    if measured == _MANY_TOKENS:
-        return f"tokens {_TOKEN_CLASSES[-1][0] + 1}+"
-    return f"tokens {measured // 2 + 1}-{2 * measured}"
-
-
 def _strategy_key(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int, nnz: int,
                   tokens: int, backward: str) -> tuple:
     """The decision's key: where it runs (the GPU, or the CPU threads torch uses), the backend
@@ -286,7 +266,7 @@ def _strategy_key(device: torch.device, dtype: torch.dtype, out_f: int, in_f: in
              if device.type == "cuda" else f"cpu {torch.get_num_threads()} threads")
     nnz_class = min(1 << round(math.log2(max(nnz, 1))), out_f * in_f)
     return (where, backends.requested() or "auto", str(dtype).removeprefix("torch."),
-            f"{out_f}x{in_f}", nnz_class, _token_label(tokens), backward)
+            f"{out_f}x{in_f}", nnz_class, tuning.token_label(tokens), backward)
 
 
 def strategy_entry(device, dtype: torch.dtype, tokens: int, training: bool, shape,
@@ -294,7 +274,7 @@ def strategy_entry(device, dtype: torch.dtype, tokens: int, training: bool, shap
     """The tuned decision behind auto_strategy for these arguments (value, each candidate's
     ms, how it was measured), or None where none was made in this process."""
     key = _strategy_key(torch.device(device), dtype, int(shape[0]), int(shape[1]), int(nnz),
-                        _token_class(tokens), _backward_kind(training, grad_x))
+                        tuning.token_class(tokens), _backward_kind(training, grad_x))
     return tuning.entry(STRATEGY_DECISION, key)
 
 
