@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                           f"{t[SWITCH] / t[BASE]:.2f}x the base's F.linear alone, so no way "
                           "of mixing adapters (which must at least run that F.linear) can be "
                           f"more than {t[SWITCH] / t[BASE]:.2f}x faster than group and switch "
-                          f"here; mixed is {t[SWITCH] / ref:.2f}x faster.")
+                          f"here; it takes {t[SWITCH] / ref:.2f}x mixed's time.")
         lines.append("")
     lines += ["## Bound", ""] + bounds + [""]
     sb.publish_report(lines, args.out)
