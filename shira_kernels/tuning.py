@@ -30,8 +30,9 @@ Decisions:
   swap_block            entries per block of work in scatter_swap_'s launch table, per backend
 
 Autotuning. A decision whose best value depends on the machine more than a table can say (the
-strategy of sparse_delta_linear: it turns on the speed of torch's matmul here against the
-package's own kernels) is measured where the code runs: ``decide`` times the candidates the
+strategy of sparse_delta_linear, and binary_linear's table lookup against dequantizing for
+torch's matmul: both turn on the speed of torch's matmul here against the package's own
+kernels) is measured where the code runs: ``decide`` times the candidates the
 first time a key is needed, keeps the winner in memory and in a file per machine fingerprint
 (CPU model and ISA flags, cores, torch and BLAS build), and reads it from there in later
 processes. ``SHIRA_KERNELS_TUNE`` says how: "auto" (default) measure what the file lacks, "off"

@@ -255,6 +255,22 @@ def test_binary_linear_auto_measures_lut_and_dequantize(tune):
                         binary_ops.strategy_key(torch.bfloat16, 48, 64, 1)) is None
 
 
+def test_compiled_binary_linear_is_tuned_at_trace_time_without_breaks_or_recompiles(tune):
+    torch.manual_seed(0)
+    bw = shira_kernels.BinaryWeight.from_float(torch.randn(48, 64), "row")
+    x = torch.randn(9, 64).to(torch.bfloat16).requires_grad_(True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: binary_ops.binary_linear(t, bw), fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            y = compiled(x)
+            y.float().sum().backward()
+    entry = tuning.entry(binary_ops.STRATEGY_DECISION,
+                         binary_ops.strategy_key(torch.bfloat16, 48, 64, tuning.token_class(9)))
+    assert entry is not None and entry["value"] in entry["ms"]
+    assert torch.equal(y, binary_ops.binary_linear(x, bw, strategy=entry["value"]))
+
+
 def test_binary_linear_auto_runs_the_measured_winner(tune):
     torch.manual_seed(0)
     bw = shira_kernels.BinaryWeight.from_float(torch.randn(48, 64), "row")
