@@ -8,7 +8,8 @@ strategies "lut" (the default row, fp32 x) and "dequantize" in fp32 and with bf1
 dense bf16 matmul: the same inputs and output dtype), at 1, 8,
 16, 128 and 2048 tokens on 768x768, 4096x4096 and 11008x4096 (out x in); its gradient of x with
 gy·W on the dequantized weight (given, and dequantized per call). binary_lora is compared
-with the dense fp32 adapter (two matmuls) at ViT-B shapes (in = out = 768, r = 32, ReLU between)
+with the dense fp32 adapter (two matmuls), and with bf16 x (its strategies and "auto") with the
+dense bf16 adapter on weights dequantized beforehand, at ViT-B shapes (in = out = 768, r = 32, ReLU between)
 at 1 and 197 tokens, and on a Llama-7B MLP projection (in 4096, out 11008, r = 32, no
 activation, as Bi-LoRA) at 1, 16 and 128 tokens.
 """
@@ -133,9 +134,17 @@ def lora_rows(tokens, repeat, in_f=768, out_f=768, rank=32, activation="relu"):
     d32, u32 = down.dequantize(), up.dequantize()
     act = torch.relu if activation == "relu" else (lambda h: h)
     x = torch.randn(tokens, in_f, generator=g)
+    x16, d16, u16 = x.to(torch.bfloat16), d32.to(torch.bfloat16), u32.to(torch.bfloat16)
     variants = {
         "binary_lora (this package)": lambda: shira_kernels.binary_lora(x, down, up, 0.1, activation),
         "dense fp32 adapter (2 matmuls)": lambda: 0.1 * F.linear(act(F.linear(x, d32)), u32),
+        "dense bf16 adapter (2 matmuls)": lambda: 0.1 * F.linear(act(F.linear(x16, d16)), u16),
+        "binary_lora bf16 x (auto)": lambda: shira_kernels.binary_lora(x16, down, up, 0.1,
+                                                                       activation),
+        "binary_lora bf16 x, lut strategy": lambda: shira_kernels.binary_lora(
+            x16, down, up, 0.1, activation, strategy="lut"),
+        "binary_lora bf16 x, dequantize strategy": lambda: shira_kernels.binary_lora(
+            x16, down, up, 0.1, activation, strategy="dequantize"),
     }
     return {name: _time(fn, repeat) for name, fn in variants.items()}
 

@@ -271,6 +271,21 @@ def test_compiled_binary_linear_is_tuned_at_trace_time_without_breaks_or_recompi
     assert torch.equal(y, binary_ops.binary_linear(x, bw, strategy=entry["value"]))
 
 
+def test_binary_lora_auto_measures_both_and_runs_the_winner(tune):
+    torch.manual_seed(0)
+    down = shira_kernels.BinaryWeight.from_float(torch.randn(8, 64), "petl")
+    up = shira_kernels.BinaryWeight.from_float(torch.randn(48, 8), "row")
+    choice = binary_ops.lora_auto_strategy("cpu", torch.bfloat16, 9, 8, 64, 48)
+    key = binary_ops.lora_strategy_key(torch.bfloat16, 8, 64, 48, tuning.token_class(9))
+    entry = tuning.entry(binary_ops.LORA_STRATEGY_DECISION, key)
+    assert entry["value"] == choice and set(entry["ms"]) == {"lut", "dequantize"}
+    assert entry["ms"][choice] == min(entry["ms"].values())
+    x = torch.randn(9, 64).to(torch.bfloat16)
+    assert torch.equal(binary_ops.binary_lora(x, down, up, 0.5),
+                       binary_ops.binary_lora(x, down, up, 0.5, strategy=choice))
+    assert binary_ops.lora_auto_strategy("cpu", torch.bfloat16, 1, 8, 64, 48) == "lut"
+
+
 def test_binary_linear_auto_runs_the_measured_winner(tune):
     torch.manual_seed(0)
     bw = shira_kernels.BinaryWeight.from_float(torch.randn(48, 64), "row")

@@ -217,6 +217,29 @@ def test_binary_lora(backend, device, dtype, rank, tokens, activation):
     assert_within_error_bound(gx, gx_exact, gx_magnitude, k, "grad x", torch_result=gx_torch)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [0, 1, 197])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_binary_lora_dequantize_strategy(backend, device, dtype, tokens, activation):
+    # The dense adapter in x's dtype: both weights and the intermediate rounded to it (three
+    # roundings of u_dtype along a term), within the bound of that same chain in torch.
+    down = _weight(32, 768, "petl", seed=32, device=device)
+    up = _weight(100, 32, "row", seed=33, device=device)
+    x = _x(tokens, 768, dtype, seed=3, device=device).requires_grad_(True)
+    y = binary_lora(x, down, up, 0.5, activation, strategy="dequantize")
+    assert y.shape == (tokens, 100) and y.dtype == dtype
+    act = torch.relu if activation == "relu" else (lambda t: t)
+    theirs = 0.5 * F.linear(act(F.linear(x, down.dequantize(dtype))), up.dequantize(dtype))
+    x64 = x.detach().double().requires_grad_(True)
+    exact, magnitude, _ = lora_exact_and_magnitude(x64, down, up, 0.5, activation == "relu")
+    k = binary_k(768) + binary_k(32) + 1
+    assert_within_error_bound(y, exact, magnitude, k, "y", torch_result=theirs, roundings=3)
+    gy = _x(tokens, 100, dtype, seed=4, device=device)
+    (gx,) = torch.autograd.grad(y, x, gy)  # through the 1-bit kernels, as with "lut"
+    lut = binary_lora(x, down, up, 0.5, activation, strategy="lut")
+    assert torch.equal(gx, torch.autograd.grad(lut, x, gy)[0])
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_kernel_does_not_depend_on_the_thread_count(threads):
     # Each output is summed by one thread in a fixed order, so the bits are the same however
@@ -282,6 +305,9 @@ def test_bad_inputs():
         binary_linear(torch.zeros(3, 40, dtype=torch.int64), bw)
     with pytest.raises(ValueError, match="strategy must be one of .*'gemm'"):
         binary_linear(torch.randn(3, 40), bw, strategy="gemm")
+    down, up = _weight(4, 40, "petl", 6), _weight(6, 4, "petl", 7)
+    with pytest.raises(ValueError, match="strategy must be one of .*'gemm'"):
+        binary_lora(torch.randn(3, 40), down, up, strategy="gemm")
     with pytest.raises(TypeError, match="bw must be a BinaryWeight"):
         binary_linear(torch.randn(3, 40), bw.dequantize())
     with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(6,\)"):

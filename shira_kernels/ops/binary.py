@@ -61,6 +61,15 @@ def binary_lora_reference(x, down, up, scale: float, relu: bool) -> torch.Tensor
     return (scale * (h @ _dequantized(*up).T)).to(x.dtype)
 
 
+def binary_lora_dequantized_reference(x, down, up, scale: float, relu: bool) -> torch.Tensor:
+    """binary_lora's "dequantize" strategy: the dense adapter in x's dtype on both weights
+    rounded once to it (the intermediate, a matmul's output, in x's dtype too)."""
+    h = F.linear(x, _dequantized(*down).to(x.dtype))
+    if relu:
+        h = h.relu()
+    return scale * F.linear(h, _dequantized(*up).to(x.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels per backend.
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +125,7 @@ registry.register("binary_linear", "reference", binary_linear_reference)
 # The dequantize strategy is torch's matmul after the weight: on GPUs the reference is it.
 for _backend in ("reference", "triton", "cuda"):
     registry.register("binary_linear_dequantized", _backend, binary_linear_dequantized_reference)
+    registry.register("binary_lora_dequantized", _backend, binary_lora_dequantized_reference)
 registry.register("binary_linear_grad_x", "reference", binary_linear_grad_x_reference)
 registry.register("binary_lora", "reference", binary_lora_reference)
 
@@ -159,12 +169,10 @@ def _cpu_binary_linear_dequantized():
 
     def binary_linear_dequantized(x, packed, alpha, mu, bias, in_features):
         out = packed.shape[0]
-        # As BinaryWeight.dequantize: μ ± α in fp32, rounded once to x's dtype.
-        hi = (mu + alpha).to(x.dtype).expand(out).contiguous()
-        lo = (mu - alpha).to(x.dtype).expand(out).contiguous()
         block = max(16, _DEQUANTIZE_BLOCK_BYTES // (in_features * x.element_size()))
         if block >= out:
-            return F.linear(x, mod.binary_dequantize(packed, hi, lo, in_features), bias)
+            return F.linear(x, _cpu_dequantized(packed, alpha, mu, in_features, x.dtype), bias)
+        hi, lo = _hi_lo(alpha, mu, out, x.dtype)
         y = x.new_empty((x.shape[0], out))
         for r0 in range(0, out, block):
             r1 = min(out, r0 + block)
@@ -172,6 +180,29 @@ def _cpu_binary_linear_dequantized():
             y[:, r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
         return y
     return binary_linear_dequantized
+
+
+def _hi_lo(alpha, mu, out: int, dtype):
+    """Each row's μ + α and μ − α as BinaryWeight.dequantize forms them (fp32, rounded once to
+    ``dtype``), one value per row."""
+    return ((mu + alpha).to(dtype).expand(out).contiguous(),
+            (mu - alpha).to(dtype).expand(out).contiguous())
+
+
+def _cpu_dequantized(packed, alpha, mu, in_features, dtype) -> torch.Tensor:
+    """BinaryWeight.dequantize(dtype), bit for bit, by the CPU kernel."""
+    return _native.module("cpu").binary_dequantize(packed, *_hi_lo(alpha, mu, packed.shape[0],
+                                                                   dtype), in_features)
+
+
+@functools.partial(registry.register_lazy, "binary_lora_dequantized", "cpu")
+def _cpu_binary_lora_dequantized():
+    def binary_lora_dequantized(x, down, up, scale, relu):  # both weights are small: whole
+        h = F.linear(x, _cpu_dequantized(*down, x.dtype))
+        if relu:
+            h = h.relu()
+        return scale * F.linear(h, _cpu_dequantized(*up, x.dtype))
+    return binary_lora_dequantized
 
 
 @functools.partial(registry.register_lazy, "binary_linear_grad_x", "cpu")
@@ -254,10 +285,11 @@ _eager_binary_linear = eager_function("_EagerBinaryLinear", _binary_linear, _lin
 def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.Tensor,
                  down_mu: torch.Tensor, down_in: int, up_packed: torch.Tensor,
                  up_alpha: torch.Tensor, up_mu: torch.Tensor, up_in: int, scale: float,
-                 relu: bool) -> torch.Tensor:
+                 relu: bool, strategy: str = "lut") -> torch.Tensor:
     down = (down_packed, down_alpha, down_mu, down_in)
     up = (up_packed, up_alpha, up_mu, up_in)
-    return registry.kernel("binary_lora", x.device)(x.contiguous(), down, up, scale, relu)
+    op = "binary_lora_dequantized" if strategy == "dequantize" else "binary_lora"
+    return registry.kernel(op, x.device)(x.contiguous(), down, up, scale, relu)
 
 
 _binary_lora_op = torch.library.custom_op("shira::binary_lora", mutates_args=())(_binary_lora)
@@ -265,12 +297,12 @@ _binary_lora_op = torch.library.custom_op("shira::binary_lora", mutates_args=())
 
 @_binary_lora_op.register_fake
 def _(x, down_packed, down_alpha, down_mu, down_in, up_packed, up_alpha, up_mu, up_in, scale,
-      relu):
+      relu, strategy="lut"):
     return x.new_empty((x.shape[0], up_packed.shape[0]))
 
 
 def _lora_setup(ctx, inputs, output):
-    x, dp, da, dm, din, up, ua, um, uin, scale, relu = inputs
+    x, dp, da, dm, din, up, ua, um, uin, scale, relu = inputs[:11]
     ctx.save_for_backward(x, dp, da, dm, up, ua, um)
     ctx.down_in, ctx.up_in, ctx.scale, ctx.relu = din, uin, scale, relu
     ctx.backend = backends.requested()
@@ -285,7 +317,7 @@ def _lora_backward(ctx, gy, grad_x=_grad_x_op, linear=_binary_linear_op):
         if ctx.relu:  # the forward's down(x), recomputed in fp32
             gh = gh * (linear(x.float(), dp, da, dm, None, ctx.down_in, "lut") > 0)
         gx = grad_x(gh, dp, da, dm, ctx.down_in)
-    return gx.to(gy.dtype), *([None] * 10)
+    return gx.to(gy.dtype), *([None] * 11)
 
 
 _binary_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup)
@@ -348,27 +380,36 @@ def auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int,
     """The strategy binary_linear's "auto" runs: on the CPU, from 2 tokens, the faster of "lut"
     and "dequantize" for this dtype, layer shape and token class as measured on this machine
     (tuning.decide; "lut" with tuning off); "lut" elsewhere."""
-    device = torch.device(device)
-    if device.type != "cpu" or tokens < 2 or tuning.mode() == "off":
+    if not _measures(device, tokens):
         return "lut"
     return _tuned_strategy(dtype, int(shape[0]), int(shape[1]), tuning.token_class(tokens))
+
+
+def _measures(device, tokens: int) -> bool:
+    return torch.device(device).type == "cpu" and tokens >= 2 and tuning.mode() != "off"
 
 
 _decided = tuning.memo()
 
 
-@torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
-def _tuned_strategy(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> str:
-    fast = (dtype, out_f, in_f, tokens, tuning.mode(), torch.get_num_threads())
+def _measured_choice(decision: str, key: tuple, make, rows: int) -> str:
+    """decision's value at key (a candidate of STRATEGIES): this process's, the machine's
+    cache file's, or measured now by ``make(rows)`` calls (tuning.measure_extrapolated)."""
+    fast = (decision, key, tuning.mode())
     value = _decided.get(fast)
     if value is None:
-        value = tuning.decide(STRATEGY_DECISION, strategy_key(dtype, out_f, in_f, tokens), "lut",
-                              lambda: tuning.measure_extrapolated(
-                                  functools.partial(_strategy_calls, dtype, in_f, tokens), out_f))
+        value = tuning.decide(decision, key, "lut",
+                              lambda: tuning.measure_extrapolated(make, rows))
         if value not in STRATEGIES[1:]:  # a cache file written by another version
             value = "lut"
         _decided[fast] = value
     return value
+
+
+@torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
+def _tuned_strategy(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> str:
+    return _measured_choice(STRATEGY_DECISION, strategy_key(dtype, out_f, in_f, tokens),
+                            functools.partial(_strategy_calls, dtype, in_f, tokens), out_f)
 
 
 def strategy_key(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> tuple:
@@ -376,6 +417,46 @@ def strategy_key(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> tupl
     token class of ``tokens`` (a count tuning.token_class gives)."""
     return (f"cpu {torch.get_num_threads()} threads", str(dtype).removeprefix("torch."),
             f"{out_f}x{in_f}", tuning.token_label(tokens))
+
+
+def lora_auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int, rank: int,
+                       in_f: int, out_f: int) -> str:
+    """The strategy binary_lora's "auto" runs, chosen as binary_linear's (auto_strategy) for a
+    1-bit LoRA of this rank and shape."""
+    if not _measures(device, tokens):
+        return "lut"
+    return _tuned_lora_strategy(dtype, int(rank), int(in_f), int(out_f),
+                                tuning.token_class(tokens))
+
+
+LORA_STRATEGY_DECISION = "binary_lora.strategy"
+
+
+@torch.compiler.assume_constant_result
+def _tuned_lora_strategy(dtype: torch.dtype, rank: int, in_f: int, out_f: int,
+                         tokens: int) -> str:
+    return _measured_choice(LORA_STRATEGY_DECISION,
+                            lora_strategy_key(dtype, rank, in_f, out_f, tokens),
+                            functools.partial(_lora_strategy_calls, dtype, rank, in_f, tokens),
+                            out_f)
+
+
+def lora_strategy_key(dtype: torch.dtype, rank: int, in_f: int, out_f: int, tokens: int) -> tuple:
+    """binary_lora's decision key: as binary_linear's, the shape being in -> rank -> out."""
+    return (f"cpu {torch.get_num_threads()} threads", str(dtype).removeprefix("torch."),
+            f"{in_f}->{rank}->{out_f}", tuning.token_label(tokens))
+
+
+def _lora_strategy_calls(dtype: torch.dtype, rank: int, in_f: int, tokens: int,
+                         rows: int) -> dict:
+    """{strategy: a call running it} for a 1-bit LoRA of ``rows`` outputs (no activation)."""
+    gen = torch.Generator().manual_seed(rows)
+    down = BinaryWeight.from_signs(torch.rand(rank, in_f, generator=gen) < 0.5, 0.1, 0.0)
+    up = BinaryWeight.from_signs(torch.rand(rows, rank, generator=gen) < 0.5, 0.1, 0.0)
+    x = torch.empty(tokens, in_f, dtype=dtype).uniform_(-1, 1, generator=gen)
+    return {name: functools.partial(_binary_lora, x, down.packed, down.alpha, down.mu, in_f,
+                                    up.packed, up.alpha, up.mu, rank, 1.0, False, name)
+            for name in STRATEGIES[1:]}
 
 
 def _strategy_calls(dtype: torch.dtype, in_f: int, tokens: int, rows: int) -> dict:
@@ -389,9 +470,14 @@ def _strategy_calls(dtype: torch.dtype, in_f: int, tokens: int, rows: int) -> di
 
 
 def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: float = 1.0,
-                activation: str | None = None) -> torch.Tensor:
-    """scale·up(act(down(x))) with 1-bit down [r, in] and up [out, r], in one kernel per block of
-    tokens (the r intermediate values stay in registers or cache)."""
+                activation: str | None = None, *, strategy: str = "auto") -> torch.Tensor:
+    """scale·up(act(down(x))) with 1-bit down [r, in] and up [out, r]. strategy "lut": in one
+    kernel per block of tokens (the r intermediate values stay in registers or cache, fp32);
+    "dequantize": the dense adapter in x's dtype on both weights dequantized to it (the
+    intermediate in x's dtype); "auto": the faster on this machine, as binary_linear's. The
+    gradient of x goes through the 1-bit kernels either way."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     device = getattr(x, "device", None)
@@ -401,7 +487,10 @@ def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: fl
     if up.shape[1] != down.shape[0]:
         raise ValueError(f"up has in_features {up.shape[1]} but down has {down.shape[0]} outputs")
     x2 = x.reshape(-1, x.shape[-1])
+    if strategy == "auto":
+        strategy = lora_auto_strategy(x2.device, x2.dtype, x2.shape[0], down.shape[0],
+                                      down.shape[1], up.shape[0])
     run = _binary_lora_op if via_op(x) else _eager_binary_lora
     y = run(x2, down.packed, down.alpha, down.mu, down.shape[1], up.packed, up.alpha, up.mu,
-            up.shape[1], check_scale(scale), activation == "relu")
+            up.shape[1], check_scale(scale), activation == "relu", strategy)
     return y.view(*x.shape[:-1], up.shape[0])
