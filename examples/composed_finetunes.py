@@ -167,9 +167,11 @@ class World:
         s = self.settings
         concepts = self.walks(rows, s.query_len + s.passage_len, g)
         pick = torch.multinomial(torch.tensor(weights), rows, replacement=True, generator=g)
-        halves = [(languages[i] + "|" + languages[i]).split("|")[:2] for i in pick.tolist()]
+        names = [languages[i] for i in pick.tolist()]
+        query_langs = [name.partition("|")[0] for name in names]
+        passage_langs = [name.partition("|")[2] or name for name in names]
         ids, types = self.pair_inputs(concepts[:, :s.query_len], concepts[:, s.query_len:],
-                                      [q for q, _ in halves], [p for _, p in halves])
+                                      query_langs, passage_langs)
         words = ids >= FIRST_WORD
         masked = (torch.rand(ids.shape, generator=g) < 0.15) & words
         forced = torch.multinomial(words.float(), 1, generator=g)  # at least one per row

@@ -392,13 +392,15 @@ def _measures(device, tokens: int) -> bool:
 _decided = tuning.memo()
 
 
-def _measured_choice(decision: str, key: tuple, make, rows: int) -> str:
-    """decision's value at key (a candidate of STRATEGIES): this process's, the machine's
-    cache file's, or measured now by ``make(rows)`` calls (tuning.measure_extrapolated)."""
-    fast = (decision, key, tuning.mode())
+def _measured_choice(decision: str, args: tuple, key_of, make, rows: int) -> str:
+    """decision's value (a candidate of STRATEGIES) for the raw ``args``: this process's, the
+    machine's cache file's at key_of(*args), or measured now by make(rows) calls
+    (tuning.measure_extrapolated). Every call of the op asks: a dict lookup on the raw
+    arguments first, the key only the first time."""
+    fast = (decision, *args, tuning.mode(), torch.get_num_threads())
     value = _decided.get(fast)
     if value is None:
-        value = tuning.decide(decision, key, "lut",
+        value = tuning.decide(decision, key_of(*args), "lut",
                               lambda: tuning.measure_extrapolated(make, rows))
         if value not in STRATEGIES[1:]:  # a cache file written by another version
             value = "lut"
@@ -408,7 +410,7 @@ def _measured_choice(decision: str, key: tuple, make, rows: int) -> str:
 
 @torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
 def _tuned_strategy(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> str:
-    return _measured_choice(STRATEGY_DECISION, strategy_key(dtype, out_f, in_f, tokens),
+    return _measured_choice(STRATEGY_DECISION, (dtype, out_f, in_f, tokens), strategy_key,
                             functools.partial(_strategy_calls, dtype, in_f, tokens), out_f)
 
 
@@ -435,8 +437,8 @@ LORA_STRATEGY_DECISION = "binary_lora.strategy"
 @torch.compiler.assume_constant_result
 def _tuned_lora_strategy(dtype: torch.dtype, rank: int, in_f: int, out_f: int,
                          tokens: int) -> str:
-    return _measured_choice(LORA_STRATEGY_DECISION,
-                            lora_strategy_key(dtype, rank, in_f, out_f, tokens),
+    return _measured_choice(LORA_STRATEGY_DECISION, (dtype, rank, in_f, out_f, tokens),
+                            lora_strategy_key,
                             functools.partial(_lora_strategy_calls, dtype, rank, in_f, tokens),
                             out_f)
 
