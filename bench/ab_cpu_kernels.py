@@ -9,9 +9,10 @@ streams the weight through the caches, so the kernel meets its activations cold.
 timings (the same call repeated) hide what the kernels spend there. DIR is another checkout,
 e.g. made with `git worktree add /tmp/old <rev>`; its csrc/cpu is built as a second extension
 (for -march=TARGET, default native: `--against . --march x86-64-v3` times the AVX2 build of this
-checkout) and each kernel both builds have must give the same bits (for another target, whose
-vectors sum in another order, and for the 1-bit kernels, which another checkout may compute
-another way (a table lookup, then unpack + mm): the same values to 1e-5 of the largest). The
+checkout) and each kernel both builds have must give the same values: the same bits where the
+builds sum in the same order, else (another target's vectors, another checkout's blocking, the
+1-bit kernels computed another way) to two units in the last place of a 16-bit output, 1e-5 of
+an fp32 one, relative to the largest (a check of the build: the tests check the kernels). The
 variants are timed round robin and the medians compared side by side. Kernels: spmm (the
 forward), spmm_t_sddmm (the spmm strategy's backward, where a build has it), sddmm with S's row
 offsets derived by the kernel and given by the caller (where a build takes them), the fold
@@ -83,13 +84,16 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
     return calls
 
 
-def agree(a, b, exact: bool) -> bool:
-    """The same bits, or (builds for different targets) the same values to 1e-5 of the largest."""
+def agree(a, b) -> bool:
+    """The same values, relative to b's largest: to two units in the last place of a 16-bit
+    dtype (builds that sum in another order round a few outputs the other way), to 1e-5 in
+    fp32 (sums of hundreds of terms in another order, or 1-bit products another way)."""
     if isinstance(a, tuple):
-        return all(agree(p, q, exact) for p, q in zip(a, b))
-    if exact:
-        return torch.equal(a, b)
-    return bool((a - b).abs().max() <= 1e-5 * b.abs().max()) if b.numel() else a.numel() == 0
+        return all(agree(p, q) for p, q in zip(a, b))
+    if not b.numel():
+        return a.numel() == 0
+    tol = max(2 * torch.finfo(b.dtype).eps, 1e-5)
+    return bool((a.double() - b.double()).abs().max() <= tol * b.double().abs().max())
 
 
 def main(argv=None) -> int:
@@ -150,8 +154,7 @@ def main(argv=None) -> int:
         for kernel in sorted({k for k, _ in calls}):  # every build, one input: they agree
             outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone(), weight, bw)[kernel]()
                     for build, mod in builds.items() if (kernel, build) in calls]
-            exact = args.march == "native" and not kernel.startswith("binary")
-            if not all(agree(o, outs[0], exact) for o in outs[1:]):
+            if not all(agree(o, outs[0]) for o in outs[1:]):
                 raise SystemExit(f"{shape} {kernel}: the builds disagree")
         # The frozen layer's own matmuls (torch's, in the same rounds): what the sparse parts of
         # a training step add to.

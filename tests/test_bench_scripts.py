@@ -36,7 +36,7 @@ def test_gpu_report_dry_run(tmp_path):
 
 
 def test_cpu_kernel_ab_script_runs():
-    # Against this checkout itself: the script builds it a second time, checks the bits agree
+    # Against this checkout itself: the script builds it a second time, checks the values agree
     # and prints a ratio per kernel.
     stdout = run_script("ab_cpu_kernels.py", "--against", str(ROOT), "--shapes", "40x24", "--r",
                         "2", "--tokens", "19", "--rounds", "2")

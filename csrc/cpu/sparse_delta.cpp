@@ -49,13 +49,47 @@ int64_t add_at_indices_typed(const T* weight, T* out, int64_t numel, const I* id
 
 thread_local Scratch shared_tile, own_tile;
 
-// dst[(c - c0) * ld + t] = src[(t0 + t) * src_ld + c] in fp32 for t < tc, c in [c0, c1), and
-// zeros for t in [tc, ld): a feature-major tile of a token chunk, padded to whole vectors.
+// The tiles the kernels gather rows from are in the activations' own type: half the bytes of
+// fp32 per gathered row for fp16 and bf16 (the gathers were bound by reading rows from L2).
+// bf16 rows hold their tokens in pairs: in each block of 2·kLanes tokens, the 32-bit word l
+// holds token l in its low half and token kLanes + l in its high half, so that a row's vector
+// k is one shift (k even) or one mask (k odd) of a plain load: no widening shuffle, which
+// measured no faster than the fp32 tile it replaced.
+template <typename D>
+constexpr int64_t kTileTokens = std::is_same_v<D, uint16_t> ? 2 * kLanes : kLanes;
+
+// Token count t padded to a whole number of a tile's token blocks.
+template <typename D>
+inline int64_t round_tokens(int64_t t) { return (t + kTileTokens<D> - 1) / kTileTokens<D> * kTileTokens<D>; }
+
+// Entries two at a time, each with its own set of sums (axpy_entries, column_entries), where
+// the tile rows are 16-bit: the FMA chains then no longer wait on each other. fp32 rows take
+// twice the registers per entry, and the pairs spilled (spmm 1.2x slower).
+template <typename D>
+constexpr bool kPairEntries = sizeof(D) == 2;
+
+// Vector k (tokens k·kLanes .. k·kLanes + kLanes - 1) of a tile row, in fp32.
+template <typename D>
+inline fvec tile_vector(const D* row, int k) {
+  if constexpr (std::is_same_v<D, uint16_t>) {
+    const uvec pairs = *reinterpret_cast<const uvec*>(row + (k & ~1) * kLanes);
+    const uvec bits = k & 1 ? pairs & 0xffff0000u : pairs << 16;
+    return reinterpret_cast<const fvec&>(bits);
+  } else {
+    return loadv_as_float(row + k * kLanes);
+  }
+}
+
+// dst[(c - c0) * ld + t] = src[(t0 + t) * src_ld + c] for t < tc, c in [c0, c1), and zeros
+// for t in [tc, ld): a feature-major tile of a token chunk, padded to whole token blocks, in
+// fp32 (D = float) or in T (D = T, the values copied, not rounded; bf16 in pairs, above).
 // Whole kLanes x kLanes blocks go through registers (a row load per lane in flight, as many
 // vector stores); a last partial block of columns element by element.
-template <typename T>
+template <typename T, typename D>
 void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64_t c0,
-                     int64_t c1, float* dst, int64_t ld) {
+                     int64_t c1, D* dst, int64_t ld) {
+  static_assert(std::is_same_v<D, float> || std::is_same_v<D, T>);
+  constexpr bool pairs = std::is_same_v<D, uint16_t>;
   // Token blocks outside, column blocks inside: each of the kLanes source rows is read front
   // to back, which the hardware prefetchers follow (a block of 64 bytes from each of 128 rows,
   // the other order, is 128 cold misses on data that another kernel left in DRAM).
@@ -68,13 +102,27 @@ void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64
         v[i] = tb + i < tc ? loadv_as_float(src + (t0 + tb + i) * src_ld + cb) : fvec{};
       transpose_block(v);
 #pragma GCC unroll 16
-      for (int k = 0; k < kLanes; ++k) storev(dst + (cb - c0 + k) * ld + tb, v[k]);
+      for (int k = 0; k < kLanes; ++k) {
+        if constexpr (pairs) {  // the first block of a pair the low halves, the second the high
+          const int64_t second = (tb / kLanes) & 1;
+          uvec* word = reinterpret_cast<uvec*>(dst + (cb - c0 + k) * ld + tb - second * kLanes);
+          const uvec bits = reinterpret_cast<const uvec&>(v[k]);
+          *word = second ? (*word | (bits & 0xffff0000u)) : bits >> 16;
+        } else {
+          storev_exact(dst + (cb - c0 + k) * ld + tb, v[k]);
+        }
+      }
     }
   }
   for (int64_t c = whole; c < c1; ++c) {
-    float* d = dst + (c - c0) * ld;
-    for (int64_t t = 0; t < tc; ++t) d[t] = Float<T>::load(src + (t0 + t) * src_ld + c);
-    std::fill(d + tc, d + ld, 0.0f);
+    D* d = dst + (c - c0) * ld;
+    for (int64_t t = 0; t < ld; ++t) {
+      const int64_t at = pairs ? t / (2 * kLanes) * (2 * kLanes) + 2 * (t % kLanes) +
+                                     (t / kLanes) % 2 : t;
+      if (t >= tc) d[at] = D{};
+      else if constexpr (std::is_same_v<D, float>) d[at] = Float<T>::load(src + (t0 + t) * src_ld + c);
+      else d[at] = src[(t0 + t) * src_ld + c];
+    }
   }
 }
 
@@ -129,20 +177,24 @@ inline int64_t block_end(const C* cols, int64_t cursor, int64_t row_end, int64_t
   return cursor;
 }
 
-// Columns per block: the block's rows of the x tile (ld floats each) fill kColumnBlockBytes.
-inline int64_t column_block(int64_t ld) { return std::max<int64_t>(kLanes, kColumnBlockBytes / (4 * ld)); }
+// Columns per block: the block's rows of the x tile (ld elements of D each) fill
+// kColumnBlockBytes.
+template <typename D>
+inline int64_t column_block(int64_t ld) {
+  return std::max<int64_t>(kLanes, kColumnBlockBytes / (static_cast<int64_t>(sizeof(D)) * ld));
+}
 
 // Rows r0..r1 of a CSR matrix over a chunk's tile, one column block at a time: calls
 // visit(r, j0, j1) with row r's entries [j0, j1) in each block (a row's entries are sorted by
 // column, so a block's entries are the next contiguous run of the row).
-template <typename C, typename Visit>
+template <typename D, typename C, typename Visit>
 inline void by_column_blocks(const int64_t* offsets, const C* cols, int64_t r0, int64_t r1,
                              int64_t in, int64_t ld, Visit&& visit) {
   // Where each row's next block starts. Kept per thread: a fresh vector per chunk cost 20-40%
   // at 2048 tokens (the allocator hands the memory back and it is faulted in again).
   thread_local std::vector<int64_t> cursor;
   cursor.assign(offsets + r0, offsets + r1);
-  const int64_t cb = column_block(ld);
+  const int64_t cb = column_block<D>(ld);
   for (int64_t b = cb; b - cb < in; b += cb) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t j0 = cursor[r - r0], j1 = block_end(cols, j0, offsets[r + 1], b);
@@ -154,17 +206,34 @@ inline void by_column_blocks(const int64_t* offsets, const C* cols, int64_t r0, 
 
 // acc[0 .. NV·kLanes) += Σ_j values[j] · xT[cols[j]] (rows of the padded tile), in partial sums of
 // kEntryBlock entries held in registers.
-template <int NV, typename C>
-inline void axpy_entries(float* acc, const float* xT, int64_t ld, const C* cols,
+template <int NV, typename C, typename D>
+inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
                          const float* values, int64_t j0, int64_t j1) {
   for (int64_t g0 = j0; g0 < j1; g0 += kEntryBlock) {
     const int64_t g1 = std::min(g0 + kEntryBlock, j1);
-    fvec part[NV] = {};
-    for (int64_t j = g0; j < g1; ++j) {
-      const float v = values[j];
-      const float* xs = xT + static_cast<int64_t>(cols[j]) * ld;
+    // Two sets of sums, even and odd entries (kPairEntries): each vector's chain of FMAs
+    // advances every other entry, so an entry does not wait on the previous one's FMA latency.
+    fvec part[NV] = {}, odd[NV] = {};
+    int64_t j = g0;
+    for (; kPairEntries<D> && j + 2 <= g1; j += 2) {
+      const float v0 = values[j], v1 = values[j + 1];
+      const D* x0 = xT + static_cast<int64_t>(cols[j]) * ld;
+      const D* x1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
 #pragma GCC unroll 8
-      for (int k = 0; k < NV; ++k) part[k] += v * loadv(xs + k * kLanes);
+      for (int k = 0; k < NV; ++k) {
+        part[k] += v0 * tile_vector(x0, k);
+        odd[k] += v1 * tile_vector(x1, k);
+      }
+    }
+    for (; j < g1; ++j) {
+      const float v = values[j];
+      const D* xs = xT + static_cast<int64_t>(cols[j]) * ld;
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) part[k] += v * tile_vector(xs, k);
+    }
+    if constexpr (kPairEntries<D>) {
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) part[k] += odd[k];
     }
 #pragma GCC unroll 8
     for (int k = 0; k < NV; ++k) storev(acc + k * kLanes, loadv(acc + k * kLanes) + part[k]);
@@ -173,25 +242,25 @@ inline void axpy_entries(float* acc, const float* xT, int64_t ld, const C* cols,
 
 // g[j] += a · xT[cols[j]] over the padded chunk, four entries at a time (four independent
 // sums share each load of a).
-template <int NV, typename C>
-inline void dot_entries(const float* a, const float* xT, int64_t ld, const C* cols, float* g,
+template <int NV, typename C, typename D>
+inline void dot_entries(const float* a, const D* xT, int64_t ld, const C* cols, float* g,
                         int64_t j0, int64_t j1) {
   fvec av[NV];
 #pragma GCC unroll 8
   for (int k = 0; k < NV; ++k) av[k] = loadv(a + k * kLanes);
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) {
-    const float* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
-    const float* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
-    const float* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
-    const float* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
+    const D* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
+    const D* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
+    const D* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
+    const D* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
     fvec s0 = {}, s1 = {}, s2 = {}, s3 = {};
 #pragma GCC unroll 8
     for (int k = 0; k < NV; ++k) {
-      s0 += av[k] * loadv(b0 + k * kLanes);
-      s1 += av[k] * loadv(b1 + k * kLanes);
-      s2 += av[k] * loadv(b2 + k * kLanes);
-      s3 += av[k] * loadv(b3 + k * kLanes);
+      s0 += av[k] * tile_vector(b0, k);
+      s1 += av[k] * tile_vector(b1, k);
+      s2 += av[k] * tile_vector(b2, k);
+      s3 += av[k] * tile_vector(b3, k);
     }
     g[j] += hsum(s0);
     g[j + 1] += hsum(s1);
@@ -199,10 +268,10 @@ inline void dot_entries(const float* a, const float* xT, int64_t ld, const C* co
     g[j + 3] += hsum(s3);
   }
   for (; j < j1; ++j) {
-    const float* b = xT + static_cast<int64_t>(cols[j]) * ld;
+    const D* b = xT + static_cast<int64_t>(cols[j]) * ld;
     fvec s = {};
 #pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) s += av[k] * loadv(b + k * kLanes);
+    for (int k = 0; k < NV; ++k) s += av[k] * tile_vector(b, k);
     g[j] += hsum(s);
   }
 }
@@ -238,14 +307,14 @@ void spmm_one_token(const T* x, const T* y_in, T* out, int64_t in, int64_t rows,
 
 // The frame of the row-wise kernels (spmm, sddmm): one parallel region in which each thread
 // takes its rows [r0, r1) of S (my_rows); per chunk of tokens the threads first transpose x
-// into the shared tile together (each its share of the columns), then
-// body(r0, r1, t0, tc, ld, xT, own) runs on every thread with its own tile of (r1 - r0) x ld
-// floats, and all finish the chunk before the next one overwrites the shared tile.
+// into the shared tile (in T: the rows the entries gather) together, each its share of the
+// columns, then body(r0, r1, t0, tc, ld, xT, own) runs on every thread with its own fp32 tile
+// of (r1 - r0) x ld, and all finish the chunk before the next one overwrites the shared tile.
 template <typename T, typename Body>
 void by_token_chunks(const T* x, int64_t tokens, int64_t in, const int64_t* offsets,
                      int64_t rows, int64_t chunk, Body&& body) {
-  const int64_t ld_max = round_lanes(std::min(tokens, chunk));
-  float* xT = shared_tile.get(in * ld_max);
+  const int64_t ld_max = round_tokens<T>(std::min(tokens, chunk));
+  T* xT = shared_tile.get_as<T>(in * ld_max);
 #pragma omp parallel
   {
     const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
@@ -254,10 +323,10 @@ void by_token_chunks(const T* x, int64_t tokens, int64_t in, const int64_t* offs
     const int64_t c0 = in * me / nth, c1 = in * (me + 1) / nth;
     float* own = own_tile.get((r1 - r0) * ld_max);
     for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
-      const int64_t tc = std::min(chunk, tokens - t0), ld = round_lanes(tc);
+      const int64_t tc = std::min(chunk, tokens - t0), ld = round_tokens<T>(tc);
       transpose_chunk(x, in, t0, tc, c0, c1, xT + c0 * ld, ld);
 #pragma omp barrier
-      body(r0, r1, t0, tc, ld, static_cast<const float*>(xT), own);
+      body(r0, r1, t0, tc, ld, static_cast<const T*>(xT), own);
 #pragma omp barrier
     }
   }
@@ -269,10 +338,10 @@ void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, i
   if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
   by_token_chunks(x, tokens, in, offsets, rows, kSpmmTokenChunk,
                   [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
-                      const float* xT, float* acc) {
+                      const T* xT, float* acc) {
     std::fill(acc, acc + (r1 - r0) * ld, 0.0f);
     with_vectors(ld, [&](auto nv) {
-      by_column_blocks(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
+      by_column_blocks<T>(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
         axpy_entries<decltype(nv)::value>(acc + (r - r0) * ld, xT, ld, cols, values, j0, j1);
       });
     });
@@ -285,11 +354,11 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
                  const int64_t* offsets, const C* cols, float* g) {
   by_token_chunks(x, tokens, in, offsets, out, kSddmmTokenChunk,
                   [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
-                      const float* xT, float* gyT) {
+                      const T* xT, float* gyT) {
     if (t0 == 0) std::fill(g + offsets[r0], g + offsets[r1], 0.0f);
     transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
     with_vectors(ld, [&](auto nv) {
-      by_column_blocks(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
+      by_column_blocks<T>(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
         dot_entries<decltype(nv)::value>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
       });
     });
@@ -302,8 +371,8 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
 //   gx_out[t, c] = gx_in[t, c] + scale · Σ_j values[perm[j]] · gy[t, trows[j]]   (gy·S)
 //   g[perm[j]]  (+)= Σ_t gy[t, trows[j]] · x[t, c]                            (sddmm)
 // Separately, spmm_t and sddmm each gather every entry's row (and sddmm transposes gy again).
-template <int NV, typename C>
-inline void column_entries(const float* xc, const float* gyT, int64_t ld, const C* trows,
+template <int NV, typename C, typename D>
+inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* trows,
                            const int64_t* perm, const float* values, float* acc, float* g,
                            int64_t j0, int64_t j1, bool first) {
   fvec xv[NV];
@@ -311,20 +380,45 @@ inline void column_entries(const float* xc, const float* gyT, int64_t ld, const 
   for (int k = 0; k < NV; ++k) xv[k] = loadv(xc + k * kLanes);
   for (int64_t b0 = j0; b0 < j1; b0 += kEntryBlock) {
     const int64_t b1 = std::min(b0 + kEntryBlock, j1);
-    fvec part[NV] = {};
-    for (int64_t j = b0; j < b1; ++j) {
+    // Entries in pairs (kPairEntries), a set of gx sums each, as axpy_entries; each entry's
+    // dot its own chain, two in flight.
+    fvec part[NV] = {}, odd[NV] = {};
+    int64_t j = b0;
+    for (; kPairEntries<D> && j + 2 <= b1; j += 2) {
+      const int64_t p0 = perm[j], p1 = perm[j + 1];
+      const float v0 = values[p0], v1 = values[p1];
+      const D* row0 = gyT + static_cast<int64_t>(trows[j]) * ld;
+      const D* row1 = gyT + static_cast<int64_t>(trows[j + 1]) * ld;
+      fvec s0 = {}, s1 = {};
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) {
+        const fvec r0 = tile_vector(row0, k), r1 = tile_vector(row1, k);
+        part[k] += v0 * r0;
+        odd[k] += v1 * r1;
+        s0 += xv[k] * r0;
+        s1 += xv[k] * r1;
+      }
+      const float d0 = hsum(s0), d1 = hsum(s1);
+      g[p0] = first ? d0 : g[p0] + d0;
+      g[p1] = first ? d1 : g[p1] + d1;
+    }
+    for (; j < b1; ++j) {
       const int64_t p = perm[j];
       const float v = values[p];
-      const float* row = gyT + static_cast<int64_t>(trows[j]) * ld;
+      const D* row = gyT + static_cast<int64_t>(trows[j]) * ld;
       fvec s0 = {}, s1 = {};  // two chains: the dot does not wait on one FMA's latency
 #pragma GCC unroll 8
       for (int k = 0; k < NV; ++k) {
-        const fvec r = loadv(row + k * kLanes);
+        const fvec r = tile_vector(row, k);
         part[k] += v * r;
         if (k % 2 == 0) s0 += xv[k] * r; else s1 += xv[k] * r;
       }
       const float d = hsum(s0 + s1);
       g[p] = first ? d : g[p] + d;
+    }
+    if constexpr (kPairEntries<D>) {
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) part[k] += odd[k];
     }
 #pragma GCC unroll 8
     for (int k = 0; k < NV; ++k) storev(acc + k * kLanes, loadv(acc + k * kLanes) + part[k]);
@@ -335,8 +429,8 @@ template <typename T, typename C>
 void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int64_t tokens,
                         int64_t out, int64_t in, const int64_t* t_offsets, const C* trows,
                         const int64_t* perm, const float* values, float scale, float* g) {
-  const int64_t ld_max = round_lanes(std::min(tokens, kSddmmTokenChunk));
-  float* gyT = shared_tile.get(out * ld_max);
+  const int64_t ld_max = round_tokens<T>(std::min(tokens, kSddmmTokenChunk));
+  T* gyT = shared_tile.get_as<T>(out * ld_max);  // in T: the rows the entries gather
 #pragma omp parallel
   {
     const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
@@ -347,7 +441,7 @@ void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int6
     // (and out) in one sweep whose source rows are read front to back.
     float* xs = own_tile.get(2 * (c1 - c0) * ld_max);
     for (int64_t t0 = 0; t0 < tokens; t0 += kSddmmTokenChunk) {
-      const int64_t tc = std::min(kSddmmTokenChunk, tokens - t0), ld = round_lanes(tc);
+      const int64_t tc = std::min(kSddmmTokenChunk, tokens - t0), ld = round_tokens<T>(tc);
       float* acc = xs + (c1 - c0) * ld;
       transpose_chunk(gy, out, t0, tc, r0, r1, gyT + r0 * ld, ld);
       transpose_chunk(x, in, t0, tc, c0, c1, xs, ld);

@@ -122,6 +122,10 @@ inline int64_t round_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLane
 class Scratch {
  public:
   ~Scratch() { std::free(data_); }
+  template <typename D>
+  D* get_as(int64_t n) {  // n elements of D (float or a 16-bit type)
+    return reinterpret_cast<D*>(get((n * static_cast<int64_t>(sizeof(D)) + 3) / 4));
+  }
   float* get(int64_t n) {
     if (n > size_) {
       std::free(data_);
@@ -155,9 +159,18 @@ inline fvec loadv_as_float(const T* p) {
 #else
     return __builtin_convertvector(*reinterpret_cast<const hvec*>(p), fvec);
 #endif
-  } else {
+  } else {  // bf16: the bits in the upper half of a lane. Spelled out: GCC widened the generic
+            // conversion in two halves joined by an insert, 1.5x the time of a gather loop.
+#if defined(__AVX512F__)
+    return reinterpret_cast<fvec>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(__AVX2__)
+    return reinterpret_cast<fvec>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(p))), 16));
+#else
     const uvec bits = __builtin_convertvector(*reinterpret_cast<const u16vec*>(p), uvec) << 16;
     return reinterpret_cast<const fvec&>(bits);
+#endif
   }
 }
 template <typename T>
@@ -172,6 +185,20 @@ inline void storev_from_float(T* p, fvec v) {
     const uvec rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     const uvec result = nan ? uvec{} + 0x7fc0u : rounded;
     *reinterpret_cast<u16vec*>(p) = __builtin_convertvector(result, u16vec);
+  }
+}
+
+// v stored in T where every lane is a value of T already (it was loaded from one): copied, no
+// rounding to do.
+template <typename T>
+inline void storev_exact(T* p, fvec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    storev(p, v);
+  } else if constexpr (std::is_same_v<T, _Float16>) {
+    *reinterpret_cast<hvec*>(p) = __builtin_convertvector(v, hvec);
+  } else {
+    *reinterpret_cast<u16vec*>(p) =
+        __builtin_convertvector(reinterpret_cast<const uvec&>(v) >> 16, u16vec);
   }
 }
 
