@@ -197,11 +197,10 @@ def _cpu_dequantized(packed, alpha, mu, in_features, dtype) -> torch.Tensor:
 
 @functools.partial(registry.register_lazy, "binary_lora_dequantized", "cpu")
 def _cpu_binary_lora_dequantized():
+    mod = _native.module("cpu")
+
     def binary_lora_dequantized(x, down, up, scale, relu):  # both weights are small: whole
-        h = F.linear(x, _cpu_dequantized(*down, x.dtype))
-        if relu:
-            h = h.relu()
-        return scale * F.linear(h, _cpu_dequantized(*up, x.dtype))
+        return mod.binary_lora_dequantized(x, *down, *up, scale, relu)
     return binary_lora_dequantized
 
 
