@@ -158,6 +158,28 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
     assert torch.equal(got[1], got[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_cpu_kernels_read_values_in_either_dtype_alike(dtype, tokens):
+    # The kernels read S's values as they are where they share x's dtype, else as fp32: the
+    # same numbers either way, so the same bits.
+    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
+    assert reason is None, f"the cpu backend is unavailable: {reason}"
+    kernels = _cpu_kernels()
+    delta = make_delta(45, 1000, dtype, density=0.05)
+    s = delta.structure
+    struct = (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm)
+    x, gy = randn(tokens, 1000, dtype=dtype, seed=1), randn(tokens, 45, dtype=dtype, seed=2)
+    y, gx = randn(tokens, 45, dtype=dtype, seed=3), randn(tokens, 1000, dtype=dtype, seed=4)
+    for values in (delta.values, delta.values.float()):
+        got = (kernels["spmm"](y, x, s.row_offsets, s.cols, values, 0.7),
+               *kernels["spmm_t_sddmm"](gx.clone(), gy, x, values, struct, 0.7))
+        if values.dtype == dtype:
+            first = got
+    for a, b in zip(got, first):
+        assert torch.equal(a, b)
+
+
 def test_cpu_kernels_reject_offsets_that_do_not_match_the_entries():
     # The native kernels trust the offsets to index the entries: a mismatch must be an error
     # before anything is read or written, not an out-of-bounds walk.

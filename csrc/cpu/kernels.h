@@ -18,28 +18,29 @@ int64_t scatter_swap(const int64_t* tasks, const int64_t* blocks, int64_t num_bl
                      int64_t block);
 
 // Sparse-delta matmul parts. S is [rows, in] in CSR: offsets int64 [rows + 1], column indices
-// cols of col_bytes bytes each (2: int16, 4: int32), values fp32. Activations are token-major
-// as torch holds them, in the dtype of x, y and gy; sums are fp32.
+// cols of col_bytes bytes each (2: int16, 4: int32), values in the activations' dtype
+// (values_in_dtype) or fp32. Activations are token-major as torch holds them, in the dtype of
+// x, y and gy; sums are fp32.
 //   spmm:  out[t, r] = y_in[t, r] + scale · Σ_{j in row r} values[j] · x[t, col[j]]
 //          (x [T, in], y_in and out [T, rows]; out may be y_in)
 //   sddmm: g[j] = Σ_t gy[t, row[j]] · x[t, col[j]]  (gy [T, out], x [T, in], S's CSR
 //          offsets [out + 1] and columns, g fp32 [nnz], overwritten)
 void spmm(DType dtype, const void* x, const void* y_in, void* out, int64_t tokens, int64_t in,
           int64_t rows, const int64_t* offsets, const void* cols, int col_bytes,
-          const float* values, float scale);
+          const void* values, bool values_in_dtype, float scale);
 void sddmm(DType dtype, const void* gy, const void* x, int64_t tokens, int64_t out, int64_t in,
            const int64_t* offsets, const void* cols, int col_bytes, float* g);
 
 // The spmm strategy's backward in one pass, with S by columns: t_offsets int64 [in + 1] and
 // trows [nnz] of row_bytes bytes each (S's transposed CSR), perm int64 [nnz] (CSC position ->
-// CSR position), values fp32 in CSR order; gy [T, out], x [T, in], gx_in and gx_out [T, in]
+// CSR position), values in CSR order (as spmm's); gy [T, out], x [T, in], gx_in and gx_out [T, in]
 // (gx_out may be gx_in):
 //   gx_out[t, c] = gx_in[t, c] + scale · Σ_{j in column c} values[perm[j]] · gy[t, trows[j]]
 //   g[perm[j]] = Σ_t gy[t, trows[j]] · x[t, c]   (fp32 [nnz] in CSR order, overwritten)
 void spmm_t_sddmm(DType dtype, const void* gy, const void* x, const void* gx_in, void* gx_out,
                   int64_t tokens, int64_t out, int64_t in, const int64_t* t_offsets,
-                  const void* trows, int row_bytes, const int64_t* perm, const float* values,
-                  float scale, float* g);
+                  const void* trows, int row_bytes, const int64_t* perm, const void* values,
+                  bool values_in_dtype, float scale, float* g);
 
 // The dense matmul with S folded into W as W is loaded (folded_linear.cpp), W [out, in] in the
 // dtype of the result, a fp32 and contiguous, idx of idx_bytes bytes each (2 or 4), sums fp32:

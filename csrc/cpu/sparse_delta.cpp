@@ -206,9 +206,9 @@ inline void by_column_blocks(const int64_t* offsets, const C* cols, int64_t r0, 
 
 // acc[0 .. NV·kLanes) += Σ_j values[j] · xT[cols[j]] (rows of the padded tile), in partial sums of
 // kEntryBlock entries held in registers.
-template <int NV, typename C, typename D>
+template <int NV, typename C, typename D, typename V>
 inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
-                         const float* values, int64_t j0, int64_t j1) {
+                         const V* values, int64_t j0, int64_t j1) {
   for (int64_t g0 = j0; g0 < j1; g0 += kEntryBlock) {
     const int64_t g1 = std::min(g0 + kEntryBlock, j1);
     // Two sets of sums, even and odd entries (kPairEntries): each vector's chain of FMAs
@@ -216,7 +216,7 @@ inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
     fvec part[NV] = {}, odd[NV] = {};
     int64_t j = g0;
     for (; kPairEntries<D> && j + 2 <= g1; j += 2) {
-      const float v0 = values[j], v1 = values[j + 1];
+      const float v0 = Float<V>::load(values + j), v1 = Float<V>::load(values + j + 1);
       const D* x0 = xT + static_cast<int64_t>(cols[j]) * ld;
       const D* x1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
 #pragma GCC unroll 8
@@ -226,7 +226,7 @@ inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
       }
     }
     for (; j < g1; ++j) {
-      const float v = values[j];
+      const float v = Float<V>::load(values + j);
       const D* xs = xT + static_cast<int64_t>(cols[j]) * ld;
 #pragma GCC unroll 8
       for (int k = 0; k < NV; ++k) part[k] += v * tile_vector(xs, k);
@@ -285,9 +285,9 @@ inline void with_vectors(int64_t ld, Body&& body) {
 
 
 // One token: a gathered dot product per row, straight from x (no tile to amortise).
-template <typename T, typename C>
+template <typename T, typename C, typename V>
 void spmm_one_token(const T* x, const T* y_in, T* out, int64_t in, int64_t rows,
-                    const int64_t* offsets, const C* cols, const float* values, float scale) {
+                    const int64_t* offsets, const C* cols, const V* values, float scale) {
   float* xf = own_tile.get(in);
   for (int64_t c = 0; c < in; ++c) xf[c] = Float<T>::load(x + c);
 #pragma omp parallel for schedule(static, 64)
@@ -298,7 +298,7 @@ void spmm_one_token(const T* x, const T* y_in, T* out, int64_t in, int64_t rows,
       const int64_t j1 = std::min(j0 + kEntryBlock, end);
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = j0; j < j1; ++j) acc += values[j] * xf[cols[j]];
+      for (int64_t j = j0; j < j1; ++j) acc += Float<V>::load(values + j) * xf[cols[j]];
       total += acc;
     }
     Float<T>::store(out + r, Float<T>::load(y_in + r) + scale * total);
@@ -332,9 +332,9 @@ void by_token_chunks(const T* x, int64_t tokens, int64_t in, const int64_t* offs
   }
 }
 
-template <typename T, typename C>
+template <typename T, typename C, typename V>
 void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, int64_t rows,
-                const int64_t* offsets, const C* cols, const float* values, float scale) {
+                const int64_t* offsets, const C* cols, const V* values, float scale) {
   if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
   by_token_chunks(x, tokens, in, offsets, rows, kSpmmTokenChunk,
                   [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
@@ -371,9 +371,9 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
 //   gx_out[t, c] = gx_in[t, c] + scale · Σ_j values[perm[j]] · gy[t, trows[j]]   (gy·S)
 //   g[perm[j]]  (+)= Σ_t gy[t, trows[j]] · x[t, c]                            (sddmm)
 // Separately, spmm_t and sddmm each gather every entry's row (and sddmm transposes gy again).
-template <int NV, typename C, typename D>
+template <int NV, typename C, typename D, typename V>
 inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* trows,
-                           const int64_t* perm, const float* values, float* acc, float* g,
+                           const int64_t* perm, const V* values, float* acc, float* g,
                            int64_t j0, int64_t j1, bool first) {
   fvec xv[NV];
 #pragma GCC unroll 8
@@ -386,7 +386,7 @@ inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* t
     int64_t j = b0;
     for (; kPairEntries<D> && j + 2 <= b1; j += 2) {
       const int64_t p0 = perm[j], p1 = perm[j + 1];
-      const float v0 = values[p0], v1 = values[p1];
+      const float v0 = Float<V>::load(values + p0), v1 = Float<V>::load(values + p1);
       const D* row0 = gyT + static_cast<int64_t>(trows[j]) * ld;
       const D* row1 = gyT + static_cast<int64_t>(trows[j + 1]) * ld;
       fvec s0 = {}, s1 = {};
@@ -404,7 +404,7 @@ inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* t
     }
     for (; j < b1; ++j) {
       const int64_t p = perm[j];
-      const float v = values[p];
+      const float v = Float<V>::load(values + p);
       const D* row = gyT + static_cast<int64_t>(trows[j]) * ld;
       fvec s0 = {}, s1 = {};  // two chains: the dot does not wait on one FMA's latency
 #pragma GCC unroll 8
@@ -425,10 +425,10 @@ inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* t
   }
 }
 
-template <typename T, typename C>
+template <typename T, typename C, typename V>
 void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int64_t tokens,
                         int64_t out, int64_t in, const int64_t* t_offsets, const C* trows,
-                        const int64_t* perm, const float* values, float scale, float* g) {
+                        const int64_t* perm, const V* values, float scale, float* g) {
   const int64_t ld_max = round_tokens<T>(std::min(tokens, kSddmmTokenChunk));
   T* gyT = shared_tile.get_as<T>(out * ld_max);  // in T: the rows the entries gather
 #pragma omp parallel
@@ -466,13 +466,17 @@ void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int6
 
 void shira::cpu::spmm(DType dtype, const void* x, const void* y_in, void* out, int64_t tokens,
                       int64_t in, int64_t rows, const int64_t* offsets, const void* cols,
-                      int col_bytes, const float* values, float scale) {
+                      int col_bytes, const void* values, bool values_in_dtype, float scale) {
   if (tokens == 0 || rows == 0) return;
   dispatch_sparse(dtype, col_bytes, [&](auto t, auto c) {
     using T = typename decltype(t)::type;
-    spmm_typed(static_cast<const T*>(x), static_cast<const T*>(y_in), static_cast<T*>(out),
-               tokens, in, rows, offsets, static_cast<const typename decltype(c)::type*>(cols),
-               values, scale);
+    using C = typename decltype(c)::type;
+    auto run = [&](auto* vals) {
+      spmm_typed(static_cast<const T*>(x), static_cast<const T*>(y_in), static_cast<T*>(out),
+                 tokens, in, rows, offsets, static_cast<const C*>(cols), vals, scale);
+    };
+    if (values_in_dtype) run(static_cast<const T*>(values));
+    else run(static_cast<const float*>(values));
   });
 }
 
@@ -492,15 +496,20 @@ void shira::cpu::sddmm(DType dtype, const void* gy, const void* x, int64_t token
 void shira::cpu::spmm_t_sddmm(DType dtype, const void* gy, const void* x, const void* gx_in,
                               void* gx_out, int64_t tokens, int64_t out, int64_t in,
                               const int64_t* t_offsets, const void* trows, int row_bytes,
-                              const int64_t* perm, const float* values, float scale, float* g) {
+                              const int64_t* perm, const void* values, bool values_in_dtype,
+                              float scale, float* g) {
   const int64_t nnz = t_offsets[in];
   if (tokens == 0) return std::fill(g, g + nnz, 0.0f);
   dispatch_sparse(dtype, row_bytes, [&](auto t, auto c) {
     using T = typename decltype(t)::type;
-    spmm_t_sddmm_typed(static_cast<const T*>(gy), static_cast<const T*>(x),
-                       static_cast<const T*>(gx_in), static_cast<T*>(gx_out), tokens, out, in,
-                       t_offsets, static_cast<const typename decltype(c)::type*>(trows), perm,
-                       values, scale, g);
+    using C = typename decltype(c)::type;
+    auto run = [&](auto* vals) {
+      spmm_t_sddmm_typed(static_cast<const T*>(gy), static_cast<const T*>(x),
+                         static_cast<const T*>(gx_in), static_cast<T*>(gx_out), tokens, out, in,
+                         t_offsets, static_cast<const C*>(trows), perm, vals, scale, g);
+    };
+    if (values_in_dtype) run(static_cast<const T*>(values));
+    else run(static_cast<const float*>(values));
   });
 }
 
