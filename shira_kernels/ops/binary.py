@@ -366,12 +366,12 @@ def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None =
             raise ValueError(f"bias must be a tensor of shape ({bw.shape[0]},)")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias has dtype {bias.dtype} on {bias.device}; x has {x.dtype} on {x.device}")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (~1 us a call: small calls count)
     if strategy == "auto":
         strategy = auto_strategy(x2.device, x2.dtype, x2.shape[0], bw.shape)
     run = _binary_linear_op if via_op(x) else _eager_binary_linear
     y = run(x2, bw.packed, bw.alpha, bw.mu, bias, bw.shape[1], strategy)
-    return y.view(*x.shape[:-1], bw.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], bw.shape[0])
 
 
 def auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int,
@@ -385,7 +385,8 @@ def auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int,
 
 
 def _measures(device, tokens: int) -> bool:
-    return torch.device(device).type == "cpu" and tokens >= 2 and tuning.mode() != "off"
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return kind == "cpu" and tokens >= 2 and tuning.mode() != "off"
 
 
 _decided = tuning.memo()
@@ -487,11 +488,11 @@ def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: fl
     _check_x(x, down.shape[1], "down")
     if up.shape[1] != down.shape[0]:
         raise ValueError(f"up has in_features {up.shape[1]} but down has {down.shape[0]} outputs")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (~1 us a call: small calls count)
     if strategy == "auto":
         strategy = lora_auto_strategy(x2.device, x2.dtype, x2.shape[0], down.shape[0],
                                       down.shape[1], up.shape[0])
     run = _binary_lora_op if via_op(x) else _eager_binary_lora
     y = run(x2, down.packed, down.alpha, down.mu, down.shape[1], up.packed, up.alpha, up.mu,
             up.shape[1], check_scale(scale), activation == "relu", strategy)
-    return y.view(*x.shape[:-1], up.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], up.shape[0])
