@@ -294,7 +294,7 @@ def test_eager_path_equals_the_op(backend, device):
               torch.ops.shira.binary_lora(x, down.packed, down.alpha, down.mu, 40, up.packed,
                                           up.alpha, up.mu, 4, 0.5, True))]
     for eager, op in pairs:
-        assert eager.grad_fn.next_functions[0][0].name().startswith("_EagerBinary")  # under the view
+        assert eager.grad_fn.name().startswith("_EagerBinary")  # 2-D x: no reshape, no view
         assert torch.equal(eager, op)
         assert torch.equal(*(torch.autograd.grad(y, x, gy)[0] for y in (eager, op)))
 
