@@ -10,8 +10,9 @@ In a fresh tuning cache (a temporary folder), so that every decision is measured
     the seconds spent tuning, and the step times;
   * for each shape, dtype, token count and inference/training: ShiraLinear with strategy
     "auto" against each strategy forced (fold, spmm, swap), timed round robin in one process,
-    with nn.Linear (forward) and PEFT LoRA r = 32 (training step) as references. auto / best
-    forced is the target (≤ 1.05).
+    with nn.Linear (forward) and PEFT LoRA r = 32 (training step) as references, and for a
+    training step the frozen layer's own (its forward and x's gradient: the floor of any
+    adapter's step). auto / best forced is the target (≤ 1.05).
 A markdown report goes to --out ("-": print only).
 """
 from __future__ import annotations
@@ -114,6 +115,8 @@ def cell(shape, dtype, tokens: int, training: bool, repeat: int, min_time: float
     if training and with_peft:
         lora = hb.peft_lora_layer(hb.clone_linear(base), r=32)
         variants["PEFT LoRA"] = hb.training_step(lora, x)
+    if training:
+        variants["frozen layer"] = hb.training_step(hb.clone_linear(base).requires_grad_(False), x)
     if not training:
         def dense():
             with torch.no_grad():
@@ -135,8 +138,8 @@ def hb_entry(dtype, tokens, training, shape, nnz):
 
 def table(rows: list[dict]) -> list[str]:
     lines = ["| shape | dtype | tokens | mode | auto ran | fastest forced | auto ms | fold | spmm | "
-             "swap | auto / best forced | reference ms | best ours / reference |",
-             "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "swap | auto / best forced | reference ms | best ours / reference | frozen layer ms |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ms = r["ms"]
         best = min(ms[s] for s in STRATEGIES)
@@ -146,10 +149,12 @@ def table(rows: list[dict]) -> list[str]:
         ref_cell = f"{ref:.3g} ({ref_name})" if ref else "—"
         ratio = f"{min(ms['auto'], best) / ref:.2f}" if ref else "—"
         mark = "" if ms["auto"] <= 1.05 * best else " **over**"
+        floor = f"{ms['frozen layer']:.3g}" if "frozen layer" in ms else "—"
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {str(r['dtype'])[6:]} | "
                      f"{r['tokens']} | {'training' if r['training'] else 'inference'} | "
                      f"{r['chosen']} | {fastest} | {ms['auto']:.3g} | {ms['fold']:.3g} | {ms['spmm']:.3g} | "
-                     f"{ms['swap']:.3g} | {ms['auto'] / best:.2f}{mark} | {ref_cell} | {ratio} |")
+                     f"{ms['swap']:.3g} | {ms['auto'] / best:.2f}{mark} | {ref_cell} | {ratio} | "
+                     f"{floor} |")
     return lines
 
 

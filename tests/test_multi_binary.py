@@ -61,6 +61,32 @@ def test_each_group_is_binary_lora_on_its_rows(backend, device, dtype, case, act
         assert torch.equal(gx[rows], torch.autograd.grad(ya, xa, gy[rows])[0]), a
 
 
+@pytest.mark.parametrize("strategy", ["lut", "dequantize"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_groups_run_the_strategy_binary_lora_would(backend, device, dtype, strategy,
+                                                   monkeypatch):
+    # Each group takes the strategy binary_lora's "auto" takes for that many rows (measured per
+    # machine; here fixed), so each row is still the same bits as binary_lora on its rows.
+    asked = []
+
+    def fixed(*args):
+        asked.append(args)
+        return strategy
+    monkeypatch.setattr(multi_binary, "lora_auto_strategy", fixed)
+    monkeypatch.setattr(shira_kernels.ops.binary, "lora_auto_strategy", fixed)
+    (tokens, in_f, out_f, ranks), assignment = CASES["mixed"]
+    adapters = make_adapters(in_f, out_f, ranks, device)
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    row_adapter = torch.tensor(assignment, device=device)
+    y = shira_kernels.multi_binary_lora(x, adapters, row_adapter, "relu")
+    # (rows, rank, in, out) per group: adapter 0 has 3 rows, 1 and 2 have 2 each
+    assert sorted(a[2:] for a in asked) == [(2, 3, 65, 33), (2, 7, 65, 33), (3, 4, 65, 33)]
+    for a in (0, 1, 2):
+        rows = (row_adapter == a).nonzero().view(-1)
+        down, up, scale = adapters[a]
+        assert torch.equal(y[rows], binary_lora(x[rows], down, up, scale, "relu")), a
+
+
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_against_float64_with_the_gradient(activation):
     (tokens, in_f, out_f, ranks), assignment = CASES["mixed"]

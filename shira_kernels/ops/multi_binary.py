@@ -6,8 +6,8 @@
 It is the branch only (the frozen base's x·Wᵀ + b is one dense matmul for the whole batch, the
 caller's). The design is multi_delta_linear's: the rows are grouped by adapter (a stable sort,
 one host sync inside the op, where the slots are checked) and each group runs the backend's
-binary_lora kernel on its rows; per row the result is the same bits as binary_lora with that
-row's adapter on the same rows. The backward gives x its gradient through both 1-bit weights per
+binary_lora kernel on its rows (the strategy binary_lora's "auto" runs for that many rows);
+per row the result is the same bits as binary_lora with that row's adapter on the same rows. The backward gives x its gradient through both 1-bit weights per
 group (the adapters are packed, so frozen: their signs and scales take no gradient).
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from .. import backends
 from .._checks import check_scale
 from . import registry
-from .binary import ACTIVATIONS, _check_binary, _check_x, binary_lora_reference
+from .binary import (ACTIVATIONS, _check_binary, _check_x, binary_lora_reference,
+                     lora_auto_strategy)
 from .multi_delta import _groups, row_slots
 
 
@@ -55,10 +56,14 @@ def _multi_binary_lora(x: torch.Tensor, row_adapter: torch.Tensor,
                        relu: bool) -> torch.Tensor:
     x = x.contiguous()
     y = x.new_zeros((x.shape[0], out_features))
-    lora = registry.kernel("binary_lora", x.device)
     for a, r in _groups(row_adapter, _live(down_packed)):
         down = (down_packed[a], down_alpha[a], down_mu[a], in_features)
         up = (up_packed[a], up_alpha[a], up_mu[a], ranks[a])
+        # Each group as binary_lora's "auto" runs that many rows (its measured strategy).
+        strategy = lora_auto_strategy(x.device, x.dtype, r.numel(), ranks[a], in_features,
+                                      out_features)
+        lora = registry.kernel("binary_lora_dequantized" if strategy == "dequantize"
+                               else "binary_lora", x.device)
         y.index_copy_(0, r, lora(x.index_select(0, r), down, up, scales[a], relu))
     return y
 
