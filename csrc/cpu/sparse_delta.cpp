@@ -50,17 +50,18 @@ int64_t add_at_indices_typed(const T* weight, T* out, int64_t numel, const I* id
 thread_local Scratch shared_tile, own_tile;
 
 // The tiles the kernels gather rows from are in the activations' own type: half the bytes of
-// fp32 per gathered row for fp16 and bf16 (the gathers were bound by reading rows from L2).
-// bf16 rows hold their tokens in pairs: in each block of 2·kLanes tokens, the 32-bit word l
-// holds token l in its low half and token kLanes + l in its high half, so that a row's vector
-// k is one shift (k even) or one mask (k odd) of a plain load: no widening shuffle, which
-// measured no faster than the fp32 tile it replaced.
+// fp32 per gathered row for fp16 and bf16. bf16 rows hold their tokens in pairs: in each block
+// of 2·kLanes tokens, the 32-bit word l holds token l in its low half and token kLanes + l in
+// its high half, so that a row's vector k is one shift (k even) or one mask (k odd) of a plain
+// load, no widening shuffle (a widened bf16 tile measured slower than the fp32 one).
 template <typename D>
 constexpr int64_t kTileTokens = std::is_same_v<D, uint16_t> ? 2 * kLanes : kLanes;
 
 // Token count t padded to a whole number of a tile's token blocks.
 template <typename D>
-inline int64_t round_tokens(int64_t t) { return (t + kTileTokens<D> - 1) / kTileTokens<D> * kTileTokens<D>; }
+inline int64_t round_tokens(int64_t t) {
+  return (t + kTileTokens<D> - 1) / kTileTokens<D> * kTileTokens<D>;
+}
 
 // Entries two at a time, each with its own set of sums (axpy_entries, column_entries), where
 // the tile rows are 16-bit: the FMA chains then no longer wait on each other. fp32 rows take
@@ -119,9 +120,10 @@ void transpose_chunk(const T* src, int64_t src_ld, int64_t t0, int64_t tc, int64
     for (int64_t t = 0; t < ld; ++t) {
       const int64_t at = pairs ? t / (2 * kLanes) * (2 * kLanes) + 2 * (t % kLanes) +
                                      (t / kLanes) % 2 : t;
+      const T* from = src + (t0 + t) * src_ld + c;
       if (t >= tc) d[at] = D{};
-      else if constexpr (std::is_same_v<D, float>) d[at] = Float<T>::load(src + (t0 + t) * src_ld + c);
-      else d[at] = src[(t0 + t) * src_ld + c];
+      else if constexpr (std::is_same_v<D, float>) d[at] = Float<T>::load(from);
+      else d[at] = *from;
     }
   }
 }
