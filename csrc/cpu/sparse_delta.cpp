@@ -400,7 +400,8 @@ inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* t
         s0 += xv[k] * r0;
         s1 += xv[k] * r1;
       }
-      const float d0 = hsum(s0), d1 = hsum(s1);
+      float d0, d1;
+      hsum2(s0, s1, &d0, &d1);
       g[p0] = first ? d0 : g[p0] + d0;
       g[p1] = first ? d1 : g[p1] + d1;
     }

@@ -60,6 +60,26 @@ inline float hsum(fvec v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// hsum of a and of b together, the same sums in the same order as hsum's (the same bits): one
+// pass of lane exchanges serves both.
+inline void hsum2(fvec a, fvec b, float* sa, float* sb) {
+#if defined(__AVX512F__)
+  fvec w = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  w += __builtin_shufflevector(w, w, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  w += __builtin_shufflevector(w, w, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  w += __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#else
+  fvec w = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  w += __builtin_shufflevector(w, w, 2, 3, 0, 1, 6, 7, 4, 5);
+  w += __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6);
+#endif
+  *sa = w[0];
+  *sb = w[kLanes / 2];
+}
+
 // f(std::integral_constant<int, min(v, N)>()) for v >= 1: the instance of a micro-kernel for a
 // register block of v vectors (or tokens), whose constant trip counts keep it in registers.
 template <int N, typename F>
