@@ -38,8 +38,7 @@ void check_sparse(const torch::Tensor& offsets, const torch::Tensor& cols,
 }
 
 // S's values as the kernels read them: as they are where they share the activations' dtype
-// (no fp32 copy per call: for a bf16 layer's 262k entries that copy took ~50 us, a few
-// percent of the sparse parts), else converted to fp32.
+// (no fp32 copy per call, two per bf16 training step), else converted to fp32.
 torch::Tensor kernel_values(const torch::Tensor& values, bool in_dtype) {
   return in_dtype ? values.contiguous() : values.to(torch::kFloat).contiguous();
 }
@@ -223,28 +222,28 @@ torch::Tensor binary_dequantize(const torch::Tensor& packed, const torch::Tensor
   return out;
 }
 
-// binary_lora's "dequantize" strategy in one call, both weights dequantized whole to x's
-// dtype (hi = mu + alpha, lo = mu - alpha in fp32, rounded once, as BinaryWeight.dequantize
-// forms them): scale * linear(act(linear(x, down)), up). One call from Python instead of a
-// dozen small torch calls (~4 us each there): at ViT-B shapes (768, r = 32, a few hundred
-// tokens) the two matmuls take ~50 us, and those calls had added as much again.
-torch::Tensor dequantized_weight(const torch::Tensor& packed, const torch::Tensor& alpha,
-                                 const torch::Tensor& mu, int64_t in, torch::ScalarType dtype) {
+// A 1-bit weight [rows, in] dense in dtype: hi = mu + alpha and lo = mu - alpha per row (alpha,
+// mu fp32, one value or one per row) summed in fp32 and rounded once, as
+// BinaryWeight.dequantize forms them, then copied by each sign bit (binary_dequantize).
+torch::Tensor binary_dequantized_weight(const torch::Tensor& packed,
+                                        const torch::Tensor& alpha, const torch::Tensor& mu,
+                                        int64_t in, torch::ScalarType dtype) {
+  TORCH_CHECK(packed.dim() == 2, "binary_dequantized_weight: packed must be [rows, words]");
   const int64_t rows = packed.size(0);
   TORCH_CHECK(alpha.scalar_type() == torch::kFloat32 && mu.scalar_type() == torch::kFloat32 &&
                   alpha.is_contiguous() && mu.is_contiguous() &&
                   (alpha.numel() == 1 || alpha.numel() == rows) &&
                   (mu.numel() == 1 || mu.numel() == rows),
-              "binary_lora_dequantized: alpha and mu must be contiguous fp32, one value or one per "
-              "row");
+              "binary_dequantized_weight: alpha and mu must be contiguous fp32, one value or one "
+              "per row");
   const auto options = torch::TensorOptions().dtype(dtype);
   torch::Tensor hi = torch::empty({rows}, options), lo = torch::empty({rows}, options);
   const float *a = alpha.data_ptr<float>(), *m = mu.data_ptr<float>();
-  const bool a_rows = alpha.numel() == rows && rows > 1, m_rows = mu.numel() == rows && rows > 1;
-  shira::dispatch_float<CpuFloat>(dtype_of(hi, "binary_lora_dequantized: x"), [&](auto t) {
+  const bool a_rows = alpha.numel() > 1, m_rows = mu.numel() > 1;
+  shira::dispatch_float<CpuFloat>(dtype_of(hi, "binary_dequantized_weight: dtype"), [&](auto t) {
     using T = typename decltype(t)::type;
     T *h = static_cast<T*>(hi.data_ptr()), *l = static_cast<T*>(lo.data_ptr());
-    for (int64_t r = 0; r < rows; ++r) {  // fp32 sums rounded once, as torch's (mu ± alpha).to()
+    for (int64_t r = 0; r < rows; ++r) {
       const float av = a[a_rows ? r : 0], mv = m[m_rows ? r : 0];
       Float<T>::store(h + r, mv + av);
       Float<T>::store(l + r, mv - av);
@@ -253,6 +252,10 @@ torch::Tensor dequantized_weight(const torch::Tensor& packed, const torch::Tenso
   return binary_dequantize(packed, hi, lo, in);
 }
 
+// binary_lora's "dequantize" strategy in one call, both weights dequantized whole to x's
+// dtype: scale * linear(act(linear(x, down)), up). One call from Python instead of a dozen
+// small torch calls, which at ViT-B shapes (768, r = 32, a few hundred tokens) had cost as much
+// as the two matmuls.
 torch::Tensor binary_lora_dequantized(const torch::Tensor& x, const torch::Tensor& down_packed,
                                       const torch::Tensor& down_alpha,
                                       const torch::Tensor& down_mu, int64_t down_in,
@@ -261,10 +264,11 @@ torch::Tensor binary_lora_dequantized(const torch::Tensor& x, const torch::Tenso
                                       int64_t up_in, double scale, bool relu) {
   TORCH_CHECK(x.dim() == 2, "binary_lora_dequantized: x must be [T, in]");
   const auto dtype = x.scalar_type();
-  torch::Tensor h = at::linear(x, dequantized_weight(down_packed, down_alpha, down_mu, down_in,
-                                                     dtype));
+  torch::Tensor h =
+      at::linear(x, binary_dequantized_weight(down_packed, down_alpha, down_mu, down_in, dtype));
   if (relu) h.relu_();
-  torch::Tensor y = at::linear(h, dequantized_weight(up_packed, up_alpha, up_mu, up_in, dtype));
+  torch::Tensor y =
+      at::linear(h, binary_dequantized_weight(up_packed, up_alpha, up_mu, up_in, dtype));
   if (scale != 1.0) y.mul_(scale);  // as scale * y: one rounding of the product
   return y;
 }
@@ -383,6 +387,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("packed"), pybind11::arg("hi"), pybind11::arg("lo"), pybind11::arg("in"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_lora", &binary_lora, "scale * up(act(down(x))) for 1-bit down and up",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("binary_dequantized_weight", &binary_dequantized_weight,
+        "a 1-bit weight dense in dtype: mu + alpha or mu - alpha per sign",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_lora_dequantized", &binary_lora_dequantized,
         "scale * up(act(down(x))) on both 1-bit weights dequantized to x's dtype",

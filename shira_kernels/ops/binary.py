@@ -171,28 +171,18 @@ def _cpu_binary_linear_dequantized():
         out = packed.shape[0]
         block = max(16, _DEQUANTIZE_BLOCK_BYTES // (in_features * x.element_size()))
         if block >= out:
-            return F.linear(x, _cpu_dequantized(packed, alpha, mu, in_features, x.dtype), bias)
-        hi, lo = _hi_lo(alpha, mu, out, x.dtype)
+            return F.linear(x, mod.binary_dequantized_weight(packed, alpha, mu, in_features,
+                                                             x.dtype), bias)
         y = x.new_empty((x.shape[0], out))
         for r0 in range(0, out, block):
             r1 = min(out, r0 + block)
-            w = mod.binary_dequantize(packed[r0:r1], hi[r0:r1], lo[r0:r1], in_features)
-            y[:, r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
+            rows = slice(r0, r1)
+            w = mod.binary_dequantized_weight(packed[rows], alpha if alpha.numel() == 1 else
+                                              alpha[rows], mu if mu.numel() == 1 else mu[rows],
+                                              in_features, x.dtype)
+            y[:, rows] = F.linear(x, w, None if bias is None else bias[rows])
         return y
     return binary_linear_dequantized
-
-
-def _hi_lo(alpha, mu, out: int, dtype):
-    """Each row's μ + α and μ − α as BinaryWeight.dequantize forms them (fp32, rounded once to
-    ``dtype``), one value per row."""
-    return ((mu + alpha).to(dtype).expand(out).contiguous(),
-            (mu - alpha).to(dtype).expand(out).contiguous())
-
-
-def _cpu_dequantized(packed, alpha, mu, in_features, dtype) -> torch.Tensor:
-    """BinaryWeight.dequantize(dtype), bit for bit, by the CPU kernel."""
-    return _native.module("cpu").binary_dequantize(packed, *_hi_lo(alpha, mu, packed.shape[0],
-                                                                   dtype), in_features)
 
 
 @functools.partial(registry.register_lazy, "binary_lora_dequantized", "cpu")
@@ -287,8 +277,13 @@ def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.T
                  relu: bool, strategy: str = "lut") -> torch.Tensor:
     down = (down_packed, down_alpha, down_mu, down_in)
     up = (up_packed, up_alpha, up_mu, up_in)
-    op = "binary_lora_dequantized" if strategy == "dequantize" else "binary_lora"
-    return registry.kernel(op, x.device)(x.contiguous(), down, up, scale, relu)
+    return lora_kernel(strategy, x.device)(x.contiguous(), down, up, scale, relu)
+
+
+def lora_kernel(strategy: str, device):
+    """The backend's binary_lora kernel for ``strategy`` ("lut" or "dequantize")."""
+    return registry.kernel("binary_lora_dequantized" if strategy == "dequantize"
+                           else "binary_lora", device)
 
 
 _binary_lora_op = torch.library.custom_op("shira::binary_lora", mutates_args=())(_binary_lora)
@@ -366,7 +361,7 @@ def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None =
             raise ValueError(f"bias must be a tensor of shape ({bw.shape[0]},)")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias has dtype {bias.dtype} on {bias.device}; x has {x.dtype} on {x.device}")
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (~1 us a call: small calls count)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # small calls count at few tokens
     if strategy == "auto":
         strategy = auto_strategy(x2.device, x2.dtype, x2.shape[0], bw.shape)
     run = _binary_linear_op if via_op(x) else _eager_binary_linear
@@ -488,7 +483,7 @@ def binary_lora(x: torch.Tensor, down: BinaryWeight, up: BinaryWeight, scale: fl
     _check_x(x, down.shape[1], "down")
     if up.shape[1] != down.shape[0]:
         raise ValueError(f"up has in_features {up.shape[1]} but down has {down.shape[0]} outputs")
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (~1 us a call: small calls count)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # small calls count at few tokens
     if strategy == "auto":
         strategy = lora_auto_strategy(x2.device, x2.dtype, x2.shape[0], down.shape[0],
                                       down.shape[1], up.shape[0])

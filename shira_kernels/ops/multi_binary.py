@@ -6,9 +6,10 @@
 It is the branch only (the frozen base's x·Wᵀ + b is one dense matmul for the whole batch, the
 caller's). The design is multi_delta_linear's: the rows are grouped by adapter (a stable sort,
 one host sync inside the op, where the slots are checked) and each group runs the backend's
-binary_lora kernel on its rows (the strategy binary_lora's "auto" runs for that many rows);
-per row the result is the same bits as binary_lora with that row's adapter on the same rows. The backward gives x its gradient through both 1-bit weights per
-group (the adapters are packed, so frozen: their signs and scales take no gradient).
+binary_lora kernel on its rows, in the strategy binary_lora's "auto" takes for that many rows;
+per row the result is the same bits as binary_lora with that row's adapter on the same rows.
+The backward gives x its gradient through both 1-bit weights per group (the adapters are
+packed, so frozen: their signs and scales take no gradient).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .. import backends
 from .._checks import check_scale
 from . import registry
 from .binary import (ACTIVATIONS, _check_binary, _check_x, binary_lora_reference,
-                     lora_auto_strategy)
+                     lora_auto_strategy, lora_kernel)
 from .multi_delta import _groups, row_slots
 
 
@@ -62,9 +63,8 @@ def _multi_binary_lora(x: torch.Tensor, row_adapter: torch.Tensor,
         # Each group as binary_lora's "auto" runs that many rows (its measured strategy).
         strategy = lora_auto_strategy(x.device, x.dtype, r.numel(), ranks[a], in_features,
                                       out_features)
-        lora = registry.kernel("binary_lora_dequantized" if strategy == "dequantize"
-                               else "binary_lora", x.device)
-        y.index_copy_(0, r, lora(x.index_select(0, r), down, up, scales[a], relu))
+        y.index_copy_(0, r, lora_kernel(strategy, x.device)(x.index_select(0, r), down, up,
+                                                            scales[a], relu))
     return y
 
 
