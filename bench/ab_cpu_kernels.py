@@ -3,6 +3,7 @@ kernels (or this one's, built for another target) loaded in the same process.
 
     python bench/ab_cpu_kernels.py [--against DIR [--march TARGET]] [--shapes 2048x2048,4096x4096]
                                    [--tokens 128] [--dtype fp32|bf16|fp16] [--r R]
+                                   [--kernels spmm,spmm_t_sddmm]
 
 Before every call a dense matmul of the layer's own size runs (gy·W), as in a training step: it
 streams the weight through the caches, so the kernel meets its activations cold. Warm-cache
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
                    help="of the activations, weight and values (the 1-bit kernels take fp32)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--march", default="native", help="the target --against is built for")
+    p.add_argument("--kernels", default=None,
+                   help="comma list of the kernels to time (default all; the dense matmuls always)")
     args = p.parse_args(argv)
     try:
         shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
         p.error(f"--against {args.against}: no csrc/cpu/*.cpp there (give a checkout's root)")
     if args.march != "native" and args.against is None:
         p.error("--march names the target of the --against build; give --against too")
+    wanted = None if args.kernels is None else set(args.kernels.split(","))
     builds = {"this checkout": _native.module("cpu")}
     if args.against is not None:
         try:
@@ -150,7 +154,10 @@ def main(argv=None) -> int:
         for build, mod in builds.items():
             for kernel, call in kernel_calls(mod, s, values, x.clone(), y.clone(), gy,
                                              gx.clone(), weight, bw).items():
-                calls[(kernel, build)] = call
+                if wanted is None or kernel in wanted:
+                    calls[(kernel, build)] = call
+        if wanted is not None and wanted - {k for k, _ in calls}:
+            p.error(f"--kernels: no build has {sorted(wanted - {k for k, _ in calls})}")
         for kernel in sorted({k for k, _ in calls}):  # every build, one input: they agree
             outs = [kernel_calls(mod, s, values, x, y.clone(), gy, gx.clone(), weight, bw)[kernel]()
                     for build, mod in builds.items() if (kernel, build) in calls]
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
                 text += f"; this/other {mine / other:.3f}"
             print(f"  {kernel:24s} {text}")
         ms = {k: statistics.median(v) for k, v in times.items()}
-        if ("spmm_t_sddmm", "this checkout") in ms:
+        if {("spmm", "this checkout"), ("spmm_t_sddmm", "this checkout")} <= ms.keys():
             sparse = ms[("spmm", "this checkout")] + ms[("spmm_t_sddmm", "this checkout")]
             frozen = ms[("dense x·Wᵀ (frozen forward)", TORCH)] + \
                 ms[("dense gy·W (frozen grad of x)", TORCH)]

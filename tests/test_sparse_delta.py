@@ -16,11 +16,15 @@ from tolerance import abs64, assert_within_error_bound
 # (tokens, out, in): odd sizes, 0 and 1 token, a wide layer, a long sequence.
 # in 40000: a wide layer (columns past int16). The CPU kernels work on token chunks of
 # 128 and column blocks of 1024 (at 128 tokens): T130-in4097 crosses both with partial ends.
+# spmm of few tokens takes chunks whose whole tile fits L2 instead, by groups of 16 rows:
+# T30-in4097 is two such chunks in fp32 (16 tokens each), one in fp16 and bf16; out 37 ends in
+# partial groups.
 # The fold kernel's panels are 64 outputs (out 131: two and a partial one; in 65 and 4097 for
 # the gradient of x), 256 steps (in 4097) and chunks of 192 tokens (T2049).
 SHAPES = [(0, 5, 7), (1, 3, 4097), (3, 33, 65), (2049, 17, 33), (5, 4, 40000), (130, 6, 4097),
-          (7, 131, 50)]
-SHAPE_IDS = ["T0", "T1-in4097", "T3", "T2049", "T5-in40000", "T130-in4097", "T7-out131"]
+          (30, 37, 4097), (7, 131, 50)]
+SHAPE_IDS = ["T0", "T1-in4097", "T3", "T2049", "T5-in40000", "T130-in4097", "T30-in4097",
+             "T7-out131"]
 
 
 def delta_linear_bound(steps: int) -> tuple[int, int]:

@@ -24,6 +24,8 @@ constexpr int64_t kSddmmTokenChunk = 8 * kLanes;
 // The entries of a row are visited one block of columns at a time, for all rows, so the x tile
 // rows a block gathers (columns x chunk fp32) stay in L2 while every row uses them.
 constexpr int64_t kColumnBlockBytes = 512 * 1024;
+// Or the chunk is sized for the whole tile to stay in L2 (tile_chunk).
+constexpr int64_t kGatherTileBytes = kColumnBlockBytes;
 // A row's entries are summed in blocks, then the block sums: the rounding error grows with
 // kEntryBlock + entries/kEntryBlock rather than with the entry count (rows of thousands of
 // entries stay as accurate as a dense matmul; a SHiRA row of ~100 entries costs 2 extra adds).
@@ -334,10 +336,22 @@ void by_token_chunks(const T* x, int64_t tokens, int64_t in, const int64_t* offs
   }
 }
 
+// Tokens per chunk for a tile of `features` gathered rows: as many whole token blocks (up to
+// cap) as keep the tile within kGatherTileBytes, so that the rows the entries gather stay in
+// L2 with no blocking of S's columns; at least one block.
+template <typename D>
+inline int64_t tile_chunk(int64_t features, int64_t cap) {
+  const int64_t fit = kGatherTileBytes / (features * static_cast<int64_t>(sizeof(D)));
+  return std::clamp(fit / kTileTokens<D> * kTileTokens<D>, kTileTokens<D>, cap);
+}
+
+// spmm over chunks of kSpmmTokenChunk tokens, S's columns in blocks whose tile rows stay in L2
+// while every row of the thread's uses them; each row's sums go through a buffer for all the
+// thread's rows (rows x chunk fp32: in memory, not in cache). Many tokens per call amortise it.
 template <typename T, typename C, typename V>
-void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, int64_t rows,
-                const int64_t* offsets, const C* cols, const V* values, float scale) {
-  if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
+void spmm_by_column_blocks(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in,
+                           int64_t rows, const int64_t* offsets, const C* cols, const V* values,
+                           float scale) {
   by_token_chunks(x, tokens, in, offsets, rows, kSpmmTokenChunk,
                   [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
                       const T* xT, float* acc) {
@@ -349,6 +363,39 @@ void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, i
     });
     add_transposed(acc, ld, t0, tc, r0, r1, y_in, out, rows, scale);
   });
+}
+
+// spmm over chunks short enough for the whole tile to stay in L2 (tile_chunk), so a row's
+// entries go at once and rows go in groups of kLanes whose sums stay in L1 until they go out.
+// Shorter chunks mean more passes over S: this wins while a call is one or two of them.
+template <typename T, typename C, typename V>
+void spmm_by_row_groups(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in,
+                        int64_t rows, const int64_t* offsets, const C* cols, const V* values,
+                        float scale, int64_t chunk) {
+  by_token_chunks(x, tokens, in, offsets, rows, chunk,
+                  [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
+                      const T* xT, float* acc) {
+    with_vectors(ld, [&](auto nv) {
+      for (int64_t g0 = r0; g0 < r1; g0 += kLanes) {
+        const int64_t g1 = std::min(g0 + kLanes, r1);
+        std::fill(acc, acc + (g1 - g0) * ld, 0.0f);
+        for (int64_t r = g0; r < g1; ++r)
+          axpy_entries<decltype(nv)::value>(acc + (r - g0) * ld, xT, ld, cols, values,
+                                            offsets[r], offsets[r + 1]);
+        add_transposed(acc, ld, t0, tc, g0, g1, y_in, out, rows, scale);
+      }
+    });
+  });
+}
+
+template <typename T, typename C, typename V>
+void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, int64_t rows,
+                const int64_t* offsets, const C* cols, const V* values, float scale) {
+  if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
+  const int64_t chunk = tile_chunk<T>(in, kSpmmTokenChunk);
+  if (tokens <= 2 * chunk)
+    return spmm_by_row_groups(x, y_in, out, tokens, in, rows, offsets, cols, values, scale, chunk);
+  spmm_by_column_blocks(x, y_in, out, tokens, in, rows, offsets, cols, values, scale);
 }
 
 template <typename T, typename C>
