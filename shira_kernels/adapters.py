@@ -69,6 +69,7 @@ from torch import nn
 
 from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size,
                       validate_indices)
+from ._mixed import batch_names, check_batch, forwards_replaced, used_names
 from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
 from .ops.multi_delta import multi_delta_linear
@@ -175,10 +176,7 @@ def _mixed_forward(layer: str, module: nn.Linear, delta_set: SparseDeltaSet, slo
     """The forward of ``module`` inside AdapterBank.mixed: each batch row (x's first dim)
     through its adapter."""
     def forward(x):
-        if x.dim() < 2 or x.shape[0] != slots.numel():
-            raise ValueError(f"layer {layer!r}: mixed batch of {slots.numel()} rows, but its "
-                             f"input has shape {tuple(x.shape)} (the first dim must be the "
-                             "batch)")
+        check_batch(layer, x, slots.numel())
         return multi_delta_linear(x, module.weight, module.bias, delta_set, slots)
     return forward
 
@@ -753,45 +751,32 @@ class AdapterBank:
         Raises while an adapter or fusion is active (its values are in the weights), for an
         unknown name, and in a layer whose input's first dim is not len(adapter_names).
         """
-        names = (list(adapter_names) if isinstance(adapter_names, Sequence)
-                 and not isinstance(adapter_names, str) else None)
-        if not names:
-            raise ValueError(f"adapter_names must be a non-empty list with one name (or None) per "
-                             f"batch row, got {adapter_names!r}")
+        names = batch_names(adapter_names)
         with self.lock:
             if self._active is not None:
                 raise RuntimeError(f"mixed batches read the base weights, but {self.active!r} is "
                                    "active (fused into them); deactivate() first")
             self._check_unmerged()
-            used = list(dict.fromkeys(n for n in names if n is not None
-                                      and n != SparseDeltaSet.BASE))
+            used = used_names(names)
             for n in used:
                 self._slot(n)  # KeyError naming it
-            restore = {}
-            try:
-                for layer, module in self._layers.items():
-                    touching = [n for n in used if layer in self._adapters[n].entries]
-                    if not touching:
-                        continue
-                    if self._shards[layer] is not None:
-                        raise TypeError(f"layer {layer!r} is FSDP2-sharded; mixed batches need "
-                                        "the whole weight on every rank")
-                    if type(module) is not nn.Linear:
-                        raise TypeError(f"layer {layer!r} is a {type(module).__name__}; mixed "
-                                        "batches run plain nn.Linear layers")
-                    delta_set = self._delta_set(layer, touching)
-                    slots = torch.tensor([delta_set.index(n) if n in delta_set else -1
-                                          for n in names], device=module.weight.device)
-                    restore[layer] = module.__dict__.get("forward")
-                    module.forward = _mixed_forward(layer, module, delta_set, slots)
+            forwards = {}
+            for layer, module in self._layers.items():
+                touching = [n for n in used if layer in self._adapters[n].entries]
+                if not touching:
+                    continue
+                if self._shards[layer] is not None:
+                    raise TypeError(f"layer {layer!r} is FSDP2-sharded; mixed batches need the "
+                                    "whole weight on every rank")
+                if type(module) is not nn.Linear:
+                    raise TypeError(f"layer {layer!r} is a {type(module).__name__}; mixed "
+                                    "batches run plain nn.Linear layers")
+                delta_set = self._delta_set(layer, touching)
+                slots = torch.tensor([delta_set.index(n) if n in delta_set else -1
+                                      for n in names], device=module.weight.device)
+                forwards[layer] = _mixed_forward(layer, module, delta_set, slots)
+            with forwards_replaced(self._layers, forwards):
                 yield self
-            finally:
-                for layer, forward in restore.items():
-                    module = self._layers[layer]
-                    if forward is None:
-                        del module.forward
-                    else:
-                        module.forward = forward
 
     def hotswap(self, name: str | None) -> None:
         """Serve adapter ``name`` unfused through the model's own ShiraLinear layers (None: their

@@ -1,0 +1,58 @@
+"""What the banks' mixed batches share (AdapterBank.mixed for SHiRA deltas,
+BinaryAdapterBank.mixed for 1-bit LoRA adapters): the check of the rows' names, the check of a
+layer's input against them, and the layers' forwards replaced for the block."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # "no adapter" in a list of names, as in PEFT's adapter_names
+
+
+def batch_names(adapter_names) -> list:
+    """adapter_names as a list, one name (or None / "__base__") per batch row; a clear error
+    for anything else."""
+    names = (list(adapter_names) if isinstance(adapter_names, Sequence)
+             and not isinstance(adapter_names, str) else None)
+    if not names:
+        raise ValueError(f"adapter_names must be a non-empty list with one name (or None) per "
+                         f"batch row, got {adapter_names!r}")
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"adapter_names must hold str or None, got {bad[0]!r}")
+    return names
+
+
+def used_names(names: list) -> list[str]:
+    """The adapters the rows name, each once, in order of first use."""
+    return list(dict.fromkeys(n for n in names if n is not None and n != BASE))
+
+
+def check_batch(layer: str, x: torch.Tensor, rows: int) -> None:
+    if x.dim() < 2 or x.shape[0] != rows:
+        raise ValueError(f"layer {layer!r}: mixed batch of {rows} rows, but its input has shape "
+                         f"{tuple(x.shape)} (the first dim must be the batch)")
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules: Mapping[str, nn.Module],
+                      forwards: Mapping[str, Callable]) -> Iterator[None]:
+    """modules[name].forward is forwards[name] for the block (an instance attribute); on exit,
+    also by an exception, each module's forward is what it was."""
+    restore = {}
+    try:
+        for name, forward in forwards.items():
+            module = modules[name]
+            restore[name] = module.__dict__.get("forward")
+            module.forward = forward
+        yield
+    finally:
+        for name, forward in restore.items():
+            module = modules[name]
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

@@ -1,0 +1,173 @@
+"""BinaryAdapterBank: many named 1-bit LoRA adapters for one model, each batch row through its
+own (S-LoRA-style serving of 1-bit adapters).
+
+    bank = BinaryAdapterBank(model)            # the model's plain nn.Linear layers, untouched
+    bank.add_from_model("math", tuned)         # the packed BinaryLoRALinear layers of a copy
+    bank.add("code", {"layers.0.q": (down, up, 2.0)})
+    with bank.mixed(["math", None, "code"]):   # one name per batch row (None: the base)
+        y = model(x)
+
+Inside ``mixed`` every layer an adapter of the batch touches runs x·Wᵀ + b plus
+multi_binary_lora over the rows' adapters: one dense matmul for the whole batch and one group per
+adapter, each group in the strategy binary_lora's "auto" takes for its rows. A 1-bit adapter is
+never fused into the weights (W + scale·up·down is not a W of W's dtype), so nothing is written
+and nothing needs activating; a batch of one adapter is ``mixed([name] * batch)``.
+
+Threads: the bank's methods hold ``bank.lock`` (an RLock) and ``mixed`` holds it for its block,
+so adapters are not added or removed under a running mixed batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_scale
+from ._mixed import BASE, batch_names, check_batch, forwards_replaced, used_names
+from .formats import BinaryWeight
+from .nn.binary import BinaryAdapter, BinaryLoRALinear
+from .ops.multi_binary import multi_binary_lora
+
+_Adapter = tuple[BinaryWeight, BinaryWeight, float]  # (down [r, in], up [out, r], scale)
+
+
+def _mixed_forward(layer: str, module: nn.Linear, adapters: list[_Adapter], slots: torch.Tensor):
+    """The forward of ``module`` inside BinaryAdapterBank.mixed."""
+    def forward(x):
+        check_batch(layer, x, slots.numel())
+        return F.linear(x, module.weight, module.bias) + multi_binary_lora(x, adapters, slots)
+    return forward
+
+
+class BinaryAdapterBank:
+    """Named 1-bit LoRA adapters (packed down and up BinaryWeights and a scale per layer) for
+    ``model``'s plain nn.Linear layers, served per batch row by ``mixed``."""
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+        self._adapters: dict[str, dict[str, _Adapter]] = {}
+        self.lock = threading.RLock()
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The names of the layers an adapter can touch (the model's plain nn.Linear layers)."""
+        return tuple(self._layers)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    def __contains__(self, name) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __repr__(self) -> str:
+        return f"BinaryAdapterBank({len(self._layers)} layers, adapters={list(self._adapters)})"
+
+    def adapter(self, name: str) -> dict[str, _Adapter]:
+        """Adapter ``name``'s layers: layer name → (down, up, scale)."""
+        if name not in self._adapters:
+            raise KeyError(f"no adapter {name!r} in the bank (adapters: {list(self._adapters)})")
+        return dict(self._adapters[name])
+
+    # -- adding and removing -------------------------------------------------------------------
+    def _checked(self, name: str, layer, entry, scale: float) -> _Adapter:
+        where = f"adapter {name!r}, layer {layer!r}"
+        if layer not in self._layers:
+            raise KeyError(f"{where}: the model has no plain nn.Linear of that name (layers: "
+                           f"{list(self._layers)[:8]}{' ...' if len(self._layers) > 8 else ''})")
+        if isinstance(entry, BinaryAdapter):
+            if entry.activation is not None:
+                raise ValueError(f"{where}: a BinaryAdapter with activation "
+                                 f"{entry.activation!r} is not a LoRA branch (activation None)")
+            down, up = entry.binary_weights()
+            entry = (down, up, entry.scale)
+        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+            raise TypeError(f"{where}: give a BinaryAdapter or (down, up[, scale]) BinaryWeights, "
+                            f"got {type(entry).__name__}")
+        down, up, own = (*entry, 1.0) if len(entry) == 2 else entry
+        for part, bw in (("down", down), ("up", up)):
+            if not isinstance(bw, BinaryWeight):
+                raise TypeError(f"{where}: {part} must be a BinaryWeight, got "
+                                f"{type(bw).__name__}")
+        module = self._layers[layer]
+        r = down.shape[0]
+        if down.shape[1] != module.in_features or tuple(up.shape) != (module.out_features, r):
+            raise ValueError(f"{where}: down {tuple(down.shape)} and up {tuple(up.shape)} do not "
+                             f"make a rank-r branch of a layer {module.out_features}x"
+                             f"{module.in_features} (down [r, in], up [out, r])")
+        if down.packed.device != module.weight.device or up.packed.device != module.weight.device:
+            raise ValueError(f"{where}: the adapter is on {down.packed.device}/"
+                             f"{up.packed.device}, the layer's weight on {module.weight.device}")
+        return down, up, check_scale(own, f"{where}'s scale") * scale
+
+    def add(self, name: str, adapter: Mapping, scale: float = 1.0) -> None:
+        """Add adapter ``name``: a mapping layer name → a packed BinaryAdapter without activation
+        (a BinaryLoRALinear's .lora) or (down, up[, scale]) BinaryWeights; ``scale`` multiplies
+        every layer's own. Everything is checked first: a refused call adds nothing."""
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"an adapter name must be a non-empty str other than {BASE!r}, got "
+                             f"{name!r}")
+        if not isinstance(adapter, Mapping) or not adapter:
+            raise ValueError(f"adapter {name!r} must be a non-empty mapping layer name → "
+                             f"adapter, got {type(adapter).__name__}")
+        scale = check_scale(scale)
+        with self.lock:
+            if name in self._adapters:
+                raise ValueError(f"an adapter named {name!r} is already in the bank; remove() it "
+                                 "first")
+            self._adapters[name] = {layer: self._checked(name, layer, entry, scale)
+                                    for layer, entry in adapter.items()}
+
+    def add_from_model(self, name: str, model: nn.Module, scale: float = 1.0) -> None:
+        """Add adapter ``name`` from ``model``'s BinaryLoRALinear layers (a copy of the bank's
+        model with the adapter trained; each branch packed or fake-quantized as it stands),
+        matched to the bank's layers by module name."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        layers = {layer: m.lora for layer, m in model.named_modules()
+                  if isinstance(m, BinaryLoRALinear)}
+        if not layers:
+            raise ValueError(f"adapter {name!r}: the model has no BinaryLoRALinear layer")
+        self.add(name, layers, scale)
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            self.adapter(name)  # KeyError naming it
+            del self._adapters[name]
+
+    # -- many adapters in one batch -----------------------------------------------------------
+    @contextlib.contextmanager
+    def mixed(self, adapter_names):
+        """``with bank.mixed(["a", None, "b", ...]): model(x)``: each row of the batch (the
+        first dim of every adapted layer's input) through its own adapter (None or "__base__":
+        the base alone), differentiable in x. Raises for an unknown name, a list that is not one
+        name per row, and in a layer whose input's first dim is not len(adapter_names)."""
+        names = batch_names(adapter_names)
+        with self.lock:
+            used = used_names(names)
+            for n in used:
+                self.adapter(n)  # KeyError naming it
+            forwards = {}
+            for layer, module in self._layers.items():
+                touching = [n for n in used if layer in self._adapters[n]]
+                if not touching:
+                    continue
+                slot = {n: i for i, n in enumerate(touching)}
+                slots = torch.tensor([slot.get(n, -1) for n in names], device=module.weight.device)
+                adapters = [self._adapters[n][layer] for n in touching]
+                forwards[layer] = _mixed_forward(layer, module, adapters, slots)
+            with forwards_replaced(self._layers, forwards):
+                yield self
