@@ -280,6 +280,62 @@ inline void dot_entries(const float* a, const D* xT, int64_t ld, const C* cols, 
   }
 }
 
+// Dot products of bf16 tile rows by AVX512-BF16's vdpbf16ps, where the target has it: one
+// instruction multiplies 32 bf16 pairs exactly and adds each pair's two products into one of 16
+// fp32 lanes, where widening both rows and two FMAs took five. Both rows in the pair layout
+// (tile_vector), so a lane sums tokens l and kLanes + l. Like any AVX512-BF16 instruction it
+// takes inputs and gives sums below fp32's normal range (under 1.2e-38) as zero.
+#if defined(__AVX512BF16__)
+template <typename D>
+constexpr bool kDotPairs = std::is_same_v<D, uint16_t>;
+
+inline fvec dot_pairs(fvec s, uvec a, const uint16_t* b) {
+  return reinterpret_cast<fvec>(_mm512_dpbf16_ps(
+      reinterpret_cast<__m512>(s), reinterpret_cast<__m512bh>(a),
+      reinterpret_cast<__m512bh>(_mm512_loadu_si512(b))));
+}
+inline fvec dot_pairs(fvec s, const uint16_t* a, const uint16_t* b) {
+  return dot_pairs(s, *reinterpret_cast<const uvec*>(a), b);
+}
+
+// dot_entries with a and the tile rows bf16 pairs: NV / 2 pair vectors per row.
+template <int NV, typename C>
+inline void dot_entries_pairs(const uint16_t* a, const uint16_t* xT, int64_t ld, const C* cols,
+                              float* g, int64_t j0, int64_t j1) {
+  constexpr int kStep = 2 * kLanes;  // bf16 per pair vector
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const uint16_t* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
+    const uint16_t* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
+    const uint16_t* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
+    const uint16_t* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
+    fvec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+#pragma GCC unroll 4
+    for (int k = 0; k < NV / 2; ++k) {
+      s0 = dot_pairs(s0, a + k * kStep, b0 + k * kStep);
+      s1 = dot_pairs(s1, a + k * kStep, b1 + k * kStep);
+      s2 = dot_pairs(s2, a + k * kStep, b2 + k * kStep);
+      s3 = dot_pairs(s3, a + k * kStep, b3 + k * kStep);
+    }
+    g[j] += hsum(s0);
+    g[j + 1] += hsum(s1);
+    g[j + 2] += hsum(s2);
+    g[j + 3] += hsum(s3);
+  }
+  for (; j < j1; ++j) {
+    const uint16_t* b = xT + static_cast<int64_t>(cols[j]) * ld;
+    fvec s = {};
+#pragma GCC unroll 4
+    for (int k = 0; k < NV / 2; ++k) s = dot_pairs(s, a + k * kStep, b + k * kStep);
+    g[j] += hsum(s);
+  }
+}
+#else
+template <typename D>
+constexpr bool kDotPairs = false;
+fvec dot_pairs(fvec s, uvec a, const uint16_t* b);  // never called: kDotPairs is false
+#endif
+
 // Calls body(std::integral_constant<int, NV>) with NV = ld / kLanes in 1..8, the vectors per tile
 // row, so that the micro-kernels' loops have constant trip counts and stay in registers.
 template <typename Body>
@@ -403,13 +459,24 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
                  const int64_t* offsets, const C* cols, float* g) {
   by_token_chunks(x, tokens, in, offsets, out, kSddmmTokenChunk,
                   [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
-                      const T* xT, float* gyT) {
+                      const T* xT, float* own) {
     if (t0 == 0) std::fill(g + offsets[r0], g + offsets[r1], 0.0f);
-    transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
     with_vectors(ld, [&](auto nv) {
-      by_column_blocks<T>(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
-        dot_entries<decltype(nv)::value>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
-      });
+      constexpr int NV = decltype(nv)::value;
+      if constexpr (kDotPairs<T>) {  // gy's rows as bf16 pairs too (dot_pairs)
+#if defined(__AVX512BF16__)
+        T* gyT = reinterpret_cast<T*>(own);
+        transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
+        by_column_blocks<T>(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
+          dot_entries_pairs<NV>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
+        });
+#endif
+      } else {
+        transpose_chunk(gy, out, t0, tc, r0, r1, own, ld);
+        by_column_blocks<T>(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
+          dot_entries<NV>(own + (r - r0) * ld, xT, ld, cols, g, j0, j1);
+        });
+      }
     });
   });
 }
@@ -420,13 +487,22 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
 //   gx_out[t, c] = gx_in[t, c] + scale · Σ_j values[perm[j]] · gy[t, trows[j]]   (gy·S)
 //   g[perm[j]]  (+)= Σ_t gy[t, trows[j]] · x[t, c]                            (sddmm)
 // Separately, spmm_t and sddmm each gather every entry's row (and sddmm transposes gy again).
-template <int NV, typename C, typename D, typename V>
-inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* trows,
+template <int NV, typename C, typename D, typename V, typename X>
+inline void column_entries(const X* xc, const D* gyT, int64_t ld, const C* trows,
                            const int64_t* perm, const V* values, float* acc, float* g,
                            int64_t j0, int64_t j1, bool first) {
+  // x's column in registers: fp32 vectors, or (kDotPairs: X is bf16) pair vectors as the tiles
+  // hold them, for dot_pairs against each gathered row's pair vectors as loaded.
   fvec xv[NV];
+  uvec xp[(NV + 1) / 2];
 #pragma GCC unroll 8
-  for (int k = 0; k < NV; ++k) xv[k] = loadv(xc + k * kLanes);
+  for (int k = 0; k < NV; ++k) {
+    if constexpr (kDotPairs<D>) {
+      if (k % 2 == 0) xp[k / 2] = *reinterpret_cast<const uvec*>(xc + k * kLanes);
+    } else {
+      xv[k] = loadv(xc + k * kLanes);
+    }
+  }
   for (int64_t b0 = j0; b0 < j1; b0 += kEntryBlock) {
     const int64_t b1 = std::min(b0 + kEntryBlock, j1);
     // Entries in pairs (kPairEntries), a set of gx sums each, as axpy_entries; each entry's
@@ -444,8 +520,15 @@ inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* t
         const fvec r0 = tile_vector(row0, k), r1 = tile_vector(row1, k);
         part[k] += v0 * r0;
         odd[k] += v1 * r1;
-        s0 += xv[k] * r0;
-        s1 += xv[k] * r1;
+        if constexpr (kDotPairs<D>) {
+          if (k % 2 == 1) {
+            s0 = dot_pairs(s0, xp[k / 2], row0 + (k - 1) * kLanes);
+            s1 = dot_pairs(s1, xp[k / 2], row1 + (k - 1) * kLanes);
+          }
+        } else {
+          s0 += xv[k] * r0;
+          s1 += xv[k] * r1;
+        }
       }
       float d0, d1;
       hsum2(s0, s1, &d0, &d1);
@@ -461,7 +544,11 @@ inline void column_entries(const float* xc, const D* gyT, int64_t ld, const C* t
       for (int k = 0; k < NV; ++k) {
         const fvec r = tile_vector(row, k);
         part[k] += v * r;
-        if (k % 2 == 0) s0 += xv[k] * r; else s1 += xv[k] * r;
+        if constexpr (kDotPairs<D>) {
+          if (k % 2 == 1) s0 = dot_pairs(s0, xp[k / 2], row + (k - 1) * kLanes);
+        } else {
+          if (k % 2 == 0) s0 += xv[k] * r; else s1 += xv[k] * r;
+        }
       }
       const float d = hsum(s0 + s1);
       g[p] = first ? d : g[p] + d;
@@ -494,7 +581,11 @@ void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int6
       const int64_t tc = std::min(kSddmmTokenChunk, tokens - t0), ld = round_tokens<T>(tc);
       float* acc = xs + (c1 - c0) * ld;
       transpose_chunk(gy, out, t0, tc, r0, r1, gyT + r0 * ld, ld);
-      transpose_chunk(x, in, t0, tc, c0, c1, xs, ld);
+      // x's columns in fp32, or as bf16 pairs for dot_pairs (in the first half of the same
+      // space).
+      using X = std::conditional_t<kDotPairs<T>, T, float>;
+      X* xcols = reinterpret_cast<X*>(xs);
+      transpose_chunk(x, in, t0, tc, c0, c1, xcols, ld);
       std::fill(acc, acc + (c1 - c0) * ld, 0.0f);
 #pragma omp barrier
       // No blocking of gy's rows to keep them in L2 (as spmm blocks x's columns): each
@@ -502,8 +593,8 @@ void spmm_t_sddmm_typed(const T* gy, const T* x, const T* gx_in, T* gx_out, int6
       // work per gather that blocking does not make the loop faster.
       with_vectors(ld, [&](auto nv) {
         for (int64_t c = c0; c < c1; ++c)
-          column_entries<decltype(nv)::value>(xs + (c - c0) * ld, gyT, ld, trows, perm, values,
-                                              acc + (c - c0) * ld, g, t_offsets[c],
+          column_entries<decltype(nv)::value>(xcols + (c - c0) * ld, gyT, ld, trows, perm,
+                                              values, acc + (c - c0) * ld, g, t_offsets[c],
                                               t_offsets[c + 1], t0 == 0);
       });
       add_transposed(acc, ld, t0, tc, c0, c1, gx_in, gx_out, in, scale);
