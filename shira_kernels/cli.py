@@ -62,9 +62,11 @@ def _backend_rows(device_type: str) -> list[tuple[str, str]]:
         reason = backends.unavailable_reason(name, device_type)
         state = "available" if reason is None else f"unavailable: {reason}"
         if name == "cpu" and reason is None:  # what -march=native gave this machine
-            lanes = _native.module("cpu").vector_lanes()
+            mod = _native.module("cpu")
+            lanes = mod.vector_lanes()
             state += f" (built for this CPU: {lanes}-lane fp32 vectors, "
-            state += "AVX-512)" if lanes == 16 else "no AVX-512)"
+            state += "AVX-512" if lanes == 16 else "no AVX-512"
+            state += ", AVX512-BF16)" if mod.bf16_dot_products() else ")"
         rows.append((name, state))
     return rows
 

@@ -354,6 +354,13 @@ torch::Tensor binary_lora(const torch::Tensor& x, const torch::Tensor& down_pack
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_lanes", []() { return kLanes; },
         "fp32 lanes per vector the kernels were built with (16: AVX-512, 8: otherwise)");
+  m.def("bf16_dot_products", []() {
+#if defined(__AVX512BF16__)
+    return true;
+#else
+    return false;
+#endif
+  }, "whether the sparse kernels multiply bf16 rows by AVX512-BF16's vdpbf16ps");
   m.def("scatter_swap", &scatter_swap, "batched scatter-swap over a task table (CPU)",
         pybind11::arg("tasks"), pybind11::arg("blocks"), pybind11::arg("block"),
         pybind11::call_guard<pybind11::gil_scoped_release>());

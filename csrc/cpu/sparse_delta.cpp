@@ -208,25 +208,131 @@ inline void by_column_blocks(const int64_t* offsets, const C* cols, int64_t r0, 
   }
 }
 
+// Products of bf16 tile rows by AVX512-BF16's vdpbf16ps, where the target has it: one
+// instruction multiplies 32 bf16 pairs exactly and adds each pair's two products into one of 16
+// fp32 lanes, where widening both rows and two FMAs took five. Dot products (dot_pairs): both
+// rows in the pair layout (tile_vector), so a lane sums tokens l and kLanes + l. Sums of rows
+// times values (axpy_pair): two entries' rows interleaved against their two values. Like any
+// AVX512-BF16 instruction it takes inputs and gives sums below fp32's normal range (under
+// 1.2e-38) as zero.
+#if defined(__AVX512BF16__)
+template <typename D>
+constexpr bool kDotPairs = std::is_same_v<D, uint16_t>;
+
+inline fvec dot_pairs(fvec s, uvec a, const uint16_t* b) {
+  return reinterpret_cast<fvec>(_mm512_dpbf16_ps(
+      reinterpret_cast<__m512>(s), reinterpret_cast<__m512bh>(a),
+      reinterpret_cast<__m512bh>(_mm512_loadu_si512(b))));
+}
+inline fvec dot_pairs(fvec s, const uint16_t* a, const uint16_t* b) {
+  return dot_pairs(s, *reinterpret_cast<const uvec*>(a), b);
+}
+
+// dot_entries with a and the tile rows bf16 pairs: NV / 2 pair vectors per row.
+template <int NV, typename C>
+inline void dot_entries_pairs(const uint16_t* a, const uint16_t* xT, int64_t ld, const C* cols,
+                              float* g, int64_t j0, int64_t j1) {
+  constexpr int kStep = 2 * kLanes;  // bf16 per pair vector
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const uint16_t* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
+    const uint16_t* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
+    const uint16_t* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
+    const uint16_t* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
+    fvec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+#pragma GCC unroll 4
+    for (int k = 0; k < NV / 2; ++k) {
+      s0 = dot_pairs(s0, a + k * kStep, b0 + k * kStep);
+      s1 = dot_pairs(s1, a + k * kStep, b1 + k * kStep);
+      s2 = dot_pairs(s2, a + k * kStep, b2 + k * kStep);
+      s3 = dot_pairs(s3, a + k * kStep, b3 + k * kStep);
+    }
+    g[j] += hsum(s0);
+    g[j + 1] += hsum(s1);
+    g[j + 2] += hsum(s2);
+    g[j + 3] += hsum(s3);
+  }
+  for (; j < j1; ++j) {
+    const uint16_t* b = xT + static_cast<int64_t>(cols[j]) * ld;
+    fvec s = {};
+#pragma GCC unroll 4
+    for (int k = 0; k < NV / 2; ++k) s = dot_pairs(s, a + k * kStep, b + k * kStep);
+    g[j] += hsum(s);
+  }
+}
+// Two entries' tile rows interleaved token by token against their two bf16 values, for
+// vdpbf16ps: per pair vector k of the rows, lo and hi hold (x0[t], x1[t]) for half its tokens
+// each, in the order unpacklo/hi_epi16 leave them (per 128-bit lane q: tokens 4q, 16+4q,
+// 4q+1, 17+4q in lo, the same +2 in hi); natural_tokens puts them back.
+inline void axpy_pair(fvec& lo_sum, fvec& hi_sum, const uint16_t* x0, const uint16_t* x1,
+                      __m512bh vv) {
+  const __m512i p0 = _mm512_loadu_si512(x0), p1 = _mm512_loadu_si512(x1);
+  lo_sum = reinterpret_cast<fvec>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(lo_sum),
+      reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(p0, p1)), vv));
+  hi_sum = reinterpret_cast<fvec>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(hi_sum),
+      reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(p0, p1)), vv));
+}
+
+// The sums of axpy_pair over one pair vector as tokens 0..15 (first) and 16..31 (second).
+template <int... T>
+inline void natural_tokens(fvec lo, fvec hi, fvec* first, fvec* second,
+                           std::integer_sequence<int, T...>) {
+  // token t = 4q + r (r < 4) of a half is in lo (r < 2) or hi, lane 4q + 2·(r % 2), + 1 for
+  // the second half.
+  *first = __builtin_shufflevector(lo, hi, ((T % 4 >= 2 ? 16 : 0) + 4 * (T / 4) + 2 * (T % 2))...);
+  *second = __builtin_shufflevector(lo, hi,
+                                    ((T % 4 >= 2 ? 16 : 0) + 4 * (T / 4) + 2 * (T % 2) + 1)...);
+}
+#else
+template <typename D>
+constexpr bool kDotPairs = false;
+fvec dot_pairs(fvec s, uvec a, const uint16_t* b);  // never called: kDotPairs is false
+#endif
+
 // acc[0 .. NV·kLanes) += Σ_j values[j] · xT[cols[j]] (rows of the padded tile), in partial sums of
 // kEntryBlock entries held in registers.
 template <int NV, typename C, typename D, typename V>
 inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
                          const V* values, int64_t j0, int64_t j1) {
+  // bf16 rows and values: entries in pairs through vdpbf16ps (axpy_pair), both values exact.
+  constexpr bool dot = kDotPairs<D> && std::is_same_v<V, uint16_t>;
   for (int64_t g0 = j0; g0 < j1; g0 += kEntryBlock) {
     const int64_t g1 = std::min(g0 + kEntryBlock, j1);
     // Two sets of sums, even and odd entries (kPairEntries): each vector's chain of FMAs
     // advances every other entry, so an entry does not wait on the previous one's FMA latency.
     fvec part[NV] = {}, odd[NV] = {};
     int64_t j = g0;
-    for (; kPairEntries<D> && j + 2 <= g1; j += 2) {
-      const float v0 = Float<V>::load(values + j), v1 = Float<V>::load(values + j + 1);
-      const D* x0 = xT + static_cast<int64_t>(cols[j]) * ld;
-      const D* x1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
+    if constexpr (dot) {
+#if defined(__AVX512BF16__)
+      for (; j + 2 <= g1; j += 2) {
+        uint32_t both;
+        std::memcpy(&both, values + j, 4);
+        const __m512bh vv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(both)));
+        const D* x0 = xT + static_cast<int64_t>(cols[j]) * ld;
+        const D* x1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
+#pragma GCC unroll 4
+        for (int k = 0; k < NV / 2; ++k)
+          axpy_pair(odd[2 * k], odd[2 * k + 1], x0 + 2 * k * kLanes, x1 + 2 * k * kLanes, vv);
+      }
+#pragma GCC unroll 4
+      for (int k = 0; k < NV / 2; ++k) {
+        fvec first, second;
+        natural_tokens(odd[2 * k], odd[2 * k + 1], &first, &second,
+                       std::make_integer_sequence<int, kLanes>());
+        odd[2 * k] = first;
+        odd[2 * k + 1] = second;
+      }
+#endif
+    } else {
+      for (; kPairEntries<D> && j + 2 <= g1; j += 2) {
+        const float v0 = Float<V>::load(values + j), v1 = Float<V>::load(values + j + 1);
+        const D* x0 = xT + static_cast<int64_t>(cols[j]) * ld;
+        const D* x1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
 #pragma GCC unroll 8
-      for (int k = 0; k < NV; ++k) {
-        part[k] += v0 * tile_vector(x0, k);
-        odd[k] += v1 * tile_vector(x1, k);
+        for (int k = 0; k < NV; ++k) {
+          part[k] += v0 * tile_vector(x0, k);
+          odd[k] += v1 * tile_vector(x1, k);
+        }
       }
     }
     for (; j < g1; ++j) {
@@ -279,62 +385,6 @@ inline void dot_entries(const float* a, const D* xT, int64_t ld, const C* cols, 
     g[j] += hsum(s);
   }
 }
-
-// Dot products of bf16 tile rows by AVX512-BF16's vdpbf16ps, where the target has it: one
-// instruction multiplies 32 bf16 pairs exactly and adds each pair's two products into one of 16
-// fp32 lanes, where widening both rows and two FMAs took five. Both rows in the pair layout
-// (tile_vector), so a lane sums tokens l and kLanes + l. Like any AVX512-BF16 instruction it
-// takes inputs and gives sums below fp32's normal range (under 1.2e-38) as zero.
-#if defined(__AVX512BF16__)
-template <typename D>
-constexpr bool kDotPairs = std::is_same_v<D, uint16_t>;
-
-inline fvec dot_pairs(fvec s, uvec a, const uint16_t* b) {
-  return reinterpret_cast<fvec>(_mm512_dpbf16_ps(
-      reinterpret_cast<__m512>(s), reinterpret_cast<__m512bh>(a),
-      reinterpret_cast<__m512bh>(_mm512_loadu_si512(b))));
-}
-inline fvec dot_pairs(fvec s, const uint16_t* a, const uint16_t* b) {
-  return dot_pairs(s, *reinterpret_cast<const uvec*>(a), b);
-}
-
-// dot_entries with a and the tile rows bf16 pairs: NV / 2 pair vectors per row.
-template <int NV, typename C>
-inline void dot_entries_pairs(const uint16_t* a, const uint16_t* xT, int64_t ld, const C* cols,
-                              float* g, int64_t j0, int64_t j1) {
-  constexpr int kStep = 2 * kLanes;  // bf16 per pair vector
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    const uint16_t* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
-    const uint16_t* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
-    const uint16_t* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
-    const uint16_t* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
-    fvec s0 = {}, s1 = {}, s2 = {}, s3 = {};
-#pragma GCC unroll 4
-    for (int k = 0; k < NV / 2; ++k) {
-      s0 = dot_pairs(s0, a + k * kStep, b0 + k * kStep);
-      s1 = dot_pairs(s1, a + k * kStep, b1 + k * kStep);
-      s2 = dot_pairs(s2, a + k * kStep, b2 + k * kStep);
-      s3 = dot_pairs(s3, a + k * kStep, b3 + k * kStep);
-    }
-    g[j] += hsum(s0);
-    g[j + 1] += hsum(s1);
-    g[j + 2] += hsum(s2);
-    g[j + 3] += hsum(s3);
-  }
-  for (; j < j1; ++j) {
-    const uint16_t* b = xT + static_cast<int64_t>(cols[j]) * ld;
-    fvec s = {};
-#pragma GCC unroll 4
-    for (int k = 0; k < NV / 2; ++k) s = dot_pairs(s, a + k * kStep, b + k * kStep);
-    g[j] += hsum(s);
-  }
-}
-#else
-template <typename D>
-constexpr bool kDotPairs = false;
-fvec dot_pairs(fvec s, uvec a, const uint16_t* b);  // never called: kDotPairs is false
-#endif
 
 // Calls body(std::integral_constant<int, NV>) with NV = ld / kLanes in 1..8, the vectors per tile
 // row, so that the micro-kernels' loops have constant trip counts and stay in registers.
@@ -492,7 +542,9 @@ inline void column_entries(const X* xc, const D* gyT, int64_t ld, const C* trows
                            const int64_t* perm, const V* values, float* acc, float* g,
                            int64_t j0, int64_t j1, bool first) {
   // x's column in registers: fp32 vectors, or (kDotPairs: X is bf16) pair vectors as the tiles
-  // hold them, for dot_pairs against each gathered row's pair vectors as loaded.
+  // hold them, for dot_pairs against each gathered row's pair vectors as loaded. With bf16
+  // values too, gx's sums go by vdpbf16ps as well (axpy_pair).
+  constexpr bool axpy_dot = kDotPairs<D> && std::is_same_v<V, uint16_t>;
   fvec xv[NV];
   uvec xp[(NV + 1) / 2];
 #pragma GCC unroll 8
@@ -509,7 +561,33 @@ inline void column_entries(const X* xc, const D* gyT, int64_t ld, const C* trows
     // dot its own chain, two in flight.
     fvec part[NV] = {}, odd[NV] = {};
     int64_t j = b0;
-    for (; kPairEntries<D> && j + 2 <= b1; j += 2) {
+    if constexpr (axpy_dot) {  // both products by vdpbf16ps, as axpy_entries and dot_entries'
+#if defined(__AVX512BF16__)
+      for (; j + 2 <= b1; j += 2) {
+        const int64_t p0 = perm[j], p1 = perm[j + 1];
+        const uint32_t both = values[p0] | static_cast<uint32_t>(values[p1]) << 16;
+        const __m512bh vv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(both)));
+        const D* row0 = gyT + static_cast<int64_t>(trows[j]) * ld;
+        const D* row1 = gyT + static_cast<int64_t>(trows[j + 1]) * ld;
+        fvec s0 = {}, s1 = {};
+#pragma GCC unroll 4
+        for (int k = 0; k < NV / 2; ++k) {
+          axpy_pair(odd[2 * k], odd[2 * k + 1], row0 + 2 * k * kLanes, row1 + 2 * k * kLanes, vv);
+          s0 = dot_pairs(s0, xp[k], row0 + 2 * k * kLanes);
+          s1 = dot_pairs(s1, xp[k], row1 + 2 * k * kLanes);
+        }
+        float d0, d1;
+        hsum2(s0, s1, &d0, &d1);
+        g[p0] = first ? d0 : g[p0] + d0;
+        g[p1] = first ? d1 : g[p1] + d1;
+      }
+#pragma GCC unroll 4
+      for (int k = 0; k < NV / 2; ++k)
+        natural_tokens(odd[2 * k], odd[2 * k + 1], &odd[2 * k], &odd[2 * k + 1],
+                       std::make_integer_sequence<int, kLanes>());
+#endif
+    }
+    for (; !axpy_dot && kPairEntries<D> && j + 2 <= b1; j += 2) {
       const int64_t p0 = perm[j], p1 = perm[j + 1];
       const float v0 = Float<V>::load(values + p0), v1 = Float<V>::load(values + p1);
       const D* row0 = gyT + static_cast<int64_t>(trows[j]) * ld;
