@@ -1,6 +1,7 @@
-"""What the banks' mixed batches share (AdapterBank.mixed for SHiRA deltas,
-BinaryAdapterBank.mixed for 1-bit LoRA adapters): the check of the rows' names, the check of a
-layer's input against them, and the layers' forwards replaced for the block."""
+"""What the two banks share (AdapterBank for SHiRA deltas, BinaryAdapterBank for 1-bit LoRA
+adapters): their view as a collection of named adapters over named layers, and for mixed
+batches the check of the rows' names, the check of a layer's input against them, and the
+layers' forwards replaced for the block."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,34 @@ import torch
 from torch import nn
 
 BASE = "__base__"  # "no adapter" in a list of names, as in PEFT's adapter_names
+
+
+class NamedAdapters:
+    """A bank as a collection: ``name in bank``, ``len(bank)``, iteration over the adapters'
+    names, and the names of the layers and adapters. The bank keeps ``_layers`` (layer name →
+    module, in model order) and ``_adapters`` (adapter name → its data, in order added)."""
+
+    _layers: dict
+    _adapters: dict
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the layers that can take adapters, in model order."""
+        return tuple(self._layers)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the adapters, in the order they were added."""
+        return tuple(self._adapters)
+
+    def __contains__(self, name) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._adapters))
 
 
 def batch_names(adapter_names) -> list:

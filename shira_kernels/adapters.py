@@ -62,14 +62,14 @@ import contextlib
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size,
                       validate_indices)
-from ._mixed import batch_names, check_batch, forwards_replaced, used_names
+from ._mixed import NamedAdapters, batch_names, check_batch, forwards_replaced, used_names
 from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
 from .ops.multi_delta import multi_delta_linear
@@ -273,7 +273,7 @@ class _ForwardGuard:
         self.remove()
 
 
-class AdapterBank:
+class AdapterBank(NamedAdapters):
     """Many named sparse adapters for one model; exact switching, fusion, save and load.
 
     The layers that can take adapters are the model's nn.Linear modules (ShiraLinear included),
@@ -333,26 +333,7 @@ class AdapterBank:
         self._warned_backward = False
         self._check_unmerged()
 
-    # -- what is there ----------------------------------------------------------------------------
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """Names of the layers that can take adapters, in model order."""
-        return tuple(self._layers)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Names of the adapters, in the order they were added."""
-        return tuple(self._adapters)
-
-    def __contains__(self, name) -> bool:
-        return name in self._adapters
-
-    def __len__(self) -> int:
-        return len(self._adapters)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(tuple(self._adapters))
-
+    # -- what is there (also NamedAdapters: layers, names, in, len, iter) -----------------------
     @property
     def active(self) -> str | tuple[str, ...] | None:
         """None (base weights), an adapter's name, or the names of the active fusion."""

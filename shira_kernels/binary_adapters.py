@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_scale
-from ._mixed import BASE, batch_names, check_batch, forwards_replaced, used_names
+from ._mixed import (BASE, NamedAdapters, batch_names, check_batch, forwards_replaced,
+                     used_names)
 from .formats import BinaryWeight
 from .nn.binary import BinaryAdapter, BinaryLoRALinear
 from .ops.multi_binary import multi_binary_lora
@@ -43,9 +44,9 @@ def _mixed_forward(layer: str, module: nn.Linear, adapters: list[_Adapter], slot
     return forward
 
 
-class BinaryAdapterBank:
+class BinaryAdapterBank(NamedAdapters):
     """Named 1-bit LoRA adapters (packed down and up BinaryWeights and a scale per layer) for
-    ``model``'s plain nn.Linear layers, served per batch row by ``mixed``."""
+    ``model``'s plain nn.Linear layers (``layers``), served per batch row by ``mixed``."""
 
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
@@ -54,24 +55,6 @@ class BinaryAdapterBank:
         self._layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
         self._adapters: dict[str, dict[str, _Adapter]] = {}
         self.lock = threading.RLock()
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """The names of the layers an adapter can touch (the model's plain nn.Linear layers)."""
-        return tuple(self._layers)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._adapters)
-
-    def __contains__(self, name) -> bool:
-        return name in self._adapters
-
-    def __len__(self) -> int:
-        return len(self._adapters)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
 
     def __repr__(self) -> str:
         return f"BinaryAdapterBank({len(self._layers)} layers, adapters={list(self._adapters)})"

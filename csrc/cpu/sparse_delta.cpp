@@ -224,42 +224,7 @@ inline fvec dot_pairs(fvec s, uvec a, const uint16_t* b) {
       reinterpret_cast<__m512>(s), reinterpret_cast<__m512bh>(a),
       reinterpret_cast<__m512bh>(_mm512_loadu_si512(b))));
 }
-inline fvec dot_pairs(fvec s, const uint16_t* a, const uint16_t* b) {
-  return dot_pairs(s, *reinterpret_cast<const uvec*>(a), b);
-}
 
-// dot_entries with a and the tile rows bf16 pairs: NV / 2 pair vectors per row.
-template <int NV, typename C>
-inline void dot_entries_pairs(const uint16_t* a, const uint16_t* xT, int64_t ld, const C* cols,
-                              float* g, int64_t j0, int64_t j1) {
-  constexpr int kStep = 2 * kLanes;  // bf16 per pair vector
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    const uint16_t* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
-    const uint16_t* b1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
-    const uint16_t* b2 = xT + static_cast<int64_t>(cols[j + 2]) * ld;
-    const uint16_t* b3 = xT + static_cast<int64_t>(cols[j + 3]) * ld;
-    fvec s0 = {}, s1 = {}, s2 = {}, s3 = {};
-#pragma GCC unroll 4
-    for (int k = 0; k < NV / 2; ++k) {
-      s0 = dot_pairs(s0, a + k * kStep, b0 + k * kStep);
-      s1 = dot_pairs(s1, a + k * kStep, b1 + k * kStep);
-      s2 = dot_pairs(s2, a + k * kStep, b2 + k * kStep);
-      s3 = dot_pairs(s3, a + k * kStep, b3 + k * kStep);
-    }
-    g[j] += hsum(s0);
-    g[j + 1] += hsum(s1);
-    g[j + 2] += hsum(s2);
-    g[j + 3] += hsum(s3);
-  }
-  for (; j < j1; ++j) {
-    const uint16_t* b = xT + static_cast<int64_t>(cols[j]) * ld;
-    fvec s = {};
-#pragma GCC unroll 4
-    for (int k = 0; k < NV / 2; ++k) s = dot_pairs(s, a + k * kStep, b + k * kStep);
-    g[j] += hsum(s);
-  }
-}
 // Two entries' tile rows interleaved token by token against their two bf16 values, for
 // vdpbf16ps: per pair vector k of the rows, lo and hi hold (x0[t], x1[t]) for half its tokens
 // each, in the order unpacklo/hi_epi16 leave them (per 128-bit lane q: tokens 4q, 16+4q,
@@ -351,13 +316,30 @@ inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
 }
 
 // g[j] += a · xT[cols[j]] over the padded chunk, four entries at a time (four independent
-// sums share each load of a).
-template <int NV, typename C, typename D>
-inline void dot_entries(const float* a, const D* xT, int64_t ld, const C* cols, float* g,
+// sums share each load of a). a is fp32, or (kDotPairs) bf16 in the tile's pair layout, whose
+// dot products are dot_pairs.
+template <int NV, typename C, typename D, typename A>
+inline void dot_entries(const A* a, const D* xT, int64_t ld, const C* cols, float* g,
                         int64_t j0, int64_t j1) {
+  constexpr bool pairs = kDotPairs<D> && std::is_same_v<A, D>;
   fvec av[NV];
+  uvec ap[(NV + 1) / 2];
 #pragma GCC unroll 8
-  for (int k = 0; k < NV; ++k) av[k] = loadv(a + k * kLanes);
+  for (int k = 0; k < NV; ++k) {
+    if constexpr (pairs) {
+      if (k % 2 == 0) ap[k / 2] = *reinterpret_cast<const uvec*>(a + k * kLanes);
+    } else {
+      av[k] = loadv(a + k * kLanes);
+    }
+  }
+  // s += a · b over vector k of the rows (pairs: over pair vector k / 2, at its odd k).
+  auto step = [&](fvec& s, const D* b, int k) {
+    if constexpr (pairs) {
+      if (k % 2 == 1) s = dot_pairs(s, ap[k / 2], b + (k - 1) * kLanes);
+    } else {
+      s += av[k] * tile_vector(b, k);
+    }
+  };
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) {
     const D* b0 = xT + static_cast<int64_t>(cols[j]) * ld;
@@ -367,10 +349,10 @@ inline void dot_entries(const float* a, const D* xT, int64_t ld, const C* cols, 
     fvec s0 = {}, s1 = {}, s2 = {}, s3 = {};
 #pragma GCC unroll 8
     for (int k = 0; k < NV; ++k) {
-      s0 += av[k] * tile_vector(b0, k);
-      s1 += av[k] * tile_vector(b1, k);
-      s2 += av[k] * tile_vector(b2, k);
-      s3 += av[k] * tile_vector(b3, k);
+      step(s0, b0, k);
+      step(s1, b1, k);
+      step(s2, b2, k);
+      step(s3, b3, k);
     }
     g[j] += hsum(s0);
     g[j + 1] += hsum(s1);
@@ -381,7 +363,7 @@ inline void dot_entries(const float* a, const D* xT, int64_t ld, const C* cols, 
     const D* b = xT + static_cast<int64_t>(cols[j]) * ld;
     fvec s = {};
 #pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) s += av[k] * tile_vector(b, k);
+    for (int k = 0; k < NV; ++k) step(s, b, k);
     g[j] += hsum(s);
   }
 }
@@ -514,13 +496,11 @@ void sddmm_typed(const T* gy, const T* x, int64_t tokens, int64_t out, int64_t i
     with_vectors(ld, [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
       if constexpr (kDotPairs<T>) {  // gy's rows as bf16 pairs too (dot_pairs)
-#if defined(__AVX512BF16__)
         T* gyT = reinterpret_cast<T*>(own);
         transpose_chunk(gy, out, t0, tc, r0, r1, gyT, ld);
         by_column_blocks<T>(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
-          dot_entries_pairs<NV>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
+          dot_entries<NV>(gyT + (r - r0) * ld, xT, ld, cols, g, j0, j1);
         });
-#endif
       } else {
         transpose_chunk(gy, out, t0, tc, r0, r1, own, ld);
         by_column_blocks<T>(offsets, cols, r0, r1, in, ld, [&](int64_t r, int64_t j0, int64_t j1) {
