@@ -258,7 +258,8 @@ void shira::cpu::binary_dequantize(const int32_t* packed, int64_t rows, int64_t 
     const E* h = static_cast<const E*>(hi);
     const E* l = static_cast<const E*>(lo);
     E* o = static_cast<E*>(out);
-#pragma omp parallel for schedule(static)
+    // One thread for a LoRA-sized weight: a parallel region costs more than its blends.
+#pragma omp parallel for schedule(static) if (rows * in >= (1 << 18))
     for (int64_t r = 0; r < rows; ++r) dequantize_row<E>(packed + r * words, in, h[r], l[r], o + r * in);
   };
   if (elem_bytes == 2) run(uint16_t{}); else run(uint32_t{});

@@ -2,6 +2,8 @@
 // points; these checks only guard the raw-pointer contract.
 #include <torch/extension.h>
 
+#include <vector>
+
 #include "../torch_dtype.h"
 #include "kernels.h"
 #include "vec.h"
@@ -236,20 +238,28 @@ torch::Tensor binary_dequantized_weight(const torch::Tensor& packed,
                   (mu.numel() == 1 || mu.numel() == rows),
               "binary_dequantized_weight: alpha and mu must be contiguous fp32, one value or one "
               "per row");
-  const auto options = torch::TensorOptions().dtype(dtype);
-  torch::Tensor hi = torch::empty({rows}, options), lo = torch::empty({rows}, options);
+  const int64_t words = packed.size(1);
+  TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous() &&
+                  (words - 1) * 32 < in && in <= words * 32,
+              "binary_dequantized_weight: packed must be contiguous int32 [rows, ceil(in / 32)]");
+  torch::Tensor out = torch::empty({rows, in}, torch::TensorOptions().dtype(dtype));
   const float *a = alpha.data_ptr<float>(), *m = mu.data_ptr<float>();
   const bool a_rows = alpha.numel() > 1, m_rows = mu.numel() > 1;
-  shira::dispatch_float<CpuFloat>(dtype_of(hi, "binary_dequantized_weight: dtype"), [&](auto t) {
+  shira::dispatch_float<CpuFloat>(dtype_of(out, "binary_dequantized_weight: dtype"), [&](auto t) {
     using T = typename decltype(t)::type;
-    T *h = static_cast<T*>(hi.data_ptr()), *l = static_cast<T*>(lo.data_ptr());
+    // hi and lo per row in plain memory: two torch tensors for them cost more than the work at
+    // LoRA sizes (binary_lora's dequantize strategy forms two such weights per call).
+    std::vector<T> hi(rows), lo(rows);
     for (int64_t r = 0; r < rows; ++r) {
       const float av = a[a_rows ? r : 0], mv = m[m_rows ? r : 0];
-      Float<T>::store(h + r, mv + av);
-      Float<T>::store(l + r, mv - av);
+      Float<T>::store(&hi[r], mv + av);
+      Float<T>::store(&lo[r], mv - av);
     }
+    if (rows > 0 && in > 0)
+      shira::cpu::binary_dequantize(packed.data_ptr<int32_t>(), rows, words, in, hi.data(),
+                                    lo.data(), static_cast<int>(sizeof(T)), out.data_ptr());
   });
-  return binary_dequantize(packed, hi, lo, in);
+  return out;
 }
 
 // binary_lora's "dequantize" strategy in one call, both weights dequantized whole to x's

@@ -19,10 +19,13 @@ def via_op(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
 
 
-def eager_function(name: str, impl, setup_context, backward) -> Callable:
+def eager_function(name: str, impl, setup_context, backward,
+                   differentiable: tuple[int, ...] | None = None) -> Callable:
     """A call of ``impl`` (the op's implementation, same arguments) that records the op's
     ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as an
-    autograd.Function (named ``name``) when an input needs a gradient."""
+    autograd.Function (named ``name``) when an input needs a gradient: any input, or only
+    those at the positions ``differentiable`` (the inputs the backward gives a gradient; the
+    others' requires_grad cannot matter, and asking each costs microseconds per call)."""
 
     def forward(ctx, *inputs):
         setup_context(ctx, inputs, None)
@@ -32,9 +35,10 @@ def eager_function(name: str, impl, setup_context, backward) -> Callable:
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def run(*inputs):
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                           for t in inputs):
-            return function.apply(*inputs)
+        if torch.is_grad_enabled():
+            asked = inputs if differentiable is None else [inputs[i] for i in differentiable]
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in asked):
+                return function.apply(*inputs)
         return impl(*inputs)
 
     run.__name__ = run.__qualname__ = name

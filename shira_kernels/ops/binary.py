@@ -317,7 +317,7 @@ def _lora_backward(ctx, gy, grad_x=_grad_x_op, linear=_binary_linear_op):
 _binary_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup)
 _eager_binary_lora = eager_function(
     "_EagerBinaryLora", _binary_lora, _lora_setup,
-    functools.partial(_lora_backward, grad_x=_grad_x, linear=_binary_linear))
+    functools.partial(_lora_backward, grad_x=_grad_x, linear=_binary_linear), differentiable=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
