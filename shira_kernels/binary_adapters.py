@@ -14,7 +14,10 @@ never fused into the weights (W + scale·up·down is not a W of W's dtype), so n
 and nothing needs activating; a batch of one adapter is ``mixed([name] * batch)``.
 
 Threads: the bank's methods hold ``bank.lock`` (an RLock) and ``mixed`` holds it for its block,
-so adapters are not added or removed under a running mixed batch.
+so adapters are not added or removed under a running mixed batch, and mixed blocks in two
+threads take turns. Inside a block the layers' forwards are the mixed ones for every thread: run
+the model in the block's thread only (nothing is written either way, so a stray forward gets
+an error or the block's adapters, never a changed weight).
 """
 from __future__ import annotations
 

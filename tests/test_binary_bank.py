@@ -177,4 +177,38 @@ def test_the_one_bit_example_runs_and_its_adapters_learn():
         r = results[task]
         assert r["error_adapted"] < 0.5 * r["error_base"], (task, r)
         assert r["fp32_bytes"] > 16 * r["packed_bytes"], (task, r)
+    # The same dense matmuls; each row's 1-bit branch is the same bits, or (where the two row
+    # counts fall in token classes tuned to different strategies) the same fp32 sums of ≤ 64
+    # terms in another order: a few units of fp32 rounding on outputs of order 1, far under
+    # 1e-5, where another adapter's row would differ by its branch, about 1e-1.
     assert results["mixed_max_gap"] <= 1e-5
+
+
+def test_mixed_blocks_in_two_threads_take_turns_and_stay_right():
+    import threading
+
+    model = base_model()
+    bank = BinaryAdapterBank(model)
+    for name, r, seed in (("a", 4, 1), ("b", 7, 2)):
+        bank.add_from_model(name, tuned_copy(model, r, seed))
+    cases = [(["a", None, "b"], torch.randn(3, 33)), (["b", "b", "a", None], torch.randn(4, 33))]
+    expected = []
+    for names, x in cases:
+        with torch.no_grad(), bank.mixed(names):
+            expected.append(model(x))
+    errors = []
+
+    def serve(i):
+        names, x = cases[i]
+        for _ in range(20):
+            with torch.no_grad(), bank.mixed(names):
+                if not torch.equal(model(x), expected[i]):
+                    errors.append(i)
+    threads = [threading.Thread(target=serve, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model(cases[0][1]), base_model()(cases[0][1]))

@@ -204,14 +204,31 @@ int64_t add_at_indices(torch::Tensor& out, const torch::Tensor& weight,
                                     static_cast<float>(scale), idx.numel(), saved_ptr);
 }
 
+// packed: contiguous int32 [rows, ceil(in / 32)], the sign words of a [rows, in] 1-bit weight.
+void check_packed(const torch::Tensor& packed, int64_t in, const char* what) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kInt32 && packed.is_contiguous(),
+              what, ": packed must be contiguous int32 [rows, words]");
+  const int64_t words = packed.size(1);
+  TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, what,
+              ": packed words do not match in_features");
+}
+
+// alpha and mu: contiguous fp32, one value or one per row of a weight of `rows` rows.
+void check_scales(const torch::Tensor& alpha, const torch::Tensor& mu, int64_t rows,
+                  const char* what) {
+  TORCH_CHECK(alpha.scalar_type() == torch::kFloat && mu.scalar_type() == torch::kFloat &&
+                  alpha.is_contiguous() && mu.is_contiguous() &&
+                  (alpha.numel() == 1 || alpha.numel() == rows) &&
+                  (mu.numel() == 1 || mu.numel() == rows),
+              what, ": alpha and mu must be contiguous fp32, one value or one per row");
+}
+
 // The 1-bit weight's rows as a dense tensor of hi's dtype: out[r, k] = s[r, k] ? hi[r] : lo[r]
 // (hi = mu + alpha, lo = mu - alpha, rounded by the caller), for packed int32 [rows, words].
 torch::Tensor binary_dequantize(const torch::Tensor& packed, const torch::Tensor& hi,
                                 const torch::Tensor& lo, int64_t in) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kInt32 && packed.is_contiguous(),
-              "binary_dequantize: packed must be contiguous int32 [rows, words]");
+  check_packed(packed, in, "binary_dequantize");
   const int64_t rows = packed.size(0), words = packed.size(1);
-  TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
   TORCH_CHECK(hi.dim() == 1 && hi.numel() == rows && hi.is_contiguous() && lo.sizes() == hi.sizes() &&
                   lo.scalar_type() == hi.scalar_type() && lo.is_contiguous(),
               "binary_dequantize: hi and lo must be contiguous, one value per row, one dtype");
@@ -230,18 +247,9 @@ torch::Tensor binary_dequantize(const torch::Tensor& packed, const torch::Tensor
 torch::Tensor binary_dequantized_weight(const torch::Tensor& packed,
                                         const torch::Tensor& alpha, const torch::Tensor& mu,
                                         int64_t in, torch::ScalarType dtype) {
-  TORCH_CHECK(packed.dim() == 2, "binary_dequantized_weight: packed must be [rows, words]");
-  const int64_t rows = packed.size(0);
-  TORCH_CHECK(alpha.scalar_type() == torch::kFloat32 && mu.scalar_type() == torch::kFloat32 &&
-                  alpha.is_contiguous() && mu.is_contiguous() &&
-                  (alpha.numel() == 1 || alpha.numel() == rows) &&
-                  (mu.numel() == 1 || mu.numel() == rows),
-              "binary_dequantized_weight: alpha and mu must be contiguous fp32, one value or one "
-              "per row");
-  const int64_t words = packed.size(1);
-  TORCH_CHECK(packed.scalar_type() == torch::kInt32 && packed.is_contiguous() &&
-                  (words - 1) * 32 < in && in <= words * 32,
-              "binary_dequantized_weight: packed must be contiguous int32 [rows, ceil(in / 32)]");
+  check_packed(packed, in, "binary_dequantized_weight");
+  const int64_t rows = packed.size(0), words = packed.size(1);
+  check_scales(alpha, mu, rows, "binary_dequantized_weight");
   torch::Tensor out = torch::empty({rows, in}, torch::TensorOptions().dtype(dtype));
   const float *a = alpha.data_ptr<float>(), *m = mu.data_ptr<float>();
   const bool a_rows = alpha.numel() > 1, m_rows = mu.numel() > 1;
@@ -304,10 +312,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& packed,
   const int64_t tokens = x.size(0), in = x.size(1), out = packed.size(0), words = packed.size(1);
   TORCH_CHECK((words - 1) * 32 < in && in <= words * 32, "packed words do not match in_features");
   check_panels(panels, out, in, "binary_linear: panels");
-  TORCH_CHECK(alpha.scalar_type() == torch::kFloat && mu.scalar_type() == torch::kFloat &&
-                  alpha.is_contiguous() && mu.is_contiguous() &&
-                  (alpha.numel() == 1 || alpha.numel() == out) && (mu.numel() == 1 || mu.numel() == out),
-              "alpha and mu must be contiguous fp32 of numel 1 or out");
+  check_scales(alpha, mu, out, "binary_linear");
   torch::Tensor b;
   if (bias.has_value()) {
     b = bias->to(torch::kFloat).contiguous();
