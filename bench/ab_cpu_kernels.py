@@ -20,7 +20,10 @@ offsets derived by the kernel and given by the caller (where a build takes them)
 strategy's folded_linear and its gradient of x (where a build has them), and the 1-bit
 binary_linear and its gradient of x on a weight of the layer's shape (where a build has them).
 torch's own matmuls of the frozen layer (x·Wᵀ and gy·W) run in the same rounds, and the sparse
-parts of a training step are printed as a share of them.
+parts of a training step are printed as a share of them. Each sparse kernel's and dense matmul's
+line ends with its bound: its flops at the peak of torch's matmul in the dtype (2048³) or the
+bytes it must move at the memory's read rate (a sum over 256 MiB), whichever takes longer, both
+measured at the start of the run, and this checkout's time as a multiple of it.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch
 
 import shira_kernels
 from shira_kernels import _native
+from shira_kernels.harness import benchmark as hb
 from shira_kernels.harness.cpu_variant import build_cpu_variant
 from shira_kernels.ops import binary as binary_ops
 
@@ -83,6 +87,25 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
             calls["binary_linear_grad_x"] = functools.partial(mod.binary_linear_grad_x, *args)
             break
     return calls
+
+
+def least_work(kernel: str, tokens: int, out_f: int, in_f: int, nnz: int, elem: int,
+               col: int) -> tuple[int, int] | None:
+    """(flops, bytes) that ``kernel`` cannot do without, for ``nnz`` entries of an out_f x in_f
+    layer (elem bytes per activation, weight and value; col per index): every multiply-add
+    counted twice, every operand read and every result written once (CSR offsets int64, the
+    CSC's permutation int64, the values' gradient fp32). None: no bound given for it."""
+    sparse = nnz * (elem + col) + (out_f + 1) * 8  # values, column indices, row offsets
+    x, y = tokens * in_f * elem, tokens * out_f * elem
+    if kernel == "spmm":  # y += x·Sᵀ
+        return 2 * tokens * nnz, x + 2 * y + sparse
+    if kernel.startswith("sddmm"):  # g = (gyᵀ·x) at the entries, fp32; rows given or derived
+        return 2 * tokens * nnz, x + y + sparse - nnz * elem + nnz * col + 4 * nnz
+    if kernel == "spmm_t_sddmm":  # gx += gy·S and the values' gradient, from S's CSC
+        return 4 * tokens * nnz, 3 * x + y + sparse + nnz * (8 + 4) + (in_f - out_f) * 8
+    if kernel.startswith("dense"):  # torch's matmul of the frozen layer
+        return 2 * tokens * out_f * in_f, out_f * in_f * elem + x + y
+    return None
 
 
 def agree(a, b) -> bool:
@@ -136,8 +159,11 @@ def main(argv=None) -> int:
         builds[name] = other
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
+    peak, read = hb.matmul_peak(dtype), hb.read_bandwidth()
     print(f"{args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} threads, medians of "
-          f"{args.rounds} rounds, a dense matmul of the layer's size before every call")
+          f"{args.rounds} rounds, a dense matmul of the layer's size before every call; bounds "
+          f"at torch's {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (2048³) and a memory "
+          f"read rate of {read / 1e9:.1f} GB/s, both measured now")
     for out_f, in_f in shapes:
         shape = f"{out_f}x{in_f}"
         r = args.r or max(1, min(out_f, in_f) // 128)
@@ -186,6 +212,13 @@ def main(argv=None) -> int:
             if len(row) == 2:
                 mine, other = row.values()
                 text += f"; this/other {mine / other:.3f}"
+            work = least_work(kernel, args.tokens, out_f, in_f, nnz, x.element_size(),
+                              s.cols.element_size())
+            if work is not None:
+                flop_s, byte_s = work[0] / peak, work[1] / read
+                bound = max(flop_s, byte_s) * 1e3
+                text += (f"; bound {bound:.3f} ms ({'flops' if flop_s > byte_s else 'bytes'}), "
+                         f"×{next(iter(row.values())) / bound:.1f}")
             print(f"  {kernel:24s} {text}")
         ms = {k: statistics.median(v) for k, v in times.items()}
         if {("spmm", "this checkout"), ("spmm_t_sddmm", "this checkout")} <= ms.keys():

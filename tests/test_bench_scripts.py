@@ -2,6 +2,7 @@
 sizes (--dry-run), so that it still works when a GPU session comes (its timing code is the only
 part left unexercised), the CPU kernel A/B script and the 1-bit report at toy sizes."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,25 @@ def test_cpu_kernel_ab_script_runs():
                         "2", "--tokens", "19", "--rounds", "2")
     for kernel in ("spmm ", "spmm_t_sddmm", "sddmm (offsets given)", "binary_linear_grad_x"):
         assert kernel in stdout and "this/other" in stdout
+    # The sparse kernels' and the dense matmuls' lines end with their bound and the multiple.
+    for line in stdout.splitlines():
+        if line.strip().startswith(("spmm", "sddmm", "dense")):
+            bound = re.search(r"; bound (\d+\.\d+) ms \((flops|bytes)\), ×(\d+\.\d+)$", line)
+            assert bound and float(bound[3]) > 0, line  # toy sizes: the bound rounds to 0.000
+
+
+def test_cpu_kernel_bounds_count_each_operand_once():
+    # 3 tokens, a 5x7 layer with 4 entries, bf16 (2 bytes), 32-bit indices.
+    least_work = load_report("ab_cpu_kernels").least_work
+    x, y, s = 3 * 7 * 2, 3 * 5 * 2, 4 * (2 + 4) + 6 * 8
+    assert least_work("spmm", 3, 5, 7, 4, 2, 4) == (2 * 3 * 4, x + 2 * y + s)
+    assert least_work("sddmm (offsets given)", 3, 5, 7, 4, 2, 4) == \
+        (2 * 3 * 4, x + y + 4 * (4 + 4) + 6 * 8 + 4 * 4)
+    assert least_work("spmm_t_sddmm", 3, 5, 7, 4, 2, 4) == \
+        (4 * 3 * 4, 3 * x + y + 4 * (2 + 4) + 8 * 8 + 4 * (8 + 4))
+    assert least_work("dense x·Wᵀ (frozen forward)", 3, 5, 7, 4, 2, 4) == \
+        (2 * 3 * 5 * 7, 5 * 7 * 2 + x + y)
+    assert least_work("folded_linear", 3, 5, 7, 4, 2, 4) is None
 
 
 def test_binary_report_quick(tmp_path):
