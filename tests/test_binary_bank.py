@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import shira_kernels
@@ -212,3 +213,29 @@ def test_mixed_blocks_in_two_threads_take_turns_and_stay_right():
     assert not errors
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert torch.equal(model(cases[0][1]), base_model()(cases[0][1]))
+
+
+def test_the_one_bit_guide_runs_as_written(monkeypatch):
+    # docs/methods/one_bit_adapters.md's example, with tuning off so that every binary_lora
+    # runs the table lookup: each mixed row is then the bits of its own adapter's model on the
+    # same batch (the same dense matmuls; each row's 1-bit sums do not depend on the other
+    # rows), and each trained adapter imitates its teacher better than the base does.
+    import re
+    from pathlib import Path
+
+    monkeypatch.setenv("SHIRA_KERNELS_TUNE", "off")
+    guide = Path(__file__).resolve().parents[1] / "docs" / "methods" / "one_bit_adapters.md"
+    code = re.search(r"## Use\n\n```python\n(.*?)```", guide.read_text(), re.S).group(1)
+    namespace = {}
+    exec(compile(code, str(guide), "exec"), namespace)
+    base, x, y = namespace["base"], namespace["x"], namespace["y"]
+    tuned, teachers = namespace["tuned"], namespace["teachers"]
+    held_out = torch.randn(256, 48, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        own = {None: base(x), **{name: model(x) for name, model in tuned.items()}}
+        for row, name in enumerate(["a", "b", None, "a"]):
+            assert torch.equal(y[row], own[name][row]), (row, name)
+        for name, model in tuned.items():
+            teacher = teachers[name]
+            assert F.mse_loss(model(held_out), teacher(held_out)) < \
+                F.mse_loss(base(held_out), teacher(held_out)), name
