@@ -155,7 +155,8 @@ class _Entry:
     """One adapter (or fusion) on one layer. ``buf`` holds the active values while the owner is
     inactive and the held-aside base entries while it is active. ``delta``/``scale`` are kept
     for adapters (fusions and save() need them), None for fusions; ``mixed_delta`` is the
-    delta in the weight's dtype with its structure, made the first time a mixed batch uses it.
+    (delta in the weight's dtype with its structure, scale) a mixed batch uses, made the first
+    time one does.
     On an FSDP2-sharded layer ``indices``, ``buf`` and ``delta`` cover this rank's rows only
     (indices into the local shard) and ``full`` keeps the adapter's (global indices, delta)
     as given; None elsewhere (the indices are global)."""
@@ -327,6 +328,7 @@ class AdapterBank(NamedAdapters):
         self._fusions: OrderedDict[tuple, _Slot] = OrderedDict()
         self._pairs: OrderedDict[tuple[_Slot, _Slot], _PairPlan] = OrderedDict()
         self._hotswapped: str | None = None
+        self._mixing = 0  # open mixed() blocks (only the thread holding the lock can be in one)
         self._active: _Slot | None = None
         self._guard: _ForwardGuard | None = None
         self._held = threading.local()  # per-thread depth of guarded forwards and reading()
@@ -599,6 +601,9 @@ class AdapterBank(NamedAdapters):
         current = self._active
         if target is current:
             return
+        if self._mixing:  # this thread is inside mixed(), whose forwards read the base weights
+            raise RuntimeError("a mixed() block is open and its layers read the base weights; "
+                               "activate or deactivate adapters after the block")
         self._check_unmerged()
         if current is None or target is None:
             slot = target if target is not None else current
@@ -672,6 +677,11 @@ class AdapterBank(NamedAdapters):
             weights = (1.0,) * len(names)
         if isinstance(weights, torch.Tensor):
             weights = weights.tolist()
+        try:
+            weights = tuple(weights)
+        except TypeError:  # a bare number: one weight per name is needed
+            raise TypeError(f"weights must be a list of numbers, one per adapter, got "
+                            f"{type(weights).__name__} {weights!r:.60}") from None
         weights = tuple(_finite_number(w, "a fusion weight") for w in weights)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} names but {len(weights)} weights")
@@ -756,8 +766,12 @@ class AdapterBank(NamedAdapters):
                 slots = torch.tensor([delta_set.index(n) if n in delta_set else -1
                                       for n in names], device=module.weight.device)
                 forwards[layer] = _mixed_forward(layer, module, delta_set, slots)
-            with forwards_replaced(self._layers, forwards):
-                yield self
+            self._mixing += 1
+            try:
+                with forwards_replaced(self._layers, forwards):
+                    yield self
+            finally:
+                self._mixing -= 1
 
     def hotswap(self, name: str | None) -> None:
         """Serve adapter ``name`` unfused through the model's own ShiraLinear layers (None: their
@@ -804,6 +818,10 @@ class AdapterBank(NamedAdapters):
                                          f"layer {layer!r}, more than its {capacity}")
                     values = (values.float() * (e.scale / module.scale)).to(
                         module.shira_values.dtype)
+                    if not bool(torch.isfinite(values).all()):
+                        raise ValueError(f"adapter {name!r}, layer {layer!r}: its values times "
+                                         f"its scale {e.scale} over the layer's scale "
+                                         f"{module.scale} do not fit {values.dtype}")
                     delta = SparseDelta(shape, indices, values)
                 else:
                     delta = SparseDelta(shape, torch.empty(0, dtype=torch.int64),
@@ -828,11 +846,20 @@ class AdapterBank(NamedAdapters):
         delta_set = SparseDeltaSet(tuple(weight.shape))
         for n in names:
             e = self._adapters[n].entries[layer]
-            delta = e.mixed_delta
-            if delta is None or delta.dtype != weight.dtype:
-                delta = SparseDelta(tuple(weight.shape), e.indices, e.delta.to(weight.dtype))
-                e.mixed_delta = delta
-            delta_set.add(n, delta, e.scale)
+            cached = e.mixed_delta
+            if cached is None or cached[0].dtype != weight.dtype:
+                values, scale = e.delta.to(weight.dtype), e.scale
+                # A value past the weight's dtype (1e5 in fp16 with scale 1e-3), or flushed to
+                # 0 by it, whose scaled value fits: scale it first (fp32, one rounding).
+                if bool((~torch.isfinite(values) | ((values == 0) & (e.delta != 0))).any()):
+                    values, scale = (e.delta.float() * e.scale).to(weight.dtype), 1.0
+                    if not bool(torch.isfinite(values).all()):
+                        raise ValueError(f"adapter {n!r}, layer {layer!r}: scale·delta does not "
+                                         f"fit the weight's {weight.dtype}, which a mixed batch "
+                                         "needs; activate() the adapter instead")
+                cached = e.mixed_delta = (
+                    SparseDelta(tuple(weight.shape), e.indices, values), scale)
+            delta_set.add(n, *cached)
         return delta_set
 
     # -- thread safety ----------------------------------------------------------------------------

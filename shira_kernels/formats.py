@@ -213,6 +213,9 @@ class SparseDelta:
             raise ValueError("rows and cols must be 1-D tensors of the same length")
         out_features, in_features = _weight_shape(shape)
         for name, t, extent in (("rows", rows, out_features), ("cols", cols, in_features)):
+            # .long() below would truncate 1.7 to row 1 and take True as 1 ([] reads as float).
+            if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+                raise TypeError(f"{name} must hold integers, got {t.dtype}")
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= extent):
                 raise ValueError(f"{name} has entries outside [0, {extent})")
         return cls.from_flat(rows.long() * in_features + cols.long(), shape, values, dtype=dtype)

@@ -121,8 +121,15 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
                        (names["shira_values"], values)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
-        if tuple(weight.shape) != tuple(self.weight.shape):
-            return  # torch reports the size mismatch itself, copying nothing of it
+        # torch would skip only a tensor of the wrong size and copy the others (the adapter's
+        # entries, unchecked): refuse the whole load before anything is copied.
+        for key, t, own in ((names["weight"], weight, self.weight),
+                            (prefix + "bias", state_dict.get(prefix + "bias"), self.bias)):
+            if (isinstance(t, torch.Tensor) and own is not None
+                    and tuple(t.shape) != tuple(own.shape)):
+                raise RuntimeError(f"load_state_dict: size mismatch for {key}: the state_dict's "
+                                   f"has shape {tuple(t.shape)}, this layer's "
+                                   f"{tuple(own.shape)}; nothing was loaded")
         self._check_loadable_entries(indices, values, names["shira_flat_indices"],
                                      names["shira_values"], "ShiraLinear(..., indices=...)")
 

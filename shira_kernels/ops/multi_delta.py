@@ -262,11 +262,17 @@ def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
     ints of x's leading shape, of its rows flattened, or of its first dim only (one adapter per
     batch row, broadcast over the rest), or a list of names that ``slots_of_names`` maps."""
     n = math.prod(x.shape[:-1])
+    if isinstance(row_adapter, (str, bytes)):
+        raise TypeError(f"row_adapter must be a list of adapter names or integer slots, one "
+                        f"per row, not a single string ({row_adapter!r:.60})")
     if isinstance(row_adapter, (list, tuple)) and any(isinstance(a, str) or a is None
                                                       for a in row_adapter):
         row_adapter = slots_of_names(row_adapter, device=x.device)
     elif not isinstance(row_adapter, torch.Tensor):
-        row_adapter = torch.as_tensor(row_adapter, dtype=torch.int64, device=x.device)
+        # Not converted to int64 here: that would truncate 0.7 to slot 0 and take True as 1.
+        row_adapter = torch.as_tensor(row_adapter, device=x.device)
+        if row_adapter.numel() == 0:  # [] reads as float32
+            row_adapter = row_adapter.long()
     if row_adapter.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
         raise TypeError(f"row_adapter must hold integer slots, got {row_adapter.dtype}")
     if x.dim() > 2 and row_adapter.shape == x.shape[:1] != (n,):  # per batch row
