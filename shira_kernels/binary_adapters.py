@@ -79,6 +79,11 @@ class BinaryAdapterBank(NamedAdapters):
                 raise ValueError(f"{where}: a BinaryAdapter with activation "
                                  f"{entry.activation!r} is not a LoRA branch (activation None)")
             down, up = entry.binary_weights()
+            if entry.packed:
+                # Copies: the bank keeps the adapter as it is now, not the module's buffers,
+                # which a later load_state_dict into the tuned copy would overwrite in place.
+                down, up = (BinaryWeight(bw.packed.clone(), bw.alpha.clone(), bw.mu.clone(),
+                                         bw.shape[1]) for bw in (down, up))
             entry = (down, up, entry.scale)
         if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
             raise TypeError(f"{where}: give a BinaryAdapter or (down, up[, scale]) BinaryWeights, "
@@ -97,6 +102,9 @@ class BinaryAdapterBank(NamedAdapters):
         if down.packed.device != module.weight.device or up.packed.device != module.weight.device:
             raise ValueError(f"{where}: the adapter is on {down.packed.device}/"
                              f"{up.packed.device}, the layer's weight on {module.weight.device}")
+        for part, bw in (("down", down), ("up", up)):  # BinaryWeight itself does not look
+            if not bool(torch.isfinite(torch.cat([bw.alpha, bw.mu])).all()):
+                raise ValueError(f"{where}: {part}'s α or μ is not finite")
         return down, up, check_scale(own, f"{where}'s scale") * scale
 
     def add(self, name: str, adapter: Mapping, scale: float = 1.0) -> None:

@@ -4,7 +4,8 @@ Two methods, both W ≈ μ + α·s with s = ±1:
   "petl"  per tensor, as in "Revisiting the Parameter Efficiency of Adapters from the
           Perspective of Precision Redundancy": standardise w' = (w − mean)/(std + 1e-5), round
           to the 1-bit code of a standard normal (levels ±Φ⁻¹(0.75) ≈ ±0.6745, each level the
-          median of its half), so W = mean + 0.6745·std·s. std is the unbiased sample std.
+          median of its half), so W = mean + 0.6745·std·s. std is the unbiased sample std (0 for
+          a single entry, which is then exact).
   "row"   per output row: μ_row = row mean, α_row = mean |w − μ_row| (the least-squares α for
           fixed signs), s = sign(w − μ_row).
 A zero after centring counts as +1.
@@ -29,7 +30,9 @@ def _stats(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, to
     """(centre μ, scale used to standardise, level·scale = α), differentiable, fp32 math."""
     if method == "petl":
         mu = w.mean()
-        std = w.std()
+        # One entry (a [1, 1] up of a rank-1 LoRA on a 1-output layer): its spread is 0, so
+        # W = μ is exact (the sample std would be NaN).
+        std = w.std() if w.numel() > 1 else torch.zeros_like(mu)
         return mu, std + EPS, PETL_LEVEL * std
     if method == "row":
         mu = w.mean(dim=1, keepdim=True)
@@ -41,8 +44,8 @@ def _stats(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, to
 def _check_weight(w) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError("weight must be a 2-D floating-point tensor")
-    if w.numel() < 2:  # the sample std needs two entries
-        raise ValueError(f"weight needs at least 2 entries, got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"weight has no entries, got shape {tuple(w.shape)}")
 
 
 def binarize(weight: torch.Tensor, method: str = "petl"):

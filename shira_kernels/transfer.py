@@ -121,8 +121,11 @@ def sparse_diff(finetuned_state_dict: Mapping[str, torch.Tensor],
         except ValueError as e:
             raise ValueError(f"{name!r}: {e}") from None
         delta = (tuned.detach().float() - base.detach().to(tuned.device).float()).view(-1)
-        if torch.isnan(delta).any():
-            raise ValueError(f"{name!r}: finetuned − base contains NaN; cannot rank its entries")
+        # NaN cannot be ranked; ±inf (an fp16 fine-tune that overflowed) would rank first, with
+        # a value no weight can take.
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(f"{name!r}: finetuned − base contains NaN or ±inf; cannot rank "
+                             "its entries")
         pos = _largest(delta.abs(), k)
         result[name] = SparseDelta.from_flat(pos, tuned.shape, delta[pos])
     return result

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 
@@ -28,6 +29,37 @@ def adopt_linear(cls: type, linear: nn.Linear, init=None) -> nn.Linear:
                 param.requires_grad_(flag)
             raise
     return layer
+
+
+def check_loadable(module: nn.Module, state_dict, prefix: str, strict: bool,
+                   finite: tuple[str, ...] = (), hint: str = "") -> None:
+    """Raise before torch copies anything unless ``state_dict`` fits ``module``'s own parameters
+    and persistent buffers (torch copies every tensor that fits and reports the others after,
+    which leaves a layer half loaded): each present key a tensor of the same shape and kind (an
+    integer buffer only its own dtype; a float one any float dtype), with ``strict`` none
+    missing (``hint`` appended to that message), and the names in ``finite`` finite."""
+    own = {**module._parameters, **{name: b for name, b in module._buffers.items()
+                                     if name not in module._non_persistent_buffers_set}}
+    for name, current in own.items():
+        key = prefix + name
+        if current is None:
+            continue
+        if key not in state_dict:
+            if strict:
+                raise ValueError(f"load_state_dict: {key} is missing{hint}")
+            continue
+        t = state_dict[key]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"load_state_dict: {key} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(current.shape):
+            raise ValueError(f"load_state_dict: {key} has shape {tuple(t.shape)}, this layer's "
+                             f"{tuple(current.shape)}")
+        if (t.is_floating_point() != current.is_floating_point()
+                or (not current.is_floating_point() and t.dtype != current.dtype)):
+            raise TypeError(f"load_state_dict: {key} has dtype {t.dtype}, this layer's "
+                            f"{current.dtype}")
+        if name in finite and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"load_state_dict: {key} holds non-finite values")
 
 
 class _Required:

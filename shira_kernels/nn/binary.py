@@ -22,7 +22,7 @@ from .._checks import check_scale, check_size
 from ..formats import BinaryWeight
 from ..ops.binary import ACTIVATIONS, binary_lora
 from ..quant import METHODS, fake_quantize
-from ._wrap import REQUIRED, adopt_linear, renamed_argument
+from ._wrap import REQUIRED, adopt_linear, check_loadable, renamed_argument
 
 
 class BinaryAdapter(nn.Module):
@@ -84,7 +84,10 @@ class BinaryAdapter(nn.Module):
         """Switch to the packed inference form (irreversible: the float weights are dropped)."""
         if self.packed:
             return self
-        down, up = self.binary_weights()
+        # Normal tensors even under torch.inference_mode: inference-tensor buffers could not be
+        # saved for a later backward (binary_lora is differentiable in x).
+        with torch.inference_mode(False):
+            down, up = self.binary_weights()
         del self.down, self.up
         for name, bw in (("down", down), ("up", up)):
             self.register_buffer(f"{name}_packed", bw.packed)
@@ -92,6 +95,24 @@ class BinaryAdapter(nn.Module):
             self.register_buffer(f"{name}_mu", bw.mu)
         self.packed = True
         return self
+
+    def _check_loadable(self, state_dict, prefix: str, strict: bool) -> None:
+        if self.packed:
+            hint = (" (the state_dict holds the float weights: load them before pack())"
+                    if prefix + "down" in state_dict else "")
+            check_loadable(self, state_dict, prefix, strict, tuple(
+                f"{part}_{stat}" for part in ("down", "up") for stat in ("alpha", "mu")), hint)
+        else:
+            hint = (" (the state_dict holds a packed adapter: pack() this one before loading it)"
+                    if prefix + "down_packed" in state_dict else "")
+            check_loadable(self, state_dict, prefix, strict, (), hint)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checked before torch copies any of it: a refused load leaves the adapter as it was.
+        self._check_loadable(state_dict, prefix, strict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, r={self.r}, out={self.out_features}, "
@@ -127,6 +148,15 @@ class BinaryLoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The branch's keys too are checked before torch copies the base's weight and bias (it
+        # loads the branch after them): a refused load leaves the whole layer as it was.
+        check_loadable(self, state_dict, prefix, strict)
+        self.lora._check_loadable(state_dict, prefix + "lora.", strict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def pack(self) -> "BinaryLoRALinear":
         self.lora.pack()

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_representable, check_size
-from ._wrap import REQUIRED, adopt_linear, renamed_argument
+from ._wrap import REQUIRED, adopt_linear, check_loadable, renamed_argument
 
 __all__ = ["DyLoRALinear"]
 
@@ -201,6 +201,17 @@ class DyLoRALinear(nn.Linear):
         h = F.linear(x, a)
         h = h * weights.to(h.dtype)
         return F.linear(x, self.weight, self.bias) + F.linear(h, b)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checked before torch copies any of it: a refused load leaves the layer as it was.
+        if self.merged and any(prefix + name in state_dict for name in self._parameters):
+            # W holds W + ΔW, and unmerge() would put the old base back over the loaded one.
+            raise RuntimeError(f"{prefix or 'layer'}: unmerge() before load_state_dict (the "
+                               "layer is merged)")
+        check_loadable(self, state_dict, prefix, strict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # -- merge -----------------------------------------------------------------------------
     @torch.no_grad()

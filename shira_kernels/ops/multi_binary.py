@@ -172,7 +172,7 @@ def multi_binary_lora(x: torch.Tensor, adapters, row_adapter,
         elif (down.shape[1], up.shape[0]) != (in_features, out_features):
             raise ValueError(f"adapters[{a}] maps {down.shape[1]} → {up.shape[0]} features but "
                              f"the first adapter {in_features} → {out_features}")
-        fields.append((down, up, check_scale(scale)))
+        fields.append((down, up, check_scale(scale, f"adapters[{a}]'s scale")))
     if out_features is None:
         raise ValueError("adapters holds no adapter (every slot is None)")
     _check_x(x, in_features, "the adapters")
