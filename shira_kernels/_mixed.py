@@ -5,6 +5,7 @@ layers' forwards replaced for the block."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -66,22 +67,51 @@ def check_batch(layer: str, x: torch.Tensor, rows: int) -> None:
                          f"{tuple(x.shape)} (the first dim must be the batch)")
 
 
+class _MixedForward:
+    """A layer's forward while a mixed block serves it: the next block to reach the layer
+    (another bank on the same model, in this thread or another) sees it and refuses."""
+
+    __slots__ = ("forward",)
+
+    def __init__(self, forward: Callable):
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+# Each bank's lock orders its own blocks; this one orders the check and the swap of a layer's
+# forward between banks, so that two blocks can never both take one layer.
+_replacing = threading.Lock()
+
+
 @contextlib.contextmanager
 def forwards_replaced(modules: Mapping[str, nn.Module],
                       forwards: Mapping[str, Callable]) -> Iterator[None]:
     """modules[name].forward is forwards[name] for the block (an instance attribute); on exit,
-    also by an exception, each module's forward is what it was."""
+    also by an exception, each module's forward is what it was. A layer already serving
+    another block raises RuntimeError (nothing replaced): had both gone ahead, the block that
+    ended last would put back the other's forward for good."""
     restore = {}
     try:
-        for name, forward in forwards.items():
-            module = modules[name]
-            restore[name] = module.__dict__.get("forward")
-            module.forward = forward
+        with _replacing:
+            for name, forward in forwards.items():
+                module = modules[name]
+                previous = module.__dict__.get("forward")
+                if isinstance(previous, _MixedForward):
+                    raise RuntimeError(f"layer {name!r} already serves another mixed() block "
+                                       "(another bank of the same model, in this thread or "
+                                       "another): one block at a time per layer")
+                restore[name] = (previous, _MixedForward(forward))
+                module.forward = restore[name][1]
         yield
     finally:
-        for name, forward in restore.items():
-            module = modules[name]
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+        with _replacing:
+            for name, (previous, installed) in restore.items():
+                module = modules[name]
+                if module.__dict__.get("forward") is not installed:
+                    continue  # replaced since by someone else, who will put theirs back
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous

@@ -239,3 +239,62 @@ def test_the_one_bit_guide_runs_as_written(monkeypatch):
             teacher = teachers[name]
             assert F.mse_loss(model(held_out), teacher(held_out)) < \
                 F.mse_loss(base(held_out), teacher(held_out)), name
+
+
+def test_two_banks_on_one_model_cannot_both_serve_a_layer():
+    # Two banks of one model (here a 1-bit one and a SHiRA one), their blocks in two threads:
+    # had the second block gone ahead, whichever ended last would have put the other's mixed
+    # forward back for good. The second is refused, changes nothing, and after the first ends
+    # the model is the base again.
+    import threading
+
+    model = base_model()
+    x = torch.randn(2, 33)
+    with torch.no_grad():
+        expected = model(x)
+    binary = BinaryAdapterBank(model)
+    binary.add_from_model("a", tuned_copy(model, 4, 1))
+    sparse = shira_kernels.AdapterBank(model)
+    sparse.add("s", {"0": shira_kernels.SparseDelta.from_flat(
+        torch.arange(0, 660, 11), (20, 33), torch.ones(60))})
+    inside, leave, refused = threading.Event(), threading.Event(), []
+
+    def first():
+        with binary.mixed(["a", "a"]):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match="already serves another mixed"):
+            with sparse.mixed(["s", None]):
+                pass
+    finally:
+        leave.set()
+        thread.join(30)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        assert all("forward" not in m.__dict__ for m in model)
+        with sparse.mixed(["s", None]):  # the layers are free again
+            assert not torch.equal(model(x)[0], expected[0])
+            with pytest.raises(RuntimeError, match="already serves another mixed"):
+                with binary.mixed(["a", None]):  # nested in the same thread
+                    pass
+            assert not torch.equal(model(x)[0], expected[0])  # still the sparse block's
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("bad", ["alpha", "mu"])
+def test_add_refuses_a_non_finite_scale_and_adds_nothing(bad):
+    # The first layer's branch is sound, the second's up has a NaN: nothing is added.
+    model = base_model()
+    bank = BinaryAdapterBank(model)
+    tuned = tuned_copy(model, 3, 1)
+    first, (down, up) = tuned[0].lora, tuned[2].lora.binary_weights()
+    broken = BinaryWeight(up.packed, up.alpha.clone(), up.mu.clone(), up.shape[1])
+    getattr(broken, bad)[0] = float("nan")
+    with pytest.raises(ValueError, match="layer '2': up's α or μ is not finite"):
+        bank.add("a", {"0": first, "2": (down, broken)})
+    assert "a" not in bank and len(bank) == 0
