@@ -12,6 +12,7 @@ written in place, which bumps its version, or replaced, e.g. by .to(device)).
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -394,36 +395,41 @@ class SparseDeltaSet:
         self.shape = _weight_shape(shape)
         self._slots: list[tuple[str, SparseDelta, float] | None] = []
         self._index: dict[str, int] = {}
+        self._lock = threading.Lock()  # add/remove from several threads: one slot per name
 
     def add(self, name: str, delta: SparseDelta, scale: float = 1.0) -> int:
         """Add adapter ``name`` (its delta and scale); returns its slot."""
         if not isinstance(name, str) or not name or name == self.BASE:
             raise ValueError(f"an adapter name must be a non-empty str other than {self.BASE!r}, "
                              f"got {name!r}")
-        if name in self._index:
-            raise ValueError(f"adapter {name!r} is already in this set")
         if not isinstance(delta, SparseDelta):
             raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
         if tuple(delta.shape) != self.shape:
             raise ValueError(f"adapter {name!r} has shape {tuple(delta.shape)}, this set's weight "
                              f"is {self.shape}")
-        first = next(iter(self), None)
-        if first is not None and (first[1].device, first[1].dtype) != (delta.device, delta.dtype):
-            raise ValueError(f"adapter {name!r} is {delta.dtype} on {delta.device}, the set's "
-                             f"adapters are {first[1].dtype} on {first[1].device}")
         scale = check_scale(scale)
         delta.structure  # built now, once, not inside a forward
-        slot = next((i for i, entry in enumerate(self._slots) if entry is None), len(self._slots))
-        if slot == len(self._slots):
-            self._slots.append(None)
-        self._slots[slot] = (name, delta, scale)
-        self._index[name] = slot
+        with self._lock:
+            if name in self._index:
+                raise ValueError(f"adapter {name!r} is already in this set")
+            first = next(iter(self), None)
+            if first is not None and ((first[1].device, first[1].dtype)
+                                      != (delta.device, delta.dtype)):
+                raise ValueError(f"adapter {name!r} is {delta.dtype} on {delta.device}, the "
+                                 f"set's adapters are {first[1].dtype} on {first[1].device}")
+            slot = next((i for i, entry in enumerate(self._slots) if entry is None),
+                        len(self._slots))
+            if slot == len(self._slots):
+                self._slots.append(None)
+            self._slots[slot] = (name, delta, scale)
+            self._index[name] = slot
         return slot
 
     def remove(self, name: str) -> None:
         """Remove adapter ``name``; its slot becomes free, the others keep theirs."""
-        self._slots[self.index(name)] = None
-        del self._index[name]
+        with self._lock:
+            self._slots[self.index(name)] = None
+            del self._index[name]
 
     def index(self, name: str) -> int:
         """The slot of adapter ``name``."""

@@ -187,3 +187,31 @@ def test_fusion_weights_as_a_bare_number_is_refused_by_name():
     with pytest.raises(TypeError, match="weights must be a list of numbers"):
         bank.activate(["a"], weights=0.5)
     assert bank.active is None
+
+
+# ---------------------------------------------------------------------------------------------
+# SparseDeltaSet.add from several threads: each name its own slot (the free slot is found and
+# taken under the set's lock). A stress test: thread switches forced as often as Python allows.
+# ---------------------------------------------------------------------------------------------
+def test_sparse_delta_set_adds_from_threads_take_distinct_slots():
+    import sys
+    import threading
+
+    delta = SparseDelta.from_flat([0, 5], (4, 8), torch.tensor([1., 2.]))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(20):
+            delta_set = SparseDeltaSet((4, 8))
+            names = [[f"t{k}-{j}" for j in range(25)] for k in range(4)]
+            threads = [threading.Thread(target=lambda ns=ns: [delta_set.add(n, delta) for n in ns])
+                       for ns in names]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            flat = [n for ns in names for n in ns]
+            assert sorted(delta_set.index(n) for n in flat) == list(range(len(flat)))
+            assert sorted(delta_set.names) == sorted(flat)
+    finally:
+        sys.setswitchinterval(interval)
