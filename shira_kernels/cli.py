@@ -151,6 +151,24 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _size_pair(text: str) -> list[int]:
+    values = _int_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two positive integers H,I (hidden and "
+                                         f"intermediate size), got {text!r}")
+    return values
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -217,21 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, devices, backends and a short timing")
     p_info.add_argument("--no-timing", action="store_true", help="skip the timings (machine limits, scatter-swap)")
-    p_info.add_argument("--hidden", type=int, default=2048, help="hidden size of the timed block")
-    p_info.add_argument("--intermediate", type=int, default=5504,
+    p_info.add_argument("--hidden", type=_positive_int, default=2048, help="hidden size of the timed block")
+    p_info.add_argument("--intermediate", type=_positive_int, default=5504,
                         help="MLP size of the timed block")
     p_info.set_defaults(run=info)
 
     p_demo = sub.add_parser("demo", help="train, switch, fuse, save and reload two adapters")
-    p_demo.add_argument("--steps", type=int, default=40, help="training steps per adapter")
+    p_demo.add_argument("--steps", type=_positive_int, default=40, help="training steps per adapter")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(run=demo)
 
     p_tune = sub.add_parser("tune", description=tune.__doc__,
                             help="measure the fastest strategy per layer shape here and cache it")
-    p_tune.add_argument("--size", type=_int_list, default=[4096, 11008], metavar="H,I",
+    p_tune.add_argument("--size", type=_size_pair, default=[4096, 11008], metavar="H,I",
                         help="hidden and intermediate size (default 4096,11008: Llama-7B)")
-    p_tune.add_argument("--r", type=int, default=None,
+    p_tune.add_argument("--r", type=_positive_int, default=None,
                         help="adapter budget r: nnz = r·(out+in) (default hidden/128)")
     p_tune.add_argument("--dtype", type=_dtype_list, default=[torch.float32, torch.bfloat16],
                         metavar="D,...", help="fp32, bf16, fp16 (default fp32,bf16)")
@@ -257,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--size-override", default=None, metavar="H,I,B",
                          help="hidden, intermediate and number of blocks of the model, e.g. "
                               "64,160,2 (also $SHIRA_KERNELS_BENCH_SIZE)")
-    p_bench.add_argument("--r", type=int, default=None,
+    p_bench.add_argument("--r", type=_positive_int, default=None,
                          help="adapter budget r (default hidden/128, at least 1)")
-    p_bench.add_argument("--repeat", type=int, default=None,
+    p_bench.add_argument("--repeat", type=_positive_int, default=None,
                          help="the least timed rounds per configuration (default 5 with --quick, "
                               "else 9); more follow until the median's 95%% interval is within "
                               "±5%% or the time cap is reached")
@@ -272,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p_bench.set_defaults(run=bench)
     args = parser.parse_args(argv)
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        # a usage error here, not a traceback from the first CUDA call
+        sub.choices[args.command].error("--device cuda: no CUDA device is available here")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.run(args)
 

@@ -507,6 +507,11 @@ class MoSAShiraLinear(_Activation, nn.Linear):
         modules; with into_weight (default) its merge() has put W + scale·S into the weight
         (forward is then a plain linear; unmerge() restores the base bit for bit). This layer
         refuses further forwards; merge_mosa(model) swaps the result into the model."""
+        if not isinstance(into_weight, bool):
+            raise TypeError(f"into_weight must be a bool, got {type(into_weight).__name__}")
+        if self.merged:  # a second merge would add the delta into the shared weight again
+            raise RuntimeError("this MoSA layer was already merged by merge(); use the module "
+                               "that call returned")
         delta = self.delta
 
         def init(new):
@@ -529,8 +534,12 @@ def merge_mosa(model: nn.Module, into_weight: bool = True) -> list[str]:
     """Replace every MoSA layer of ``model`` by its merge() (MoSABottleneck → Bottleneck,
     MoSAShiraLinear → ShiraLinear, merged into the weight unless into_weight=False); returns
     the replaced names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, (MoSABottleneck, MoSAShiraLinear)):
         raise TypeError("model is itself a MoSA layer: call its merge()")
+    if not isinstance(into_weight, bool):
+        raise TypeError(f"into_weight must be a bool, got {type(into_weight).__name__}")
     chosen = [(name, m) for name, m in model.named_modules()
               if isinstance(m, (MoSABottleneck, MoSAShiraLinear))]
     for name, module in chosen:

@@ -221,9 +221,11 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
     # -- state_dict ---------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # The adapter's entries are checked before torch copies any of them: a refused load
-        # leaves the layer as it was.
+        # The adapter's entries, and what base_layer would refuse of its own part, are checked
+        # before torch copies any of them: torch copies this layer's entries before base_layer
+        # loads, so a base refusing its part after that would leave the adapter changed.
         self._check_loadable(state_dict, prefix)
+        self._check_base_loadable(state_dict, prefix + "base_layer.", local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -234,6 +236,84 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
         indices = state_dict.get(idx_key, self.shira_flat_indices)
         values = state_dict.get(val_key, self.shira_values)
         self._check_loadable_entries(indices, values, idx_key, val_key, "indices=...")
+
+    def _check_base_loadable(self, state_dict, prefix: str, local_metadata) -> None:
+        """Raise before anything is copied where base_layer's own load would refuse its part of
+        ``state_dict`` whatever ``strict`` says: torch's per-tensor checks (a tensor, of the
+        same shape, that copies into a torchao weight) and bitsandbytes int8's (weight_format,
+        SCB). Submodules whose load this cannot predict (a _load_from_state_dict or pre-hooks
+        of their own) are left to it. Missing and unexpected keys are not checked: torch
+        decides on them with ``strict`` only after every module was loaded."""
+        if not any(key.startswith(prefix) for key in state_dict):
+            return
+        bnb = _bnb()
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        for name, module in self.base_layer.named_modules():
+            mprefix = prefix + name + "." if name else prefix
+            part = {key: t for key, t in state_dict.items() if key.startswith(mprefix)}
+            hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+            own_load = type(module)._load_from_state_dict
+            int8 = bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+            if int8:
+                known = (own_load is bnb.nn.Linear8bitLt._load_from_state_dict
+                         and all(h is getattr(bnb.nn.modules, "maybe_rearrange_weight", None)
+                                 for h in hooks))
+            else:
+                known = own_load is nn.Module._load_from_state_dict and not hooks
+            if not part or not known:
+                continue
+            if int8:
+                self._check_bnb_int8_loadable(module, part, mprefix, local_metadata, hooks)
+            persistent = ((n, b) for n, b in module._buffers.items()
+                          if n not in module._non_persistent_buffers_set)
+            for pname, current in (*module._parameters.items(), *persistent):
+                key = mprefix + pname
+                if current is None or key not in part:
+                    continue
+                t = part[key]
+                if not torch.overrides.is_tensor_like(t):
+                    raise RuntimeError(f"load_state_dict: {key} must be a tensor, got "
+                                       f"{type(t).__name__}; nothing was loaded")
+                if current.dim() == 0 and t.dim() == 1 and t.shape[0] == 1:
+                    t = t[0]  # torch's own allowance for 0-dim entries saved as [1]
+                if t.shape != current.shape:
+                    raise RuntimeError(f"load_state_dict: size mismatch for {key}: the "
+                                       f"state_dict's has shape {tuple(t.shape)}, this layer's "
+                                       f"{tuple(current.shape)}; nothing was loaded")
+                if not assign and _is_torchao_weight(current) and type(t) is not type(current):
+                    # torchao copies only from a tensor of its own kind (a float one fails
+                    # after the adapter was copied): try the copy on a clone.
+                    try:
+                        with torch.no_grad():
+                            current.detach().clone().copy_(t)
+                    except Exception as e:
+                        raise RuntimeError(f"load_state_dict: {key} ({type(t).__name__}) does "
+                                           f"not copy into this layer's {type(current).__name__} "
+                                           f"weight ({e}); nothing was loaded") from None
+
+    @staticmethod
+    def _check_bnb_int8_loadable(module, part, prefix: str, local_metadata, hooks) -> None:
+        """bitsandbytes Linear8bitLt's own refusals, before anything is copied: its pre-hook's
+        (weight_format, run here on a copy), and the scales (SCB) it copies into the weight."""
+        for hook in hooks:  # maybe_rearrange_weight: reads and pops from the copy only
+            try:
+                hook(part, prefix, local_metadata, True, [], [], [])
+            except ValueError as e:
+                raise ValueError(f"load_state_dict: {prefix}weight_format: {e}; nothing was "
+                                 "loaded") from None
+        key = prefix + "SCB"
+        if key not in part:
+            return
+        scales = getattr(module.weight, "SCB", None)
+        if scales is None:  # moved to the layer's state by its first forward
+            raise RuntimeError(f"load_state_dict: {key}: bitsandbytes loads a Linear8bitLt's "
+                               "scales only before its first forward (it refuses this one); "
+                               "nothing was loaded")
+        t = part[key]
+        if not isinstance(t, torch.Tensor) or t.shape != scales.shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise RuntimeError(f"load_state_dict: {key} must be a tensor of shape "
+                               f"{tuple(scales.shape)}, got {got}; nothing was loaded")
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""Adversarial checks of methods/, transfer, the CLI and QuantizedShiraLinear: a refused call
+changes nothing, and a bad flag is a usage error (exit 2) with a message, not a traceback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shira_kernels import cli
+
+from shira_kernels.nn import ShiraLinear
+
+from test_quantized import IN_F, SCALE, adapted, kind_params, make_base
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantizedShiraLinear.load_state_dict: what the base layer refuses is refused before the
+# adapter's entries are copied.
+# ---------------------------------------------------------------------------------------------
+def _snapshot(layer):
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.startswith("base_layer.weight")}
+
+
+def _changed(state):
+    out = dict(state)
+    out["shira_values"] = state["shira_values"] + 1
+    out["shira_flat_indices"] = state["shira_flat_indices"].clone()
+    return out
+
+
+@pytest.mark.parametrize("kind", kind_params("bnb-int8", "bnb-nf4", "torchao-int8",
+                                             "torchao-int4"))
+def test_quantized_load_refused_by_the_base_leaves_the_adapter(kind):
+    layer = adapted(kind)
+    x = torch.randn(3, IN_F)
+    before, snap = layer(x), _snapshot(layer)
+    bad = _changed(layer.state_dict())
+    bad["base_layer.bias"] = torch.zeros(7)  # the wrong size: the base refuses it
+    for key in ("base_layer.SCB", "base_layer.weight_format"):  # (bnb int8: tested below)
+        bad.pop(key, None)
+    with pytest.raises(RuntimeError, match="base_layer.bias"):
+        layer.load_state_dict(bad)
+    assert torch.equal(layer(x), before)
+    after = _snapshot(layer)
+    assert all(torch.equal(after[k], v) for k, v in snap.items())
+
+
+@pytest.mark.parametrize("kind", kind_params("torchao-int8", "torchao-int4"))
+def test_quantized_load_of_a_float_weight_into_torchao_is_refused_first(kind):
+    layer = adapted(kind)
+    x = torch.randn(3, IN_F)
+    before = layer(x)
+    bad = _changed(layer.state_dict())
+    bad["base_layer.weight"] = torch.randn(layer.out_features, layer.in_features)
+    with pytest.raises(RuntimeError, match="base_layer.weight"):
+        layer.load_state_dict(bad, strict=False)
+    assert torch.equal(layer(x), before)
+
+
+@pytest.mark.parametrize("kind", kind_params("bnb-int8"))
+def test_quantized_bnb_int8_refusals_come_first(kind):
+    layer = adapted(kind)  # its forward moved the scales into the layer's state
+    x = torch.randn(3, IN_F)
+    before, state = layer(x), layer.state_dict()
+    with pytest.raises(RuntimeError, match="SCB"):  # bitsandbytes refuses them after a forward
+        layer.load_state_dict(_changed(state))
+    assert torch.equal(layer(x), before)
+    unrun = ShiraLinear.from_linear(make_base(kind, seed=1), r=4, seed=9, scale=SCALE)
+    values = unrun.shira_values.detach().clone()
+    for key, t, error in (("base_layer.weight_format", torch.tensor(1, dtype=torch.uint8),
+                           ValueError), ("base_layer.SCB", torch.ones(3), RuntimeError)):
+        with pytest.raises(error, match=key.split(".")[1]):
+            unrun.load_state_dict(dict(state, **{key: t}))
+        assert torch.equal(unrun.shira_values, values)
+    unrun.load_state_dict(state)  # the legitimate load still goes through
+    assert torch.equal(unrun(x), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: a bad flag is a usage error (exit 2) naming the flag, before anything runs.
+# ---------------------------------------------------------------------------------------------
+BAD_FLAGS = [
+    ["tune", "--size", "4096"],  # was: a traceback from unpacking one value into two
+    ["tune", "--size", "64,160,2"],
+    ["tune", "--r", "0"],  # was: accepted (nnz = 0 or negative, measured and cached)
+    ["tune", "--r", "-3"],
+    ["info", "--no-timing", "--hidden", "0"],
+    ["info", "--no-timing", "--intermediate", "-1"],
+    ["demo", "--steps", "0"],  # was: ran, untrained, and reported failed claims
+    ["bench", "--repeat", "-2"],  # was: a traceback from the harness
+    ["bench", "--repeat", "0"],  # was: silently the default
+    ["bench", "--r", "0"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
+def test_cli_bad_flags_are_usage_errors(argv, capsys, monkeypatch):
+    from shira_kernels.harness import bench_suite, demo
+
+    ran = []
+    monkeypatch.setattr(bench_suite, "run_bench", lambda *a, **k: ran.append("bench"))
+    monkeypatch.setattr(demo, "run", lambda **k: ran.append("demo") or 0)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[1] in err and "usage:" in err and "Traceback" not in err
+    assert not ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["tune", "bench"])
+def test_cli_device_cuda_without_cuda_is_a_usage_error(command, capsys, monkeypatch):
+    from shira_kernels.harness import bench_suite
+
+    monkeypatch.setenv("SHIRA_KERNELS_TUNE", "auto")  # (off would stop tune before the device)
+    monkeypatch.setattr(bench_suite, "run_bench", lambda *a, **k: None)
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--device", "cuda", "--size" if command == "tune" else
+                  "--size-override", "64,160" if command == "tune" else "64,160,1"])
+    assert exc.value.code == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# MoSA: merge() refuses a second merge and a non-bool into_weight, changing nothing.
+# ---------------------------------------------------------------------------------------------
+def _mosa_linear():
+    from shira_kernels.methods.mosa import MoSAShiraLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 12)
+    layer = MoSAShiraLinear.from_linear(linear, k=2, active=1, r=2)
+    with torch.no_grad():
+        for values in layer.shira_modules.module_values:
+            values.normal_()
+    return linear, layer
+
+
+def test_mosa_second_merge_is_refused_and_the_weight_kept():
+    linear, layer = _mosa_linear()
+    layer.merge()
+    weight = linear.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()  # was: W + 2·scale·S in the shared weight
+    assert torch.equal(linear.weight, weight)
+
+
+def test_mosa_merge_into_weight_must_be_a_bool():
+    from shira_kernels.methods.mosa import merge_mosa
+
+    linear, layer = _mosa_linear()
+    weight = linear.weight.detach().clone()
+    with pytest.raises(TypeError, match="into_weight"):
+        layer.merge(into_weight="no")  # was: truthy, merged into the weight
+    assert torch.equal(linear.weight, weight) and not layer.merged
+    model = torch.nn.Sequential(layer)
+    with pytest.raises(TypeError, match="into_weight"):
+        merge_mosa(model, into_weight=0)
+    assert model[0] is layer and torch.equal(linear.weight, weight)
+    with pytest.raises(TypeError, match="model"):
+        merge_mosa("model")  # was: AttributeError
