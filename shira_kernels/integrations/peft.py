@@ -83,6 +83,8 @@ class _Plan:
     def _derive(self, source: torch.Tensor, shape: tuple[int, int], device: torch.device):
         if source.dim() != 2 or source.shape[0] != 2 or source.dtype.is_floating_point:
             return
+        if source.is_meta or device.type == "meta":
+            return  # no data yet (a weight not loaded, or offloaded): derived once it has some
         idx = source.to(device).long()
         rows, cols = idx[0], idx[1]
         if rows.numel():
@@ -250,7 +252,17 @@ class _AcceleratedShira:
                 raise merge_error(fmt)
         if weight is None:
             return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        for adapter in check_adapters_to_merge(self, adapter_names):
+        before = len(self.merged_adapters)
+        try:
+            self._sk_merge(weight, check_adapters_to_merge(self, adapter_names), safe_merge)
+        except BaseException:
+            # One adapter refused (safe_merge's NaN check, an overflow): the ones this call
+            # merged before it are undone, so that W and the books are as they were.
+            self._sk_unmerge(len(self.merged_adapters) - before)
+            raise
+
+    def _sk_merge(self, weight: torch.Tensor, adapters: list[str], safe_merge: bool) -> None:
+        for adapter in adapters:
             if adapter not in self.shira_weight.keys():
                 continue
             plan = self._sk_plan(adapter)
@@ -274,7 +286,12 @@ class _AcceleratedShira:
     def unmerge(self) -> None:
         if not self.merged:
             return super().unmerge()  # PEFT's "Already unmerged" warning
-        while self.merged_adapters:
+        self._sk_unmerge(len(self.merged_adapters))
+
+    def _sk_unmerge(self, count: int) -> None:
+        """Unmerge the last ``count`` merged adapters, the last merged first."""
+        stop = len(self.merged_adapters) - count
+        while len(self.merged_adapters) > stop:
             adapter = self.merged_adapters[-1]
             held = self._sk_held.get(adapter)
             if held is not None:
@@ -346,8 +363,9 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
       (PEFT's subtracts the delta again, which rounds in 16-bit weights).
     - ``model(x, adapter_names=[...])`` and ``generate(..., adapter_names=[...])``: each batch
       row through its adapter ("__base__": the base), with PEFT LoRA's semantics and checks
-      (inference only, names must exist, beams expanded), by multi_delta_linear on every
-      accelerated layer; PEFT itself offers this for LoRA only.
+      (inference only, names must exist, beams expanded except for an encoder-decoder's
+      encoder), by multi_delta_linear on every accelerated layer (refused while a SHiRA
+      layer is not accelerated); PEFT itself offers this for LoRA only.
     - A quantized base (bitsandbytes int8/4-bit, torchao; nn/quantized.py): the base's own
       forward plus the sparse product (sparse_product_add), no dense delta; merge() is refused
       (merge_error: W + scaling·S is not on the quantized grid, so PEFT's requantizing merge
@@ -403,17 +421,37 @@ def _mixed_batch_hooks(tuner, *args, **kwargs):
         return
     if tuner.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    if isinstance(names, (str, bytes)):  # list("default") would be seven one-letter names
+        raise TypeError(f"adapter_names must be a list of adapter names, one per batch row, got "
+                        f"the string {names!r}")
     names = list(names)
+    for i, n in enumerate(names):
+        if not isinstance(n, str):
+            raise TypeError(f"adapter_names[{i}] must be an adapter name (str), got "
+                            f"{type(n).__name__} {n!r:.60}")
     unknown = sorted({n for n in names
                       if n != SparseDeltaSet.BASE and n not in tuner.peft_config})
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    # A SHiRA layer accelerate() has not switched (added later, or a subclass it leaves alone)
+    # would ignore the names and run the active adapter on every row: refused rather than wrong.
+    base_cls = _peft_linear()
+    plain = [name for name, module in tuner.named_modules()
+             if isinstance(module, base_cls) and not isinstance(module, _CLASS)]
+    if plain:
+        raise ValueError(f"adapter_names: the SHiRA layers {plain[:4]} are not accelerated "
+                         "(added after accelerate()?) and would ignore the names; call "
+                         "accelerate(model) again")
+    per_row = names
     beams = kwargs.get("num_beams")
     if isinstance(beams, int) and beams > 1:
         names = [n for n in names for _ in range(beams)]
+    # As PEFT LoRA: an encoder-decoder's encoder sees the inputs before beam expansion.
+    encoder = _encoder(tuner.model) if names is not per_row else None
+    in_encoder = set() if encoder is None else {id(m) for m in encoder.modules()}
 
     def inject(module, args, layer_kwargs):
-        layer_kwargs["adapter_names"] = names
+        layer_kwargs["adapter_names"] = per_row if id(module) in in_encoder else names
         return args, layer_kwargs
     handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
                for module in tuner.modules() if isinstance(module, _CLASS)]
@@ -422,6 +460,14 @@ def _mixed_batch_hooks(tuner, *args, **kwargs):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _encoder(model: nn.Module) -> nn.Module | None:
+    """The encoder of an encoder-decoder model (transformers' get_encoder), else None."""
+    get = getattr(model, "get_encoder", None)
+    encoder = get() if callable(get) else None
+    # transformers 5 returns the model itself when it has no encoder
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
 
 
 def _tuners(model: nn.Module) -> list:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_scale, check_size
+from .._checks import FLOAT_DTYPES, check_scale, check_size, validate_indices
 from ..formats import SparseDelta
 from .._files import write_atomically
 
@@ -100,6 +100,11 @@ def _read_tensors(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         if not isinstance(tensors, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
             raise _bad(bin_path, "not a mapping of names to tensors")
+        for key, tensor in tensors.items():
+            # A pickle can hold what safetensors cannot: sparse tensors, meta tensors (no data).
+            if tensor.layout != torch.strided or tensor.is_meta:
+                raise _bad(bin_path, f"tensor {key!r} is not a dense tensor with data (layout "
+                                     f"{tensor.layout}, device {tensor.device})")
         return bin_path, dict(tensors)
     raise ValueError(f"{directory}: no {SAFETENSORS_NAME} (or {BIN_NAME}) in it")
 
@@ -261,7 +266,8 @@ def write_peft_adapter(path, deltas: Mapping[str, object], *,
     """Write {layer: SparseDelta or (SparseDelta, scale)} as a PEFT SHiRA checkpoint directory
     that ``PeftModel.from_pretrained(base_model, path)`` loads; returns r.
 
-    PEFT needs nnz = r·(in + out) on every layer with one r (else ValueError naming the layer).
+    PEFT needs nnz = r·(in + out) on every layer with one r ≥ 1 (else ValueError naming the
+    layer; so do repeated or out-of-range indices).
     The scale (a finite real number: TypeError for another kind of value, ValueError for NaN
     or ±inf) is folded into the values (PEFT loads with scaling 1.0): values are written in
     their dtype when the scale is 1, else as float32 scale·values. ``target_modules`` is a
@@ -284,6 +290,15 @@ def write_peft_adapter(path, deltas: Mapping[str, object], *,
         if not isinstance(item, SparseDelta):
             raise TypeError(f"layer {layer!r}: expected a SparseDelta, got {type(item).__name__}")
         out_f, in_f = item.shape
+        # The delta's tensors may have been edited since it was built: never write a
+        # checkpoint that the reader (or PEFT) would refuse.
+        try:
+            validate_indices(item.flat_indices, out_f * in_f, name="flat_indices")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"layer {layer!r}: {e}") from None
+        if item.nnz == 0:
+            raise ValueError(f"layer {layer!r}: no entries; PEFT's SHiRA needs r·(out+in) "
+                             f"entries with r ≥ 1 ({out_f + in_f} or a multiple)")
         if item.nnz % (out_f + in_f):
             raise ValueError(
                 f"layer {layer!r}: {item.nnz} entries on a {out_f}x{in_f} weight; PEFT's SHiRA "
