@@ -182,7 +182,9 @@ class _AcceleratedShira:
         _warn_hooks(self)
         values = self._sk_values(adapter, plan)
         if values.dtype != weight.dtype and not autocast:
-            values = values.to(weight.dtype)  # PEFT adds an upcast adapter into W's dtype too
+            # The ops take values in W's dtype: each rounded once to it here, where PEFT rounds
+            # W + scaling·Δ to it instead (16-bit outputs differ from PEFT's by that rounding).
+            values = values.to(weight.dtype)
         return sparse_delta_linear_unpacked(x, weight, bias, weight.shape, values, plan.flat,
                                             plan.structure, float(self.scaling[adapter]),
                                             self._sk_strategy)
