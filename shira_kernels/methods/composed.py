@@ -55,13 +55,23 @@ def change_masks(base: nn.Module, tuned: nn.Module, *, density: float | None = N
             raise ValueError("no nn.Linear weight of tuned differs from base's: nothing was "
                              "fine-tuned (or pass layers=)")
     else:
-        names = [layers] if isinstance(layers, str) else list(layers)
+        try:
+            names = [layers] if isinstance(layers, str) else list(layers)
+        except TypeError:
+            raise TypeError("layers must be a layer name, an iterable of names or None, got "
+                            f"{type(layers).__name__}") from None
         if not names:
             raise ValueError("layers is empty: name at least one nn.Linear, or pass None")
         for name in names:
             for what, found in (("base", base_linears), ("tuned", tuned_linears)):
                 if name not in found:
                     raise ValueError(f"layers names {name!r}, which is no nn.Linear of {what}")
+            # Here, not in sparse_diff: its message would name its own arguments.
+            tuned_shape = tuple(tuned_linears[name].weight.shape)
+            base_shape = tuple(base_linears[name].weight.shape)
+            if tuned_shape != base_shape:
+                raise ValueError(f"layer {name!r} (in layers) has a weight of shape "
+                                 f"{tuned_shape} in tuned but {base_shape} in base")
     tuned_weights = {name: tuned_linears[name].weight.detach() for name in names}
     base_weights = {name: base_linears[name].weight.detach() for name in names}
     deltas = sparse_diff(tuned_weights, base_weights, density=density, r=r, keys=names)
@@ -87,6 +97,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, torch.Tensor], *,
         raise ValueError("masks must be a non-empty mapping of layer name → bool mask")
     for name, mask in masks.items():
         module = linears.get(name)
+        if name == "" and module is not None:  # no parent to put a new layer in
+            raise ValueError("masks names '', the model itself: sparsify replaces layers inside "
+                             "a model; use ShiraLinear.from_linear(model, mask=...)")
         if module is None:
             raise ValueError(f"masks names {name!r}, which is no nn.Linear of the model")
         if isinstance(module, ShiraLinear):

@@ -242,6 +242,8 @@ class RankingCLIPAdapter(nn.Module):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not -2 ** 63 <= seed < 2 ** 63:  # torch's seeds take 64 bits; layer i gets seed + i
+            raise ValueError(f"seed must lie in [-2**63, 2**63), got {seed}")
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(f"tokenizer must be callable, got {type(tokenizer).__name__}")
         if any(isinstance(m, (ShiraLinear, BinaryLoRALinear)) for m in clip.modules()):
@@ -253,21 +255,30 @@ class RankingCLIPAdapter(nn.Module):
                              f"{text_config.max_position_embeddings} positions for the "
                              "instruction; it needs at least 2 (start and end of text)")
 
+        flags = [(p, p.requires_grad) for p in clip.parameters()]
         clip.requires_grad_(False)
         in_encoders = lambda name, _: name.startswith(("text_model.encoder.",  # noqa: E731
                                                        "vision_model.encoder."))
-        if adapter == "shira":
-            self.adapted_layers = replace_linear(clip, filter=in_encoders, r=r, scale=scale,
-                                                 seed=seed)
-        else:
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(seed)  # the 1-bit branches' random down projections
-            try:
-                self.adapted_layers = replace_linear(
-                    clip, filter=in_encoders,
-                    factory=lambda linear: BinaryLoRALinear.from_linear(linear, r, scale=scale))
-            finally:
-                torch.random.set_rng_state(generator_state)
+        # replace_linear is all or nothing; a layer it refuses (r too large for its weight)
+        # must not leave the CLIP frozen either.
+        try:
+            if adapter == "shira":
+                self.adapted_layers = replace_linear(clip, filter=in_encoders, r=r, scale=scale,
+                                                     seed=seed)
+            else:
+                generator_state = torch.random.get_rng_state()
+                torch.manual_seed(seed)  # the 1-bit branches' random down projections
+                try:
+                    self.adapted_layers = replace_linear(
+                        clip, filter=in_encoders,
+                        factory=lambda linear: BinaryLoRALinear.from_linear(linear, r,
+                                                                            scale=scale))
+                finally:
+                    torch.random.set_rng_state(generator_state)
+        except BaseException:
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            raise
         self.clip, self.adapter, self.loss_kind = clip, adapter, loss
         self.aux_weight, self.tokenizer = float(aux_weight), tokenizer
 
@@ -375,6 +386,8 @@ class RankingCLIPAdapter(nn.Module):
         if tuple(images.shape[-3:]) != expected:
             raise ValueError(f"images must be {expected} (C, H, W) for this CLIP, got "
                              f"{tuple(images.shape[-3:])}")
+        if images.numel() == 0:  # the encoders cannot run on no image
+            raise ValueError(f"images holds no image (shape {tuple(images.shape)})")
         flat = images.reshape(-1, *expected)
         pooled = self.clip.vision_model(pixel_values=flat).pooler_output
         return self.clip.visual_projection(pooled).reshape(*images.shape[:-3], -1)

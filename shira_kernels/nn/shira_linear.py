@@ -14,6 +14,7 @@ unmerge() swaps the base entries back, bit for bit.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -72,6 +73,7 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         if not linear.weight.is_contiguous():
             raise ValueError("linear.weight must be contiguous (adapted entries are swapped into it)")
         scale = check_scale(scale)  # before adopt_linear freezes linear's parameters
+        seed = _check_seed(seed)
         if isinstance(mask, str) and r is None and density is None:
             r = 32
         chosen = make_mask(mask, linear.weight.detach(), r=r, density=density, seed=seed, grads=grads)
@@ -234,6 +236,18 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
                 f"{', merged' if self.merged else ''}")
 
 
+def _check_seed(seed, name: str = "seed", count: int = 1) -> int:
+    """``seed`` as an int such that seed .. seed + count − 1 all fit torch's Generator (which
+    takes [−2⁶³, 2⁶⁴) and would otherwise fail with an overflow that names nothing)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {seed!r}")
+    seed = int(seed)
+    if seed < -2 ** 63 or seed + count - 1 >= 2 ** 64:
+        span = "" if count == 1 else f" (and {name} + {count - 1} for the last layer)"
+        raise ValueError(f"{name} must lie in [-2**63, 2**64){span}, got {seed}")
+    return seed
+
+
 def replace_linear(model: nn.Module, target_modules: Iterable[str] | None = None, *,
                    filter: Callable[[str, nn.Module], bool] | None = None,
                    factory: Callable[[nn.Linear], nn.Module] | None = None,
@@ -241,25 +255,75 @@ def replace_linear(model: nn.Module, target_modules: Iterable[str] | None = None
     """Replace the nn.Linear layers of ``model`` chosen by ``target_modules`` (names or name
     suffixes, as in PEFT) or ``filter(fqn, module)`` with ``factory(linear)`` (default:
     ShiraLinear.from_linear with ``from_linear_kwargs``; each layer's mask gets its own seed).
-    Quantized layers become QuantizedShiraLinear (see ShiraLinear.from_linear). Returns the
-    replaced names."""
+    Quantized layers become QuantizedShiraLinear (see ShiraLinear.from_linear). All or nothing:
+    every new layer is built before any is put in place, so a refused layer leaves the model
+    (and its requires_grad flags) as it was. Returns the replaced names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if (target_modules is None) == (filter is None):
         raise ValueError("give exactly one of target_modules or filter")
     if target_modules is not None:
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        targets = [target_modules] if isinstance(target_modules, str) else target_modules
+        try:
+            targets = list(targets)
+        except TypeError:
+            raise TypeError("target_modules must be a name or an iterable of names, got "
+                            f"{type(target_modules).__name__}") from None
+        for t in targets:
+            if not isinstance(t, str):
+                raise TypeError(f"target_modules must hold names (str), got {t!r}")
         filter = lambda name, _: any(name == t or name.endswith("." + t) for t in targets)  # noqa: E731
+    elif not callable(filter):
+        raise TypeError(f"filter must be callable (fqn, module) -> bool, got "
+                        f"{type(filter).__name__}")
+    if factory is not None:
+        if not callable(factory):
+            raise TypeError(f"factory must be callable (linear) -> nn.Module, got "
+                            f"{type(factory).__name__}")
+        if from_linear_kwargs:  # they would be ignored silently
+            raise TypeError(f"factory= builds the layers itself: the from_linear arguments "
+                            f"{sorted(from_linear_kwargs)} would be ignored; pass them to factory")
     seed = from_linear_kwargs.pop("seed", 0)
     # A quantized base inside a QuantizedShiraLinear (its base_layer) is adapted already.
     adapted = tuple(name + "." for name, module in model.named_modules()
                     if isinstance(module, QuantizedShiraLinear))
+    # nn.MultiheadAttention reads out_proj.weight itself (F.multi_head_attention_forward): an
+    # adapter in out_proj's place would never run.
+    attention_out = {id(m.out_proj) for m in model.modules()
+                     if isinstance(m, nn.MultiheadAttention)}
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and not isinstance(module, ShiraLinear)
               and not name.startswith(adapted) and filter(name, module)]
     if not chosen:
         raise ValueError("no nn.Linear layer of the model matches target_modules / filter")
-    for i, (name, module) in enumerate(chosen):
-        new = (factory(module) if factory is not None
-               else ShiraLinear.from_linear(module, seed=seed + i, **from_linear_kwargs))
+    for name, module in chosen:
+        if name == "":
+            raise ValueError("the model itself is the nn.Linear chosen: replace_linear replaces "
+                             "layers inside a model; wrap it with ShiraLinear.from_linear(model)")
+        if id(module) in attention_out:
+            raise ValueError(f"layer {name!r} is the out_proj of an nn.MultiheadAttention, which "
+                             "uses its weight directly: an adapter there would never run; leave "
+                             "it out of target_modules / filter")
+    if factory is None:
+        seed = _check_seed(seed, count=len(chosen))
+    # Build every new layer first: from_linear freezes each base it wraps, so a refusal puts
+    # the flags back and replaces nothing.
+    params = list({id(p): p for _, module in chosen for p in module.parameters()}.values())
+    flags = [p.requires_grad for p in params]
+    new_layers = []
+    try:
+        for i, (name, module) in enumerate(chosen):
+            new = (factory(module) if factory is not None
+                   else ShiraLinear.from_linear(module, seed=seed + i, **from_linear_kwargs))
+            if not isinstance(new, nn.Module):
+                raise TypeError(f"factory returned {type(new).__name__} for layer {name!r}; it "
+                                "must return an nn.Module")
+            new_layers.append(new)
+    except BaseException:
+        for param, flag in zip(params, flags):
+            param.requires_grad_(flag)
+        raise
+    for (name, _), new in zip(chosen, new_layers):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return [name for name, _ in chosen]
@@ -267,7 +331,13 @@ def replace_linear(model: nn.Module, target_modules: Iterable[str] | None = None
 
 def mark_only_adapters_trainable(model: nn.Module) -> int:
     """Freeze every parameter but the adapters' (``shira_values``); returns how many stay
-    trainable."""
+    trainable. A model without any is refused (and left as it was): freezing it all would
+    leave nothing to train."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(name.rsplit(".", 1)[-1] == "shira_values" for name, _ in model.named_parameters()):
+        raise ValueError("model has no adapter (no shira_values parameter): apply "
+                         "replace_linear first; nothing was frozen")
     count = 0
     for name, param in model.named_parameters():
         train = name.rsplit(".", 1)[-1] == "shira_values"
