@@ -2,11 +2,9 @@
 (io/): each case is one that went wrong before its fix. Bad input gets a clear error naming the
 bad thing and changes nothing; accelerated layers answer as PEFT's own (or refuse)."""
 import copy
-import warnings
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("peft")
 from peft import ShiraConfig, get_peft_model  # noqa: E402
@@ -16,59 +14,8 @@ from shira_kernels import AdapterBank, SparseDelta  # noqa: E402
 from shira_kernels.integrations import peft as skpeft  # noqa: E402
 from shira_kernels.io.peft_format import peft_adapter_deltas, write_peft_adapter  # noqa: E402
 
-TARGETS = ["fc1", "fc2", "blocks.0.0"]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(16, 24)
-        self.fc2 = nn.Linear(24, 12, bias=False)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(12, 8))])
-
-    def forward(self, x):
-        return self.blocks[0](torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Tiny()
-
-
-def randomize(model, seed=5, std=0.3, adapter="default"):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(f"shira_weight.{adapter}"):
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def shira(base, targets=TARGETS, seed=1):
-    model = get_peft_model(copy.deepcopy(base),
-                           ShiraConfig(r=2, target_modules=targets, random_seed=seed))
-    randomize(model)
-    return model
-
-
-def bits(t):
-    t = t.detach()
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
-
-def snapshot(model):
-    return {k: bits(v).clone() for k, v in model.state_dict().items()}
-
-
-def same_bits(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
+from test_peft_integration import (TARGETS, _quiet, bits, randomize, same_bits,  # noqa: E402,F401
+                                   shira, snapshot, tiny)
 
 # =============================================================================================
 # write_peft_adapter: never a checkpoint that the reader (or PEFT) refuses
@@ -126,7 +73,7 @@ def test_a_bin_checkpoint_with_tensors_without_dense_data_is_a_value_error(tmp_p
 def test_adapter_names_refused_while_a_shira_layer_is_not_accelerated():
     # An adapter added after accelerate() on a new target: its plain PEFT layer ignored the
     # names and ran the active adapter for every row (the "late" row got the base at fc2).
-    pa = skpeft.accelerate(shira(tiny(), targets=["fc1"])).eval()
+    pa = skpeft.accelerate(shira(tiny(), target_modules=["fc1"])).eval()
     pa.add_adapter("late", ShiraConfig(r=2, target_modules=["fc2"], random_seed=9))
     randomize(pa, seed=7, adapter="late")
     x = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
