@@ -901,6 +901,10 @@ class AdapterBank(NamedAdapters):
         # registered before ours having raised before we acquired.
         if getattr(self._held, "depth", 0) == 0:
             return
+        # Released before the warning: under warnings-as-errors it raises, and torch does not
+        # run an always_call hook again once it has been called.
+        self._held.depth -= 1
+        self.lock.release()
         if (not self._warned_backward and isinstance(output, torch.Tensor)
                 and output.requires_grad and self._held_by_reading() == 0):
             self._warned_backward = True
@@ -908,8 +912,6 @@ class AdapterBank(NamedAdapters):
                           "records a backward, which runs after the lock is released; hold "
                           "`with bank.reading():` around forward and backward when another "
                           "thread may switch adapters", stacklevel=2)
-        self._held.depth -= 1
-        self.lock.release()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, name: str, path) -> None:

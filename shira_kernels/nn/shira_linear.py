@@ -109,6 +109,14 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # W holds W + scale·S: save the base, or a load would add S twice
+            with torch.no_grad():
+                base = self.weight.detach().clone()
+                base.view(-1)[self.shira_flat_indices.long()] = self._shira_swapped
+            destination[prefix + "weight"] = base
+
     def _check_loadable(self, state_dict, prefix: str) -> None:
         names = {key: prefix + key for key in ("weight", "shira_flat_indices", "shira_values")}
         if not any(name in state_dict for name in names.values()):

@@ -1,0 +1,78 @@
+"""Adversarial uses of AdapterBank and ShiraLinear, each a defect once found: nothing stays held
+after a guarded forward raises, and a merged layer's state_dict loads back to the same layer."""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+from torch import nn
+
+from shira_kernels import AdapterBank, SparseDelta
+from shira_kernels.nn import ShiraLinear
+
+from tolerance import abs64, assert_within_error_bound
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def other_thread_can_lock(bank: AdapterBank) -> bool:
+    got = []
+
+    def take():
+        got.append(bank.lock.acquire(timeout=2))
+        if got[-1]:
+            bank.lock.release()
+    thread = threading.Thread(target=take)
+    thread.start()
+    thread.join()
+    return got[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# guard_forward: the post-hook warned (once, for a forward recording a backward) before it
+# released the lock; under warnings-as-errors the warning raised there, torch does not call an
+# always_call hook twice, and the bank's lock stayed held by that thread for good.
+# ---------------------------------------------------------------------------------------------
+def test_guarded_forward_whose_warning_raises_releases_the_lock():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    bank = AdapterBank(model)
+    bank.add("a", {"0": SparseDelta((6, 8), torch.tensor([1, 9, 30]), torch.randn(3))})
+    with bank.guard_forward():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                model(torch.randn(2, 8, requires_grad=True))
+            except UserWarning:
+                pass
+        assert not bank.lock._is_owned()
+        assert other_thread_can_lock(bank)
+        bank.activate("a")  # and the bank still switches, from any thread
+        bank.deactivate()
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiraLinear.state_dict() while merged saved W + scale·S as "weight" next to shira_values: a
+# layer loading it (unmerged, as load_state_dict requires) then added S a second time.
+# ---------------------------------------------------------------------------------------------
+def test_state_dict_of_a_merged_layer_loads_back_to_the_same_outputs():
+    torch.manual_seed(0)
+    layer = ShiraLinear.from_linear(nn.Linear(8, 6), r=1)
+    with torch.no_grad():
+        layer.shira_values.normal_()
+    base = bits(layer.weight).clone()
+    x = torch.randn(3, 8)
+    layer.merge()
+    state = layer.state_dict()
+    assert torch.equal(bits(state["weight"]), base)
+    assert layer.merged and not torch.equal(bits(layer.weight), base)  # the layer is untouched
+    fresh = ShiraLinear.from_linear(nn.Linear(8, 6), r=1)
+    fresh.load_state_dict(state)
+    w64 = base.view(torch.float32).double().clone()
+    w64.view(-1)[layer.shira_flat_indices.long()] += layer.scale * layer.shira_values.double()
+    exact = x.double() @ w64.T + layer.bias.double()
+    magnitude = abs64(x) @ w64.abs().T + abs64(layer.bias)
+    assert_within_error_bound(fresh(x), exact, magnitude, k=8 + 2)
