@@ -109,10 +109,20 @@ def budget(shape, r: int | None = None, density: float | None = None) -> int:
     return count
 
 
-def _generator(seed) -> torch.Generator:
+def check_seed(seed, name: str = "seed", count: int = 1) -> int:
+    """``seed`` as an int such that seed .. seed + count − 1 all fit torch's Generator (which
+    takes [−2⁶³, 2⁶⁴) and would otherwise fail with an overflow that names nothing)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    return torch.Generator().manual_seed(int(seed))
+        raise ValueError(f"{name} must be an int, got {seed!r}")
+    seed = int(seed)
+    if seed < -2 ** 63 or seed + count - 1 >= 2 ** 64:
+        span = "" if count == 1 else f" (and {name} + {count - 1} for the last layer)"
+        raise ValueError(f"{name} must lie in [-2**63, 2**64){span}, got {seed}")
+    return seed
+
+
+def _generator(seed) -> torch.Generator:
+    return torch.Generator().manual_seed(check_seed(seed))
 
 
 def _from_flat(flat_index: torch.Tensor, out_f: int, in_f: int, device) -> torch.Tensor:

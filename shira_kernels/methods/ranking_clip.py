@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import check_seed
 from ..nn import BinaryLoRALinear, ShiraLinear, replace_linear
 
 ADAPTERS = ("shira", "binary")
@@ -240,10 +241,7 @@ class RankingCLIPAdapter(nn.Module):
         if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
                 or not math.isfinite(scale)):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if not -2 ** 63 <= seed < 2 ** 63:  # torch's seeds take 64 bits; layer i gets seed + i
-            raise ValueError(f"seed must lie in [-2**63, 2**63), got {seed}")
+        seed = check_seed(seed)  # before the CLIP is frozen (replace_linear checks seed + i)
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(f"tokenizer must be callable, got {type(tokenizer).__name__}")
         if any(isinstance(m, (ShiraLinear, BinaryLoRALinear)) for m in clip.modules()):

@@ -14,7 +14,6 @@ unmerge() swaps the base entries back, bit for bit.
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -25,7 +24,7 @@ from torch import nn
 from .._checks import FLOAT_DTYPES, check_scale, check_size, tensor_stamp
 from .._concurrency import writing
 from ..formats import SparseDelta
-from ..masks import make_mask, mask_to_indices
+from ..masks import check_seed, make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
 from ..ops.sparse_delta import sparse_delta_linear_unpacked
 from ._adapter_state import STRUCTURE_FIELDS, SparseAdapterState
@@ -73,7 +72,7 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         if not linear.weight.is_contiguous():
             raise ValueError("linear.weight must be contiguous (adapted entries are swapped into it)")
         scale = check_scale(scale)  # before adopt_linear freezes linear's parameters
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         if isinstance(mask, str) and r is None and density is None:
             r = 32
         chosen = make_mask(mask, linear.weight.detach(), r=r, density=density, seed=seed, grads=grads)
@@ -244,18 +243,6 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
                 f"{', merged' if self.merged else ''}")
 
 
-def _check_seed(seed, name: str = "seed", count: int = 1) -> int:
-    """``seed`` as an int such that seed .. seed + count − 1 all fit torch's Generator (which
-    takes [−2⁶³, 2⁶⁴) and would otherwise fail with an overflow that names nothing)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {seed!r}")
-    seed = int(seed)
-    if seed < -2 ** 63 or seed + count - 1 >= 2 ** 64:
-        span = "" if count == 1 else f" (and {name} + {count - 1} for the last layer)"
-        raise ValueError(f"{name} must lie in [-2**63, 2**64){span}, got {seed}")
-    return seed
-
-
 def replace_linear(model: nn.Module, target_modules: Iterable[str] | None = None, *,
                    filter: Callable[[str, nn.Module], bool] | None = None,
                    factory: Callable[[nn.Linear], nn.Module] | None = None,
@@ -313,7 +300,7 @@ def replace_linear(model: nn.Module, target_modules: Iterable[str] | None = None
                              "uses its weight directly: an adapter there would never run; leave "
                              "it out of target_modules / filter")
     if factory is None:
-        seed = _check_seed(seed, count=len(chosen))
+        seed = check_seed(seed, count=len(chosen))
     # Build every new layer first: from_linear freezes each base it wraps, so a refusal puts
     # the flags back and replaces nothing.
     params = list({id(p): p for _, module in chosen for p in module.parameters()}.values())
