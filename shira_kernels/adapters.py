@@ -648,8 +648,14 @@ class AdapterBank(NamedAdapters):
         # Layers without entries here (a shard holding none of an adapter's rows) have nothing
         # to swap.
         kept = [i for i, index in enumerate(indices) if index.numel()]
-        swap_transaction([self._weight(layers[i]) for i in kept], [indices[i] for i in kept],
-                         [values[i] for i in kept], commit)
+        weights = [self._weight(layers[i]) for i in kept]
+        for i, weight in zip(kept, weights):  # the swap's own message would name list positions
+            if (values[i].dtype, values[i].device) != (weight.dtype, weight.device):
+                raise ValueError(f"layer {layers[i]!r}: the weight is {weight.dtype} on "
+                                 f"{weight.device}, the bank's values for it {values[i].dtype} on "
+                                 f"{values[i].device} (the model was converted after the bank "
+                                 "was built: convert it back, or build a new bank)")
+        swap_transaction(weights, [indices[i] for i in kept], [values[i] for i in kept], commit)
 
     def _pair_plan(self, a: _Slot, b: _Slot) -> _PairPlan:
         key = (a, b)

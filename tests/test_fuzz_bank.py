@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -76,3 +77,19 @@ def test_state_dict_of_a_merged_layer_loads_back_to_the_same_outputs():
     exact = x.double() @ w64.T + layer.bias.double()
     magnitude = abs64(x) @ w64.abs().T + abs64(layer.bias)
     assert_within_error_bound(fresh(x), exact, magnitude, k=8 + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model converted after its bank was built (model.half()): activate() was refused by the swap
+# with a message about values[0] and weights[0], not the layer.
+# ---------------------------------------------------------------------------------------------
+def test_activate_after_the_model_was_converted_names_the_layer():
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    bank = AdapterBank(model)
+    bank.add("a", {"2": SparseDelta.from_flat([1, 7, 20], (4, 6), torch.tensor([1., 2., 3.]))})
+    model.half()
+    before = [bits(p).clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="layer '2': the weight is torch.float16"):
+        bank.activate("a")
+    assert bank.active is None
+    assert all(torch.equal(bits(p), b) for p, b in zip(model.parameters(), before))
