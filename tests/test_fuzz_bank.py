@@ -13,10 +13,7 @@ from shira_kernels import AdapterBank, SparseDelta
 from shira_kernels.nn import ShiraLinear
 
 from tolerance import abs64, assert_within_error_bound
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+from unchanged import bits
 
 
 def other_thread_can_lock(bank: AdapterBank) -> bool:

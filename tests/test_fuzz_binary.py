@@ -16,25 +16,9 @@ from shira_kernels.quant import binarize, fake_quantize
 
 from test_binary import binary_k, lora_exact_and_magnitude
 from tolerance import assert_within_error_bound
+from unchanged import assert_same_bits, state_bits
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32) \
-        if t.is_floating_point() else t.clone()
-
-
-def _snapshot(module: nn.Module) -> dict:
-    return {k: _bits(v).clone() for k, v in module.state_dict().items()}
-
-
-def _assert_unchanged(module: nn.Module, before: dict) -> None:
-    after = _snapshot(module)
-    assert after.keys() == before.keys()
-    for key, t in before.items():
-        assert torch.equal(after[key], t), f"{key} changed by a refused load"
 
 
 # -- one output, rank 1: a [1, 1] weight ----------------------------------------------------------
@@ -89,7 +73,7 @@ def test_rejected_load_into_binary_lora_linear_changes_nothing(corrupt):
     layer = _packed_layer()
     x = torch.randn(5, 40)
     y_before = layer(x)
-    before = _snapshot(layer)
+    before = state_bits(layer)
     state = {k: torch.randn_like(v) if v.is_floating_point() else v ^ 0x55
              for k, v in _packed_layer(seed=1).state_dict().items()}  # all would be copied
     if corrupt == "up_packed_shape":
@@ -114,37 +98,37 @@ def test_rejected_load_into_binary_lora_linear_changes_nothing(corrupt):
     with pytest.raises((ValueError, TypeError)) as info:
         layer.load_state_dict(state)
     assert key in str(info.value)
-    _assert_unchanged(layer, before)
+    assert_same_bits(state_bits(layer), before)
     assert torch.equal(layer(x), y_before)
 
 
 def test_rejected_load_into_an_unpacked_layer_changes_nothing():
     layer = BinaryLoRALinear.from_linear(nn.Linear(40, 6), r=4)
-    before = _snapshot(layer)
+    before = state_bits(layer)
     state = {k: torch.zeros_like(v) for k, v in _packed_layer().state_dict().items()}
     with pytest.raises(ValueError, match="pack"):
         layer.load_state_dict(state)
-    _assert_unchanged(layer, before)
+    assert_same_bits(state_bits(layer), before)
 
 
 def test_rejected_load_into_a_binary_adapter_changes_nothing():
     adapter = _packed_layer().lora
-    before = _snapshot(adapter)
+    before = state_bits(adapter)
     state = {k: v ^ 0x55 if not v.is_floating_point() else v + 1
              for k, v in _packed_layer(seed=1).lora.state_dict().items()}
     state["up_packed"] = torch.zeros(6, 3, dtype=torch.int32)  # loaded after down_*
     with pytest.raises(ValueError, match="up_packed"):
         adapter.load_state_dict(state)
-    _assert_unchanged(adapter, before)
+    assert_same_bits(state_bits(adapter), before)
 
 
 def test_rejected_load_into_dylora_changes_nothing():
     layer = DyLoRALinear(10, 6, r=4, seed=1)
-    before = _snapshot(layer)
+    before = state_bits(layer)
     state = DyLoRALinear(10, 6, r=8, seed=2).state_dict()  # another maximum rank
     with pytest.raises(ValueError, match="lora_A"):
         layer.load_state_dict(state)
-    _assert_unchanged(layer, before)
+    assert_same_bits(state_bits(layer), before)
 
 
 def test_load_into_a_merged_dylora_is_refused():
@@ -155,10 +139,10 @@ def test_load_into_a_merged_dylora_is_refused():
     with torch.no_grad():
         other.lora_B.normal_()
     layer.merge()
-    before = _snapshot(layer)
+    before = state_bits(layer)
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.load_state_dict(other.state_dict())
-    _assert_unchanged(layer, before)
+    assert_same_bits(state_bits(layer), before)
     layer.unmerge()
     layer.load_state_dict(other.state_dict())
     x = torch.randn(3, 10)

@@ -11,6 +11,8 @@ from shira_kernels.methods.composed import change_masks, sparsify
 from shira_kernels.nn.shira_linear import (ShiraLinear, mark_only_adapters_trainable,
                                            replace_linear)
 
+from unchanged import state_bits
+
 
 def three_layers(last_out=8):
     torch.manual_seed(0)
@@ -19,10 +21,10 @@ def three_layers(last_out=8):
 
 def snapshot(model):
     """Everything a refused call must leave alone: module types, parameters' requires_grad and
-    the state_dict's bytes."""
+    the state_dict's bits."""
     return ([(name, type(m)) for name, m in model.named_modules()],
             {name: p.requires_grad for name, p in model.named_parameters()},
-            {name: t.clone() for name, t in model.state_dict().items()})
+            state_bits(model))
 
 
 def assert_unchanged(model, before):

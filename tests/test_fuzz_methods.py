@@ -10,17 +10,13 @@ from shira_kernels import cli
 from shira_kernels.nn import ShiraLinear
 
 from test_quantized import IN_F, SCALE, adapted, kind_params, make_base
+from unchanged import state_bits
 
 
 # ---------------------------------------------------------------------------------------------
 # QuantizedShiraLinear.load_state_dict: what the base layer refuses is refused before the
 # adapter's entries are copied.
 # ---------------------------------------------------------------------------------------------
-def _snapshot(layer):
-    return {k: v.detach().clone() for k, v in layer.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.startswith("base_layer.weight")}
-
-
 def _changed(state):
     out = dict(state)
     out["shira_values"] = state["shira_values"] + 1
@@ -33,7 +29,7 @@ def _changed(state):
 def test_quantized_load_refused_by_the_base_leaves_the_adapter(kind):
     layer = adapted(kind)
     x = torch.randn(3, IN_F)
-    before, snap = layer(x), _snapshot(layer)
+    before, snap = layer(x), state_bits(layer, skip=("base_layer.weight",))
     bad = _changed(layer.state_dict())
     bad["base_layer.bias"] = torch.zeros(7)  # the wrong size: the base refuses it
     for key in ("base_layer.SCB", "base_layer.weight_format"):  # (bnb int8: tested below)
@@ -41,7 +37,7 @@ def test_quantized_load_refused_by_the_base_leaves_the_adapter(kind):
     with pytest.raises(RuntimeError, match="base_layer.bias"):
         layer.load_state_dict(bad)
     assert torch.equal(layer(x), before)
-    after = _snapshot(layer)
+    after = state_bits(layer, skip=("base_layer.weight",))
     assert all(torch.equal(after[k], v) for k, v in snap.items())
 
 

@@ -12,17 +12,7 @@ from shira_kernels.nn import ShiraLinear
 from shira_kernels.ops.multi_delta import multi_delta_linear_reference
 
 from tolerance import abs64, assert_within_error_bound
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() \
-        else t
-
-
-def layer_bits(layer: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: bits(t).clone() for name, t in list(layer.state_dict(keep_vars=True).items())
-            + [(n, b) for n, b in layer.named_buffers() if b is not None]}
+from unchanged import bits, state_bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,14 +28,14 @@ def test_load_with_a_wrong_sized_base_tensor_changes_nothing(wrong, indices):
         layer.shira_values.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25]))
     x = torch.randn(3, 8)
     y_before = layer(x).detach()
-    before = layer_bits(layer)
+    before = state_bits(layer, derived=True)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     state[wrong] = torch.zeros(5, 8) if wrong == "weight" else torch.zeros(5)
     state["shira_flat_indices"] = torch.tensor(indices)
     state["shira_values"] = torch.ones(4)
     with pytest.raises(RuntimeError, match=f"size mismatch for {wrong}"):
         layer.load_state_dict(state)
-    after = layer_bits(layer)
+    after = state_bits(layer, derived=True)
     for name, t in before.items():
         assert torch.equal(after[name], t), f"{name} changed by a rejected load"
     assert torch.equal(layer(x).detach(), y_before)
@@ -169,10 +159,10 @@ def test_hotswap_refuses_values_that_overflow_the_layer_and_changes_nothing():
                                       scale=1e-6).half())
     bank = AdapterBank(model)
     bank.add("h", {"0": SparseDelta.from_flat([0, 5], (4, 8), torch.tensor([1., 2.]))})
-    before = layer_bits(model[0])
+    before = state_bits(model[0], derived=True)
     with pytest.raises(ValueError, match="adapter 'h', layer '0'.*do not fit"):
         bank.hotswap("h")
-    after = layer_bits(model[0])
+    after = state_bits(model[0], derived=True)
     assert all(torch.equal(after[k], t) for k, t in before.items())
     assert bank.hotswapped is None
 
