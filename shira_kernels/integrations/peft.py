@@ -438,8 +438,12 @@ def _mixed_batch_hooks(tuner, *args, **kwargs):
     # A SHiRA layer accelerate() has not switched (added later, or a subclass it leaves alone)
     # would ignore the names and run the active adapter on every row: refused rather than wrong.
     base_cls = _peft_linear()
-    plain = [name for name, module in tuner.named_modules()
-             if isinstance(module, base_cls) and not isinstance(module, _CLASS)]
+    accelerated, plain = [], []
+    for name, module in tuner.named_modules():
+        if isinstance(module, _CLASS):
+            accelerated.append(module)
+        elif isinstance(module, base_cls):
+            plain.append(name)
     if plain:
         raise ValueError(f"adapter_names: the SHiRA layers {plain[:4]} are not accelerated "
                          "(added after accelerate()?) and would ignore the names; call "
@@ -456,7 +460,7 @@ def _mixed_batch_hooks(tuner, *args, **kwargs):
         layer_kwargs["adapter_names"] = per_row if id(module) in in_encoder else names
         return args, layer_kwargs
     handles = [module.register_forward_pre_hook(inject, with_kwargs=True)
-               for module in tuner.modules() if isinstance(module, _CLASS)]
+               for module in accelerated]
     try:
         yield
     finally:
