@@ -1,6 +1,7 @@
 """What every drop-in adapter layer does to the nn.Linear it wraps."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -31,22 +32,66 @@ def adopt_linear(cls: type, linear: nn.Linear, init=None) -> nn.Linear:
     return layer
 
 
-def check_loadable(module: nn.Module, state_dict, prefix: str, strict: bool,
-                   finite: tuple[str, ...] = (), hint: str = "") -> None:
+def _own_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors torch's load takes for ``module`` itself: parameters and persistent
+    buffers that are not None."""
+    own = {**module._parameters, **{name: b for name, b in module._buffers.items()
+                                     if name not in module._non_persistent_buffers_set}}
+    return {name: t for name, t in own.items() if t is not None}
+
+
+def load_is_strict() -> bool:
+    """The ``strict`` of the nn.Module.load_state_dict call that is loading now. torch passes
+    strict=True to every module's _load_from_state_dict whatever its caller said and applies
+    the caller's choice only once every module was loaded, so a layer that wants to refuse a
+    strict load before anything is copied, and accept a lenient one, has to look it up. False
+    where no such call is running (_load_from_state_dict called directly): torch's own handling
+    of missing and unexpected keys then stands."""
+    code = nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("strict", False))
+        frame = frame.f_back
+    return False
+
+
+def check_strict_keys(module: nn.Module, state_dict, prefix: str, hint: str = "") -> None:
+    """Raise before torch copies anything where a strict load would report a key of
+    ``module``'s own as missing or unexpected (``hint`` appended to the message). torch copies
+    what fits and raises only after every module was loaded, which would leave the layer
+    changed by a refused load. Its submodules' keys are theirs to check."""
+    own = _own_state(module)
+    extra = prefix + "_extra_state"  # torch's key for get_extra_state()
+    takes_extra = type(module).set_extra_state is not nn.Module.set_extra_state
+    missing = [prefix + name for name in own if prefix + name not in state_dict]
+    if takes_extra and extra not in state_dict:
+        missing.append(extra)
+    if missing:
+        raise ValueError(f"load_state_dict: {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing{hint}")
+    unexpected = []
+    for key in state_dict:
+        if not key.startswith(prefix) or (takes_extra and key == extra):
+            continue
+        head, dot, _ = key[len(prefix):].partition(".")
+        if (head not in module._modules) if dot else (head not in own):
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"load_state_dict: unexpected key(s) {', '.join(unexpected)} for "
+                         f"{type(module).__name__}{hint}")
+
+
+def check_loadable(module: nn.Module, state_dict, prefix: str, finite: tuple[str, ...] = (),
+                   hint: str = "") -> None:
     """Raise before torch copies anything unless ``state_dict`` fits ``module``'s own parameters
     and persistent buffers (torch copies every tensor that fits and reports the others after,
     which leaves a layer half loaded): each present key a tensor of the same shape and kind (an
-    integer buffer only its own dtype; a float one any float dtype), with ``strict`` none
-    missing (``hint`` appended to that message), and the names in ``finite`` finite."""
-    own = {**module._parameters, **{name: b for name, b in module._buffers.items()
-                                     if name not in module._non_persistent_buffers_set}}
-    for name, current in own.items():
+    integer buffer only its own dtype; a float one any float dtype), in a strict load none
+    missing or unexpected (check_strict_keys), and the names in ``finite`` finite."""
+    for name, current in _own_state(module).items():
         key = prefix + name
-        if current is None:
-            continue
         if key not in state_dict:
-            if strict:
-                raise ValueError(f"load_state_dict: {key} is missing{hint}")
             continue
         t = state_dict[key]
         if not isinstance(t, torch.Tensor):
@@ -60,6 +105,8 @@ def check_loadable(module: nn.Module, state_dict, prefix: str, strict: bool,
                             f"{current.dtype}")
         if name in finite and not t.is_meta and not bool(torch.isfinite(t).all()):
             raise ValueError(f"load_state_dict: {key} holds non-finite values")
+    if load_is_strict():  # torch's `strict` in _load_from_state_dict is always True
+        check_strict_keys(module, state_dict, prefix, hint)
 
 
 class _Required:

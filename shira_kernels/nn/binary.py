@@ -96,21 +96,21 @@ class BinaryAdapter(nn.Module):
         self.packed = True
         return self
 
-    def _check_loadable(self, state_dict, prefix: str, strict: bool) -> None:
+    def _check_loadable(self, state_dict, prefix: str) -> None:
         if self.packed:
             hint = (" (the state_dict holds the float weights: load them before pack())"
                     if prefix + "down" in state_dict else "")
-            check_loadable(self, state_dict, prefix, strict, tuple(
+            check_loadable(self, state_dict, prefix, tuple(
                 f"{part}_{stat}" for part in ("down", "up") for stat in ("alpha", "mu")), hint)
         else:
             hint = (" (the state_dict holds a packed adapter: pack() this one before loading it)"
                     if prefix + "down_packed" in state_dict else "")
-            check_loadable(self, state_dict, prefix, strict, (), hint)
+            check_loadable(self, state_dict, prefix, (), hint)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Checked before torch copies any of it: a refused load leaves the adapter as it was.
-        self._check_loadable(state_dict, prefix, strict)
+        self._check_loadable(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -153,8 +153,8 @@ class BinaryLoRALinear(nn.Linear):
                               unexpected_keys, error_msgs):
         # The branch's keys too are checked before torch copies the base's weight and bias (it
         # loads the branch after them): a refused load leaves the whole layer as it was.
-        check_loadable(self, state_dict, prefix, strict)
-        self.lora._check_loadable(state_dict, prefix + "lora.", strict)
+        check_loadable(self, state_dict, prefix)
+        self.lora._check_loadable(state_dict, prefix + "lora.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -209,7 +209,7 @@ class DyLoRALinear(nn.Linear):
             # W holds W + ΔW, and unmerge() would put the old base back over the loaded one.
             raise RuntimeError(f"{prefix or 'layer'}: unmerge() before load_state_dict (the "
                                "layer is merged)")
-        check_loadable(self, state_dict, prefix, strict)
+        check_loadable(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

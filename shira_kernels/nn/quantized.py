@@ -29,6 +29,7 @@ from ..formats import SparseDelta
 from ..masks import make_mask, mask_to_indices
 from ..ops.sparse_delta import sparse_product_add_unpacked
 from ._adapter_state import SparseAdapterState
+from ._wrap import check_strict_keys, load_is_strict
 
 _SCORE_MASKS = ("wm", "snip")  # the masks that read the weight's values
 
@@ -224,8 +225,12 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
         # The adapter's entries, and what base_layer would refuse of its own part, are checked
         # before torch copies any of them: torch copies this layer's entries before base_layer
         # loads, so a base refusing its part after that would leave the adapter changed.
+        # The tensors' own refusals first, then a strict load's missing or unexpected keys.
+        strict_load = load_is_strict()  # torch's `strict` here is always True
         self._check_loadable(state_dict, prefix)
-        self._check_base_loadable(state_dict, prefix + "base_layer.", local_metadata)
+        self._check_base_loadable(state_dict, prefix + "base_layer.", local_metadata, strict_load)
+        if strict_load:
+            check_strict_keys(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -237,17 +242,18 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
         values = state_dict.get(val_key, self.shira_values)
         self._check_loadable_entries(indices, values, idx_key, val_key, "indices=...")
 
-    def _check_base_loadable(self, state_dict, prefix: str, local_metadata) -> None:
+    def _check_base_loadable(self, state_dict, prefix: str, local_metadata,
+                             strict: bool) -> None:
         """Raise before anything is copied where base_layer's own load would refuse its part of
-        ``state_dict`` whatever ``strict`` says: torch's per-tensor checks (a tensor, of the
-        same shape, that copies into a torchao weight) and bitsandbytes int8's (weight_format,
-        SCB). Submodules whose load this cannot predict (a _load_from_state_dict or pre-hooks
-        of their own) are left to it. Missing and unexpected keys are not checked: torch
-        decides on them with ``strict`` only after every module was loaded."""
-        if not any(key.startswith(prefix) for key in state_dict):
+        ``state_dict``: torch's per-tensor checks (a tensor, of the same shape, that copies into
+        a torchao weight), bitsandbytes int8's (weight_format, SCB), and with ``strict`` a
+        missing or unexpected key. Submodules whose load this cannot predict (a
+        _load_from_state_dict or pre-hooks of their own) are left to it."""
+        if not strict and not any(key.startswith(prefix) for key in state_dict):
             return
         bnb = _bnb()
         assign = local_metadata.get("assign_to_params_buffers", False)
+        strict_checked = []  # (module, its prefix), for the keys once every tensor passed
         for name, module in self.base_layer.named_modules():
             mprefix = prefix + name + "." if name else prefix
             part = {key: t for key, t in state_dict.items() if key.startswith(mprefix)}
@@ -260,6 +266,8 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
                                  for h in hooks))
             else:
                 known = own_load is nn.Module._load_from_state_dict and not hooks
+            if known and strict and not int8:  # int8 saves SCB and weight_format beside its own
+                strict_checked.append((module, mprefix))
             if not part or not known:
                 continue
             if int8:
@@ -290,6 +298,8 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
                         raise RuntimeError(f"load_state_dict: {key} ({type(t).__name__}) does "
                                            f"not copy into this layer's {type(current).__name__} "
                                            f"weight ({e}); nothing was loaded") from None
+        for module, mprefix in strict_checked:
+            check_strict_keys(module, state_dict, mprefix)
 
     @staticmethod
     def _check_bnb_int8_loadable(module, part, prefix: str, local_metadata, hooks) -> None:

@@ -28,7 +28,7 @@ from ..masks import check_seed, make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
 from ..ops.sparse_delta import sparse_delta_linear_unpacked
 from ._adapter_state import STRUCTURE_FIELDS, SparseAdapterState
-from ._wrap import adopt_linear
+from ._wrap import adopt_linear, check_strict_keys, load_is_strict
 from .quantized import QuantizedShiraLinear, quantized_format
 
 
@@ -105,6 +105,8 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         if old in state_dict and new not in state_dict:  # saved before the buffer's rename
             state_dict = {(new if key == old else key): t for key, t in state_dict.items()}
         self._check_loadable(state_dict, prefix)
+        if load_is_strict():  # torch's `strict` here is always True
+            check_strict_keys(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
