@@ -59,6 +59,7 @@ weights while an adapter is active. All adapted layers must live on one device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from collections import OrderedDict
@@ -255,15 +256,39 @@ def _finite_number(value, what: str) -> float:
 
 
 class _ForwardGuard:
-    """Handle returned by AdapterBank.guard_forward(); remove() takes the hooks off again."""
+    """Handle returned by AdapterBank.guard_forward(): while it is on, the model's forward (an
+    instance attribute in front of the class's, with its signature) runs under the bank's lock
+    and releases it however the forward ends. (Forward hooks cannot: torch skips even its
+    always_call hooks when a KeyboardInterrupt ends the forward, which left the lock held for
+    good.) remove() puts the forward back."""
 
-    def __init__(self, bank: "AdapterBank", handles):
-        self._bank, self._handles = bank, handles
+    def __init__(self, bank: "AdapterBank", model: nn.Module):
+        self._bank, self._model = bank, model
+        self._on = True
+        self._previous = model.__dict__.get("forward")  # someone else's instance forward
+        inner = model.forward
+
+        @functools.wraps(inner)
+        def guarded_forward(*args, **kwargs):
+            if not self._on:  # removed while another wrapper kept a reference to this one
+                return inner(*args, **kwargs)
+            with bank.lock:
+                output = inner(*args, **kwargs)
+            bank._warn_if_backward_follows(output)
+            return output
+
+        self._installed = guarded_forward
+        model.forward = guarded_forward
 
     def remove(self) -> None:
         with self._bank.lock:
-            for handle in self._handles:
-                handle.remove()
+            self._on = False
+            if self._model.__dict__.get("forward") is self._installed:
+                if self._previous is None:
+                    del self._model.forward
+                else:
+                    self._model.forward = self._previous
+            # else: wrapped since by someone else, whose wrapper calls ours: it passes through
             if self._bank._guard is self:
                 self._bank._guard = None
 
@@ -331,7 +356,7 @@ class AdapterBank(NamedAdapters):
         self._mixing = 0  # open mixed() blocks (only the thread holding the lock can be in one)
         self._active: _Slot | None = None
         self._guard: _ForwardGuard | None = None
-        self._held = threading.local()  # per-thread depth of guarded forwards and reading()
+        self._held = threading.local()  # per-thread depth of reading()
         self._warned_backward = False
         self._check_unmerged()
 
@@ -884,40 +909,27 @@ class AdapterBank(NamedAdapters):
         return getattr(self._held, "reading", 0)
 
     def guard_forward(self) -> _ForwardGuard:
-        """Make every forward of the model hold ``lock`` (forward pre- and post-hooks), so that
-        forwards and switches exclude each other. Returns a handle whose remove() (or ``with``
-        exit) takes the hooks off; calling it again returns the same handle.
+        """Make every forward of the model hold ``lock``, so that forwards and switches
+        exclude each other. Returns a handle whose remove() (or ``with`` exit) takes the guard
+        off; calling it again returns the same handle.
 
         Forwards only: the lock is released when the forward returns, before any backward.
         For training while another thread may switch, hold ``with bank.reading():`` around
         the forward and the backward (a guarded forward that records a backward warns once)."""
         with self.lock:
             if self._guard is None:
-                pre = self.model.register_forward_pre_hook(self._enter_forward, prepend=True)
-                post = self.model.register_forward_hook(self._exit_forward, always_call=True)
-                self._guard = _ForwardGuard(self, (pre, post))
+                self._guard = _ForwardGuard(self, self.model)
             return self._guard
 
-    def _enter_forward(self, module, args) -> None:
-        self.lock.acquire()
-        self._held.depth = getattr(self._held, "depth", 0) + 1
-
-    def _exit_forward(self, module, args, output) -> None:
-        # always_call: runs when the forward raised too; the depth guards against a pre-hook
-        # registered before ours having raised before we acquired.
-        if getattr(self._held, "depth", 0) == 0:
-            return
-        # Released before the warning: under warnings-as-errors it raises, and torch does not
-        # run an always_call hook again once it has been called.
-        self._held.depth -= 1
-        self.lock.release()
+    def _warn_if_backward_follows(self, output) -> None:
+        # After the lock is released: under warnings-as-errors this raises.
         if (not self._warned_backward and isinstance(output, torch.Tensor)
                 and output.requires_grad and self._held_by_reading() == 0):
             self._warned_backward = True
             warnings.warn("AdapterBank.guard_forward() covers forwards only: this forward "
                           "records a backward, which runs after the lock is released; hold "
                           "`with bank.reading():` around forward and backward when another "
-                          "thread may switch adapters", stacklevel=2)
+                          "thread may switch adapters", stacklevel=3)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, name: str, path) -> None:

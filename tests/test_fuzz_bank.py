@@ -53,6 +53,55 @@ def test_guarded_forward_whose_warning_raises_releases_the_lock():
 
 
 # ---------------------------------------------------------------------------------------------
+# guard_forward took the lock in a forward pre-hook and gave it back in an always_call forward
+# hook; torch runs those only for an Exception, so a KeyboardInterrupt in the forward (Ctrl-C
+# in a notebook) left the lock held by that thread, and every other thread's switch or guarded
+# forward waited for good.
+# ---------------------------------------------------------------------------------------------
+class _Interrupting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.interrupt = False
+
+    def forward(self, x):
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return x
+
+
+def test_guarded_forward_ended_by_a_keyboard_interrupt_releases_the_lock():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), _Interrupting(), nn.Linear(6, 4))
+    bank = AdapterBank(model)
+    bank.add("a", {"0": SparseDelta((6, 8), torch.tensor([1, 9, 30]), torch.randn(3))})
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        want = model(x)
+    with bank.guard_forward():
+        model[1].interrupt = True
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            model(x)
+        assert not bank.lock._is_owned()
+        assert other_thread_can_lock(bank)
+        model[1].interrupt = False
+        with torch.no_grad():
+            assert torch.equal(model(x), want)  # still guarded, still the same function
+        bank.activate("a")
+        bank.deactivate()
+
+
+def test_guard_forward_keeps_the_forward_signature_and_comes_off_cleanly():
+    import inspect
+    model = nn.Sequential(nn.Linear(8, 4))
+    bank = AdapterBank(model)
+    signature = inspect.signature(model.forward)
+    with bank.guard_forward():
+        assert "forward" in model.__dict__
+        assert inspect.signature(model.forward) == signature  # what generate() inspects
+    assert "forward" not in model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------
 # ShiraLinear.state_dict() while merged saved W + scale·S as "weight" next to shira_values: a
 # layer loading it (unmerged, as load_state_dict requires) then added S a second time.
 # ---------------------------------------------------------------------------------------------
