@@ -92,3 +92,35 @@ def test_cuda_sources_do_not_include_torch():
         for match in TORCH_INCLUDE_RE.finditer(path.read_text(encoding="utf-8")):
             offenders.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0).strip()}")
     assert not offenders, "torch headers included in plain CUDA sources:\n" + "\n".join(offenders)
+
+
+def test_cuda_bindings_compile_against_this_torch(tmp_path):
+    """bindings.cpp, the one CUDA-side file that includes torch, type-checks against this
+    torch's headers and kernels.h (g++ -fsyntax-only, the flags torch's own extension builds
+    use), so a binding that no longer matches its launcher or torch's API fails here, on a
+    machine without a GPU or a CUDA build of torch. A CPU wheel ships c10/cuda's headers but
+    not the one CMake generates for a CUDA build: a stand-in with its one macro is provided."""
+    nvcc = _find_nvcc()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if nvcc is None or cxx is None:
+        pytest.skip("nvcc (for the CUDA runtime headers) or a C++ compiler not found")
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    cuda_include = next((d for d in (Path(os.environ.get("CUDA_HOME", "/nonexistent")),
+                                     Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda"))
+                         if (d / "include" / "cuda_runtime.h").is_file()), None)
+    if cuda_include is None:
+        pytest.skip("the CUDA runtime headers (cuda_runtime.h) not found beside nvcc")
+    includes = [str(tmp_path)] + cpp_extension.include_paths() + [
+        sysconfig.get_paths()["include"], str(cuda_include / "include")]
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in includes):
+        shim = tmp_path / "c10/cuda/impl/cuda_cmake_macros.h"
+        shim.parent.mkdir(parents=True)
+        shim.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=shira_kernels_cuda",
+           *[f"-I{p}" for p in includes], str(CUDA_DIR / "bindings.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0, (f"bindings.cpp does not compile ({proc.returncode})\n"
+                                  f"command: {' '.join(cmd)}\nstderr:\n{proc.stderr[-6000:]}")
