@@ -119,3 +119,40 @@ def test_cuda_backward_runs_on_the_backend_the_forward_chose(backend_name, monke
         seen.clear()
         y.sum().backward()
     assert seen and set(seen) == {backend_name}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_multi_delta_is_one_launch_with_each_rows_single_adapter_bits(dtype, monkeypatch):
+    # The CUDA grouped kernels: one launch per direction for all adapters, and with adapters
+    # of one size (the same lanes per row as spmm's) each row the same bits as the cuda spmm
+    # strategy on the whole batch with that row's adapter. Gradients against the reference:
+    # test_multi_delta.py (its cuda-cuda cases).
+    from shira_kernels import SparseDeltaSet, _native
+    mod = _native.module("cuda")
+    delta_set = SparseDeltaSet((512, 384))
+    for a in range(4):
+        weight, delta = _llama_layer(512, 384, 4, dtype, seed=a)
+        delta_set.add(f"a{a}", delta, 0.5 + a)
+    x = torch.randn(67, 384, device="cuda").to(dtype)
+    rows_of = torch.arange(67, device="cuda") % 5 - 1  # every adapter, and base rows
+    calls = []
+    for name in ("grouped_spmm", "grouped_sddmm"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **k: calls.append(name)
+                            or real(*a, **k))
+    values = [e[1].values.clone().requires_grad_() for e in delta_set.slots]
+    trained = SparseDeltaSet((512, 384))
+    for (name, delta, scale), v in zip(delta_set.slots, values):
+        trained.add(name, delta.with_values(v), scale)
+    with shira_kernels.use_backend("cuda"):
+        y = shira_kernels.multi_delta_linear(x, weight, None, trained, rows_of)
+        y.float().square().sum().backward()
+    # One launch for the forward, one for gx, one for every adapter's values.
+    assert sorted(calls) == ["grouped_sddmm", "grouped_spmm", "grouped_spmm"], calls
+    assert all(v.grad is not None for v in values)
+    with torch.no_grad(), shira_kernels.use_backend("cuda"):
+        for a, (_, delta, scale) in enumerate(delta_set.slots):
+            rows = (rows_of == a).nonzero().view(-1)
+            one = shira_kernels.sparse_delta_linear(x, weight, None, delta, scale,
+                                                    strategy="spmm")
+            assert torch.equal(y.detach()[rows], one[rows]), a

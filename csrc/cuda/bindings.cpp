@@ -197,6 +197,106 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
   return g;
 }
 
+// int64 1-D tensors of one call's launch tables (shira_kernels/ops/_group_tables.py).
+void check_int64_vectors(const torch::Device& device, std::initializer_list<Operand> operands) {
+  check_operands(device, operands);
+  for (const Operand& o : operands)
+    TORCH_CHECK(o.tensor.scalar_type() == torch::kInt64, o.name, " must be int64, got ",
+                o.tensor.scalar_type());
+}
+
+// grouped_spmm(y [T,out], x [T,in], order, tile_group, tile_start, group_end,
+//              offsets int64 [groups*(out+1)], cols int16/int32 [nnz], values [nnz],
+//              scales fp32 [groups], tile_rows) -> y, in place
+// For each group g: y[t, r] += scales[g] * sum_{j in row r of S_g} values[j] *
+// x[t, cols[j]] over the group's rows t (see kernels.h). Not checked (a device
+// sync): the tables' entries, which ops/_group_tables.py builds.
+torch::Tensor grouped_spmm(const torch::Tensor& y, const torch::Tensor& x,
+                           const torch::Tensor& order, const torch::Tensor& tile_group,
+                           const torch::Tensor& tile_start, const torch::Tensor& group_end,
+                           const torch::Tensor& offsets, const torch::Tensor& cols,
+                           const torch::Tensor& values, const torch::Tensor& scales,
+                           int64_t tile_rows) {
+  const torch::Device device = x.device();
+  check_operands(device, {{x, "x", 2}, {y, "y", 2}, {cols, "cols", 1}, {values, "values", 1},
+                          {scales, "scales", 1}});
+  check_int64_vectors(device, {{order, "order", 1}, {tile_group, "tile_group", 1},
+                               {tile_start, "tile_start", 1}, {group_end, "group_end", 1},
+                               {offsets, "offsets", 1}});
+  const shira::DType dtype = dtype_of(x, "x");
+  check_same_dtype(y, "y", x, "x");
+  check_same_dtype(values, "values", x, "x");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32, "scales must be float32, got ",
+              scales.scalar_type());
+  const int col_size = col_index_size(cols, "cols");
+  const int64_t groups = group_end.size(0);
+  const int64_t out_features = y.size(1);
+  TORCH_CHECK(y.size(0) == x.size(0), "y and x must have the same rows, got ", y.sizes(),
+              " and ", x.sizes());
+  TORCH_CHECK(scales.size(0) == groups && offsets.size(0) == groups * (out_features + 1),
+              "scales must have one entry per group (", groups, ") and offsets ",
+              out_features + 1, " per group, got ", scales.size(0), " and ", offsets.size(0));
+  TORCH_CHECK(tile_start.size(0) == tile_group.size(0),
+              "tile_group and tile_start must have the same length");
+  TORCH_CHECK(cols.size(0) == values.size(0), "cols and values must have the same length");
+  const c10::cuda::CUDAGuard device_guard(device);
+  if (groups == 0 || out_features == 0) return y;
+  const int64_t avg = (values.size(0) + groups * out_features - 1) / (groups * out_features);
+  check_cuda(shira::cuda::grouped_spmm(y.data_ptr(), x.data_ptr(), order.data_ptr<int64_t>(),
+                                       tile_group.data_ptr<int64_t>(),
+                                       tile_start.data_ptr<int64_t>(),
+                                       group_end.data_ptr<int64_t>(),
+                                       offsets.data_ptr<int64_t>(), cols.data_ptr(), col_size,
+                                       values.data_ptr(), scales.data_ptr<float>(), dtype,
+                                       tile_group.size(0), tile_rows, out_features, x.size(1),
+                                       avg, current_stream(device)),
+             "grouped_spmm");
+  return y;
+}
+
+// grouped_sddmm(gy [T,out], x [T,in], order, tile_group, tile_start, entry_end,
+//               group_rows int64 [2*groups], rows int32 [nnz], cols int16/int32 [nnz],
+//               tile_entries) -> fp32 [nnz]
+// For the entries j of each group: g[j] = sum over the group's rows t of
+// gy[t, rows[j]] * x[t, cols[j]] (see kernels.h). Not checked: the tables'
+// entries.
+torch::Tensor grouped_sddmm(const torch::Tensor& gy, const torch::Tensor& x,
+                            const torch::Tensor& order, const torch::Tensor& tile_group,
+                            const torch::Tensor& tile_start, const torch::Tensor& entry_end,
+                            const torch::Tensor& group_rows, const torch::Tensor& rows,
+                            const torch::Tensor& cols, int64_t tile_entries) {
+  const torch::Device device = x.device();
+  check_operands(device, {{gy, "gy", 2}, {x, "x", 2}, {rows, "rows", 1}, {cols, "cols", 1}});
+  check_int64_vectors(device, {{order, "order", 1}, {tile_group, "tile_group", 1},
+                               {tile_start, "tile_start", 1}, {entry_end, "entry_end", 1},
+                               {group_rows, "group_rows", 1}});
+  const shira::DType dtype = dtype_of(x, "x");
+  check_same_dtype(gy, "gy", x, "x");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt32, "rows must be int32, got ", rows.scalar_type());
+  const int col_size = col_index_size(cols, "cols");
+  TORCH_CHECK(gy.size(0) == x.size(0), "gy and x must have the same rows, got ", gy.sizes(),
+              " and ", x.sizes());
+  TORCH_CHECK(rows.size(0) == cols.size(0), "rows and cols must have the same length");
+  TORCH_CHECK(group_rows.size(0) == 2 * entry_end.size(0),
+              "group_rows must hold two entries per group");
+  TORCH_CHECK(tile_start.size(0) == tile_group.size(0),
+              "tile_group and tile_start must have the same length");
+  const c10::cuda::CUDAGuard device_guard(device);
+  torch::Tensor g = torch::empty({rows.size(0)}, x.options().dtype(torch::kFloat32));
+  if (rows.size(0) == 0) return g;
+  check_cuda(shira::cuda::grouped_sddmm(gy.data_ptr(), x.data_ptr(), order.data_ptr<int64_t>(),
+                                        tile_group.data_ptr<int64_t>(),
+                                        tile_start.data_ptr<int64_t>(),
+                                        entry_end.data_ptr<int64_t>(),
+                                        group_rows.data_ptr<int64_t>(),
+                                        rows.data_ptr<int32_t>(), cols.data_ptr(), col_size,
+                                        g.data_ptr<float>(), dtype, tile_group.size(0),
+                                        tile_entries, gy.size(1), x.size(1),
+                                        current_stream(device)),
+             "grouped_sddmm");
+  return g;
+}
+
 // add_at_indices(out, weight, flat_indices int32/int64 [nnz], values [nnz], scale,
 //                saved [nnz] or None) -> int
 // out.view(-1)[k] = weight.view(-1)[k] + scale * values[j] for k = flat_indices[j]
@@ -375,6 +475,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp32 g[j] = sum_t gy[t, rows[j]] * x[t, cols[j]] on a COO sparsity pattern",
         py::arg("gy"), py::arg("x"), py::arg("rows"), py::arg("cols"),
         py::arg("offsets") = py::none());
+  m.def("grouped_spmm", &grouped_spmm,
+        "in place, for each group of a multi-adapter batch: y[rows] += scale * x[rows] @ S^T "
+        "(one launch; the tables of shira_kernels/ops/_group_tables.py)",
+        py::arg("y"), py::arg("x"), py::arg("order"), py::arg("tile_group"),
+        py::arg("tile_start"), py::arg("group_end"), py::arg("offsets"), py::arg("cols"),
+        py::arg("values"), py::arg("scales"), py::arg("tile_rows"));
+  m.def("grouped_sddmm", &grouped_sddmm,
+        "fp32 per-group sddmm over each group's rows of a multi-adapter batch (one launch)",
+        py::arg("gy"), py::arg("x"), py::arg("order"), py::arg("tile_group"),
+        py::arg("tile_start"), py::arg("entry_end"), py::arg("group_rows"), py::arg("rows"),
+        py::arg("cols"), py::arg("tile_entries"));
   m.def("add_at_indices", &add_at_indices,
         "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place "
         "(saved, if given, gets the weight's entries first); returns the count of indices "

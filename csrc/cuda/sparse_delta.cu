@@ -48,6 +48,36 @@ struct SpmmArgs {
   int64_t in_features;  // = x's row length (x is [num_tokens, in_features])
 };
 
+// acc[k] += sum_j values[j] * x_rows[k][cols[j]] for k < ntok, over the entries j of one row
+// that lane `sub` of its group owns (begin + sub, then every kGroup-th before end).
+template <typename T, typename Col, int kGroup, int kTokens>
+__device__ __forceinline__ void add_row_products(float (&acc)[kTokens],
+                                                 const T* const (&x_rows)[kTokens], int64_t ntok,
+                                                 const Col* __restrict__ cols,
+                                                 const T* __restrict__ values, int64_t begin,
+                                                 int64_t end, int sub) {
+  for (int64_t j = begin + sub; j < end; j += kGroup) {
+    const float v = to_float(values[j]);
+    const int64_t c = static_cast<int64_t>(cols[j]);
+#pragma unroll
+    for (int k = 0; k < kTokens; ++k) {
+      if (k < ntok) acc[k] = fmaf(v, to_float(x_rows[k][c]), acc[k]);
+    }
+  }
+}
+
+// The group's partial sums of each token added up (xor shuffles); every lane of the warp must
+// call it.
+template <int kGroup, int kTokens>
+__device__ __forceinline__ void reduce_over_group(float (&acc)[kTokens]) {
+#pragma unroll
+  for (int k = 0; k < kTokens; ++k) {
+#pragma unroll
+    for (int offset = kGroup / 2; offset > 0; offset /= 2)
+      acc[k] += __shfl_xor_sync(kFullMask, acc[k], offset);
+  }
+}
+
 template <typename T, typename Col, int kGroup, int kTokens>
 __global__ void __launch_bounds__(kThreads) spmm_kernel(const SpmmArgs<T, Col> a) {
   static_assert(kGroup >= 1 && kGroup <= kWarpSize && (kWarpSize % kGroup) == 0,
@@ -81,24 +111,14 @@ __global__ void __launch_bounds__(kThreads) spmm_kernel(const SpmmArgs<T, Col> a
     const T* x_tile = x + t0 * a.in_features;
 
     float acc[kTokens];
-#pragma unroll
-    for (int k = 0; k < kTokens; ++k) acc[k] = 0.0f;
-
-    for (int64_t j = begin + sub; j < end; j += kGroup) {
-      const float v = to_float(values[j]);
-      const T* xc = x_tile + static_cast<int64_t>(cols[j]);
-#pragma unroll
-      for (int k = 0; k < kTokens; ++k) {
-        if (k < ntok) acc[k] = fmaf(v, to_float(xc[k * a.in_features]), acc[k]);
-      }
-    }
-
+    const T* x_rows[kTokens];
 #pragma unroll
     for (int k = 0; k < kTokens; ++k) {
-#pragma unroll
-      for (int offset = kGroup / 2; offset > 0; offset /= 2)
-        acc[k] += __shfl_xor_sync(kFullMask, acc[k], offset);
+      acc[k] = 0.0f;
+      x_rows[k] = x_tile + k * a.in_features;
     }
+    add_row_products<T, Col, kGroup, kTokens>(acc, x_rows, ntok, cols, values, begin, end, sub);
+    reduce_over_group<kGroup, kTokens>(acc);
 
     if (row_ok) {
 #pragma unroll
@@ -230,6 +250,138 @@ cudaError_t launch_sddmm_typed(const void* gy, const void* x, const int32_t* row
 }
 
 // ---------------------------------------------------------------------------
+// grouped_spmm: spmm for many adapters over their own rows of one batch, in one
+// launch (multi_delta_linear). Group g has the rows order[p] of x and y for p in
+// [tile_start of its first tile, group_end[g]) and its adapter's CSR at
+// offsets[g * (rows + 1) ...] (indexing the concatenated cols / values):
+//   y[t, r] += scale[g] * sum_j values[j] * x[t, cols[j]]   (in place)
+// gridDim.y walks the tiles (up to tile_rows <= kTokens rows of one group);
+// gridDim.x the output features, kGroup lanes each, as spmm_kernel. Per row
+// the sum is spmm_kernel's, in the same order, for the same kGroup.
+
+constexpr int kGroupedTileRows = 8;  // the most rows of a tile (tile_rows <= this)
+
+template <typename T, typename Col>
+struct GroupedSpmmArgs {
+  T* y;
+  const T* x;
+  const int64_t* order;
+  const int64_t* tile_group;
+  const int64_t* tile_start;
+  const int64_t* group_end;
+  const int64_t* offsets;
+  const Col* cols;
+  const T* values;
+  const float* scales;
+  int64_t num_tiles;
+  int64_t tile_rows;
+  int64_t rows;         // = y's row length
+  int64_t in_features;  // = x's row length
+};
+
+template <typename T, typename Col, int kGroup, int kTokens>
+__global__ void __launch_bounds__(kThreads) grouped_spmm_kernel(const GroupedSpmmArgs<T, Col> a) {
+  constexpr int kGroupsPerBlock = kThreads / kGroup;
+  const int sub = static_cast<int>(threadIdx.x) % kGroup;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
+                    static_cast<int64_t>(threadIdx.x) / kGroup;
+  const bool row_ok = r < a.rows;
+
+  for (int64_t tile = blockIdx.y; tile < a.num_tiles; tile += gridDim.y) {
+    const int64_t g = a.tile_group[tile];
+    const int64_t p0 = a.tile_start[tile];
+    const int64_t ntok = min64(min64(a.tile_rows, kTokens), a.group_end[g] - p0);
+    int64_t begin = 0;
+    int64_t end = 0;
+    if (row_ok) {  // lanes past the last row keep an empty range (the shuffles need them)
+      begin = a.offsets[g * (a.rows + 1) + r];
+      end = a.offsets[g * (a.rows + 1) + r + 1];
+    }
+    int64_t t[kTokens];
+    float acc[kTokens];
+    const T* x_rows[kTokens];
+#pragma unroll
+    for (int k = 0; k < kTokens; ++k) {
+      t[k] = k < ntok ? a.order[p0 + k] : 0;
+      acc[k] = 0.0f;
+      x_rows[k] = a.x + t[k] * a.in_features;
+    }
+    add_row_products<T, Col, kGroup, kTokens>(acc, x_rows, ntok, a.cols, a.values, begin, end,
+                                              sub);
+    reduce_over_group<kGroup, kTokens>(acc);
+    if (row_ok) {
+      const float scale = a.scales[g];
+#pragma unroll
+      for (int k = 0; k < kTokens; ++k) {
+        if (k % kGroup == sub && k < ntok) {
+          const int64_t i = t[k] * a.rows + r;
+          a.y[i] = from_float<T>(fmaf(scale, acc[k], to_float(a.y[i])));
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename Col, int kGroup>
+cudaError_t launch_grouped_spmm_group(const GroupedSpmmArgs<T, Col>& a, cudaStream_t stream) {
+  constexpr int64_t kGroupsPerBlock = kThreads / kGroup;
+  const int64_t blocks_x = ceil_div(a.rows, kGroupsPerBlock);
+  if (blocks_x > kMaxGridX) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned int>(blocks_x),
+                  static_cast<unsigned int>(min64(a.num_tiles, kMaxGridY)));
+  grouped_spmm_kernel<T, Col, kGroup, kGroupedTileRows><<<grid, dim3(kThreads), 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, typename Col>
+cudaError_t launch_grouped_spmm_typed(const GroupedSpmmArgs<T, Col>& a, int64_t avg_row_nnz,
+                                      cudaStream_t stream) {
+  // The lane group sized as spmm's for the same average row length.
+  if (avg_row_nnz <= 8) return launch_grouped_spmm_group<T, Col, 4>(a, stream);
+  if (avg_row_nnz <= 16) return launch_grouped_spmm_group<T, Col, 8>(a, stream);
+  if (avg_row_nnz <= 32) return launch_grouped_spmm_group<T, Col, 16>(a, stream);
+  return launch_grouped_spmm_group<T, Col, 32>(a, stream);
+}
+
+// ---------------------------------------------------------------------------
+// grouped_sddmm: sddmm for many adapters over their own rows, in one launch.
+// Block b is tile b: up to tile_entries <= kThreads entries of group
+// tile_group[b] from tile_start[b] (never past entry_end of its group), one
+// thread per entry, summing over the group's rows order[group_rows[2g] ..
+// group_rows[2g + 1]) in four chains as sddmm_kernel does.
+
+template <typename T, typename Col>
+__global__ void __launch_bounds__(kThreads)
+grouped_sddmm_kernel(const T* __restrict__ gy, const T* __restrict__ x,
+                     const int64_t* __restrict__ order, const int64_t* __restrict__ tile_group,
+                     const int64_t* __restrict__ tile_start, const int64_t* __restrict__ entry_end,
+                     const int64_t* __restrict__ group_rows, const int32_t* __restrict__ rows,
+                     const Col* __restrict__ cols, float* __restrict__ g, int64_t tile_entries,
+                     int64_t out_features, int64_t in_features) {
+  const int64_t grp = tile_group[blockIdx.x];
+  const int64_t j = tile_start[blockIdx.x] + threadIdx.x;
+  if (threadIdx.x >= tile_entries || j >= entry_end[grp]) return;  // no shuffles or barriers
+  const int64_t b0 = group_rows[2 * grp];
+  const int64_t b1 = group_rows[2 * grp + 1];
+  const T* gp = gy + static_cast<int64_t>(rows[j]);
+  const T* xp = x + static_cast<int64_t>(cols[j]);
+  float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
+  int64_t p = b0;
+  for (; p + 4 <= b1; p += 4) {
+    const int64_t t0 = order[p], t1 = order[p + 1], t2 = order[p + 2], t3 = order[p + 3];
+    acc0 = fmaf(to_float(gp[t0 * out_features]), to_float(xp[t0 * in_features]), acc0);
+    acc1 = fmaf(to_float(gp[t1 * out_features]), to_float(xp[t1 * in_features]), acc1);
+    acc2 = fmaf(to_float(gp[t2 * out_features]), to_float(xp[t2 * in_features]), acc2);
+    acc3 = fmaf(to_float(gp[t3 * out_features]), to_float(xp[t3 * in_features]), acc3);
+  }
+  for (; p < b1; ++p) {
+    const int64_t t = order[p];
+    acc0 = fmaf(to_float(gp[t * out_features]), to_float(xp[t * in_features]), acc0);
+  }
+  g[j] = (acc0 + acc1) + (acc2 + acc3);
+}
+
+// ---------------------------------------------------------------------------
 // add_at_indices: out[idx[j]] = round(float(weight[idx[j]]) + scale * float(values[j])).
 //
 // The indices are assumed unique (duplicates would race). out and weight may
@@ -326,6 +478,77 @@ cudaError_t shira::cuda::add_at_indices(void* out, const void* weight, int64_t n
     return dispatch_index<int32_t, int64_t>(index_size, cudaErrorInvalidValue, [&](auto i) {
       return launch_add_at_indices_typed<typename decltype(t)::type, typename decltype(i)::type>(
           out, weight, numel, flat_indices, values, nnz, scale, skipped, stream);
+    });
+  });
+}
+
+cudaError_t shira::cuda::grouped_spmm(void* y, const void* x, const int64_t* order,
+                                      const int64_t* tile_group, const int64_t* tile_start,
+                                      const int64_t* group_end, const int64_t* row_offsets,
+                                      const void* col_indices, int col_index_size,
+                                      const void* values, const float* scales, DType dtype,
+                                      int64_t num_tiles, int64_t tile_rows, int64_t rows,
+                                      int64_t in_features, int64_t avg_row_nnz,
+                                      cudaStream_t stream) {
+  if (num_tiles < 0 || rows < 0 || in_features < 0 || tile_rows < 1 ||
+      tile_rows > kGroupedTileRows)
+    return cudaErrorInvalidValue;
+  if (num_tiles == 0 || rows == 0) return cudaSuccess;
+  if (y == nullptr || x == nullptr || order == nullptr || tile_group == nullptr ||
+      tile_start == nullptr || group_end == nullptr || row_offsets == nullptr ||
+      scales == nullptr)
+    return cudaErrorInvalidValue;
+  return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return dispatch_index<int16_t, int32_t>(col_index_size, cudaErrorInvalidValue, [&](auto c) {
+      using Col = typename decltype(c)::type;
+      GroupedSpmmArgs<T, Col> a;
+      a.y = static_cast<T*>(y);
+      a.x = static_cast<const T*>(x);
+      a.order = order;
+      a.tile_group = tile_group;
+      a.tile_start = tile_start;
+      a.group_end = group_end;
+      a.offsets = row_offsets;
+      a.cols = static_cast<const Col*>(col_indices);
+      a.values = static_cast<const T*>(values);
+      a.scales = scales;
+      a.num_tiles = num_tiles;
+      a.tile_rows = tile_rows;
+      a.rows = rows;
+      a.in_features = in_features;
+      return launch_grouped_spmm_typed<T, Col>(a, avg_row_nnz, stream);
+    });
+  });
+}
+
+cudaError_t shira::cuda::grouped_sddmm(const void* gy, const void* x, const int64_t* order,
+                                       const int64_t* tile_group, const int64_t* tile_start,
+                                       const int64_t* entry_end, const int64_t* group_rows,
+                                       const int32_t* rows, const void* cols,
+                                       int col_index_size, float* g, DType dtype,
+                                       int64_t num_tiles, int64_t tile_entries,
+                                       int64_t out_features, int64_t in_features,
+                                       cudaStream_t stream) {
+  if (num_tiles < 0 || out_features < 0 || in_features < 0 || tile_entries < 1 ||
+      tile_entries > kThreads)
+    return cudaErrorInvalidValue;
+  if (num_tiles == 0) return cudaSuccess;
+  if (num_tiles > kMaxGridX) return cudaErrorInvalidValue;
+  if (gy == nullptr || x == nullptr || order == nullptr || tile_group == nullptr ||
+      tile_start == nullptr || entry_end == nullptr || group_rows == nullptr ||
+      rows == nullptr || cols == nullptr || g == nullptr)
+    return cudaErrorInvalidValue;
+  return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return dispatch_index<int16_t, int32_t>(col_index_size, cudaErrorInvalidValue, [&](auto c) {
+      using Col = typename decltype(c)::type;
+      grouped_sddmm_kernel<T, Col><<<dim3(static_cast<unsigned int>(num_tiles)),
+                                     dim3(kThreads), 0, stream>>>(
+          static_cast<const T*>(gy), static_cast<const T*>(x), order, tile_group, tile_start,
+          entry_end, group_rows, rows, static_cast<const Col*>(cols), g, tile_entries,
+          out_features, in_features);
+      return cudaGetLastError();
     });
   });
 }

@@ -6,28 +6,32 @@ adapter's delta (SGMV's idea, as punica and S-LoRA serve many LoRAs, for SHiRA).
 
 One dense matmul for the whole batch; then the rows are grouped by adapter (a stable sort of
 row_adapter) and every group's sparse product is added to its rows' outputs by the backend's
-grouped_spmm: on Triton one launch for all groups (SGMV's idea), elsewhere the backend's spmm
-per group on the gathered rows. Per row the result is the same bits as sparse_delta_linear's
-"spmm" strategy on the same batch with that row's adapter (the same dense matmul, and spmm's
-sum for a token does not depend on the other tokens; on the CPU a group of one row takes the
-kernels' one-token path, whose sum is ordered differently). The backward gives x its gradient (gy·W plus each group's gy·S_a) and
-each adapter's values their own (the group's sddmm), so one batch can train many adapters; the
-weight is only read, under its lock (no swap can change it meanwhile). Triton runs the forward's
-and the backward's sparse parts in one launch each for all groups; the CPU and CUDA one call per
-adapter present.
+grouped_spmm: on Triton and CUDA one launch for all groups (SGMV's idea), on the CPU the
+backend's spmm per group on the gathered rows. Per row the result is the same bits as
+sparse_delta_linear's "spmm" strategy on the same batch with that row's adapter (the same
+dense matmul, and spmm's sum for a token does not depend on the other tokens; on the CPU a
+group of one row takes the kernels' one-token path, whose sum is ordered differently; on CUDA
+the lanes per row follow the adapters' average row length, as spmm's do for one adapter). The
+backward gives x its gradient (gy·W plus each group's gy·S_a) and each adapter's values their
+own (the group's sddmm), so one batch can train many adapters; the weight is only read, under
+its lock (no swap can change it meanwhile). Triton and CUDA run the forward's and the
+backward's sparse parts in one launch each for all groups; the CPU one call per adapter
+present.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .. import backends
+from .. import _native, backends
 from .._checks import check_float_tensor
 from .._concurrency import reading
 from ..formats import SparseDeltaSet
 from . import registry
+from ._group_tables import sddmm_tables, spmm_tables
 from .sparse_delta.naive import spmm_reference
 from .sparse_delta.parts import _triton_kernels
 
@@ -56,10 +60,10 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 #   grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x)
 #       -> (gx with gx[rows] += scales[s]·gy[rows]·S_s if need_x, [sddmm(gy[rows], x[rows])
 #       per group, fp32, unscaled])
-# Triton: one launch each for all groups (triton/sparse_delta.py grouped_spmm, grouped_sddmm);
-# the others: the backend's spmm / spmm_t_sddmm / sddmm per group on the gathered rows (on the
-# CPU each call is one parallel region, and the backward one fused pass over S per group;
-# CUDA: not written as one launch yet).
+# Triton and CUDA: one launch each for all groups (triton/sparse_delta.py grouped_spmm and
+# grouped_sddmm; csrc/cuda/sparse_delta.cu, on the tables of _group_tables.py); the reference
+# and the CPU: the backend's spmm / spmm_t_sddmm / sddmm per group on the gathered rows (on the
+# CPU each call is one parallel region, and the backward one fused pass over S per group).
 # ---------------------------------------------------------------------------------------------
 def _grouped_by(spmm):
     def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
@@ -94,28 +98,56 @@ def _backward_by(backend: str):
     return grouped_backward
 
 
-def _triton_grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x):
-    """One launch for gx (grouped_spmm over the transposed structures) and one for all the
-    values' gradients (grouped_sddmm)."""
-    kernels = _triton_kernels()
-    if need_x and slots:
-        transposed = {s: values[s].index_select(0, structs[s][5]) for s in slots}
-        t_values = [transposed.get(s) for s in range(len(values))]
-        kernels.grouped_spmm(gx, gy, order, bounds, slots, [st[3] for st in structs],
-                             [st[4] for st in structs], t_values, scales)
-    grads = kernels.grouped_sddmm(gy, x, order, bounds, slots, [st[0] for st in structs],
-                                  [st[1] for st in structs])
-    return gx, grads
+def _one_launch_backward(kernels):
+    """grouped_backward from a backend's one-launch grouped_spmm and grouped_sddmm
+    (``kernels()`` returns them): one launch for gx (grouped_spmm over the transposed
+    structures) and one for all the values' gradients."""
+    def grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x):
+        k = kernels()
+        if need_x and slots:
+            transposed = {s: values[s].index_select(0, structs[s][5]) for s in slots}
+            t_values = [transposed.get(s) for s in range(len(values))]
+            k.grouped_spmm(gx, gy, order, bounds, slots, [st[3] for st in structs],
+                           [st[4] for st in structs], t_values, scales)
+        grads = k.grouped_sddmm(gy, x, order, bounds, slots, [st[0] for st in structs],
+                                [st[1] for st in structs])
+        return gx, grads
+    return grouped_backward
 
+
+class _CudaGrouped:
+    """The CUDA extension's one-launch grouped kernels (csrc/cuda/sparse_delta.cu) in the
+    Triton functions' signatures, on the tables of _group_tables.py."""
+    TILE_ROWS = 8        # rows of one group per tile (at most the kernel's 8)
+    TILE_ENTRIES = 256   # entries per block (at most its 256 threads)
+
+    def __init__(self):
+        self._mod = _native.module("cuda")
+
+    def grouped_spmm(self, y, x, order, bounds, slots, offsets, cols, values, scales):
+        if not slots or not y.shape[1]:
+            return y
+        t = spmm_tables(bounds, slots, offsets, cols, values, scales, self.TILE_ROWS, y.device)
+        return self._mod.grouped_spmm(y, x, order, t.tile_group, t.tile_start, t.group_end,
+                                      t.offsets, t.cols, t.values, t.scales, self.TILE_ROWS)
+
+    def grouped_sddmm(self, gy, x, order, bounds, slots, rows, cols):
+        t = sddmm_tables(bounds, slots, rows, cols, self.TILE_ENTRIES, gy.device)
+        g = self._mod.grouped_sddmm(gy, x, order, t.tile_group, t.tile_start, t.entry_end,
+                                    t.group_rows, t.rows, t.cols, self.TILE_ENTRIES)
+        return list(g.split(t.sizes))
+
+
+_cuda_grouped = functools.lru_cache(maxsize=1)(_CudaGrouped)
 
 registry.register("grouped_spmm", "reference", _grouped_by(spmm_reference))
-registry.register_module("triton", _triton_kernels, "grouped_spmm")
 registry.register("grouped_backward", "reference", _backward_by("reference"))
-registry.register("grouped_backward", "triton", _triton_grouped_backward)
-for _backend in ("cpu", "cuda"):
-    registry.register_lazy("grouped_spmm", _backend,
-                           lambda b=_backend: _grouped_by(registry.lookup("spmm", b)))
-    registry.register("grouped_backward", _backend, _backward_by(_backend))
+registry.register_module("triton", _triton_kernels, "grouped_spmm")
+registry.register("grouped_backward", "triton", _one_launch_backward(_triton_kernels))
+registry.register_lazy("grouped_spmm", "cuda", lambda: _cuda_grouped().grouped_spmm)
+registry.register("grouped_backward", "cuda", _one_launch_backward(_cuda_grouped))
+registry.register_lazy("grouped_spmm", "cpu", lambda: _grouped_by(registry.lookup("spmm", "cpu")))
+registry.register("grouped_backward", "cpu", _backward_by("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,11 +273,12 @@ _multi_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public function: validate once, then call the op.
 # ---------------------------------------------------------------------------------------------
-def _slot_fields(delta_set: SparseDeltaSet, device):
-    """Per slot: values, row offsets, cols, rows, t_offsets, t_cols, t_perm, scale (a free
-    slot: empty tensors, scale 0, which no row may use)."""
+def _slot_fields(entries, device):
+    """Per slot of ``entries`` (a SparseDeltaSet's slots): values, row offsets, cols, rows,
+    t_offsets, t_cols, t_perm, scale (a free slot: empty tensors, scale 0, which no row may
+    use)."""
     fields = []
-    for entry in delta_set.slots:
+    for entry in entries:
         if entry is None:
             e, z = torch.empty(0, device=device), torch.zeros(1, dtype=torch.int64, device=device)
             fields.append((e, z, e.int(), e.int(), z, e.int(), e.long(), 0.0))
@@ -255,6 +288,19 @@ def _slot_fields(delta_set: SparseDeltaSet, device):
         fields.append((delta.values, s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols,
                        s.t_perm, scale))
     return [list(column) for column in zip(*fields)] if fields else [[]] * 8
+
+
+def _snapshot_slots(entries, names, device=None) -> torch.Tensor:
+    """SparseDeltaSet.row_adapter over a snapshot of its slots: int64 slots for a list of
+    adapter names (None or "__base__": -1)."""
+    index = {entry[0]: slot for slot, entry in enumerate(entries) if entry is not None}
+    slots = []
+    for n in names:
+        try:
+            slots.append(-1 if n is None or n == SparseDeltaSet.BASE else index[n])
+        except (KeyError, TypeError):
+            raise KeyError(f"no adapter {n!r} in this set (it has {list(index)})") from None
+    return torch.tensor(slots, dtype=torch.int64, device=device)
 
 
 def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
@@ -310,12 +356,17 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     x2 = x.reshape(-1, x.shape[-1])
-    row_adapter = row_slots(x, row_adapter, delta_set.row_adapter)
-    for entry in delta_set.slots:  # row_adapter's slots are checked inside the op (no sync)
+    # One snapshot of the slots for the names, the checks and the fields: another thread may
+    # remove an adapter and add another into its slot meanwhile (SparseDeltaSet.add/remove are
+    # thread-safe), and a row named "a" must never run with the adapter that took a's slot.
+    entries = delta_set.slots
+    row_adapter = row_slots(x, row_adapter, lambda names, device=None: _snapshot_slots(
+        entries, names, device))
+    for entry in entries:  # row_adapter's slots are checked inside the op (no sync)
         if entry is not None:
             check_float_tensor(f"the values of adapter {entry[0]!r}", entry[1].values, x.dtype,
                                x.device)
-    values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _slot_fields(delta_set,
+    values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _slot_fields(entries,
                                                                                   x.device)
     y = _multi_linear_op(x2, weight, bias, row_adapter, values, offsets, cols, rows, t_offsets,
                          t_cols, t_perm, scales)

@@ -1,11 +1,11 @@
 """Sparse-delta matmul parts in Triton: spmm (y + scale·x·Sᵀ, CSR), sddmm (gradient of S's
 values), add_at_indices (W + scale·S on S's entries) and grouped_spmm (many adapters' spmm over
 their rows of one batch in one launch, for multi_delta_linear). Accumulation in fp32."""
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ..ops._group_tables import sddmm_tables, spmm_tables
 
 
 @triton.jit
@@ -148,29 +148,15 @@ def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, offsets
 
 def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
     """In place, for each group i: y[rows] += scales[s]·x[rows]·S_sᵀ with s = slots[i] and
-    rows = order[bounds[i][0]:bounds[i][1]], in ONE launch: the groups' CSR structures are
-    concatenated for the call (their entries once: O(nnz) of the adapters present)."""
+    rows = order[bounds[i][0]:bounds[i][1]], in ONE launch (ops/_group_tables.py: the groups'
+    CSR structures concatenated for the call, tiles of 64 rows of one group)."""
     n_rows = y.shape[1]
     if not slots or not n_rows:
         return y
-    block_t = 64
-    cat_offsets, cat_cols, cat_values, base = [], [], [], 0
-    tile_group, tile_start = [], []
-    for i, ((b0, b1), s) in enumerate(zip(bounds, slots)):
-        cat_offsets.append(offsets[s] + base)
-        cat_cols.append(cols[s])
-        cat_values.append(values[s])
-        base += values[s].numel()
-        starts = range(b0, b1, block_t)
-        tile_group.extend([i] * len(starts))
-        tile_start.extend(starts)
-    device = y.device
-    as_int64 = functools.partial(torch.tensor, dtype=torch.int64, device=device)
-    _grouped_spmm_kernel[(n_rows, len(tile_group))](
-        y, x, order, as_int64(tile_group), as_int64(tile_start), as_int64([b1 for _, b1 in bounds]),
-        torch.cat(cat_offsets), torch.cat(cat_cols), torch.cat(cat_values).contiguous(),
-        torch.tensor([float(scales[s]) for s in slots], dtype=torch.float32, device=device),
-        n_rows, x.shape[1], BLOCK_T=block_t, BLOCK_NZ=32)
+    t = spmm_tables(bounds, slots, offsets, cols, values, scales, 64, y.device)
+    _grouped_spmm_kernel[(n_rows, t.tile_group.numel())](
+        y, x, order, t.tile_group, t.tile_start, t.group_end, t.offsets, t.cols, t.values,
+        t.scales, n_rows, x.shape[1], BLOCK_T=64, BLOCK_NZ=32)
     return y
 
 
@@ -203,22 +189,10 @@ def grouped_sddmm(gy, x, order, bounds, slots, rows, cols):
     """For each group i, sddmm(gy[rows_i], x[rows_i]) over its slot's entries (rows_i =
     order[bounds[i][0]:bounds[i][1]], s = slots[i]; rows/cols per slot), in ONE launch; a list
     of fp32 [nnz_s], one per group."""
-    sizes = [rows[s].numel() for s in slots]
-    total = sum(sizes)
-    g = torch.empty(total, dtype=torch.float32, device=gy.device)
-    if total:
-        block_nz = 64
-        tile_group, tile_start, entry_end, base = [], [], [], 0
-        for i, n in enumerate(sizes):
-            starts = range(base, base + n, block_nz)
-            tile_group.extend([i] * len(starts))
-            tile_start.extend(starts)
-            base += n
-            entry_end.append(base)
-        as_int64 = functools.partial(torch.tensor, dtype=torch.int64, device=gy.device)
-        _grouped_sddmm_kernel[(len(tile_group),)](
-            gy, x, order, as_int64(tile_group), as_int64(tile_start), as_int64(entry_end),
-            as_int64([b for bound in bounds for b in bound]),
-            torch.cat([rows[s] for s in slots]), torch.cat([cols[s] for s in slots]), g,
-            gy.shape[1], x.shape[1], BLOCK_T=128, BLOCK_NZ=block_nz)
-    return list(g.split(sizes))
+    t = sddmm_tables(bounds, slots, rows, cols, 64, gy.device)
+    g = torch.empty(sum(t.sizes), dtype=torch.float32, device=gy.device)
+    if g.numel():
+        _grouped_sddmm_kernel[(t.tile_group.numel(),)](
+            gy, x, order, t.tile_group, t.tile_start, t.entry_end, t.group_rows, t.rows, t.cols,
+            g, gy.shape[1], x.shape[1], BLOCK_T=128, BLOCK_NZ=64)
+    return list(g.split(t.sizes))
