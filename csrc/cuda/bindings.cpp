@@ -197,7 +197,7 @@ torch::Tensor sddmm(const torch::Tensor& gy, const torch::Tensor& x, const torch
   return g;
 }
 
-// int64 1-D tensors of one call's launch tables (shira_kernels/ops/_group_tables.py).
+// int64 1-D tensors of one call's launch tables (shira_kernels/_group_tables.py).
 void check_int64_vectors(const torch::Device& device, std::initializer_list<Operand> operands) {
   check_operands(device, operands);
   for (const Operand& o : operands)
@@ -210,7 +210,7 @@ void check_int64_vectors(const torch::Device& device, std::initializer_list<Oper
 //              scales fp32 [groups], tile_rows) -> y, in place
 // For each group g: y[t, r] += scales[g] * sum_{j in row r of S_g} values[j] *
 // x[t, cols[j]] over the group's rows t (see kernels.h). Not checked (a device
-// sync): the tables' entries, which ops/_group_tables.py builds.
+// sync): the tables' entries, which shira_kernels/_group_tables.py builds.
 torch::Tensor grouped_spmm(const torch::Tensor& y, const torch::Tensor& x,
                            const torch::Tensor& order, const torch::Tensor& tile_group,
                            const torch::Tensor& tile_start, const torch::Tensor& group_end,
@@ -477,7 +477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offsets") = py::none());
   m.def("grouped_spmm", &grouped_spmm,
         "in place, for each group of a multi-adapter batch: y[rows] += scale * x[rows] @ S^T "
-        "(one launch; the tables of shira_kernels/ops/_group_tables.py)",
+        "(one launch; the tables of shira_kernels/_group_tables.py)",
         py::arg("y"), py::arg("x"), py::arg("order"), py::arg("tile_group"),
         py::arg("tile_start"), py::arg("group_end"), py::arg("offsets"), py::arg("cols"),
         py::arg("values"), py::arg("scales"), py::arg("tile_rows"));

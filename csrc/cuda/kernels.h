@@ -69,7 +69,7 @@ cudaError_t sddmm(const void* gy, const void* x, const int32_t* rows, const void
                   int64_t out_features, int64_t in_features, int64_t nnz, cudaStream_t stream);
 
 // spmm for many adapters over their own rows of one batch, in one launch
-// (multi_delta_linear; the tables are built by shira_kernels/ops/_group_tables.py).
+// (multi_delta_linear; the tables are built by shira_kernels/_group_tables.py).
 // Group g: the rows order[p] for p in [its first tile's start, group_end[g]),
 // and a CSR S_g of `rows` rows at row_offsets[g * (rows + 1) .. (g + 1) * (rows + 1)]
 // (offsets into the concatenated col_indices / values):

@@ -31,7 +31,7 @@ from .._checks import check_float_tensor
 from .._concurrency import reading
 from ..formats import SparseDeltaSet
 from . import registry
-from ._group_tables import sddmm_tables, spmm_tables
+from .._group_tables import sddmm_tables, spmm_tables
 from .sparse_delta.naive import spmm_reference
 from .sparse_delta.parts import _triton_kernels
 

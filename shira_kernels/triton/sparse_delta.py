@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._group_tables import sddmm_tables, spmm_tables
+from .._group_tables import sddmm_tables, spmm_tables
 
 
 @triton.jit
@@ -148,8 +148,8 @@ def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, offsets
 
 def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
     """In place, for each group i: y[rows] += scales[s]·x[rows]·S_sᵀ with s = slots[i] and
-    rows = order[bounds[i][0]:bounds[i][1]], in ONE launch (ops/_group_tables.py: the groups'
-    CSR structures concatenated for the call, tiles of 64 rows of one group)."""
+    rows = order[bounds[i][0]:bounds[i][1]], in ONE launch (_group_tables.py: the groups' CSR
+    structures concatenated for the call, tiles of 64 rows of one group)."""
     n_rows = y.shape[1]
     if not slots or not n_rows:
         return y
