@@ -70,6 +70,7 @@ from torch import nn
 
 from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size,
                       validate_indices)
+from ._concurrency import reading as weight_reading
 from ._mixed import NamedAdapters, batch_names, check_batch, forwards_replaced, used_names
 from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
@@ -403,7 +404,9 @@ class AdapterBank(NamedAdapters):
             out = {}
             for layer, e in slot.entries.items():
                 if slot is self._active:  # the buffer holds the base; W holds the values
-                    values = self._weight(layer).view(-1)[e.indices.long()]
+                    weight = self._weight(layer)
+                    with weight_reading(weight):  # not while a "swap" call changes W
+                        values = weight.view(-1)[e.indices.long()]
                 else:
                     values = e.buf.clone()
                 shard = self._shards[layer]
@@ -517,7 +520,11 @@ class AdapterBank(NamedAdapters):
     def _base_entries(self, layer: str, indices: torch.Tensor) -> torch.Tensor:
         """The BASE weight's entries at ``indices`` (int64; local ones on a sharded layer): W's,
         except where the active slot holds the base aside."""
-        values = self._weight(layer).view(-1)[indices]  # advanced indexing: a copy
+        weight = self._weight(layer)
+        # Under the weight's lock, shared: a "swap"-strategy call in another thread (a
+        # ShiraLinear of the model) has W + S in these entries for its length.
+        with weight_reading(weight):
+            values = weight.view(-1)[indices]  # advanced indexing: a copy
         held = self._active.entries.get(layer) if self._active is not None else None
         if held is not None and held.indices.numel() and indices.numel():
             held_indices = held.indices.long()

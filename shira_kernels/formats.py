@@ -191,7 +191,10 @@ class SparseDelta:
     def from_flat(cls, flat_indices, shape, values=None, *, dtype=torch.float32) -> "SparseDelta":
         """From flat indices in any order (values follow them); zeros when values is None."""
         shape = _weight_shape(shape)
-        flat_indices = torch.as_tensor(flat_indices)
+        if not isinstance(flat_indices, torch.Tensor):
+            flat_indices = torch.as_tensor(flat_indices)
+            if flat_indices.numel() == 0:  # [] reads as float32: an empty adapter, no entries
+                flat_indices = flat_indices.long()
         if flat_indices.dtype not in (torch.int32, torch.int64) or flat_indices.dim() != 1:
             raise TypeError("flat_indices must be a 1-D int32 or int64 tensor")
         validate_indices(flat_indices, shape[0] * shape[1], name="flat_indices")
@@ -447,10 +450,20 @@ class SparseDeltaSet:
         """(name, delta, scale) per slot, None where a slot is free (a copy of the list)."""
         return list(self._slots)
 
-    def row_adapter(self, names, device=None) -> torch.Tensor:
-        """int64 slots for a list of adapter names, one per batch row (None or "__base__": -1)."""
-        return torch.tensor([-1 if n is None or n == self.BASE else self.index(n) for n in names],
-                            dtype=torch.int64, device=device)
+    def row_adapter(self, names, device=None, *, slots=None) -> torch.Tensor:
+        """int64 slots for a list of adapter names, one per batch row (None or "__base__": -1),
+        looked up in ``slots`` (a list that .slots returned) where given: one snapshot for the
+        names and the adapters a call then runs, which another thread's remove and add could
+        otherwise give to another adapter in between."""
+        slots = self.slots if slots is None else slots
+        index = {entry[0]: slot for slot, entry in enumerate(slots) if entry is not None}
+        rows = []
+        for n in names:
+            try:
+                rows.append(-1 if n is None or n == self.BASE else index[n])
+            except (KeyError, TypeError):
+                raise KeyError(f"no adapter {n!r} in this set (it has {list(index)})") from None
+        return torch.tensor(rows, dtype=torch.int64, device=device)
 
     def __len__(self) -> int:
         return len(self._index)

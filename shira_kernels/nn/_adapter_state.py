@@ -8,6 +8,8 @@ write), before any kernel could read through the old structure.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._checks import FLOAT_DTYPES, tensor_stamp, unchanged, validate_indices
@@ -43,14 +45,26 @@ class SparseAdapterState:
         self._set_structure(SparseDelta(self.adapted_shape, indices, self.shira_values.detach())
                             .structure)
 
+    def _structure_stale(self) -> bool:
+        derived_from, stamp = self._shira_derived_from
+        indices = self._buffers["shira_flat_indices"]
+        return derived_from is not indices or not unchanged(indices, stamp)
+
+    def _adapter_writes_excluded(self):
+        """A context in which no other thread is half-way through writing the adapter in
+        place (ShiraLinear: its weight's lock, which hotswap_ holds exclusively)."""
+        return contextlib.nullcontext()
+
     def _structure_for_forward(self) -> SparseStructure:
         """The structure, derived again first if the indices changed (not while tracing: a
         compiled model changes its adapter by hotswap_, which keeps it current)."""
-        if not torch.compiler.is_compiling():
-            derived_from, stamp = self._shira_derived_from
-            indices = self._buffers["shira_flat_indices"]
-            if derived_from is not indices or not unchanged(indices, stamp):
-                self._refresh_structure()
+        if not torch.compiler.is_compiling() and self._structure_stale():
+            # A hotswap_ in another thread writes the indices before the structure: wait for
+            # it and look again, or this forward would derive the structure itself and put
+            # new buffers in place of those hotswap_ writes into (and that other forwards hold).
+            with self._adapter_writes_excluded():
+                if self._structure_stale():
+                    self._refresh_structure()
         return self._structure()
 
     def _structure(self) -> SparseStructure:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import warnings
 
 import torch
@@ -47,6 +48,13 @@ from .._checks import check_representable, check_size
 from ._wrap import REQUIRED, adopt_linear, check_loadable, renamed_argument
 
 __all__ = ["DyLoRALinear"]
+
+# Orders set_rank, merge and unmerge between threads (one lock for every layer: they take
+# microseconds, and a lock attribute would make the module impossible to deepcopy or pickle).
+# Without it two set_rank calls could interleave their writes and leave rank_mask of one rank
+# with rank_scale (or `rank`) of the other. Forwards do not take it: a forward running while
+# another thread changes the layer's rank or merges it is still the caller's to avoid.
+_state_lock = threading.RLock()
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -165,11 +173,12 @@ class DyLoRALinear(nn.Linear):
         """Use the first ``rank`` components at inference (1 ≤ rank ≤ r). Only the rank_mask
         and rank_scale buffers change, in place: no copy of A or B, no recompilation."""
         b = self._check_rank(rank)
-        if self.merged and b != self.merged_rank:
-            raise RuntimeError(f"the layer is merged at rank {self.merged_rank}; unmerge() before "
-                               f"set_rank({b})")
-        self._write_rank(self.rank_mask, self.rank_scale, b)
-        self._rank = b
+        with _state_lock:
+            if self.merged and b != self.merged_rank:
+                raise RuntimeError(f"the layer is merged at rank {self.merged_rank}; unmerge() "
+                                   f"before set_rank({b})")
+            self._write_rank(self.rank_mask, self.rank_scale, b)
+            self._rank = b
         return self
 
     @torch.compiler.disable
@@ -224,6 +233,10 @@ class DyLoRALinear(nn.Linear):
     def merge(self, rank: int | None = None) -> "DyLoRALinear":
         """Write W + delta_weight(b) into the weight (one rounding to W's dtype), b = rank or the
         current rank; the layer's rank becomes b. Keeps a full copy of W for unmerge()."""
+        with _state_lock:
+            return self._merge(rank)
+
+    def _merge(self, rank: int | None) -> "DyLoRALinear":
         b = self._rank if rank is None else self._check_rank(rank)
         if self.merged:
             if b != self.merged_rank:
@@ -242,11 +255,12 @@ class DyLoRALinear(nn.Linear):
     @torch.no_grad()
     def unmerge(self) -> "DyLoRALinear":
         """Restore the base weight bit for bit (and free the copy)."""
-        if not self.merged:
-            return self
-        self.weight.copy_(self._merge_backup)
-        self._merge_backup = None
-        self.merged, self.merged_rank = False, None
+        with _state_lock:
+            if not self.merged:
+                return self
+            self.weight.copy_(self._merge_backup)
+            self._merge_backup = None
+            self.merged, self.merged_rank = False, None
         return self
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ unmerge() swaps the base entries back, bit for bit.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_scale, check_size, tensor_stamp
-from .._concurrency import writing
+from .._concurrency import reading, writing
 from ..formats import SparseDelta
 from ..masks import check_seed, make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
@@ -30,6 +31,13 @@ from ..ops.sparse_delta import sparse_delta_linear_unpacked
 from ._adapter_state import STRUCTURE_FIELDS, SparseAdapterState
 from ._wrap import adopt_linear, check_strict_keys, load_is_strict
 from .quantized import QuantizedShiraLinear, quantized_format
+
+# Orders merge, unmerge and hotswap_ between threads (one lock for every layer: they are rare
+# and short, and a lock attribute would make the module impossible to deepcopy or pickle).
+# Without it two merges could both read the base and both swap: the second would hold the
+# adapted entries aside as "the base", and unmerge() would never restore it. Forwards do not
+# take it (see the README: no merge or unmerge while another thread runs the layer).
+_state_lock = threading.RLock()
 
 
 class ShiraLinear(SparseAdapterState, nn.Linear):
@@ -95,6 +103,9 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
     @property
     def adapted_shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
+
+    def _adapter_writes_excluded(self):
+        return reading(self.weight)  # hotswap_ writes the adapter holding it exclusively
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -171,26 +182,27 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
     def merge(self) -> None:
         """Put W + scale·S into the weight (only S's entries are written); forward is then a
         plain linear. The base entries are kept for unmerge()."""
-        if self.merged:
-            return
-
         def commit(held):  # `held` now holds the base entries
             self._shira_swapped = held
             self.merged = True
-        # One step: whatever interrupts it, the weight and the flags agree afterwards.
-        merge_by_swap(self.weight, self.shira_flat_indices, self.shira_values, self.scale, commit,
-                      "merge")
+        with _state_lock:
+            if self.merged:
+                return
+            # One step: whatever interrupts it, the weight and the flags agree afterwards.
+            merge_by_swap(self.weight, self.shira_flat_indices, self.shira_values, self.scale,
+                          commit, "merge")
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight bit for bit."""
-        if not self.merged:
-            return
-
         def commit():
             self.merged = False
             self._shira_swapped = None
-        swap_transaction([self.weight], [self.shira_flat_indices], [self._shira_swapped], commit)
+        with _state_lock:
+            if not self.merged:
+                return
+            swap_transaction([self.weight], [self.shira_flat_indices], [self._shira_swapped],
+                             commit)
 
     @torch.no_grad()
     def hotswap_(self, delta: SparseDelta) -> None:
@@ -200,6 +212,10 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         prepare_model_for_compiled_hotswap offers for LoRA). A smaller delta is padded with
         entries of value 0 at positions outside its mask (they add nothing; they would train
         like any entry, so hot-swap to serve). Not while merged; nothing changes on an error."""
+        with _state_lock:  # not while another thread merges the layer
+            self._hotswap(delta)
+
+    def _hotswap(self, delta: SparseDelta) -> None:
         if self.merged:
             raise RuntimeError("unmerge() before hotswap_ (the held-aside base entries belong to "
                                "the current mask)")

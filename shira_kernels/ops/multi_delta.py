@@ -290,19 +290,6 @@ def _slot_fields(entries, device):
     return [list(column) for column in zip(*fields)] if fields else [[]] * 8
 
 
-def _snapshot_slots(entries, names, device=None) -> torch.Tensor:
-    """SparseDeltaSet.row_adapter over a snapshot of its slots: int64 slots for a list of
-    adapter names (None or "__base__": -1)."""
-    index = {entry[0]: slot for slot, entry in enumerate(entries) if entry is not None}
-    slots = []
-    for n in names:
-        try:
-            slots.append(-1 if n is None or n == SparseDeltaSet.BASE else index[n])
-        except (KeyError, TypeError):
-            raise KeyError(f"no adapter {n!r} in this set (it has {list(index)})") from None
-    return torch.tensor(slots, dtype=torch.int64, device=device)
-
-
 def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
     """row_adapter as int64 slots, one per row of x's rows flattened: from a tensor or list of
     ints of x's leading shape, of its rows flattened, or of its first dim only (one adapter per
@@ -360,8 +347,8 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # remove an adapter and add another into its slot meanwhile (SparseDeltaSet.add/remove are
     # thread-safe), and a row named "a" must never run with the adapter that took a's slot.
     entries = delta_set.slots
-    row_adapter = row_slots(x, row_adapter, lambda names, device=None: _snapshot_slots(
-        entries, names, device))
+    row_adapter = row_slots(x, row_adapter, functools.partial(delta_set.row_adapter,
+                                                              slots=entries))
     for entry in entries:  # row_adapter's slots are checked inside the op (no sync)
         if entry is not None:
             check_float_tensor(f"the values of adapter {entry[0]!r}", entry[1].values, x.dtype,
