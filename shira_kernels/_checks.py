@@ -204,7 +204,9 @@ def check_scale(value, name: str = "scale") -> float:
     numbers beyond float's range (an int such as 10**400).
     """
     if type(value) is float:  # the hot path (layers keep their scale as a float)
-        if math.isfinite(value):
+        # A comparison, not math.isfinite: torch.compile traces a float that changed between
+        # calls (or any float under dynamic=True) as a symbol, which math.isfinite cannot take.
+        if -math.inf < value < math.inf:
             return value
     elif isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value  # traced (torch.compile with dynamic numbers): not read, not specialized

@@ -9,6 +9,7 @@ fake kernel) and autocast (the op's autocast rule) still go through the op.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -17,6 +18,16 @@ import torch
 def via_op(x: torch.Tensor) -> bool:
     """Whether this call must go through the registered op."""
     return torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off for an op's body where it is on: an op without an
+    autocast rule (it keeps x's dtype, as its fake kernel says) must not have the torch matmuls
+    inside its kernels recast to the autocast dtype (the result would be rounded to it, and
+    have another dtype in eager mode than the compiled graph's)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def eager_function(name: str, impl, setup_context, backward,

@@ -25,7 +25,7 @@ from .. import _native, backends, tuning
 from .._checks import TensorCache, check_float_tensor, check_scale
 from ..formats import BinaryWeight, unpack_signs
 from . import registry
-from ._eager import eager_function, via_op
+from ._eager import autocast_off, eager_function, via_op
 
 ACTIVATIONS = (None, "relu")
 # On CUDA tensors the CUDA kernel's warp-per-row path wins up to "gemv_max_tokens" tokens
@@ -220,12 +220,13 @@ def _cpu_binary_lora():
 def _binary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
                    mu: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                    strategy: str = "lut") -> torch.Tensor:
-    if strategy == "dequantize":
-        return registry.kernel("binary_linear_dequantized", x.device)(
-            x.contiguous(), packed, alpha, mu, bias, in_features)
-    order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
-    return registry.kernel("binary_linear", x.device, order)(x.contiguous(), packed, alpha, mu,
-                                                             bias, in_features)
+    with autocast_off(x.device.type):  # "dequantize" runs torch's matmul: in x's dtype
+        if strategy == "dequantize":
+            return registry.kernel("binary_linear_dequantized", x.device)(
+                x.contiguous(), packed, alpha, mu, bias, in_features)
+        order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
+        return registry.kernel("binary_linear", x.device, order)(x.contiguous(), packed, alpha,
+                                                                 mu, bias, in_features)
 
 
 _binary_linear_op = torch.library.custom_op("shira::binary_linear", mutates_args=())(_binary_linear)
@@ -277,7 +278,8 @@ def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.T
                  relu: bool, strategy: str = "lut") -> torch.Tensor:
     down = (down_packed, down_alpha, down_mu, down_in)
     up = (up_packed, up_alpha, up_mu, up_in)
-    return lora_kernel(strategy, x.device)(x.contiguous(), down, up, scale, relu)
+    with autocast_off(x.device.type):  # "dequantize" runs torch's matmuls: in x's dtype
+        return lora_kernel(strategy, x.device)(x.contiguous(), down, up, scale, relu)
 
 
 def lora_kernel(strategy: str, device):

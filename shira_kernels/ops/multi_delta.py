@@ -268,6 +268,10 @@ def _backward(ctx, gy, backward=_multi_backward_op):
 # Always through the op (no eager autograd.Function as the single-adapter ops have): the values
 # come as lists, whose tensors an autograd.Function would not see.
 _multi_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast the op runs in the autocast dtype, like F.linear and sparse_delta_linear (an
+# op without this rule would run its inner matmul in that dtype and its sparse part in x's).
+torch.library.register_autocast("shira::multi_delta_linear", "cpu", torch.bfloat16)
+torch.library.register_autocast("shira::multi_delta_linear", "cuda", torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +333,9 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if not isinstance(delta_set, SparseDeltaSet):
         raise TypeError(f"delta_set must be a SparseDeltaSet, got {type(delta_set).__name__}")
     check_float_tensor("x", x)
-    check_float_tensor("weight", weight, x.dtype, x.device)
+    # Under autocast the op's rule casts x, W, the bias and the values to the autocast dtype.
+    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
+    check_float_tensor("weight", weight, dtype, x.device)
     if weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
     if tuple(weight.shape) != delta_set.shape:
@@ -339,7 +345,7 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
                          f"{weight.shape[1]}")
     if bias is not None:
-        check_float_tensor("bias", bias, x.dtype, x.device)
+        check_float_tensor("bias", bias, dtype, x.device)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     x2 = x.reshape(-1, x.shape[-1])
@@ -351,7 +357,7 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                                                               slots=entries))
     for entry in entries:  # row_adapter's slots are checked inside the op (no sync)
         if entry is not None:
-            check_float_tensor(f"the values of adapter {entry[0]!r}", entry[1].values, x.dtype,
+            check_float_tensor(f"the values of adapter {entry[0]!r}", entry[1].values, dtype,
                                x.device)
     values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _slot_fields(entries,
                                                                                   x.device)
