@@ -94,10 +94,10 @@ def assert_within_error_bound(ours, exact, magnitude, k: int, what: str = "",
     ok = err <= limit  # NaN fails
     if not bool(ok.all()):
         worst = torch.where(ok, torch.zeros_like(err), (err / limit).nan_to_num(float("inf")))
-        i = int(worst.view(-1).argmax())
+        i = int(worst.reshape(-1).argmax())
         theirs = "" if err_torch is None else f", torch's max {err_torch:.3g}"
         raise AssertionError(
-            f"{what}: error {err.view(-1)[i].item():.3g} > limit {limit.view(-1)[i].item():.3g} "
+            f"{what}: error {err.reshape(-1)[i].item():.3g} > limit {limit.reshape(-1)[i].item():.3g} "
             f"at element {i} (k={k}, roundings={roundings}, |exact| "
-            f"{exact.abs().view(-1)[i].item():.3g}, M {magnitude.expand_as(exact).reshape(-1)[i].item():.3g}"
+            f"{exact.abs().reshape(-1)[i].item():.3g}, M {magnitude.expand_as(exact).reshape(-1)[i].item():.3g}"
             f"{theirs})")
