@@ -16,6 +16,7 @@ references' signatures.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -220,13 +221,13 @@ def _cpu_binary_lora():
 def _binary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
                    mu: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                    strategy: str = "lut") -> torch.Tensor:
-    with autocast_off(x.device.type):  # "dequantize" runs torch's matmul: in x's dtype
-        if strategy == "dequantize":
+    if strategy == "dequantize":
+        with autocast_off(x.device.type):  # torch's matmul on the dequantized weight: x's dtype
             return registry.kernel("binary_linear_dequantized", x.device)(
                 x.contiguous(), packed, alpha, mu, bias, in_features)
-        order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
-        return registry.kernel("binary_linear", x.device, order)(x.contiguous(), packed, alpha,
-                                                                 mu, bias, in_features)
+    order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
+    return registry.kernel("binary_linear", x.device, order)(x.contiguous(), packed, alpha, mu,
+                                                             bias, in_features)
 
 
 _binary_linear_op = torch.library.custom_op("shira::binary_linear", mutates_args=())(_binary_linear)
@@ -278,8 +279,15 @@ def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.T
                  relu: bool, strategy: str = "lut") -> torch.Tensor:
     down = (down_packed, down_alpha, down_mu, down_in)
     up = (up_packed, up_alpha, up_mu, up_in)
-    with autocast_off(x.device.type):  # "dequantize" runs torch's matmuls: in x's dtype
+    with in_x_dtype(strategy, x.device):
         return lora_kernel(strategy, x.device)(x.contiguous(), down, up, scale, relu)
+
+
+def in_x_dtype(strategy: str, device: torch.device):
+    """Around a kernel of ``strategy``: autocast off for "dequantize" (torch's matmuls on the
+    dequantized weight, which must stay in x's dtype as the ops' fake kernels say); nothing
+    for the 1-bit kernels, which run no torch op autocast would recast."""
+    return autocast_off(device.type) if strategy == "dequantize" else contextlib.nullcontext()
 
 
 def lora_kernel(strategy: str, device):

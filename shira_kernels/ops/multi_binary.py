@@ -20,8 +20,7 @@ import torch
 from .. import backends
 from .._checks import check_scale
 from . import registry
-from ._eager import autocast_off
-from .binary import (ACTIVATIONS, _check_binary, _check_x, binary_lora_reference,
+from .binary import (ACTIVATIONS, _check_binary, _check_x, binary_lora_reference, in_x_dtype,
                      lora_auto_strategy, lora_kernel)
 from .multi_delta import _groups, row_slots
 
@@ -64,7 +63,7 @@ def _multi_binary_lora(x: torch.Tensor, row_adapter: torch.Tensor,
         # Each group as binary_lora's "auto" runs that many rows (its measured strategy).
         strategy = lora_auto_strategy(x.device, x.dtype, r.numel(), ranks[a], in_features,
                                       out_features)
-        with autocast_off(x.device.type):  # "dequantize" runs torch's matmuls: in x's dtype
+        with in_x_dtype(strategy, x.device):
             y.index_copy_(0, r, lora_kernel(strategy, x.device)(x.index_select(0, r), down, up,
                                                                 scales[a], relu))
     return y
