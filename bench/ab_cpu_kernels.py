@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import sys
 import time
@@ -194,12 +195,12 @@ def main(argv=None) -> int:
         calls[("dense x·Wᵀ (frozen forward)", TORCH)] = lambda: x @ weight.T
         calls[("dense gy·W (frozen grad of x)", TORCH)] = lambda: gy @ weight
         times = {key: [] for key in calls}
-        order = list(calls)
+        order, shuffle = list(calls), random.Random(0).shuffle
         for call in calls.values():
             call()
         for i in range(args.rounds):
-            for j in range(len(order)):
-                key = order[(i + j) % len(order)]
+            shuffle(order)  # a new order each round: no call always follows the same one
+            for key in order:
                 gy @ weight
                 t = time.perf_counter()
                 calls[key]()

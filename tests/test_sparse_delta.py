@@ -140,17 +140,22 @@ def _cpu_kernels():
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_kernels_do_not_depend_on_the_thread_count(threads):
+@pytest.mark.parametrize("dtype, tokens, in_f", [(torch.float32, 300, 4097),
+                                                 (torch.bfloat16, 150, 1000),
+                                                 (torch.float16, 150, 1000)], ids=str)
+def test_cpu_kernels_do_not_depend_on_the_thread_count(threads, dtype, tokens, in_f):
     # Each row's (spmm), entry's (sddmm) and column's (spmm_t_sddmm) sum is formed by one thread
-    # in a fixed order, so the bits are the same however the work is split.
+    # in a fixed order, so the bits are the same however the work is split. 16-bit spmm at 150
+    # tokens: one thread splits them between the threads (all of them its own), three split S's
+    # rows (too few tokens for each): both sum a row's entries in the same order.
     reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
     assert reason is None, f"the cpu backend is unavailable: {reason}"
     kernels = _cpu_kernels()
-    delta = make_delta(45, 4097, torch.float32, density=0.05)
+    delta = make_delta(45, in_f, dtype, density=0.05)
     s = delta.structure
     struct = (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm)
-    x, gy = randn(300, 4097, dtype=torch.float32, seed=1), randn(300, 45, dtype=torch.float32, seed=2)
-    y, gx = randn(300, 45, dtype=torch.float32, seed=3), randn(300, 4097, dtype=torch.float32, seed=4)
+    x, gy = randn(tokens, in_f, dtype=dtype, seed=1), randn(tokens, 45, dtype=dtype, seed=2)
+    y, gx = randn(tokens, 45, dtype=dtype, seed=3), randn(tokens, in_f, dtype=dtype, seed=4)
 
     def run():
         return (kernels["spmm"](y, x, s.row_offsets, s.cols, delta.values, 0.5),

@@ -49,7 +49,10 @@ int64_t add_at_indices_typed(const T* weight, T* out, int64_t numel, const I* id
   return skipped;
 }
 
-thread_local Scratch shared_tile, own_tile;
+// Per-thread buffers. shared_tile: the calling thread's, which every thread of its parallel
+// region reads (or writes its part of); own_tile: a thread's fp32 sums; gather_tile: a thread's
+// own copy of the tile rows its entries gather (kOwnTiles).
+thread_local Scratch shared_tile, own_tile, gather_tile;
 
 // The tiles the kernels gather rows from are in the activations' own type: half the bytes of
 // fp32 per gathered row for fp16 and bf16. bf16 rows hold their tokens in pairs: in each block
@@ -58,6 +61,16 @@ thread_local Scratch shared_tile, own_tile;
 // load, no widening shuffle (a widened bf16 tile measured slower than the fp32 one).
 template <typename D>
 constexpr int64_t kTileTokens = std::is_same_v<D, uint16_t> ? 2 * kLanes : kLanes;
+
+// Whether each thread transposes the whole chunk into its own gather tile (16-bit
+// activations) rather than its share of the columns into one tile all threads gather from: an
+// entry whose row the other core transposed is read out of that core's cache, which cost more
+// than transposing the chunk twice (bf16 at 16-2048 tokens: spmm and sddmm took 0.65-0.96x
+// the time with their own tiles; fp32, whose tiles are twice the bytes: 0.85-1.07x, kept
+// shared). spmm_t_sddmm's tile of gy is not blocked by columns: its own copy gained at most 4%
+// where it fit L2 (4096 rows of 128 tokens) and lost where it did not (11008): kept shared.
+template <typename D>
+constexpr bool kOwnTiles = sizeof(D) == 2;
 
 // Token count t padded to a whole number of a tile's token blocks.
 template <typename D>
@@ -398,28 +411,75 @@ void spmm_one_token(const T* x, const T* y_in, T* out, int64_t in, int64_t rows,
 }
 
 // The frame of the row-wise kernels (spmm, sddmm): one parallel region in which each thread
-// takes its rows [r0, r1) of S (my_rows); per chunk of tokens the threads first transpose x
-// into the shared tile (in T: the rows the entries gather) together, each its share of the
-// columns, then body(r0, r1, t0, tc, ld, xT, own) runs on every thread with its own fp32 tile
-// of (r1 - r0) x ld, and all finish the chunk before the next one overwrites the shared tile.
+// takes its rows [r0, r1) of S (my_rows); per chunk of tokens x is transposed into the tile
+// (in T: the rows the entries gather), then body(r0, r1, t0, tc, ld, xT, own) runs on every
+// thread with its own fp32 tile of (r1 - r0) x ld. With kOwnTiles each thread transposes the
+// whole chunk into its own tile; else the threads fill one shared tile together, each its share
+// of the columns, and all finish a chunk before the next one overwrites it.
 template <typename T, typename Body>
 void by_token_chunks(const T* x, int64_t tokens, int64_t in, const int64_t* offsets,
                      int64_t rows, int64_t chunk, Body&& body) {
   const int64_t ld_max = round_tokens<T>(std::min(tokens, chunk));
-  T* xT = shared_tile.get_as<T>(in * ld_max);
+  T* shared = kOwnTiles<T> ? nullptr : shared_tile.get_as<T>(in * ld_max);
 #pragma omp parallel
   {
     const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
     int64_t r0, r1;
     my_rows(offsets, rows, &r0, &r1);
-    const int64_t c0 = in * me / nth, c1 = in * (me + 1) / nth;
+    T* xT = kOwnTiles<T> ? gather_tile.get_as<T>(in * ld_max) : shared;
+    const int64_t c0 = kOwnTiles<T> ? 0 : in * me / nth;
+    const int64_t c1 = kOwnTiles<T> ? in : in * (me + 1) / nth;
     float* own = own_tile.get((r1 - r0) * ld_max);
     for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
       const int64_t tc = std::min(chunk, tokens - t0), ld = round_tokens<T>(tc);
       transpose_chunk(x, in, t0, tc, c0, c1, xT + c0 * ld, ld);
+      if constexpr (!kOwnTiles<T>) {
 #pragma omp barrier
+      }
       body(r0, r1, t0, tc, ld, static_cast<const T*>(xT), own);
+      if constexpr (!kOwnTiles<T>) {
 #pragma omp barrier
+      }
+    }
+  }
+}
+
+// Tokens per thread from which 16-bit spmm splits the tokens between the threads
+// (spmm_by_token_ranges) rather than S's rows: each thread then runs all of S over its own
+// tokens, so an entry's indices and value are read once per thread, and each thread needs
+// enough tokens per entry. bf16, 4096-11008 wide layers, 2 threads: 0.71-0.82x the time at
+// 128-256 tokens (64 per thread), 0.83-1.14x at 64 (32 each), 0.69-0.82x at 512-2048.
+// (spmm_t_sddmm split the same way was faster from 256 tokens, but its values' gradient then
+// sums each thread's tokens apart, and its bits would depend on the thread count.)
+constexpr int64_t kSpmmSplitTokens = 64;
+
+// The tokens [a, b) of this thread when they are split between the threads in whole token
+// blocks of the tiles (kTileTokens): contiguous ranges, the first threads a block more.
+template <typename T>
+inline void my_tokens(int64_t tokens, int64_t* a, int64_t* b) {
+  const int64_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+  const int64_t blocks = (tokens + kTileTokens<T> - 1) / kTileTokens<T>;
+  *a = std::min(tokens, blocks * me / nth * kTileTokens<T>);
+  *b = std::min(tokens, blocks * (me + 1) / nth * kTileTokens<T>);
+}
+
+// The frame of the kernels with the tokens split between the threads: one parallel region in
+// which each thread takes its tokens (my_tokens), transposes each chunk of them of src (all
+// `features` columns: the rows S's entries gather) into its own gather tile and runs
+// body(t0, tc, ld, tile) over all of S.
+template <typename T, typename Body>
+void by_token_ranges(const T* src, int64_t tokens, int64_t features, int64_t chunk,
+                     Body&& body) {
+#pragma omp parallel
+  {
+    int64_t a, b;
+    my_tokens<T>(tokens, &a, &b);
+    const int64_t ld_max = round_tokens<T>(std::min(std::max<int64_t>(b - a, 1), chunk));
+    T* tile = gather_tile.get_as<T>(features * ld_max);
+    for (int64_t t0 = a; t0 < b; t0 += chunk) {
+      const int64_t tc = std::min(chunk, b - t0), ld = round_tokens<T>(tc);
+      transpose_chunk(src, features, t0, tc, 0, features, tile, ld);
+      body(t0, tc, ld, static_cast<const T*>(tile));
     }
   }
 }
@@ -476,11 +536,38 @@ void spmm_by_row_groups(const T* x, const T* y_in, T* out, int64_t tokens, int64
   });
 }
 
+// spmm with the tokens split between the threads (by_token_ranges): chunks short enough for
+// the tile to stay in L2 (tile_chunk), S's rows in groups of kLanes whose sums stay in L1.
+template <typename T, typename C, typename V>
+void spmm_by_token_ranges(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in,
+                          int64_t rows, const int64_t* offsets, const C* cols, const V* values,
+                          float scale, int64_t chunk) {
+  by_token_ranges(x, tokens, in, chunk, [&](int64_t t0, int64_t tc, int64_t ld, const T* xT) {
+    float* acc = own_tile.get(kLanes * ld);
+    with_vectors(ld, [&](auto nv) {
+      for (int64_t g0 = 0; g0 < rows; g0 += kLanes) {
+        const int64_t g1 = std::min(g0 + kLanes, rows);
+        std::fill(acc, acc + (g1 - g0) * ld, 0.0f);
+        for (int64_t r = g0; r < g1; ++r)
+          axpy_entries<decltype(nv)::value>(acc + (r - g0) * ld, xT, ld, cols, values,
+                                            offsets[r], offsets[r + 1]);
+        add_transposed(acc, ld, t0, tc, g0, g1, y_in, out, rows, scale);
+      }
+    });
+  });
+}
+
 template <typename T, typename C, typename V>
 void spmm_typed(const T* x, const T* y_in, T* out, int64_t tokens, int64_t in, int64_t rows,
                 const int64_t* offsets, const C* cols, const V* values, float scale) {
   if (tokens == 1) return spmm_one_token(x, y_in, out, in, rows, offsets, cols, values, scale);
   const int64_t chunk = tile_chunk<T>(in, kSpmmTokenChunk);
+  // 16-bit: by tokens also where too few for kSpmmSplitTokens per thread would take S's column
+  // blocks (more than two chunks): a row's entries then always sum in the row groups' order,
+  // and the bits depend on neither the thread count nor (from 2 tokens) the token count.
+  if (kOwnTiles<T> && (tokens >= omp_get_max_threads() * kSpmmSplitTokens || tokens > 2 * chunk))
+    return spmm_by_token_ranges(x, y_in, out, tokens, in, rows, offsets, cols, values, scale,
+                                chunk);
   if (tokens <= 2 * chunk)
     return spmm_by_row_groups(x, y_in, out, tokens, in, rows, offsets, cols, values, scale, chunk);
   spmm_by_column_blocks(x, y_in, out, tokens, in, rows, offsets, cols, values, scale);
