@@ -3,7 +3,7 @@ kernels (or this one's, built for another target) loaded in the same process.
 
     python bench/ab_cpu_kernels.py [--against DIR [--march TARGET]] [--shapes 2048x2048,4096x4096]
                                    [--tokens 128] [--dtype fp32|bf16|fp16] [--r R]
-                                   [--kernels spmm,spmm_t_sddmm]
+                                   [--kernels spmm,spmm_t_sddmm] [--step]
 
 Before every call a dense matmul of the layer's own size runs (gy·W), as in a training step: it
 streams the weight through the caches, so the kernel meets its activations cold. Warm-cache
@@ -14,7 +14,8 @@ checkout) and each kernel both builds have must give the same values: the same b
 builds sum in the same order, else (another target's vectors, another checkout's blocking, the
 1-bit kernels computed another way) to two units in the last place of a 16-bit output, 1e-5 of
 an fp32 one, relative to the largest (a check of the build: the tests check the kernels). The
-variants are timed round robin and the medians compared side by side. Kernels: spmm (the
+variants are timed in rounds, in a new random order each round (a fixed order had two copies
+of one build read 0.90x and 1.09x of each other), and the medians compared side by side. Kernels: spmm (the
 forward), spmm_t_sddmm (the spmm strategy's backward, where a build has it), sddmm with S's row
 offsets derived by the kernel and given by the caller (where a build takes them), the fold
 strategy's folded_linear and its gradient of x (where a build has them), and the 1-bit
@@ -23,7 +24,10 @@ torch's own matmuls of the frozen layer (x·Wᵀ and gy·W) run in the same roun
 parts of a training step are printed as a share of them. Each sparse kernel's and dense matmul's
 line ends with its bound: its flops at the peak of torch's matmul in the dtype (2048³) or the
 bytes it must move at the memory's read rate (a sum over 256 MiB), whichever takes longer, both
-measured at the start of the run, and this checkout's time as a multiple of it.
+measured at the start of the run, and this checkout's time as a multiple of it. --step times
+the whole layer too: ShiraLinear (strategy spmm) in a training step and a forward, with each
+build's sparse kernels swapped into the registry in turn, beside the frozen layer's step, PEFT
+LoRA's and nn.Linear's forward.
 """
 from __future__ import annotations
 
@@ -135,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--march", default="native", help="the target --against is built for")
     p.add_argument("--kernels", default=None,
                    help="comma list of the kernels to time (default all; the dense matmuls always)")
+    p.add_argument("--step", action="store_true",
+                   help="also time ShiraLinear's training step and forward (strategy spmm) with "
+                        "each build's sparse kernels, beside the frozen layer and PEFT LoRA")
     args = p.parse_args(argv)
     try:
         shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
@@ -228,7 +235,84 @@ def main(argv=None) -> int:
                 ms[("dense gy·W (frozen grad of x)", TORCH)]
             print(f"  the sparse parts of a training step (spmm + spmm_t_sddmm), this checkout: "
                   f"{sparse / frozen:.0%} of the frozen layer's two matmuls")
+        if args.step:
+            whole_step(builds, (out_f, in_f), r, args.tokens, dtype, args.rounds)
     return 0
+
+
+def with_kernels(mod):
+    """The registry's CPU spmm, spmm_t_sddmm and sddmm as ``mod`` (a build) has them."""
+    def spmm_t_sddmm(gx, gy, x, values, struct, scale):
+        _, _, _, t_offsets, t_cols, t_perm = struct
+        return mod.spmm_t_sddmm(gx, gy, x, t_offsets, t_cols, t_perm, values, scale,
+                                overwrite_gx=True)
+    return {"spmm": mod.spmm, "spmm_t_sddmm": spmm_t_sddmm, "sddmm": mod.sddmm}
+
+
+def whole_step(builds, shape, r, tokens, dtype, rounds):
+    """ShiraLinear (strategy spmm) in a training step (x needs its gradient too, as an inner
+    layer's) and a forward under no_grad, with each build's kernels swapped into the registry
+    before each call; the frozen layer's step, PEFT LoRA's and nn.Linear's forward in the same
+    shuffled rounds. Prints medians and ratios."""
+    from shira_kernels.ops import registry
+    base = hb.make_linear(*shape, dtype=dtype)
+    layer = hb.shira_linear_layer(base, r=r, strategy="spmm")
+    x = torch.randn(tokens, shape[1], dtype=dtype, requires_grad=True)
+    x_infer = x.detach()
+    step = hb.training_step(layer, x)
+    kernels = {build: with_kernels(mod) for build, mod in builds.items()}
+    before = {op: registry.lookup(op, "cpu") for op in kernels["this checkout"]}
+
+    def ours(build, training):
+        def run():
+            for op, fn in kernels[build].items():
+                registry.register(op, "cpu", fn)
+            if training:
+                step()
+            else:
+                with torch.no_grad():
+                    layer(x_infer)
+        return run
+
+    def dense():
+        with torch.no_grad():
+            base(x_infer)
+
+    calls = {}
+    for build in builds:
+        calls[f"step, {build}"] = ours(build, True)
+        calls[f"forward, {build}"] = ours(build, False)
+    calls["step, frozen layer"] = hb.training_step(hb.clone_linear(base).requires_grad_(False), x)
+    if hb.peft_available():
+        calls["step, PEFT LoRA"] = hb.training_step(hb.peft_lora_layer(hb.clone_linear(base), r=r), x)
+    calls["forward, nn.Linear"] = dense
+    try:
+        times = {name: [] for name in calls}
+        for call in calls.values():
+            call()
+        order, shuffle = list(calls), random.Random(1).shuffle
+        for _ in range(rounds):
+            shuffle(order)
+            for name in order:
+                t = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - t)
+    finally:
+        for op, fn in before.items():
+            registry.register(op, "cpu", fn)
+    ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    print(f"  ShiraLinear r = {r}, strategy spmm, {tokens} tokens (medians of {rounds} shuffled "
+          f"rounds):")
+    for build in builds:
+        text = f"    {build}: step {ms[f'step, {build}']:.2f} ms, " \
+               f"{ms[f'step, {build}'] / ms['step, frozen layer']:.3f}x the frozen layer's"
+        if "step, PEFT LoRA" in ms:
+            text += f", {ms[f'step, {build}'] / ms['step, PEFT LoRA']:.3f}x PEFT LoRA's"
+        text += f"; forward {ms[f'forward, {build}'] / ms['forward, nn.Linear']:.3f}x nn.Linear's"
+        print(text)
+    lora = f", PEFT LoRA {ms['step, PEFT LoRA']:.2f} ms" if "step, PEFT LoRA" in ms else ""
+    print(f"    frozen layer: step {ms['step, frozen layer']:.2f} ms{lora}; nn.Linear forward "
+          f"{ms['forward, nn.Linear']:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,14 @@ def test_cpu_kernel_ab_script_runs():
     # Against this checkout itself: the script builds it a second time, checks the values agree
     # and prints a ratio per kernel.
     stdout = run_script("ab_cpu_kernels.py", "--against", str(ROOT), "--shapes", "40x24", "--r",
-                        "2", "--tokens", "19", "--rounds", "2")
+                        "2", "--tokens", "19", "--rounds", "2", "--step")
     for kernel in ("spmm ", "spmm_t_sddmm", "sddmm (offsets given)", "binary_linear_grad_x"):
         assert kernel in stdout and "this/other" in stdout
+    # --step: the layer's step and forward with each build's kernels, against the frozen layer.
+    steps = re.findall(r"^    (.+): step \d+\.\d+ ms, (\d+\.\d+)x the frozen layer's.*"
+                       r"forward (\d+\.\d+)x nn\.Linear's$", stdout, re.M)
+    assert [build for build, *_ in steps] == ["this checkout", str(ROOT)], stdout
+    assert all(float(a) > 0 and float(b) > 0 for _, a, b in steps)
     # The sparse kernels' and the dense matmuls' lines end with their bound and the multiple.
     for line in stdout.splitlines():
         if line.strip().startswith(("spmm", "sddmm", "dense")):
