@@ -168,6 +168,30 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads, dtype, tokens, i
     assert torch.equal(got[1], got[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_kernels_sum_a_token_alike_whatever_the_token_count(dtype):
+    # A token's row of spmm (y) and of spmm_t_sddmm (gx) is summed entry by entry in one order
+    # from 2 tokens up (1 token takes spmm's one-token path), whatever the chunk's length in
+    # vectors: multi_delta_linear relies on it. (GCC's tuning for AMD Zen had left the 1-vector
+    # instance of spmm's sums unfused on AVX2: 2-8 tokens gave other bits than 9 and more.)
+    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
+    assert reason is None, f"the cpu backend is unavailable: {reason}"
+    kernels = _cpu_kernels()
+    tokens, out_f, in_f = 40, 45, 300
+    delta = make_delta(out_f, in_f, dtype, density=0.1)
+    s = delta.structure
+    struct = (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm)
+    x, gy = randn(tokens, in_f, dtype=dtype, seed=1), randn(tokens, out_f, dtype=dtype, seed=2)
+    y, gx = randn(tokens, out_f, dtype=dtype, seed=3), randn(tokens, in_f, dtype=dtype, seed=4)
+    y_all = kernels["spmm"](y, x, s.row_offsets, s.cols, delta.values, 0.5)
+    gx_all = kernels["spmm_t_sddmm"](gx.clone(), gy, x, delta.values, struct, 0.5)[0]
+    for n in range(2, tokens):
+        assert torch.equal(kernels["spmm"](y[:n], x[:n], s.row_offsets, s.cols, delta.values,
+                                           0.5), y_all[:n]), n
+        gx_n = kernels["spmm_t_sddmm"](gx[:n].clone(), gy[:n], x[:n], delta.values, struct, 0.5)[0]
+        assert torch.equal(gx_n, gx_all[:n]), n
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tokens", [1, 37, 300])
 def test_cpu_kernels_read_values_in_either_dtype_alike(dtype, tokens):

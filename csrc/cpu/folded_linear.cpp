@@ -111,7 +111,7 @@ inline void panel_products(const float* a, int64_t lda, const float* P, int64_t 
     for (int t = 0; t < TT; ++t) {
       const float x = a[t * lda + s];
 #pragma GCC unroll 4
-      for (int v = 0; v < kPanelVectors; ++v) acc[t][v] += x * p[v];
+      for (int v = 0; v < kPanelVectors; ++v) acc[t][v] = fmadd(x, p[v], acc[t][v]);
     }
   }
   for (int t = 0; t < TT; ++t)
@@ -184,7 +184,8 @@ void row_products(const float* a, const Operand<T, C>& op, const float* bias, T*
       for (int v = 0; v < kRowVectors; ++v) {
         const fvec wv = loadv_as_float(w + s + v * kLanes);
 #pragma GCC unroll 4
-        for (int t = 0; t < TT; ++t) acc[t][v] += wv * loadv(a + t * steps + s + v * kLanes);
+        for (int t = 0; t < TT; ++t)
+          acc[t][v] = fmadd(wv, loadv(a + t * steps + s + v * kLanes), acc[t][v]);
       }
     }
     float sum[TT];
@@ -195,7 +196,7 @@ void row_products(const float* a, const Operand<T, C>& op, const float* bias, T*
     }
     for (int64_t s = whole; s < steps; ++s) {
       const float wv = Float<T>::load(w + s);
-      for (int t = 0; t < TT; ++t) sum[t] += wv * a[t * steps + s];
+      for (int t = 0; t < TT; ++t) sum[t] = fmadd(wv, a[t * steps + s], sum[t]);
     }
     // S's part sums on its own (small terms, small rounding) and joins the dense sum once:
     // added one by one to the dense sum, each entry would round at the sum's magnitude.
@@ -203,7 +204,7 @@ void row_products(const float* a, const Operand<T, C>& op, const float* bias, T*
     for (int64_t j = op.offsets[l]; j < op.offsets[l + 1]; ++j) {
       const float d = op.scale * op.values[j];
       const int64_t s = static_cast<int64_t>(op.step_of[j]);
-      for (int t = 0; t < TT; ++t) sparse[t] += d * a[t * steps + s];
+      for (int t = 0; t < TT; ++t) sparse[t] = fmadd(d, a[t * steps + s], sparse[t]);
     }
     for (int t = 0; t < TT; ++t)
       Float<T>::store(out + t * op.lines + l, (sum[t] + sparse[t]) + (bias ? bias[l] : 0.0f));

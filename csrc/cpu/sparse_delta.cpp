@@ -308,8 +308,8 @@ inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
         const D* x1 = xT + static_cast<int64_t>(cols[j + 1]) * ld;
 #pragma GCC unroll 8
         for (int k = 0; k < NV; ++k) {
-          part[k] += v0 * tile_vector(x0, k);
-          odd[k] += v1 * tile_vector(x1, k);
+          part[k] = fmadd(v0, tile_vector(x0, k), part[k]);
+          odd[k] = fmadd(v1, tile_vector(x1, k), odd[k]);
         }
       }
     }
@@ -317,7 +317,7 @@ inline void axpy_entries(float* acc, const D* xT, int64_t ld, const C* cols,
       const float v = Float<V>::load(values + j);
       const D* xs = xT + static_cast<int64_t>(cols[j]) * ld;
 #pragma GCC unroll 8
-      for (int k = 0; k < NV; ++k) part[k] += v * tile_vector(xs, k);
+      for (int k = 0; k < NV; ++k) part[k] = fmadd(v, tile_vector(xs, k), part[k]);
     }
     if constexpr (kPairEntries<D>) {
 #pragma GCC unroll 8
@@ -350,7 +350,7 @@ inline void dot_entries(const A* a, const D* xT, int64_t ld, const C* cols, floa
     if constexpr (pairs) {
       if (k % 2 == 1) s = dot_pairs(s, ap[k / 2], b + (k - 1) * kLanes);
     } else {
-      s += av[k] * tile_vector(b, k);
+      s = fmadd(av[k], tile_vector(b, k), s);
     }
   };
   int64_t j = j0;
@@ -663,16 +663,16 @@ inline void column_entries(const X* xc, const D* gyT, int64_t ld, const C* trows
 #pragma GCC unroll 8
       for (int k = 0; k < NV; ++k) {
         const fvec r0 = tile_vector(row0, k), r1 = tile_vector(row1, k);
-        part[k] += v0 * r0;
-        odd[k] += v1 * r1;
+        part[k] = fmadd(v0, r0, part[k]);
+        odd[k] = fmadd(v1, r1, odd[k]);
         if constexpr (kDotPairs<D>) {
           if (k % 2 == 1) {
             s0 = dot_pairs(s0, xp[k / 2], row0 + (k - 1) * kLanes);
             s1 = dot_pairs(s1, xp[k / 2], row1 + (k - 1) * kLanes);
           }
         } else {
-          s0 += xv[k] * r0;
-          s1 += xv[k] * r1;
+          s0 = fmadd(xv[k], r0, s0);
+          s1 = fmadd(xv[k], r1, s1);
         }
       }
       float d0, d1;
@@ -688,11 +688,11 @@ inline void column_entries(const X* xc, const D* gyT, int64_t ld, const C* trows
 #pragma GCC unroll 8
       for (int k = 0; k < NV; ++k) {
         const fvec r = tile_vector(row, k);
-        part[k] += v * r;
+        part[k] = fmadd(v, r, part[k]);
         if constexpr (kDotPairs<D>) {
           if (k % 2 == 1) s0 = dot_pairs(s0, xp[k / 2], row + (k - 1) * kLanes);
         } else {
-          if (k % 2 == 0) s0 += xv[k] * r; else s1 += xv[k] * r;
+          if (k % 2 == 0) s0 = fmadd(xv[k], r, s0); else s1 = fmadd(xv[k], r, s1);
         }
       }
       const float d = hsum(s0 + s1);

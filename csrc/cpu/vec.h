@@ -13,7 +13,7 @@
 #include <utility>
 
 #include "../dispatch.h"
-#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__FMA__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -28,6 +28,36 @@ typedef uint32_t uvec __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 inline fvec loadv(const float* p) { return *reinterpret_cast<const fvec*>(p); }
 inline void storev(float* p, fvec v) { *reinterpret_cast<fvec*>(p) = v; }
+
+// a·b + c rounded once, spelled out: the kernels' running sums must not depend on what the
+// compiler contracts. GCC's tuning for AMD Zen avoids chains of FMAs (avoid_fma_chains) and
+// left some of a micro-kernel's instances (one vector per tile row) as a multiply and an add,
+// so a token's sum had other bits at 2-8 tokens than at 9 and more.
+inline fvec fmadd(fvec a, fvec b, fvec c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<fvec>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a),
+                                                reinterpret_cast<__m512>(b),
+                                                reinterpret_cast<__m512>(c)));
+#elif defined(__FMA__)
+  return reinterpret_cast<fvec>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a),
+                                                reinterpret_cast<__m256>(b),
+                                                reinterpret_cast<__m256>(c)));
+#else
+  return a * b + c;  // no FMA instruction: nothing to contract into
+#endif
+}
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__AVX512F__)
+  return __builtin_fmaf(a, b, c);  // one instruction where the target has FMA
+#else
+  return a * b + c;
+#endif
+}
+inline fvec fmadd(float a, fvec b, fvec c) {
+  fvec av;
+  for (int l = 0; l < kLanes; ++l) av[l] = a;  // a broadcast (vbroadcastss)
+  return fmadd(av, b, c);
+}
 
 // kLanes bytes from p, zero-extended to a lane each. The instruction spelled out: GCC compiled
 // __builtin_convertvector of an unaligned byte vector to 16 scalar loads and inserts.
