@@ -150,6 +150,8 @@ class SparseDelta:
             raise TypeError(f"flat_indices must be a torch.Tensor, got {type(flat_indices).__name__}")
         if not isinstance(values, torch.Tensor) or values.dim() != 1:
             raise ValueError("values must be a 1-D tensor")
+        if not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
         if values.numel() != flat_indices.numel():
             raise ValueError(f"values has {values.numel()} entries but flat_indices has "
                              f"{flat_indices.numel()}")
@@ -189,21 +191,28 @@ class SparseDelta:
     # -- constructors ----------------------------------------------------------------------
     @classmethod
     def from_flat(cls, flat_indices, shape, values=None, *, dtype=torch.float32) -> "SparseDelta":
-        """From flat indices in any order (values follow them); zeros when values is None."""
+        """From flat indices in any order (values follow them), of any integer dtype; values
+        as given where it is a tensor, else (a list, an array) in ``dtype``; zeros in ``dtype``
+        when values is None."""
         shape = _weight_shape(shape)
         if not isinstance(flat_indices, torch.Tensor):
             flat_indices = torch.as_tensor(flat_indices)
             if flat_indices.numel() == 0:  # [] reads as float32: an empty adapter, no entries
                 flat_indices = flat_indices.long()
-        if flat_indices.dtype not in (torch.int32, torch.int64) or flat_indices.dim() != 1:
-            raise TypeError("flat_indices must be a 1-D int32 or int64 tensor")
+        if (flat_indices.is_floating_point() or flat_indices.is_complex()
+                or flat_indices.dtype == torch.bool or flat_indices.dim() != 1):
+            raise TypeError(f"flat_indices must be a 1-D tensor of integers, got "
+                            f"{flat_indices.dim()}-D {flat_indices.dtype}")
+        if flat_indices.dtype not in (torch.int32, torch.int64):  # int8/16, uint8..64: widened
+            flat_indices = flat_indices.long()
         validate_indices(flat_indices, shape[0] * shape[1], name="flat_indices")
         order = torch.argsort(flat_indices)
         flat = flat_indices[order].to(flat_index_dtype(shape))
         if values is None:
             values = torch.zeros(flat.numel(), dtype=dtype, device=flat.device)
         else:
-            values = torch.as_tensor(values, device=flat.device)
+            values = (values.to(flat.device) if isinstance(values, torch.Tensor)
+                      else torch.as_tensor(values, dtype=dtype, device=flat.device))
             if values.shape != flat_indices.shape:
                 raise ValueError(f"values has shape {tuple(values.shape)} but flat_indices has "
                                  f"{tuple(flat_indices.shape)}")

@@ -132,8 +132,25 @@ def test_from_flat_takes_an_empty_list():
         assert delta.flat_indices.dtype == torch.int32
         assert delta.values.dtype == torch.float32
     assert SparseDelta.from_flat((), (4, 8), dtype=torch.float16).dtype == torch.float16
-    with pytest.raises(TypeError, match="flat_indices must be a 1-D int32 or int64 tensor"):
+    with pytest.raises(TypeError, match="flat_indices must be a 1-D tensor of integers"):
         SparseDelta.from_flat([0.5], (4, 8))  # a non-empty float list is still refused
+
+
+def test_from_flat_takes_any_integer_indices_and_values_in_dtype():
+    # Was: int16 indices refused, and a list of values read as torch reads it (ints as int64,
+    # floats as float32) whatever dtype= said.
+    for index_dtype in (torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64):
+        delta = SparseDelta.from_flat(torch.tensor([9, 0, 5], dtype=index_dtype), (4, 8),
+                                      [1, 2, 3], dtype=torch.bfloat16)
+        assert delta.flat_indices.tolist() == [0, 5, 9]
+        assert delta.values.dtype == torch.bfloat16 and delta.values.tolist() == [2, 3, 1]
+    given = torch.tensor([1.0, 2.0], dtype=torch.float16)  # a tensor keeps its dtype
+    assert SparseDelta.from_flat([3, 1], (4, 8), given, dtype=torch.float32).dtype == torch.float16
+    for bad in (torch.tensor([True, False]), torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(TypeError, match="flat_indices must be a 1-D tensor of integers"):
+            SparseDelta.from_flat(bad, (4, 8))
+    with pytest.raises(TypeError, match="values must be a floating-point tensor, got torch.int64"):
+        SparseDelta.from_flat([0, 5], (4, 8), torch.tensor([1, 2]))
 
 
 def test_empty_list_adapter_runs_as_the_base(backend, device):
