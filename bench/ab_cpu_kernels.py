@@ -22,12 +22,12 @@ strategy's folded_linear and its gradient of x (where a build has them), and the
 binary_linear and its gradient of x on a weight of the layer's shape (where a build has them).
 torch's own matmuls of the frozen layer (x·Wᵀ and gy·W) run in the same rounds, and the sparse
 parts of a training step are printed as a share of them. Each sparse kernel's and dense matmul's
-line ends with its bound: its flops at the peak of torch's matmul in the dtype (2048³) or the
-bytes it must move at the memory's read rate (a sum over 256 MiB), whichever takes longer, both
-measured at the start of the run, and this checkout's time as a multiple of it. --step times
-the whole layer too: ShiraLinear (strategy spmm) in a training step and a forward, with each
-build's sparse kernels swapped into the registry in turn, beside the frozen layer's step, PEFT
-LoRA's and nn.Linear's forward.
+line ends with its bound: its flops at the peak of torch's matmul in the dtype (2048³, or
+smaller where that is slow) or the bytes it must move at the memory's read rate (a sum over
+256 MiB), whichever takes longer, both measured at the start of the run, and this checkout's
+time as a multiple of it. --step times the whole layer too: ShiraLinear (strategy spmm) in a
+training step and a forward, with each build's sparse kernels swapped into the registry in
+turn, beside the frozen layer's step, PEFT LoRA's and nn.Linear's forward.
 """
 from __future__ import annotations
 
@@ -170,8 +170,9 @@ def main(argv=None) -> int:
     peak, read = hb.matmul_peak(dtype), hb.read_bandwidth()
     print(f"{args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} threads, medians of "
           f"{args.rounds} rounds, a dense matmul of the layer's size before every call; bounds "
-          f"at torch's {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (2048³) and a memory "
-          f"read rate of {read / 1e9:.1f} GB/s, both measured now")
+          f"at torch's {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"({hb.peak_size(dtype)}³) and "
+          f"a memory read rate of {read / 1e9:.1f} GB/s, both measured now")
     for out_f, in_f in shapes:
         shape = f"{out_f}x{in_f}"
         r = args.r or max(1, min(out_f, in_f) // 128)

@@ -180,8 +180,9 @@ def main(argv=None) -> int:
              f"token class (tuning mode {shira_kernels.tuning.mode()!r}); the strategy rows force "
              "one. bf16 rows take x in bf16 (the dense bf16 matmul's inputs).",
              f"- Measured here in this run: memory read {limits['read'] / 1e9:.1f} GB/s (a sum over "
-             f"256 MiB), torch's bf16 matmul {limits['bf16'] / 1e9:.0f} GFLOP/s (2048³); each "
-             "binary_linear table ends with its bounds from these.",
+             f"256 MiB), torch's bf16 matmul {limits['bf16'] / 1e9:.1f} GFLOP/s "
+             f"({sb.peak_size(torch.bfloat16)}³); each binary_linear table ends with its bounds "
+             "from these.",
              f"- binary_linear up to {COLD_MAX_TOKENS} tokens: each call of a variant reads "
              "another copy of its weight, cycling through copies that together exceed "
              f"{COLD_BYTES // 2**20} MiB, so every variant meets its weight in memory as a model's "

@@ -73,7 +73,8 @@ def _backend_rows(device_type: str) -> list[tuple[str, str]]:
 
 def _machine_limits() -> list[str]:
     """What bounds are measured against (docs/benchmarks/): memory and matmul rates here."""
-    from .harness.benchmark import copy_bandwidth, matmul_peak, read_bandwidth
+    from .harness.benchmark import (copy_bandwidth, matmul_peak, peak_size,
+                                     read_bandwidth)
 
     lines = ["machine limits (this process, measured now)",
              f"  memory read      {read_bandwidth() / 1e9:8.1f} GB/s (sum over 256 MiB)",
@@ -81,7 +82,7 @@ def _machine_limits() -> list[str]:
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         lines.append(f"  {name:8s} matmul  {matmul_peak(dtype) / 1e9:8.1f} GFLOP/s "
-                     f"(torch, 2048x2048x2048)")
+                     f"(torch, {peak_size(dtype)}³)")
     return lines
 
 

@@ -6,6 +6,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from shira_kernels import _machine, _native, cli
 from shira_kernels.harness import bench_suite
@@ -58,6 +59,19 @@ def test_info_measures_the_machine_limits(capsys, monkeypatch):
     lines = cli._machine_limits()
     rates = [float(re.search(r"([0-9.]+) (GB|GFLOP)/s", line).group(1)) for line in lines[1:]]
     assert len(rates) == 4 and all(rate > 0 for rate in rates), lines
+
+
+@pytest.mark.parametrize("call_s, n", [(0.0, 256), (1e9, 2048)])
+def test_matmul_peak_size_keeps_one_call_short(monkeypatch, call_s, n):
+    # From a 256³ call's rate: the largest size up to PEAK_SIZE whose call fits PEAK_CALL_S
+    # (torch's bf16 matmul on an AVX2-only CPU: about 1 GFLOP/s, 14 s at 2048³).
+    from shira_kernels.harness import benchmark as sb
+    monkeypatch.setattr(sb, "PEAK_CALL_S", call_s)
+    sb.peak_size.cache_clear()
+    try:
+        assert sb.peak_size(torch.bfloat16) == n
+    finally:
+        sb.peak_size.cache_clear()
 
 
 def test_demo_each_adapter_is_best_on_its_own_task(capsys):

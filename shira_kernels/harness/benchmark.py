@@ -9,6 +9,7 @@ for each (sorted, unique int32 flat indices and their values) and a LoRA adapter
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -22,7 +23,7 @@ from ..masks import sample_distinct
 __all__ = [
     "SwapCase", "llama_linear_shapes", "make_swap_case", "median_time", "median_ci",
     "interval_within", "round_robin_until_tight", "MIN_CI_VALUES", "copy_bandwidth",
-    "read_bandwidth", "matmul_peak",
+    "read_bandwidth", "matmul_peak", "peak_size",
     "swap_traffic_bytes", "torch_loop_swap", "lora_addmm_fuse", "peft_lora_merge",
     "DEFAULT_LORA_SCALE", "CACHE_LINE",
 ]
@@ -194,9 +195,32 @@ def read_bandwidth(nbytes: int = 256 * 2**20, *, repeat: int = 5) -> float:
     return src.numel() * 4 / seconds
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, *, repeat: int = 3) -> float:
-    """Flop/s of torch's n x n x n matmul in ``dtype`` here: the rate a compute-bound bound is
-    measured against (the best of ``repeat`` after a warm-up, as a peak is)."""
+PEAK_SIZE = 2048  # n of the n x n x n matmul a peak is timed on
+PEAK_CALL_S = 2.0  # ...unless one call of it would take longer than this here
+
+
+@functools.cache
+def peak_size(dtype: torch.dtype = torch.float32) -> int:
+    """The n matmul_peak times in ``dtype``: PEAK_SIZE, or the largest power of two from 256 of
+    which one call takes at most PEAK_CALL_S here, as far as a 256³ call tells. torch's fp16 and
+    bf16 matmuls run at about 1 GFLOP/s on an AVX2-only CPU (a 2048³ call: 14 s)."""
+    n = 256
+    a = torch.randn(n, n).to(dtype)
+    a @ a  # warm-up
+    started = time.perf_counter()
+    a @ a
+    rate = 2 * n**3 / max(time.perf_counter() - started, 1e-9)
+    while n < PEAK_SIZE and 2 * (2 * n) ** 3 / rate <= PEAK_CALL_S:
+        n *= 2
+    return n
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int | None = None, *,
+                repeat: int = 3) -> float:
+    """Flop/s of torch's n x n x n matmul in ``dtype`` here (n: peak_size's): the rate a
+    compute-bound bound is measured against (the best of ``repeat`` after a warm-up, as a peak
+    is)."""
+    n = peak_size(dtype) if n is None else n
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     _, times = median_time(lambda: a @ b, warmup=1, repeat=repeat)
