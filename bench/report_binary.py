@@ -75,13 +75,13 @@ def bound_line(shape, tokens, median, limits) -> str:
             f"({sign_bytes / median / 1e9:.1f} GB/s of signs).")
 
 
-def linear_rows(shape, tokens, repeat):
+def linear_rows(shape, tokens, repeat, cold_max_tokens=COLD_MAX_TOKENS):
     out_f, in_f = shape
     g = torch.Generator().manual_seed(0)
     bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g))
     x = torch.randn(tokens, in_f, generator=g)
     x16 = x.to(torch.bfloat16)
-    cold = tokens <= COLD_MAX_TOKENS
+    cold = tokens <= cold_max_tokens
 
     def signs_like(i):  # another weight of the same kind (random signs, bw's α and μ)
         packed = bw.packed if i == 0 else torch.randint_like(bw.packed, -2**31, 2**31 - 1)
@@ -183,18 +183,21 @@ def main(argv=None) -> int:
              f"256 MiB), torch's bf16 matmul {limits['bf16'] / 1e9:.1f} GFLOP/s "
              f"({sb.peak_size(torch.bfloat16)}³); each binary_linear table ends with its bounds "
              "from these.",
-             f"- binary_linear up to {COLD_MAX_TOKENS} tokens: each call of a variant reads "
-             "another copy of its weight, cycling through copies that together exceed "
-             f"{COLD_BYTES // 2**20} MiB, so every variant meets its weight in memory as a model's "
-             "next layer does (code and activations warm); above, one weight, warm "
-             "(compute-bound).",
+             (f"- binary_linear up to {COLD_MAX_TOKENS} tokens: each call of a variant reads "
+              "another copy of its weight, cycling through copies that together exceed "
+              f"{COLD_BYTES // 2**20} MiB, so every variant meets its weight in memory as a "
+              "model's next layer does (code and activations warm); above, one weight, warm "
+              "(compute-bound)." if not args.quick else
+              "- --quick: one weight per variant, warm (the small shapes' copies would number "
+              "hundreds of thousands)."),
              "- Times are medians of the given repeats after one warm-up; this is a shared machine, "
              "so compare the ratios measured side by side.", ""]
     lines += ["## binary_linear", ""]
     for shape in shapes:
         for tokens in token_counts:
             print(f"binary_linear {shape[0]}x{shape[1]} T={tokens}", file=sys.stderr, flush=True)
-            rows = linear_rows(shape, tokens, args.repeat if tokens < 2048 else 3)
+            rows = linear_rows(shape, tokens, args.repeat if tokens < 2048 else 3,
+                               0 if args.quick else COLD_MAX_TOKENS)
             lines += [f"### {shape[0]}x{shape[1]}, {tokens} token(s)", ""]
             lines += fmt_table(rows, "binary_linear (this package)") + [""]
             median = rows["binary_linear (this package)"][0]
