@@ -54,9 +54,13 @@ inline float fmadd(float a, float b, float c) {
 #endif
 }
 inline fvec fmadd(float a, fvec b, fvec c) {
-  fvec av;
-  for (int l = 0; l < kLanes; ++l) av[l] = a;  // a broadcast (vbroadcastss)
-  return fmadd(av, b, c);
+#if defined(__AVX512F__)
+  return fmadd(reinterpret_cast<fvec>(_mm512_set1_ps(a)), b, c);
+#elif defined(__AVX__)
+  return fmadd(reinterpret_cast<fvec>(_mm256_set1_ps(a)), b, c);
+#else
+  return a * b + c;
+#endif
 }
 
 // kLanes bytes from p, zero-extended to a lane each. The instruction spelled out: GCC compiled
