@@ -51,6 +51,7 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import os
 import statistics
 import threading
@@ -416,6 +417,9 @@ def measure(calls: Mapping[str, Callable], *, rounds: int = 3, sync=None
     return {name: statistics.median(ts) for name, ts in times.items()}, f"median of {rounds}"
 
 
+PROBE_WARM_ROWS = 16  # measure_sliced's warm-up slice: first-call costs, not a whole slow call
+
+
 def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
                    least: int = 64, rounds: int = 5, sync=None) -> tuple[dict[str, float], str]:
     """Median seconds of each candidate on a slice of the problem, as large as the budget
@@ -425,17 +429,25 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     problem (few tokens: overheads and memory traffic decide) always fits. ``least`` rows at
     the fewest (a slice small enough to sit in a core's cache would favour scattered writes).
 
-    A probe at ``least`` rows (the faster of two runs each) sizes the slice; a candidate 1.5x
-    slower than the best there is not measured further and not returned (it will not win; the
-    description says so), which leaves the budget to a larger slice for the ones that might."""
+    A probe at ``least`` rows (after a warm-up call on PROBE_WARM_ROWS of them: the faster of
+    two runs each, or the one where it already took 3x the best so far and over a quarter of
+    the budget: on a CPU where torch's bf16 matmul crawls, each such call is a second) sizes
+    the slice; a candidate 1.5x slower than the best there is not measured further and not
+    returned (it will not win; the description says so), which leaves the budget to a larger
+    slice for the ones that might."""
     started = time.perf_counter()
     n = min(full, least)
     probe = make(n)
+    warm = make(PROBE_WARM_ROWS) if n > PROBE_WARM_ROWS else probe
     once: dict[str, float] = {}
+    best, hopeless = math.inf, budget_s() / 4
     for name, call in probe.items():
         try:
-            _time_once(call, sync)
-            once[name] = min(_time_once(call, sync), _time_once(call, sync))
+            _time_once(warm[name], sync)
+            first = _time_once(call, sync)
+            once[name] = (first if first > 3 * best and first > hopeless
+                          else min(first, _time_once(call, sync)))
+            best = min(best, once[name])
         except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
             pass
     if not once:

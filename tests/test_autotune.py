@@ -145,12 +145,30 @@ def test_measure_sliced_ranks_on_the_largest_slice_the_budget_allows(tune, monke
     times, how = tuning.measure_sliced(make, 100_000, least=64)
     assert set(times) == {"slow", "fast"} and times["fast"] < times["slow"]
     assert "(hopeless left out" in how  # slower by half on the probe: not measured further
-    # One probe slice and one larger one; its 6 calls of the two kept fit in the budget.
-    assert seen[0] == 64 and len(seen) == 2 and 64 < seen[1] < 100_000
-    assert seen[1] * 2.3e-5 * 6 <= 0.2 and f"on {seen[1]} of 100000 rows" in how
+    # The warm-up slice, one probe slice and one larger one; its 6 calls of the two kept fit in
+    # the budget.
+    assert seen[:2] == [64, tuning.PROBE_WARM_ROWS] and len(seen) == 3
+    assert 64 < seen[2] < 100_000
+    assert seen[2] * 2.3e-5 * 6 <= 0.2 and f"on {seen[2]} of 100000 rows" in how
     seen.clear()
     times, how = tuning.measure_sliced(make, 100, least=64)  # the whole fits
-    assert seen == [64, 100] and "on 100 of 100 rows" in how
+    assert seen == [64, tuning.PROBE_WARM_ROWS, 100] and "on 100 of 100 rows" in how
+
+
+def test_measure_sliced_runs_a_crawling_candidate_once_on_the_probe(tune, monkeypatch):
+    # A candidate whose first timed call is 3x the best so far and over a quarter of the budget
+    # is not run a second time (torch's bf16 matmul on an AVX2-only CPU: a second a call).
+    monkeypatch.setenv(tuning.BUDGET_ENV, "0.2")
+    calls = {"fast": [], "crawl": []}
+
+    def make(rows):
+        return {"fast": lambda: calls["fast"].append(rows),
+                "crawl": lambda: (calls["crawl"].append(rows), time.sleep(0.002 * rows))}
+    times, how = tuning.measure_sliced(make, 100_000, least=64)
+    # warm-up on the small slice, then one call on the probe: 128 ms, over 0.05 s
+    assert calls["crawl"] == [tuning.PROBE_WARM_ROWS, 64]
+    assert set(times) == {"fast"} and "(crawl left out" in how
+    assert calls["fast"][:3] == [tuning.PROBE_WARM_ROWS, 64, 64]  # kept: run twice
 
 
 def test_measure_extrapolated_accounts_for_a_fixed_cost():
