@@ -129,6 +129,11 @@ def _check_structure(structure, flat_indices: torch.Tensor, shape: tuple[int, in
     _CHECKED_STRUCTURES.put(structure.rows, weakref.ref(flat_indices), key)
 
 
+def _holds_integers(t: torch.Tensor) -> bool:
+    """Whether t's dtype is an integer type (bool is not: True would read as index 1)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 class SparseDelta:
     """A sparse update S of shape (out, in): sorted unique flat indices and their values.
 
@@ -199,8 +204,7 @@ class SparseDelta:
             flat_indices = torch.as_tensor(flat_indices)
             if flat_indices.numel() == 0:  # [] reads as float32: an empty adapter, no entries
                 flat_indices = flat_indices.long()
-        if (flat_indices.is_floating_point() or flat_indices.is_complex()
-                or flat_indices.dtype == torch.bool or flat_indices.dim() != 1):
+        if not _holds_integers(flat_indices) or flat_indices.dim() != 1:
             raise TypeError(f"flat_indices must be a 1-D tensor of integers, got "
                             f"{flat_indices.dim()}-D {flat_indices.dtype}")
         if flat_indices.dtype not in (torch.int32, torch.int64):  # int8/16, uint8..64: widened
@@ -227,7 +231,7 @@ class SparseDelta:
         out_features, in_features = _weight_shape(shape)
         for name, t, extent in (("rows", rows, out_features), ("cols", cols, in_features)):
             # .long() below would truncate 1.7 to row 1 and take True as 1 ([] reads as float).
-            if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            if t.numel() and not _holds_integers(t):
                 raise TypeError(f"{name} must hold integers, got {t.dtype}")
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= extent):
                 raise ValueError(f"{name} has entries outside [0, {extent})")

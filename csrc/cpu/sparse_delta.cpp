@@ -513,6 +513,25 @@ void spmm_by_column_blocks(const T* x, const T* y_in, T* out, int64_t tokens, in
   });
 }
 
+// S's rows [r0, r1) over one chunk of tokens (tile xT, ld tokens wide), in groups of kLanes
+// rows whose sums (acc: kLanes x ld fp32) stay in L1 until they go out, added to y. Both the
+// row-split and the token-split spmm go through here: a row's entries sum in one order.
+template <typename T, typename C, typename V>
+void rows_in_groups(int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld, const T* xT,
+                    float* acc, const T* y_in, T* out, int64_t rows, const int64_t* offsets,
+                    const C* cols, const V* values, float scale) {
+  with_vectors(ld, [&](auto nv) {
+    for (int64_t g0 = r0; g0 < r1; g0 += kLanes) {
+      const int64_t g1 = std::min(g0 + kLanes, r1);
+      std::fill(acc, acc + (g1 - g0) * ld, 0.0f);
+      for (int64_t r = g0; r < g1; ++r)
+        axpy_entries<decltype(nv)::value>(acc + (r - g0) * ld, xT, ld, cols, values,
+                                          offsets[r], offsets[r + 1]);
+      add_transposed(acc, ld, t0, tc, g0, g1, y_in, out, rows, scale);
+    }
+  });
+}
+
 // spmm over chunks short enough for the whole tile to stay in L2 (tile_chunk), so a row's
 // entries go at once and rows go in groups of kLanes whose sums stay in L1 until they go out.
 // Shorter chunks mean more passes over S: this wins while a call is one or two of them.
@@ -523,16 +542,7 @@ void spmm_by_row_groups(const T* x, const T* y_in, T* out, int64_t tokens, int64
   by_token_chunks(x, tokens, in, offsets, rows, chunk,
                   [&](int64_t r0, int64_t r1, int64_t t0, int64_t tc, int64_t ld,
                       const T* xT, float* acc) {
-    with_vectors(ld, [&](auto nv) {
-      for (int64_t g0 = r0; g0 < r1; g0 += kLanes) {
-        const int64_t g1 = std::min(g0 + kLanes, r1);
-        std::fill(acc, acc + (g1 - g0) * ld, 0.0f);
-        for (int64_t r = g0; r < g1; ++r)
-          axpy_entries<decltype(nv)::value>(acc + (r - g0) * ld, xT, ld, cols, values,
-                                            offsets[r], offsets[r + 1]);
-        add_transposed(acc, ld, t0, tc, g0, g1, y_in, out, rows, scale);
-      }
-    });
+    rows_in_groups(r0, r1, t0, tc, ld, xT, acc, y_in, out, rows, offsets, cols, values, scale);
   });
 }
 
@@ -543,17 +553,8 @@ void spmm_by_token_ranges(const T* x, const T* y_in, T* out, int64_t tokens, int
                           int64_t rows, const int64_t* offsets, const C* cols, const V* values,
                           float scale, int64_t chunk) {
   by_token_ranges(x, tokens, in, chunk, [&](int64_t t0, int64_t tc, int64_t ld, const T* xT) {
-    float* acc = own_tile.get(kLanes * ld);
-    with_vectors(ld, [&](auto nv) {
-      for (int64_t g0 = 0; g0 < rows; g0 += kLanes) {
-        const int64_t g1 = std::min(g0 + kLanes, rows);
-        std::fill(acc, acc + (g1 - g0) * ld, 0.0f);
-        for (int64_t r = g0; r < g1; ++r)
-          axpy_entries<decltype(nv)::value>(acc + (r - g0) * ld, xT, ld, cols, values,
-                                            offsets[r], offsets[r + 1]);
-        add_transposed(acc, ld, t0, tc, g0, g1, y_in, out, rows, scale);
-      }
-    });
+    rows_in_groups(int64_t{0}, rows, t0, tc, ld, xT, own_tile.get(kLanes * ld), y_in, out, rows,
+                   offsets, cols, values, scale);
   });
 }
 
