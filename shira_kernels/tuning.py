@@ -417,7 +417,7 @@ def measure(calls: Mapping[str, Callable], *, rounds: int = 3, sync=None
     return {name: statistics.median(ts) for name, ts in times.items()}, f"median of {rounds}"
 
 
-PROBE_WARM_ROWS = 16  # measure_sliced's warm-up slice: first-call costs, not a whole slow call
+PROBE_WARM_ROWS = 16  # measure_sliced's warm-up slice: first-call costs, and a first ranking
 
 
 def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
@@ -429,21 +429,41 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     problem (few tokens: overheads and memory traffic decide) always fits. ``least`` rows at
     the fewest (a slice small enough to sit in a core's cache would favour scattered writes).
 
-    A probe at ``least`` rows (after a warm-up call on PROBE_WARM_ROWS of them: the faster of
-    two runs each, or the one where it already took 3x the best so far and over a quarter of
-    the budget: on a CPU where torch's bf16 matmul crawls, each such call is a second) sizes
-    the slice; a candidate 1.5x slower than the best there is not measured further and not
-    returned (it will not win; the description says so), which leaves the budget to a larger
-    slice for the ones that might."""
+    Each candidate first runs twice on PROBE_WARM_ROWS rows (the first call pays first-call
+    costs; the second is timed). One already 3x the best there, whose time grown to ``least``
+    rows would take over a quarter of the budget, is not run further (on a CPU where torch's
+    bf16 matmul crawls, a call on ``least`` rows takes a second). A probe at ``least`` rows
+    (the faster of two runs, or one where it already took 3x the best so far and over a
+    quarter of the budget) then sizes the slice; a candidate 1.5x slower than the best there
+    is not measured further. Neither kind is returned (it will not win; the description says
+    which were left out), which leaves the budget to a larger slice for the ones that might."""
     started = time.perf_counter()
     n = min(full, least)
     probe = make(n)
-    warm = make(PROBE_WARM_ROWS) if n > PROBE_WARM_ROWS else probe
+    hopeless = budget_s() / 4
+    screened: list[str] = []
+    if n > PROBE_WARM_ROWS:
+        warm = make(PROBE_WARM_ROWS)
+        at_warm: dict[str, float] = {}
+        for name, call in warm.items():
+            try:
+                _time_once(call, sync)
+                at_warm[name] = _time_once(call, sync)
+            except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
+                pass
+        best_warm = min(at_warm.values(), default=0.0)
+        screened = sorted(name for name, t in at_warm.items()
+                          if t > 3 * best_warm and t * n / PROBE_WARM_ROWS > hopeless)
+        candidates = [name for name in probe if name in at_warm and name not in screened]
+    else:
+        candidates = list(probe)
     once: dict[str, float] = {}
-    best, hopeless = math.inf, budget_s() / 4
-    for name, call in probe.items():
+    best = math.inf
+    for name in candidates:
+        call = probe[name]
         try:
-            _time_once(warm[name], sync)
+            if n <= PROBE_WARM_ROWS:
+                _time_once(call, sync)
             first = _time_once(call, sync)
             once[name] = (first if first > 3 * best and first > hopeless
                           else min(first, _time_once(call, sync)))
@@ -455,7 +475,9 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     best = min(once.values())
     kept = {name: t for name, t in once.items() if t <= 1.5 * best}
     dropped = sorted(set(once) - set(kept))
-    note = f" ({', '.join(dropped)} left out: ≥1.5x slower on the probe)" if dropped else ""
+    note = "".join(f" ({', '.join(names)} left out: {why})" for names, why in (
+        (screened, f"≥3x slower on {PROBE_WARM_ROWS} rows"),
+        (dropped, "≥1.5x slower on the probe")) if names)
     left = budget_s() - (time.perf_counter() - started)
     per_round = sum(kept.values())
     if per_round * rounds > left:  # even the smallest slice is over budget

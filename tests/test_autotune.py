@@ -155,9 +155,10 @@ def test_measure_sliced_ranks_on_the_largest_slice_the_budget_allows(tune, monke
     assert seen == [64, tuning.PROBE_WARM_ROWS, 100] and "on 100 of 100 rows" in how
 
 
-def test_measure_sliced_runs_a_crawling_candidate_once_on_the_probe(tune, monkeypatch):
-    # A candidate whose first timed call is 3x the best so far and over a quarter of the budget
-    # is not run a second time (torch's bf16 matmul on an AVX2-only CPU: a second a call).
+def test_measure_sliced_screens_out_a_crawling_candidate_on_the_warm_up_slice(tune, monkeypatch):
+    # A candidate already 3x the best on the warm-up slice, whose time grown to the probe's
+    # rows is over a quarter of the budget, never runs on the probe (torch's bf16 matmul on an
+    # AVX2-only CPU: a second a call there).
     monkeypatch.setenv(tuning.BUDGET_ENV, "0.2")
     calls = {"fast": [], "crawl": []}
 
@@ -165,10 +166,27 @@ def test_measure_sliced_runs_a_crawling_candidate_once_on_the_probe(tune, monkey
         return {"fast": lambda: calls["fast"].append(rows),
                 "crawl": lambda: (calls["crawl"].append(rows), time.sleep(0.002 * rows))}
     times, how = tuning.measure_sliced(make, 100_000, least=64)
-    # warm-up on the small slice, then one call on the probe: 128 ms, over 0.05 s
-    assert calls["crawl"] == [tuning.PROBE_WARM_ROWS, 64]
-    assert set(times) == {"fast"} and "(crawl left out" in how
-    assert calls["fast"][:3] == [tuning.PROBE_WARM_ROWS, 64, 64]  # kept: run twice
+    # 32 ms on 16 rows (twice: a warm-up and the timed one); 128 ms on 64, over 0.05 s
+    assert calls["crawl"] == [tuning.PROBE_WARM_ROWS] * 2
+    assert set(times) == {"fast"} and f"(crawl left out: ≥3x slower on {tuning.PROBE_WARM_ROWS}" \
+        in how
+    assert calls["fast"][:4] == [tuning.PROBE_WARM_ROWS] * 2 + [64] * 2  # kept: probed twice
+
+
+def test_measure_sliced_runs_a_crawling_candidate_once_on_the_probe(tune, monkeypatch):
+    # A candidate as fast as the best on the warm-up slice whose first call on the probe is 3x
+    # the best so far and over a quarter of the budget is not run there a second time.
+    monkeypatch.setenv(tuning.BUDGET_ENV, "0.2")
+    calls = {"fast": [], "crawl": []}
+
+    def make(rows):
+        return {"fast": lambda: calls["fast"].append(rows),
+                "crawl": lambda: (calls["crawl"].append(rows),
+                                  time.sleep(0.002 * (rows - tuning.PROBE_WARM_ROWS)))}
+    times, how = tuning.measure_sliced(make, 100_000, least=64)
+    # nothing on the warm-up slice; 96 ms on the probe, over 0.05 s
+    assert calls["crawl"] == [tuning.PROBE_WARM_ROWS] * 2 + [64]
+    assert set(times) == {"fast"} and "(crawl left out: ≥1.5x slower on the probe)" in how
 
 
 def test_measure_extrapolated_accounts_for_a_fixed_cost():
