@@ -30,41 +30,60 @@ _STRIPES = 256
 
 class SharedExclusiveLock:
     """Many holders in shared mode or one in exclusive mode; a waiting exclusive holder is
-    served before new shared ones (a stream of forwards cannot starve a switch)."""
+    served before new shared ones (a stream of forwards cannot starve a switch). The exclusive
+    holder may take it again, in either mode (a merge holds its weight while it reads the base
+    entries and swaps the new ones in); it is free once every such hold is released."""
 
-    __slots__ = ("_cond", "_shared", "_exclusive", "_waiting")
+    __slots__ = ("_cond", "_shared", "_exclusive", "_waiting", "_owner", "_depth")
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
+        self._owner = None  # the exclusive holder's thread id
+        self._depth = 0  # its holds
 
     def acquire_shared(self) -> None:
         with self._cond:
+            if self._owner == threading.get_ident():
+                self._depth += 1
+                return
             while self._exclusive or self._waiting:
                 self._cond.wait()
             self._shared += 1
 
     def release_shared(self) -> None:
         with self._cond:
+            if self._owner == threading.get_ident():
+                self._release_owned()
+                return
             self._shared -= 1
             if not self._shared:
                 self._cond.notify_all()
 
     def acquire_exclusive(self) -> None:
+        me = threading.get_ident()
         with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
             self._waiting += 1
             try:
                 while self._exclusive or self._shared:
                     self._cond.wait()
             finally:
                 self._waiting -= 1
-            self._exclusive = True
+            self._exclusive, self._owner, self._depth = True, me, 1
 
     def release_exclusive(self) -> None:
         with self._cond:
-            self._exclusive = False
+            self._release_owned()
+
+    def _release_owned(self) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self._exclusive, self._owner = False, None
             self._cond.notify_all()
 
 

@@ -481,6 +481,77 @@ def test_bank_add_during_a_swap_forward_prepares_from_the_base():
     assert torch.equal(bits(layer.weight), base)
 
 
+def test_shira_merge_during_a_swap_forward_merges_the_base():
+    """merge() while a "swap" forward of the same layer runs in another thread (W + S in the
+    layer's entries for the call): merge_by_swap used to read those as the base entries, and
+    the merged weight held W + 2S."""
+    layer = _shira_layer()
+    layer.strategy = "swap"
+    base = bits(layer.weight).clone()
+    idx = layer.shira_flat_indices.long()
+    want = adapted_entries(layer.weight.detach().view(-1)[idx], layer.shira_values.detach(),
+                           layer.scale)
+    pause = _PauseAt(lambda func, args: func is F.linear, after=False)
+
+    def forward():
+        with torch.no_grad(), pause:
+            layer(torch.randn(2, 24))
+
+    forwarder = _start(forward)
+    assert pause.reached.wait(JOIN)  # inside the swap
+    merged = threading.Event()
+    merger = _start(lambda: (layer.merge(), merged.set()))
+    assert _until(lambda: merged.is_set() or _waiting_on(layer.weight) > 0)
+    pause.resume.set()
+    _join(forwarder)
+    _join(merger)
+    assert layer.merged
+    assert torch.equal(bits(layer.weight.detach().view(-1)[idx]), bits(want))
+    layer.unmerge()
+    assert torch.equal(bits(layer.weight), base)
+
+
+def test_scatter_swap_waits_for_another_swap_of_its_values():
+    """Two swaps through one values tensor into different weights: the values are written too,
+    so the second waits for the first (the values' lock), and each weight gets whole values."""
+    from shira_kernels import scatter_swap_
+    from shira_kernels._concurrency import writing
+    w1, w2 = torch.zeros(64), torch.zeros(64)
+    idx = torch.arange(0, 64, 4)
+    values = torch.arange(1.0, 17.0)
+    done = threading.Event()
+    with writing(values):  # as a swap of `values` in progress would
+        swapper = _start(lambda: (scatter_swap_([w2], [idx], [values]), done.set()))
+        assert _until(lambda: done.is_set() or _waiting_on(values) > 0)
+        assert not done.is_set()
+    _join(swapper)
+    assert torch.equal(w2[idx], torch.arange(1.0, 17.0)) and not values.any()
+    assert not w1.any()
+
+
+def test_a_weights_exclusive_holder_may_take_its_lock_again():
+    """The thread holding a weight's lock exclusively takes it again in either mode without
+    waiting on itself; another thread gets it only once every such hold is released."""
+    w = torch.zeros(8)
+    lock = weight_lock(w)
+    lock.acquire_exclusive()
+    lock.acquire_exclusive()
+    lock.acquire_shared()
+    got = threading.Event()
+
+    def other():
+        lock.acquire_shared()
+        got.set()
+        lock.release_shared()
+    t = _start(other)
+    for release in (lock.release_shared, lock.release_exclusive):
+        release()
+        assert not got.wait(0.05)  # still held
+    lock.release_exclusive()
+    _join(t)
+    assert got.is_set()
+
+
 def test_mixed_blocks_guarded_forwards_and_switches_from_many_threads():
     """mixed() blocks, switches (adapters and a fusion), guarded forwards and add/remove in
     five threads: every output is a sequential one, nothing deadlocks, the base is intact."""

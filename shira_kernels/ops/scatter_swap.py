@@ -200,7 +200,7 @@ def _check_swap_args(weights, indices, values):
 def _scatter_swap_op(weights: list[torch.Tensor], indices: list[torch.Tensor],
                      values: list[torch.Tensor]) -> None:
     if weights:
-        with writing(*weights):
+        with writing(*weights, *values):  # values are written too
             swap_unchecked(weights, indices, values)
 
 
@@ -243,10 +243,15 @@ def merge_by_swap(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor
     (weight, flat, held) puts back bit for bit. Entries that would overflow W's dtype are
     refused first (ValueError starting with ``where``), with nothing changed."""
     with torch.no_grad(), torch.inference_mode(False):  # held may be swapped outside it
-        base = weight.detach().view(-1)[flat.long()]
-        held = adapted_entries(base, values.detach(), scale)
-        check_representable(held, where, base=base)
-        swap_transaction([weight], [flat], [held], lambda: commit(held))
+        held = torch.empty(flat.shape, dtype=weight.dtype, device=weight.device)
+        # The base entries are read and the new ones swapped in under one hold of W's lock: a
+        # "swap" forward of another thread could otherwise have W's entries adapted while they
+        # are read, and the merge would add the adapter twice.
+        with writing(weight, held):
+            base = weight.detach().view(-1)[flat.long()]
+            held.copy_(adapted_entries(base, values.detach(), scale))
+            check_representable(held, where, base=base)
+            swap_transaction([weight], [flat], [held], lambda: commit(held))
 
 
 def swap_transaction(weights: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
@@ -257,7 +262,8 @@ def swap_transaction(weights: Sequence[torch.Tensor], indices: Sequence[torch.Te
     KeyboardInterrupt arriving meanwhile is delivered after the step. ``commit`` must itself
     change nothing before it can fail, or undo its own changes when it does. This is how
     merges and adapter switches stay restorable whatever interrupts them."""
-    with interrupts_deferred():
+    # The locks first, all at once in stripe order: the swaps inside take them again.
+    with interrupts_deferred(), writing(*weights, *values):
         scatter_swap_(weights, indices, values)
         try:
             commit()
