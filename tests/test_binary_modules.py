@@ -168,3 +168,27 @@ def test_a_refused_rank_names_the_argument_used():
     with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match=r"^rank must be an int"):
         BinaryLoRALinear.from_linear(lin, rank=2.0)
     assert lin.weight.requires_grad  # refused before the base layer is frozen
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bi_lora_under_autocast_gives_autocast_dtype_packed_or_not(packed):
+    # The base's F.linear runs in bf16 under autocast; the branch must give bf16 too (the
+    # packed branch's op keeps x's dtype: the layer rounds its fp32 result once), or the sum
+    # comes back fp32.
+    torch.manual_seed(0)
+    layer = BinaryLoRALinear.from_linear(nn.Linear(40, 24), r=4, scale=0.5)
+    with torch.no_grad():
+        layer.lora.up.normal_()
+    if packed:
+        layer.pack()
+    x = torch.randn(6, 40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        base = F.linear(x, layer.weight, layer.bias)
+        branch = layer.lora(x)
+    with torch.no_grad():
+        plain_branch = layer.lora(x)
+    assert y.dtype == branch.dtype == torch.bfloat16
+    assert torch.equal(y, base + branch)
+    if packed:  # the fp32 branch rounded once
+        assert torch.equal(branch, plain_branch.to(torch.bfloat16))

@@ -25,6 +25,14 @@ from ..quant import METHODS, fake_quantize
 from ._wrap import REQUIRED, adopt_linear, check_loadable, renamed_argument
 
 
+def _linear_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear gives for x here: autocast's where it is on for x's device."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class BinaryAdapter(nn.Module):
     """y = scale · up(act(down(x))) with 1-bit down [r, in] and up [out, r].
 
@@ -74,7 +82,10 @@ class BinaryAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             down, up = self.binary_weights()
-            return binary_lora(x, down, up, self.scale, self.activation)
+            y = binary_lora(x, down, up, self.scale, self.activation)
+            # The op keeps x's dtype; the float branch's F.linear gives autocast's. The packed
+            # branch gives the same dtype (its fp32 sums rounded once).
+            return y.to(_linear_dtype(x))
         down = fake_quantize(self.down, self.method).to(x.dtype)
         up = fake_quantize(self.up, self.method).to(x.dtype)
         return self.scale * F.linear(self._act(F.linear(x, down)), up)
