@@ -220,8 +220,15 @@ def main() -> None:
         lines += ["", f"Measuring took {sum(t for t, _ in spent):.1f} s for the {len(spent)} "
                       f"decisions of the table above, {spent[-1][0]:.2f} s at the most "
                       f"({spent[-1][1].split('|', 2)[-1]})."]
+        lines += ["", "| decision | chose | candidates' ms | how |", "|---|---|---|---|"]
+        for key, e in sorted(tuning.measured_decisions().items()):
+            ms = ", ".join(f"{name} {t:.3g}" for name, t in sorted(e["ms"].items(),
+                                                                 key=lambda kv: kv[1]))
+            lines.append(f"| {key.split('|', 2)[-1]} | {e['value']} | {ms} | {e['how']} |")
     text = "\n".join(lines) + "\n"
-    if args.out != "-":
+    if args.out == "-":
+        print(text)
+    else:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
 
