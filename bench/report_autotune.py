@@ -224,7 +224,8 @@ def main() -> None:
         for key, e in sorted(tuning.measured_decisions().items()):
             ms = ", ".join(f"{name} {t:.3g}" for name, t in sorted(e["ms"].items(),
                                                                  key=lambda kv: kv[1]))
-            lines.append(f"| {key.split('|', 2)[-1]} | {e['value']} | {ms} | {e['how']} |")
+            where = key.split('|', 2)[-1].replace('|', ' · ')
+            lines.append(f"| {where} | {e['value']} | {ms} | {e['how']} |")
     text = "\n".join(lines) + "\n"
     if args.out == "-":
         print(text)

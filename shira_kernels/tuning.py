@@ -433,8 +433,8 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     costs; the second is timed). One already 3x the best there, whose time grown to ``least``
     rows would take over a quarter of the budget, is not run further (on a CPU where torch's
     bf16 matmul crawls, a call on ``least`` rows takes a second). A probe at ``least`` rows
-    (the faster of two runs, or one where it already took 3x the best so far and over a
-    quarter of the budget) then sizes the slice; a candidate 1.5x slower than the best there
+    (the faster of two runs, taken in turn, or one where the first already took 3x the best
+    first and over a quarter of the budget) then sizes the slice; a candidate 1.5x slower than the best there
     is not measured further. Neither kind is returned (it will not win; the description says
     which were left out), which leaves the budget to a larger slice for the ones that might."""
     started = time.perf_counter()
@@ -457,19 +457,20 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
         candidates = [name for name in probe if name in at_warm and name not in screened]
     else:
         candidates = list(probe)
+    # Two passes over the candidates in turn (a slow spell of the machine then hits one run of
+    # several candidates, not both runs of one), each keeping the faster of its runs.
     once: dict[str, float] = {}
-    best = math.inf
     for name in candidates:
-        call = probe[name]
         try:
             if n <= PROBE_WARM_ROWS:
-                _time_once(call, sync)
-            first = _time_once(call, sync)
-            once[name] = (first if first > 3 * best and first > hopeless
-                          else min(first, _time_once(call, sync)))
-            best = min(best, once[name])
+                _time_once(probe[name], sync)
+            once[name] = _time_once(probe[name], sync)
         except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
             pass
+    first_best = min(once.values(), default=math.inf)
+    for name, first in once.items():
+        if not (first > 3 * first_best and first > hopeless):
+            once[name] = min(first, _time_once(probe[name], sync))
     if not once:
         return {}, f"no candidate ran on {n} of {full} rows"
     best = min(once.values())

@@ -175,7 +175,7 @@ def test_measure_sliced_screens_out_a_crawling_candidate_on_the_warm_up_slice(tu
 
 def test_measure_sliced_runs_a_crawling_candidate_once_on_the_probe(tune, monkeypatch):
     # A candidate as fast as the best on the warm-up slice whose first call on the probe is 3x
-    # the best so far and over a quarter of the budget is not run there a second time.
+    # the best first call there and over a quarter of the budget is not run there again.
     monkeypatch.setenv(tuning.BUDGET_ENV, "0.2")
     calls = {"fast": [], "crawl": []}
 
