@@ -1,6 +1,7 @@
 """Time the 1-bit ops on the CPU against dense matmuls, in one run.
 
-    python bench/report_binary.py [--quick] [--out docs/benchmarks/binary_cpu.md]
+    python bench/report_binary.py [--quick] [--shapes 4096x4096,...] [--tokens 1,16,...]
+                                  [--out docs/benchmarks/binary_cpu.md]
 
 binary_linear is compared, on the same inputs, with a dense fp32 and a dense bf16 matmul of the
 dequantized weight, and with unpack-then-matmul (dequantize() then a matmul, per call); its
@@ -162,10 +163,26 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--shapes", default=None, metavar="OUTxIN,...",
+                        help="binary_linear's shapes (default 768x768,4096x4096,11008x4096)")
+    parser.add_argument("--tokens", default=None, metavar="T,...",
+                        help="binary_linear's token counts (default 1,8,16,128,2048; where "
+                             "torch's bf16 matmul crawls, 2048 tokens of 11008x4096 take "
+                             "minutes a call)")
     parser.add_argument("--out", default="docs/benchmarks/binary_cpu.md", help="'-' only prints")
     args = parser.parse_args(argv)
     shapes = [(96, 96), (256, 512)] if args.quick else [(768, 768), (4096, 4096), (11008, 4096)]
     token_counts = [1, 8] if args.quick else [1, 8, 16, 128, 2048]
+    try:
+        if args.shapes:
+            shapes = [tuple(int(v) for v in s.split("x", 1)) for s in args.shapes.split(",")]
+        if args.tokens:
+            token_counts = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        parser.error(f"--shapes {args.shapes!r} / --tokens {args.tokens!r}: expected "
+                     "OUTxIN,... and T,... (positive ints)")
+    if any(v < 1 for shape in shapes for v in shape) or any(t < 1 for t in token_counts):
+        parser.error("--shapes and --tokens take positive ints")
     limits = {"read": sb.read_bandwidth(), "bf16": sb.matmul_peak(torch.bfloat16)}
     started = dt.datetime.now(dt.timezone.utc)
     lines = ["# 1-bit ops on the CPU", "",
