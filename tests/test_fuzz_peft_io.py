@@ -152,6 +152,48 @@ def test_merge_of_several_adapters_is_undone_when_one_is_refused(safe_merge):
     assert same_bits(snapshot(pm), before)
 
 
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
+@pytest.mark.parametrize("safe_merge", [True, False])
+def test_a_model_wide_merge_refused_in_its_last_layer_changes_no_layer(how, safe_merge):
+    # PEFT's loop merges layer after layer: fc1 and fc2 stayed merged when blocks.0.0 refused.
+    pm = shira(tiny())
+    last = pm.base_model.model.blocks[0][0]
+    with torch.no_grad():  # NaN: safe_merge's check; the largest float times 4: an overflow
+        last.shira_weight["default"][1] = float("nan") if safe_merge else torch.finfo().max
+        last.set_scale("default", 4.0)
+    skpeft.accelerate(pm)
+    before = snapshot(pm)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = pm(x)
+    with pytest.raises(ValueError, match="default"):
+        getattr(pm, how)(safe_merge=safe_merge)
+    layers = [m for m in pm.modules() if isinstance(m, skpeft.AcceleratedShiraLinear)]
+    assert len(layers) == 3  # none unloaded
+    assert all(m.merged_adapters == [] and not m._sk_held for m in layers)
+    assert same_bits(snapshot(pm), before)
+    with torch.no_grad():  # bits: a NaN adapter gives NaN outputs
+        assert torch.equal(bits(pm(x)), bits(y))
+    with torch.no_grad():  # repaired, the model merges, and unloads the merged weights
+        last.shira_weight["default"][1] = 0.5
+        pm.merge_adapter()
+        y = pm(x)
+        pm.unmerge_adapter()
+        assert same_bits(snapshot(pm), {**before, **{k: v for k, v in snapshot(pm).items()
+                                                     if "shira_weight" in k}})
+        merged = pm.merge_and_unload()
+        assert not any(isinstance(m, skpeft.AcceleratedShiraLinear) for m in merged.modules())
+        assert torch.equal(merged(x), y)
+
+
+def test_restore_gives_the_model_its_own_merge_methods_back():
+    pm = skpeft.accelerate(shira(tiny()))
+    tuner = pm.base_model
+    assert "merge_adapter" in tuner.__dict__ and "merge_and_unload" in tuner.__dict__
+    skpeft.restore(pm)
+    assert not {"merge_adapter", "merge_and_unload"} & set(tuner.__dict__)
+
+
 # =============================================================================================
 # accelerate: all layers or none
 # =============================================================================================

@@ -372,6 +372,10 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
       forward plus the sparse product (sparse_product_add), no dense delta; merge() is refused
       (merge_error: W + scaling·S is not on the quantized grid, so PEFT's requantizing merge
       would be lossy and could not be undone).
+    - ``merge_adapter`` and ``merge_and_unload`` of the model change every layer or none: a
+      layer that refuses (an overflow, safe_merge's NaN check, a quantized base) has the
+      layers merged before it in the same call unmerged, exactly, before the error goes on
+      (PEFT's own loop leaves them merged).
     - Everything else runs PEFT's own code: disabled adapters, merged layers, several active
       adapters, non-contiguous weights, inputs of another dtype, indices the kernels cannot
       take (out of range or repeated), layers merged by PEFT before accelerate().
@@ -406,8 +410,12 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
         raise ValueError("the model has no PEFT SHiRA layer (peft.tuners.shira.Linear); build "
                          "it with get_peft_model(model, ShiraConfig(...)) or "
                          "PeftModel.from_pretrained")
-    for tuner in _tuners(peft_model):  # adapter_names= in forward and generate (PEFT: LoRA only)
+    for tuner in _tuners(peft_model):
+        # adapter_names= in forward and generate (PEFT: LoRA only); model-wide merges that
+        # change every layer or none.
         tuner._enable_peft_forward_hooks = functools.partial(_mixed_batch_hooks, tuner)
+        tuner.merge_adapter = functools.partial(_merge_adapter, tuner)
+        tuner.merge_and_unload = functools.partial(_merge_and_unload, tuner)
     log.info("accelerated %d PEFT SHiRA layers (strategy %r)", count, strategy)
     return peft_model
 
@@ -468,6 +476,45 @@ def _mixed_batch_hooks(tuner, *args, **kwargs):
             handle.remove()
 
 
+def _merge_adapter(tuner, adapter_names: list[str] | None = None, safe_merge: bool = False
+                   ) -> None:
+    """The tuner's merge_adapter (set by accelerate()): PEFT's loop over the layers, undone
+    (the layers merged in this call unmerged, the last first) if a layer raises."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
+
+    tuner._check_merge_allowed()
+    merged = []  # (layer, its merged adapters before this call)
+    try:
+        for module in tuner.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                before = len(module.merged_adapters)
+                with onload_layer(module):
+                    module.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+                merged.append((module, before))
+    except BaseException:
+        for module, before in reversed(merged):
+            if isinstance(module, _CLASS):
+                module._sk_unmerge(len(module.merged_adapters) - before)
+            elif before == 0:  # PEFT's unmerge undoes every merged adapter of a layer
+                module.unmerge()
+            else:
+                log.warning("layer %s (not accelerated) stays merged with %s: PEFT's unmerge "
+                            "cannot undo only this call's adapters", type(module).__name__,
+                            module.merged_adapters)
+        raise
+
+
+def _merge_and_unload(tuner, progressbar: bool = False, safe_merge: bool = False,
+                      adapter_names: list[str] | None = None) -> nn.Module:
+    """The tuner's merge_and_unload (set by accelerate()): every layer merged first, all or
+    none (_merge_adapter), and only then PEFT's unload, which finds them merged."""
+    _merge_adapter(tuner, adapter_names, safe_merge)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All adapters are already merged")
+        return type(tuner).merge_and_unload(tuner, progressbar=progressbar,
+                                            safe_merge=safe_merge, adapter_names=adapter_names)
+
+
 def _encoder(model: nn.Module) -> nn.Module | None:
     """The encoder of an encoder-decoder model (transformers' get_encoder), else None."""
     get = getattr(model, "get_encoder", None)
@@ -513,5 +560,6 @@ def restore(model: nn.Module) -> nn.Module:
         for adapter in remerge:
             module.merge(adapter_names=[adapter])
     for tuner in _tuners(model):
-        tuner.__dict__.pop("_enable_peft_forward_hooks", None)
+        for attr in ("_enable_peft_forward_hooks", "merge_adapter", "merge_and_unload"):
+            tuner.__dict__.pop(attr, None)
     return model
