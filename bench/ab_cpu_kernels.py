@@ -82,6 +82,11 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
             continue
         calls["binary_linear"] = functools.partial(mod.binary_linear, *one_bit)
         break
+    if hasattr(mod, "binary_dequantize"):  # the "dequantize" strategy's weight, in x's dtype
+        hi = (bw.mu + bw.alpha).to(x.dtype).expand(bw.shape[0]).contiguous()
+        lo = (bw.mu - bw.alpha).to(x.dtype).expand(bw.shape[0]).contiguous()
+        calls["binary_dequantize"] = lambda: mod.binary_dequantize(bw.packed, hi, lo,
+                                                                   bw.shape[1])
     if hasattr(mod, "binary_linear_grad_x"):
         for signs in (panels_t, bw.packed):
             args = (gy, signs, bw.alpha, bw.mu, bw.shape[1])
@@ -108,6 +113,8 @@ def least_work(kernel: str, tokens: int, out_f: int, in_f: int, nnz: int, elem: 
         return 2 * tokens * nnz, x + y + sparse - nnz * elem + nnz * col + 4 * nnz
     if kernel == "spmm_t_sddmm":  # gx += gy·S and the values' gradient, from S's CSC
         return 4 * tokens * nnz, 3 * x + y + sparse + nnz * (8 + 4) + (in_f - out_f) * 8
+    if kernel == "binary_dequantize":  # the packed signs read, the weight written
+        return 0, out_f * in_f // 8 + out_f * in_f * elem
     if kernel.startswith("dense"):  # torch's matmul of the frozen layer
         return 2 * tokens * out_f * in_f, out_f * in_f * elem + x + y
     return None

@@ -222,7 +222,9 @@ void shira::cpu::binary_linear_grad_x(const float* g, int64_t tokens, int64_t ou
 namespace {
 
 // One row of binary_dequantize: 32 columns per sign word, each a blend of lo and hi by the
-// word's bits (AVX-512 BW: one masked blend and store per 32 bf16/fp16 or 16 fp32 columns).
+// word's bits (AVX-512 BW: one masked blend and store per 32 bf16/fp16 or 16 fp32 columns;
+// AVX2: the word's bits broadcast, each lane testing its own bit, then a byte blend per 16
+// bf16/fp16 or 8 fp32 columns).
 template <typename E>
 void dequantize_row(const int32_t* words, int64_t in, E hi, E lo, E* out) {
   int64_t k = 0;
@@ -241,6 +243,35 @@ void dequantize_row(const int32_t* words, int64_t in, E hi, E lo, E* out) {
       _mm512_storeu_si512(out + k, _mm512_mask_blend_epi32(static_cast<__mmask16>(w), l, h));
       _mm512_storeu_si512(out + k + 16,
                           _mm512_mask_blend_epi32(static_cast<__mmask16>(w >> 16), l, h));
+    }
+  }
+#elif defined(__AVX2__)
+  if constexpr (sizeof(E) == 2) {
+    const __m256i h = _mm256_set1_epi16(static_cast<short>(hi));
+    const __m256i l = _mm256_set1_epi16(static_cast<short>(lo));
+    const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                          4096, 8192, 16384, static_cast<short>(0x8000));
+    for (; k + 32 <= in; k += 32) {
+      const uint32_t w = static_cast<uint32_t>(words[k / 32]);
+      for (int half = 0; half < 2; ++half) {
+        const __m256i b = _mm256_set1_epi16(static_cast<short>(w >> (16 * half)));
+        const __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(b, bit), bit);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k + 16 * half),
+                            _mm256_blendv_epi8(l, h, set));
+      }
+    }
+  } else {
+    const __m256i h = _mm256_set1_epi32(static_cast<int>(hi));
+    const __m256i l = _mm256_set1_epi32(static_cast<int>(lo));
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; k + 32 <= in; k += 32) {
+      const uint32_t w = static_cast<uint32_t>(words[k / 32]);
+      for (int q = 0; q < 4; ++q) {
+        const __m256i b = _mm256_set1_epi32(static_cast<int>(w >> (8 * q)));
+        const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(b, bit), bit);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k + 8 * q),
+                            _mm256_blendv_epi8(l, h, set));
+      }
     }
   }
 #endif
