@@ -64,15 +64,18 @@ def _cycling(fn, items):
 
 def bound_line(shape, tokens, median, limits) -> str:
     """binary_linear's time against its two bounds: the packed signs read once at the measured
-    memory rate, and 2·T·out·in flops at torch's measured bf16 matmul rate."""
+    memory rate, and 2·T·out·in flops at the faster of torch's measured fp32 and bf16 matmul
+    rates (where the CPU has no bf16 instructions, torch's bf16 matmul crawls: a bound at its
+    rate would bound nothing)."""
     out_f, in_f = shape
     sign_bytes = out_f * -(-in_f // 32) * 4
     memory_s = sign_bytes / limits["read"]
-    flop_s = 2 * tokens * out_f * in_f / limits["bf16"]
+    rate_dtype = max(("fp32", "bf16"), key=lambda d: limits[d])
+    flop_s = 2 * tokens * out_f * in_f / limits[rate_dtype]
     return (f"Bounds: the signs ({sign_bytes / 2**20:.2f} MiB) at {limits['read'] / 1e9:.1f} GB/s "
             f"take {memory_s * 1e3:.3f} ms; {2 * tokens * out_f * in_f / 1e9:.2f} GFLOP at "
-            f"{limits['bf16'] / 1e9:.0f} GFLOP/s take {flop_s * 1e3:.3f} ms. binary_linear takes "
-            f"{median / max(memory_s, flop_s):.1f}x the larger "
+            f"{limits[rate_dtype] / 1e9:.0f} GFLOP/s ({rate_dtype}) take {flop_s * 1e3:.3f} ms. "
+            f"binary_linear takes {median / max(memory_s, flop_s):.1f}x the larger "
             f"({sign_bytes / median / 1e9:.1f} GB/s of signs).")
 
 
@@ -183,7 +186,8 @@ def main(argv=None) -> int:
                      "OUTxIN,... and T,... (positive ints)")
     if any(v < 1 for shape in shapes for v in shape) or any(t < 1 for t in token_counts):
         parser.error("--shapes and --tokens take positive ints")
-    limits = {"read": sb.read_bandwidth(), "bf16": sb.matmul_peak(torch.bfloat16)}
+    limits = {"read": sb.read_bandwidth(), "bf16": sb.matmul_peak(torch.bfloat16),
+              "fp32": sb.matmul_peak(torch.float32)}
     started = dt.datetime.now(dt.timezone.utc)
     lines = ["# 1-bit ops on the CPU", "",
              f"Made by `{sb.command_line()}` on {started:%Y-%m-%d %H:%M} UTC.", "",
@@ -198,8 +202,9 @@ def main(argv=None) -> int:
              "one. bf16 rows take x in bf16 (the dense bf16 matmul's inputs).",
              f"- Measured here in this run: memory read {limits['read'] / 1e9:.1f} GB/s (a sum over "
              f"256 MiB), torch's bf16 matmul {limits['bf16'] / 1e9:.1f} GFLOP/s "
-             f"({sb.peak_size(torch.bfloat16)}³); each binary_linear table ends with its bounds "
-             "from these.",
+             f"({sb.peak_size(torch.bfloat16)}³), fp32 {limits['fp32'] / 1e9:.1f} GFLOP/s "
+             f"({sb.peak_size(torch.float32)}³); each binary_linear table ends with its bounds "
+             "from these (flops at the faster rate).",
              (f"- binary_linear up to {COLD_MAX_TOKENS} tokens: each call of a variant reads "
               "another copy of its weight, cycling through copies that together exceed "
               f"{COLD_BYTES // 2**20} MiB, so every variant meets its weight in memory as a "
