@@ -227,6 +227,41 @@ def test_two_set_rank_calls_leave_one_consistent_rank(monkeypatch):
         assert torch.equal(bits(layer(x)), bits(fresh.set_rank(b)(x)))
 
 
+def test_a_forward_during_set_rank_runs_one_rank(monkeypatch):
+    """set_rank(2) paused between writing rank_mask and rank_scale, a forward in another
+    thread: it used to run rank 2's mask with rank 6's scale."""
+    layer = DyLoRALinear(8, 8, r=6, seed=0).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        legal = [bits(layer.set_rank(b)(x)).clone() for b in (2, 6)]
+    reached, resume = threading.Event(), threading.Event()
+
+    def paused_write(mask, scale, b):
+        mask.zero_()
+        mask[:b] = 1
+        reached.set()
+        resume.wait(JOIN)
+        scale.fill_(layer.alpha / b)
+
+    monkeypatch.setattr(layer, "_write_rank", paused_write)
+    setter = _start(lambda: layer.set_rank(2))
+    assert reached.wait(JOIN)
+    out, done = [], threading.Event()
+
+    def forward():
+        with torch.no_grad():
+            out.append(bits(layer(x)))
+        done.set()
+    forwarder = _start(forward)
+    done.wait(BLOCKED)  # the fixed forward waits for set_rank
+    resume.set()
+    _join(setter)
+    _join(forwarder)
+    assert any(torch.equal(out[0], want) for want in legal)
+
+
 def test_two_merges_of_a_dylora_layer_keep_the_base(monkeypatch):
     """merge() paused after computing W + ΔW, a merge() in another thread: the first used to
     back up the already merged weight as "the base", so unmerge() never restored it."""

@@ -52,8 +52,9 @@ __all__ = ["DyLoRALinear"]
 # Orders set_rank, merge and unmerge between threads (one lock for every layer: they take
 # microseconds, and a lock attribute would make the module impossible to deepcopy or pickle).
 # Without it two set_rank calls could interleave their writes and leave rank_mask of one rank
-# with rank_scale (or `rank`) of the other. Forwards do not take it: a forward running while
-# another thread changes the layer's rank or merges it is still the caller's to avoid.
+# with rank_scale (or `rank`) of the other. An eager forward takes it only to read the rank's
+# mask and scale (a forward during set_rank runs the old rank or the new one); a forward
+# running while another thread merges the layer is still the caller's to avoid.
 _state_lock = threading.RLock()
 
 
@@ -191,6 +192,15 @@ class DyLoRALinear(nn.Linear):
                                    else torch.arange(self.r) == b - 1)
         self.last_rank = b
 
+    def _rank_weights(self) -> torch.Tensor:
+        # set_rank writes rank_mask, then rank_scale, holding _state_lock: an eager forward
+        # reads the pair under it too, so it runs one rank or the other, never a mix (a traced
+        # forward takes the buffers as graph inputs, without the lock).
+        if torch.compiler.is_compiling():
+            return self.rank_mask * self.rank_scale
+        with _state_lock:
+            return self.rank_mask * self.rank_scale
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -206,7 +216,7 @@ class DyLoRALinear(nn.Linear):
                 b = torch.where(self._train_grad[None, :], b, b.detach())
             weights = self._train_mask * self._train_scale
         else:
-            weights = self.rank_mask * self.rank_scale
+            weights = self._rank_weights()
         h = F.linear(x, a)
         h = h * weights.to(h.dtype)
         return F.linear(x, self.weight, self.bias) + F.linear(h, b)
