@@ -429,14 +429,15 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     problem (few tokens: overheads and memory traffic decide) always fits. ``least`` rows at
     the fewest (a slice small enough to sit in a core's cache would favour scattered writes).
 
-    Each candidate first runs twice on PROBE_WARM_ROWS rows (the first call pays first-call
-    costs; the second is timed). One already 3x the best there, whose time grown to ``least``
-    rows would take over a quarter of the budget, is not run further (on a CPU where torch's
-    bf16 matmul crawls, a call on ``least`` rows takes a second). A probe at ``least`` rows
-    (the faster of two runs, taken in turn, or one where the first already took 3x the best
-    first and over a quarter of the budget) then sizes the slice; a candidate 1.5x slower than the best there
-    is not measured further. Neither kind is returned (it will not win; the description says
-    which were left out), which leaves the budget to a larger slice for the ones that might."""
+    Where the probe is larger, each candidate first runs twice on PROBE_WARM_ROWS rows (the
+    first call pays first-call costs; the second is timed). One already 3x the best there,
+    whose time grown to ``least`` rows would take over a quarter of the budget, is not run
+    further (on a CPU where torch's bf16 matmul crawls, a call on ``least`` rows takes a
+    second). A probe at ``least`` rows (the faster of two runs, taken in turn, or one where
+    the first already took 3x the best first and over a quarter of the budget) then sizes the
+    slice; a candidate 1.5x slower than the best there is not measured further. Neither kind
+    is returned (it will not win; the description says which were left out), which leaves the
+    budget to a larger slice for the ones that might."""
     started = time.perf_counter()
     n = min(full, least)
     probe = make(n)
@@ -468,9 +469,12 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
         except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
             pass
     first_best = min(once.values(), default=math.inf)
-    for name, first in once.items():
+    for name, first in list(once.items()):
         if not (first > 3 * first_best and first > hopeless):
-            once[name] = min(first, _time_once(probe[name], sync))
+            try:
+                once[name] = min(first, _time_once(probe[name], sync))
+            except Exception:  # noqa: BLE001 - as in the first pass
+                del once[name]
     if not once:
         return {}, f"no candidate ran on {n} of {full} rows"
     best = min(once.values())
