@@ -181,11 +181,13 @@ def main(argv=None) -> int:
             shapes = [tuple(int(v) for v in s.split("x", 1)) for s in args.shapes.split(",")]
         if args.tokens:
             token_counts = [int(t) for t in args.tokens.split(",")]
+        valid = (all(len(shape) == 2 and min(shape) >= 1 for shape in shapes)
+                 and all(t >= 1 for t in token_counts))
     except ValueError:
+        valid = False
+    if not valid:
         parser.error(f"--shapes {args.shapes!r} / --tokens {args.tokens!r}: expected "
                      "OUTxIN,... and T,... (positive ints)")
-    if any(v < 1 for shape in shapes for v in shape) or any(t < 1 for t in token_counts):
-        parser.error("--shapes and --tokens take positive ints")
     limits = {"read": sb.read_bandwidth(), "bf16": sb.matmul_peak(torch.bfloat16),
               "fp32": sb.matmul_peak(torch.float32)}
     started = dt.datetime.now(dt.timezone.utc)
