@@ -51,6 +51,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCH = "torch"  # the build name of the dense matmuls' rows
 
 
+def plain_panels(row_bytes: torch.Tensor) -> torch.Tensor:
+    """Sign panels as builds before sign_panels read them: the bytes in panels of 64 rows,
+    not coded."""
+    lanes, nbytes = row_bytes.shape
+    count = -(-lanes // 64)
+    padded = row_bytes.new_zeros((count * 64, nbytes))
+    padded[:lanes] = row_bytes
+    return padded.view(count, 64, nbytes).transpose(1, 2).contiguous()
+
+
 def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
     """name -> zero-argument call, for the kernels this build has."""
     calls = {"spmm": lambda: mod.spmm(y, x, s.row_offsets, s.cols, values, 1.0, True),
@@ -68,9 +78,12 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
             x, weight, None, s.row_offsets, s.cols, None, values, 1.0, False)
         calls["folded_linear grad x"] = lambda: mod.folded_linear(
             gy, weight, None, s.t_offsets, s.t_cols, s.t_perm, values, 1.0, True)
-    # The sign layouts differ between builds: this one's panels (ops/binary.py), else the
-    # older [words·4, out rounded up to 16] transpose, and the packed rows for the gradient.
-    panels, panels_t = binary_ops._sign_panels(bw.packed), binary_ops._sign_panels_t(bw.packed)
+    # The sign layouts differ between builds: panels made by the build (sign_panels: nibbles
+    # in its kernels' code), else panels of plain bytes, else the older [words·4, out rounded
+    # up to 16] transpose, and the packed rows for the gradient.
+    make_panels = getattr(mod, "sign_panels", plain_panels)
+    panels = make_panels(bw.packed.contiguous().view(torch.uint8))
+    panels_t = make_panels(binary_ops._sign_rows_t(bw.packed))
     older = bw.packed.new_zeros((bw.packed.shape[1] * 4, -(-bw.shape[0] // 16) * 16),
                                 dtype=torch.uint8)
     older[:, :bw.shape[0]] = bw.packed.view(torch.uint8).t()

@@ -134,3 +134,37 @@ def test_add_at_indices_is_exact(builds):
         outs.append((w, saved))
     assert all(torch.equal(a, b) for a, b in zip(*outs))  # one rounding per entry, no sums
     assert torch.equal(outs[0][1], weight.view(-1)[delta.flat_indices.long()])
+
+
+# The 1-bit kernels' 16-entry tables (nibbles in panel code, one permute per 16 lanes) are what
+# AVX-512 builds and builds without AVX2 run; the AVX2 build reads 8-entry tables instead. On a
+# CPU with AVX-512 the native build runs them in every 1-bit test; elsewhere this builds them
+# for a target without AVX2 (the scalar lookup of the same tables).
+def _native_has_avx512() -> bool:
+    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return "avx512f" in flags
+
+
+@pytest.fixture(scope="module")
+def generic_build():
+    return build_cpu_variant(_native.csrc_dir() / "cpu", march="x86-64")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or _native_has_avx512(),
+                    reason="the native build runs the 16-entry tables here (AVX-512)")
+@pytest.mark.parametrize("shape", [(1, 100, 45), (9, 130, 4100)])
+def test_binary_kernel_16_entry_tables(generic_build, shape):
+    generic = generic_build
+    tokens, out_f, in_f = shape
+    g = torch.Generator().manual_seed(7)
+    bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g), "row")
+    x, gy = torch.randn(tokens, in_f, generator=g), torch.randn(tokens, out_f, generator=g)
+    w = bw.dequantize(torch.float64)
+    ours = generic.binary_linear(x, bw.packed, binary_ops._sign_panels(bw.packed), bw.alpha,
+                                 bw.mu, None, 1.0)
+    assert_within_error_bound(ours, x.double() @ w.T, abs64(x) @ binary_abs(bw).T,
+                              binary_k(in_f), "x86-64 binary_linear")
+    ours = generic.binary_linear_grad_x(gy, binary_ops._sign_panels_t(bw.packed), bw.alpha,
+                                        bw.mu, in_f)
+    assert_within_error_bound(ours, gy.double() @ w, abs64(gy) @ binary_abs(bw),
+                              binary_k(out_f), "x86-64 binary_linear_grad_x")

@@ -11,21 +11,29 @@ namespace {
 
 // The signs are never expanded: y = x·sᵀ is summed by table lookup (as T-MAC does). For each
 // token and each group of 4 input features, the 16 sums ±x[4g] ± x[4g+1] ± x[4g+2] ± x[4g+3]
-// are built once (a table of 16 floats: one AVX-512 vector); then a lane (an output) picks its
-// sum with its nibble of sign bits, one in-register permute for 16 outputs x 4 features. Per
-// byte of signs (8 features) and token that is 2 permutes and 2 adds for 16 outputs: about a
-// quarter of the operations of expanding the bits to ±1.0 and FMA-ing them, the kernel it
-// replaced (figures: docs/ARCHITECTURE.md, "1-bit weights").
+// are built once; then a lane (an output) picks its sum with its nibble of sign bits, one
+// in-register permute for a vector of outputs x 4 features (figures: docs/ARCHITECTURE.md,
+// "1-bit weights").
 //   y = x·sᵀ:  the sum runs over input features; a lane is an output.
 //   g·s:       (the gradient of x) the sum runs over outputs; a lane is an input feature, and
 //              the signs are those of sᵀ, in the same layout.
 // The sign bytes come in panels (kernels.h): a block of lanes reads its signs as one stream.
+// The panels store each nibble in the kernels' code (nibble_code), which lets AVX2 look a
+// nibble up with one 8-entry permute: the sums are odd, T[n] = -T[15 - n], and a nibble whose
+// bit 3 is set is stored with its low bits complemented, so it reads the entry for 15 - n and
+// its bit 3 flips the sign.
 #if defined(__AVX512F__)
 constexpr int kMaxVectors = 4;  // 64 lanes per block
 constexpr int kMaxTokens = 4;   // 16 accumulators + 8 index vectors + 2 lookups < 32 registers
+constexpr int kTableEntries = 16;  // one vector: a 16-entry permute
 #else
 constexpr int kMaxVectors = 2;  // 16 lanes per block
 constexpr int kMaxTokens = 4;   // 8 accumulators + 4 index vectors + lookup temporaries = 16
+#if defined(__AVX2__)
+constexpr int kTableEntries = 8;  // the entries of the nibbles below 8 (lookup)
+#else
+constexpr int kTableEntries = 16;
+#endif
 #endif
 constexpr int kBlockLanes = kLanes * kMaxVectors;
 using shira::cpu::kPanel;
@@ -33,7 +41,11 @@ static_assert(kPanel % kBlockLanes == 0, "a block of lanes lies within one panel
 // Steps summed in registers before they join the block's total: the rounding error grows
 // with kChunk + steps / kChunk, as in a blocked dense dot product, not with the step count.
 constexpr int64_t kChunk = 256;
-constexpr int kTableEntries = 16;
+constexpr int64_t kChunkRows = kChunk / 8;  // byte rows of the panels
+
+// The stored nibble for signs n (bit i: the sign of step i, 1 = +1): n below 8, else n with its
+// low three bits complemented. It is its own inverse.
+constexpr uint8_t nibble_code(int n) { return static_cast<uint8_t>(n & 8 ? n ^ 7 : n); }
 
 // Σ_k x[k] in per-lane sums (like the products' accumulators), then across the lanes.
 inline float row_sum(const float* x, int64_t in) {
@@ -56,69 +68,78 @@ struct Epilogue {
   float scale;
   const float* add;
 
-  // y's rows t0 .. t0 + TT - 1, lanes l0 .. l0 + n - 1, from their products P (total).
-  template <int TT>
-  void store(const float (&total)[kMaxTokens][kBlockLanes], int64_t t0, int64_t l0, int n,
+  // y's rows t0 .. t0 + tt - 1, lanes l0 .. l0 + n - 1, from their products P (total, rows ld
+  // apart).
+  void store(const float* total, int64_t ld, int64_t t0, int tt, int64_t l0, int64_t n,
              int64_t lanes, float* y) const {
     // Whole vectors of lanes first: where the sums are short (a narrow input) a scalar
     // epilogue cost as much as they did.
-    int whole = 0;
+    int64_t whole = 0;
     for (; whole + kLanes <= n; whole += kLanes) {
       const fvec al = alpha_per_lane ? loadv(alpha + l0 + whole) : fvec{} + alpha[0];
       const fvec m = mu_per_lane ? loadv(mu + l0 + whole) : fvec{} + mu[0];
       const fvec b = bias ? loadv(bias + l0 + whole) : fvec{};
-      for (int t = 0; t < TT; ++t)
+      for (int t = 0; t < tt; ++t)
         storev(y + (t0 + t) * lanes + l0 + whole,
-               scale * (al * loadv(total[t] + whole) + m * add[t0 + t] + b));
+               scale * (al * loadv(total + t * ld + whole) + m * add[t0 + t] + b));
     }
-    for (int t = 0; t < TT; ++t) {
+    for (int t = 0; t < tt; ++t) {
       float* row = y + (t0 + t) * lanes + l0;
-      for (int l = whole; l < n; ++l) {
+      for (int64_t l = whole; l < n; ++l) {
         const float al = alpha[alpha_per_lane ? l0 + l : 0];
         const float m = mu[mu_per_lane ? l0 + l : 0];
         const float b = bias ? bias[l0 + l] : 0.0f;
-        row[l] = scale * (al * total[t][l] + m * add[t0 + t] + b);
+        row[l] = scale * (al * total[t * ld + l] + m * add[t0 + t] + b);
       }
     }
   }
 };
 
 // Tables for `tokens` rows of x [., in] (lda apart), groups of 4 features from 0 to `groups`
-// (features past `in` count as 0): table[(t·groups + g)·16 + n] = Σ_i (bit i of n ? 1 : -1)·x.
+// (features past `in` count as 0): entry e of table (t, g), at (t·groups + g)·kTableEntries + e,
+// is the sum for the stored nibble e, Σ_i (bit i of nibble_code(e) ? 1 : -1)·x[4g + i]. On
+// AVX2 its bits 28-30 are xor-ed with e, which the lookup's xor with the nibble undoes.
 // Shared among the threads of an enclosing parallel region (an orphaned omp for).
 void build_tables(const float* x, int64_t lda, int64_t tokens, int64_t in, int64_t groups,
                   float* table) {
+  static_assert(kTableEntries % kLanes == 0, "a table is whole vectors");
   float sgn[4][kTableEntries];
-  for (int i = 0; i < 4; ++i)
-    for (int n = 0; n < kTableEntries; ++n) sgn[i][n] = (n >> i) & 1 ? 1.0f : -1.0f;
+  int32_t tag[kTableEntries];
+  for (int e = 0; e < kTableEntries; ++e) {
+    for (int i = 0; i < 4; ++i) sgn[i][e] = (nibble_code(e) >> i) & 1 ? 1.0f : -1.0f;
+    tag[e] = kTableEntries == 8 ? e << 28 : 0;
+  }
 #pragma omp for collapse(2) schedule(static)
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t g = 0; g < groups; ++g) {
       float v[4];
       for (int i = 0; i < 4; ++i) v[i] = 4 * g + i < in ? x[t * lda + 4 * g + i] : 0.0f;
       float* row = table + (t * groups + g) * kTableEntries;
-      for (int l = 0; l < kTableEntries; l += kLanes) {
-        const fvec a = loadv(sgn[0] + l) * v[0] + loadv(sgn[1] + l) * v[1];
-        const fvec b = loadv(sgn[2] + l) * v[2] + loadv(sgn[3] + l) * v[3];
-        storev(row + l, a + b);
+      for (int e = 0; e < kTableEntries; e += kLanes) {
+        const fvec a = loadv(sgn[0] + e) * v[0] + loadv(sgn[1] + e) * v[1];
+        const fvec b = loadv(sgn[2] + e) * v[2] + loadv(sgn[3] + e) * v[3];
+        const fvec sum = a + b;
+        ivec bits;
+        std::memcpy(&bits, &sum, sizeof bits);
+        bits ^= *reinterpret_cast<const ivec*>(tag + e);
+        std::memcpy(row + e, &bits, sizeof bits);
       }
     }
   }
 }
 
-// table[idx[l] & 15] per lane l (a 16-entry table in memory).
+// The sum for stored nibble idx[l] & 15 per lane l, from its table.
 inline fvec lookup(const float* table, ivec idx) {
 #if defined(__AVX512F__)
   return reinterpret_cast<fvec>(
       _mm512_permutexvar_ps(reinterpret_cast<__m512i>(idx), _mm512_loadu_ps(table)));
 #elif defined(__AVX2__)
-  // 8 lanes, 8-entry permutes: T[n] = -T[15 - n], so an index with bit 3 set reads entry
-  // (~n) & 7 and flips its sign.
-  const ivec high = (idx << 28) >> 31;  // all ones where bit 3 is set
+  // The permute reads entry idx & 7; idx << 28 clears the entry's tag (bits 28-30) and puts
+  // the nibble's bit 3 on the sign (the nibble's higher bits leave the word).
   const __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table),
-                                            reinterpret_cast<__m256i>(idx ^ high));
-  const ivec flipped = reinterpret_cast<const ivec&>(v) ^ (high & static_cast<int32_t>(0x80000000u));
-  return reinterpret_cast<const fvec&>(flipped);
+                                            reinterpret_cast<__m256i>(idx));
+  const ivec bits = reinterpret_cast<const ivec&>(v) ^ (idx << 28);
+  return reinterpret_cast<const fvec&>(bits);
 #else
   fvec v;
   for (int l = 0; l < kLanes; ++l) v[l] = table[idx[l] & 15];
@@ -126,14 +147,13 @@ inline fvec lookup(const float* table, ivec idx) {
 #endif
 }
 
-// total[t][l] = Σ_j x[t, j]·s(j, l) over all byte rows of the lanes from l0, for TT tokens
-// whose tables start at `tables` (t·groups·16 apart).
+// total[t][l] = Σ_j x[t, j]·s(j, l) over all byte rows of the lanes from l0 (RB vectors of
+// them), for TT tokens whose tables start at `tables` (t·groups tables apart).
 template <int RB, int TT>
 void lookup_sums(const float* tables, int64_t groups, const uint8_t* panels, int64_t l0,
                  int64_t rows, float (&total)[kMaxTokens][kBlockLanes]) {
   const uint8_t* panel = panels + (l0 / kPanel) * rows * kPanel + l0 % kPanel;
   for (int t = 0; t < TT; ++t) std::fill(total[t], total[t] + kLanes * RB, 0.0f);
-  constexpr int64_t kChunkRows = kChunk / 8;
   for (int64_t j0 = 0; j0 < rows; j0 += kChunkRows) {
     const int64_t j1 = std::min(rows, j0 + kChunkRows);
     fvec acc[TT][RB] = {};
@@ -191,7 +211,7 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
             constexpr int RB = decltype(rb)::value, TT = decltype(tc)::value;
             float total[kMaxTokens][kBlockLanes];
             lookup_sums<RB, TT>(tl, groups, panels, l0, rows, total);
-            e.store<TT>(total, s0 + t0, l0, n, lanes, y);
+            e.store(total[0], kBlockLanes, s0 + t0, TT, l0, n, lanes, y);
           });
         });
       }
@@ -200,6 +220,23 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
 }
 
 }  // namespace
+
+void shira::cpu::sign_panels(const uint8_t* rows, int64_t lanes, int64_t nbytes,
+                             uint8_t* panels) {
+  uint8_t code[256];
+  for (int b = 0; b < 256; ++b) code[b] = nibble_code(b & 15) | nibble_code(b >> 4) << 4;
+  const int64_t count = (lanes + kPanel - 1) / kPanel;
+#pragma omp parallel for schedule(static) if (lanes * nbytes >= (1 << 20))
+  for (int64_t p = 0; p < count; ++p) {
+    uint8_t* panel = panels + p * nbytes * kPanel;
+    const int64_t n = std::min(kPanel, lanes - p * kPanel);
+    std::memset(panel, 0, nbytes * kPanel);
+    for (int64_t l = 0; l < n; ++l) {
+      const uint8_t* row = rows + (p * kPanel + l) * nbytes;
+      for (int64_t g = 0; g < nbytes; ++g) panel[g * kPanel + l] = code[row[g]];
+    }
+  }
+}
 
 void shira::cpu::binary_linear(const float* x, int64_t tokens, int64_t in,
                                const uint8_t* panels, int64_t out, const float* alpha,

@@ -300,6 +300,20 @@ void check_panels(const torch::Tensor& panels, int64_t lanes, int64_t steps, con
               ", 64], got ", panels.sizes());
 }
 
+// The sign panels (kernels.h) of the rows of signs given as bytes [lanes, nbytes], uint8.
+torch::Tensor sign_panels(const torch::Tensor& row_bytes) {
+  TORCH_CHECK(row_bytes.scalar_type() == torch::kUInt8 && row_bytes.dim() == 2,
+              "sign_panels: row_bytes must be uint8 [lanes, nbytes], got ",
+              row_bytes.scalar_type(), " ", row_bytes.sizes());
+  const torch::Tensor rows = row_bytes.contiguous();
+  const int64_t lanes = rows.size(0), nbytes = rows.size(1);
+  const int64_t count = (lanes + shira::cpu::kPanel - 1) / shira::cpu::kPanel;
+  torch::Tensor panels = torch::empty({count, nbytes, shira::cpu::kPanel}, rows.options());
+  if (panels.numel() > 0)
+    shira::cpu::sign_panels(rows.data_ptr<uint8_t>(), lanes, nbytes, panels.data_ptr<uint8_t>());
+  return panels;
+}
+
 // y = scale * (x @ (mu + alpha * s)^T + bias) in fp32 for 1-bit signs packed in int32
 // [out, words] and alpha, mu fp32 of numel 1 or out; panels are s's sign panels
 // [ceil(out / 64), words * 4, 64] (kernels.h), made once per weight by the caller.
@@ -398,6 +412,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("a"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("offsets"),
         pybind11::arg("idx"), pybind11::arg("perm"), pybind11::arg("values"),
         pybind11::arg("scale"), pybind11::arg("grad_x"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("sign_panels", &sign_panels, "the 1-bit kernels' sign panels of rows of sign bytes",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("binary_linear", &binary_linear, "scale * (x @ (mu + alpha * s)^T + bias), fp32, for packed 1-bit signs s",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -80,12 +80,9 @@ _PANELS, _PANELS_T = TensorCache(), TensorCache()
 def _panels_of(row_bytes: torch.Tensor) -> torch.Tensor:
     """The CPU kernels' sign panels (csrc/cpu/kernels.h) of the packed sign rows given as bytes
     [lanes, nbytes]: [ceil(lanes / 64), nbytes, 64], each panel's 64 rows side by side, so that
-    a block of lanes reads its signs as one stream (rows past lanes are zero padding)."""
-    lanes, nbytes = row_bytes.shape
-    panels = -(-lanes // 64)
-    padded = row_bytes.new_zeros((panels * 64, nbytes))
-    padded[:lanes] = row_bytes
-    return padded.view(panels, 64, nbytes).transpose(1, 2).contiguous()
+    a block of lanes reads its signs as one stream (rows past lanes are zero padding), each
+    nibble in the kernels' code."""
+    return _native.module("cpu").sign_panels(row_bytes)
 
 
 def _sign_panels(packed: torch.Tensor) -> torch.Tensor:
@@ -97,19 +94,24 @@ def _sign_panels(packed: torch.Tensor) -> torch.Tensor:
     return cached
 
 
-def _sign_panels_t(packed: torch.Tensor) -> torch.Tensor:
-    """The sign panels of the signs' transpose [words·32, out], for the gradient of x gy·W (the
-    columns past in_features are padding, read and not used); derived once per packed tensor."""
-    cached = _PANELS_T.get(packed)
-    if cached is not None:
-        return cached
+def _sign_rows_t(packed: torch.Tensor) -> torch.Tensor:
+    """The rows of the signs' transpose [words·32, out] as bytes [words·32, ceil(out / 32)·4]
+    (byte b of a row: outputs 8b … 8b + 7, LSB first; the rows past in_features are padding)."""
     out, words = packed.shape
     bits = unpack_signs(packed, words * 32).t().to(torch.uint8)  # [in, out]
     padded = bits.new_zeros((words * 32, -(-out // 32) * 32))
     padded[:, :out] = bits
     shifts = torch.arange(8, dtype=torch.uint8)
-    row_bytes = (padded.view(words * 32, -1, 8) << shifts).sum(-1, dtype=torch.uint8)
-    return _PANELS_T.put(packed, _panels_of(row_bytes))
+    return (padded.view(words * 32, -1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _sign_panels_t(packed: torch.Tensor) -> torch.Tensor:
+    """The sign panels of the signs' transpose, for the gradient of x gy·W (the columns past
+    in_features are padding, read and not used); derived once per packed tensor."""
+    cached = _PANELS_T.get(packed)
+    if cached is None:
+        cached = _PANELS_T.put(packed, _panels_of(_sign_rows_t(packed)))
+    return cached
 
 
 def _triton_kernels():
