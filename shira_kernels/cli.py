@@ -76,12 +76,16 @@ def _machine_limits() -> list[str]:
     from .harness.benchmark import (copy_bandwidth, matmul_peak, peak_size,
                                      read_bandwidth)
 
+    def rate(per_s: float) -> str:  # a slow rate keeps two digits (not 0.0)
+        giga = per_s / 1e9
+        return f"{giga:8.1f}" if giga >= 1 else f"{giga:8.2g}"
+
     lines = ["machine limits (this process, measured now)",
-             f"  memory read      {read_bandwidth() / 1e9:8.1f} GB/s (sum over 256 MiB)",
-             f"  memory copy      {copy_bandwidth() / 1e9:8.1f} GB/s (read + write, 256 MiB)"]
+             f"  memory read      {rate(read_bandwidth())} GB/s (sum over 256 MiB)",
+             f"  memory copy      {rate(copy_bandwidth())} GB/s (read + write, 256 MiB)"]
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        lines.append(f"  {name:8s} matmul  {matmul_peak(dtype) / 1e9:8.1f} GFLOP/s "
+        lines.append(f"  {name:8s} matmul  {rate(matmul_peak(dtype))} GFLOP/s "
                      f"(torch, {peak_size(dtype)}³)")
     return lines
 

@@ -61,6 +61,19 @@ def test_info_measures_the_machine_limits(capsys, monkeypatch):
     assert len(rates) == 4 and all(rate > 0 for rate in rates), lines
 
 
+def test_info_prints_a_slow_rate_with_its_digits(monkeypatch):
+    # torch's bf16 matmul on an AVX2-only CPU under load: 0.04 GFLOP/s printed as 0.0 read as
+    # "nothing measured" (the test above failed so).
+    from shira_kernels.harness import benchmark as sb
+    monkeypatch.setattr(sb, "read_bandwidth", lambda: 21.7e9)
+    monkeypatch.setattr(sb, "copy_bandwidth", lambda: 3.2e9)
+    monkeypatch.setattr(sb, "matmul_peak", lambda dtype: 1.5e11 if dtype == torch.float32 else 4.1e7)
+    monkeypatch.setattr(sb, "peak_size", lambda dtype: 256)
+    rates = [re.search(r"([0-9.]+) (GB|GFLOP)/s", line).group(1)
+             for line in cli._machine_limits()[1:]]
+    assert rates == ["21.7", "3.2", "150.0", "0.041"]
+
+
 @pytest.mark.parametrize("call_s, n", [(0.0, 256), (1e9, 2048)])
 def test_matmul_peak_size_keeps_one_call_short(monkeypatch, call_s, n):
     # From a 256³ call's rate: the largest size up to PEAK_SIZE whose call fits PEAK_CALL_S
