@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from shira_kernels import _native
+from shira_kernels import _machine, _native
 from shira_kernels.harness.cpu_variant import build_cpu_variant
 from shira_kernels.formats import BinaryWeight
 from shira_kernels.ops import binary as binary_ops
@@ -28,7 +28,7 @@ NEEDS = ("avx2", "fma", "f16c", "bmi2")  # what x86-64-v3 code may use
 def _why_not() -> str | None:
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"{MARCH} is an x86 target; this is {platform.machine()}"
-    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    flags = _machine.cpu_flags().split()
     missing = [f for f in NEEDS if f not in flags]
     if missing:
         return f"this CPU lacks {missing}, so it cannot run {MARCH} code"
@@ -140,31 +140,26 @@ def test_add_at_indices_is_exact(builds):
 # AVX-512 builds and builds without AVX2 run; the AVX2 build reads 8-entry tables instead. On a
 # CPU with AVX-512 the native build runs them in every 1-bit test; elsewhere this builds them
 # for a target without AVX2 (the scalar lookup of the same tables).
-def _native_has_avx512() -> bool:
-    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return "avx512f" in flags
-
-
 @pytest.fixture(scope="module")
 def generic_build():
     return build_cpu_variant(_native.csrc_dir() / "cpu", march="x86-64")
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or _native_has_avx512(),
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64")
+                    or "avx512f" in _machine.cpu_flags().split(),
                     reason="the native build runs the 16-entry tables here (AVX-512)")
 @pytest.mark.parametrize("shape", [(1, 100, 45), (9, 130, 4100)])
 def test_binary_kernel_16_entry_tables(generic_build, shape):
-    generic = generic_build
     tokens, out_f, in_f = shape
     g = torch.Generator().manual_seed(7)
     bw = BinaryWeight.from_float(torch.randn(out_f, in_f, generator=g), "row")
     x, gy = torch.randn(tokens, in_f, generator=g), torch.randn(tokens, out_f, generator=g)
     w = bw.dequantize(torch.float64)
-    ours = generic.binary_linear(x, bw.packed, binary_ops._sign_panels(bw.packed), bw.alpha,
+    ours = generic_build.binary_linear(x, bw.packed, binary_ops._sign_panels(bw.packed), bw.alpha,
                                  bw.mu, None, 1.0)
     assert_within_error_bound(ours, x.double() @ w.T, abs64(x) @ binary_abs(bw).T,
                               binary_k(in_f), "x86-64 binary_linear")
-    ours = generic.binary_linear_grad_x(gy, binary_ops._sign_panels_t(bw.packed), bw.alpha,
+    ours = generic_build.binary_linear_grad_x(gy, binary_ops._sign_panels_t(bw.packed), bw.alpha,
                                         bw.mu, in_f)
     assert_within_error_bound(ours, gy.double() @ w, abs64(gy) @ binary_abs(bw),
                               binary_k(out_f), "x86-64 binary_linear_grad_x")

@@ -41,7 +41,6 @@ static_assert(kPanel % kBlockLanes == 0, "a block of lanes lies within one panel
 // Steps summed in registers before they join the block's total: the rounding error grows
 // with kChunk + steps / kChunk, as in a blocked dense dot product, not with the step count.
 constexpr int64_t kChunk = 256;
-constexpr int64_t kChunkRows = kChunk / 8;  // byte rows of the panels
 
 // The stored nibble for signs n (bit i: the sign of step i, 1 = +1): n below 8, else n with its
 // low three bits complemented. It is its own inverse.
@@ -68,28 +67,28 @@ struct Epilogue {
   float scale;
   const float* add;
 
-  // y's rows t0 .. t0 + tt - 1, lanes l0 .. l0 + n - 1, from their products P (total, rows ld
-  // apart).
-  void store(const float* total, int64_t ld, int64_t t0, int tt, int64_t l0, int64_t n,
+  // y's rows t0 .. t0 + TT - 1, lanes l0 .. l0 + n - 1, from their products P (total).
+  template <int TT>
+  void store(const float (&total)[kMaxTokens][kBlockLanes], int64_t t0, int64_t l0, int n,
              int64_t lanes, float* y) const {
     // Whole vectors of lanes first: where the sums are short (a narrow input) a scalar
     // epilogue cost as much as they did.
-    int64_t whole = 0;
+    int whole = 0;
     for (; whole + kLanes <= n; whole += kLanes) {
       const fvec al = alpha_per_lane ? loadv(alpha + l0 + whole) : fvec{} + alpha[0];
       const fvec m = mu_per_lane ? loadv(mu + l0 + whole) : fvec{} + mu[0];
       const fvec b = bias ? loadv(bias + l0 + whole) : fvec{};
-      for (int t = 0; t < tt; ++t)
+      for (int t = 0; t < TT; ++t)
         storev(y + (t0 + t) * lanes + l0 + whole,
-               scale * (al * loadv(total + t * ld + whole) + m * add[t0 + t] + b));
+               scale * (al * loadv(total[t] + whole) + m * add[t0 + t] + b));
     }
-    for (int t = 0; t < tt; ++t) {
+    for (int t = 0; t < TT; ++t) {
       float* row = y + (t0 + t) * lanes + l0;
-      for (int64_t l = whole; l < n; ++l) {
+      for (int l = whole; l < n; ++l) {
         const float al = alpha[alpha_per_lane ? l0 + l : 0];
         const float m = mu[mu_per_lane ? l0 + l : 0];
         const float b = bias ? bias[l0 + l] : 0.0f;
-        row[l] = scale * (al * total[t * ld + l] + m * add[t0 + t] + b);
+        row[l] = scale * (al * total[t][l] + m * add[t0 + t] + b);
       }
     }
   }
@@ -154,6 +153,7 @@ void lookup_sums(const float* tables, int64_t groups, const uint8_t* panels, int
                  int64_t rows, float (&total)[kMaxTokens][kBlockLanes]) {
   const uint8_t* panel = panels + (l0 / kPanel) * rows * kPanel + l0 % kPanel;
   for (int t = 0; t < TT; ++t) std::fill(total[t], total[t] + kLanes * RB, 0.0f);
+  constexpr int64_t kChunkRows = kChunk / 8;
   for (int64_t j0 = 0; j0 < rows; j0 += kChunkRows) {
     const int64_t j1 = std::min(rows, j0 + kChunkRows);
     fvec acc[TT][RB] = {};
@@ -211,7 +211,7 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
             constexpr int RB = decltype(rb)::value, TT = decltype(tc)::value;
             float total[kMaxTokens][kBlockLanes];
             lookup_sums<RB, TT>(tl, groups, panels, l0, rows, total);
-            e.store(total[0], kBlockLanes, s0 + t0, TT, l0, n, lanes, y);
+            e.store<TT>(total, s0 + t0, l0, n, lanes, y);
           });
         });
       }
