@@ -71,7 +71,8 @@ from torch import nn
 from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size,
                       validate_indices)
 from ._concurrency import reading as weight_reading
-from ._mixed import NamedAdapters, batch_names, check_batch, forwards_replaced, used_names
+from ._mixed import (MixedLayer, NamedAdapters, batch_names, forwards_replaced, start_block,
+                     used_names)
 from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
 from .ops.multi_delta import multi_delta_linear
@@ -156,18 +157,15 @@ class _RowShard:
 class _Entry:
     """One adapter (or fusion) on one layer. ``buf`` holds the active values while the owner is
     inactive and the held-aside base entries while it is active. ``delta``/``scale`` are kept
-    for adapters (fusions and save() need them), None for fusions; ``mixed_delta`` is the
-    (delta in the weight's dtype with its structure, scale) a mixed batch uses, made the first
-    time one does.
+    for adapters (fusions and save() need them), None for fusions.
     On an FSDP2-sharded layer ``indices``, ``buf`` and ``delta`` cover this rank's rows only
     (indices into the local shard) and ``full`` keeps the adapter's (global indices, delta)
     as given; None elsewhere (the indices are global)."""
 
-    __slots__ = ("indices", "buf", "delta", "scale", "mixed_delta", "full")
+    __slots__ = ("indices", "buf", "delta", "scale", "full")
 
     def __init__(self, indices, buf, delta=None, scale=None, full=None):
         self.indices, self.buf, self.delta, self.scale = indices, buf, delta, scale
-        self.mixed_delta = None
         self.full = full
 
     def given(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,13 +173,10 @@ class _Entry:
         return self.full if self.full is not None else (self.indices, self.delta)
 
 
-def _mixed_forward(layer: str, module: nn.Linear, delta_set: SparseDeltaSet, slots):
-    """The forward of ``module`` inside AdapterBank.mixed: each batch row (x's first dim)
-    through its adapter."""
-    def forward(x):
-        check_batch(layer, x, slots.numel())
-        return multi_delta_linear(x, module.weight, module.bias, delta_set, slots)
-    return forward
+def _rows_through_deltas(module: nn.Linear, delta_set: SparseDeltaSet, x, rows) -> torch.Tensor:
+    """A layer's forward inside AdapterBank.mixed (MixedLayer's compute): each batch row (x's
+    first dim) through its adapter."""
+    return multi_delta_linear(x, module.weight, module.bias, delta_set, rows)
 
 
 class _Slot:
@@ -355,6 +350,9 @@ class AdapterBank(NamedAdapters):
         self._pairs: OrderedDict[tuple[_Slot, _Slot], _PairPlan] = OrderedDict()
         self._hotswapped: str | None = None
         self._mixing = 0  # open mixed() blocks (only the thread holding the lock can be in one)
+        # Per servable layer an adapter touches, its forward in mixed() blocks: made by the
+        # first block, then kept up to date by add() and remove() (None until then).
+        self._mixed: dict[str, MixedLayer] | None = None
         self._active: _Slot | None = None
         self._guard: _ForwardGuard | None = None
         self._held = threading.local()  # per-thread depth of reading()
@@ -570,6 +568,10 @@ class AdapterBank(NamedAdapters):
                     check_representable(active, f"adapter {name!r}, layer {layer!r}", base=base)
                     entries[layer] = _Entry(indices, active, values, layer_scale, full)
             self._adapters[name] = _Slot(name, entries)
+            if self._mixed is not None:
+                for layer in entries:
+                    if self._servable(layer):
+                        self._offer(self._mixed_layer(layer), name)
 
     def add_from_model(self, name: str, model: nn.Module) -> None:
         """Add every ShiraLinear of ``model`` (this bank's model or one of the same structure)
@@ -598,6 +600,10 @@ class AdapterBank(NamedAdapters):
                 raise RuntimeError(f"adapter {name!r} is active ({self.active!r}); deactivate() "
                                    "or switch away first")
             del self._adapters[name]
+            for layer in slot.entries:
+                served = (self._mixed or {}).get(layer)
+                if served is not None and name in served.adapters:
+                    served.adapters.remove(name)
             dropped = {slot} | {f for key, f in self._fusions.items() if name in key[0]}
             for fusion in dropped - {slot}:
                 del self._fusions[fusion.key]
@@ -770,12 +776,14 @@ class AdapterBank(NamedAdapters):
     def mixed(self, adapter_names: Sequence[str | None]):
         """``with bank.mixed(["a", None, "b", ...]): model(x)``: each row of the batch (the
         first dim of every adapted layer's input) through its own adapter (None or "__base__":
-        the base), by multi_delta_linear on every layer an adapter of the batch touches. No
+        the base), by multi_delta_linear on every layer an adapter of the bank touches. No
         weight is written and no adapter needs activating; the bank's lock is held for the
         block (no switch meanwhile; put a backward inside it too). The values keep the
         adapter's scale and meet x in its dtype (a delta given in fp32 is rounded once to a
         bf16 weight's dtype), so a row's output matches activate(name) then the forward within
-        the rounding of a bf16/fp16 weight, not bit for bit.
+        the rounding of a bf16/fp16 weight, not bit for bit. Under torch.compile a block reuses
+        the graph of the blocks before it with the same batch size, whatever adapters its rows
+        name; an add() or remove() recompiles once.
 
         Raises while an adapter or fusion is active (its values are in the weights), for an
         unknown name, and in a layer whose input's first dim is not len(adapter_names).
@@ -789,7 +797,7 @@ class AdapterBank(NamedAdapters):
             used = used_names(names)
             for n in used:
                 self._slot(n)  # KeyError naming it
-            forwards = {}
+            layers = self._mixed_layers()
             for layer, module in self._layers.items():
                 touching = [n for n in used if layer in self._adapters[n].entries]
                 if not touching:
@@ -800,13 +808,14 @@ class AdapterBank(NamedAdapters):
                 if type(module) is not nn.Linear:
                     raise TypeError(f"layer {layer!r} is a {type(module).__name__}; mixed "
                                     "batches run plain nn.Linear layers")
-                delta_set = self._delta_set(layer, touching)
-                slots = torch.tensor([delta_set.index(n) if n in delta_set else -1
-                                      for n in names], device=module.weight.device)
-                forwards[layer] = _mixed_forward(layer, module, delta_set, slots)
+                for n in touching:
+                    if n not in layers[layer].adapters:
+                        self._mixed_delta(layer, n)  # left out as it does not fit: the error
+            serving = {layer: served for layer, served in layers.items() if len(served.adapters)}
             self._mixing += 1
             try:
-                with forwards_replaced(self._layers, forwards):
+                with forwards_replaced(self._layers, serving):
+                    start_block(serving.values(), names)
                     yield self
             finally:
                 self._mixing -= 1
@@ -877,28 +886,65 @@ class AdapterBank(NamedAdapters):
         base)."""
         return self._hotswapped
 
-    def _delta_set(self, layer: str, names: list[str]) -> SparseDeltaSet:
-        """A SparseDeltaSet of ``names``' deltas on ``layer``, values in the weight's dtype
-        (built per block; the structures are kept with each entry's cached delta)."""
+    def _servable(self, layer: str) -> bool:
+        """Whether mixed() can serve ``layer``: a plain nn.Linear with its whole weight here."""
+        return self._shards[layer] is None and type(self._layers[layer]) is nn.Linear
+
+    def _mixed_layers(self) -> dict[str, MixedLayer]:
+        """The MixedLayer of every servable layer an adapter touches, each prepared for its
+        weight's current dtype and device (built by the first call)."""
+        if self._mixed is None:
+            self._mixed = {}
+            for slot in self._adapters.values():
+                for layer in slot.entries:
+                    if layer not in self._mixed and self._servable(layer):
+                        self._mixed_layer(layer)
+        for layer in list(self._mixed):
+            self._mixed_layer(layer)
+        return self._mixed
+
+    def _mixed_layer(self, layer: str) -> MixedLayer:
+        """``layer``'s MixedLayer with every adapter on it that fits the weight's dtype; made
+        again, from the bank's deltas, after the model was cast or moved."""
         weight = self._layers[layer].weight
-        delta_set = SparseDeltaSet(tuple(weight.shape))
-        for n in names:
-            e = self._adapters[n].entries[layer]
-            cached = e.mixed_delta
-            if cached is None or cached[0].dtype != weight.dtype:
-                values, scale = e.delta.to(weight.dtype), e.scale
-                # A value past the weight's dtype (1e5 in fp16 with scale 1e-3), or flushed to
-                # 0 by it, whose scaled value fits: scale it first (fp32, one rounding).
-                if bool((~torch.isfinite(values) | ((values == 0) & (e.delta != 0))).any()):
-                    values, scale = (e.delta.float() * e.scale).to(weight.dtype), 1.0
-                    if not bool(torch.isfinite(values).all()):
-                        raise ValueError(f"adapter {n!r}, layer {layer!r}: scale·delta does not "
-                                         f"fit the weight's {weight.dtype}, which a mixed batch "
-                                         "needs; activate() the adapter instead")
-                cached = e.mixed_delta = (
-                    SparseDelta(tuple(weight.shape), e.indices, values), scale)
-            delta_set.add(n, *cached)
-        return delta_set
+        key = (weight.dtype, weight.device, tuple(weight.shape))
+        served = self._mixed.get(layer)
+        if served is None or served.key != key:
+            served = self._mixed[layer] = MixedLayer(
+                layer, self._layers[layer], SparseDeltaSet(tuple(weight.shape)),
+                _rows_through_deltas, key)
+            for name, slot in self._adapters.items():
+                if layer in slot.entries:
+                    self._offer(served, name)
+        return served
+
+    def _offer(self, served: MixedLayer, name: str) -> None:
+        """Add adapter ``name``'s delta to ``served``'s set, unless it does not fit the
+        weight's dtype (a block that uses it then raises, naming it)."""
+        try:
+            delta, scale = self._mixed_delta(served.name, name)
+        except ValueError:
+            return
+        served.adapters.add(name, delta, scale)
+
+    def _mixed_delta(self, layer: str, name: str) -> tuple[SparseDelta, float]:
+        """Adapter ``name``'s (delta, scale) on ``layer`` with its values in the weight's dtype,
+        as a mixed batch uses them; ValueError if they do not fit it."""
+        weight = self._layers[layer].weight
+        e = self._adapters[name].entries[layer]
+        # Kept for later blocks, so never made as inference tensors (a first block may run
+        # inside inference_mode, a later one train).
+        with torch.no_grad(), torch.inference_mode(False):
+            values, scale = e.delta.to(weight.dtype), e.scale
+            # A value past the weight's dtype (1e5 in fp16 with scale 1e-3), or flushed to 0 by
+            # it, whose scaled value fits: scale it first (fp32, one rounding).
+            if bool((~torch.isfinite(values) | ((values == 0) & (e.delta != 0))).any()):
+                values, scale = (e.delta.float() * e.scale).to(weight.dtype), 1.0
+                if not bool(torch.isfinite(values).all()):
+                    raise ValueError(f"adapter {name!r}, layer {layer!r}: scale·delta does not "
+                                     f"fit the weight's {weight.dtype}, which a mixed batch "
+                                     "needs; activate() the adapter instead")
+            return SparseDelta(tuple(weight.shape), e.indices, values), scale
 
     # -- thread safety ----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -7,7 +7,7 @@ own (S-LoRA-style serving of 1-bit adapters).
     with bank.mixed(["math", None, "code"]):   # one name per batch row (None: the base)
         y = model(x)
 
-Inside ``mixed`` every layer an adapter of the batch touches runs x·Wᵀ + b plus
+Inside ``mixed`` every layer an adapter of the bank touches runs x·Wᵀ + b plus
 multi_binary_lora over the rows' adapters: one dense matmul for the whole batch and one group per
 adapter, each group in the strategy binary_lora's "auto" takes for its rows. A 1-bit adapter is
 never fused into the weights (W + scale·up·down is not a W of W's dtype), so nothing is written
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_scale
-from ._mixed import (BASE, NamedAdapters, batch_names, check_batch, forwards_replaced,
-                     used_names)
+from ._mixed import (BASE, MixedLayer, NamedAdapters, SlotList, batch_names, forwards_replaced,
+                     start_block, used_names)
 from .formats import BinaryWeight
 from .nn.binary import BinaryAdapter, BinaryLoRALinear
 from .ops.multi_binary import multi_binary_lora
@@ -39,12 +39,9 @@ from .ops.multi_binary import multi_binary_lora
 _Adapter = tuple[BinaryWeight, BinaryWeight, float]  # (down [r, in], up [out, r], scale)
 
 
-def _mixed_forward(layer: str, module: nn.Linear, adapters: list[_Adapter], slots: torch.Tensor):
-    """The forward of ``module`` inside BinaryAdapterBank.mixed."""
-    def forward(x):
-        check_batch(layer, x, slots.numel())
-        return F.linear(x, module.weight, module.bias) + multi_binary_lora(x, adapters, slots)
-    return forward
+def _rows_through_branches(module: nn.Linear, adapters: SlotList, x, rows) -> torch.Tensor:
+    """A layer's forward inside BinaryAdapterBank.mixed (MixedLayer's compute)."""
+    return F.linear(x, module.weight, module.bias) + multi_binary_lora(x, adapters.items, rows)
 
 
 class BinaryAdapterBank(NamedAdapters):
@@ -58,6 +55,9 @@ class BinaryAdapterBank(NamedAdapters):
         self._layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
         self._adapters: dict[str, dict[str, _Adapter]] = {}
         self.lock = threading.RLock()
+        # Per layer an adapter touches, its forward in mixed() blocks, kept up to date by add
+        # and remove (the adapters in place, so a compiled model keeps its graph).
+        self._mixed: dict[str, MixedLayer] = {}
 
     def __repr__(self) -> str:
         return f"BinaryAdapterBank({len(self._layers)} layers, adapters={list(self._adapters)})"
@@ -124,6 +124,11 @@ class BinaryAdapterBank(NamedAdapters):
                                  "first")
             self._adapters[name] = {layer: self._checked(name, layer, entry, scale)
                                     for layer, entry in adapter.items()}
+            for layer, entry in self._adapters[name].items():
+                if layer not in self._mixed:
+                    self._mixed[layer] = MixedLayer(layer, self._layers[layer], SlotList(),
+                                                    _rows_through_branches)
+                self._mixed[layer].adapters.add(name, entry)
 
     def add_from_model(self, name: str, model: nn.Module, scale: float = 1.0) -> None:
         """Add adapter ``name`` from ``model``'s BinaryLoRALinear layers (a copy of the bank's
@@ -139,7 +144,8 @@ class BinaryAdapterBank(NamedAdapters):
 
     def remove(self, name: str) -> None:
         with self.lock:
-            self.adapter(name)  # KeyError naming it
+            for layer in self.adapter(name):  # KeyError naming it
+                self._mixed[layer].adapters.remove(name)
             del self._adapters[name]
 
     # -- many adapters in one batch -----------------------------------------------------------
@@ -147,21 +153,18 @@ class BinaryAdapterBank(NamedAdapters):
     def mixed(self, adapter_names):
         """``with bank.mixed(["a", None, "b", ...]): model(x)``: each row of the batch (the
         first dim of every adapted layer's input) through its own adapter (None or "__base__":
-        the base alone), differentiable in x. Raises for an unknown name, a list that is not one
-        name per row, and in a layer whose input's first dim is not len(adapter_names)."""
+        the base alone), differentiable in x, on every layer an adapter of the bank touches.
+        Under torch.compile a block reuses the graph of the blocks before it with the same batch
+        size; an add() or remove() recompiles once. Raises for an unknown name, a list that is
+        not one name per row, and in a layer whose input's first dim is not
+        len(adapter_names)."""
         names = batch_names(adapter_names)
         with self.lock:
             used = used_names(names)
             for n in used:
                 self.adapter(n)  # KeyError naming it
-            forwards = {}
-            for layer, module in self._layers.items():
-                touching = [n for n in used if layer in self._adapters[n]]
-                if not touching:
-                    continue
-                slot = {n: i for i, n in enumerate(touching)}
-                slots = torch.tensor([slot.get(n, -1) for n in names], device=module.weight.device)
-                adapters = [self._adapters[n][layer] for n in touching]
-                forwards[layer] = _mixed_forward(layer, module, adapters, slots)
-            with forwards_replaced(self._layers, forwards):
+            serving = {layer: served for layer, served in self._mixed.items()
+                       if len(served.adapters)}
+            with forwards_replaced(self._layers, serving):
+                start_block(serving.values(), names)
                 yield self

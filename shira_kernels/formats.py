@@ -409,9 +409,12 @@ class SparseDeltaSet:
 
     def __init__(self, shape):
         self.shape = _weight_shape(shape)
-        self._slots: list[tuple[str, SparseDelta, float] | None] = []
+        # Replaced whole by add and remove, never changed in place: one read is a snapshot,
+        # and what a caller derives from it (the op's per-slot fields) stays valid for it.
+        self._slots: tuple[tuple[str, SparseDelta, float] | None, ...] = ()
         self._index: dict[str, int] = {}
         self._lock = threading.Lock()  # add/remove from several threads: one slot per name
+        self.op_fields = None  # multi_delta_linear's fields of one snapshot (ops/multi_delta.py)
 
     def add(self, name: str, delta: SparseDelta, scale: float = 1.0) -> int:
         """Add adapter ``name`` (its delta and scale); returns its slot."""
@@ -435,16 +438,15 @@ class SparseDeltaSet:
                                  f"set's adapters are {first[1].dtype} on {first[1].device}")
             slot = next((i for i, entry in enumerate(self._slots) if entry is None),
                         len(self._slots))
-            if slot == len(self._slots):
-                self._slots.append(None)
-            self._slots[slot] = (name, delta, scale)
+            self._slots = self._slots[:slot] + ((name, delta, scale),) + self._slots[slot + 1:]
             self._index[name] = slot
         return slot
 
     def remove(self, name: str) -> None:
         """Remove adapter ``name``; its slot becomes free, the others keep theirs."""
         with self._lock:
-            self._slots[self.index(name)] = None
+            slot = self.index(name)
+            self._slots = self._slots[:slot] + (None,) + self._slots[slot + 1:]
             del self._index[name]
 
     def index(self, name: str) -> int:
@@ -462,6 +464,20 @@ class SparseDeltaSet:
     def slots(self) -> list[tuple[str, SparseDelta, float] | None]:
         """(name, delta, scale) per slot, None where a slot is free (a copy of the list)."""
         return list(self._slots)
+
+    def snapshot(self) -> tuple[tuple[str, SparseDelta, float] | None, ...]:
+        """The slots as .slots lists them, as one tuple: the same object until the next add or
+        remove (so what is derived from it can be kept with it)."""
+        return self._slots
+
+    def subset(self, names) -> "SparseDeltaSet":
+        """A set of ``names``' adapters (the same deltas and scales), in slots 0, 1, ... in that
+        order."""
+        part = SparseDeltaSet(self.shape)
+        with self._lock:
+            part._slots = tuple(self._slots[self.index(n)] for n in names)
+        part._index = {n: i for i, n in enumerate(names)}
+        return part
 
     def row_adapter(self, names, device=None, *, slots=None) -> torch.Tensor:
         """int64 slots for a list of adapter names, one per batch row (None or "__base__": -1),

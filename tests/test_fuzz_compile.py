@@ -199,3 +199,123 @@ def test_bank_mixed_under_autocast(adapted):
     assert y.dtype == torch.bfloat16
     for row, n in enumerate(names):
         same_bits(y[row], expected[n][row], f"row {row} ({n})")
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed() blocks under torch.compile: every block used to install new forwards over a new set of
+# the block's adapters, so a compiled model recompiled for each batch (and ran eager once past
+# dynamo's cache limit). The forwards and their adapters are now kept per bank and layer.
+# ---------------------------------------------------------------------------------------------
+def _blocks_reuse_the_graph(model, bank, x, blocks, add, remove):
+    """Compiled and eager forwards agree in every block; after the first block (and one call
+    outside any block) no block recompiles, whatever its rows name; add() and remove() each
+    recompile at most once."""
+    compiled, counter = counted(model)
+    with torch.no_grad():
+        same_bits(compiled(x), model(x), "outside a block")
+        for names in blocks[:1]:
+            with bank.mixed(names):
+                same_bits(compiled(x), model(x), f"block {names}")
+        graphs = counter.frame_count
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for names in blocks[1:]:
+                with bank.mixed(names):
+                    same_bits(compiled(x), model(x), f"block {names}")
+        for change, names in ((add, ["new", "b", None, "a"]), (remove, ["new", "b", None, "b"])):
+            change()
+            with bank.mixed(names):
+                same_bits(compiled(x), model(x), f"block {names} after a change")
+            assert counter.frame_count <= graphs + 1
+            graphs = counter.frame_count
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    torch._dynamo.reset()
+
+
+def test_adapter_bank_mixed_blocks_reuse_the_compiled_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 12))
+    shapes = {"0": (24, 16), "2": (12, 24)}
+    bank = AdapterBank(model)
+    for k, name in enumerate("abc"):
+        layers = ("0", "2") if name != "c" else ("2",)  # c on the second layer only
+        bank.add(name, {layer: (random_delta(shapes[layer], 20, 10 * k + i), 0.5 + k)
+                        for i, layer in enumerate(layers)})
+    blocks = [["a", None, "b", "a"], ["b", "b", None, "c"], ["c", "c", "c", "c"],
+              [None, "__base__", None, None], ["a", "a", "a", "a"]]
+    _blocks_reuse_the_graph(
+        model, bank, torch.randn(4, 16), blocks,
+        add=lambda: bank.add("new", {"0": random_delta(shapes["0"], 9, 99)}),
+        remove=lambda: bank.remove("a"))
+
+
+def test_binary_adapter_bank_mixed_blocks_reuse_the_compiled_graph():
+    from shira_kernels import BinaryAdapterBank
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 12))
+    g = torch.Generator().manual_seed(1)
+
+    def branch(in_f, out_f, r):
+        return (BinaryWeight.from_float(torch.randn(r, in_f, generator=g)),
+                BinaryWeight.from_float(torch.randn(out_f, r, generator=g) * 0.1, "row"))
+
+    bank = BinaryAdapterBank(model)
+    for k, name in enumerate("abc"):
+        layers = {"0": branch(16, 24, 3 + k)}
+        if name != "c":
+            layers["2"] = branch(24, 12, 2)
+        bank.add(name, layers)
+    blocks = [["a", None, "b", "a"], ["b", "b", None, "c"], ["c", "c", "c", "c"],
+              [None, "__base__", None, None]]
+    _blocks_reuse_the_graph(model, bank, torch.randn(4, 16), blocks,
+                            add=lambda: bank.add("new", {"2": branch(24, 12, 5)}),
+                            remove=lambda: bank.remove("a"))
+
+
+def test_adapter_bank_mixed_follows_the_model_to_another_dtype():
+    # The adapters a mixed batch uses are prepared in the weight's dtype; casting the model
+    # after a block prepares them again (a kept fp32 set would meet a bf16 weight).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24))
+    delta = random_delta((24, 16), 30, 5)
+    bank = AdapterBank(model)
+    bank.add("a", {"0": (delta, 0.5)})
+    x = torch.randn(3, 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        with torch.no_grad(), bank.mixed(["a", None, "a"]):
+            y = model(x.to(dtype))
+            w, b = model[0].weight, model[0].bias
+            adapted = sparse_delta_linear(x.to(dtype), w, b,
+                                          delta.with_values(delta.values.to(dtype)), 0.5, "spmm")
+            base = torch.nn.functional.linear(x.to(dtype), w, b)
+        assert y.dtype == dtype
+        for row, expected in enumerate((adapted, base, adapted)):
+            same_bits(y[row], expected[row], f"row {row}, {dtype}")
+
+
+def test_an_eager_block_hands_the_op_only_its_own_adapters():
+    # The op's cost per call grows with the adapters it is given; a compiled graph gets the
+    # layer's whole set (so that it holds for every block), an eager forward only the block's.
+    from unittest import mock
+    import shira_kernels.adapters as adapters_module
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24))
+    bank = AdapterBank(model)
+    for k in range(6):
+        bank.add(f"a{k}", {"0": random_delta((24, 16), 10, k)})
+    seen = []
+    real = adapters_module.multi_delta_linear
+
+    def spy(x, weight, bias, delta_set, rows):
+        seen.append(sorted(delta_set.names))
+        return real(x, weight, bias, delta_set, rows)
+
+    x = torch.randn(3, 16)
+    with mock.patch.object(adapters_module, "multi_delta_linear", spy), torch.no_grad():
+        with bank.mixed(["a4", None, "a1"]):
+            y = model(x)
+        with bank.mixed([None, None, None]):
+            base = model(x)
+    assert seen == [["a1", "a4"]]  # the all-base block ran plain F.linear
+    same_bits(base, torch.nn.functional.linear(x, model[0].weight, model[0].bias), "all base")
+    assert y.shape == (3, 24)

@@ -121,12 +121,11 @@ def test_a_row_named_a_never_runs_with_the_adapter_that_took_as_slot():
         # The other thread's remove + add lands the first time the set's slots are read.
         fired = False
 
-        @property
-        def slots(self):
+        def snapshot(self):
             if not self.fired:
                 self.fired = True
                 _join(_start(lambda: (self.remove("a"), self.add("b", db))))
-            return SparseDeltaSet.slots.fget(self)
+            return SparseDeltaSet.snapshot(self)
 
     live = Interleaved(shape)
     live.add("a", da)

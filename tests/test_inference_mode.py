@@ -459,6 +459,28 @@ def test_bank_added_inside_switches_anywhere(build_inside):
                    for e in slot.entries.values())
 
 
+def test_bank_mixed_first_inside_then_training_outside():
+    # The first mixed() block prepares every adapter's values in the weight's dtype (a new
+    # tensor: the deltas are fp32, the weights bf16) and keeps them for later blocks; made as
+    # inference tensors, a later block with autograd could not save them for the backward.
+    model = bank_model().to(torch.bfloat16)
+    bank = AdapterBank(model)
+    for name, adapter in bank_adapters().items():
+        bank.add(name, adapter, scale=2.0)
+    names = ["a", None, "b"]
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    with torch.inference_mode(), bank.mixed(names):
+        inside = model(x)
+    xr = x.clone().requires_grad_()
+    with bank.mixed(names):
+        outside = model(xr)
+        outside.float().sum().backward()
+    assert_same_bits(outside.detach(), inside)
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()
+    assert all(not delta.values.is_inference()
+               for served in bank._mixed.values() for _, delta, _ in served.adapters)
+
+
 def test_bank_added_outside_activated_inside():
     expected = reference_states(bank_adapters())
     bank = AdapterBank(bank_model())

@@ -294,6 +294,20 @@ def _slot_fields(entries, device):
     return [list(column) for column in zip(*fields)] if fields else [[]] * 8
 
 
+def _fields_of(delta_set: SparseDeltaSet, entries, device):
+    """_slot_fields of a snapshot of ``delta_set``, kept on the set for the next call with the
+    same snapshot (per call they cost a few µs per adapter, which a model of many layers pays
+    for every adapter of its bank). Not kept while dynamo traces: the graph holds the fields."""
+    if torch.compiler.is_compiling():
+        return _slot_fields(entries, device)
+    kept = delta_set.op_fields
+    if kept is not None and kept[0] is entries and kept[1] == device:
+        return kept[2]
+    fields = _slot_fields(entries, device)
+    delta_set.op_fields = (entries, device, fields)
+    return fields
+
+
 def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
     """row_adapter as int64 slots, one per row of x's rows flattened: from a tensor or list of
     ints of x's leading shape, of its rows flattened, or of its first dim only (one adapter per
@@ -352,15 +366,17 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # One snapshot of the slots for the names, the checks and the fields: another thread may
     # remove an adapter and add another into its slot meanwhile (SparseDeltaSet.add/remove are
     # thread-safe), and a row named "a" must never run with the adapter that took a's slot.
-    entries = delta_set.slots
+    entries = delta_set.snapshot()
     row_adapter = row_slots(x, row_adapter, functools.partial(delta_set.row_adapter,
                                                               slots=entries))
-    for entry in entries:  # row_adapter's slots are checked inside the op (no sync)
-        if entry is not None:
-            check_float_tensor(f"the values of adapter {entry[0]!r}", entry[1].values, dtype,
-                               x.device)
-    values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _slot_fields(entries,
-                                                                                  x.device)
+    # The set holds one dtype and device (its add checks), so its first adapter stands for all;
+    # row_adapter's slots are checked inside the op (no sync).
+    first = next((entry for entry in entries if entry is not None), None)
+    if first is not None:
+        check_float_tensor(f"the values of adapter {first[0]!r}", first[1].values, dtype,
+                           x.device)
+    values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _fields_of(
+        delta_set, entries, x.device)
     y = _multi_linear_op(x2, weight, bias, row_adapter, values, offsets, cols, rows, t_offsets,
                          t_cols, t_perm, scales)
     return y.view(*x.shape[:-1], weight.shape[0])
