@@ -571,7 +571,9 @@ class AdapterBank(NamedAdapters):
             if self._mixed is not None:
                 for layer in entries:
                     if self._servable(layer):
-                        self._offer(self._mixed_layer(layer), name)
+                        served = self._mixed_layer(layer)  # a new one already has it
+                        if name not in served.adapters:
+                            self._offer(served, name)
 
     def add_from_model(self, name: str, model: nn.Module) -> None:
         """Add every ShiraLinear of ``model`` (this bank's model or one of the same structure)

@@ -440,6 +440,7 @@ class SparseDeltaSet:
                         len(self._slots))
             self._slots = self._slots[:slot] + ((name, delta, scale),) + self._slots[slot + 1:]
             self._index[name] = slot
+            self.op_fields = None  # of the old snapshot: free what it holds
         return slot
 
     def remove(self, name: str) -> None:
@@ -448,6 +449,7 @@ class SparseDeltaSet:
             slot = self.index(name)
             self._slots = self._slots[:slot] + (None,) + self._slots[slot + 1:]
             del self._index[name]
+            self.op_fields = None
 
     def index(self, name: str) -> int:
         """The slot of adapter ``name``."""

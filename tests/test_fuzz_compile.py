@@ -293,6 +293,27 @@ def test_adapter_bank_mixed_follows_the_model_to_another_dtype():
             same_bits(y[row], expected[row], f"row {row}, {dtype}")
 
 
+def test_adapter_bank_mixed_after_adding_an_adapter_on_a_layer_new_to_mixed():
+    # The first block made forwards for layer "0" only; an adapter added later on layer "2"
+    # gets that layer its forward (made with the adapter in it, so not added twice).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 12))
+    bank = AdapterBank(model)
+    bank.add("a", {"0": random_delta((24, 16), 20, 1)})
+    x = torch.randn(2, 16)
+    with torch.no_grad(), bank.mixed(["a", None]):
+        model(x)
+    delta = random_delta((12, 24), 15, 2)
+    bank.add("b", {"2": (delta, 0.5)})
+    with torch.no_grad():
+        with bank.mixed(["b", None]):
+            y = model(x)
+        h = torch.relu(model[0](x))
+        expected = sparse_delta_linear(h, model[2].weight, model[2].bias, delta, 0.5, "spmm")
+    same_bits(y[0], expected[0], "row of b")
+    assert "forward" not in model[2].__dict__
+
+
 def test_an_eager_block_hands_the_op_only_its_own_adapters():
     # The op's cost per call grows with the adapters it is given; a compiled graph gets the
     # layer's whole set (so that it holds for every block), an eager forward only the block's.
