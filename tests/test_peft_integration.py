@@ -815,6 +815,42 @@ def test_adapter_names_rows_match_their_adapter():
         torch.testing.assert_close(pa(x), pa(x, adapter_names=["default"] * 4))
 
 
+def test_adapter_names_sees_values_written_since_the_last_call():
+    # Without autograd each layer keeps the delta it hands the op (generate asks for it at
+    # every step); a write to the adapter's values, in place or inside inference_mode, must
+    # reach the next call.
+    pa = two_adapter_model()
+    with torch.no_grad():  # "other" in an unsorted order: its delta holds a gathered copy
+        for module in pa.modules():
+            if isinstance(module, PeftShiraLinear) and "other" in module.shira_weight:
+                order = torch.randperm(module.shira_weight["other"].numel(),
+                                       generator=torch.Generator().manual_seed(3))
+                module.shira_indices["other"].copy_(module.shira_indices["other"][:, order])
+                module.shira_weight["other"].copy_(module.shira_weight["other"][order])
+    names = ["other", "default"]
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = pa(x, adapter_names=names)
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            randomize(pa, seed=11 + inference, adapter="other")
+        with torch.no_grad():
+            after = pa(x, adapter_names=names)
+            pa.set_adapter("other")
+            want = pa(x[:1])
+            pa.set_adapter("default")
+        assert not torch.equal(after[:1], before[:1])
+        torch.testing.assert_close(after[:1], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(after[1:], before[1:])
+        before = after
+    # With autograd on, the gradient of the values that require it (the active adapter's)
+    # flows through the mixed forward.
+    out = pa(x, adapter_names=names).square().sum()
+    trained = [p for n, p in pa.named_parameters() if n.endswith("shira_weight.default")]
+    assert trained and all(p.requires_grad for p in trained)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(out, trained))
+
+
 def test_adapter_names_checks_as_peft_lora_does():
     pa = two_adapter_model()
     x = torch.randn(2, 16)

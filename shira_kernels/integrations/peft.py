@@ -69,13 +69,15 @@ class _Plan:
     Built outside torch.inference_mode even when called inside it: the plan outlives the call,
     and its tensors must serve later calls outside inference mode too (autograd refuses to
     save inference tensors). ``stamp`` tells whether the source was written since: its version,
-    or for an inference tensor (no version counter) a copy of its contents."""
+    or for an inference tensor (no version counter) a copy of its contents. ``kept`` holds the
+    last delta mixed_delta made, with what it was made from."""
 
-    __slots__ = ("source", "stamp", "device", "flat", "perm", "structure", "ok")
+    __slots__ = ("source", "stamp", "device", "shape", "flat", "perm", "structure", "ok", "kept")
 
     def __init__(self, source: torch.Tensor, shape: tuple[int, int], device: torch.device):
         self.source, self.stamp, self.device = source, tensor_stamp(source), device
-        self.flat = self.perm = self.structure = None
+        self.shape = shape
+        self.flat = self.perm = self.structure = self.kept = None
         self.ok = False
         with torch.inference_mode(False):
             self._derive(source, shape, device)
@@ -106,6 +108,24 @@ class _Plan:
 
     def fresh(self, source: torch.Tensor, device: torch.device) -> bool:
         return self.source is source and self.device == device and unchanged(source, self.stamp)
+
+    def mixed_delta(self, values: torch.Tensor, dtype: torch.dtype) -> SparseDelta:
+        """The adapter's delta as multi_delta_linear takes it: ``values`` (PEFT's order) in this
+        plan's order and in ``dtype``. Without autograd it is kept until ``values`` is written
+        or another dtype is asked for: generate() asks every layer for it at every step, and
+        making it (a gather, a cast, a SparseDelta's checks) cost more than the product."""
+        if torch.is_grad_enabled() and values.requires_grad:  # the values' gradient flows
+            ordered = values if self.perm is None else values[self.perm]
+            return SparseDelta(self.shape, self.flat, ordered.to(dtype), structure=self.structure)
+        kept = self.kept
+        if (kept is not None and kept[0] is values and kept[2] == dtype
+                and unchanged(values, kept[1])):
+            return kept[3]
+        with torch.no_grad(), torch.inference_mode(False):  # kept: serves calls outside too
+            ordered = values if self.perm is None else values[self.perm]
+            delta = SparseDelta(self.shape, self.flat, ordered.to(dtype), structure=self.structure)
+        self.kept = (values, tensor_stamp(values), dtype, delta)
+        return delta
 
 
 def _warn_hooks(layer) -> None:
@@ -236,9 +256,8 @@ class _AcceleratedShira:
             if plan is None:
                 raise ValueError(f"adapter {adapter!r}: its indices cannot run on the kernels "
                                  "(out of range or repeated)")
-            values = self._sk_values(adapter, plan).to(weight.dtype)
-            delta = SparseDelta(tuple(weight.shape), plan.flat, values, structure=plan.structure)
-            delta_set.add(adapter, delta, float(self.scaling[adapter]))
+            delta_set.add(adapter, plan.mixed_delta(self.shira_weight[adapter], weight.dtype),
+                          float(self.scaling[adapter]))
         slots = torch.tensor([delta_set.index(n) if n in delta_set else -1 for n in names],
                              device=x.device)  # one per batch row: multi_delta_linear broadcasts
         return multi_delta_linear(x, weight, bias, delta_set, slots)
