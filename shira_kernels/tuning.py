@@ -330,6 +330,12 @@ def _key(decision: str, key: tuple) -> str:
     return decision + "|" + "|".join(str(part) for part in key)
 
 
+def in_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev) is running: decide then measures
+    nothing, and what it returns for an undecided key is not to be kept by the caller."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def decide(decision: str, key: tuple, default: str,
            timings: Callable[[], tuple[Mapping[str, float], str]]) -> str:
     """The fastest candidate for ``decision`` at ``key`` (a tuple of plain values): in "off"
@@ -355,6 +361,11 @@ def decide(decision: str, key: tuple, default: str,
                 _disk[path] = _read(path)
             entry = _disk[path].get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("value"), str):
+            if in_transform():
+                # Inside torch.func's grad or vmap the timed calls would run under the
+                # transform (vmap refuses their random inputs): the static choice for this
+                # call, nothing kept, and the first call outside measures.
+                return default
             started = time.perf_counter()
             try:
                 times, how = timings()

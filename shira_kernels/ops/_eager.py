@@ -36,7 +36,11 @@ def eager_function(name: str, impl, setup_context, backward,
     ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as an
     autograd.Function (named ``name``) when an input needs a gradient: any input, or only
     those at the positions ``differentiable`` (the inputs the backward gives a gradient; the
-    others' requires_grad cannot matter, and asking each costs microseconds per call)."""
+    others' requires_grad cannot matter, and asking each costs microseconds per call).
+
+    Inside torch.func transforms it goes through transformable(...) instead, which they take
+    (torch.library's generated Function they refuse, so the op itself cannot serve them). For
+    vmap(grad(...)) the backward must call its kernels through looped_under_vmap."""
 
     def forward(ctx, *inputs):
         setup_context(ctx, inputs, None)
@@ -44,8 +48,11 @@ def eager_function(name: str, impl, setup_context, backward,
 
     function = type(name, (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    in_transforms = transformable(name, impl, setup_context, backward)
 
     def run(*inputs):
+        if torch._C._are_functorch_transforms_active():
+            return in_transforms.apply(*inputs)
         if torch.is_grad_enabled():
             asked = inputs if differentiable is None else [inputs[i] for i in differentiable]
             if any(isinstance(t, torch.Tensor) and t.requires_grad for t in asked):
@@ -54,3 +61,65 @@ def eager_function(name: str, impl, setup_context, backward,
 
     run.__name__ = run.__qualname__ = name
     return run
+
+
+def transformable(name: str, impl, setup_context, backward) -> type:
+    """``impl`` as an autograd.Function that torch.func's transforms take: setup_context a
+    staticmethod of its own, and a vmap rule that runs it once per batch entry and stacks the
+    results (the kernels know no batch dim: correct, not fast). Only for calls inside a
+    transform: binding the arguments of such a Function costs tens of microseconds per call
+    (autograd.Function.apply inspects forward's signature), which the ctx-first one does not."""
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(lambda *inputs: impl(*inputs)),
+                     "setup_context": staticmethod(setup_context),
+                     "backward": staticmethod(backward)})
+    function.vmap = staticmethod(_loop_over_batch(function))
+    return function
+
+
+def looped_under_vmap(name: str, impl) -> Callable:
+    """``impl`` (a backward's kernel) as torch.func's vmap takes it: inside a transform through
+    transformable(...) (no derivative of its own: no double backward); else ``impl`` itself."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name} has no derivative (double backward is not supported)")
+
+    function = transformable(name, impl, setup_context, backward)
+
+    def run(*inputs):
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*inputs)
+        return impl(*inputs)
+
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+def _loop_over_batch(function):
+    """A vmap rule for ``function``: each batch entry's inputs through function.apply, the
+    outputs stacked along dim 0 (a tuple of outputs: each stacked)."""
+
+    def rule(info, in_dims, *inputs):
+        results = []
+        for b in range(info.batch_size):
+            entry = [_entry_of(a, d, b) for a, d in zip(inputs, in_dims)]
+            results.append(function.apply(*entry))
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*results)), (0,) * len(results[0])
+        return torch.stack(results), 0
+
+    return rule
+
+
+def _entry_of(value, in_dim, b: int):
+    """Batch entry ``b`` of an input whose batch dim is ``in_dim`` (None: not batched; a tuple
+    or list of inputs has one per element). Contiguous: the kernels take their operands that
+    way, and a batch dim other than the first leaves a strided slice."""
+    if in_dim is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_entry_of(v, d, b) for v, d in zip(value, in_dim))
+    return value.select(in_dim, b).contiguous()

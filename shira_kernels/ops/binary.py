@@ -26,7 +26,7 @@ from .. import _native, backends, tuning
 from .._checks import TensorCache, check_float_tensor, check_scale
 from ..formats import BinaryWeight, unpack_signs
 from . import registry
-from ._eager import autocast_off, eager_function, via_op
+from ._eager import autocast_off, eager_function, looped_under_vmap, via_op
 
 ACTIVATIONS = (None, "relu")
 # On CUDA tensors the CUDA kernel's warp-per-row path wins up to "gemv_max_tokens" tokens
@@ -271,8 +271,10 @@ def _linear_backward(ctx, gy, grad_x=_grad_x_op):
 
 
 _binary_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+# The backwards' kernels as torch.func's vmap takes them (vmap(grad(...)): per-sample gradients).
+_looped_grad_x = looped_under_vmap("_BinaryGradX", _grad_x)
 _eager_binary_linear = eager_function("_EagerBinaryLinear", _binary_linear, _linear_setup,
-                                     functools.partial(_linear_backward, grad_x=_grad_x))
+                                     functools.partial(_linear_backward, grad_x=_looped_grad_x))
 
 
 def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.Tensor,
@@ -329,7 +331,9 @@ def _lora_backward(ctx, gy, grad_x=_grad_x_op, linear=_binary_linear_op):
 _binary_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup)
 _eager_binary_lora = eager_function(
     "_EagerBinaryLora", _binary_lora, _lora_setup,
-    functools.partial(_lora_backward, grad_x=_grad_x, linear=_binary_linear), differentiable=(0,))
+    functools.partial(_lora_backward, grad_x=_looped_grad_x,
+                      linear=looped_under_vmap("_BinaryLinearOfX", _binary_linear)),
+    differentiable=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +415,8 @@ def _measured_choice(decision: str, args: tuple, key_of, make, rows: int) -> str
                               lambda: tuning.measure_extrapolated(make, rows))
         if value not in STRATEGIES[1:]:  # a cache file written by another version
             value = "lut"
-        _decided[fast] = value
+        if not tuning.in_transform():  # there decide did not measure
+            _decided[fast] = value
     return value
 
 

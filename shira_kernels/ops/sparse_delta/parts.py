@@ -23,7 +23,7 @@ from ..._checks import TensorCache, check_float_tensor, check_scale
 from ..._concurrency import reading
 from ...formats import SparseDelta, SparseStructure
 from .. import registry
-from .._eager import via_op
+from .._eager import eager_function, looped_under_vmap, via_op
 from ..scatter_swap import raise_outside
 from .naive import add_at_indices_reference, sddmm_reference, spmm_reference
 
@@ -317,48 +317,64 @@ def csr_add(weight: torch.Tensor, delta: SparseDelta, scale: float = 1.0,
 # The sparse product alone, with autograd (no base weight: a quantized base's output, or a
 # bare sparse matrix as MoSA's bottleneck).
 # ---------------------------------------------------------------------------------------------
-class _SparseProductAdd(torch.autograd.Function):
+def _spmm_t_sddmm(gx, gy, x, values, struct, scale):
+    return registry.kernel("spmm_t_sddmm", gy.device)(gx, gy, x, values, struct, scale)
+
+
+def _sddmm(gy, x, rows, cols, offsets):
+    return registry.kernel("sddmm", gy.device)(gy, x, rows, cols, offsets)
+
+
+# The backward's kernels as torch.func's vmap takes them (vmap(grad(...))).
+_looped_spmm_t_sddmm = looped_under_vmap("_SpmmTSddmm", _spmm_t_sddmm)
+_looped_sddmm = looped_under_vmap("_Sddmm", _sddmm)
+
+
+def _product_add(y, x, values, rows, cols, offsets, t_offsets, t_cols, t_perm, scale, use_ops):
     """y + scale·x·Sᵀ for 2-D y [T, out], x [T, in] and values of y's dtype. ``use_ops``:
     through the shira::spmm / shira::sddmm ops (torch.compile, autocast), else the backend's
     kernels directly (an op call costs tens of microseconds of Python)."""
+    if use_ops:
+        return torch.ops.shira.spmm(y, x, offsets, cols, values, scale)
+    # Not overwrite_y: y is the base's output, which a forward hook may have kept.
+    return registry.kernel("spmm", y.device)(y, x, offsets, cols, values, scale)
 
-    @staticmethod
-    def forward(ctx, y, x, values, rows, cols, offsets, t_offsets, t_cols, t_perm, scale,
-                use_ops):
-        ctx.save_for_backward(x, values, rows, cols, offsets, t_offsets, t_cols, t_perm)
-        ctx.scale, ctx.use_ops = scale, use_ops
-        # Autograd's device thread does not see use_backend(): the backward re-enters the
-        # forward's explicit choice (not read while tracing: a context variable breaks the graph).
-        ctx.backend = None if torch.compiler.is_compiling() else backends.requested()
-        if use_ops:
-            return torch.ops.shira.spmm(y, x, offsets, cols, values, scale)
-        # Not overwrite_y: y is the base's output, which a forward hook may have kept.
-        return registry.kernel("spmm", y.device)(y, x, offsets, cols, values, scale)
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, values, rows, cols, offsets, t_offsets, t_cols, t_perm = ctx.saved_tensors
-        need_y, need_x, need_v = ctx.needs_input_grad[:3]
-        gy, scale = gy.contiguous(), ctx.scale
-        gx = g = None
-        with (backends.use_backend(ctx.backend) if ctx.backend is not None
-              else contextlib.nullcontext()):
-            if ctx.use_ops:
-                if need_x:
-                    gx = torch.ops.shira.spmm(gy.new_zeros(x.shape), gy, t_offsets, t_cols,
-                                              values.index_select(0, t_perm), scale)
-                if need_v:
-                    g = torch.ops.shira.sddmm(gy, x, rows, cols)
-            elif need_x:  # gx and the values' gradient in one pass over S (CPU)
-                struct = (rows, cols, offsets, t_offsets, t_cols, t_perm)
-                gx, g = registry.kernel("spmm_t_sddmm", gy.device)(
-                    gy.new_zeros(x.shape), gy, x, values, struct, scale)
-            elif need_v:
-                g = registry.kernel("sddmm", gy.device)(gy, x, rows, cols, offsets)
-        gvalues = None
-        if need_v:
-            gvalues = (g if scale == 1.0 else scale * g).to(values.dtype)
-        return (gy if need_y else None), (gx if need_x else None), gvalues, *([None] * 8)
+def _product_setup(ctx, inputs, output):
+    _, x, values, rows, cols, offsets, t_offsets, t_cols, t_perm, scale, use_ops = inputs
+    ctx.save_for_backward(x, values, rows, cols, offsets, t_offsets, t_cols, t_perm)
+    ctx.scale, ctx.use_ops = scale, use_ops
+    # Autograd's device thread does not see use_backend(): the backward re-enters the
+    # forward's explicit choice (not read while tracing: a context variable breaks the graph).
+    ctx.backend = None if torch.compiler.is_compiling() else backends.requested()
+
+
+def _product_backward(ctx, gy):
+    x, values, rows, cols, offsets, t_offsets, t_cols, t_perm = ctx.saved_tensors
+    need_y, need_x, need_v = ctx.needs_input_grad[:3]
+    gy, scale = gy.contiguous(), ctx.scale
+    gx = g = None
+    with (backends.use_backend(ctx.backend) if ctx.backend is not None
+          else contextlib.nullcontext()):
+        if ctx.use_ops:
+            if need_x:
+                gx = torch.ops.shira.spmm(gy.new_zeros(x.shape), gy, t_offsets, t_cols,
+                                          values.index_select(0, t_perm), scale)
+            if need_v:
+                g = torch.ops.shira.sddmm(gy, x, rows, cols)
+        elif need_x:  # gx and the values' gradient in one pass over S (CPU)
+            struct = (rows, cols, offsets, t_offsets, t_cols, t_perm)
+            gx, g = _looped_spmm_t_sddmm(gy.new_zeros(x.shape), gy, x, values, struct, scale)
+        elif need_v:
+            g = _looped_sddmm(gy, x, rows, cols, offsets)
+    gvalues = None
+    if need_v:
+        gvalues = (g if scale == 1.0 else scale * g).to(values.dtype)
+    return (gy if need_y else None), (gx if need_x else None), gvalues, *([None] * 8)
+
+
+_sparse_product_add = eager_function("_SparseProductAdd", _product_add, _product_setup,
+                                     _product_backward, differentiable=(0, 1, 2))
 
 
 def sparse_product_add(y: torch.Tensor, x: torch.Tensor, delta: SparseDelta,
@@ -393,7 +409,7 @@ def sparse_product_add_unpacked(y: torch.Tensor, x: torch.Tensor, delta_shape,
     x2 = x.reshape(-1, in_f).to(dtype).contiguous()
     y2 = y.reshape(-1, out_f).contiguous()
     s = structure
-    out = _SparseProductAdd.apply(y2, x2, values.to(dtype).contiguous(), s.rows, s.cols,
-                                  s.row_offsets, s.t_offsets, s.t_cols, s.t_perm,
-                                  check_scale(scale), via_op(x))
+    out = _sparse_product_add(y2, x2, values.to(dtype).contiguous(), s.rows, s.cols,
+                              s.row_offsets, s.t_offsets, s.t_cols, s.t_perm, check_scale(scale),
+                              via_op(x))
     return out.view(y.shape)
