@@ -114,18 +114,24 @@ class _Plan:
         plan's order and in ``dtype``. Without autograd it is kept until ``values`` is written
         or another dtype is asked for: generate() asks every layer for it at every step, and
         making it (a gather, a cast, a SparseDelta's checks) cost more than the product."""
+        def made():
+            return SparseDelta(self.shape, self.flat, self.ordered(values).to(dtype),
+                               structure=self.structure)
+
         if torch.is_grad_enabled() and values.requires_grad:  # the values' gradient flows
-            ordered = values if self.perm is None else values[self.perm]
-            return SparseDelta(self.shape, self.flat, ordered.to(dtype), structure=self.structure)
+            return made()
         kept = self.kept
         if (kept is not None and kept[0] is values and kept[2] == dtype
                 and unchanged(values, kept[1])):
             return kept[3]
         with torch.no_grad(), torch.inference_mode(False):  # kept: serves calls outside too
-            ordered = values if self.perm is None else values[self.perm]
-            delta = SparseDelta(self.shape, self.flat, ordered.to(dtype), structure=self.structure)
+            delta = made()
         self.kept = (values, tensor_stamp(values), dtype, delta)
         return delta
+
+    def ordered(self, values: torch.Tensor) -> torch.Tensor:
+        """An adapter's values (PEFT's order) in this plan's (sorted) order."""
+        return values if self.perm is None else values[self.perm]
 
 
 def _warn_hooks(layer) -> None:
@@ -161,8 +167,7 @@ class _AcceleratedShira:
         return plan if plan.ok else None
 
     def _sk_values(self, adapter: str, plan: _Plan) -> torch.Tensor:
-        values = self.shira_weight[adapter]
-        return values if plan.perm is None else values[plan.perm]
+        return plan.ordered(self.shira_weight[adapter])
 
     def _sk_plain_weight(self) -> torch.Tensor | None:
         if self.quantization_backend is not None:
