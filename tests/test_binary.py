@@ -131,7 +131,7 @@ def test_binary_linear(backend, device, dtype, shape, method):
     tokens, out_f, in_f = shape
     bw = _weight(out_f, in_f, method, seed=tokens, device=device)
     x = _x(tokens, in_f, dtype, seed=1, device=device).requires_grad_(True)
-    bias = torch.randn(out_f).to(device, dtype)
+    bias = _x(1, out_f, dtype, seed=3, device=device)[0]
     y = binary_linear(x, bw, bias)
     assert y.shape == (tokens, out_f) and y.dtype == dtype
     w = bw.dequantize()

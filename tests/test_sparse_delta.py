@@ -265,6 +265,23 @@ def test_add_delta(backend, device, dtype):
     assert torch.equal(buffer, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_add_delta_rounds_to_nearest(backend, device, dtype):
+    # The sum in fp32, then one rounding to nearest: wherever the exact sum is not within
+    # fp32's error of a rounding midpoint, that is the exact sum rounded. (Triton's interpreter
+    # truncates to bf16 unless the kernels round by hand: triton/_rounding.py.)
+    delta = make_delta(64, 513, dtype, density=0.5, device=device)
+    weight = randn(64, 513, dtype=dtype, seed=11, device=device)
+    out = shira_kernels.add_delta(weight, delta, 0.3)
+    dense = delta.to_dense().double()
+    exact = weight.double() + 0.3 * dense
+    # fp32's error: the scale, its product and the sum, each within half an fp32 ulp.
+    margin = 4 * torch.finfo(torch.float32).eps / 2 * (abs64(weight) + 0.3 * dense.abs())
+    clear = (exact + margin).to(dtype) == (exact - margin).to(dtype)
+    assert clear.double().mean() > 0.9  # a tie is left out: exact sums of 2 values can be one
+    assert torch.equal(out[clear], exact.to(dtype)[clear])
+
+
 def test_old_names_are_deprecated_aliases():
     x, weight, bias, delta, _ = _linear_case((3, 6, 10), torch.float32)
     x, weight = x.detach(), weight.detach()

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rounding import to_element
+
 # Triton's interpreter (how CPU tests run these kernels) multiplies bf16 dot operands wrongly;
 # there the ±1 products go through fp32 instead, the same exact products, only slower.
 HALF_DOT = os.environ.get("TRITON_INTERPRET") != "1"
@@ -86,7 +88,7 @@ def _binary_linear_kernel(x, packed, alpha, mu, bias, y, tokens, n_in, n_out, n_
                     HALF)
     if HAS_BIAS:
         out += tl.load(bias + o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + t[:, None] * n_out + o[None, :], out.to(y.dtype.element_ty),
+    tl.store(y + t[:, None] * n_out + o[None, :], to_element(out, y.dtype.element_ty),
              mask=t_mask[:, None] & o_mask[None, :])
 
 
@@ -114,7 +116,8 @@ def _binary_lora_kernel(x, d_packed, d_alpha, d_mu, u_packed, u_alpha, u_mu, y, 
         a, m = _row_stats(u_alpha, u_mu, o, o_mask, U_PER_ROW)
         wt = _dequantized(_sign_bits(u_packed, o, o_mask, u_words, 0, R // 32), a, m)
         out = tl.dot(h, tl.trans(wt), input_precision="ieee")
-        tl.store(y + t[:, None] * n_out + o[None, :], (scale * out).to(y.dtype.element_ty),
+        tl.store(y + t[:, None] * n_out + o[None, :],
+                 to_element(scale * out, y.dtype.element_ty),
                  mask=t_mask[:, None] & o_mask[None, :])
 
 

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .._group_tables import sddmm_tables, spmm_tables
+from ._rounding import to_element
 
 
 @triton.jit
@@ -50,7 +51,8 @@ def _spmm_kernel(y_in, y_out, x, offsets, cols, values, scale, tokens, n_rows, n
     end = tl.load(offsets + r + 1)
     acc = _row_products(x, t, t_mask, cols, values, start, end, n_cols, BLOCK_T, BLOCK_NZ)
     y = tl.load(y_in + t * n_rows + r, mask=t_mask, other=0.0).to(tl.float32)
-    tl.store(y_out + t * n_rows + r, (y + scale * acc).to(y_out.dtype.element_ty), mask=t_mask)
+    tl.store(y_out + t * n_rows + r, to_element(y + scale * acc, y_out.dtype.element_ty),
+             mask=t_mask)
 
 
 @triton.jit
@@ -84,7 +86,7 @@ def _add_at_indices_kernel(out, weight, numel, idx, values, saved, skipped, scal
     if SAVE:  # the base entries, exactly, to be swapped back later
         tl.store(saved + j, w, mask=m)
     v = tl.load(values + j, mask=m, other=0.0).to(tl.float32)
-    tl.store(out + k, (w.to(tl.float32) + scale * v).to(out.dtype.element_ty), mask=m)
+    tl.store(out + k, to_element(w.to(tl.float32) + scale * v, out.dtype.element_ty), mask=m)
 
 
 def spmm(y_in, x, offsets, cols, values, scale: float, overwrite_y: bool = False):
@@ -143,7 +145,7 @@ def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, offsets
     acc = _row_products(x, t, p_mask, cols, values, start, end, n_cols, BLOCK_T, BLOCK_NZ)
     scale = tl.load(scales + g)
     yv = tl.load(y + t * n_rows + r, mask=p_mask, other=0.0).to(tl.float32)
-    tl.store(y + t * n_rows + r, (yv + scale * acc).to(y.dtype.element_ty), mask=p_mask)
+    tl.store(y + t * n_rows + r, to_element(yv + scale * acc, y.dtype.element_ty), mask=p_mask)
 
 
 def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
