@@ -78,9 +78,9 @@ def kernel_calls(mod, s, values, x, y, gy, gx, weight, bw):
             x, weight, None, s.row_offsets, s.cols, None, values, 1.0, False)
         calls["folded_linear grad x"] = lambda: mod.folded_linear(
             gy, weight, None, s.t_offsets, s.t_cols, s.t_perm, values, 1.0, True)
-    # The sign layouts differ between builds: panels made by the build (sign_panels: nibbles
-    # in its kernels' code), else panels of plain bytes, else the older [words·4, out rounded
-    # up to 16] transpose, and the packed rows for the gradient.
+    # The sign layouts differ between builds: panels made by the build (sign_panels: in some
+    # builds each nibble in a code of their kernels), else panels of plain bytes, else the
+    # older [words·4, out rounded up to 16] transpose, and the packed rows for the gradient.
     make_panels = getattr(mod, "sign_panels", plain_panels)
     panels = make_panels(bw.packed.contiguous().view(torch.uint8))
     panels_t = make_panels(binary_ops._sign_rows_t(bw.packed))

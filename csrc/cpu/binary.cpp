@@ -11,29 +11,31 @@ namespace {
 
 // The signs are never expanded: y = x·sᵀ is summed by table lookup (as T-MAC does). For each
 // token and each group of 4 input features, the 16 sums ±x[4g] ± x[4g+1] ± x[4g+2] ± x[4g+3]
-// are built once; then a lane (an output) picks its sum with its nibble of sign bits, one
-// in-register permute for a vector of outputs x 4 features (figures: docs/ARCHITECTURE.md,
+// are built once; then a lane (an output) picks its sum with its nibble of sign bits, in
+// registers, for a vector of outputs x 4 features at a time (figures: docs/ARCHITECTURE.md,
 // "1-bit weights").
 //   y = x·sᵀ:  the sum runs over input features; a lane is an output.
 //   g·s:       (the gradient of x) the sum runs over outputs; a lane is an input feature, and
 //              the signs are those of sᵀ, in the same layout.
 // The sign bytes come in panels (kernels.h): a block of lanes reads its signs as one stream.
-// The panels store each nibble in the kernels' code (nibble_code), which lets AVX2 look a
-// nibble up with one 8-entry permute: the sums are odd, T[n] = -T[15 - n], and a nibble whose
-// bit 3 is set is stored with its low bits complemented, so it reads the entry for 15 - n and
-// its bit 3 flips the sign.
+// AVX-512 (and builds without AVX2) look an entry up with one 16-entry permute of the table's
+// floats. AVX2's permute across a register reads 8 entries and is slow on AMD (vpermps: 1.4
+// cycles on the Zen 3, against 0.5 for an in-lane byte shuffle), so there each table is kept
+// as the 4 byte planes of its 16 floats and 32 lanes look their entry up with 4 byte shuffles
+// (vpshufb), which 6 unpacks join into floats: the same sums, bit for bit.
 #if defined(__AVX512F__)
 constexpr int kMaxVectors = 4;  // 64 lanes per block
 constexpr int kMaxTokens = 4;   // 16 accumulators + 8 index vectors + 2 lookups < 32 registers
-constexpr int kTableEntries = 16;  // one vector: a 16-entry permute
+constexpr int kTableFloats = 16;  // one vector: a 16-entry permute
+#elif defined(__AVX2__)
+#define SHIRA_BYTE_PLANES 1
+constexpr int kMaxVectors = 4;    // 32 lanes per block: one 32-byte row of a panel
+constexpr int kMaxTokens = 1;     // 4 accumulators + 8 planes + the shuffles' temporaries = 16
+constexpr int kTableFloats = 32;  // 4 planes of 16 bytes, each twice (one per 128-bit half)
 #else
-constexpr int kMaxVectors = 2;  // 16 lanes per block
-constexpr int kMaxTokens = 4;   // 8 accumulators + 4 index vectors + lookup temporaries = 16
-#if defined(__AVX2__)
-constexpr int kTableEntries = 8;  // the entries of the nibbles below 8 (lookup)
-#else
-constexpr int kTableEntries = 16;
-#endif
+constexpr int kMaxVectors = 2;
+constexpr int kMaxTokens = 4;
+constexpr int kTableFloats = 16;
 #endif
 constexpr int kBlockLanes = kLanes * kMaxVectors;
 using shira::cpu::kPanel;
@@ -41,10 +43,6 @@ static_assert(kPanel % kBlockLanes == 0, "a block of lanes lies within one panel
 // Steps summed in registers before they join the block's total: the rounding error grows
 // with kChunk + steps / kChunk, as in a blocked dense dot product, not with the step count.
 constexpr int64_t kChunk = 256;
-
-// The stored nibble for signs n (bit i: the sign of step i, 1 = +1): n below 8, else n with its
-// low three bits complemented. It is its own inverse.
-constexpr uint8_t nibble_code(int n) { return static_cast<uint8_t>(n & 8 ? n ^ 7 : n); }
 
 // Σ_k x[k] in per-lane sums (like the products' accumulators), then across the lanes.
 inline float row_sum(const float* x, int64_t in) {
@@ -95,50 +93,93 @@ struct Epilogue {
 };
 
 // Tables for `tokens` rows of x [., in] (lda apart), groups of 4 features from 0 to `groups`
-// (features past `in` count as 0): entry e of table (t, g), at (t·groups + g)·kTableEntries + e,
-// is the sum for the stored nibble e, Σ_i (bit i of nibble_code(e) ? 1 : -1)·x[4g + i]. On
-// AVX2 its bits 28-30 are xor-ed with e, which the lookup's xor with the nibble undoes.
-// Shared among the threads of an enclosing parallel region (an orphaned omp for).
+// (features past `in` count as 0): table (t, g), at (t·groups + g)·kTableFloats, holds for each
+// nibble e the sum Σ_i (bit i of e ? 1 : -1)·x[4g + i]: as float e, or (byte planes) byte k of
+// it at 32k + e and 32k + 16 + e. Shared among the threads of an enclosing parallel region (an
+// orphaned omp for).
 void build_tables(const float* x, int64_t lda, int64_t tokens, int64_t in, int64_t groups,
                   float* table) {
-  static_assert(kTableEntries % kLanes == 0, "a table is whole vectors");
-  float sgn[4][kTableEntries];
-  int32_t tag[kTableEntries];
-  for (int e = 0; e < kTableEntries; ++e) {
-    for (int i = 0; i < 4; ++i) sgn[i][e] = (nibble_code(e) >> i) & 1 ? 1.0f : -1.0f;
-    tag[e] = kTableEntries == 8 ? e << 28 : 0;
-  }
 #pragma omp for collapse(2) schedule(static)
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t g = 0; g < groups; ++g) {
       float v[4];
       for (int i = 0; i < 4; ++i) v[i] = 4 * g + i < in ? x[t * lda + 4 * g + i] : 0.0f;
-      float* row = table + (t * groups + g) * kTableEntries;
-      for (int e = 0; e < kTableEntries; e += kLanes) {
-        const fvec a = loadv(sgn[0] + e) * v[0] + loadv(sgn[1] + e) * v[1];
-        const fvec b = loadv(sgn[2] + e) * v[2] + loadv(sgn[3] + e) * v[3];
-        const fvec sum = a + b;
-        ivec bits;
-        std::memcpy(&bits, &sum, sizeof bits);
-        bits ^= *reinterpret_cast<const ivec*>(tag + e);
-        std::memcpy(row + e, &bits, sizeof bits);
+      float sums[16];
+      for (int e = 0; e < 16; ++e)
+        sums[e] = ((e & 1 ? v[0] : -v[0]) + (e & 2 ? v[1] : -v[1])) +
+                  ((e & 4 ? v[2] : -v[2]) + (e & 8 ? v[3] : -v[3]));
+      float* row = table + (t * groups + g) * kTableFloats;
+#if defined(SHIRA_BYTE_PLANES)
+      uint8_t* planes = reinterpret_cast<uint8_t*>(row);
+      for (int e = 0; e < 16; ++e) {
+        uint32_t bits;
+        std::memcpy(&bits, sums + e, 4);
+        for (int k = 0; k < 4; ++k)
+          planes[32 * k + e] = planes[32 * k + 16 + e] = static_cast<uint8_t>(bits >> (8 * k));
       }
+#else
+      std::memcpy(row, sums, sizeof sums);
+#endif
     }
   }
 }
 
-// The sum for stored nibble idx[l] & 15 per lane l, from its table.
+#if defined(SHIRA_BYTE_PLANES)
+// The entries of 32 lanes, whose nibbles are idx's bytes, from a table's byte planes: 4 vectors
+// of floats for the lanes [0-3 | 16-19], [4-7 | 20-23], [8-11 | 24-27] and [12-15 | 28-31].
+inline void plane_lookup(const uint8_t* table, __m256i idx, __m256 (&f)[4]) {
+  __m256i b[4];
+  for (int k = 0; k < 4; ++k)
+    b[k] = _mm256_shuffle_epi8(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 32 * k)), idx);
+  const __m256i lo01 = _mm256_unpacklo_epi8(b[0], b[1]), hi01 = _mm256_unpackhi_epi8(b[0], b[1]);
+  const __m256i lo23 = _mm256_unpacklo_epi8(b[2], b[3]), hi23 = _mm256_unpackhi_epi8(b[2], b[3]);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+}
+
+// total[0][l] = Σ_j x[j]·s(j, l) over all byte rows of the 32 lanes from l0, for one token whose
+// tables start at `tables`.
+void plane_sums(const float* tables, const uint8_t* panels, int64_t l0, int64_t rows,
+                float (&total)[kMaxTokens][kBlockLanes]) {
+  static_assert(kBlockLanes == 32 && kMaxTokens == 1, "a block is one 32-byte load, one token");
+  const uint8_t* panel = panels + (l0 / kPanel) * rows * kPanel + l0 % kPanel;
+  const uint8_t* planes = reinterpret_cast<const uint8_t*>(tables);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  std::fill(total[0], total[0] + 32, 0.0f);
+  constexpr int64_t kChunkRows = kChunk / 8;
+  for (int64_t j0 = 0; j0 < rows; j0 += kChunkRows) {
+    const int64_t j1 = std::min(rows, j0 + kChunkRows);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* b = panel + j * kPanel;
+      __builtin_prefetch(b + 256 * kPanel);
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+      __m256 lo[4], hi[4];
+      plane_lookup(planes + 2 * j * 128, _mm256_and_si256(bytes, nibble), lo);
+      plane_lookup(planes + (2 * j + 1) * 128,
+                   _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), hi);
+      for (int q = 0; q < 4; ++q) acc[q] = _mm256_add_ps(acc[q], _mm256_add_ps(lo[q], hi[q]));
+    }
+    // Lanes back in order: [0-7], [8-15], [16-23], [24-31].
+    const __m256 in_order[4] = {_mm256_permute2f128_ps(acc[0], acc[1], 0x20),
+                                _mm256_permute2f128_ps(acc[2], acc[3], 0x20),
+                                _mm256_permute2f128_ps(acc[0], acc[1], 0x31),
+                                _mm256_permute2f128_ps(acc[2], acc[3], 0x31)};
+    for (int q = 0; q < 4; ++q)
+      _mm256_storeu_ps(total[0] + 8 * q,
+                       _mm256_add_ps(_mm256_loadu_ps(total[0] + 8 * q), in_order[q]));
+  }
+}
+#else
+// The entry for nibble idx[l] & 15 per lane l, from its table.
 inline fvec lookup(const float* table, ivec idx) {
 #if defined(__AVX512F__)
   return reinterpret_cast<fvec>(
       _mm512_permutexvar_ps(reinterpret_cast<__m512i>(idx), _mm512_loadu_ps(table)));
-#elif defined(__AVX2__)
-  // The permute reads entry idx & 7; idx << 28 clears the entry's tag (bits 28-30) and puts
-  // the nibble's bit 3 on the sign (the nibble's higher bits leave the word).
-  const __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table),
-                                            reinterpret_cast<__m256i>(idx));
-  const ivec bits = reinterpret_cast<const ivec&>(v) ^ (idx << 28);
-  return reinterpret_cast<const fvec&>(bits);
 #else
   fvec v;
   for (int l = 0; l < kLanes; ++l) v[l] = table[idx[l] & 15];
@@ -168,10 +209,10 @@ void lookup_sums(const float* tables, int64_t groups, const uint8_t* panels, int
       }
 #pragma GCC unroll 4
       for (int t = 0; t < TT; ++t) {
-        const float* tl = tables + (t * groups + 2 * j) * kTableEntries;
+        const float* tl = tables + (t * groups + 2 * j) * kTableFloats;
 #pragma GCC unroll 4
         for (int r = 0; r < RB; ++r)
-          acc[t][r] += lookup(tl, lo[r]) + lookup(tl + kTableEntries, hi[r]);
+          acc[t][r] += lookup(tl, lo[r]) + lookup(tl + kTableFloats, hi[r]);
       }
     }
     for (int t = 0; t < TT; ++t)
@@ -179,20 +220,21 @@ void lookup_sums(const float* tables, int64_t groups, const uint8_t* panels, int
         storev(total[t] + kLanes * r, loadv(total[t] + kLanes * r) + acc[t][r]);
   }
 }
+#endif
 
 // binary_linear's y by lookup, in passes over as many tokens as have their tables in about
 // 512 KiB (L2): each thread takes blocks of lanes x tokens, a block's signs staying in L1.
 void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_t* panels,
                      int64_t lanes, const Epilogue& e, float* y) {
   const int64_t rows = (steps + 31) / 32 * 4;  // byte rows of the panels
-  const int64_t groups = 2 * rows, table_bytes = groups * kTableEntries * 4;
+  const int64_t groups = 2 * rows, table_bytes = groups * kTableFloats * 4;
   const int64_t fit = std::max<int64_t>(1, (512 << 10) / table_bytes / kMaxTokens) * kMaxTokens;
   const int64_t per_pass = std::min(fit, tokens);
   // Kept per calling thread (vec.h's Scratch), as the sparse kernels keep their tiles: a fresh
   // buffer past malloc's mmap threshold (128 KiB: in ≥ 8192 at one token) is faulted in anew
   // on every call.
   thread_local Scratch table_scratch;
-  float* tables = table_scratch.get(per_pass * groups * kTableEntries);
+  float* tables = table_scratch.get(per_pass * groups * kTableFloats);
   const int64_t lane_blocks = (lanes + kBlockLanes - 1) / kBlockLanes;
 #pragma omp parallel if (tokens * lanes * steps > (1 << 16))
   for (int64_t s0 = 0; s0 < tokens; s0 += per_pass) {
@@ -204,8 +246,13 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
       for (int64_t tb = 0; tb < token_blocks; ++tb) {
         const int64_t l0 = lb * kBlockLanes, t0 = tb * kMaxTokens;
         const int n = static_cast<int>(std::min<int64_t>(kBlockLanes, lanes - l0));
+        const float* tl = tables + t0 * groups * kTableFloats;
+#if defined(SHIRA_BYTE_PLANES)
+        float total[kMaxTokens][kBlockLanes];
+        plane_sums(tl, panels, l0, rows, total);
+        e.store<1>(total, s0 + t0, l0, n, lanes, y);
+#else
         const int tt = static_cast<int>(std::min<int64_t>(kMaxTokens, st - t0));
-        const float* tl = tables + t0 * groups * kTableEntries;
         with_constant<kMaxVectors>((n + kLanes - 1) / kLanes, [&](auto rb) {
           with_constant<kMaxTokens>(tt, [&](auto tc) {
             constexpr int RB = decltype(rb)::value, TT = decltype(tc)::value;
@@ -214,6 +261,7 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
             e.store<TT>(total, s0 + t0, l0, n, lanes, y);
           });
         });
+#endif
       }
     }  // the barrier here keeps the tables until every block has read them
   }
@@ -223,8 +271,6 @@ void lookup_products(const float* x, int64_t tokens, int64_t steps, const uint8_
 
 void shira::cpu::sign_panels(const uint8_t* rows, int64_t lanes, int64_t nbytes,
                              uint8_t* panels) {
-  uint8_t code[256];
-  for (int b = 0; b < 256; ++b) code[b] = nibble_code(b & 15) | nibble_code(b >> 4) << 4;
   const int64_t count = (lanes + kPanel - 1) / kPanel;
 #pragma omp parallel for schedule(static) if (lanes * nbytes >= (1 << 20))
   for (int64_t p = 0; p < count; ++p) {
@@ -233,7 +279,7 @@ void shira::cpu::sign_panels(const uint8_t* rows, int64_t lanes, int64_t nbytes,
     std::memset(panel, 0, nbytes * kPanel);
     for (int64_t l = 0; l < n; ++l) {
       const uint8_t* row = rows + (p * kPanel + l) * nbytes;
-      for (int64_t g = 0; g < nbytes; ++g) panel[g * kPanel + l] = code[row[g]];
+      for (int64_t g = 0; g < nbytes; ++g) panel[g * kPanel + l] = row[g];
     }
   }
 }

@@ -71,10 +71,9 @@ int64_t add_at_indices(DType dtype, const void* weight, void* out, int64_t numel
 // of signs [lanes, steps], the bytes [ceil(lanes / kPanel), ceil(steps / 32) * 4, kPanel] of
 // its packed rows transposed in panels of kPanel rows (byte [p, g, l] holds the signs of
 // steps 8g .. 8g + 7 of row kPanel·p + l; rows past `lanes` are padding, read and not used),
-// so that a block of lanes reads its signs as one stream. Each nibble (4 steps) is stored in
-// the kernels' code: as it is below 8, with its low three bits complemented from 8 (binary.cpp
-// says why). sign_panels makes them from the rows' bytes [lanes, nbytes] (byte g of a row: steps
-// 8g .. 8g + 7, LSB first) into panels [ceil(lanes / kPanel), nbytes, kPanel].
+// so that a block of lanes reads its signs as one stream. sign_panels makes them from the
+// rows' bytes [lanes, nbytes] (byte g of a row: steps 8g .. 8g + 7, LSB first) into panels
+// [ceil(lanes / kPanel), nbytes, kPanel].
 constexpr int64_t kPanel = 64;
 void sign_panels(const uint8_t* rows, int64_t lanes, int64_t nbytes, uint8_t* panels);
 void binary_linear(const float* x, int64_t tokens, int64_t in, const uint8_t* panels,

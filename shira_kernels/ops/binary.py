@@ -80,8 +80,7 @@ _PANELS, _PANELS_T = TensorCache(), TensorCache()
 def _panels_of(row_bytes: torch.Tensor) -> torch.Tensor:
     """The CPU kernels' sign panels (csrc/cpu/kernels.h) of the packed sign rows given as bytes
     [lanes, nbytes]: [ceil(lanes / 64), nbytes, 64], each panel's 64 rows side by side, so that
-    a block of lanes reads its signs as one stream (rows past lanes are zero padding), each
-    nibble in the kernels' code."""
+    a block of lanes reads its signs as one stream (rows past lanes are zero padding)."""
     return _native.module("cpu").sign_panels(row_bytes)
 
 
