@@ -2,11 +2,13 @@
 alternatives, in one run, on the CPU.
 
     python bench/report_multi_adapter.py [--hidden 2048 --intermediate 5504] [--sequences 32]
-        [--tokens 128] [--adapters 1,8,32] [--repeat 3] [--out docs/benchmarks/multi_adapter_cpu.md]
+        [--tokens 128] [--adapters 1,8,32] [--repeat 3] [--dtypes fp32,bf16]
+        [--out docs/benchmarks/multi_adapter_cpu.md]
 
 The seven projections of one Llama-shaped block (bias-free), the batch's sequences x tokens as
 rows, each sequence's adapter assigned round-robin from k distinct adapters (r = 32 budget:
-32·(out + in) random entries per weight and adapter). Per dtype (fp32, bf16) and k, the forward
+32·(out + in) random entries per weight and adapter). Per dtype (fp32, bf16; --dtypes fp32 where
+torch's bf16 matmul crawls, as on an AVX2-only CPU) and k, the forward
 through the seven projections, timed round robin:
   - mixed: multi_delta_linear with each row's adapter (this package);
   - one adapter unfused: sparse_delta_linear, the spmm strategy, the same adapter for all rows
@@ -170,10 +172,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--adapters", default="1,8,32")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--out", default="docs/benchmarks/multi_adapter_cpu.md",
                         help="'-' only prints")
     args = parser.parse_args(argv)
     counts = [int(v) for v in args.adapters.split(",")]
+    labels = [v.strip() for v in args.dtypes.split(",") if v.strip()]
+    unknown = [v for v in labels if v not in DTYPES]
+    if unknown or not labels:
+        parser.error(f"--dtypes takes a comma list of {', '.join(DTYPES)}; got {args.dtypes!r}")
     started = dt.datetime.now(dt.timezone.utc)
     lines = ["# Many SHiRA adapters in one batch (CPU)", "",
              f"Made by `{sb.command_line()}` on {started:%Y-%m-%d %H:%M} UTC.", "",
@@ -190,7 +197,8 @@ def main(argv=None) -> int:
              "(multi_binary_lora) or adapter 0 for all (binary_lora), after F.linear; base "
              "only: F.linear alone.", ""]
     bounds = []
-    for label, dtype in DTYPES.items():
+    for label in labels:
+        dtype = DTYPES[label]
         lines += [f"## {label}", "",
                   "| adapters | variant | ms | × mixed |", "|---:|---|---:|---:|"]
         for k in counts:
