@@ -19,10 +19,10 @@ namespace {
 //              the signs are those of sᵀ, in the same layout.
 // The sign bytes come in panels (kernels.h): a block of lanes reads its signs as one stream.
 // AVX-512 (and builds without AVX2) look an entry up with one 16-entry permute of the table's
-// floats. AVX2's permute across a register reads 8 entries and is slow on AMD (vpermps: 1.4
-// cycles on the Zen 3, against 0.5 for an in-lane byte shuffle), so there each table is kept
-// as the 4 byte planes of its 16 floats and 32 lanes look their entry up with 4 byte shuffles
-// (vpshufb), which 6 unpacks join into floats: the same sums, bit for bit.
+// floats. AVX2's permute across a register (vpermps) reads 8 entries and is slow on AMD's Zen
+// cores, where in-lane byte shuffles are cheap, so there each table is kept as the 4 byte
+// planes of its 16 floats and 32 lanes look their entry up with 4 byte shuffles (vpshufb),
+// which 6 unpacks join into floats: the same sums as the float tables give, bit for bit.
 #if defined(__AVX512F__)
 constexpr int kMaxVectors = 4;  // 64 lanes per block
 constexpr int kMaxTokens = 4;   // 16 accumulators + 8 index vectors + 2 lookups < 32 registers
