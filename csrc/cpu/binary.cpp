@@ -148,6 +148,7 @@ void plane_sums(const float* tables, const uint8_t* panels, int64_t l0, int64_t 
   const uint8_t* panel = panels + (l0 / kPanel) * rows * kPanel + l0 % kPanel;
   const uint8_t* planes = reinterpret_cast<const uint8_t*>(tables);
   const __m256i nibble = _mm256_set1_epi8(0x0F);
+  constexpr int64_t kTableBytes = kTableFloats * 4;
   std::fill(total[0], total[0] + 32, 0.0f);
   constexpr int64_t kChunkRows = kChunk / 8;
   for (int64_t j0 = 0; j0 < rows; j0 += kChunkRows) {
@@ -159,8 +160,8 @@ void plane_sums(const float* tables, const uint8_t* panels, int64_t l0, int64_t 
       __builtin_prefetch(b + 256 * kPanel);
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
       __m256 lo[4], hi[4];
-      plane_lookup(planes + 2 * j * 128, _mm256_and_si256(bytes, nibble), lo);
-      plane_lookup(planes + (2 * j + 1) * 128,
+      plane_lookup(planes + 2 * j * kTableBytes, _mm256_and_si256(bytes, nibble), lo);
+      plane_lookup(planes + (2 * j + 1) * kTableBytes,
                    _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), hi);
       for (int q = 0; q < 4; ++q) acc[q] = _mm256_add_ps(acc[q], _mm256_add_ps(lo[q], hi[q]));
     }

@@ -9,7 +9,9 @@ import os
 import triton
 import triton.language as tl
 
-BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# Whether these kernels run in Triton's interpreter (the other Triton files ask here too).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BY_HAND = tl.constexpr(INTERPRETED)
 
 
 @triton.jit

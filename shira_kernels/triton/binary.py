@@ -1,16 +1,15 @@
 """1-bit matmuls in Triton: signs are unpacked in registers, tile by tile, never stored as a
 dense weight. binary_lora keeps the r intermediate values of a token block in registers."""
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._rounding import to_element
+from ._rounding import INTERPRETED, to_element
 
 # Triton's interpreter (how CPU tests run these kernels) multiplies bf16 dot operands wrongly;
 # there the ±1 products go through fp32 instead, the same exact products, only slower.
-HALF_DOT = os.environ.get("TRITON_INTERPRET") != "1"
+HALF_DOT = not INTERPRETED
 
 
 @triton.jit
