@@ -556,7 +556,7 @@ class AdapterBank(NamedAdapters):
             self._check_unmerged()
             entries = {}
             # Outside inference_mode: the buffers are swapped later, also outside it.
-            with torch.no_grad(), torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 for layer, indices, values, layer_scale in self._validated(name, adapter, scale):
                     full, shard = None, self._shards[layer]
                     if shard is not None:  # once: the entries of this rank's rows, local
@@ -748,8 +748,9 @@ class AdapterBank(NamedAdapters):
                 self._forget_pairs({old})
         return slot
 
-    @torch.no_grad()
+    # inference_mode(False) outermost: it turns grad mode back on, so no_grad must come after.
     @torch.inference_mode(False)  # the buffers are swapped later, also outside inference_mode
+    @torch.no_grad()
     def _fused_entries(self, names, weights) -> dict[str, _Entry]:
         parts: dict[str, list[tuple[_Entry, float]]] = {}
         for name, weight in zip(names, weights):
@@ -936,7 +937,7 @@ class AdapterBank(NamedAdapters):
         e = self._adapters[name].entries[layer]
         # Kept for later blocks, so never made as inference tensors (a first block may run
         # inside inference_mode, a later one train).
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             values, scale = e.delta.to(weight.dtype), e.scale
             # A value past the weight's dtype (1e5 in fp16 with scale 1e-3), or flushed to 0 by
             # it, whose scaled value fits: scale it first (fp32, one rounding).

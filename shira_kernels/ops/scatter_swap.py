@@ -242,7 +242,7 @@ def merge_by_swap(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor
     ``commit(held)`` records ``held``, the base entries, which a later swap of the same
     (weight, flat, held) puts back bit for bit. Entries that would overflow W's dtype are
     refused first (ValueError starting with ``where``), with nothing changed."""
-    with torch.no_grad(), torch.inference_mode(False):  # held may be swapped outside it
+    with torch.inference_mode(False), torch.no_grad():  # held may be swapped outside it
         held = torch.empty(flat.shape, dtype=weight.dtype, device=weight.device)
         # The base entries are read and the new ones swapped in under one hold of W's lock: a
         # "swap" forward of another thread could otherwise have W's entries adapted while they
