@@ -70,17 +70,18 @@ def check_batch(layer: str, x: torch.Tensor, rows: int) -> None:
 
 class MixedLayer:
     """A layer's forward inside its bank's mixed() blocks: ``compute(module, adapters, x, rows)``
-    with ``adapters`` a container of adapters in slots (add, remove, index, in, len, subset)
-    and ``rows`` each batch row's slot in it (int64, -1 the base).
+    with ``adapters`` a container of adapters in slots (add, remove, index, in, len; a
+    SlotList also subset) and ``rows`` each batch row's slot in it (int64, -1 the base).
 
     One object per bank and layer for the bank's life: ``adapters`` holds all the bank's
     adapters on the layer, changed in place by the bank's add and remove, and a block only sets
     the rows (``start_block``). So a compiled model meets the same forward and the same
     adapters block after block: a new assignment of rows to adapters (same batch size) reuses
-    its graph, and only an add or remove recompiles. Eager forwards run only the block's own
-    adapters (``block_adapters``, ``block_rows``): the op's cost per call grows with the
-    adapters it is given, and a bank may hold many more than a batch names. Either way the
-    same groups run, so the same bits.
+    its graph, and only an add or remove recompiles. Eager forwards over a SlotList run only
+    the block's own adapters (``block_adapters``, ``block_rows``): that op's cost per call
+    grows with the adapters it is given, and a bank may hold many more than a batch names. A
+    SparseDeltaSet is packed (the same inputs whatever its count) and runs whole. Either way
+    the same groups run, so the same bits.
 
     ``key`` is what the adapters were prepared for (the weight's dtype and device); the bank
     rebuilds the layer when it changes. Installed as the module's forward, the object also marks
@@ -106,6 +107,9 @@ class MixedLayer:
         slot = {n: self.adapters.index(n) for n in here}
         self.rows = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64,
                                  device=device)
+        if not isinstance(self.adapters, SlotList):  # packed: whole, or none if none is used
+            self.block_adapters, self.block_rows = (self.adapters if here else ()), self.rows
+            return
         slot = {n: i for i, n in enumerate(here)}
         self.block_rows = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64,
                                        device=device)

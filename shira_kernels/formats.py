@@ -15,12 +15,13 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ._checks import TensorCache, check_scale, check_size, validate_indices
 
-__all__ = ["BinaryWeight", "SparseDelta", "SparseStructure", "flat_index_dtype", "pack_signs",
+__all__ = ["BinaryWeight", "SparseDelta", "SparseDeltaSet", "SparseDeltaSetState", "SparseStructure", "flat_index_dtype", "pack_signs",
            "unpack_signs"]
 
 
@@ -396,28 +397,69 @@ class BinaryWeight:
         return f"BinaryWeight(shape={self.shape}, α/μ {kind}, {self.nbytes} bytes, device={self.device})"
 
 
-class SparseDeltaSet:
-    """Many adapters' sparse deltas for one weight [out, in], each with its scale, for a batch
-    whose rows use different adapters (multi_delta_linear).
+class SparseDeltaSetState(NamedTuple):
+    """One state of a SparseDeltaSet, what a multi_delta_linear call reads: replaced whole by
+    add and remove, and nothing a state covers is ever written by them (add appends past its
+    ``used`` entries, or into new buffers). The tensors are the whole buffers, of which the
+    first ``used`` entries and ``used_offsets`` offsets are the state's (sliced per call, so
+    that the slice of ``values`` follows its requires_grad); an adapter in slot s has its
+    entries at [e0, e1) and its row offsets (out + 1, then the transposed structure's in + 1,
+    both from 0) at [o0, o0 + out + in + 2) of ``offsets``, with (e0, e1, o0) = segments[s]
+    (-1s for a free slot)."""
+    slots: tuple            # (name, delta, scale) per slot, None where free; delta's values
+                            # are a view of ``values``
+    values: torch.Tensor | None   # the adapters' values one after the other
+    cols: torch.Tensor | None     # int32
+    rows: torch.Tensor | None     # int32
+    t_cols: torch.Tensor | None   # int32
+    t_perm: torch.Tensor | None   # int64, within the adapter's entries
+    offsets: torch.Tensor | None  # int64
+    segments: torch.Tensor        # int64 [slots, 3] on the CPU: (e0, e1, o0)
+    scales: torch.Tensor          # float64 [slots] on the CPU (0 where free)
+    used: int
+    used_offsets: int
 
-    Each adapter holds a slot, its index in ``row_adapter`` tensors (``index(name)``); removing
-    one frees its slot and leaves every other slot and delta as it was, and ``add`` reuses the
-    lowest free slot. The deltas are kept as given (their CSR structures built once each).
+
+_ENTRY_FIELDS = ("values", "cols", "rows", "t_cols", "t_perm")
+
+
+class SparseDeltaSet:
+    """Many adapters' sparse deltas for one weight [out, in], each with its scale, packed in
+    one set of buffers for a batch whose rows use different adapters (multi_delta_linear).
+
+    Each adapter holds a slot, its index in ``row_adapter`` tensors (``index(name)``), and a
+    segment of the buffers: its values, its CSR columns and rows and its transposed structure,
+    copied in once by ``add``. Removing one frees its slot and leaves every other slot and
+    segment as it was; ``add`` reuses the lowest free slot and appends its segment (when the
+    buffers are full, they are made anew, twice the live entries, with the live segments
+    only). So a call's inputs are the same dozen tensors however many adapters the set holds.
+
+    The set owns its values: ``add`` copies them (later writes to the delta given are not
+    seen), ``delta(name).values`` is a view of the set's ``values`` buffer (writes to it are
+    seen by the next call), and training many adapters in one batch trains ``values``
+    (``requires_grad_()``; adapter ``name``'s gradient is ``values.grad[segment(name)]``). A
+    full buffer's replacement on ``add`` makes ``values`` a new tensor: add before building an
+    optimizer over it.
     """
 
     BASE = "__base__"  # the name of "no adapter" in row_adapter lists, as PEFT's adapter_names
 
     def __init__(self, shape):
         self.shape = _weight_shape(shape)
-        # Replaced whole by add and remove, never changed in place: one read is a snapshot,
-        # and what a caller derives from it (the op's per-slot fields) stays valid for it.
-        self._slots: tuple[tuple[str, SparseDelta, float] | None, ...] = ()
-        self._index: dict[str, int] = {}
         self._lock = threading.Lock()  # add/remove from several threads: one slot per name
-        self.op_fields = None  # multi_delta_linear's fields of one snapshot (ops/multi_delta.py)
+        self._index: dict[str, int] = {}
+        self._buffers: dict[str, torch.Tensor] | None = None  # _ENTRY_FIELDS and "offsets"
+        self._used = self._used_offsets = 0
+        self._state = SparseDeltaSetState((), *([None] * 6),
+                                          torch.empty(0, 3, dtype=torch.int64),
+                                          torch.empty(0, dtype=torch.float64), 0, 0)
+
+    @property
+    def _offsets_per_adapter(self) -> int:
+        return self.shape[0] + self.shape[1] + 2
 
     def add(self, name: str, delta: SparseDelta, scale: float = 1.0) -> int:
-        """Add adapter ``name`` (its delta and scale); returns its slot."""
+        """Add adapter ``name`` (a copy of its delta, and its scale); returns its slot."""
         if not isinstance(name, str) or not name or name == self.BASE:
             raise ValueError(f"an adapter name must be a non-empty str other than {self.BASE!r}, "
                              f"got {name!r}")
@@ -426,30 +468,106 @@ class SparseDeltaSet:
         if tuple(delta.shape) != self.shape:
             raise ValueError(f"adapter {name!r} has shape {tuple(delta.shape)}, this set's weight "
                              f"is {self.shape}")
+        if delta.values.requires_grad:
+            raise ValueError(f"adapter {name!r}: its values require grad, but the set keeps a "
+                             "copy, which the gradient would not reach: add a delta of "
+                             "values.detach() to serve it, or train the set's own values "
+                             "(requires_grad_())")
         scale = check_scale(scale)
-        delta.structure  # built now, once, not inside a forward
-        with self._lock:
+        structure = delta.structure  # built now (once per index tensor), not inside a forward
+        with self._lock, torch.inference_mode(False), torch.no_grad():
             if name in self._index:
                 raise ValueError(f"adapter {name!r} is already in this set")
-            first = next(iter(self), None)
-            if first is not None and ((first[1].device, first[1].dtype)
-                                      != (delta.device, delta.dtype)):
+            state = self._state
+            if self._index and (self._buffers["values"].device, self._buffers["values"].dtype) \
+                    != (delta.device, delta.dtype):
                 raise ValueError(f"adapter {name!r} is {delta.dtype} on {delta.device}, the "
-                                 f"set's adapters are {first[1].dtype} on {first[1].device}")
-            slot = next((i for i, entry in enumerate(self._slots) if entry is None),
-                        len(self._slots))
-            self._slots = self._slots[:slot] + ((name, delta, scale),) + self._slots[slot + 1:]
+                                 f"set's adapters are {self._buffers['values'].dtype} on "
+                                 f"{self._buffers['values'].device}")
+            nnz, per = delta.nnz, self._offsets_per_adapter
+            buffers = self._buffers
+            if (buffers is None or self._used + nnz > buffers["values"].numel()
+                    or self._used_offsets + per > buffers["offsets"].numel()
+                    or (buffers["values"].device, buffers["values"].dtype)
+                    != (delta.device, delta.dtype)):
+                state = self._repack(state, delta, nnz)
+                buffers = self._buffers
+            e0, o0 = self._used, self._used_offsets
+            e1 = e0 + nnz
+            for field, source in zip(_ENTRY_FIELDS, (delta.values, structure.cols, structure.rows,
+                                                     structure.t_cols, structure.t_perm)):
+                buffers[field][e0:e1].copy_(source)
+            buffers["offsets"][o0:o0 + self.shape[0] + 1].copy_(structure.row_offsets)
+            buffers["offsets"][o0 + self.shape[0] + 1:o0 + per].copy_(structure.t_offsets)
+            self._used, self._used_offsets = e1, o0 + per
+            slot = next((i for i, entry in enumerate(state.slots) if entry is None),
+                        len(state.slots))
+            entry = (name, delta.with_values(buffers["values"].detach()[e0:e1]), scale)
+            self._publish(state, slot, entry, (e0, e1, o0), scale)
             self._index[name] = slot
-            self.op_fields = None  # of the old snapshot: free what it holds
         return slot
 
     def remove(self, name: str) -> None:
-        """Remove adapter ``name``; its slot becomes free, the others keep theirs."""
+        """Remove adapter ``name``; its slot becomes free, the others keep theirs (its segment
+        is reclaimed when the buffers are next made anew)."""
         with self._lock:
             slot = self.index(name)
-            self._slots = self._slots[:slot] + (None,) + self._slots[slot + 1:]
+            self._publish(self._state, slot, None, (-1, -1, -1), 0.0)
             del self._index[name]
-            self.op_fields = None
+
+    def _publish(self, state: SparseDeltaSetState, slot: int, entry, segment, scale) -> None:
+        """The next state: ``state`` with ``slot`` set to ``entry``, and the buffers' used
+        parts (the caller holds the lock)."""
+        slots, segments, scales = list(state.slots), state.segments.clone(), state.scales.clone()
+        if slot == len(slots):
+            slots.append(None)
+            segments = torch.cat([segments, segments.new_full((1, 3), -1)])
+            scales = torch.cat([scales, scales.new_zeros(1)])
+        slots[slot] = entry
+        segments[slot] = torch.tensor(segment, dtype=torch.int64)
+        scales[slot] = scale
+        b = self._buffers or {}
+        self._state = SparseDeltaSetState(
+            tuple(slots), *(b.get(f) for f in _ENTRY_FIELDS + ("offsets",)), segments, scales,
+            self._used, self._used_offsets)
+
+    def _repack(self, state: SparseDeltaSetState, delta: SparseDelta,
+                nnz: int) -> SparseDeltaSetState:
+        """New buffers, in ``delta``'s dtype and device, holding the live segments (moved to
+        the front, in slot order) with room for twice them and ``nnz`` more entries; the state
+        with the moved segments (the caller holds the lock)."""
+        live = [(s, entry) for s, entry in enumerate(state.slots) if entry is not None]
+        seg = state.segments.tolist()
+        live_entries = sum(seg[s][1] - seg[s][0] for s, _ in live)
+        per = self._offsets_per_adapter
+        capacity = 2 * (live_entries + nnz) + 64
+        slot_capacity = 2 * (len(live) + 1)
+        old = self._buffers
+        requires_grad = old is not None and old["values"].requires_grad
+        device = delta.device
+        new = {"values": torch.zeros(capacity, dtype=delta.dtype, device=device),
+               "t_perm": torch.zeros(capacity, dtype=torch.int64, device=device),
+               "offsets": torch.zeros(slot_capacity * per, dtype=torch.int64, device=device)}
+        for field in ("cols", "rows", "t_cols"):
+            new[field] = torch.zeros(capacity, dtype=torch.int32, device=device)
+        slots, segments = list(state.slots), state.segments.clone()
+        e, o = 0, 0
+        for s, (name, _, scale) in live:
+            e0, e1, o0 = seg[s]
+            for field in _ENTRY_FIELDS:
+                new[field][e:e + e1 - e0].copy_(old[field][e0:e1])
+            new["offsets"][o:o + per].copy_(old["offsets"][o0:o0 + per])
+            segments[s] = torch.tensor([e, e + e1 - e0, o])
+            slots[s] = (name, state.slots[s][1].with_values(new["values"].detach()[e:e + e1 - e0]),
+                        scale)
+            e, o = e + e1 - e0, o + per
+        new["values"].requires_grad_(requires_grad)
+        self._buffers, self._used, self._used_offsets = new, e, o
+        return state._replace(slots=tuple(slots), segments=segments)
+
+    def snapshot(self) -> SparseDeltaSetState:
+        """The set as one call reads it (the same object until the next add or remove)."""
+        return self._state
 
     def index(self, name: str) -> int:
         """The slot of adapter ``name``."""
@@ -458,35 +576,44 @@ class SparseDeltaSet:
         except (KeyError, TypeError):
             raise KeyError(f"no adapter {name!r} in this set (it has {self.names})") from None
 
+    def segment(self, name: str) -> slice:
+        """Where adapter ``name``'s entries are in ``values`` (and in its gradient)."""
+        state = self._state
+        e0, e1, _ = state.segments[self.index(name)].tolist()
+        return slice(e0, e1)
+
+    def delta(self, name: str) -> SparseDelta:
+        """Adapter ``name``'s delta, its values a view of the set's ``values``."""
+        return self._state.slots[self.index(name)][1]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The buffer of every adapter's values (None before the first add); see
+        ``segment``."""
+        return None if self._buffers is None else self._buffers["values"]
+
+    def requires_grad_(self, requires_grad: bool = True) -> "SparseDeltaSet":
+        """Make ``values`` a leaf that takes the gradient of every adapter in the set."""
+        if self._buffers is None:
+            raise ValueError("this set has no adapters yet: add them first")
+        self._buffers["values"].requires_grad_(requires_grad)
+        return self
+
     @property
     def names(self) -> list[str]:
-        return [entry[0] for entry in self._slots if entry is not None]
+        return [entry[0] for entry in self._state.slots if entry is not None]
 
     @property
     def slots(self) -> list[tuple[str, SparseDelta, float] | None]:
         """(name, delta, scale) per slot, None where a slot is free (a copy of the list)."""
-        return list(self._slots)
-
-    def snapshot(self) -> tuple[tuple[str, SparseDelta, float] | None, ...]:
-        """The slots as .slots lists them, as one tuple: the same object until the next add or
-        remove (so what is derived from it can be kept with it)."""
-        return self._slots
-
-    def subset(self, names) -> "SparseDeltaSet":
-        """A set of ``names``' adapters (the same deltas and scales), in slots 0, 1, ... in that
-        order."""
-        part = SparseDeltaSet(self.shape)
-        with self._lock:
-            part._slots = tuple(self._slots[self.index(n)] for n in names)
-        part._index = {n: i for i, n in enumerate(names)}
-        return part
+        return list(self._state.slots)
 
     def row_adapter(self, names, device=None, *, slots=None) -> torch.Tensor:
         """int64 slots for a list of adapter names, one per batch row (None or "__base__": -1),
-        looked up in ``slots`` (a list that .slots returned) where given: one snapshot for the
-        names and the adapters a call then runs, which another thread's remove and add could
-        otherwise give to another adapter in between."""
-        slots = self.slots if slots is None else slots
+        looked up in ``slots`` (a snapshot's slots) where given: one snapshot for the names and
+        the adapters a call then runs, which another thread's remove and add could otherwise
+        give to another adapter in between."""
+        slots = self._state.slots if slots is None else slots
         index = {entry[0]: slot for slot, entry in enumerate(slots) if entry is not None}
         rows = []
         for n in names:
@@ -503,7 +630,7 @@ class SparseDeltaSet:
         return name in self._index
 
     def __iter__(self):
-        return (entry for entry in self._slots if entry is not None)
+        return (entry for entry in self._state.slots if entry is not None)
 
     def __repr__(self) -> str:
         return f"SparseDeltaSet(shape={self.shape}, adapters={self.names})"

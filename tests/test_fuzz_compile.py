@@ -157,16 +157,15 @@ def test_multi_delta_linear_under_autocast_runs_in_bf16_like_sparse_delta_linear
         same_bits(y[row], alone[n][row], f"row {row} ({n})")
     # and a training step through it: x and the values get gradients of their own dtype
     xi = x.clone().requires_grad_()
-    values = {n: d.values.clone().requires_grad_() for n, (d, _) in deltas.items()}
-    trained = SparseDeltaSet((24, 16))
-    for n, (d, s) in deltas.items():
-        trained.add(n, d.with_values(values[n]), s)
+    delta_set.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = multi_delta_linear(xi, w, bias, trained, names)
+        out = multi_delta_linear(xi, w, bias, delta_set, names)
     out.float().square().sum().backward()
     assert xi.grad.dtype == torch.float32 and torch.isfinite(xi.grad).all()
-    for n, v in values.items():
-        assert v.grad.dtype == torch.float32 and v.grad.abs().sum() > 0, n
+    grad = delta_set.values.grad
+    assert grad.dtype == torch.float32
+    for n in deltas:
+        assert grad[delta_set.segment(n)].abs().sum() > 0, n
 
 
 @pytest.mark.parametrize("adapted", [("2",), ("0", "2")], ids=["second-layer", "both-layers"])
@@ -314,9 +313,10 @@ def test_adapter_bank_mixed_after_adding_an_adapter_on_a_layer_new_to_mixed():
     assert "forward" not in model[2].__dict__
 
 
-def test_an_eager_block_hands_the_op_only_its_own_adapters():
-    # The op's cost per call grows with the adapters it is given; a compiled graph gets the
-    # layer's whole set (so that it holds for every block), an eager forward only the block's.
+def test_an_eager_block_hands_the_op_the_packed_set_and_an_all_base_block_runs_the_base():
+    # The set is packed (the op's inputs are the same whatever its count), so an eager block
+    # gives the op the layer's whole set, as a compiled graph does; a block that uses no
+    # adapter on the layer runs plain F.linear.
     from unittest import mock
     import shira_kernels.adapters as adapters_module
     torch.manual_seed(0)
@@ -337,6 +337,6 @@ def test_an_eager_block_hands_the_op_only_its_own_adapters():
             y = model(x)
         with bank.mixed([None, None, None]):
             base = model(x)
-    assert seen == [["a1", "a4"]]  # the all-base block ran plain F.linear
+    assert seen == [[f"a{k}" for k in range(6)]]  # the all-base block ran plain F.linear
     same_bits(base, torch.nn.functional.linear(x, model[0].weight, model[0].bias), "all base")
     assert y.shape == (3, 24)

@@ -248,10 +248,10 @@ def test_multi_delta_linear_odd_inputs(compiled_rounding, device, dtype):
     out_f, in_f = 4, 7
     fills, scales = [0.4, "none", "all"], [1.0, -2.0, 0.0]
     deltas = [make_delta(out_f, in_f, dtype, f, device, seed=i) for i, f in enumerate(fills)]
-    values = [d.values.detach().clone().requires_grad_() for d in deltas]
     delta_set = SparseDeltaSet((out_f, in_f))
-    for i, (d, v, scale) in enumerate(zip(deltas, values, scales)):
-        delta_set.add(f"a{i}", d.with_values(v), scale)
+    for i, (d, scale) in enumerate(zip(deltas, scales)):
+        delta_set.add(f"a{i}", d, scale)
+    delta_set.requires_grad_()
     g = _gen(7)
     weight = torch.randn(out_f, in_f, generator=g).to(device, dtype)
     bias = torch.randn(out_f, generator=g).to(device, dtype)
@@ -260,7 +260,8 @@ def test_multi_delta_linear_odd_inputs(compiled_rounding, device, dtype):
     y = shira_kernels.multi_delta_linear(x, weight, bias, delta_set, per_batch)
     assert y.shape == (5, 3, out_f)
     gy = torch.randn(y.shape, generator=g).to(device, dtype)
-    grads = torch.autograd.grad(y, [x] + values, gy)
+    gx, gvalues = torch.autograd.grad(y, [x, delta_set.values], gy)
+    grads = [gx] + [gvalues[delta_set.segment(f"a{a}")] for a in range(len(deltas))]
     for b, name in enumerate(per_batch):
         a = None if name is None else int(name[1:])
         s = dense64(deltas[a]) if a is not None else torch.zeros(out_f, in_f, dtype=torch.float64)

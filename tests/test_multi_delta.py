@@ -58,8 +58,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_against_the_reference_with_gradients(backend, device, dtype, case):
     (tokens, out_f, in_f), assignment = CASES[case]
-    delta_set = make_set(out_f, in_f, dtype, device)
-    values = [e[1].values.requires_grad_() for e in delta_set.slots]
+    delta_set = make_set(out_f, in_f, dtype, device).requires_grad_()
+    values = [e[1].values for e in delta_set.slots]
     x = randn(tokens, in_f, dtype=dtype, seed=1, device=device).requires_grad_()
     weight = randn(out_f, in_f, dtype=dtype, seed=2, device=device)
     bias = randn(out_f, dtype=dtype, seed=3, device=device).requires_grad_()
@@ -67,7 +67,13 @@ def test_against_the_reference_with_gradients(backend, device, dtype, case):
     gy = randn(tokens, out_f, dtype=dtype, seed=4, device=device)
     y = shira_kernels.multi_delta_linear(x, weight, bias, delta_set, row_adapter)
     assert y.shape == (tokens, out_f) and y.dtype == dtype
-    ours = [y] + list(torch.autograd.grad(y, [x, bias] + values, gy))
+    gx, gbias, gbuffer = torch.autograd.grad(y, [x, bias, delta_set.values], gy)
+    segments = [delta_set.segment(e[0]) for e in delta_set.slots]
+    ours = [y, gx, gbias] + [gbuffer[seg] for seg in segments]
+    outside = torch.ones_like(gbuffer, dtype=torch.bool)  # the buffer's spare room
+    for seg in segments:
+        outside[seg] = False
+    assert not gbuffer[outside].any()
     exact, magnitude = exact_and_magnitude(x, weight, bias, delta_set, row_adapter, gy, values)
     # y and grad x as sparse_delta_linear's; the values' gradient: the group's sddmm sum and the
     # scale; the bias's: a sum over the tokens.
@@ -129,6 +135,92 @@ def test_names_and_slots():
     assert len(delta_set) == 3
 
 
+def test_the_set_packs_copies_of_its_adapters_in_one_set_of_buffers():
+    out_f, in_f = 20, 30
+    delta_set = make_set(out_f, in_f, torch.float32)
+    x, weight = randn(4, in_f, dtype=torch.float32, seed=1), randn(out_f, in_f, dtype=torch.float32, seed=2)
+    rows = torch.tensor([0, 1, 2, -1])
+
+    def run():
+        with torch.no_grad():
+            return shira_kernels.multi_delta_linear(x, weight, None, delta_set, rows)
+
+    def check(y, what):  # against the float64 definition with the set's current values
+        exact, magnitude = (multi_delta_linear_reference(
+            f(x), f(weight), None, [e[1].with_values(f(e[1].values)) for e in delta_set.slots],
+            [e[2] for e in delta_set.slots], rows) for f in (lambda t: t.double(), abs64))
+        k, n = delta_linear_bound(in_f)
+        assert_within_error_bound(y, exact, magnitude, k, what, roundings=n)
+
+    before = run()
+    storage = delta_set.values.untyped_storage().data_ptr()
+    for name, delta, _ in delta_set:  # each adapter's values: a view of the one buffer
+        assert delta.values.untyped_storage().data_ptr() == storage
+        assert torch.equal(delta_set.values[delta_set.segment(name)], delta.values)
+    # add copied the values: writing the delta that was given changes nothing here
+    given = make_delta(out_f, in_f, torch.float32, seed=9)
+    delta_set.add("given", given)
+    given.values.mul_(3)
+    assert not torch.equal(delta_set.delta("given").values, given.values)
+    # a write to the set's own view is seen by the next call
+    delta_set.delta("a1").values.mul_(-2)
+    after = run()
+    assert torch.equal(after[[0, 2, 3]], before[[0, 2, 3]])
+    check(after, "after a write")
+    # Remove and add many times: the buffers are made anew with the live segments only (their
+    # size stays bounded), each adapter left in place gives the same bits, and a values
+    # buffer that takes a gradient still does.
+    delta_set.requires_grad_()
+    kept = run()
+    for i in range(40):
+        delta_set.add(f"t{i}", make_delta(out_f, in_f, torch.float32, density=0.5, seed=20 + i))
+        if i >= 2:
+            delta_set.remove(f"t{i - 2}")
+    live = sum(e[1].nnz for e in delta_set)
+    assert delta_set.values.numel() <= 4 * live + 64, (delta_set.values.numel(), live)
+    assert delta_set.values.requires_grad and delta_set.values.is_leaf
+    assert torch.equal(run(), kept)
+    assert sorted(delta_set.names) == ["a0", "a1", "a2", "given", "t38", "t39"]
+    # Once every adapter is out, the set takes another dtype.
+    for name in delta_set.names:
+        delta_set.remove(name)
+    delta_set.add("half", make_delta(out_f, in_f, torch.bfloat16, seed=3))
+    assert delta_set.values.dtype == torch.bfloat16 and delta_set.index("half") == 0
+
+
+def test_values_given_in_place_of_the_sets_take_the_same_gradient():
+    # Training values held elsewhere (a PEFT model's parameters): the set gives the structure,
+    # the given tensors the values, and their gradients are the set's own would be.
+    (tokens, out_f, in_f), assignment = CASES["mixed"]
+    delta_set = make_set(out_f, in_f, torch.float32)
+    delta_set.remove("a1")  # a free slot and its segment in between
+    delta_set.add("a1", make_delta(out_f, in_f, torch.float32, seed=5), 0.25)
+    x = randn(tokens, in_f, dtype=torch.float32, seed=1)
+    weight = randn(out_f, in_f, dtype=torch.float32, seed=2)
+    rows = torch.tensor(assignment)
+    mine = {n: (delta_set.delta(n).values * 1.5).requires_grad_() for n in ("a0", "a1")}
+    y = shira_kernels.multi_delta_linear(x, weight, None, delta_set, rows, values=mine)
+    grads = torch.autograd.grad(y.square().sum(), list(mine.values()))
+    with torch.no_grad():
+        for n, v in mine.items():
+            delta_set.delta(n).values.copy_(v)
+    delta_set.requires_grad_()
+    want = shira_kernels.multi_delta_linear(x, weight, None, delta_set, rows)
+    assert torch.equal(y, want)
+    (g,) = torch.autograd.grad(want.square().sum(), [delta_set.values])
+    for n, grad in zip(mine, grads):
+        assert torch.equal(grad, g[delta_set.segment(n)]), n
+    with pytest.raises(ValueError, match=r"values\['a0'\] must be a tensor of shape"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, rows,
+                                         values={"a0": torch.zeros(3)})
+    with pytest.raises(KeyError, match="'zz'"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, rows,
+                                         values={"zz": torch.zeros(3)})
+    with pytest.raises(ValueError, match="values require grad"):
+        delta_set.add("b", make_delta(out_f, in_f, torch.float32).with_values(
+            torch.zeros(make_delta(out_f, in_f, torch.float32).nnz, requires_grad=True)))
+
+
 def test_bad_inputs_name_the_argument():
     delta_set = make_set(6, 10, torch.float32)
     x, weight = randn(4, 10, dtype=torch.float32, seed=1), randn(6, 10, dtype=torch.float32, seed=2)
@@ -175,15 +267,13 @@ def test_opcheck(backend, device):
     x = randn(5, 10, dtype=torch.float32, seed=1, device=device).requires_grad_()
     weight = randn(6, 10, dtype=torch.float32, seed=2, device=device)
     bias = randn(6, dtype=torch.float32, seed=3, device=device)
-    fields = [[] for _ in range(7)]
-    for _, delta, _ in delta_set:
-        s = delta.structure
-        for column, t in zip(fields, (delta.values, s.row_offsets, s.cols, s.rows, s.t_offsets,
-                                      s.t_cols, s.t_perm)):
-            column.append(t)
-    scales = [e[2] for e in delta_set.slots]
+    delta_set.remove("a1")  # a free slot and its segment, left in the buffers
+    state = delta_set.snapshot()
+    buffers = [t[:state.used] for t in (state.values, state.cols, state.rows, state.t_cols,
+                                        state.t_perm)] + [state.offsets[:state.used_offsets]]
     opcheck(torch.ops.shira.multi_delta_linear.default,
-            (x, weight, bias, torch.tensor([0, 1, 2, -1, 0], device=device), *fields, scales))
+            (x, weight, bias, torch.tensor([0, 2, 2, -1, 0], device=device), *buffers,
+             state.segments, state.scales))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,9 +426,7 @@ def test_triton_forward_is_one_launch_with_the_per_group_bits():
     launches = dict.fromkeys(["_grouped_spmm_kernel", "_spmm_kernel", "_grouped_sddmm_kernel",
                               "_sddmm_kernel"], 0)
     x.requires_grad_()
-    delta_set = SparseDeltaSet((out_f, in_f))  # values that take a gradient too
-    for name, delta, scale in make_set(out_f, in_f, torch.float32).slots:
-        delta_set.add(name, delta.with_values(delta.values.clone().requires_grad_()), scale)
+    delta_set.requires_grad_()  # values that take a gradient too
 
     class Counted:  # a jitted kernel whose launches (kernel[grid](...)) are counted
         def __init__(self, name):
@@ -356,7 +444,7 @@ def test_triton_forward_is_one_launch_with_the_per_group_bits():
         y.sum().backward()  # gx: one grouped launch; every adapter's values: one more
     assert launches == {"_grouped_spmm_kernel": 2, "_spmm_kernel": 0,
                         "_grouped_sddmm_kernel": 1, "_sddmm_kernel": 0}, launches
-    assert all(entry[1].values.grad is not None for entry in delta_set.slots)
+    assert delta_set.values.grad is not None
     y = y.detach()
     with shira_kernels.use_backend("triton"):
         for a in set(assignment) - {-1}:

@@ -110,21 +110,20 @@ class _Plan:
         return self.source is source and self.device == device and unchanged(source, self.stamp)
 
     def mixed_delta(self, values: torch.Tensor, dtype: torch.dtype) -> SparseDelta:
-        """The adapter's delta as multi_delta_linear takes it: ``values`` (PEFT's order) in this
-        plan's order and in ``dtype``. Without autograd it is kept until ``values`` is written
-        or another dtype is asked for: generate() asks every layer for it at every step, and
-        making it (a gather, a cast, a SparseDelta's checks) cost more than the product."""
+        """The adapter's delta as a mixed batch's SparseDeltaSet takes it (a copy, without
+        autograd: PEFT serves ``adapter_names`` in eval mode only): ``values`` (PEFT's order)
+        in this plan's order and in ``dtype``. Kept until ``values`` is written or another
+        dtype is asked for: generate() asks every layer for it at every step, and making it (a
+        gather, a cast, a SparseDelta's checks) cost more than the product."""
         def made():
-            return SparseDelta(self.shape, self.flat, self.ordered(values).to(dtype),
+            return SparseDelta(self.shape, self.flat, self.ordered(values.detach()).to(dtype),
                                structure=self.structure)
 
-        if torch.is_grad_enabled() and values.requires_grad:  # the values' gradient flows
-            return made()
         kept = self.kept
         if (kept is not None and kept[0] is values and kept[2] == dtype
                 and unchanged(values, kept[1])):
             return kept[3]
-        with torch.no_grad(), torch.inference_mode(False):  # kept: serves calls outside too
+        with torch.inference_mode(False), torch.no_grad():  # kept: serves calls outside too
             delta = made()
         self.kept = (values, tensor_stamp(values), dtype, delta)
         return delta
@@ -253,7 +252,7 @@ class _AcceleratedShira:
                              f"shape {tuple(x.shape)} (one name per batch row)")
         if self.disable_adapters:
             return torch.nn.functional.linear(x, weight, bias)
-        delta_set = SparseDeltaSet(tuple(weight.shape))
+        adapters = {}
         for adapter in dict.fromkeys(names):
             if adapter not in self.shira_weight.keys():
                 continue  # "__base__", or an adapter on other layers only: the base here
@@ -261,11 +260,27 @@ class _AcceleratedShira:
             if plan is None:
                 raise ValueError(f"adapter {adapter!r}: its indices cannot run on the kernels "
                                  "(out of range or repeated)")
-            delta_set.add(adapter, plan.mixed_delta(self.shira_weight[adapter], weight.dtype),
-                          float(self.scaling[adapter]))
+            adapters[adapter] = (plan.mixed_delta(self.shira_weight[adapter], weight.dtype),
+                                 float(self.scaling[adapter]))
+        # The set copies its adapters in: kept for the next call with the same deltas (the
+        # plans keep a delta until its values are written), as generate() makes at every step.
+        key = tuple((name, id(delta), scale) for name, (delta, scale) in adapters.items())
+        kept = getattr(self, "_sk_mixed_set", None)
+        if kept is not None and kept[0] == key:
+            delta_set = kept[2]
+        else:
+            delta_set = SparseDeltaSet(tuple(weight.shape))
+            for name, (delta, scale) in adapters.items():
+                delta_set.add(name, delta, scale)
+            # The deltas are held with the key: an id is only unique while its object lives.
+            self._sk_mixed_set = (key, list(adapters.values()), delta_set)
         slots = torch.tensor([delta_set.index(n) if n in delta_set else -1 for n in names],
                              device=x.device)  # one per batch row: multi_delta_linear broadcasts
-        return multi_delta_linear(x, weight, bias, delta_set, slots)
+        trained = None  # with autograd on, the values that require it take their gradient
+        if torch.is_grad_enabled():
+            trained = {a: self._sk_plan(a).ordered(self.shira_weight[a]).to(weight.dtype)
+                       for a in adapters if self.shira_weight[a].requires_grad} or None
+        return multi_delta_linear(x, weight, bias, delta_set, slots, values=trained)
 
     # -- merge / unmerge --------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -423,6 +438,7 @@ def accelerate(peft_model: nn.Module, *, strategy: str = "auto") -> nn.Module:
             module._sk_strategy = strategy
             module._sk_plans = {}
             module._sk_held = {}
+            module._sk_mixed_set = None
             count += 1
         if isinstance(module, cls):  # the plans now, so that a compiled forward finds them
             for adapter in module.shira_indices.keys():

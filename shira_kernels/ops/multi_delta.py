@@ -12,16 +12,22 @@ sparse_delta_linear's "spmm" strategy on the same batch with that row's adapter 
 dense matmul, and spmm's sum for a token does not depend on the other tokens; on the CPU a
 group of one row takes the kernels' one-token path, whose sum is ordered differently; on CUDA
 the lanes per row follow the adapters' average row length, as spmm's do for one adapter). The
-backward gives x its gradient (gy·W plus each group's gy·S_a) and each adapter's values their
-own (the group's sddmm), so one batch can train many adapters; the weight is only read, under
-its lock (no swap can change it meanwhile). Triton and CUDA run the forward's and the
-backward's sparse parts in one launch each for all groups; the CPU one call per adapter
-present.
+backward gives x its gradient (gy·W plus each group's gy·S_a) and the set's values buffer
+each adapter's own in its segment (the group's sddmm), so one batch can train many adapters;
+the weight is only read, under its lock (no swap can change it meanwhile). Triton and CUDA
+run the forward's and the backward's sparse parts in one launch each for all groups; the CPU
+one call per adapter present.
+
+The op's inputs are the set's packed buffers (formats.SparseDeltaSetState): the same dozen
+tensors whatever the number of adapters in the set, so its cost per call, eager or compiled,
+does not grow with adapters the batch does not use.
 """
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +60,8 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 
 # ---------------------------------------------------------------------------------------------
 # Kernels per backend, over the groups (rows = order[b0:b1] for each (b0, b1) of bounds, s its
-# slot; the per-slot lists as the op gets them):
+# slot; each adapter's fields as views of the set's buffers, in dicts keyed by slot, for the
+# slots present only):
 #   grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales) -> y, in place:
 #       y[rows] += scales[s]·x[rows]·S_sᵀ
 #   grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x)
@@ -105,12 +112,11 @@ def _one_launch_backward(kernels):
     def grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x):
         k = kernels()
         if need_x and slots:
-            transposed = {s: values[s].index_select(0, structs[s][5]) for s in slots}
-            t_values = [transposed.get(s) for s in range(len(values))]
-            k.grouped_spmm(gx, gy, order, bounds, slots, [st[3] for st in structs],
-                           [st[4] for st in structs], t_values, scales)
-        grads = k.grouped_sddmm(gy, x, order, bounds, slots, [st[0] for st in structs],
-                                [st[1] for st in structs])
+            t_values = {s: values[s].index_select(0, structs[s][5]) for s in slots}
+            k.grouped_spmm(gx, gy, order, bounds, slots, {s: structs[s][3] for s in slots},
+                           {s: structs[s][4] for s in slots}, t_values, scales)
+        grads = k.grouped_sddmm(gy, x, order, bounds, slots, {s: structs[s][0] for s in slots},
+                                {s: structs[s][1] for s in slots})
         return gx, grads
     return grouped_backward
 
@@ -151,7 +157,8 @@ registry.register("grouped_backward", "cpu", _backward_by("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
-# The op: the adapters' fields as lists (one entry per slot; a free slot has empty tensors).
+# The op: the set's buffers (SparseDeltaSetState's, their used parts), its segments and scales
+# (CPU tensors, one row per slot): the same inputs however many adapters the set holds.
 # ---------------------------------------------------------------------------------------------
 def _sorted_groups(row_adapter: torch.Tensor, live: list[int]):
     """(order, bounds, slots): the rows sorted by slot (stable: batch order within a slot), and
@@ -182,46 +189,69 @@ def _groups(row_adapter: torch.Tensor, live: list[int]):
         yield slot, order[b0:b1]
 
 
-def _live(offsets: list[torch.Tensor], out_features: int) -> list[int]:
-    """The slots holding an adapter: a free slot's row offsets have length 1, a live one's
-    out_features + 1."""
-    return [a for a, o in enumerate(offsets) if o.numel() == out_features + 1]
+class _Adapters(NamedTuple):
+    """The fields of the adapters present in a call, views of the set's buffers by slot."""
+    values: dict
+    row_offsets: dict
+    cols: dict
+    structs: dict  # (rows, cols, row_offsets, t_offsets, t_cols, t_perm)
+    scales: dict
+    starts: dict   # e0: where the adapter's entries start in the buffers
+
+
+def _present(shape, values, cols, rows, t_cols, t_perm, offsets, segments, scales,
+             row_adapter) -> tuple[torch.Tensor, list, list, _Adapters]:
+    """(order, bounds, slots) of the call's groups, and their adapters' fields."""
+    out_f, in_f = shape
+    segments, scales = segments.tolist(), scales.tolist()
+    live = [s for s, (e0, _, _) in enumerate(segments) if e0 >= 0]
+    order, bounds, slots = _sorted_groups(row_adapter, live)
+    a = _Adapters({}, {}, {}, {}, {}, {})
+    for s in slots:
+        e0, e1, o0 = segments[s]
+        t_at = o0 + out_f + 1
+        a.values[s] = values[e0:e1]
+        a.row_offsets[s] = offsets[o0:t_at]
+        a.cols[s] = cols[e0:e1]
+        a.structs[s] = (rows[e0:e1], a.cols[s], a.row_offsets[s], offsets[t_at:t_at + in_f + 1],
+                        t_cols[e0:e1], t_perm[e0:e1])
+        a.scales[s], a.starts[s] = scales[s], e0
+    return order, bounds, slots, a
 
 
 def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  row_adapter: torch.Tensor, values: list[torch.Tensor],
-                  offsets: list[torch.Tensor], cols: list[torch.Tensor],
-                  rows: list[torch.Tensor], t_offsets: list[torch.Tensor],
-                  t_cols: list[torch.Tensor], t_perm: list[torch.Tensor],
-                  scales: list[float]) -> torch.Tensor:
+                  row_adapter: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
+                  rows: torch.Tensor, t_cols: torch.Tensor, t_perm: torch.Tensor,
+                  offsets: torch.Tensor, segments: torch.Tensor,
+                  scales: torch.Tensor) -> torch.Tensor:
     # rows and the transposed structures are for the backward (saved from these inputs).
     x = x.contiguous()
     with reading(weight):
         y = F.linear(x, weight, bias)
-    order, bounds, slots = _sorted_groups(row_adapter, _live(offsets, weight.shape[0]))
-    return registry.kernel("grouped_spmm", x.device)(y, x, order, bounds, slots, offsets, cols,
-                                                     values, scales)
+    order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
+                                       offsets, segments, scales, row_adapter)
+    return registry.kernel("grouped_spmm", x.device)(y, x, order, bounds, slots, a.row_offsets,
+                                                     a.cols, a.values, a.scales)
 
 
 def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                    row_adapter: torch.Tensor, values: list[torch.Tensor],
-                    offsets: list[torch.Tensor], cols: list[torch.Tensor],
-                    rows: list[torch.Tensor], t_offsets: list[torch.Tensor],
-                    t_cols: list[torch.Tensor], t_perm: list[torch.Tensor], scales: list[float],
+                    row_adapter: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
+                    rows: torch.Tensor, t_cols: torch.Tensor, t_perm: torch.Tensor,
+                    offsets: torch.Tensor, segments: torch.Tensor, scales: torch.Tensor,
                     need_x: bool, need_weight: bool
-                    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gy, x = gy.contiguous(), x.contiguous()
-    gvalues = [torch.zeros_like(v) for v in values]  # adapters without rows: zero gradient
     with reading(weight):
         gx = gy @ weight if need_x else gy.new_empty(0)
     gw = gy.T @ x if need_weight else gy.new_empty(0)
-    order, bounds, slots = _sorted_groups(row_adapter, _live(offsets, weight.shape[0]))
-    structs = [(rows[s], cols[s], offsets[s], t_offsets[s], t_cols[s], t_perm[s])
-               for s in range(len(values))]
+    order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
+                                       offsets, segments, scales, row_adapter)
     gx, grads = registry.kernel("grouped_backward", gy.device)(
-        gx, gy, x, order, bounds, slots, values, structs, scales, need_x)
+        gx, gy, x, order, bounds, slots, a.values, a.structs, a.scales, need_x)
+    gvalues = torch.zeros_like(values)  # entries of adapters without rows: zero gradient
     for s, g in zip(slots, grads):
-        gvalues[s] = (g if scales[s] == 1.0 else scales[s] * g).to(values[s].dtype)
+        e0 = a.starts[s]
+        gvalues[e0:e0 + g.numel()] = g if a.scales[s] == 1.0 else a.scales[s] * g
     return gx, gvalues, gw
 
 
@@ -232,23 +262,23 @@ _multi_backward_op = torch.library.custom_op("shira::multi_delta_linear_backward
 
 
 @_multi_linear_op.register_fake
-def _(x, weight, bias, row_adapter, values, offsets, cols, rows, t_offsets, t_cols, t_perm,
+def _(x, weight, bias, row_adapter, values, cols, rows, t_cols, t_perm, offsets, segments,
       scales):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @_multi_backward_op.register_fake
-def _(gy, x, weight, row_adapter, values, offsets, cols, rows, t_offsets, t_cols, t_perm,
-      scales, need_x, need_weight):
+def _(gy, x, weight, row_adapter, values, cols, rows, t_cols, t_perm, offsets, segments, scales,
+      need_x, need_weight):
     gx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_x else (0,))
     gw = gy.new_empty(tuple(weight.shape) if need_weight else (0,))
-    return gx, [v.new_empty(v.shape) for v in values], gw
+    return gx, values.new_empty(values.shape), gw
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, row_adapter, *lists, scales = inputs
+    x, weight, bias, row_adapter, *packed = inputs
     ctx.save_for_backward(x, weight, row_adapter)
-    ctx.lists, ctx.scales = lists, scales  # the adapters' values and structures (per slot)
+    ctx.packed = packed  # the set's buffers, segments and scales (a set never writes them)
     ctx.has_bias = bias is not None
     ctx.backend = backends.requested()  # autograd's device thread does not see use_backend()
 
@@ -257,16 +287,12 @@ def _backward(ctx, gy, backward=_multi_backward_op):
     x, weight, row_adapter = ctx.saved_tensors
     need_x, need_w, need_b, _, need_v = ctx.needs_input_grad[:5]
     with backends.use_backend(ctx.backend):
-        gx, gvalues, gw = backward(gy, x, weight, row_adapter, *ctx.lists, ctx.scales, need_x,
-                                   need_w)
+        gx, gvalues, gw = backward(gy, x, weight, row_adapter, *ctx.packed, need_x, need_w)
     gb = gy.sum(0) if ctx.has_bias and need_b else None
-    none = [None] * len(gvalues)  # the lists' structure, as the inputs have it
     return ((gx if need_x else None), (gw if need_w else None), gb, None,
-            (gvalues if need_v else none)) + (none,) * 6 + (None,)
+            (gvalues if need_v else None)) + (None,) * 7
 
 
-# Always through the op (no eager autograd.Function as the single-adapter ops have): the values
-# come as lists, whose tensors an autograd.Function would not see.
 _multi_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # Under autocast the op runs in the autocast dtype, like F.linear and sparse_delta_linear (an
 # op without this rule would run its inner matmul in that dtype and its sparse part in x's).
@@ -277,37 +303,6 @@ torch.library.register_autocast("shira::multi_delta_linear", "cuda", torch.float
 # ---------------------------------------------------------------------------------------------
 # Public function: validate once, then call the op.
 # ---------------------------------------------------------------------------------------------
-def _slot_fields(entries, device):
-    """Per slot of ``entries`` (a SparseDeltaSet's slots): values, row offsets, cols, rows,
-    t_offsets, t_cols, t_perm, scale (a free slot: empty tensors, scale 0, which no row may
-    use)."""
-    fields = []
-    for entry in entries:
-        if entry is None:
-            e, z = torch.empty(0, device=device), torch.zeros(1, dtype=torch.int64, device=device)
-            fields.append((e, z, e.int(), e.int(), z, e.int(), e.long(), 0.0))
-            continue
-        _, delta, scale = entry
-        s = delta.structure
-        fields.append((delta.values, s.row_offsets, s.cols, s.rows, s.t_offsets, s.t_cols,
-                       s.t_perm, scale))
-    return [list(column) for column in zip(*fields)] if fields else [[]] * 8
-
-
-def _fields_of(delta_set: SparseDeltaSet, entries, device):
-    """_slot_fields of a snapshot of ``delta_set``, kept on the set for the next call with the
-    same snapshot (per call they cost a few µs per adapter, which a model of many layers pays
-    for every adapter of its bank). Not kept while dynamo traces: the graph holds the fields."""
-    if torch.compiler.is_compiling():
-        return _slot_fields(entries, device)
-    kept = delta_set.op_fields
-    if kept is not None and kept[0] is entries and kept[1] == device:
-        return kept[2]
-    fields = _slot_fields(entries, device)
-    delta_set.op_fields = (entries, device, fields)
-    return fields
-
-
 def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
     """row_adapter as int64 slots, one per row of x's rows flattened: from a tensor or list of
     ints of x's leading shape, of its rows flattened, or of its first dim only (one adapter per
@@ -334,15 +329,48 @@ def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
     return row_adapter.reshape(n).to(device=x.device, dtype=torch.int64)
 
 
+def _values_in_place_of_the_sets(state, given) -> torch.Tensor:
+    """The state's values buffer (its used part) with ``given`` (name → values) in the named
+    adapters' segments: one cat, through which their gradients flow."""
+    if not isinstance(given, Mapping):
+        raise TypeError(f"values must be a mapping of adapter names to value tensors, got "
+                        f"{type(given).__name__}")
+    held = state.values.detach()
+    segments = state.segments.tolist()
+    named = {entry[0]: (segments[s], entry[1]) for s, entry in enumerate(state.slots)
+             if entry is not None}
+    unknown = [n for n in given if n not in named]
+    if unknown:
+        raise KeyError(f"values names {unknown[0]!r}, which is not in the set (it has "
+                       f"{list(named)})")
+    pieces, at = [], 0
+    for name, ((e0, e1, _), delta) in sorted(named.items(), key=lambda item: item[1][0][0]):
+        if name not in given:
+            continue
+        v = given[name]
+        if not isinstance(v, torch.Tensor) or v.shape != (e1 - e0,):
+            raise ValueError(f"values[{name!r}] must be a tensor of shape ({e1 - e0},) (the "
+                             f"adapter's entries), got "
+                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        check_float_tensor(f"values[{name!r}]", v, held.dtype, held.device)
+        pieces += [held[at:e0], v]
+        at = e1
+    return torch.cat(pieces + [held[at:state.used]])
+
+
 def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       delta_set: SparseDeltaSet, row_adapter) -> torch.Tensor:
+                       delta_set: SparseDeltaSet, row_adapter, values=None) -> torch.Tensor:
     """x·Wᵀ + b with each row's own adapter: y[t] = x[t]·(W + scale_a·S_a)ᵀ + b for
     a = row_adapter[t], a slot of ``delta_set`` (``delta_set.index(name)``), or -1 for the
     base alone. x [..., in]; row_adapter: int tensor (or list of ints) of x's leading shape,
     of its rows flattened, or of its first dim only (one adapter per batch row, for all its
     positions), or a list of adapter names (None or "__base__" for the base) of those lengths.
-    Every adapter of the set must have x's dtype and device. Differentiable in x, the adapters'
-    values, the bias and (only if it requires grad) W. No host sync before the op: under
+    Every adapter of the set must have x's dtype and device. Differentiable in x, the set's
+    values (``delta_set.requires_grad_()``: ``delta_set.values.grad[delta_set.segment(name)]``
+    is adapter ``name``'s), the bias and (only if it requires grad) W. ``values``: a mapping
+    of adapter names to value tensors (each its adapter's nnz, in the set's dtype) to use in
+    place of the set's copies, which then take their gradients (as the values of a PEFT
+    model's adapters do through adapter_names). No host sync before the op: under
     torch.compile it traces whole (a bad slot is reported when the op runs)."""
     if not isinstance(delta_set, SparseDeltaSet):
         raise TypeError(f"delta_set must be a SparseDeltaSet, got {type(delta_set).__name__}")
@@ -363,20 +391,26 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     x2 = x.reshape(-1, x.shape[-1])
-    # One snapshot of the slots for the names, the checks and the fields: another thread may
+    # One snapshot of the set for the names, the checks and the buffers: another thread may
     # remove an adapter and add another into its slot meanwhile (SparseDeltaSet.add/remove are
     # thread-safe), and a row named "a" must never run with the adapter that took a's slot.
-    entries = delta_set.snapshot()
+    state = delta_set.snapshot()
     row_adapter = row_slots(x, row_adapter, functools.partial(delta_set.row_adapter,
-                                                              slots=entries))
-    # The set holds one dtype and device (its add checks), so its first adapter stands for all;
-    # row_adapter's slots are checked inside the op (no sync).
-    first = next((entry for entry in entries if entry is not None), None)
-    if first is not None:
-        check_float_tensor(f"the values of adapter {first[0]!r}", first[1].values, dtype,
-                           x.device)
-    values, offsets, cols, rows, t_offsets, t_cols, t_perm, scales = _fields_of(
-        delta_set, entries, x.device)
-    y = _multi_linear_op(x2, weight, bias, row_adapter, values, offsets, cols, rows, t_offsets,
-                         t_cols, t_perm, scales)
+                                                              slots=state.slots))
+    # The set holds one dtype and device (its add checks); row_adapter's slots are checked
+    # inside the op (no sync).
+    if state.values is None:  # no adapter was ever added: every row must be -1
+        int32 = torch.empty(0, dtype=torch.int32, device=x.device)
+        buffers = (x.new_empty(0), int32, int32, int32, int32.long(), int32.long())
+    else:
+        first = next((entry for entry in state.slots if entry is not None), None)
+        if first is not None:
+            check_float_tensor(f"the values of adapter {first[0]!r}", first[1].values, dtype,
+                               x.device)
+        buffers = tuple(t[:state.used] for t in (state.values, state.cols, state.rows,
+                                                 state.t_cols, state.t_perm))
+        if values is not None:
+            buffers = (_values_in_place_of_the_sets(state, values),) + buffers[1:]
+        buffers += (state.offsets[:state.used_offsets],)
+    y = _multi_linear_op(x2, weight, bias, row_adapter, *buffers, state.segments, state.scales)
     return y.view(*x.shape[:-1], weight.shape[0])
