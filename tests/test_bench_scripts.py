@@ -201,6 +201,13 @@ def test_multi_adapter_report_at_toy_size(tmp_path):
         assert row in text, row
 
 
+def test_mixed_overhead_bench_at_toy_size():
+    # It checks eager against compiled itself; here: it runs and prints a row per bank size.
+    text = run_script("bench_mixed_overhead.py", "--banks", "2,5", "--layers", "2",
+                      "--features", "24", "--calls", "2", "--rounds", "1")
+    assert "| 2 | " in text and "| 5 | " in text and "plain model" in text
+
+
 def test_quantized_report_quick(tmp_path):
     out = tmp_path / "quantized.md"
     run_script("report_quantized.py", "--quick", "--out", str(out))
