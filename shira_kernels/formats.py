@@ -280,6 +280,16 @@ class SparseDelta:
         """The same sparsity pattern (and structure) with other values."""
         return SparseDelta(self.shape, self.flat_indices, values, structure=self.structure)
 
+    @classmethod
+    def _of_checked_parts(cls, shape, flat_indices, values, structure) -> "SparseDelta":
+        """A delta of parts already checked together, unchecked again: SparseDeltaSet's view
+        of what it copied from a checked delta (its values and structure in the set's
+        buffers)."""
+        delta = cls.__new__(cls)
+        delta.shape, delta._flat_indices, delta._values = shape, flat_indices, values
+        delta._structure = structure
+        return delta
+
     def to(self, *args, **kwargs) -> "SparseDelta":
         values = self.values.to(*args, **kwargs)
         return SparseDelta(self.shape, self.flat_indices.to(values.device), values)
@@ -474,7 +484,11 @@ class SparseDeltaSet:
                              "values.detach() to serve it, or train the set's own values "
                              "(requires_grad_())")
         scale = check_scale(scale)
-        structure = delta.structure  # built now (once per index tensor), not inside a forward
+        # Derived here if the delta has none yet, and not kept beyond the copy: the buffers hold
+        # it (the deltas the set hands out view them), so a bank of many adapters does not
+        # hold each structure twice.
+        structure = (delta._structure or _STRUCTURES.get(delta.flat_indices, self.shape)
+                     or SparseStructure.build(delta.flat_indices, self.shape))
         with self._lock, torch.inference_mode(False), torch.no_grad():
             if name in self._index:
                 raise ValueError(f"adapter {name!r} is already in this set")
@@ -502,7 +516,7 @@ class SparseDeltaSet:
             self._used, self._used_offsets = e1, o0 + per
             slot = next((i for i, entry in enumerate(state.slots) if entry is None),
                         len(state.slots))
-            entry = (name, delta.with_values(buffers["values"].detach()[e0:e1]), scale)
+            entry = (name, self._view(delta, e0, e1, o0), scale)
             self._publish(state, slot, entry, (e0, e1, o0), scale)
             self._index[name] = slot
         return slot
@@ -558,12 +572,24 @@ class SparseDeltaSet:
                 new[field][e:e + e1 - e0].copy_(old[field][e0:e1])
             new["offsets"][o:o + per].copy_(old["offsets"][o0:o0 + per])
             segments[s] = torch.tensor([e, e + e1 - e0, o])
-            slots[s] = (name, state.slots[s][1].with_values(new["values"].detach()[e:e + e1 - e0]),
-                        scale)
+            self._buffers = new  # for _view (the caller holds the lock)
+            slots[s] = (name, self._view(state.slots[s][1], e, e + e1 - e0, o), scale)
             e, o = e + e1 - e0, o + per
         new["values"].requires_grad_(requires_grad)
         self._buffers, self._used, self._used_offsets = new, e, o
         return state._replace(slots=tuple(slots), segments=segments)
+
+    def _view(self, delta: SparseDelta, e0: int, e1: int, o0: int) -> SparseDelta:
+        """``delta`` (its shape and indices) over segment [e0, e1) and offsets at o0 of the
+        buffers: its values and structure views of them."""
+        b, out_f = self._buffers, self.shape[0]
+        t_at = o0 + out_f + 1
+        structure = SparseStructure(
+            rows=b["rows"][e0:e1], cols=b["cols"][e0:e1], row_offsets=b["offsets"][o0:t_at],
+            t_offsets=b["offsets"][t_at:o0 + self._offsets_per_adapter],
+            t_cols=b["t_cols"][e0:e1], t_perm=b["t_perm"][e0:e1])
+        return SparseDelta._of_checked_parts(self.shape, delta.flat_indices,
+                                             b["values"].detach()[e0:e1], structure)
 
     def snapshot(self) -> SparseDeltaSetState:
         """The set as one call reads it (the same object until the next add or remove)."""

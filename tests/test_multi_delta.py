@@ -160,6 +160,13 @@ def test_the_set_packs_copies_of_its_adapters_in_one_set_of_buffers():
     # add copied the values: writing the delta that was given changes nothing here
     given = make_delta(out_f, in_f, torch.float32, seed=9)
     delta_set.add("given", given)
+    # and its structure, derived for the copy only: the set's delta views the buffers, and no
+    # cache keeps a second copy for the given indices
+    from shira_kernels.formats import _STRUCTURES
+    assert given._structure is None and _STRUCTURES.get(given.flat_indices, given.shape) is None
+    cols = delta_set.delta("given").structure.cols
+    assert cols.untyped_storage().data_ptr() == delta_set.snapshot().cols.untyped_storage().data_ptr()
+    assert torch.equal(cols, given.structure.cols)
     given.values.mul_(3)
     assert not torch.equal(delta_set.delta("given").values, given.values)
     # a write to the set's own view is seen by the next call
