@@ -51,6 +51,7 @@ CASES = {
     "absent-adapter": ((6, 8, 130), [2, 0, 2, 0, -1, 2]),
     "all-base": ((4, 6, 10), [-1, -1, -1, -1]),
     "one-adapter": ((7, 131, 50), [1] * 7),
+    "runs": ((8, 33, 65), [1, 1, 1, 0, 0, -1, 2, 2]),  # each group one run: views, no gathers
 }
 
 
@@ -87,15 +88,18 @@ def test_against_the_reference_with_gradients(backend, device, dtype, case):
             assert torch.equal(grad, torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("assignment", [[0, 2, 1, -1, 0, 1, 2, -1, 0, 1],
+                                        [2, 2, 2, 0, 0, 0, 0, -1, 1, 1]],
+                         ids=["interleaved", "runs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_each_row_is_its_adapters_single_adapter_output(dtype):
+def test_each_row_is_its_adapters_single_adapter_output(dtype, assignment):
     # The CPU kernels: the same dense matmul on the same batch, and spmm's sum for a token does
     # not depend on the other tokens, so each row is bit for bit what sparse_delta_linear's
     # spmm strategy gives with that row's adapter (groups of two or more rows: a single token
-    # takes the one-token path, whose sum is ordered differently).
+    # takes the one-token path, whose sum is ordered differently). Groups whose rows are one
+    # run of the batch ("runs") are served by views, the others by gathered rows.
     tokens, out_f, in_f = 10, 70, 300
     delta_set = make_set(out_f, in_f, dtype)
-    assignment = [0, 2, 1, -1, 0, 1, 2, -1, 0, 1]
     x = randn(2, tokens // 2, in_f, dtype=dtype, seed=1)  # leading dims are flattened
     weight, bias = randn(out_f, in_f, dtype=dtype, seed=2), randn(out_f, dtype=dtype, seed=3)
     with torch.no_grad(), shira_kernels.use_backend("cpu"):

@@ -72,13 +72,40 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 # and the CPU: the backend's spmm / spmm_t_sddmm / sddmm per group on the gathered rows (on the
 # CPU each call is one parallel region, and the backward one fused pass over S per group).
 # ---------------------------------------------------------------------------------------------
+def _runs(order: torch.Tensor, bounds) -> list:
+    """Per group, slice(r0, r1) where its rows are the batch's rows r0 .. r1 - 1 (one run: an
+    adapter per sequence, or a batch sorted by adapter), else the row indices order[b0:b1].
+    A run is served by views of x, y and the gradients, without gathering and scattering
+    them; the kernels get the same rows either way, so the same bits. (A group's rows ascend
+    and are distinct, so they are one run iff the last minus the first is the count less
+    one.)"""
+    if not bounds:
+        return []
+    ends = torch.tensor([b for b0, b1 in bounds for b in (b0, b1 - 1)], device=order.device)
+    ends = order.index_select(0, ends).tolist()
+    return [slice(first, last + 1) if last - first == b1 - b0 - 1 else order[b0:b1]
+            for (b0, b1), first, last in zip(bounds, ends[::2], ends[1::2])]
+
+
+def _rows_of(t: torch.Tensor, rows) -> torch.Tensor:
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _put_rows(t: torch.Tensor, rows, part: torch.Tensor) -> None:
+    """t's ``rows`` (as _runs gives them) set to ``part``; nothing to do where a kernel wrote
+    into t's rows in place (overwrite_y on a view of a run)."""
+    if not isinstance(rows, slice):
+        t.index_copy_(0, rows, part)
+    elif part.data_ptr() != t[rows].data_ptr():
+        t[rows].copy_(part)
+
+
 def _grouped_by(spmm):
     def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
-        for (b0, b1), s in zip(bounds, slots):
-            r = order[b0:b1]
-            ya = spmm(y.index_select(0, r), x.index_select(0, r), offsets[s], cols[s],
+        for rows, s in zip(_runs(order, bounds), slots):
+            ya = spmm(_rows_of(y, rows), _rows_of(x, rows), offsets[s], cols[s],
                       values[s].contiguous(), scales[s], overwrite_y=True)
-            y.index_copy_(0, r, ya)
+            _put_rows(y, rows, ya)
         return y
     return grouped_spmm
 
@@ -90,16 +117,15 @@ def _backward_by(backend: str):
         both = registry.lookup("spmm_t_sddmm", backend)
         sddmm = registry.lookup("sddmm", backend)
         grads = []
-        for (b0, b1), s in zip(bounds, slots):
-            r = order[b0:b1]
-            gy_s, x_s = gy.index_select(0, r), x.index_select(0, r)
+        for rows, s in zip(_runs(order, bounds), slots):
+            gy_s, x_s = _rows_of(gy, rows), _rows_of(x, rows)
             if need_x:
-                gx_s, g = both(gx.index_select(0, r), gy_s, x_s, values[s].contiguous(),
+                gx_s, g = both(_rows_of(gx, rows), gy_s, x_s, values[s].contiguous(),
                                structs[s], scales[s])
-                gx.index_copy_(0, r, gx_s)
+                _put_rows(gx, rows, gx_s)
             else:
-                rows, cols, offsets = structs[s][:3]
-                g = sddmm(gy_s, x_s, rows, cols, offsets)
+                r, c, offsets = structs[s][:3]
+                g = sddmm(gy_s, x_s, r, c, offsets)
             grads.append(g)
         return gx, grads
     return grouped_backward
@@ -200,8 +226,9 @@ class _Adapters(NamedTuple):
 
 
 def _present(shape, values, cols, rows, t_cols, t_perm, offsets, segments, scales,
-             row_adapter) -> tuple[torch.Tensor, list, list, _Adapters]:
-    """(order, bounds, slots) of the call's groups, and their adapters' fields."""
+             row_adapter, backward: bool) -> tuple[torch.Tensor, list, list, _Adapters]:
+    """(order, bounds, slots) of the call's groups, and their adapters' fields (``structs``
+    for the backward only: each view costs a few µs, and a call makes them per adapter)."""
     out_f, in_f = shape
     segments, scales = segments.tolist(), scales.tolist()
     live = [s for s, (e0, _, _) in enumerate(segments) if e0 >= 0]
@@ -213,8 +240,9 @@ def _present(shape, values, cols, rows, t_cols, t_perm, offsets, segments, scale
         a.values[s] = values[e0:e1]
         a.row_offsets[s] = offsets[o0:t_at]
         a.cols[s] = cols[e0:e1]
-        a.structs[s] = (rows[e0:e1], a.cols[s], a.row_offsets[s], offsets[t_at:t_at + in_f + 1],
-                        t_cols[e0:e1], t_perm[e0:e1])
+        if backward:
+            a.structs[s] = (rows[e0:e1], a.cols[s], a.row_offsets[s],
+                            offsets[t_at:t_at + in_f + 1], t_cols[e0:e1], t_perm[e0:e1])
         a.scales[s], a.starts[s] = scales[s], e0
     return order, bounds, slots, a
 
@@ -229,7 +257,7 @@ def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     with reading(weight):
         y = F.linear(x, weight, bias)
     order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
-                                       offsets, segments, scales, row_adapter)
+                                       offsets, segments, scales, row_adapter, backward=False)
     return registry.kernel("grouped_spmm", x.device)(y, x, order, bounds, slots, a.row_offsets,
                                                      a.cols, a.values, a.scales)
 
@@ -245,7 +273,7 @@ def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         gx = gy @ weight if need_x else gy.new_empty(0)
     gw = gy.T @ x if need_weight else gy.new_empty(0)
     order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
-                                       offsets, segments, scales, row_adapter)
+                                       offsets, segments, scales, row_adapter, backward=True)
     gx, grads = registry.kernel("grouped_backward", gy.device)(
         gx, gy, x, order, bounds, slots, a.values, a.structs, a.scales, need_x)
     gvalues = torch.zeros_like(values)  # entries of adapters without rows: zero gradient
