@@ -565,6 +565,7 @@ class SparseDeltaSet:
         for field in ("cols", "rows", "t_cols"):
             new[field] = torch.zeros(capacity, dtype=torch.int32, device=device)
         slots, segments = list(state.slots), state.segments.clone()
+        self._buffers = new  # _view reads it (the caller holds the lock); ``old`` is copied from
         e, o = 0, 0
         for s, (name, _, scale) in live:
             e0, e1, o0 = seg[s]
@@ -572,11 +573,10 @@ class SparseDeltaSet:
                 new[field][e:e + e1 - e0].copy_(old[field][e0:e1])
             new["offsets"][o:o + per].copy_(old["offsets"][o0:o0 + per])
             segments[s] = torch.tensor([e, e + e1 - e0, o])
-            self._buffers = new  # for _view (the caller holds the lock)
             slots[s] = (name, self._view(state.slots[s][1], e, e + e1 - e0, o), scale)
             e, o = e + e1 - e0, o + per
         new["values"].requires_grad_(requires_grad)
-        self._buffers, self._used, self._used_offsets = new, e, o
+        self._used, self._used_offsets = e, o
         return state._replace(slots=tuple(slots), segments=segments)
 
     def _view(self, delta: SparseDelta, e0: int, e1: int, o0: int) -> SparseDelta:
