@@ -141,6 +141,7 @@ def _cpu_kernels():
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype, tokens, in_f", [(torch.float32, 300, 4097),
+                                                 (torch.float32, 1, 4097),
                                                  (torch.bfloat16, 150, 1000),
                                                  (torch.float16, 150, 1000)], ids=str)
 def test_cpu_kernels_do_not_depend_on_the_thread_count(threads, dtype, tokens, in_f):
@@ -222,6 +223,26 @@ def test_cpu_kernels_read_values_in_either_dtype_alike(dtype, tokens):
                 assert_within_error_bound(result, exact, magnitude, 1000 + 2, "spmm")
         else:
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_cpu_kernels_take_int16_columns_alike(dtype, tokens):
+    # The bindings take S's columns as int16 or int32 (the kernels are instantiated for both;
+    # the one-token spmm gathers x by them a vector at a time): the same entries, so the same
+    # bits. Rows of ~100 entries run the vector pairs, a single vector and the scalar tail.
+    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
+    assert reason is None, f"the cpu backend is unavailable: {reason}"
+    kernels = _cpu_kernels()
+    delta = make_delta(45, 1000, dtype, density=0.1)
+    s = delta.structure
+    cols16 = s.cols.to(torch.int16)
+    x, gy = randn(tokens, 1000, dtype=dtype, seed=1), randn(tokens, 45, dtype=dtype, seed=2)
+    y = randn(tokens, 45, dtype=dtype, seed=3)
+    assert torch.equal(kernels["spmm"](y, x, s.row_offsets, cols16, delta.values, 0.5),
+                       kernels["spmm"](y, x, s.row_offsets, s.cols, delta.values, 0.5))
+    assert torch.equal(kernels["sddmm"](gy, x, s.rows, cols16),
+                       kernels["sddmm"](gy, x, s.rows, s.cols))
 
 
 def test_cpu_kernels_reject_offsets_that_do_not_match_the_entries():

@@ -389,24 +389,36 @@ inline void with_vectors(int64_t ld, Body&& body) {
 }
 
 
-// One token: a gathered dot product per row, straight from x (no tile to amortise).
+// One token: a gathered dot product per row, straight from x (no tile to amortise). Each row's
+// entries go kLanes at a time into two vector sums held in registers (one gather each), then
+// one at a time for the last few: at 1 token the kernel is bound by its entries' bytes.
 template <typename T, typename C, typename V>
 void spmm_one_token(const T* x, const T* y_in, T* out, int64_t in, int64_t rows,
                     const int64_t* offsets, const C* cols, const V* values, float scale) {
   float* xf = own_tile.get(in);
   for (int64_t c = 0; c < in; ++c) xf[c] = Float<T>::load(x + c);
-#pragma omp parallel for schedule(static, 64)
-  for (int64_t r = 0; r < rows; ++r) {
-    float total = 0.0f;
+#pragma omp parallel
+  {
+  int64_t r0, r1;
+  my_rows(offsets, rows, &r0, &r1);
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t j = offsets[r];
     const int64_t end = offsets[r + 1];
-    for (int64_t j0 = offsets[r]; j0 < end; j0 += kEntryBlock) {
-      const int64_t j1 = std::min(j0 + kEntryBlock, end);
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = j0; j < j1; ++j) acc += Float<V>::load(values + j) * xf[cols[j]];
-      total += acc;
+    fvec s0 = {}, s1 = {};
+    for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
+      __builtin_prefetch(values + j + 1024);
+      __builtin_prefetch(cols + j + 1024);
+      s0 = fmadd(loadv_as_float(values + j), gather_lanes(xf, cols + j), s0);
+      s1 = fmadd(loadv_as_float(values + j + kLanes), gather_lanes(xf, cols + j + kLanes), s1);
     }
+    if (j + kLanes <= end) {
+      s0 = fmadd(loadv_as_float(values + j), gather_lanes(xf, cols + j), s0);
+      j += kLanes;
+    }
+    float total = hsum(s0 + s1);
+    for (; j < end; ++j) total = fmadd(Float<V>::load(values + j), xf[cols[j]], total);
     Float<T>::store(out + r, Float<T>::load(y_in + r) + scale * total);
+  }
   }
 }
 

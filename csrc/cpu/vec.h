@@ -79,6 +79,31 @@ inline ivec load_bytes(const uint8_t* p) {
 #endif
 }
 
+// base[idx[l]] for the kLanes lanes l: one gather instruction where the target has one.
+// idx holds int16 or int32 (S's columns), signed as in the scalar loops.
+template <typename C>
+inline fvec gather_lanes(const float* base, const C* idx) {
+#if defined(__AVX512F__)
+  __m512i i;
+  if constexpr (std::is_same_v<C, int16_t>)
+    i = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)));
+  else
+    i = _mm512_loadu_si512(idx);
+  return reinterpret_cast<fvec>(_mm512_i32gather_ps(i, base, 4));
+#elif defined(__AVX2__)
+  __m256i i;
+  if constexpr (std::is_same_v<C, int16_t>)
+    i = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)));
+  else
+    i = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
+  return reinterpret_cast<fvec>(_mm256_i32gather_ps(base, i, 4));
+#else
+  fvec v;
+  for (int l = 0; l < kLanes; ++l) v[l] = base[idx[l]];
+  return v;
+#endif
+}
+
 // The sum of the lanes, pairwise (as accurate as a tree).
 inline float hsum(fvec v) {
   typedef float f32x4 __attribute__((vector_size(16), aligned(4)));
