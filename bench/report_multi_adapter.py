@@ -10,13 +10,17 @@ rows, each sequence's adapter assigned round-robin from k distinct adapters (r =
 32·(out + in) random entries per weight and adapter). Per dtype (fp32, bf16; --dtypes fp32 where
 torch's bf16 matmul crawls, as on an AVX2-only CPU) and k, the forward
 through the seven projections, timed round robin:
-  - mixed: multi_delta_linear with each row's adapter (this package);
+  - mixed: multi_delta_linear with each row's adapter (this package; its dense matmul of all
+    rows "auto": torch's or this package's fold kernel with no entries, the faster measured on
+    this machine), and the same with torch's matmul as the base (base="torch");
   - one adapter unfused: sparse_delta_linear, the spmm strategy, the same adapter for all rows
     (what mixing costs over serving one adapter);
   - group and switch: per adapter, its rows gathered, its entries swapped into the weights
     (scatter_swap_, as AdapterBank.activate does), F.linear, swapped back, rows scattered;
-  - base only: F.linear with no adapter, the floor of every variant; group and switch over it
-    bounds how much faster than group and switch any mixed-batch method can be here;
+  - base only: F.linear with no adapter, the floor of every variant on torch's matmul; group
+    and switch over it bounds how much faster than group and switch any mixed-batch method on
+    torch's matmul can be here; and the base on this package's matmul (every row -1,
+    base="fold"), the floor of mixed where "auto" took it;
   - PEFT LoRA r=32 with adapter_names= (k LoRA adapters on each layer, PEFT's per-sub-batch
     loop), where peft is installed;
   - 1-bit LoRA r=32 per row: F.linear plus multi_binary_lora with each row's packed adapter,
@@ -40,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import shira_kernels  # noqa: E402
+from shira_kernels.ops import multi_delta  # noqa: E402
 from shira_kernels.harness import benchmark as sb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -100,6 +105,18 @@ def variants(layers, x, row_adapter, names, groups):
             shira_kernels.multi_delta_linear(x[weight.shape[1]], weight, None, delta_set,
                                              row_adapter)
 
+    def mixed_on_torch():
+        for weight, delta_set, *_ in layers:
+            shira_kernels.multi_delta_linear(x[weight.shape[1]], weight, None, delta_set,
+                                             row_adapter, base="torch")
+
+    no_adapter = torch.full_like(row_adapter, -1)
+
+    def base_on_fold():
+        for weight, delta_set, *_ in layers:
+            shira_kernels.multi_delta_linear(x[weight.shape[1]], weight, None, delta_set,
+                                             no_adapter, base="fold")
+
     def single():
         for weight, delta_set, *_ in layers:
             _, delta, scale = delta_set.slots[0]
@@ -120,9 +137,10 @@ def variants(layers, x, row_adapter, names, groups):
         for weight, *_ in layers:
             F.linear(x[weight.shape[1]], weight)
 
-    out = {"mixed (this package)": mixed, "one adapter, unfused": single,
+    out = {"mixed (this package)": mixed, "mixed, base on torch's matmul": mixed_on_torch,
+           "one adapter, unfused": single,
            "group and switch (activate per group)": group_and_switch,
-           BASE: base_only}
+           BASE: base_only, "base only, this package's matmul (fold kernel)": base_on_fold}
     if all(layer[3] is not None for layer in layers):
         def peft_lora():
             for weight, _, _, lora, _ in layers:
@@ -144,8 +162,13 @@ def variants(layers, x, row_adapter, names, groups):
     return out
 
 
+def sb_shapes(hidden, intermediate):
+    """(out, in) of one Llama-shaped block's seven projections."""
+    return [shape for _, shape in sb.llama_linear_shapes(hidden, intermediate, blocks=1)]
+
+
 def run(hidden, intermediate, sequences, tokens, adapters, dtype, repeat):
-    shapes = [shape for _, shape in sb.llama_linear_shapes(hidden, intermediate, blocks=1)]
+    shapes = sb_shapes(hidden, intermediate)
     layers = []
     for k, (out_f, in_f) in enumerate(shapes):
         weight, delta_set, swaps = layer_case(out_f, in_f, dtype, adapters, seed=k)
@@ -196,7 +219,7 @@ def main(argv=None) -> int:
              "adapter_names= per row; 1-bit LoRA: packed r=32 1-bit adapters, each row's own "
              "(multi_binary_lora) or adapter 0 for all (binary_lora), after F.linear; base "
              "only: F.linear alone.", ""]
-    bounds = []
+    bounds, bases = [], []
     for label in labels:
         dtype = DTYPES[label]
         lines += [f"## {label}", "",
@@ -208,13 +231,25 @@ def main(argv=None) -> int:
             ref = t["mixed (this package)"]
             for name, seconds in t.items():
                 lines.append(f"| {k} | {name} | {seconds * 1e3:.1f} | {seconds / ref:.2f} |")
+            decided = []
+            for out_f, in_f in sorted(set(sb_shapes(args.hidden, args.intermediate))):
+                e = multi_delta.base_entry("cpu", dtype, args.sequences * args.tokens, False,
+                                           False, (out_f, in_f))
+                decided.append(f"{out_f}x{in_f} {e['value']} ("
+                               + ", ".join(f"{n} {ms:.1f} ms" for n, ms in e["ms"].items())
+                               + ")" if e else f"{out_f}x{in_f} torch (tuning off)")
+            bases.append(f"- {label}, {k} adapters: " + "; ".join(decided))
             bounds.append(f"- {label}, {k} adapters: group and switch takes "
                           f"{t[SWITCH] / t[BASE]:.2f}x the base's F.linear alone, so no way "
                           "of mixing adapters (which must at least run that F.linear) can be "
                           f"more than {t[SWITCH] / t[BASE]:.2f}x faster than group and switch "
                           f"here; it takes {t[SWITCH] / ref:.2f}x mixed's time.")
         lines.append("")
-    lines += ["## Bound", ""] + bounds + [""]
+    lines += ["## The base product mixed ran", "",
+              "multi_delta_linear's dense matmul of all rows, \"auto\": torch's or this "
+              "package's fold kernel with no entries, whichever measured faster on this machine "
+              "per layer shape (tuning; the candidates' times on the slice it measured):", ""]
+    lines += bases + ["", "## Bound (on torch's matmul)", ""] + bounds + [""]
     sb.publish_report(lines, args.out)
     return 0
 

@@ -67,7 +67,7 @@ from . import _machine
 from ._files import locked, write_atomically
 
 __all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
-           "measure_sliced", "measure_extrapolated", "token_class", "token_label", "fingerprint", "cache_file", "entry",
+           "measure_sliced", "measure_extrapolated", "token_class", "token_label", "place", "fingerprint", "cache_file", "entry",
            "measured_decisions", "forget_decisions"]
 
 _CPU_AMD = "AMD EPYC (Zen 5), 2 cores, torch 2.13 CPU (MKL fp32 matmul)"
@@ -309,6 +309,15 @@ _unwritable: set[Path] = set()
 # 2 of every count in it.
 _TOKEN_CLASSES = ((1, 1), (4, 2), (16, 8), (64, 32), (256, 128), (1024, 512))
 _MANY_TOKENS = 2048
+
+
+def place(device: torch.device) -> str:
+    """Where a decision's calls run, as its key says it: the GPU's name and SM, or the CPU
+    threads torch uses (the machine itself is the cache file's fingerprint)."""
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name(device)} "
+                f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}")
+    return f"cpu {torch.get_num_threads()} threads"
 
 
 def token_class(tokens: int) -> int:

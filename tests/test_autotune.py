@@ -14,6 +14,7 @@ import torch
 import shira_kernels
 from shira_kernels import backends, tuning
 from shira_kernels.ops import binary as binary_ops
+from shira_kernels.ops import multi_delta
 from shira_kernels.nn import ShiraLinear
 from shira_kernels.ops import sparse_delta as sd
 
@@ -117,6 +118,7 @@ import sys
 import shira_kernels
 from shira_kernels import backends, tuning
 from shira_kernels.ops import binary as binary_ops
+from shira_kernels.ops import multi_delta
 for i in range(int(sys.argv[2])):
     assert tuning.decide("d", (sys.argv[1], i), "a",
                          lambda: ({"a": 1.0, "b": 0.5}, "fixed")) == "b"
@@ -274,6 +276,63 @@ def test_compiled_layer_is_tuned_at_trace_time_without_breaks_or_recompiles(tune
     assert entry is not None and entry["value"] in entry["ms"]
     eager = layer(x)
     assert torch.allclose(y, eager, rtol=0, atol=1e-5)
+
+
+def _mixed_case(tokens=5):
+    torch.manual_seed(0)
+    delta_set = shira_kernels.SparseDeltaSet((48, 64))
+    for name in ("a", "b"):
+        flat = torch.randperm(48 * 64)[:200]
+        delta_set.add(name, shira_kernels.SparseDelta.from_flat(flat, (48, 64), torch.randn(200)))
+    rows = [i % 3 - 1 for i in range(tokens)]  # base, a, b, base, ...
+    return torch.randn(tokens, 64), torch.randn(48, 64), torch.randn(48), delta_set, rows
+
+
+def test_multi_delta_base_is_measured_once_then_run(tune):
+    # multi_delta_linear's base product: torch's matmul or the CPU's fold kernel with no
+    # entries, whichever measured faster here, per shape, dtype, token class and backward.
+    x, weight, bias, delta_set, rows = _mixed_case()
+    with torch.no_grad():
+        y = shira_kernels.multi_delta_linear(x, weight, bias, delta_set, rows)
+    entry = multi_delta.base_entry("cpu", torch.float32, 5, False, False, (48, 64))
+    if backends.select("cpu") != "cpu":  # the fold kernel needs the CPU extension
+        assert entry is None
+        return
+    assert entry["value"] in multi_delta.BASES
+    assert all(name in entry["ms"] or name in entry["how"] for name in multi_delta.BASES)
+    assert entry["ms"][entry["value"]] == min(entry["ms"].values())
+    with torch.no_grad():
+        base = multi_delta._base_linear(x, weight, bias, entry["value"])
+    base_rows = torch.tensor(rows) == -1
+    assert torch.equal(y[base_rows], base[base_rows])
+    # Another token class (17-64) decided the other way: the call runs that decision.
+    forced = "torch" if entry["value"] == "fold" else "fold"
+    key = multi_delta._base_key(torch.device("cpu"), torch.float32, 48, 64,
+                                tuning.token_class(20), "inference")
+    tuning.decide(multi_delta.BASE_DECISION, key, "torch", lambda: ({forced: 0.1}, "fixed"))
+    x20 = torch.randn(20, 64)
+    with torch.no_grad():
+        y20 = shira_kernels.multi_delta_linear(x20, weight, bias, delta_set, [-1] * 20)
+        assert torch.equal(y20, multi_delta._base_linear(x20, weight, bias, forced))
+
+
+def test_compiled_multi_delta_is_tuned_at_trace_time_without_breaks_or_recompiles(tune):
+    x, weight, bias, delta_set, rows = _mixed_case()
+    x.requires_grad_()
+
+    def step(x, row_adapter):
+        return shira_kernels.multi_delta_linear(x, weight, bias, delta_set, row_adapter)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for assignment in (rows, rows[::-1], [-1] * 5):
+            y = compiled(x, torch.tensor(assignment))
+            y.sum().backward()
+            assert torch.equal(y, step(x, torch.tensor(assignment)))
+    torch._dynamo.reset()
+    if backends.select("cpu") == "cpu":
+        assert multi_delta.base_entry("cpu", torch.float32, 5, True, True, (48, 64)) is not None
 
 
 def test_binary_linear_auto_measures_lut_and_dequantize(tune):

@@ -7,6 +7,7 @@ from torch.library import opcheck
 
 import shira_kernels
 from shira_kernels import SparseDeltaSet
+from shira_kernels.ops import multi_delta
 from shira_kernels.ops.multi_delta import multi_delta_linear_reference
 
 from conftest import DTYPES
@@ -86,6 +87,37 @@ def test_against_the_reference_with_gradients(backend, device, dtype, case):
     for a, grad in enumerate(ours[3:]):  # an adapter no row uses gets a zero gradient
         if a not in assignment:
             assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["mixed", "one-row-group", "all-base", "runs"])
+def test_base_on_the_fold_kernel_against_the_reference(dtype, case):
+    # Where tuning measured it faster on this machine ("auto"), or when asked, the CPU runs the
+    # base product (x·Wᵀ + b and gy·W) on the fold kernel with no entries instead of torch's
+    # matmul: the same bound.
+    (tokens, out_f, in_f), assignment = CASES[case]
+    delta_set = make_set(out_f, in_f, dtype).requires_grad_()
+    values = [e[1].values for e in delta_set.slots]
+    x = randn(tokens, in_f, dtype=dtype, seed=1).requires_grad_()
+    weight = randn(out_f, in_f, dtype=dtype, seed=2)
+    bias = randn(out_f, dtype=dtype, seed=3).requires_grad_()
+    row_adapter = torch.tensor(assignment)
+    gy = randn(tokens, out_f, dtype=dtype, seed=4)
+    with shira_kernels.use_backend("cpu"):
+        y = shira_kernels.multi_delta_linear(x, weight, bias, delta_set, row_adapter,
+                                             base="fold")
+        gx, gbuffer = torch.autograd.grad(y, [x, delta_set.values], gy)
+        with torch.no_grad():  # the base alone: the fold kernel's, not torch's
+            base = multi_delta._base_linear(x, weight, bias, "fold")
+    assert torch.equal(y[row_adapter == -1], base[row_adapter == -1])
+    exact, magnitude = exact_and_magnitude(x, weight, bias, delta_set, row_adapter, gy, values)
+    ours = [y, gx] + [gbuffer[delta_set.segment(e[0])] for e in delta_set.slots]
+    bounds = [delta_linear_bound(in_f), delta_linear_bound(out_f)] + \
+        [(tokens + 1, 0)] * len(values)
+    for name, o, e, m, (k, n) in zip(["y", "grad x", "v0", "v1", "v2"], ours,
+                                     exact[:2] + exact[3:], magnitude[:2] + magnitude[3:],
+                                     bounds):
+        assert_within_error_bound(o, e, m, k, f"{case} {name}", roundings=n)
 
 
 @pytest.mark.parametrize("assignment", [[0, 2, 1, -1, 0, 1, 2, -1, 0, 1],
@@ -248,6 +280,8 @@ def test_bad_inputs_name_the_argument():
                                          [0] * 4)
     with pytest.raises(TypeError, match="delta_set must be a SparseDeltaSet"):
         shira_kernels.multi_delta_linear(x, weight, None, {}, [0] * 4)
+    with pytest.raises(ValueError, match="base must be one of"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, [0] * 4, base="mkl")
     with pytest.raises(TypeError, match="values of adapter 'a0'"):  # fp32 adapters, bf16 x
         shira_kernels.multi_delta_linear(x.bfloat16(), weight.bfloat16(), None, delta_set,
                                          [0] * 4)

@@ -4,10 +4,12 @@ adapter's delta (SGMV's idea, as punica and S-LoRA serve many LoRAs, for SHiRA).
   multi_delta_linear(x, weight, bias, delta_set, row_adapter)
       y[t] = x[t]·(W + scale_a·S_a)ᵀ + b  with a = row_adapter[t]; a = -1: the base alone
 
-One dense matmul for the whole batch; then the rows are grouped by adapter (a stable sort of
-row_adapter) and every group's sparse product is added to its rows' outputs by the backend's
-grouped_spmm: on Triton and CUDA one launch for all groups (SGMV's idea), on the CPU the
-backend's spmm per group on the gathered rows. Per row the result is the same bits as
+One dense matmul for the whole batch (torch's, or on the CPU this package's fold kernel with
+no entries where that measured faster on the machine: BASES below); then the rows are grouped
+by adapter (a stable sort of row_adapter) and every group's sparse product is added to its
+rows' outputs by the backend's grouped_spmm: on Triton and CUDA one launch for all groups
+(SGMV's idea), on the CPU the backend's spmm per group on the gathered rows. With torch's
+matmul as the base (always with tuning off), per row the result is the same bits as
 sparse_delta_linear's "spmm" strategy on the same batch with that row's adapter (the same
 dense matmul, and spmm's sum for a token does not depend on the other tokens; on the CPU a
 group of one row takes the kernels' one-token path, whose sum is ordered differently; on CUDA
@@ -32,12 +34,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .. import _native, backends
+from .. import _native, backends, tuning
 from .._checks import check_float_tensor
 from .._concurrency import reading
 from ..formats import SparseDeltaSet
 from . import registry
 from .._group_tables import sddmm_tables, spmm_tables
+from ..formats import SparseStructure
+from .sparse_delta.linear import _backward_kind
 from .sparse_delta.naive import spmm_reference
 from .sparse_delta.parts import _triton_kernels
 
@@ -183,6 +187,107 @@ registry.register("grouped_backward", "cpu", _backward_by("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
+# The base product x·Wᵀ + b of all rows (and gy·W in the backward): torch's matmul, or where it
+# measured faster on this machine ("fold", CPU only) the fold strategy's kernel with no entries,
+# this package's own matmul (torch's fp32 matmul of 2-16 rows ran at a quarter to a third of
+# the memory's read rate on the AMD EPYC Zen 3: docs/benchmarks/multi_adapter_decode_cpu_zen3.md).
+# ---------------------------------------------------------------------------------------------
+BASES = ("torch", "fold")
+
+
+@functools.lru_cache(maxsize=32)
+def _no_entries(shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+    """(values, structure) of a delta without entries: the fold kernel's plain matmul."""
+    s = SparseStructure.build(torch.empty(0, dtype=torch.int64, device=device), shape)
+    return (torch.empty(0, dtype=dtype, device=device),
+            (s.rows, s.cols, s.row_offsets, s.t_offsets, s.t_cols, s.t_perm))
+
+
+def _base_linear(x, weight, bias, base: str) -> torch.Tensor:
+    if base == "fold":
+        values, struct = _no_entries(tuple(weight.shape), weight.dtype, weight.device)
+        return registry.kernel("folded_linear", x.device)(x, weight, bias, values, struct, 1.0)
+    return F.linear(x, weight, bias)
+
+
+def _base_grad_x(gy, weight, base: str) -> torch.Tensor:
+    if base == "fold":
+        values, struct = _no_entries(tuple(weight.shape), weight.dtype, weight.device)
+        return registry.kernel("folded_linear_grad_x", gy.device)(gy, weight, values, struct, 1.0)
+    return gy @ weight
+
+
+BASE_DECISION = "multi_delta_linear.base"
+_decided_bases = tuning.memo()
+
+
+def base_choice(device: torch.device, dtype: torch.dtype, tokens: int, training: bool,
+                grad_x: bool, shape: tuple[int, int]) -> str:
+    """The base product's kernel (BASES) for a call of ``tokens`` rows: torch's matmul where
+    tuning is off or the backend is not the CPU's, else the faster measured on this machine for
+    the layer's shape, dtype, token class and backward (tuning.decide)."""
+    if tuning.mode() == "off":
+        return "torch"
+    return _tuned_base(str(device), dtype, int(shape[0]), int(shape[1]),
+                       tuning.token_class(tokens), _backward_kind(training, grad_x))
+
+
+def _base_key(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int, tokens: int,
+              backward: str) -> tuple:
+    return (tuning.place(device), backends.requested() or "auto",
+            str(dtype).removeprefix("torch."), f"{out_f}x{in_f}", tuning.token_label(tokens),
+            backward)
+
+
+def base_entry(device, dtype: torch.dtype, tokens: int, training: bool, grad_x: bool,
+               shape) -> dict | None:
+    """The tuned decision behind base_choice for these arguments (value, each candidate's ms,
+    how it was measured), or None where none was made in this process."""
+    key = _base_key(torch.device(device), dtype, int(shape[0]), int(shape[1]),
+                    tuning.token_class(tokens), _backward_kind(training, grad_x))
+    return tuning.entry(BASE_DECISION, key)
+
+
+@torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
+def _tuned_base(device: str, dtype: torch.dtype, out_f: int, in_f: int, tokens: int,
+                backward: str) -> str:
+    fast = (device, dtype, out_f, in_f, tokens, backward, tuning.mode(), backends.requested(),
+            torch.get_num_threads())
+    value = _decided_bases.get(fast)
+    if value is None and backends.select(device) != "cpu":  # the fold kernel is the CPU's
+        value = _decided_bases[fast] = "torch"
+    if value is None:
+        dev = torch.device(device)
+        key = _base_key(dev, dtype, out_f, in_f, tokens, backward)
+        least = -(-4 * 2**20 // (in_f * dtype.itemsize))  # at least 4 MiB of W, as the strategy's
+        make = functools.partial(_base_calls, dev, dtype, in_f, tokens, backward)
+        value = tuning.decide(BASE_DECISION, key, "torch",
+                              lambda: tuning.measure_sliced(make, out_f, least=least))
+        if value not in BASES:  # a cache file written by another version
+            value = "torch"
+        if not tuning.in_transform():
+            _decided_bases[fast] = value
+    return value
+
+
+def _base_calls(device: torch.device, dtype: torch.dtype, in_f: int, tokens: int,
+                backward: str, rows: int) -> dict:
+    """{base: its forward (and gy·W where the backward computes x's gradient)} on ``rows``
+    output rows of a layer ``in_f`` wide."""
+    weight = torch.full((rows, in_f), 0.01, dtype=dtype, device=device)
+    x = torch.empty(tokens, in_f, dtype=dtype, device=device).uniform_(-1, 1)
+    gy = torch.empty(tokens, rows, dtype=dtype, device=device).uniform_(-1, 1)
+
+    def call(base):
+        def run():
+            _base_linear(x, weight, None, base)
+            if backward == "training":
+                _base_grad_x(gy, weight, base)
+        return run
+    return {base: call(base) for base in BASES}
+
+
+# ---------------------------------------------------------------------------------------------
 # The op: the set's buffers (SparseDeltaSetState's, their used parts), its segments and scales
 # (CPU tensors, one row per slot): the same inputs however many adapters the set holds.
 # ---------------------------------------------------------------------------------------------
@@ -251,11 +356,11 @@ def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   row_adapter: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
                   rows: torch.Tensor, t_cols: torch.Tensor, t_perm: torch.Tensor,
                   offsets: torch.Tensor, segments: torch.Tensor,
-                  scales: torch.Tensor) -> torch.Tensor:
+                  scales: torch.Tensor, base: str = "torch") -> torch.Tensor:
     # rows and the transposed structures are for the backward (saved from these inputs).
     x = x.contiguous()
     with reading(weight):
-        y = F.linear(x, weight, bias)
+        y = _base_linear(x, weight, bias, base)
     order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
                                        offsets, segments, scales, row_adapter, backward=False)
     return registry.kernel("grouped_spmm", x.device)(y, x, order, bounds, slots, a.row_offsets,
@@ -266,11 +371,11 @@ def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     row_adapter: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
                     rows: torch.Tensor, t_cols: torch.Tensor, t_perm: torch.Tensor,
                     offsets: torch.Tensor, segments: torch.Tensor, scales: torch.Tensor,
-                    need_x: bool, need_weight: bool
+                    need_x: bool, need_weight: bool, base: str = "torch"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gy, x = gy.contiguous(), x.contiguous()
     with reading(weight):
-        gx = gy @ weight if need_x else gy.new_empty(0)
+        gx = _base_grad_x(gy, weight, base) if need_x else gy.new_empty(0)
     gw = gy.T @ x if need_weight else gy.new_empty(0)
     order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
                                        offsets, segments, scales, row_adapter, backward=True)
@@ -291,13 +396,13 @@ _multi_backward_op = torch.library.custom_op("shira::multi_delta_linear_backward
 
 @_multi_linear_op.register_fake
 def _(x, weight, bias, row_adapter, values, cols, rows, t_cols, t_perm, offsets, segments,
-      scales):
+      scales, base="torch"):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @_multi_backward_op.register_fake
 def _(gy, x, weight, row_adapter, values, cols, rows, t_cols, t_perm, offsets, segments, scales,
-      need_x, need_weight):
+      need_x, need_weight, base="torch"):
     gx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_x else (0,))
     gw = gy.new_empty(tuple(weight.shape) if need_weight else (0,))
     return gx, values.new_empty(values.shape), gw
@@ -306,7 +411,8 @@ def _(gy, x, weight, row_adapter, values, cols, rows, t_cols, t_perm, offsets, s
 def _setup_context(ctx, inputs, output):
     x, weight, bias, row_adapter, *packed = inputs
     ctx.save_for_backward(x, weight, row_adapter)
-    ctx.packed = packed  # the set's buffers, segments and scales (a set never writes them)
+    # the set's buffers, segments and scales (a set never writes them); the base's kernel
+    ctx.packed, ctx.base = packed[:8], packed[8] if len(packed) > 8 else "torch"
     ctx.has_bias = bias is not None
     ctx.backend = backends.requested()  # autograd's device thread does not see use_backend()
 
@@ -315,10 +421,11 @@ def _backward(ctx, gy, backward=_multi_backward_op):
     x, weight, row_adapter = ctx.saved_tensors
     need_x, need_w, need_b, _, need_v = ctx.needs_input_grad[:5]
     with backends.use_backend(ctx.backend):
-        gx, gvalues, gw = backward(gy, x, weight, row_adapter, *ctx.packed, need_x, need_w)
+        gx, gvalues, gw = backward(gy, x, weight, row_adapter, *ctx.packed, need_x, need_w,
+                                   ctx.base)
     gb = gy.sum(0) if ctx.has_bias and need_b else None
     return ((gx if need_x else None), (gw if need_w else None), gb, None,
-            (gvalues if need_v else None)) + (None,) * 7
+            (gvalues if need_v else None)) + (None,) * 8
 
 
 _multi_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -387,7 +494,8 @@ def _values_in_place_of_the_sets(state, given) -> torch.Tensor:
 
 
 def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       delta_set: SparseDeltaSet, row_adapter, values=None) -> torch.Tensor:
+                       delta_set: SparseDeltaSet, row_adapter, values=None,
+                       base: str = "auto") -> torch.Tensor:
     """x·Wᵀ + b with each row's own adapter: y[t] = x[t]·(W + scale_a·S_a)ᵀ + b for
     a = row_adapter[t], a slot of ``delta_set`` (``delta_set.index(name)``), or -1 for the
     base alone. x [..., in]; row_adapter: int tensor (or list of ints) of x's leading shape,
@@ -398,10 +506,15 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     is adapter ``name``'s), the bias and (only if it requires grad) W. ``values``: a mapping
     of adapter names to value tensors (each its adapter's nnz, in the set's dtype) to use in
     place of the set's copies, which then take their gradients (as the values of a PEFT
-    model's adapters do through adapter_names). No host sync before the op: under
+    model's adapters do through adapter_names). ``base``: the kernel of the dense matmul
+    of all rows (and gy·W), "torch", "fold" (on the CPU this package's fold kernel with no
+    entries; elsewhere composed as torch's matmul) or "auto": the faster measured on this
+    machine (tuning; "torch" with tuning off). No host sync before the op: under
     torch.compile it traces whole (a bad slot is reported when the op runs)."""
     if not isinstance(delta_set, SparseDeltaSet):
         raise TypeError(f"delta_set must be a SparseDeltaSet, got {type(delta_set).__name__}")
+    if base not in ("auto",) + BASES:
+        raise ValueError(f"base must be one of {('auto',) + BASES}, got {base!r}")
     check_float_tensor("x", x)
     # Under autocast the op's rule casts x, W, the bias and the values to the autocast dtype.
     dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -440,5 +553,14 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         if values is not None:
             buffers = (_values_in_place_of_the_sets(state, values),) + buffers[1:]
         buffers += (state.offsets[:state.used_offsets],)
-    y = _multi_linear_op(x2, weight, bias, row_adapter, *buffers, state.segments, state.scales)
+    grad_values = buffers[0].requires_grad
+    training = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or grad_values
+        or (bias is not None and bias.requires_grad))
+    if base == "auto":
+        run_dtype = dtype or torch.get_autocast_dtype(x.device.type)
+        base = base_choice(x.device, run_dtype, x2.shape[0], training, x.requires_grad,
+                           tuple(weight.shape))
+    y = _multi_linear_op(x2, weight, bias, row_adapter, *buffers, state.segments, state.scales,
+                         base)
     return y.view(*x.shape[:-1], weight.shape[0])

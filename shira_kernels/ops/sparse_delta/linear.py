@@ -262,11 +262,8 @@ def _strategy_key(device: torch.device, dtype: torch.dtype, out_f: int, in_f: in
     """The decision's key: where it runs (the GPU, or the CPU threads torch uses), the backend
     asked for, the dtype, the layer's shape, its number of entries to the nearest power of two,
     the token class and the backward's kind (_backward_kind)."""
-    where = (f"{torch.cuda.get_device_name(device)} "
-             f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
-             if device.type == "cuda" else f"cpu {torch.get_num_threads()} threads")
     nnz_class = min(1 << round(math.log2(max(nnz, 1))), out_f * in_f)
-    return (where, backends.requested() or "auto", str(dtype).removeprefix("torch."),
+    return (tuning.place(device), backends.requested() or "auto", str(dtype).removeprefix("torch."),
             f"{out_f}x{in_f}", nnz_class, tuning.token_label(tokens), backward)
 
 
