@@ -189,8 +189,8 @@ registry.register("grouped_backward", "cpu", _backward_by("cpu"))
 # ---------------------------------------------------------------------------------------------
 # The base product x·Wᵀ + b of all rows (and gy·W in the backward): torch's matmul, or where it
 # measured faster on this machine ("fold", CPU only) the fold strategy's kernel with no entries,
-# this package's own matmul (torch's fp32 matmul of 2-16 rows ran at a quarter to a third of
-# the memory's read rate on the AMD EPYC Zen 3: docs/benchmarks/multi_adapter_decode_cpu_zen3.md).
+# this package's own matmul (on the AMD EPYC Zen 3 torch's fp32 matmul of a Llama block's
+# projections took 2.5x its time at 4 rows, 1.4-1.5x at 32: multi_adapter_decode_cpu_zen3.md).
 # ---------------------------------------------------------------------------------------------
 BASES = ("torch", "fold")
 
