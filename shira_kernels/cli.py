@@ -5,8 +5,9 @@
   shira-kernels demo    a short story: two SHiRA adapters trained, switched, fused, saved and
                         reloaded with the AdapterBank (under a minute on a laptop CPU).
   shira-kernels tune    measure, for each layer shape of a Llama-shaped model, which strategy of
-                        sparse_delta_linear is fastest on this machine (what "auto" then runs),
-                        keep it in the tuning cache and print the table.
+                        sparse_delta_linear is fastest on this machine (what "auto" then runs)
+                        and which dense matmul a mixed batch's multi_delta_linear runs, keep
+                        them in the tuning cache and print the table.
   shira-kernels bench   this package against PEFT ShiRA / LoRA on a Llama-shaped model: adapter
                         switching and drift, forward, training step and memory, 1-bit matmuls;
                         a table, DIR/results.json, DIR/results.md and plots (--quick: minutes).
@@ -189,9 +190,12 @@ def _dtype_list(text: str) -> list[torch.dtype]:
 def tune(args: argparse.Namespace) -> int:
     """For each layer shape of a Llama-shaped model (hidden x hidden, intermediate x hidden,
     hidden x intermediate), dtype, token count and training/inference: the strategy
-    sparse_delta_linear's "auto" runs on this machine, measured now or read from the tuning
-    cache ($SHIRA_KERNELS_CACHE, or $SHIRA_KERNELS_TUNE_CACHE), with each candidate's time."""
+    sparse_delta_linear's "auto" runs on this machine, and the dense matmul a mixed batch's
+    multi_delta_linear runs (torch's or the fold kernel's), measured now or read from the
+    tuning cache ($SHIRA_KERNELS_CACHE, or $SHIRA_KERNELS_TUNE_CACHE), with each candidate's
+    time."""
     from . import tuning
+    from .ops import multi_delta as md
     from .ops import sparse_delta as sd
 
     if args.force:
@@ -208,7 +212,7 @@ def tune(args: argparse.Namespace) -> int:
           f"({tuning.arch_class(device.type)}, {torch.get_num_threads()} threads), "
           f"r={r} (nnz = r·(out+in)), cache {tuning.cache_file()}")
     print(f"  {'layer':>11s} {'dtype':8s} {'tokens':>6s} {'mode':9s} {'choice':6s} "
-          f"{'ms per candidate':34s} tuning s  measured")
+          f"{'ms per candidate':34s} {'mixed base (ms)':32s} tuning s  measured")
     total = 0.0
     for shape in shapes:
         for dtype in args.dtype:
@@ -218,11 +222,18 @@ def tune(args: argparse.Namespace) -> int:
                     choice = sd.auto_strategy(device, dtype, tokens, training, shape, nnz)
                     entry = sd.strategy_entry(device, dtype, tokens, training, shape, nnz) or {}
                     ms = "  ".join(f"{k} {v:.3g}" for k, v in entry.get("ms", {}).items())
+                    base = md.base_choice(device, dtype, tokens, training, training, shape)
+                    b_entry = md.base_entry(device, dtype, tokens, training, training,
+                                            shape) or {}
+                    b_ms = ", ".join(f"{k} {v:.3g}" for k, v in b_entry.get("ms", {}).items())
+                    base = f"{base} ({b_ms})" if b_ms else base
                     measured = entry.get("source") == "measured"
-                    total += entry.get("tuning_s", 0.0) if measured else 0.0
+                    spent = sum(e.get("tuning_s", 0.0) for e in (entry, b_entry)
+                                if e.get("source") == "measured")
+                    total += spent
                     print(f"  {shape[0]:>5d}x{shape[1]:<5d} {str(dtype)[6:]:8s} {tokens:6d} "
                           f"{'training' if training else 'inference':9s} {choice:6s} "
-                          f"{ms:34s} {entry.get('tuning_s', 0) if measured else 0:7.2f}  "
+                          f"{ms:34s} {base:32s} {spent:7.2f}  "
                           f"{entry.get('how', '') if measured else 'read from the cache'}")
     print(f"tuning took {total:.1f} s in all (decisions found in the cache cost nothing)")
     return 0

@@ -403,6 +403,9 @@ def test_tune_command_measures_then_reads_the_cache(tune, capsys):
     rows = [line for line in first.splitlines() if "inference" in line]
     assert len(rows) == 3 * 2 * 2  # shapes x dtypes x token counts
     assert all(re.search(r"inference (fold|spmm|swap) ", row) for row in rows), rows
+    # multi_delta_linear's base matmul beside it: measured where the CPU kernels are built
+    base = r" (torch|fold) \((torch|fold) " if backends.select("cpu") == "cpu" else " torch "
+    assert all(re.search(base, row) for row in rows), rows
     assert "median of 5 on" in first and str(tuning.cache_file()) in first
     tuning.forget_decisions()  # a new process reads them
     assert cli.main(argv) == 0
