@@ -226,14 +226,14 @@ def tune(args: argparse.Namespace) -> int:
                     b_entry = md.base_entry(device, dtype, tokens, training, training,
                                             shape) or {}
                     b_ms = ", ".join(f"{k} {v:.3g}" for k, v in b_entry.get("ms", {}).items())
-                    base = f"{base} ({b_ms})" if b_ms else base
+                    base_text = f"{base} ({b_ms})" if b_ms else base
                     measured = entry.get("source") == "measured"
                     spent = sum(e.get("tuning_s", 0.0) for e in (entry, b_entry)
                                 if e.get("source") == "measured")
                     total += spent
                     print(f"  {shape[0]:>5d}x{shape[1]:<5d} {str(dtype)[6:]:8s} {tokens:6d} "
                           f"{'training' if training else 'inference':9s} {choice:6s} "
-                          f"{ms:34s} {base:32s} {spent:7.2f}  "
+                          f"{ms:34s} {base_text:32s} {spent:7.2f}  "
                           f"{entry.get('how', '') if measured else 'read from the cache'}")
     print(f"tuning took {total:.1f} s in all (decisions found in the cache cost nothing)")
     return 0

@@ -136,6 +136,8 @@ def test_spmm_t_sddmm(backend, device, dtype, shape):
 
 
 def _cpu_kernels():
+    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
+    assert reason is None, f"the cpu backend is unavailable: {reason}"
     return {op: registry.lookup(op, "cpu") for op in ("spmm", "sddmm", "spmm_t_sddmm")}
 
 
@@ -149,8 +151,6 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(threads, dtype, tokens, i
     # in a fixed order, so the bits are the same however the work is split. 16-bit spmm at 150
     # tokens: one thread splits them between the threads (all of them its own), three split S's
     # rows (too few tokens for each): both sum a row's entries in the same order.
-    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
-    assert reason is None, f"the cpu backend is unavailable: {reason}"
     kernels = _cpu_kernels()
     delta = make_delta(45, in_f, dtype, density=0.05)
     s = delta.structure
@@ -175,8 +175,6 @@ def test_cpu_kernels_sum_a_token_alike_whatever_the_token_count(dtype):
     # from 2 tokens up (1 token takes spmm's one-token path), whatever the chunk's length in
     # vectors: multi_delta_linear relies on it. (GCC's tuning for AMD Zen had left the 1-vector
     # instance of spmm's sums unfused on AVX2: 2-8 tokens gave other bits than 9 and more.)
-    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
-    assert reason is None, f"the cpu backend is unavailable: {reason}"
     kernels = _cpu_kernels()
     tokens, out_f, in_f = 40, 45, 300
     delta = make_delta(out_f, in_f, dtype, density=0.1)
@@ -200,8 +198,6 @@ def test_cpu_kernels_read_values_in_either_dtype_alike(dtype, tokens):
     # same numbers either way, so the same bits; except spmm's with bf16 values and rows where
     # the build has AVX512-BF16: two entries at a time by vdpbf16ps, exact products as fp32's
     # FMAs but summed in another order, so within the rounding of that sum.
-    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
-    assert reason is None, f"the cpu backend is unavailable: {reason}"
     kernels = _cpu_kernels()
     delta = make_delta(45, 1000, dtype, density=0.05)
     s = delta.structure
@@ -231,8 +227,6 @@ def test_cpu_kernels_take_int16_columns_alike(dtype, tokens):
     # The bindings take S's columns as int16 or int32 (the kernels are instantiated for both;
     # the one-token spmm gathers x by them a vector at a time): the same entries, so the same
     # bits. Rows of ~100 entries run the vector pairs, a single vector and the scalar tail.
-    reason = shira_kernels.backends.unavailable_reason("cpu", "cpu")
-    assert reason is None, f"the cpu backend is unavailable: {reason}"
     kernels = _cpu_kernels()
     delta = make_delta(45, 1000, dtype, density=0.1)
     s = delta.structure

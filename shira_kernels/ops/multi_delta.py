@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from .. import _native, backends, tuning
 from .._checks import check_float_tensor
 from .._concurrency import reading
-from ..formats import SparseDeltaSet
+from ..formats import SparseDeltaSet, SparseStructure
 from . import registry
 from .._group_tables import sddmm_tables, spmm_tables
-from ..formats import SparseStructure
-from .sparse_delta.linear import _backward_kind
+from .sparse_delta.linear import _SLICE_BYTES, _backward_kind
 from .sparse_delta.naive import spmm_reference
 from .sparse_delta.parts import _triton_kernels
 
@@ -259,7 +258,7 @@ def _tuned_base(device: str, dtype: torch.dtype, out_f: int, in_f: int, tokens: 
     if value is None:
         dev = torch.device(device)
         key = _base_key(dev, dtype, out_f, in_f, tokens, backward)
-        least = -(-4 * 2**20 // (in_f * dtype.itemsize))  # at least 4 MiB of W, as the strategy's
+        least = -(-_SLICE_BYTES // (in_f * dtype.itemsize))  # as the strategy's: 4 MiB of W
         make = functools.partial(_base_calls, dev, dtype, in_f, tokens, backward)
         value = tuning.decide(BASE_DECISION, key, "torch",
                               lambda: tuning.measure_sliced(make, out_f, least=least))
@@ -409,10 +408,10 @@ def _(gy, x, weight, row_adapter, values, cols, rows, t_cols, t_perm, offsets, s
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, row_adapter, *packed = inputs
+    x, weight, bias, row_adapter, *packed, base = inputs  # (torch.library passes defaults)
     ctx.save_for_backward(x, weight, row_adapter)
-    # the set's buffers, segments and scales (a set never writes them); the base's kernel
-    ctx.packed, ctx.base = packed[:8], packed[8] if len(packed) > 8 else "torch"
+    ctx.packed = packed  # the set's buffers, segments and scales (a set never writes them)
+    ctx.base = base
     ctx.has_bias = bias is not None
     ctx.backend = backends.requested()  # autograd's device thread does not see use_backend()
 
