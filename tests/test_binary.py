@@ -146,6 +146,44 @@ def test_binary_linear(backend, device, dtype, shape, method):
                               binary_k(out_f), "grad x", torch_result=gx_torch)
 
 
+@pytest.mark.parametrize("in_f", [45, 3000])  # 3000: the AVX2 kernel's sums in 3 chunks
+def test_binary_linear_at_any_scale(backend, device, in_f):
+    # Each token at its own scale, from subnormal to 1e30, one with a single large feature and
+    # one all zero: the AVX2 CPU kernel sums in fixed point on a grid set by each token's
+    # largest |x|, which must hold the fp32 bound at every scale (its gradient of x too: the
+    # rows of gy at those scales).
+    scales = torch.tensor([1.0, 1e30, 1e-30, 1e-39, 0.0, 1.0]).view(-1, 1)
+    bw = _weight(70, in_f, "row", seed=in_f, device=device)
+    x = (_x(6, in_f, torch.float32, seed=4) * scales)
+    x[5, in_f // 2] = 3e4  # one feature far above the others (|x| ~ 1)
+    x = x.to(device).requires_grad_(True)
+    y = binary_linear(x, bw)
+    w = bw.dequantize()
+    assert_within_error_bound(y, F.linear(x.double(), w.double()), abs64(x) @ binary_abs(bw).T,
+                              binary_k(in_f), "y")
+    gy = (_x(6, 70, torch.float32, seed=5) * scales).to(device)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    assert_within_error_bound(gx, gy.double() @ w.double(), abs64(gy) @ binary_abs(bw),
+                              binary_k(70), "grad x")
+
+
+def test_binary_linear_propagates_inf_and_nan(backend, device):
+    # A token holding inf or NaN gives non-finite outputs where float64 does (the AVX2 kernel
+    # takes its float tables for them), and the other tokens stay within their bound. μ = 0:
+    # μ·Σx would carry the inf or NaN past a lookup that lost it.
+    signs = _weight(40, 300, "row", seed=6)
+    bw = BinaryWeight(signs.packed, signs.alpha, torch.zeros_like(signs.mu), 300).to(device)
+    x = _x(4, 300, torch.float32, seed=7)
+    x[1, 17], x[2, 200] = float("inf"), float("nan")
+    x = x.to(device)
+    y = binary_linear(x, bw)
+    exact = F.linear(x.double(), bw.dequantize(torch.float64))
+    assert not torch.isfinite(y[1:3]).any() and not torch.isfinite(exact[1:3]).any()
+    rows = [0, 3]
+    assert_within_error_bound(y[rows], exact[rows], abs64(x[rows]) @ binary_abs(bw).T,
+                              binary_k(300), "y of the finite tokens")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(0, 9, 768), (1, 5, 4097), (197, 33, 768), (7, 100, 45)],
                          ids=["T0", "T1-in4097", "T197", "T7-out100-in45"])
