@@ -346,12 +346,34 @@ def in_transform() -> bool:
 
 
 def decide(decision: str, key: tuple, default: str,
-           timings: Callable[[], tuple[Mapping[str, float], str]]) -> str:
+           timings: Callable[[], tuple[Mapping[str, float], str]],
+           candidates: tuple[str, ...] | None = None) -> str:
     """The fastest candidate for ``decision`` at ``key`` (a tuple of plain values): in "off"
     mode ``default`` without measuring; otherwise the value decided before (this process, then
     the machine's file), or the winner of ``timings()`` ({candidate: seconds}, how they were
     taken: see measure, measure_sliced) measured now and kept. ``default`` also where no
-    candidate could run."""
+    candidate could run, and where the value is not one of ``candidates`` (the values the
+    caller can run, if given: a cache file written by another version may hold others)."""
+    value = _decide(decision, key, default, timings)
+    return value if candidates is None or value in candidates else default
+
+
+def remembered(shortcut: dict, args: tuple, decide_now: Callable[[], str]) -> str:
+    """decide_now()'s value for a caller that asks on every call (a layer's forward): kept in
+    ``shortcut`` (a memo()) under the raw ``args`` with the tuning mode and torch's thread
+    count (which every key depends on), so that the key is built and decide asked only the
+    first time. Not kept inside torch.func's transforms, where decide does not measure."""
+    fast = (*args, mode(), torch.get_num_threads())
+    value = shortcut.get(fast)
+    if value is None:
+        value = decide_now()
+        if not in_transform():
+            shortcut[fast] = value
+    return value
+
+
+def _decide(decision: str, key: tuple, default: str,
+            timings: Callable[[], tuple[Mapping[str, float], str]]) -> str:
     tune = mode()
     if tune == "off":
         return default

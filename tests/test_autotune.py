@@ -78,6 +78,29 @@ def test_no_candidate_ran_gives_the_default(tune):
     assert tuning.decide("d", (1,), "fallback", Timings()) == "fallback"
 
 
+def test_a_value_the_caller_cannot_run_gives_the_default(tune):
+    # A cache file written by another version may name a candidate this one does not have.
+    assert tuning.decide("d", (1,), "a", Timings(a=2.0, gone=1.0)) == "gone"
+    tuning.forget_decisions()  # as a new process that reads the file
+    assert tuning.decide("d", (1,), "a", Timings(), candidates=("a", "b")) == "a"
+    assert tuning.decide("d", (1,), "a", Timings(), candidates=("a", "gone")) == "gone"
+
+
+def test_remembered_asks_once_per_arguments_mode_and_threads(tune, monkeypatch):
+    shortcut, asked = tuning.memo(), []
+
+    def decide_now():
+        asked.append(1)
+        return "v"
+    assert tuning.remembered(shortcut, (1, "x"), decide_now) == "v"
+    assert tuning.remembered(shortcut, (1, "x"), decide_now) == "v" and len(asked) == 1
+    assert tuning.remembered(shortcut, (2, "x"), decide_now) == "v" and len(asked) == 2
+    monkeypatch.setenv(tuning.MODE_ENV, "force")
+    assert tuning.remembered(shortcut, (1, "x"), decide_now) == "v" and len(asked) == 3
+    tuning.forget_decisions()
+    assert not shortcut
+
+
 @pytest.mark.parametrize("var, value", [(tuning.MODE_ENV, "sometimes"),
                                         (tuning.BUDGET_ENV, "-1"), (tuning.BUDGET_ENV, "x"),
                                         (tuning.BUDGET_ENV, "nan")])

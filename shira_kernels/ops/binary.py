@@ -405,18 +405,10 @@ _decided = tuning.memo()
 def _measured_choice(decision: str, args: tuple, key_of, make, rows: int) -> str:
     """decision's value (a candidate of STRATEGIES) for the raw ``args``: this process's, the
     machine's cache file's at key_of(*args), or measured now by make(rows) calls
-    (tuning.measure_extrapolated). Every call of the op asks: a dict lookup on the raw
-    arguments first, the key only the first time."""
-    fast = (decision, *args, tuning.mode(), torch.get_num_threads())
-    value = _decided.get(fast)
-    if value is None:
-        value = tuning.decide(decision, key_of(*args), "lut",
-                              lambda: tuning.measure_extrapolated(make, rows))
-        if value not in STRATEGIES[1:]:  # a cache file written by another version
-            value = "lut"
-        if not tuning.in_transform():  # there decide did not measure
-            _decided[fast] = value
-    return value
+    (tuning.measure_extrapolated)."""
+    return tuning.remembered(_decided, (decision, *args), lambda: tuning.decide(
+        decision, key_of(*args), "lut", lambda: tuning.measure_extrapolated(make, rows),
+        candidates=STRATEGIES[1:]))
 
 
 @torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile

@@ -250,23 +250,17 @@ def base_entry(device, dtype: torch.dtype, tokens: int, training: bool, grad_x: 
 @torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
 def _tuned_base(device: str, dtype: torch.dtype, out_f: int, in_f: int, tokens: int,
                 backward: str) -> str:
-    fast = (device, dtype, out_f, in_f, tokens, backward, tuning.mode(), backends.requested(),
-            torch.get_num_threads())
-    value = _decided_bases.get(fast)
-    if value is None and backends.select(device) != "cpu":  # the fold kernel is the CPU's
-        value = _decided_bases[fast] = "torch"
-    if value is None:
+    def measured() -> str:
+        if backends.select(device) != "cpu":  # the fold kernel is the CPU's
+            return "torch"
         dev = torch.device(device)
-        key = _base_key(dev, dtype, out_f, in_f, tokens, backward)
         least = -(-_SLICE_BYTES // (in_f * dtype.itemsize))  # as the strategy's: 4 MiB of W
         make = functools.partial(_base_calls, dev, dtype, in_f, tokens, backward)
-        value = tuning.decide(BASE_DECISION, key, "torch",
-                              lambda: tuning.measure_sliced(make, out_f, least=least))
-        if value not in BASES:  # a cache file written by another version
-            value = "torch"
-        if not tuning.in_transform():
-            _decided_bases[fast] = value
-    return value
+        return tuning.decide(BASE_DECISION, _base_key(dev, dtype, out_f, in_f, tokens, backward),
+                             "torch", lambda: tuning.measure_sliced(make, out_f, least=least),
+                             candidates=BASES)
+    return tuning.remembered(_decided_bases, (device, dtype, out_f, in_f, tokens, backward,
+                                              backends.requested()), measured)
 
 
 def _base_calls(device: torch.device, dtype: torch.dtype, in_f: int, tokens: int,

@@ -283,12 +283,7 @@ _SLICE_BYTES = 4 * 2**20
 @torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
 def _tuned_strategy(device: str, dtype: torch.dtype, out_f: int, in_f: int, nnz: int,
                     tokens: int, backward: str, default: str) -> str:
-    # A layer's forward asks this once per call: a dict lookup on the raw arguments (and what
-    # else the key depends on) first, the key and the decision only the first time.
-    fast = (device, dtype, out_f, in_f, nnz, tokens, backward, default, tuning.mode(),
-            backends.requested(), torch.get_num_threads())
-    value = _decided.get(fast)
-    if value is None:
+    def measured() -> str:
         dev = torch.device(device)
         key = _strategy_key(dev, dtype, out_f, in_f, nnz, tokens, backward)
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
@@ -297,13 +292,11 @@ def _tuned_strategy(device: str, dtype: torch.dtype, out_f: int, in_f: int, nnz:
         # At least 4 MiB of W: a slice that fits a core's cache makes swap's scattered writes
         # look cheaper than on the whole layer.
         least = -(-_SLICE_BYTES // (in_f * dtype.itemsize))
-        value = tuning.decide(STRATEGY_DECISION, key, default,
-                              lambda: tuning.measure_sliced(make, out_f, least=least, sync=sync))
-        if value not in STRATEGIES[1:]:  # a cache file written by another version
-            value = default
-        if not tuning.in_transform():  # there decide did not measure
-            _decided[fast] = value
-    return value
+        return tuning.decide(STRATEGY_DECISION, key, default,
+                             lambda: tuning.measure_sliced(make, out_f, least=least, sync=sync),
+                             candidates=STRATEGIES[1:])
+    return tuning.remembered(_decided, (device, dtype, out_f, in_f, nnz, tokens, backward,
+                                        default, backends.requested()), measured)
 
 
 def _strategy_calls(device: torch.device, dtype: torch.dtype, shape: tuple[int, int], nnz: int,
