@@ -23,8 +23,10 @@ through the seven projections, timed round robin:
     base="fold"), the floor of mixed where "auto" took it;
   - PEFT LoRA r=32 with adapter_names= (k LoRA adapters on each layer, PEFT's per-sub-batch
     loop), where peft is installed;
-  - 1-bit LoRA r=32 per row: F.linear plus multi_binary_lora with each row's packed adapter,
-    and the same with one adapter for all rows (F.linear plus binary_lora).
+  - 1-bit LoRA r=32 per row: the base product as BinaryAdapterBank.mixed runs it
+    (multi_delta.base_linear: the mixed base's tuned kernel) plus multi_binary_lora with each
+    row's packed adapter, and one adapter for all rows (F.linear plus binary_lora, as a
+    BinaryLoRALinear layer runs it).
 """
 from __future__ import annotations
 
@@ -150,7 +152,8 @@ def variants(layers, x, row_adapter, names, groups):
     def binary_mixed():
         for weight, _, _, _, adapters in layers:
             xs = x[weight.shape[1]]
-            F.linear(xs, weight) + shira_kernels.multi_binary_lora(xs, adapters, row_adapter)
+            multi_delta.base_linear(xs, weight) + shira_kernels.multi_binary_lora(
+                xs, adapters, row_adapter)
 
     def binary_single():
         for weight, _, _, _, adapters in layers:
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
              "adapter 0 for every row; group and switch: per adapter, scatter_swap_ its entries "
              "in, F.linear on its rows, swap back; PEFT LoRA: k LoRA r=32 adapters, "
              "adapter_names= per row; 1-bit LoRA: packed r=32 1-bit adapters, each row's own "
-             "(multi_binary_lora) or adapter 0 for all (binary_lora), after F.linear; base "
+             "(multi_binary_lora, after the mixed base's product as BinaryAdapterBank.mixed runs it) "
+             "or adapter 0 for all (binary_lora, after F.linear); base "
              "only: F.linear alone.", ""]
     bounds, bases = [], []
     for label in labels:

@@ -26,7 +26,6 @@ import threading
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_scale
@@ -35,13 +34,15 @@ from ._mixed import (BASE, MixedLayer, NamedAdapters, SlotList, batch_names, for
 from .formats import BinaryWeight
 from .nn.binary import BinaryAdapter, BinaryLoRALinear
 from .ops.multi_binary import multi_binary_lora
+from .ops.multi_delta import base_linear
 
 _Adapter = tuple[BinaryWeight, BinaryWeight, float]  # (down [r, in], up [out, r], scale)
 
 
 def _rows_through_branches(module: nn.Linear, adapters: SlotList, x, rows) -> torch.Tensor:
     """A layer's forward inside BinaryAdapterBank.mixed (MixedLayer's compute)."""
-    return F.linear(x, module.weight, module.bias) + multi_binary_lora(x, adapters.items, rows)
+    # The base product on the kernel tuned for a mixed batch's (multi_delta_linear's base).
+    return base_linear(x, module.weight, module.bias) + multi_binary_lora(x, adapters.items, rows)
 
 
 class BinaryAdapterBank(NamedAdapters):

@@ -339,6 +339,37 @@ def test_multi_delta_base_is_measured_once_then_run(tune):
         assert torch.equal(y20, multi_delta._base_linear(x20, weight, bias, forced))
 
 
+def test_base_linear_runs_the_mixed_base_decision_and_compiles_whole(tune):
+    # BinaryAdapterBank.mixed's base product (multi_delta.base_linear) takes multi_delta_linear's
+    # decision for the same shape, dtype, token class and backward; under torch.compile it is
+    # decided at trace time.
+    if backends.select("cpu") != "cpu":  # the fold kernel needs the CPU extension
+        pytest.skip("the CPU extension is not available: base_linear runs torch's matmul")
+    weight, bias = torch.randn(48, 64), torch.randn(48)
+    for forced in multi_delta.BASES:
+        tuning.forget_decisions()
+        key = multi_delta._base_key(torch.device("cpu"), torch.float32, 48, 64,
+                                    tuning.token_class(20), "inference")
+        tuning.decide(multi_delta.BASE_DECISION, key, "torch", lambda: ({forced: 0.1}, "fixed"))
+        x20 = torch.randn(20, 64)
+        with torch.no_grad():
+            assert torch.equal(multi_delta.base_linear(x20, weight, bias),
+                               multi_delta._base_linear(x20, weight, bias, forced))
+    x = torch.randn(5, 64, requires_grad=True)
+    key = multi_delta._base_key(torch.device("cpu"), torch.float32, 48, 64,
+                                tuning.token_class(5), "training")
+    tuning.decide(multi_delta.BASE_DECISION, key, "torch", lambda: ({"fold": 0.1}, "fixed"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: multi_delta.base_linear(x, weight, bias), fullgraph=True,
+                             backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            y = compiled(x)
+            y.sum().backward()
+            assert torch.equal(y, multi_delta._base_linear(x, weight, bias, "fold"))
+    torch._dynamo.reset()
+
+
 def test_compiled_multi_delta_is_tuned_at_trace_time_without_breaks_or_recompiles(tune):
     x, weight, bias, delta_set, rows = _mixed_case()
     x.requires_grad_()

@@ -120,6 +120,41 @@ def test_base_on_the_fold_kernel_against_the_reference(dtype, case):
         assert_within_error_bound(o, e, m, k, f"{case} {name}", roundings=n)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("base", ["torch", "fold"])
+def test_base_linear_alone(dtype, base):
+    # The base product alone (BinaryAdapterBank.mixed adds its 1-bit branches to it) on either
+    # kernel: F.linear itself for "torch"; for "fold" within the bound of a dense product, its
+    # gradients of x, W and the bias too, and the op passes opcheck.
+    x = randn(2, 3, 65, dtype=dtype, seed=1).requires_grad_()
+    weight = randn(33, 65, dtype=dtype, seed=2).requires_grad_()
+    bias = randn(33, dtype=dtype, seed=3).requires_grad_()
+    gy = randn(2, 3, 33, dtype=dtype, seed=4)
+    with shira_kernels.use_backend("cpu"):
+        y = multi_delta.base_linear(x, weight, bias, base=base)
+        grads = torch.autograd.grad(y, [x, weight, bias], gy)
+    theirs = torch.nn.functional.linear(x, weight, bias)
+    if base == "torch":
+        assert torch.equal(y, theirs)
+    assert y.shape == (2, 3, 33) and y.dtype == dtype
+    x64, w64, b64 = (t.detach().double() for t in (x, weight, bias))
+    exact = torch.nn.functional.linear(x64, w64, b64)
+    g64 = gy.double()
+    assert_within_error_bound(y, exact, abs64(x) @ abs64(weight).T + abs64(bias), 65 + 1, "y")
+    for name, ours, e, m, k in [
+            ("grad x", grads[0], g64 @ w64, abs64(gy) @ abs64(weight), 33),
+            ("grad W", grads[1], g64.reshape(-1, 33).T @ x64.reshape(-1, 65),
+             abs64(gy).reshape(-1, 33).T @ abs64(x).reshape(-1, 65), 6),
+            ("grad bias", grads[2], g64.reshape(-1, 33).sum(0), abs64(gy).reshape(-1, 33).sum(0), 6)]:
+        assert_within_error_bound(ours, e, m, k, name)
+    opcheck(torch.ops.shira.base_linear.default,
+            (x.detach().view(6, 65).requires_grad_(), weight.detach(), bias.detach(), base))
+    with pytest.raises(ValueError, match="base must be one of"):
+        multi_delta.base_linear(x, weight, bias, base="mkl")
+    with pytest.raises(ValueError, match="last dim must be in_features = 65"):
+        multi_delta.base_linear(x[..., :64], weight, bias)
+
+
 @pytest.mark.parametrize("assignment", [[0, 2, 1, -1, 0, 1, 2, -1, 0, 1],
                                         [2, 2, 2, 0, 0, 0, 0, -1, 1, 1]],
                          ids=["interleaved", "runs"])

@@ -428,6 +428,59 @@ torch.library.register_autocast("shira::multi_delta_linear", "cpu", torch.bfloat
 torch.library.register_autocast("shira::multi_delta_linear", "cuda", torch.float16)
 
 
+# The base product alone, for a mixed batch whose adapters are added by another op
+# (BinaryAdapterBank.mixed's 1-bit branches): the same kernels and decision as the base above.
+def _base_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               base: str = "torch") -> torch.Tensor:
+    return _base_linear(x.contiguous(), weight, bias, base)
+
+
+def _base_only_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                        need_weight: bool, base: str = "torch"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    gy = gy.contiguous()
+    gx = _base_grad_x(gy, weight, base) if need_x else gy.new_empty(0)
+    gw = gy.T @ x.contiguous() if need_weight else gy.new_empty(0)
+    return gx, gw
+
+
+_base_only_op = torch.library.custom_op("shira::base_linear", mutates_args=())(_base_only)
+_base_only_backward_op = torch.library.custom_op("shira::base_linear_backward",
+                                                 mutates_args=())(_base_only_backward)
+
+
+@_base_only_op.register_fake
+def _(x, weight, bias, base="torch"):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@_base_only_backward_op.register_fake
+def _(gy, x, weight, need_x, need_weight, base="torch"):
+    return (gy.new_empty((gy.shape[0], weight.shape[1]) if need_x else (0,)),
+            gy.new_empty(tuple(weight.shape) if need_weight else (0,)))
+
+
+def _base_only_setup_context(ctx, inputs, output):
+    x, weight, bias, base = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.base, ctx.has_bias = base, bias is not None
+    ctx.backend = backends.requested()
+
+
+def _base_only_autograd(ctx, gy):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    with backends.use_backend(ctx.backend):
+        gx, gw = _base_only_backward_op(gy, x, weight, need_x, need_w, ctx.base)
+    return ((gx if need_x else None), (gw if need_w else None),
+            (gy.sum(0) if ctx.has_bias and need_b else None), None)
+
+
+_base_only_op.register_autograd(_base_only_autograd, setup_context=_base_only_setup_context)
+torch.library.register_autocast("shira::base_linear", "cpu", torch.bfloat16)
+torch.library.register_autocast("shira::base_linear", "cuda", torch.float16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public function: validate once, then call the op.
 # ---------------------------------------------------------------------------------------------
@@ -546,14 +599,49 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         if values is not None:
             buffers = (_values_in_place_of_the_sets(state, values),) + buffers[1:]
         buffers += (state.offsets[:state.used_offsets],)
-    grad_values = buffers[0].requires_grad
-    training = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or grad_values
-        or (bias is not None and bias.requires_grad))
-    if base == "auto":
-        run_dtype = dtype or torch.get_autocast_dtype(x.device.type)
-        base = base_choice(x.device, run_dtype, x2.shape[0], training, x.requires_grad,
-                           tuple(weight.shape))
+    base = _resolved_base(base, x, weight, bias, x2.shape[0], buffers[0].requires_grad)
     y = _multi_linear_op(x2, weight, bias, row_adapter, *buffers, state.segments, state.scales,
                          base)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _resolved_base(base: str, x: torch.Tensor, weight: torch.Tensor, bias, rows: int,
+                   grad_other: bool = False) -> str:
+    """base, or for "auto" base_choice's for this call (``grad_other``: something else of the
+    call records a backward too)."""
+    if base != "auto":
+        return base
+    training = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or grad_other
+        or (bias is not None and bias.requires_grad))
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
+        x.device.type) else x.dtype
+    return base_choice(x.device, dtype, rows, training, x.requires_grad, tuple(weight.shape))
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                base: str = "auto") -> torch.Tensor:
+    """x·Wᵀ + b: the dense product of a mixed batch whose adapters another op adds (the 1-bit
+    branches of BinaryAdapterBank.mixed), on the kernel multi_delta_linear's base takes (the
+    same decision: "auto" measures torch's matmul against, on the CPU, this package's fold
+    kernel with no entries). Differentiable in x, W and the bias; with "torch" it is F.linear."""
+    if base not in ("auto",) + BASES:
+        raise ValueError(f"base must be one of {('auto',) + BASES}, got {base!r}")
+    check_float_tensor("x", x)
+    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
+    check_float_tensor("weight", weight, dtype, x.device)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor, got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
+                         f"{weight.shape[1]}")
+    if bias is not None:
+        check_float_tensor("bias", bias, dtype, x.device)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    x2 = x.reshape(-1, x.shape[-1])
+    base = _resolved_base(base, x, weight, bias, x2.shape[0])
+    if base == "torch":
+        return F.linear(x, weight, bias)
+    y = _base_only_op(x2, weight.contiguous(), bias, base)
     return y.view(*x.shape[:-1], weight.shape[0])
