@@ -137,7 +137,7 @@ def test_add_at_indices_is_exact(builds):
 
 
 # The 1-bit kernels' 16-entry tables of floats (one permute per 16 lanes) are what AVX-512
-# builds and builds without AVX2 run; the AVX2 build keeps them as byte planes instead. On a
+# builds and builds without AVX2 run; the AVX2 build sums in fixed point instead. On a
 # CPU with AVX-512 the native build runs them in every 1-bit test; elsewhere this builds them
 # for a target without AVX2 (the scalar lookup of the same tables).
 @pytest.fixture(scope="module")
