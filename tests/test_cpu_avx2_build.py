@@ -90,7 +90,10 @@ def test_sparse_kernels(builds, dtype, tokens):
 
 
 @pytest.mark.parametrize("shape", [(1, 100, 45), (7, 33, 4097), (130, 300, 768)])
-def test_binary_kernel(builds, shape):
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "scaled"])
+def test_binary_kernel(builds, shape, scaled):
+    # "scaled": tokens from subnormal to 1e30, one with an outlier feature: the AVX2 build sums
+    # in fixed point on a grid set by each token's largest |x| (binary.cpp).
     native, avx2 = builds
     tokens, out_f, in_f = shape
     g = torch.Generator().manual_seed(5)
@@ -98,6 +101,10 @@ def test_binary_kernel(builds, shape):
     x, bias = torch.randn(tokens, in_f, generator=g), torch.randn(out_f, generator=g)
     panels, panels_t = binary_ops._sign_panels(bw.packed), binary_ops._sign_panels_t(bw.packed)
     gy = torch.randn(tokens, out_f, generator=g)
+    if scaled:
+        scales = torch.tensor([1e30, 1e-30, 1e-39, 0.0, 1.0]).repeat(tokens)[:tokens, None]
+        x, gy = x * scales, gy * scales
+        x[0, in_f // 2] = 3e4 * x[0].abs().max()
     w = bw.dequantize(torch.float64)
     exact = x.double() @ w.T + bias.double()
     ours, theirs = (mod.binary_linear(x, bw.packed, panels, bw.alpha, bw.mu, bias, 1.0)
