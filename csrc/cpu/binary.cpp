@@ -23,9 +23,9 @@ namespace {
 // AVX-512 (and builds without AVX2) look an entry up with one 16-entry permute of the table's
 // floats. AVX2's permute across a register (vpermps) reads 8 entries and is slow on AMD's Zen
 // cores, and there byte shuffles (vpshufb) share their two ports with float adds. So AVX2 sums
-// in fixed point: x is rounded to integers on a grid of 2^-25 of the token's largest |x|, the
-// tables hold the sums as 28-bit integers (offset to be ≥ 0) in 4 planes of 7 bits, and 32
-// lanes look a plane up with one byte shuffle per nibble; the two nibbles' bytes (< 128 each)
+// in fixed point: x is rounded to a grid whose step is at most 2^-24 of the token's largest
+// |x|, the tables hold the sums as 28-bit integers (offset to be ≥ 0) in 4 planes of 7 bits,
+// and 32 lanes look a plane up with one byte shuffle per nibble; the two nibbles' bytes (< 128 each)
 // add in a byte, and bytes add up in 16 bits, exactly, for up to 128 rows before they join
 // the block's fp32 total. A token holding inf or NaN gets meaningless sums there, but its
 // outputs are still inf or NaN: the epilogue adds μ·Σx (or, for the gradient, Σ gy·μ), which
