@@ -25,9 +25,9 @@ namespace {
 // cores, and there byte shuffles (vpshufb) share their two ports with float adds. So AVX2 sums
 // in fixed point: x is rounded to a grid whose step is at most 2^-24 of the token's largest
 // |x|, the tables hold the sums as 28-bit integers (offset to be ≥ 0) in 4 planes of 7 bits,
-// and 32 lanes look a plane up with one byte shuffle per nibble; the two nibbles' bytes (< 128 each)
-// add in a byte, and bytes add up in 16 bits, exactly, for up to 128 rows before they join
-// the block's fp32 total. A token holding inf or NaN gets meaningless sums there, but its
+// and 32 lanes look a plane up with one byte shuffle per nibble; the two nibbles' bytes (< 128
+// each) add in a byte, and bytes add up in 16 bits, exactly, for up to 128 rows before they
+// join the block's fp32 total. A token holding inf or NaN gets meaningless sums there, but its
 // outputs are still inf or NaN: the epilogue adds μ·Σx (or, for the gradient, Σ gy·μ), which
 // is, and a non-finite term makes any sum non-finite.
 #if defined(__AVX512F__)
@@ -169,21 +169,20 @@ void build_fixed_tables(const float* x, int64_t lda, int64_t tokens, int64_t in,
             sum = _mm256_add_epi32(sum, _mm256_sign_epi32(_mm256_set1_epi32(q[4 * h + i]), sign));
           }
           // The 4 planes of 7 bits into the 4 bytes of each 32-bit lane.
-          const __m256i spread = _mm256_or_si256(
-              _mm256_or_si256(_mm256_and_si256(sum, seven),
-                              _mm256_and_si256(_mm256_slli_epi32(sum, 1), _mm256_slli_epi32(seven, 8))),
-              _mm256_or_si256(
-                  _mm256_and_si256(_mm256_slli_epi32(sum, 2), _mm256_slli_epi32(seven, 16)),
-                  _mm256_and_si256(_mm256_slli_epi32(sum, 3), _mm256_slli_epi32(seven, 24))));
+          __m256i spread = _mm256_and_si256(sum, seven);
+          for (int k = 1; k < kPlanes; ++k)  // (constant shifts once unrolled)
+            spread = _mm256_or_si256(spread, _mm256_and_si256(_mm256_slli_epi32(sum, k),
+                                                              _mm256_slli_epi32(seven, 8 * k)));
           // [P0 P1 P2 P3 of entries 8p..8p+3 | of 8p+4..8p+7], then [P0 P0 P1 P1 | P2 P2 P3 P3].
           entries[p] = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(spread, by_plane), quads);
         }
         const __m256i planes02 = _mm256_unpacklo_epi64(entries[0], entries[1]);
         const __m256i planes13 = _mm256_unpackhi_epi64(entries[0], entries[1]);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 16 * h), _mm256_castsi256_si128(planes02));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 32 + 16 * h), _mm256_castsi256_si128(planes13));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 64 + 16 * h), _mm256_extracti128_si256(planes02, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 96 + 16 * h), _mm256_extracti128_si256(planes13, 1));
+        const __m128i plane[4] = {
+            _mm256_castsi256_si128(planes02), _mm256_castsi256_si128(planes13),
+            _mm256_extracti128_si256(planes02, 1), _mm256_extracti128_si256(planes13, 1)};
+        for (int k = 0; k < kPlanes; ++k)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 32 * k + 16 * h), plane[k]);
       }
     }
   }
@@ -198,7 +197,8 @@ void fixed_sums(const uint8_t* tables, int e, const uint8_t* panels, int64_t l0,
   const __m256i nibble = _mm256_set1_epi8(0x0F), low_byte = _mm256_set1_epi16(0x00FF);
   std::fill(total[0], total[0] + 32, 0.0f);
   // The grid's step 2^-e in two factors, each a finite float (e in [-103, 173]).
-  const __m256 unit_half = _mm256_set1_ps(pow2f(-e / 2)), unit_rest = _mm256_set1_ps(pow2f(e / 2 - e));
+  const __m256 unit_half = _mm256_set1_ps(pow2f(-e / 2));
+  const __m256 unit_rest = _mm256_set1_ps(pow2f(e / 2 - e));
   for (int64_t j0 = 0; j0 < rows; j0 += kFlushRows) {
     const int64_t j1 = std::min(rows, j0 + kFlushRows);
     // Plane k's sums of the even lanes (bytes 2i: word i) and of the odd ones.
