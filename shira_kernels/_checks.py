@@ -192,6 +192,27 @@ def check_float_tensor(name: str, t, dtype=None, device=None) -> None:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
+def check_linear(x, weight, bias, *, contiguous: bool = True):
+    """The inputs of a linear layer's op: x [..., in], weight [out, in] (contiguous where
+    ``contiguous``) and bias [out] or None, float tensors on x's device of x's dtype, or of
+    any float dtype under autocast (whose rule casts them). Returns that dtype (None under
+    autocast)."""
+    check_float_tensor("x", x)
+    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
+    check_float_tensor("weight", weight, dtype, x.device)
+    if weight.dim() != 2 or (contiguous and not weight.is_contiguous()):
+        kind = "a contiguous 2-D" if contiguous else "a 2-D"
+        raise ValueError(f"weight must be {kind} tensor, got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
+                         f"{weight.shape[1]}")
+    if bias is not None:
+        check_float_tensor("bias", bias, dtype, x.device)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    return dtype
+
+
 def check_scale(value, name: str = "scale") -> float:
     """``value`` as a Python float, for a scale or weight that multiplies an adapter.
 

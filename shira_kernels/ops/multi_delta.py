@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native, backends, tuning
-from .._checks import check_float_tensor
+from .._checks import check_float_tensor, check_linear
 from .._concurrency import reading
 from ..formats import SparseDeltaSet, SparseStructure
 from . import registry
@@ -561,22 +561,11 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise TypeError(f"delta_set must be a SparseDeltaSet, got {type(delta_set).__name__}")
     if base not in ("auto",) + BASES:
         raise ValueError(f"base must be one of {('auto',) + BASES}, got {base!r}")
-    check_float_tensor("x", x)
     # Under autocast the op's rule casts x, W, the bias and the values to the autocast dtype.
-    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
-    check_float_tensor("weight", weight, dtype, x.device)
-    if weight.dim() != 2 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
+    dtype = check_linear(x, weight, bias)
     if tuple(weight.shape) != delta_set.shape:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but delta_set is for "
                          f"{delta_set.shape}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
-                         f"{weight.shape[1]}")
-    if bias is not None:
-        check_float_tensor("bias", bias, dtype, x.device)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     x2 = x.reshape(-1, x.shape[-1])
     # One snapshot of the set for the names, the checks and the buffers: another thread may
     # remove an adapter and add another into its slot meanwhile (SparseDeltaSet.add/remove are
@@ -627,18 +616,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernel with no entries). Differentiable in x, W and the bias; with "torch" it is F.linear."""
     if base not in ("auto",) + BASES:
         raise ValueError(f"base must be one of {('auto',) + BASES}, got {base!r}")
-    check_float_tensor("x", x)
-    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
-    check_float_tensor("weight", weight, dtype, x.device)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor, got shape {tuple(weight.shape)}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
-                         f"{weight.shape[1]}")
-    if bias is not None:
-        check_float_tensor("bias", bias, dtype, x.device)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    check_linear(x, weight, bias, contiguous=False)
     x2 = x.reshape(-1, x.shape[-1])
     base = _resolved_base(base, x, weight, bias, x2.shape[0])
     if base == "torch":

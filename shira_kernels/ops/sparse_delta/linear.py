@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import backends, tuning
-from ..._checks import check_float_tensor, check_scale
+from ..._checks import check_float_tensor, check_linear, check_scale
 from ..._concurrency import weight_lock
 from ...formats import SparseDelta, SparseStructure, flat_index_dtype
 from .. import registry
@@ -357,19 +357,8 @@ def sparse_delta_linear_unpacked(x: torch.Tensor, weight: torch.Tensor,
     matmul)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    check_float_tensor("x", x)
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = None if autocast else x.dtype
-    check_float_tensor("weight", weight, dtype, x.device)
-    if weight.dim() != 2 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous 2-D tensor, got shape {tuple(weight.shape)}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be in_features = "
-                         f"{weight.shape[1]}")
-    if bias is not None:
-        check_float_tensor("bias", bias, dtype, x.device)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    dtype = check_linear(x, weight, bias)
+    autocast = dtype is None
     _check_delta_shape(delta_shape, weight.shape, "weight")
     check_float_tensor("delta.values", values, dtype, x.device)
     x2 = x.reshape(-1, x.shape[-1])
