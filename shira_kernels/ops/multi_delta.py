@@ -216,6 +216,15 @@ def _base_grad_x(gy, weight, base: str) -> torch.Tensor:
     return gy @ weight
 
 
+def _base_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                   need_weight: bool, base: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """The base product's gradients of x (on ``base``'s kernel) and of W, each empty where not
+    needed; gy and x contiguous."""
+    gx = _base_grad_x(gy, weight, base) if need_x else gy.new_empty(0)
+    gw = gy.T @ x if need_weight else gy.new_empty(0)
+    return gx, gw
+
+
 BASE_DECISION = "multi_delta_linear.base"
 _decided_bases = tuning.memo()
 
@@ -368,8 +377,7 @@ def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gy, x = gy.contiguous(), x.contiguous()
     with reading(weight):
-        gx = _base_grad_x(gy, weight, base) if need_x else gy.new_empty(0)
-    gw = gy.T @ x if need_weight else gy.new_empty(0)
+        gx, gw = _base_backward(gy, x, weight, need_x, need_weight, base)
     order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
                                        offsets, segments, scales, row_adapter, backward=True)
     gx, grads = registry.kernel("grouped_backward", gy.device)(
@@ -438,10 +446,7 @@ def _base_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def _base_only_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
                         need_weight: bool, base: str = "torch"
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    gy = gy.contiguous()
-    gx = _base_grad_x(gy, weight, base) if need_x else gy.new_empty(0)
-    gw = gy.T @ x.contiguous() if need_weight else gy.new_empty(0)
-    return gx, gw
+    return _base_backward(gy.contiguous(), x.contiguous(), weight, need_x, need_weight, base)
 
 
 _base_only_op = torch.library.custom_op("shira::base_linear", mutates_args=())(_base_only)
