@@ -177,8 +177,8 @@ def main() -> None:
     os.environ[tuning.CACHE_DIR_ENV] = cache
     os.environ[tuning.MODE_ENV] = "auto"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    lines = [f"# Autotuning on {hb.cpu_model()} ({tuning.arch_class('cpu')}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__})", "",
+    lines = [f"# Autotuning on {hb.cpu_model()}, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}", "",
              f"`{hb.command_line()}`, {time.strftime('%Y-%m-%d')}. Every decision measured in "
              f"this run (a fresh tuning cache). Times are medians of round-robin rounds in one "
              f"process; compare ratios, not times across runs.", ""]

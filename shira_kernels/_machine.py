@@ -36,6 +36,15 @@ def cpu_model() -> str:
     return info.get("model name") or platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_ids() -> str:
+    """What tells x86 CPUs of one model name apart ("AMD EPYC" is a Zen 3, 4 or 5): cpuinfo's
+    family and model, e.g. "cpuinfo family 25 model 17"; "" where /proc/cpuinfo lacks them."""
+    info = cpu_info()
+    ids = [f"{field} {info[key]}" for key, field in (("cpu family", "family"), ("model", "model"))
+           if info.get(key)]
+    return f"cpuinfo {' '.join(ids)}" if ids else ""
+
+
 def cpu_flags() -> str:
     """The ISA flags (x86 "flags", Arm "Features"), or "" where the OS does not list them."""
     info = cpu_info()

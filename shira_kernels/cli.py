@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from . import __version__, _native, backends
+from . import __version__, _machine, _native, backends
 
 
 def _tool_version(command: list[str]) -> str:
@@ -50,8 +50,9 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _devices() -> list[tuple[str, str]]:
-    rows = [("cpu", f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                    f"torch threads {torch.get_num_threads()}")]
+    ids = _machine.cpu_ids()
+    rows = [("cpu", f"{_machine.cpu_model()}{f' ({ids})' if ids else ''}, {platform.machine()}, "
+                    f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")]
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         rows.append((f"cuda:{i}", torch.cuda.get_device_name(i)))
     return rows

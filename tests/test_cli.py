@@ -49,6 +49,21 @@ def test_info_without_timing(capsys):
     assert lanes in (8, 16) and f"built for this CPU: {lanes}-lane fp32 vectors" in out
 
 
+def test_reports_name_the_cpu_kind(capsys, monkeypatch):
+    # "AMD EPYC" alone names a Zen 3, 4 or 5 (AVX2 only, AVX-512, AVX-512 with a full-width
+    # datapath): a figure must say which one it was measured on.
+    from shira_kernels import tuning
+    from shira_kernels.harness import benchmark as sb
+    monkeypatch.setattr(_machine, "cpu_info",
+                        lambda: {"model name": "AMD EPYC", "cpu family": "25", "model": "17"})
+    arch = tuning.arch_class("cpu")
+    assert sb.cpu_model() == f"AMD EPYC (cpuinfo family 25 model 17; {arch})"
+    assert cli.main(["info", "--no-timing"]) == 0
+    assert "AMD EPYC (cpuinfo family 25 model 17), " in capsys.readouterr().out
+    monkeypatch.setattr(_machine, "cpu_info", lambda: {"model name": "Neoverse"})  # no ids
+    assert _machine.cpu_ids() == "" and sb.cpu_model() == f"Neoverse ({arch})"
+
+
 def test_info_measures_the_machine_limits(capsys, monkeypatch):
     from shira_kernels.harness import benchmark as sb
     # Small sizes: the rates are real measurements, at a cost a test can pay.

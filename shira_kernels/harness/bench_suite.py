@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__, _machine, backends
+from .. import __version__, backends
 from ..adapters import AdapterBank
 from ..formats import BinaryWeight, SparseDelta
 from ..nn.shira_linear import replace_linear
@@ -993,7 +993,7 @@ def _usable_threads() -> int | None:
 
 
 def machine(device: torch.device) -> dict:
-    out = {"platform": platform.platform(), "cpu": _machine.cpu_model(),
+    out = {"platform": platform.platform(), "cpu": sb.cpu_model(),
            "cpu_count": os.cpu_count(), "cpu_cores": _physical_cores(),
            "cpu_threads": _usable_threads(),
            "torch_threads": torch.get_num_threads(), "device": str(device), "gpu": None,

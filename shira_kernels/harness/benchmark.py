@@ -425,7 +425,12 @@ __all__ += [
 # Describing a run: the machine and the command that made a report.
 # ---------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    return _machine.cpu_model()
+    """The CPU as a report names it: model name, cpuinfo family and model, and the ISA class
+    that picks the static tuning rows, e.g. "AMD EPYC (cpuinfo family 25 model 17; AVX512+BF16)"."""
+    from .. import tuning
+
+    details = [part for part in (_machine.cpu_ids(), tuning.arch_class("cpu")) if part]
+    return f"{_machine.cpu_model()} ({'; '.join(details)})"
 
 
 def write_report(text: str, out: str) -> None:
