@@ -161,11 +161,12 @@ torch::Tensor folded_linear(const torch::Tensor& a, const torch::Tensor& weight,
     b = bias->to(torch::kFloat).contiguous();
     TORCH_CHECK(!grad_x && b.numel() == out, "bias must have out entries (forward only)");
   }
-  const torch::Tensor af = a.to(torch::kFloat).contiguous();
+  const torch::Tensor af = dtype == shira::DType::kBFloat16 && shira::cpu::folded_linear_takes_bf16()
+                               ? a.contiguous() : a.to(torch::kFloat).contiguous();
   const torch::Tensor vals = values.to(torch::kFloat).contiguous();
   torch::Tensor result = torch::empty({tokens, lines}, weight.options());
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
-  shira::cpu::folded_linear(dtype, af.data_ptr<float>(), tokens, weight.data_ptr(), out, in,
+  shira::cpu::folded_linear(dtype, af.data_ptr(), tokens, weight.data_ptr(), out, in,
                             grad_x, offsets.data_ptr<int64_t>(), idx.data_ptr(),
                             idx.element_size(), perm_ptr, vals.data_ptr<float>(),
                             static_cast<float>(scale), bias_ptr, result.data_ptr());

@@ -14,6 +14,12 @@
 // 6 broadcasts). This is the shape of a BLAS micro-kernel; on the CPUs measured here it runs at
 // about twice the rate of torch's fp32 matmul (docs/benchmarks/shira_linear_cpu.md). Up to
 // kRowTokens tokens the forward reads W row by row instead (row_products, below).
+//
+// bf16 weights on AVX512-BF16 take pair panels instead (pack_pair_panel): W + scale·S rounded
+// once to bf16, as "swap" writes it into W, with two steps per 32-bit word, met by a token's
+// two bf16 activations in one vdpbf16ps per 16 lines: twice the products per instruction of
+// the fp32 panel and half its bytes (torch's bf16 matmul runs vdpbf16ps too; with fp32 panels
+// fold took about twice its time: docs/benchmarks/autotune_cpu_zen4.md).
 #include <omp.h>
 
 #include <algorithm>
@@ -39,6 +45,10 @@ constexpr int64_t kStepBlock = 256;
 // Tokens per chunk: a panel is packed once per chunk and serves all its blocks of tokens; the
 // chunk's fp32 totals (192 x 64 x 4 bytes = 48 KB) stay in cache.
 constexpr int64_t kTokenChunk = 32 * kPanelTokens;
+// Pair panels: a chunk of 576 tokens (147 KB of totals, in L2) packs W once for 512 tokens,
+// where chunks of 192 packed and read it three times.
+constexpr int64_t kPairTokenChunk = 96 * kPanelTokens;
+constexpr int64_t kPairStepBlock = 512;
 
 thread_local Scratch panel_tile, sums_tile;
 
@@ -121,31 +131,158 @@ inline void panel_products(const float* a, int64_t lda, const float* P, int64_t 
     }
 }
 
+#if defined(__AVX512BF16__)
+constexpr bool kPairPanels = true;
+
+// Word s2·kPanelLanes + l of P: W + scale·S at line l0 + l and steps s0 + 2·s2 (low half),
+// s0 + 2·s2 + 1 (high half), in bf16, for 2·s2 < sc (zeros past the last line or step). The
+// entries of W are copied; an entry of S rounds w + scale·v (fp32) once to bf16. cursor as
+// pack_panel's.
+template <typename C>
+void pack_pair_panel(const Operand<uint16_t, C>& op, int64_t l0, int64_t s0, int64_t sc,
+                     int64_t* cursor, uint32_t* P) {
+  const int64_t nl = std::min<int64_t>(kPanelLanes, op.lines - l0), pairs = (sc + 1) / 2;
+  auto at = [&](int64_t l, int64_t s) -> uint32_t {  // W's bits at (line l0 + l, step s0 + s)
+    if (l >= nl || s >= sc) return 0;
+    return op.lines_are_rows ? op.weight[(l0 + l) * op.in + s0 + s]
+                             : op.weight[(s0 + s) * op.in + l0 + l];
+  };
+  int64_t done = 0;  // pairs packed for every line by the vector loops
+  if (op.lines_are_rows) {  // a row's pair is one 32-bit word: kLanes rows x kLanes words
+    done = sc / (2 * kLanes) * kLanes;  // transpose as 32-bit lanes (bits moved, not read)
+    for (int64_t lb = 0; lb < kPanelLanes; lb += kLanes) {
+      for (int64_t sb = 0; sb < done; sb += kLanes) {
+        fvec v[kLanes];  // (the intrinsics' loads and stores may alias bf16 and uint32_t)
+#pragma GCC unroll 16
+        for (int i = 0; i < kLanes; ++i)
+          v[i] = lb + i < nl ? reinterpret_cast<fvec>(_mm512_loadu_ps(
+                                   op.weight + (l0 + lb + i) * op.in + s0 + 2 * sb))
+                             : fvec{};
+        transpose_block(v);
+#pragma GCC unroll 16
+        for (int k = 0; k < kLanes; ++k)
+          _mm512_storeu_ps(P + (sb + k) * kPanelLanes + lb, reinterpret_cast<__m512>(v[k]));
+      }
+    }
+  } else if (nl == kPanelLanes) {  // a pair is two rows of W: their lines interleaved
+    done = sc / 2;
+    alignas(64) uint16_t order[32];  // word i of lines 0-15: (row 0's i, row 1's i)
+    for (int i = 0; i < 16; ++i) order[2 * i] = i, order[2 * i + 1] = 32 + i;
+    const __m512i low = _mm512_load_si512(order);
+    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));  // lines 16-31
+    for (int64_t s2 = 0; s2 < done; ++s2) {
+      const uint16_t* r0 = op.weight + (s0 + 2 * s2) * op.in + l0;
+      uint32_t* p = P + s2 * kPanelLanes;
+      for (int64_t l = 0; l < kPanelLanes; l += 32) {
+        const __m512i a = _mm512_loadu_si512(r0 + l), b = _mm512_loadu_si512(r0 + op.in + l);
+        _mm512_storeu_si512(p + l, _mm512_permutex2var_epi16(a, low, b));
+        _mm512_storeu_si512(p + l + 16, _mm512_permutex2var_epi16(a, high, b));
+      }
+    }
+  }
+  for (int64_t s2 = done; s2 < pairs; ++s2)
+    for (int64_t l = 0; l < kPanelLanes; ++l)
+      P[s2 * kPanelLanes + l] = at(l, 2 * s2) | at(l, 2 * s2 + 1) << 16;
+  for (int64_t l = 0; l < nl; ++l) {  // S's entries in these steps
+    const int64_t end = op.offsets[l0 + l + 1];
+    int64_t j = cursor[l];
+    for (; j < end && static_cast<int64_t>(op.step_of[j]) < s0 + sc; ++j) {
+      const int64_t s = static_cast<int64_t>(op.step_of[j]) - s0;
+      char* half = reinterpret_cast<char*>(P + (s / 2) * kPanelLanes + l) + 2 * (s % 2);
+      uint16_t w;
+      std::memcpy(&w, half, 2);  // (a bf16 inside a uint32_t word: memcpy, not a cast)
+      w = float_to_bf16(bf16_to_float(w) + op.scale * op.values[op.perm ? op.perm[j] : j]);
+      std::memcpy(half, &w, 2);
+    }
+    cursor[l] = j;
+  }
+}
+
+// c[t][l] += Σ_s a[t, s]·P[s][l] for TT tokens (bf16 rows of a, lda apart) and sc steps of a
+// pair panel: per pair of steps, a token's two activations are one 32-bit broadcast.
+template <int TT>
+inline void pair_panel_products(const uint16_t* a, int64_t lda, const uint32_t* P, int64_t sc,
+                                float* c) {
+  __m512 acc[TT][kPanelVectors];
+#pragma GCC unroll 6
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < kPanelVectors; ++v) acc[t][v] = _mm512_setzero_ps();
+  const int64_t pairs = (sc + 1) / 2;
+  for (int64_t s2 = 0; s2 < pairs; ++s2) {
+    __m512bh p[kPanelVectors];
+#pragma GCC unroll 4
+    for (int v = 0; v < kPanelVectors; ++v)
+      p[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(P + s2 * kPanelLanes + v * kLanes));
+    const bool whole = 2 * s2 + 1 < sc;  // the last of an odd count has no step after it
+#pragma GCC unroll 6
+    for (int t = 0; t < TT; ++t) {
+      uint32_t both;
+      if (whole) {
+        std::memcpy(&both, a + t * lda + 2 * s2, 4);
+      } else {
+        both = a[t * lda + 2 * s2];
+      }
+      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(both)));
+#pragma GCC unroll 4
+      for (int v = 0; v < kPanelVectors; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], p[v], x);
+    }
+  }
+#pragma GCC unroll 6
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < kPanelVectors; ++v) {
+      float* ct = c + t * kPanelLanes + v * kLanes;
+      _mm512_storeu_ps(ct, _mm512_add_ps(_mm512_loadu_ps(ct), acc[t][v]));
+    }
+}
+#else
+constexpr bool kPairPanels = false;
+template <typename C>  // never called: kPairPanels is false
+void pack_pair_panel(const Operand<uint16_t, C>& op, int64_t l0, int64_t s0, int64_t sc,
+                     int64_t* cursor, uint32_t* P);
+template <int TT>
+void pair_panel_products(const uint16_t* a, int64_t lda, const uint32_t* P, int64_t sc, float* c);
+#endif
+
 // out [tokens, lines] = a·(W + scale·S) over the steps, + bias (fp32 [lines] or null), in T.
 // Work items are (token chunk, panel of lines) pairs, split evenly between the threads.
-template <typename T, typename C>
-void folded_products(const float* a, int64_t tokens, const Operand<T, C>& op, const float* bias,
+// A: float, or uint16_t (bf16) for pair panels (T is bf16 then).
+template <typename A, typename T, typename C>
+void folded_products(const A* a, int64_t tokens, const Operand<T, C>& op, const float* bias,
                     T* out) {
+  constexpr int64_t kChunk = std::is_same_v<A, float> ? kTokenChunk : kPairTokenChunk;
+  constexpr int64_t kSteps = std::is_same_v<A, float> ? kStepBlock : kPairStepBlock;
   const int64_t panels = (op.lines + kPanelLanes - 1) / kPanelLanes;
-  const int64_t chunks = (tokens + kTokenChunk - 1) / kTokenChunk;
+  const int64_t chunks = (tokens + kChunk - 1) / kChunk;
 #pragma omp parallel for collapse(2) schedule(static) if (tokens * op.lines * op.steps > (1 << 18))
   for (int64_t ch = 0; ch < chunks; ++ch) {
     for (int64_t pn = 0; pn < panels; ++pn) {
-      const int64_t t0 = ch * kTokenChunk, tc = std::min(kTokenChunk, tokens - t0);
+      const int64_t t0 = ch * kChunk, tc = std::min(kChunk, tokens - t0);
       const int64_t l0 = pn * kPanelLanes, nl = std::min(kPanelLanes, op.lines - l0);
-      float* P = panel_tile.get(kStepBlock * kPanelLanes);
-      float* c = sums_tile.get(kTokenChunk * kPanelLanes);
+      float* P = panel_tile.get(kSteps * kPanelLanes);
+      float* c = sums_tile.get(kChunk * kPanelLanes);
       int64_t cursor[kPanelLanes];
       for (int64_t l = 0; l < nl; ++l) cursor[l] = op.offsets[l0 + l];
       std::fill(c, c + tc * kPanelLanes, 0.0f);
-      for (int64_t s0 = 0; s0 < op.steps; s0 += kStepBlock) {
-        const int64_t sc = std::min(kStepBlock, op.steps - s0);
-        pack_panel(op, l0, s0, sc, cursor, P);
+      for (int64_t s0 = 0; s0 < op.steps; s0 += kSteps) {
+        const int64_t sc = std::min(kSteps, op.steps - s0);
+        if constexpr (std::is_same_v<A, float>) {
+          pack_panel(op, l0, s0, sc, cursor, P);
+        } else {
+          pack_pair_panel(op, l0, s0, sc, cursor, reinterpret_cast<uint32_t*>(P));
+        }
         for (int64_t tb = 0; tb < tc; tb += kPanelTokens) {
           with_constant<kPanelTokens>(static_cast<int>(std::min<int64_t>(kPanelTokens, tc - tb)),
                                       [&](auto tt) {
-            panel_products<decltype(tt)::value>(a + (t0 + tb) * op.steps + s0, op.steps, P, sc,
-                                                c + tb * kPanelLanes);
+            constexpr int TT = decltype(tt)::value;
+            const A* at = a + (t0 + tb) * op.steps + s0;
+            if constexpr (std::is_same_v<A, float>) {
+              panel_products<TT>(at, op.steps, P, sc, c + tb * kPanelLanes);
+            } else {
+              pair_panel_products<TT>(at, op.steps, reinterpret_cast<const uint32_t*>(P), sc,
+                                      c + tb * kPanelLanes);
+            }
           });
         }
       }
@@ -172,8 +309,8 @@ constexpr int kRowVectors = 2;
 #endif
 constexpr int64_t kRowTokens = 4;  // at most this many tokens take this path (measured: 4096², fp32)
 
-template <int TT, typename T, typename C>
-void row_products(const float* a, const Operand<T, C>& op, const float* bias, T* out) {
+template <int TT, typename A, typename T, typename C>
+void row_products(const A* a, const Operand<T, C>& op, const float* bias, T* out) {
   const int64_t steps = op.steps, whole = steps / (kRowVectors * kLanes) * (kRowVectors * kLanes);
 #pragma omp parallel for schedule(static) if (op.lines * steps > (1 << 18))
   for (int64_t l = 0; l < op.lines; ++l) {
@@ -185,7 +322,7 @@ void row_products(const float* a, const Operand<T, C>& op, const float* bias, T*
         const fvec wv = loadv_as_float(w + s + v * kLanes);
 #pragma GCC unroll 4
         for (int t = 0; t < TT; ++t)
-          acc[t][v] = fmadd(wv, loadv(a + t * steps + s + v * kLanes), acc[t][v]);
+          acc[t][v] = fmadd(wv, loadv_as_float(a + t * steps + s + v * kLanes), acc[t][v]);
       }
     }
     float sum[TT];
@@ -196,7 +333,7 @@ void row_products(const float* a, const Operand<T, C>& op, const float* bias, T*
     }
     for (int64_t s = whole; s < steps; ++s) {
       const float wv = Float<T>::load(w + s);
-      for (int t = 0; t < TT; ++t) sum[t] = fmadd(wv, a[t * steps + s], sum[t]);
+      for (int t = 0; t < TT; ++t) sum[t] = fmadd(wv, Float<A>::load(a + t * steps + s), sum[t]);
     }
     // S's part sums on its own (small terms, small rounding) and joins the dense sum once:
     // added one by one to the dense sum, each entry would round at the sum's magnitude.
@@ -204,7 +341,7 @@ void row_products(const float* a, const Operand<T, C>& op, const float* bias, T*
     for (int64_t j = op.offsets[l]; j < op.offsets[l + 1]; ++j) {
       const float d = op.scale * op.values[j];
       const int64_t s = static_cast<int64_t>(op.step_of[j]);
-      for (int t = 0; t < TT; ++t) sparse[t] = fmadd(d, a[t * steps + s], sparse[t]);
+      for (int t = 0; t < TT; ++t) sparse[t] = fmadd(d, Float<A>::load(a + t * steps + s), sparse[t]);
     }
     for (int t = 0; t < TT; ++t)
       Float<T>::store(out + t * op.lines + l, (sum[t] + sparse[t]) + (bias ? bias[l] : 0.0f));
@@ -212,11 +349,13 @@ void row_products(const float* a, const Operand<T, C>& op, const float* bias, T*
 }
 
 template <typename T, typename C>
-void folded_typed(const float* a, int64_t tokens, const void* weight, int64_t out, int64_t in,
+void folded_typed(const void* a_in, int64_t tokens, const void* weight, int64_t out, int64_t in,
                  bool grad_x, const int64_t* offsets, const C* step_of, const int64_t* perm,
                  const float* values, float scale, const float* bias, void* result) {
   const Operand<T, C> op{static_cast<const T*>(weight), in, !grad_x, grad_x ? in : out,
                          grad_x ? out : in, offsets, step_of, perm, values, scale};
+  using A = std::conditional_t<kPairPanels && std::is_same_v<T, uint16_t>, uint16_t, float>;
+  const A* a = static_cast<const A*>(a_in);
   if (!grad_x && tokens <= kRowTokens) {
     with_constant<kRowTokens>(static_cast<int>(tokens), [&](auto tt) {
       row_products<decltype(tt)::value>(a, op, bias, static_cast<T*>(result));
@@ -228,7 +367,9 @@ void folded_typed(const float* a, int64_t tokens, const void* weight, int64_t ou
 
 }  // namespace
 
-void shira::cpu::folded_linear(DType dtype, const float* a, int64_t tokens, const void* weight,
+bool shira::cpu::folded_linear_takes_bf16() { return kPairPanels; }
+
+void shira::cpu::folded_linear(DType dtype, const void* a, int64_t tokens, const void* weight,
                                int64_t out, int64_t in, bool grad_x, const int64_t* offsets,
                                const void* idx, int idx_bytes, const int64_t* perm,
                                const float* values, float scale, const float* bias,

@@ -43,13 +43,16 @@ void spmm_t_sddmm(DType dtype, const void* gy, const void* x, const void* gx_in,
                   bool values_in_dtype, float scale, float* g);
 
 // The dense matmul with S folded into W as W is loaded (folded_linear.cpp), W [out, in] in the
-// dtype of the result, a fp32 and contiguous, idx of idx_bytes bytes each (2 or 4), sums fp32:
+// dtype of the result, a contiguous, in fp32 (in bf16 for a bf16 W where
+// folded_linear_takes_bf16()), idx of idx_bytes bytes each (2 or 4), sums fp32:
 //   grad_x false: result[t, o] = Σ_k a[t, k]·(W[o, k] + scale·S[o, k]) + bias[o]   (a = x [T, in],
 //                 S by rows: offsets [out + 1], idx = column per entry, perm null; bias fp32 or null)
 //   grad_x true:  result[t, k] = Σ_o a[t, o]·(W[o, k] + scale·S[o, k])   (a = gy [T, out], S by
 //                 columns: offsets [in + 1], idx = row per entry, values[perm[j]]; bias null)
-// W + scale·S is summed in fp32 (not rounded to W's dtype first).
-void folded_linear(DType dtype, const float* a, int64_t tokens, const void* weight, int64_t out,
+// W + scale·S is summed in fp32, and rounded once to bf16 for a bf16 W where
+// folded_linear_takes_bf16() (AVX512-BF16: the products are vdpbf16ps on bf16 pairs).
+bool folded_linear_takes_bf16();
+void folded_linear(DType dtype, const void* a, int64_t tokens, const void* weight, int64_t out,
                    int64_t in, bool grad_x, const int64_t* offsets, const void* idx,
                    int idx_bytes, const int64_t* perm, const float* values, float scale,
                    const float* bias, void* result);
