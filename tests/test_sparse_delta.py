@@ -384,6 +384,30 @@ def test_fold_forward_at_each_few_token_count(dtype):
                                   roundings=n)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fold_at_its_token_chunk_boundaries(dtype):
+    # The CPU fold kernel packs W once per chunk of tokens: one chunk up to 576 tokens, above
+    # that chunks of 192 (fp32 and fp16 activations) or 576 (bf16 pair panels); each count on
+    # either side of a boundary, forward and gradient of x (65 outputs: a panel and one line).
+    for tokens in (192, 193, 576, 577):
+        x, weight, bias, delta, gy = _linear_case((tokens, 65, 37), dtype)
+        x, gy, delta = x[0], gy[0], delta.with_values(delta.values.detach())
+        y = shira_kernels.sparse_delta_linear(x, weight, bias, delta, 0.5, strategy="fold")
+        (gx,) = torch.autograd.grad(y, [x], gy)
+        x64, gy64, w64, b64 = x.detach().double(), gy.double(), weight.double(), bias.detach().double()
+        d64 = delta.with_values(delta.values.double())
+        exact = sd.sparse_delta_linear_reference(x64.requires_grad_(True), w64, b64, d64, 0.5)
+        (exact_gx,) = torch.autograd.grad(exact, [x64], gy64)
+        a64 = abs64(x).requires_grad_(True)
+        magnitude = sd.sparse_delta_linear_reference(a64, abs64(weight), abs64(bias),
+                                                     delta.with_values(abs64(delta.values)), 0.5)
+        (magnitude_gx,) = torch.autograd.grad(magnitude, [a64], abs64(gy))
+        for name, ours, e, m, steps in (("y", y, exact, magnitude, 37),
+                                        ("grad x", gx, exact_gx, magnitude_gx, 65)):
+            k, n = delta_linear_bound(steps)
+            assert_within_error_bound(ours, e, m, k, f"{name}, {tokens} tokens", roundings=n)
+
+
 @pytest.mark.parametrize("strategy", ["fold", "spmm", "swap", "merge"])
 def test_eager_path_equals_the_op(backend, device, strategy):
     # Eager calls skip torch.library's dispatch (an autograd.Function over the same forward and

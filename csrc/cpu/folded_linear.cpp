@@ -45,9 +45,11 @@ constexpr int64_t kStepBlock = 256;
 // Tokens per chunk: a panel is packed once per chunk and serves all its blocks of tokens; the
 // chunk's fp32 totals (192 x 64 x 4 bytes = 48 KB) stay in cache.
 constexpr int64_t kTokenChunk = 32 * kPanelTokens;
-// Pair panels: a chunk of 576 tokens (147 KB of totals, in L2) packs W once for 512 tokens,
-// where chunks of 192 packed and read it three times.
-constexpr int64_t kPairTokenChunk = 96 * kPanelTokens;
+// Up to 576 tokens (147 KB of totals, in L2) one chunk packs W once, where chunks of 192 packed
+// and read it up to three times. Above, bf16 pair panels keep chunks of 576; fp32 ones go back
+// to 192, whose fp32 rows of x (a step block's: 192 KB) stay in L2 beside the totals (at 2048
+// tokens chunks of 576 took 1.05-1.10x their time: docs/benchmarks/fold_bf16_zen4.md).
+constexpr int64_t kOneChunkTokens = 96 * kPanelTokens;
 constexpr int64_t kPairStepBlock = 512;
 
 thread_local Scratch panel_tile, sums_tile;
@@ -251,17 +253,18 @@ void pair_panel_products(const uint16_t* a, int64_t lda, const uint32_t* P, int6
 template <typename A, typename T, typename C>
 void folded_products(const A* a, int64_t tokens, const Operand<T, C>& op, const float* bias,
                     T* out) {
-  constexpr int64_t kChunk = std::is_same_v<A, float> ? kTokenChunk : kPairTokenChunk;
+  const int64_t chunk =
+      std::is_same_v<A, float> && tokens > kOneChunkTokens ? kTokenChunk : kOneChunkTokens;
   constexpr int64_t kSteps = std::is_same_v<A, float> ? kStepBlock : kPairStepBlock;
   const int64_t panels = (op.lines + kPanelLanes - 1) / kPanelLanes;
-  const int64_t chunks = (tokens + kChunk - 1) / kChunk;
+  const int64_t chunks = (tokens + chunk - 1) / chunk;
 #pragma omp parallel for collapse(2) schedule(static) if (tokens * op.lines * op.steps > (1 << 18))
   for (int64_t ch = 0; ch < chunks; ++ch) {
     for (int64_t pn = 0; pn < panels; ++pn) {
-      const int64_t t0 = ch * kChunk, tc = std::min(kChunk, tokens - t0);
+      const int64_t t0 = ch * chunk, tc = std::min(chunk, tokens - t0);
       const int64_t l0 = pn * kPanelLanes, nl = std::min(kPanelLanes, op.lines - l0);
       float* P = panel_tile.get(kSteps * kPanelLanes);
-      float* c = sums_tile.get(kChunk * kPanelLanes);
+      float* c = sums_tile.get(chunk * kPanelLanes);
       int64_t cursor[kPanelLanes];
       for (int64_t l = 0; l < nl; ++l) cursor[l] = op.offsets[l0 + l];
       std::fill(c, c + tc * kPanelLanes, 0.0f);
