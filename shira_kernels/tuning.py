@@ -91,7 +91,9 @@ class Row:
 ROWS: tuple[Row, ...] = (
     # fp32: fold's own matmul beat torch's (MKL on that AMD CPU) at every count, forward and
     # training step. fp16: likewise, and torch's fp16 gy·W is a slow path there. bf16: torch's
-    # AVX512-BF16 matmul beats fold's fp32 sums from 2 tokens; at 1 token fold reads W faster.
+    # AVX512-BF16 matmul beat fold's fp32 sums from 2 tokens; at 1 token fold reads W faster.
+    # (Since fold's bf16 pair panels, it ties spmm and swap from 128 tokens on a Zen 4:
+    # autotune_cpu_zen4.md. These static rows, for tuning off, are kept.)
     Row("fold_tokens", "cpu", torch.float32, (1, None), "shira_linear_cpu.md", _CPU_AMD),
     Row("fold_tokens", "cpu", torch.float16, (1, None), "shira_linear_cpu_fp16.md", _CPU_AMD),
     Row("fold_tokens", "cpu", torch.bfloat16, (1, 1), "shira_linear_cpu_bf16.md", _CPU_AMD),
