@@ -45,6 +45,13 @@ def cpu_ids() -> str:
     return f"cpuinfo {' '.join(ids)}" if ids else ""
 
 
+def cpu_name(*details: str) -> str:
+    """The model name with cpuinfo's family and model and any further ``details`` in
+    parentheses, e.g. "AMD EPYC (cpuinfo family 25 model 17; AVX512+BF16)"."""
+    parts = [part for part in (cpu_ids(), *details) if part]
+    return f"{cpu_model()} ({'; '.join(parts)})" if parts else cpu_model()
+
+
 def cpu_flags() -> str:
     """The ISA flags (x86 "flags", Arm "Features"), or "" where the OS does not list them."""
     info = cpu_info()

@@ -50,9 +50,8 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _devices() -> list[tuple[str, str]]:
-    ids = _machine.cpu_ids()
-    rows = [("cpu", f"{_machine.cpu_model()}{f' ({ids})' if ids else ''}, {platform.machine()}, "
-                    f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")]
+    rows = [("cpu", f"{_machine.cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, "
+                    f"torch threads {torch.get_num_threads()}")]
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         rows.append((f"cuda:{i}", torch.cuda.get_device_name(i)))
     return rows

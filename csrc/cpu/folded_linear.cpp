@@ -19,7 +19,7 @@
 // once to bf16, as "swap" writes it into W, with two steps per 32-bit word, met by a token's
 // two bf16 activations in one vdpbf16ps per 16 lines: twice the products per instruction of
 // the fp32 panel and half its bytes (torch's bf16 matmul runs vdpbf16ps too; with fp32 panels
-// fold took about twice its time: docs/benchmarks/autotune_cpu_zen4.md).
+// fold took about twice its time: docs/benchmarks/fold_bf16_zen4.md).
 #include <omp.h>
 
 #include <algorithm>
@@ -69,6 +69,20 @@ struct Operand {
   float scale;
 };
 
+// add(l, s, v) for each entry of S in lines l0 + l (l < nl) and steps s0 + s (s < sc), v its
+// value (unscaled); cursor[l] moves past them (a line's entries are in step order).
+template <typename T, typename C, typename Add>
+inline void each_entry(const Operand<T, C>& op, int64_t l0, int64_t nl, int64_t s0, int64_t sc,
+                       int64_t* cursor, Add&& add) {
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t end = op.offsets[l0 + l + 1];
+    int64_t j = cursor[l];
+    for (; j < end && static_cast<int64_t>(op.step_of[j]) < s0 + sc; ++j)
+      add(l, static_cast<int64_t>(op.step_of[j]) - s0, op.values[op.perm ? op.perm[j] : j]);
+    cursor[l] = j;
+  }
+}
+
 // P[s][l] = W + scale·S at (line l0 + l, step s0 + s) in fp32, for s < sc and l < kPanelLanes
 // (zeros past the last line). cursor[l]: line l0 + l's first entry of S not yet added.
 template <typename T, typename C>
@@ -101,14 +115,9 @@ void pack_panel(const Operand<T, C>& op, int64_t l0, int64_t s0, int64_t sc, int
       for (int64_t l = whole; l < kPanelLanes; ++l) p[l] = l < nl ? Float<T>::load(w + l) : 0.0f;
     }
   }
-  for (int64_t l = 0; l < nl; ++l) {  // S's entries in these steps
-    const int64_t end = op.offsets[l0 + l + 1];
-    int64_t j = cursor[l];
-    for (; j < end && static_cast<int64_t>(op.step_of[j]) < s0 + sc; ++j)
-      P[(static_cast<int64_t>(op.step_of[j]) - s0) * kPanelLanes + l] +=
-          op.scale * op.values[op.perm ? op.perm[j] : j];
-    cursor[l] = j;
-  }
+  each_entry(op, l0, nl, s0, sc, cursor, [&](int64_t l, int64_t s, float v) {
+    P[s * kPanelLanes + l] += op.scale * v;
+  });
 }
 
 // c[t][l] += Σ_s a[t, s]·P[s][l] for TT tokens (rows of a, lda apart) and sc steps.
@@ -185,19 +194,13 @@ void pack_pair_panel(const Operand<uint16_t, C>& op, int64_t l0, int64_t s0, int
   for (int64_t s2 = done; s2 < pairs; ++s2)
     for (int64_t l = 0; l < kPanelLanes; ++l)
       P[s2 * kPanelLanes + l] = at(l, 2 * s2) | at(l, 2 * s2 + 1) << 16;
-  for (int64_t l = 0; l < nl; ++l) {  // S's entries in these steps
-    const int64_t end = op.offsets[l0 + l + 1];
-    int64_t j = cursor[l];
-    for (; j < end && static_cast<int64_t>(op.step_of[j]) < s0 + sc; ++j) {
-      const int64_t s = static_cast<int64_t>(op.step_of[j]) - s0;
-      char* half = reinterpret_cast<char*>(P + (s / 2) * kPanelLanes + l) + 2 * (s % 2);
-      uint16_t w;
-      std::memcpy(&w, half, 2);  // (a bf16 inside a uint32_t word: memcpy, not a cast)
-      w = float_to_bf16(bf16_to_float(w) + op.scale * op.values[op.perm ? op.perm[j] : j]);
-      std::memcpy(half, &w, 2);
-    }
-    cursor[l] = j;
-  }
+  each_entry(op, l0, nl, s0, sc, cursor, [&](int64_t l, int64_t s, float v) {
+    char* half = reinterpret_cast<char*>(P + (s / 2) * kPanelLanes + l) + 2 * (s % 2);
+    uint16_t w;
+    std::memcpy(&w, half, 2);  // (a bf16 inside a uint32_t word: memcpy, not a cast)
+    w = float_to_bf16(bf16_to_float(w) + op.scale * v);
+    std::memcpy(half, &w, 2);
+  });
 }
 
 // c[t][l] += Σ_s a[t, s]·P[s][l] for TT tokens (bf16 rows of a, lda apart) and sc steps of a

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import _machine
+from .. import _machine, tuning
 from ..masks import sample_distinct
 
 __all__ = [
@@ -427,10 +427,7 @@ __all__ += [
 def cpu_model() -> str:
     """The CPU as a report names it: model name, cpuinfo family and model, and the ISA class
     that picks the static tuning rows, e.g. "AMD EPYC (cpuinfo family 25 model 17; AVX512+BF16)"."""
-    from .. import tuning
-
-    details = [part for part in (_machine.cpu_ids(), tuning.arch_class("cpu")) if part]
-    return f"{_machine.cpu_model()} ({'; '.join(details)})"
+    return _machine.cpu_name(tuning.arch_class("cpu"))
 
 
 def write_report(text: str, out: str) -> None:
