@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -75,25 +74,6 @@ def first_step(hidden: int, inter: int, tokens: int, dtype: str, env: dict) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def shuffled_rounds(variants: dict, *, repeat: int, min_time: float, max_rounds: int) -> dict:
-    """{name: median s}: one untimed round, then rounds in a new random order each (a variant
-    never always follows the same one, whose traffic may have warmed or cooled its caches),
-    at least ``repeat``, more (at most ``max_rounds``) until ``min_time`` seconds have passed."""
-    names, order = list(variants), random.Random(0)
-    for name in names:
-        variants[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    started = time.perf_counter()
-    while len(times[names[0]]) < repeat or (len(times[names[0]]) < max_rounds
-                                             and time.perf_counter() - started < min_time):
-        order.shuffle(names)
-        for name in names:
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def cell(shape, dtype, tokens: int, training: bool, repeat: int, min_time: float,
          with_peft: bool) -> dict:
     base = hb.make_linear(*shape, dtype=dtype)
@@ -122,7 +102,10 @@ def cell(shape, dtype, tokens: int, training: bool, repeat: int, min_time: float
             with torch.no_grad():
                 base(x)
         variants["nn.Linear"] = dense
-    result = shuffled_rounds(variants, repeat=repeat, min_time=min_time, max_rounds=30)
+    # At least `repeat` rounds, more (at most 30) until min_time seconds have passed.
+    times = hb.round_robin_until_tight(variants, least=repeat, cap_s=min_time, rel=0.0,
+                                       most=max(30, repeat))
+    result = {name: statistics.median(ts) for name, ts in times.items()}
     layer.strategy = "auto"
     nnz = layer.shira_values.numel()
     entry = hb_entry(dtype, tokens, training, shape, nnz)

@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import importlib.util
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,9 +41,13 @@ COLD_MAX_TOKENS = 16  # up to here each call meets its weight in memory, as a mo
 COLD_BYTES = 256 * 2**20  # the copies of a weight cycled through: far above the caches here
 
 
-def _time(fn, repeat):
+def _timed(variants: dict, repeat: int) -> dict:
+    """{name: (median s, times s)}: one warm-up round, then ``repeat`` rounds of the variants
+    in a new random order each (sb.round_robin_until_tight), so that a slow spell of the
+    machine, or a predecessor's traffic, falls on every variant alike."""
     with torch.no_grad():
-        return sb.median_time(fn, warmup=1, repeat=repeat)
+        times = sb.round_robin_until_tight(variants, least=repeat, cap_s=0.0)
+    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 
 def _copies(make, nbytes: int, cold: bool) -> list:
@@ -112,7 +117,7 @@ def linear_rows(shape, tokens, repeat, cold_max_tokens=COLD_MAX_TOKENS):
         "binary_linear bf16 x, dequantize strategy": _cycling(
             lambda b: shira_kernels.binary_linear(x16, b, strategy="dequantize"), binary),
     }
-    return {name: _time(fn, repeat) for name, fn in variants.items()}
+    return _timed(variants, repeat)
 
 
 def grad_x_rows(shape, tokens, repeat):
@@ -128,7 +133,7 @@ def grad_x_rows(shape, tokens, repeat):
         "dense fp32 matmul gy·W": lambda: gy @ w32,
         "dequantize then fp32 matmul": lambda: gy @ bw.dequantize(),
     }
-    return {name: _time(fn, repeat) for name, fn in variants.items()}
+    return _timed(variants, repeat)
 
 
 def lora_rows(tokens, repeat, in_f=768, out_f=768, rank=32, activation="relu"):
@@ -150,7 +155,7 @@ def lora_rows(tokens, repeat, in_f=768, out_f=768, rank=32, activation="relu"):
         "binary_lora bf16 x, dequantize strategy": lambda: shira_kernels.binary_lora(
             x16, down, up, 0.1, activation, strategy="dequantize"),
     }
-    return {name: _time(fn, repeat) for name, fn in variants.items()}
+    return _timed(variants, repeat)
 
 
 def fmt_table(rows: dict, reference: str) -> list[str]:
@@ -214,8 +219,9 @@ def main(argv=None) -> int:
               "(compute-bound)." if not args.quick else
               "- --quick: one weight per variant, warm (the small shapes' copies would number "
               "hundreds of thousands)."),
-             "- Times are medians of the given repeats after one warm-up; this is a shared machine, "
-             "so compare the ratios measured side by side.", ""]
+             "- Times are medians of the given repeats after one warm-up round; each table's "
+             "variants are timed in rounds, in a new random order each round; this is a shared "
+             "machine, so compare the ratios measured side by side within a table.", ""]
     lines += ["## binary_linear", ""]
     for shape in shapes:
         for tokens in token_counts:

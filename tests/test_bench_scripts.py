@@ -178,7 +178,15 @@ def test_round_robin_until_tight_stops_at_the_interval_or_the_cap():
     # Steady calls: tight once there are enough values for the interval; never below `least`.
     times = run(2, 1e9, a=[1.0], b=[2.0])
     assert {k: len(v) for k, v in times.items()} == {"a": sb.MIN_CI_VALUES, "b": sb.MIN_CI_VALUES}
-    assert order[:6] == ["a", "b", "a", "b", "b", "a"]  # warm-up, then each round one along
+    assert order[:2] == ["a", "b"]  # the warm-up round, in the given order
+    rounds = [order[i:i + 2] for i in range(2, len(order), 2)]
+    assert all(sorted(r) == ["a", "b"] for r in rounds)  # then each once per round
+    # The order is drawn anew each round: with three callables, each follows each other one
+    # within a round (a rotating order has a before b, b before c and c before a in all).
+    run(40, 0.0, most=40, a=[1.0], b=[1.0], c=[1.0])
+    follows = {(order[i + j], order[i + j + 1]) for i in range(3, len(order), 3)
+               for j in (0, 1)}
+    assert {("a", "b"), ("b", "a"), ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")} <= follows
     assert len(run(10, 0.0, a=[1.0])["a"]) == 10
     # One noisy call (1 s, 3 s, ...) keeps every method going until the cap has passed.
     start = now[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -150,17 +151,21 @@ def interval_within(values, rel: float) -> bool:
 
 
 def round_robin_until_tight(fns: dict, *, least: int, cap_s: float, rel: float = 0.05,
-                            most: int = 100_000, clock=time.perf_counter) -> dict[str, list[float]]:
+                            most: int = 100_000, clock=time.perf_counter,
+                            seed: int = 0) -> dict[str, list[float]]:
     """Seconds per call of each callable in ``fns`` (name → callable), timed in rounds.
 
-    One untimed warm-up round, then rounds calling each callable once, each round starting one
-    further along the names (a change of load on a shared machine hits all alike). Rounds go
-    on until every callable's median has its ~95% interval (median_ci) within ±``rel`` of it,
-    or ``cap_s`` seconds of timed rounds have passed, or ``most`` rounds; and at least
-    ``least`` rounds whatever the interval or the time. ``clock`` is the timer (seconds)."""
+    One untimed warm-up round, then rounds calling each callable once, in a new random order
+    each round (from ``seed``): a change of load on a shared machine hits all alike, and no
+    callable always follows the same one, whose traffic may have warmed or evicted what it
+    reads (a fixed or rotating order gives each callable one predecessor in most rounds).
+    Rounds go on until every callable's median has its ~95% interval (median_ci) within
+    ±``rel`` of it, or ``cap_s`` seconds of timed rounds have passed, or ``most`` rounds; and
+    at least ``least`` rounds whatever the interval or the time (``rel`` = 0: rounds until
+    the cap). ``clock`` is the timer (seconds)."""
     if least < 1:
         raise ValueError("least must be at least 1")
-    names = list(fns)
+    names, shuffle = list(fns), random.Random(seed).shuffle
     for name in names:
         fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -169,8 +174,8 @@ def round_robin_until_tight(fns: dict, *, least: int, cap_s: float, rel: float =
         if rounds >= least and (clock() - started >= cap_s
                                 or all(interval_within(times[n], rel) for n in names)):
             break
-        for j in range(len(names)):
-            name = names[(rounds + j) % len(names)]
+        shuffle(names)
+        for name in names:
             t0 = clock()
             fns[name]()
             times[name].append(clock() - t0)
