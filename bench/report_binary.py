@@ -41,11 +41,18 @@ COLD_MAX_TOKENS = 16  # up to here each call meets its weight in memory, as a mo
 COLD_BYTES = 256 * 2**20  # the copies of a weight cycled through: far above the caches here
 
 
-def _timed(variants: dict, repeat: int) -> dict:
+def _timed(variants: dict, repeat: int, consecutive: bool = False) -> dict:
     """{name: (median s, times s)}: one warm-up round, then ``repeat`` rounds of the variants
     in a new random order each (sb.round_robin_until_tight), so that a slow spell of the
-    machine, or a predecessor's traffic, falls on every variant alike."""
+    machine, or a predecessor's traffic, falls on every variant alike; or, ``consecutive``,
+    each variant's calls one after another (after one warm-up call), as a model's layers of
+    one kind run in turn: below a millisecond a call's time depends on what ran just before
+    it (what that left in the caches, whether the threads had gone idle), which rounds of
+    unlike variants would mix into every figure."""
     with torch.no_grad():
+        if consecutive:
+            return {name: sb.median_time(fn, warmup=1, repeat=repeat)
+                    for name, fn in variants.items()}
         times = sb.round_robin_until_tight(variants, least=repeat, cap_s=0.0)
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
@@ -57,9 +64,9 @@ def _copies(make, nbytes: int, cold: bool) -> list:
     return [make(i) for i in range(-(-COLD_BYTES // nbytes) if cold else 1)]
 
 
-def _cycling(fn, items):
-    """A call of fn on the next of items each time."""
-    state = {"i": 0}
+def _cycling(fn, items, start=0):
+    """A call of fn on the next of items each time, from items[start]."""
+    state = {"i": start}
 
     def call():
         state["i"] = (state["i"] + 1) % len(items)
@@ -100,24 +107,26 @@ def linear_rows(shape, tokens, repeat, cold_max_tokens=COLD_MAX_TOKENS):
     w16 = _copies(lambda i: w32[i % len(w32)].to(torch.bfloat16), out_f * in_f * 2, cold)
     for b in binary:  # the kernel's sign panels, made once per weight as in use
         shira_kernels.binary_linear(x[:1], b)
-    variants = {
-        "binary_linear (this package)": _cycling(lambda b: shira_kernels.binary_linear(x, b),
-                                                 binary),
-        "dense fp32 matmul": _cycling(lambda w: x @ w.T, w32),
-        "dense bf16 matmul": _cycling(lambda w: x16 @ w.T, w16),
-        "unpack then fp32 matmul": _cycling(lambda b: x @ b.dequantize().T, binary),
-        "binary_linear, lut strategy": _cycling(
-            lambda b: shira_kernels.binary_linear(x, b, strategy="lut"), binary),
-        "binary_linear, dequantize strategy": _cycling(
-            lambda b: shira_kernels.binary_linear(x, b, strategy="dequantize"), binary),
-        "binary_linear bf16 x (auto)": _cycling(lambda b: shira_kernels.binary_linear(x16, b),
-                                                binary),
-        "binary_linear bf16 x, lut strategy": _cycling(
-            lambda b: shira_kernels.binary_linear(x16, b, strategy="lut"), binary),
-        "binary_linear bf16 x, dequantize strategy": _cycling(
-            lambda b: shira_kernels.binary_linear(x16, b, strategy="dequantize"), binary),
+    on_signs = {  # the variants that read the packed signs: each starts its cycle elsewhere,
+        # so that no variant meets the copy another has just read in the same round
+        "binary_linear (this package)": lambda b: shira_kernels.binary_linear(x, b),
+        "unpack then fp32 matmul": lambda b: x @ b.dequantize().T,
+        "binary_linear, lut strategy": lambda b: shira_kernels.binary_linear(x, b, strategy="lut"),
+        "binary_linear, dequantize strategy":
+            lambda b: shira_kernels.binary_linear(x, b, strategy="dequantize"),
+        "binary_linear bf16 x (auto)": lambda b: shira_kernels.binary_linear(x16, b),
+        "binary_linear bf16 x, lut strategy":
+            lambda b: shira_kernels.binary_linear(x16, b, strategy="lut"),
+        "binary_linear bf16 x, dequantize strategy":
+            lambda b: shira_kernels.binary_linear(x16, b, strategy="dequantize"),
     }
-    return _timed(variants, repeat)
+    variants = {name: _cycling(fn, binary, k * len(binary) // len(on_signs))
+                for k, (name, fn) in enumerate(on_signs.items())}
+    variants["dense fp32 matmul"] = _cycling(lambda w: x @ w.T, w32)
+    variants["dense bf16 matmul"] = _cycling(lambda w: x16 @ w.T, w16)
+    first = ["binary_linear (this package)", "dense fp32 matmul", "dense bf16 matmul"]
+    variants = {name: variants[name] for name in first + [n for n in variants if n not in first]}
+    return _timed(variants, repeat, consecutive=cold)
 
 
 def grad_x_rows(shape, tokens, repeat):
@@ -219,9 +228,11 @@ def main(argv=None) -> int:
               "(compute-bound)." if not args.quick else
               "- --quick: one weight per variant, warm (the small shapes' copies would number "
               "hundreds of thousands)."),
-             "- Times are medians of the given repeats after one warm-up round; each table's "
-             "variants are timed in rounds, in a new random order each round; this is a shared "
-             "machine, so compare the ratios measured side by side within a table.", ""]
+             "- Times are medians of the given repeats after one warm-up. Where the weights "
+             "are cold, each variant's calls run one after another (as a model's layers of one "
+             "kind do); elsewhere a table's variants are timed in rounds, in a new random order "
+             "each round. This is a shared machine: compare the ratios measured side by side "
+             "within a table.", ""]
     lines += ["## binary_linear", ""]
     for shape in shapes:
         for tokens in token_counts:
