@@ -534,3 +534,54 @@ def test_triton_forward_is_one_launch_with_the_per_group_bits():
             one = shira_kernels.sparse_delta_linear(x, weight, None, delta, scale,
                                                     strategy="spmm")
             assert torch.equal(y[rows], one[rows]), a
+
+
+def test_triton_grouped_kernels_read_the_adapters_where_the_set_keeps_them():
+    # The one-launch kernels take the set's own buffers and tables of the call's groups and
+    # tiles only: no copy of the present adapters' entries per call (it had cost as many bytes
+    # as the sparse product reads). Absent adapters' entries get a zero gradient.
+    pytest.importorskip("triton")
+    from unittest import mock
+    from shira_kernels.triton import sparse_delta as triton_sd
+    (tokens, out_f, in_f), assignment = CASES["absent-adapter"]
+    delta_set = make_set(out_f, in_f, torch.float32)
+    state = delta_set.snapshot()
+    x = randn(tokens, in_f, dtype=torch.float32, seed=1).requires_grad_()
+    weight = randn(out_f, in_f, dtype=torch.float32, seed=2)
+    launched = {"_grouped_spmm_kernel": [], "_grouped_sddmm_kernel": []}
+
+    class Recorded:  # a jitted kernel whose launches' arguments are kept
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(triton_sd, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched[self.name].append(args)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    delta_set.requires_grad_()
+    with shira_kernels.use_backend("triton"), \
+            mock.patch.object(triton_sd, "_grouped_spmm_kernel", Recorded("_grouped_spmm_kernel")), \
+            mock.patch.object(triton_sd, "_grouped_sddmm_kernel",
+                              Recorded("_grouped_sddmm_kernel")):
+        y = shira_kernels.multi_delta_linear(x, weight, None, delta_set, torch.tensor(assignment))
+        y.sum().backward()
+    (forward, gx), (sddmm,) = launched["_grouped_spmm_kernel"], launched["_grouped_sddmm_kernel"]
+    groups = len(set(assignment) - {-1})
+    # forward: (y, x, order, 5 tables, offsets, cols, values, scales, ...)
+    assert forward[8].data_ptr() == state.offsets.data_ptr()
+    assert forward[9].data_ptr() == state.cols.data_ptr()
+    assert forward[10].data_ptr() == state.values.data_ptr()
+    # gx: the transposed structures in place (values put in their order, per adapter present)
+    assert gx[8].data_ptr() == state.offsets.data_ptr()
+    assert gx[9].data_ptr() == state.t_cols.data_ptr()
+    # sddmm: (gy, x, order, 4 tables, scales, rows, cols, g, ...)
+    assert sddmm[8].data_ptr() == state.rows.data_ptr()
+    assert sddmm[9].data_ptr() == state.cols.data_ptr()
+    for args in (forward, gx):
+        assert args[5].numel() == args[6].numel() == args[11].numel() == groups
+    assert sddmm[5].numel() == groups and sddmm[7].numel() == groups
+    grad = delta_set.values.grad
+    absent = [n for n in delta_set.names if delta_set.index(n) not in assignment]
+    assert absent and all(not grad[delta_set.segment(n)].any() for n in absent)
+    assert all(grad[delta_set.segment(n)].any() for n in delta_set.names if n not in absent)

@@ -67,9 +67,11 @@ def exercise_launchers() -> None:
             sparse_delta.spmm(x, y, s.t_offsets, s.t_cols, delta.values[s.t_perm], 0.5)
             sparse_delta.sddmm(y, x, s.rows, s.cols)
             order = torch.tensor([4, 0, 2, 1, 3])  # two groups of rows, the same adapter
-            sparse_delta.grouped_spmm(y, x, order, [(0, 2), (2, 5)], [0, 0], [s.row_offsets],
-                                      [s.cols], [delta.values], [0.5])
-            sparse_delta.grouped_sddmm(y, x, order, [(0, 2), (2, 5)], [0, 0], [s.rows], [s.cols])
+            starts = {0: (0, 0, delta.values.numel())}
+            sparse_delta.grouped_spmm(y, x, order, [(0, 2), (2, 5)], [0, 0], starts,
+                                      s.row_offsets, s.cols, delta.values, {0: 0.5})
+            sparse_delta.grouped_sddmm(y, x, order, [(0, 2), (2, 5)], [0, 0], starts, s.rows,
+                                       s.cols, {0: 0.5})
             weight = torch.randn(9, in_f).to(dtype)
             for idx in (delta.flat_indices, delta.flat_indices.long()):
                 sparse_delta.add_at_indices(weight, weight, idx, delta.values, 0.5)

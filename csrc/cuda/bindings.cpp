@@ -206,23 +206,28 @@ void check_int64_vectors(const torch::Device& device, std::initializer_list<Oper
 }
 
 // grouped_spmm(y [T,out], x [T,in], order, tile_group, tile_start, group_end,
-//              offsets int64 [groups*(out+1)], cols int16/int32 [nnz], values [nnz],
-//              scales fp32 [groups], tile_rows) -> y, in place
+//              group_offsets, group_entries, offsets int64, cols int16/int32 [nnz],
+//              values [nnz], scales fp32 [groups], tile_rows, avg_row_nnz) -> y, in place
 // For each group g: y[t, r] += scales[g] * sum_{j in row r of S_g} values[j] *
-// x[t, cols[j]] over the group's rows t (see kernels.h). Not checked (a device
-// sync): the tables' entries, which shira_kernels/_group_tables.py builds.
+// x[t, cols[j]] over the group's rows t, S_g's row offsets at
+// offsets[group_offsets[g] ..] counted from group_entries[g] (see kernels.h).
+// Not checked (a device sync): the tables' entries, which
+// shira_kernels/_group_tables.py builds.
 torch::Tensor grouped_spmm(const torch::Tensor& y, const torch::Tensor& x,
                            const torch::Tensor& order, const torch::Tensor& tile_group,
                            const torch::Tensor& tile_start, const torch::Tensor& group_end,
-                           const torch::Tensor& offsets, const torch::Tensor& cols,
-                           const torch::Tensor& values, const torch::Tensor& scales,
-                           int64_t tile_rows) {
+                           const torch::Tensor& group_offsets,
+                           const torch::Tensor& group_entries, const torch::Tensor& offsets,
+                           const torch::Tensor& cols, const torch::Tensor& values,
+                           const torch::Tensor& scales, int64_t tile_rows,
+                           int64_t avg_row_nnz) {
   const torch::Device device = x.device();
   check_operands(device, {{x, "x", 2}, {y, "y", 2}, {cols, "cols", 1}, {values, "values", 1},
                           {scales, "scales", 1}});
   check_int64_vectors(device, {{order, "order", 1}, {tile_group, "tile_group", 1},
                                {tile_start, "tile_start", 1}, {group_end, "group_end", 1},
-                               {offsets, "offsets", 1}});
+                               {group_offsets, "group_offsets", 1},
+                               {group_entries, "group_entries", 1}, {offsets, "offsets", 1}});
   const shira::DType dtype = dtype_of(x, "x");
   check_same_dtype(y, "y", x, "x");
   check_same_dtype(values, "values", x, "x");
@@ -233,65 +238,73 @@ torch::Tensor grouped_spmm(const torch::Tensor& y, const torch::Tensor& x,
   const int64_t out_features = y.size(1);
   TORCH_CHECK(y.size(0) == x.size(0), "y and x must have the same rows, got ", y.sizes(),
               " and ", x.sizes());
-  TORCH_CHECK(scales.size(0) == groups && offsets.size(0) == groups * (out_features + 1),
-              "scales must have one entry per group (", groups, ") and offsets ",
-              out_features + 1, " per group, got ", scales.size(0), " and ", offsets.size(0));
+  TORCH_CHECK(scales.size(0) == groups && group_offsets.size(0) == groups &&
+                  group_entries.size(0) == groups,
+              "scales, group_offsets and group_entries must have one entry per group (", groups,
+              "), got ", scales.size(0), ", ", group_offsets.size(0), " and ",
+              group_entries.size(0));
   TORCH_CHECK(tile_start.size(0) == tile_group.size(0),
               "tile_group and tile_start must have the same length");
   TORCH_CHECK(cols.size(0) == values.size(0), "cols and values must have the same length");
   const c10::cuda::CUDAGuard device_guard(device);
   if (groups == 0 || out_features == 0) return y;
-  const int64_t avg = (values.size(0) + groups * out_features - 1) / (groups * out_features);
   check_cuda(shira::cuda::grouped_spmm(y.data_ptr(), x.data_ptr(), order.data_ptr<int64_t>(),
                                        tile_group.data_ptr<int64_t>(),
                                        tile_start.data_ptr<int64_t>(),
                                        group_end.data_ptr<int64_t>(),
+                                       group_offsets.data_ptr<int64_t>(),
+                                       group_entries.data_ptr<int64_t>(),
                                        offsets.data_ptr<int64_t>(), cols.data_ptr(), col_size,
                                        values.data_ptr(), scales.data_ptr<float>(), dtype,
                                        tile_group.size(0), tile_rows, out_features, x.size(1),
-                                       avg, current_stream(device)),
+                                       avg_row_nnz, current_stream(device)),
              "grouped_spmm");
   return y;
 }
 
 // grouped_sddmm(gy [T,out], x [T,in], order, tile_group, tile_start, entry_end,
-//               group_rows int64 [2*groups], rows int32 [nnz], cols int16/int32 [nnz],
-//               tile_entries) -> fp32 [nnz]
-// For the entries j of each group: g[j] = sum over the group's rows t of
-// gy[t, rows[j]] * x[t, cols[j]] (see kernels.h). Not checked: the tables'
-// entries.
+//               group_rows int64 [2*groups], scales fp32 [groups], rows int32 [nnz],
+//               cols int16/int32 [nnz], tile_entries) -> fp32 [nnz]
+// For the entries j of each group g: out[j] = scales[g] * (sum over the group's rows t
+// of gy[t, rows[j]] * x[t, cols[j]]); 0 at the entries of no group (see kernels.h).
+// Not checked: the tables' entries.
 torch::Tensor grouped_sddmm(const torch::Tensor& gy, const torch::Tensor& x,
                             const torch::Tensor& order, const torch::Tensor& tile_group,
                             const torch::Tensor& tile_start, const torch::Tensor& entry_end,
-                            const torch::Tensor& group_rows, const torch::Tensor& rows,
-                            const torch::Tensor& cols, int64_t tile_entries) {
+                            const torch::Tensor& group_rows, const torch::Tensor& scales,
+                            const torch::Tensor& rows, const torch::Tensor& cols,
+                            int64_t tile_entries) {
   const torch::Device device = x.device();
-  check_operands(device, {{gy, "gy", 2}, {x, "x", 2}, {rows, "rows", 1}, {cols, "cols", 1}});
+  check_operands(device, {{gy, "gy", 2}, {x, "x", 2}, {scales, "scales", 1}, {rows, "rows", 1},
+                          {cols, "cols", 1}});
   check_int64_vectors(device, {{order, "order", 1}, {tile_group, "tile_group", 1},
                                {tile_start, "tile_start", 1}, {entry_end, "entry_end", 1},
                                {group_rows, "group_rows", 1}});
   const shira::DType dtype = dtype_of(x, "x");
   check_same_dtype(gy, "gy", x, "x");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32, "scales must be float32, got ",
+              scales.scalar_type());
   TORCH_CHECK(rows.scalar_type() == torch::kInt32, "rows must be int32, got ", rows.scalar_type());
   const int col_size = col_index_size(cols, "cols");
   TORCH_CHECK(gy.size(0) == x.size(0), "gy and x must have the same rows, got ", gy.sizes(),
               " and ", x.sizes());
   TORCH_CHECK(rows.size(0) == cols.size(0), "rows and cols must have the same length");
-  TORCH_CHECK(group_rows.size(0) == 2 * entry_end.size(0),
-              "group_rows must hold two entries per group");
+  TORCH_CHECK(group_rows.size(0) == 2 * entry_end.size(0) &&
+                  scales.size(0) == entry_end.size(0),
+              "group_rows must hold two entries per group, scales one");
   TORCH_CHECK(tile_start.size(0) == tile_group.size(0),
               "tile_group and tile_start must have the same length");
   const c10::cuda::CUDAGuard device_guard(device);
-  torch::Tensor g = torch::empty({rows.size(0)}, x.options().dtype(torch::kFloat32));
+  torch::Tensor g = torch::zeros({rows.size(0)}, x.options().dtype(torch::kFloat32));
   if (rows.size(0) == 0) return g;
   check_cuda(shira::cuda::grouped_sddmm(gy.data_ptr(), x.data_ptr(), order.data_ptr<int64_t>(),
                                         tile_group.data_ptr<int64_t>(),
                                         tile_start.data_ptr<int64_t>(),
                                         entry_end.data_ptr<int64_t>(),
                                         group_rows.data_ptr<int64_t>(),
-                                        rows.data_ptr<int32_t>(), cols.data_ptr(), col_size,
-                                        g.data_ptr<float>(), dtype, tile_group.size(0),
-                                        tile_entries, gy.size(1), x.size(1),
+                                        scales.data_ptr<float>(), rows.data_ptr<int32_t>(),
+                                        cols.data_ptr(), col_size, g.data_ptr<float>(), dtype,
+                                        tile_group.size(0), tile_entries, gy.size(1), x.size(1),
                                         current_stream(device)),
              "grouped_sddmm");
   return g;
@@ -479,13 +492,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "in place, for each group of a multi-adapter batch: y[rows] += scale * x[rows] @ S^T "
         "(one launch; the tables of shira_kernels/_group_tables.py)",
         py::arg("y"), py::arg("x"), py::arg("order"), py::arg("tile_group"),
-        py::arg("tile_start"), py::arg("group_end"), py::arg("offsets"), py::arg("cols"),
-        py::arg("values"), py::arg("scales"), py::arg("tile_rows"));
+        py::arg("tile_start"), py::arg("group_end"), py::arg("group_offsets"),
+        py::arg("group_entries"), py::arg("offsets"), py::arg("cols"), py::arg("values"),
+        py::arg("scales"), py::arg("tile_rows"), py::arg("avg_row_nnz"));
   m.def("grouped_sddmm", &grouped_sddmm,
-        "fp32 per-group sddmm over each group's rows of a multi-adapter batch (one launch)",
+        "fp32 per-group sddmm over each group's rows of a multi-adapter batch, times the "
+        "group's scale, at the groups' entries (one launch)",
         py::arg("gy"), py::arg("x"), py::arg("order"), py::arg("tile_group"),
-        py::arg("tile_start"), py::arg("entry_end"), py::arg("group_rows"), py::arg("rows"),
-        py::arg("cols"), py::arg("tile_entries"));
+        py::arg("tile_start"), py::arg("entry_end"), py::arg("group_rows"), py::arg("scales"),
+        py::arg("rows"), py::arg("cols"), py::arg("tile_entries"));
   m.def("add_at_indices", &add_at_indices,
         "out.view(-1)[flat_indices] = weight.view(-1)[flat_indices] + scale * values, in place "
         "(saved, if given, gets the weight's entries first); returns the count of indices "

@@ -71,37 +71,42 @@ cudaError_t sddmm(const void* gy, const void* x, const int32_t* rows, const void
 // spmm for many adapters over their own rows of one batch, in one launch
 // (multi_delta_linear; the tables are built by shira_kernels/_group_tables.py).
 // Group g: the rows order[p] for p in [its first tile's start, group_end[g]),
-// and a CSR S_g of `rows` rows at row_offsets[g * (rows + 1) .. (g + 1) * (rows + 1)]
-// (offsets into the concatenated col_indices / values):
+// and a CSR S_g of `rows` rows whose row offsets are row_offsets[group_offsets[g]
+// .. group_offsets[g] + rows], counted from entry group_entries[g] of
+// col_indices / values (the adapters' buffers, read in place):
 //   y[t, r] += scales[g] * sum_{j in row r of S_g} values[j] * x[t, col_indices[j]]
 // in place. Tile i covers up to tile_rows (1..8) positions of order from
 // tile_start[i], all of group tile_group[i]. order, tile_group, tile_start,
-// group_end and row_offsets are int64; scales fp32; y [*, rows] and x
-// [*, in_features] of dtype. avg_row_nnz sizes the lanes per row as spmm's.
-// Per row the sum is spmm's in the same order (the same bits for the same
-// avg_row_nnz class). Returns cudaSuccess without launching when num_tiles ==
-// 0 or rows == 0, cudaErrorInvalidValue for bad sizes / codes, otherwise
-// cudaGetLastError().
+// group_end, group_offsets, group_entries and row_offsets are int64; scales
+// fp32; y [*, rows] and x [*, in_features] of dtype. avg_row_nnz sizes the
+// lanes per row as spmm's. Per row the sum is spmm's in the same order (the
+// same bits for the same avg_row_nnz class). Returns cudaSuccess without
+// launching when num_tiles == 0 or rows == 0, cudaErrorInvalidValue for bad
+// sizes / codes, otherwise cudaGetLastError().
 cudaError_t grouped_spmm(void* y, const void* x, const int64_t* order, const int64_t* tile_group,
                          const int64_t* tile_start, const int64_t* group_end,
+                         const int64_t* group_offsets, const int64_t* group_entries,
                          const int64_t* row_offsets, const void* col_indices, int col_index_size,
                          const void* values, const float* scales, DType dtype, int64_t num_tiles,
                          int64_t tile_rows, int64_t rows, int64_t in_features,
                          int64_t avg_row_nnz, cudaStream_t stream);
 
 // sddmm for many adapters over their own rows, in one launch:
-//   g[j] = sum_{p in [group_rows[2k], group_rows[2k+1])} gy[order[p], rows[j]] * x[order[p], cols[j]]
-// for the entries j of group k (the concatenated rows / cols). Tile i (one
-// block) covers up to tile_entries (1..256) entries from tile_start[i], all of
-// group tile_group[i] and below entry_end of that group. g: fp32, every entry
-// of a tile written. Returns cudaSuccess without launching when num_tiles == 0,
+//   g[j] = scales[k] * sum_{p in [group_rows[2k], group_rows[2k+1])}
+//                        gy[order[p], rows[j]] * x[order[p], cols[j]]
+// for the entries j of group k (positions in the adapters' buffers rows / cols,
+// and g has the same positions). Tile i (one block) covers up to tile_entries
+// (1..256) entries from tile_start[i], all of group tile_group[i] and below
+// entry_end of that group. g: fp32, every entry of a tile written, no other.
+// Returns cudaSuccess without launching when num_tiles == 0,
 // cudaErrorInvalidValue for bad sizes / codes, otherwise cudaGetLastError().
 cudaError_t grouped_sddmm(const void* gy, const void* x, const int64_t* order,
                           const int64_t* tile_group, const int64_t* tile_start,
                           const int64_t* entry_end, const int64_t* group_rows,
-                          const int32_t* rows, const void* cols, int col_index_size, float* g,
-                          DType dtype, int64_t num_tiles, int64_t tile_entries,
-                          int64_t out_features, int64_t in_features, cudaStream_t stream);
+                          const float* scales, const int32_t* rows, const void* cols,
+                          int col_index_size, float* g, DType dtype, int64_t num_tiles,
+                          int64_t tile_entries, int64_t out_features, int64_t in_features,
+                          cudaStream_t stream);
 
 // The sparse values, scaled, added at their flat indices into a copy of a dense weight
 // (each entry assigned once, not accumulated as torch's scatter_add would):

@@ -252,8 +252,9 @@ cudaError_t launch_sddmm_typed(const void* gy, const void* x, const int32_t* row
 // ---------------------------------------------------------------------------
 // grouped_spmm: spmm for many adapters over their own rows of one batch, in one
 // launch (multi_delta_linear). Group g has the rows order[p] of x and y for p in
-// [tile_start of its first tile, group_end[g]) and its adapter's CSR at
-// offsets[g * (rows + 1) ...] (indexing the concatenated cols / values):
+// [tile_start of its first tile, group_end[g]) and its adapter's CSR row offsets
+// at offsets[group_offsets[g] ...], counted from entry group_entries[g] of the
+// adapters' cols / values (read where the set keeps them):
 //   y[t, r] += scale[g] * sum_j values[j] * x[t, cols[j]]   (in place)
 // gridDim.y walks the tiles (up to tile_rows <= kTokens rows of one group);
 // gridDim.x the output features, kGroup lanes each, as spmm_kernel. Per row
@@ -269,6 +270,8 @@ struct GroupedSpmmArgs {
   const int64_t* tile_group;
   const int64_t* tile_start;
   const int64_t* group_end;
+  const int64_t* group_offsets;
+  const int64_t* group_entries;
   const int64_t* offsets;
   const Col* cols;
   const T* values;
@@ -294,8 +297,9 @@ __global__ void __launch_bounds__(kThreads) grouped_spmm_kernel(const GroupedSpm
     int64_t begin = 0;
     int64_t end = 0;
     if (row_ok) {  // lanes past the last row keep an empty range (the shuffles need them)
-      begin = a.offsets[g * (a.rows + 1) + r];
-      end = a.offsets[g * (a.rows + 1) + r + 1];
+      const int64_t* row_offsets = a.offsets + a.group_offsets[g];
+      begin = a.group_entries[g] + row_offsets[r];
+      end = a.group_entries[g] + row_offsets[r + 1];
     }
     int64_t t[kTokens];
     float acc[kTokens];
@@ -348,15 +352,17 @@ cudaError_t launch_grouped_spmm_typed(const GroupedSpmmArgs<T, Col>& a, int64_t 
 // Block b is tile b: up to tile_entries <= kThreads entries of group
 // tile_group[b] from tile_start[b] (never past entry_end of its group), one
 // thread per entry, summing over the group's rows order[group_rows[2g] ..
-// group_rows[2g + 1]) in four chains as sddmm_kernel does.
+// group_rows[2g + 1]) in four chains as sddmm_kernel does, times the group's
+// scale.
 
 template <typename T, typename Col>
 __global__ void __launch_bounds__(kThreads)
 grouped_sddmm_kernel(const T* __restrict__ gy, const T* __restrict__ x,
                      const int64_t* __restrict__ order, const int64_t* __restrict__ tile_group,
                      const int64_t* __restrict__ tile_start, const int64_t* __restrict__ entry_end,
-                     const int64_t* __restrict__ group_rows, const int32_t* __restrict__ rows,
-                     const Col* __restrict__ cols, float* __restrict__ g, int64_t tile_entries,
+                     const int64_t* __restrict__ group_rows, const float* __restrict__ scales,
+                     const int32_t* __restrict__ rows, const Col* __restrict__ cols,
+                     float* __restrict__ g, int64_t tile_entries,
                      int64_t out_features, int64_t in_features) {
   const int64_t grp = tile_group[blockIdx.x];
   const int64_t j = tile_start[blockIdx.x] + threadIdx.x;
@@ -378,7 +384,7 @@ grouped_sddmm_kernel(const T* __restrict__ gy, const T* __restrict__ x,
     const int64_t t = order[p];
     acc0 = fmaf(to_float(gp[t * out_features]), to_float(xp[t * in_features]), acc0);
   }
-  g[j] = (acc0 + acc1) + (acc2 + acc3);
+  g[j] = scales[grp] * ((acc0 + acc1) + (acc2 + acc3));
 }
 
 // ---------------------------------------------------------------------------
@@ -484,7 +490,8 @@ cudaError_t shira::cuda::add_at_indices(void* out, const void* weight, int64_t n
 
 cudaError_t shira::cuda::grouped_spmm(void* y, const void* x, const int64_t* order,
                                       const int64_t* tile_group, const int64_t* tile_start,
-                                      const int64_t* group_end, const int64_t* row_offsets,
+                                      const int64_t* group_end, const int64_t* group_offsets,
+                                      const int64_t* group_entries, const int64_t* row_offsets,
                                       const void* col_indices, int col_index_size,
                                       const void* values, const float* scales, DType dtype,
                                       int64_t num_tiles, int64_t tile_rows, int64_t rows,
@@ -495,8 +502,8 @@ cudaError_t shira::cuda::grouped_spmm(void* y, const void* x, const int64_t* ord
     return cudaErrorInvalidValue;
   if (num_tiles == 0 || rows == 0) return cudaSuccess;
   if (y == nullptr || x == nullptr || order == nullptr || tile_group == nullptr ||
-      tile_start == nullptr || group_end == nullptr || row_offsets == nullptr ||
-      scales == nullptr)
+      tile_start == nullptr || group_end == nullptr || group_offsets == nullptr ||
+      group_entries == nullptr || row_offsets == nullptr || scales == nullptr)
     return cudaErrorInvalidValue;
   return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
     using T = typename decltype(t)::type;
@@ -509,6 +516,8 @@ cudaError_t shira::cuda::grouped_spmm(void* y, const void* x, const int64_t* ord
       a.tile_group = tile_group;
       a.tile_start = tile_start;
       a.group_end = group_end;
+      a.group_offsets = group_offsets;
+      a.group_entries = group_entries;
       a.offsets = row_offsets;
       a.cols = static_cast<const Col*>(col_indices);
       a.values = static_cast<const T*>(values);
@@ -525,8 +534,9 @@ cudaError_t shira::cuda::grouped_spmm(void* y, const void* x, const int64_t* ord
 cudaError_t shira::cuda::grouped_sddmm(const void* gy, const void* x, const int64_t* order,
                                        const int64_t* tile_group, const int64_t* tile_start,
                                        const int64_t* entry_end, const int64_t* group_rows,
-                                       const int32_t* rows, const void* cols,
-                                       int col_index_size, float* g, DType dtype,
+                                       const float* scales, const int32_t* rows,
+                                       const void* cols, int col_index_size, float* g,
+                                       DType dtype,
                                        int64_t num_tiles, int64_t tile_entries,
                                        int64_t out_features, int64_t in_features,
                                        cudaStream_t stream) {
@@ -537,7 +547,7 @@ cudaError_t shira::cuda::grouped_sddmm(const void* gy, const void* x, const int6
   if (num_tiles > kMaxGridX) return cudaErrorInvalidValue;
   if (gy == nullptr || x == nullptr || order == nullptr || tile_group == nullptr ||
       tile_start == nullptr || entry_end == nullptr || group_rows == nullptr ||
-      rows == nullptr || cols == nullptr || g == nullptr)
+      scales == nullptr || rows == nullptr || cols == nullptr || g == nullptr)
     return cudaErrorInvalidValue;
   return dispatch_float<CudaFloat>(dtype, cudaErrorInvalidValue, [&](auto t) {
     using T = typename decltype(t)::type;
@@ -546,7 +556,7 @@ cudaError_t shira::cuda::grouped_sddmm(const void* gy, const void* x, const int6
       grouped_sddmm_kernel<T, Col><<<dim3(static_cast<unsigned int>(num_tiles)),
                                      dim3(kThreads), 0, stream>>>(
           static_cast<const T*>(gy), static_cast<const T*>(x), order, tile_group, tile_start,
-          entry_end, group_rows, rows, static_cast<const Col*>(cols), g, tile_entries,
+          entry_end, group_rows, scales, rows, static_cast<const Col*>(cols), g, tile_entries,
           out_features, in_features);
       return cudaGetLastError();
     });

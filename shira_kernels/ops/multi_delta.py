@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +62,21 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 
 # ---------------------------------------------------------------------------------------------
 # Kernels per backend, over the groups (rows = order[b0:b1] for each (b0, b1) of bounds, s its
-# slot; each adapter's fields as views of the set's buffers, in dicts keyed by slot, for the
-# slots present only):
-#   grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales) -> y, in place:
-#       y[rows] += scales[s]·x[rows]·S_sᵀ
-#   grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x)
-#       -> (gx with gx[rows] += scales[s]·gy[rows]·S_s if need_x, [sddmm(gy[rows], x[rows])
-#       per group, fp32, unscaled])
+# slot; every adapter's fields where the set keeps them: its entries at [e0, e1) of the entry
+# buffers, its row offsets (counted from e0) at offsets[o : o + rows + 1], (o, e0, e1) =
+# starts[s], for the slots present only; scales[s] its scale):
+#   grouped_spmm(y, x, order, bounds, slots, starts, offsets, cols, values, scales) -> y, in
+#       place: y[rows] += scales[s]·x[rows]·S_sᵀ
+#   grouped_backward(gx, gy, x, order, bounds, slots, starts, buffers, scales, need_x)
+#       -> (gx with gx[rows] += scales[s]·gy[rows]·S_s if need_x, the values' gradient: like
+#       values, scales[s]·sddmm(gy[rows], x[rows]) at each present adapter's entries, 0
+#       elsewhere); buffers = (values, cols, rows, t_cols, t_perm, offsets), the set's, and
+#       starts[s]'s o is its row offsets' (the transposed ones follow them)
 # Triton and CUDA: one launch each for all groups (triton/sparse_delta.py grouped_spmm and
-# grouped_sddmm; csrc/cuda/sparse_delta.cu, on the tables of _group_tables.py); the reference
-# and the CPU: the backend's spmm / spmm_t_sddmm / sddmm per group on the gathered rows (on the
-# CPU each call is one parallel region, and the backward one fused pass over S per group).
+# grouped_sddmm; csrc/cuda/sparse_delta.cu, on the tables of _group_tables.py), reading the
+# set's buffers in place; the reference and the CPU: the backend's spmm / spmm_t_sddmm / sddmm
+# per group on the gathered rows and views of the buffers (on the CPU each call is one
+# parallel region, and the backward one fused pass over S per group).
 # ---------------------------------------------------------------------------------------------
 def _runs(order: torch.Tensor, bounds) -> list:
     """Per group, slice(r0, r1) where its rows are the batch's rows r0 .. r1 - 1 (one run: an
@@ -104,49 +107,65 @@ def _put_rows(t: torch.Tensor, rows, part: torch.Tensor) -> None:
 
 
 def _grouped_by(spmm):
-    def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
+    def grouped_spmm(y, x, order, bounds, slots, starts, offsets, cols, values, scales):
+        n = y.shape[1] + 1
         for rows, s in zip(_runs(order, bounds), slots):
-            ya = spmm(_rows_of(y, rows), _rows_of(x, rows), offsets[s], cols[s],
-                      values[s].contiguous(), scales[s], overwrite_y=True)
+            o, e0, e1 = starts[s]
+            ya = spmm(_rows_of(y, rows), _rows_of(x, rows), offsets[o:o + n], cols[e0:e1],
+                      values[e0:e1], scales[s], overwrite_y=True)
             _put_rows(y, rows, ya)
         return y
     return grouped_spmm
 
 
+def _scaled_into(gvalues: torch.Tensor, e0: int, g: torch.Tensor, scale: float) -> None:
+    gvalues[e0:e0 + g.numel()] = g if scale == 1.0 else scale * g
+
+
 def _backward_by(backend: str):
     """grouped_backward as one call per group: the backend's fused spmm_t_sddmm (gx and the
     values' gradient; the CPU does both in one pass over S), or its sddmm alone."""
-    def grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x):
+    def grouped_backward(gx, gy, x, order, bounds, slots, starts, buffers, scales, need_x):
         both = registry.lookup("spmm_t_sddmm", backend)
         sddmm = registry.lookup("sddmm", backend)
-        grads = []
+        values, cols, rows_, t_cols, t_perm, offsets = buffers
+        out_f, in_f = gy.shape[1], x.shape[1]
+        gvalues = torch.zeros_like(values)  # entries of adapters without rows: zero gradient
         for rows, s in zip(_runs(order, bounds), slots):
+            o, e0, e1 = starts[s]
+            t_at = o + out_f + 1
+            struct = (rows_[e0:e1], cols[e0:e1], offsets[o:t_at],
+                      offsets[t_at:t_at + in_f + 1], t_cols[e0:e1], t_perm[e0:e1])
             gy_s, x_s = _rows_of(gy, rows), _rows_of(x, rows)
             if need_x:
-                gx_s, g = both(_rows_of(gx, rows), gy_s, x_s, values[s].contiguous(),
-                               structs[s], scales[s])
+                gx_s, g = both(_rows_of(gx, rows), gy_s, x_s, values[e0:e1], struct, scales[s])
                 _put_rows(gx, rows, gx_s)
             else:
-                r, c, offsets = structs[s][:3]
-                g = sddmm(gy_s, x_s, r, c, offsets)
-            grads.append(g)
-        return gx, grads
+                g = sddmm(gy_s, x_s, struct[0], struct[1], struct[2])
+            _scaled_into(gvalues, e0, g, scales[s])
+        return gx, gvalues
     return grouped_backward
 
 
 def _one_launch_backward(kernels):
     """grouped_backward from a backend's one-launch grouped_spmm and grouped_sddmm
     (``kernels()`` returns them): one launch for gx (grouped_spmm over the transposed
-    structures) and one for all the values' gradients."""
-    def grouped_backward(gx, gy, x, order, bounds, slots, values, structs, scales, need_x):
+    structures, on the values put in their order per adapter) and one for all the values'
+    gradients."""
+    def grouped_backward(gx, gy, x, order, bounds, slots, starts, buffers, scales, need_x):
         k = kernels()
+        values, cols, rows, t_cols, t_perm, offsets = buffers
         if need_x and slots:
-            t_values = {s: values[s].index_select(0, structs[s][5]) for s in slots}
-            k.grouped_spmm(gx, gy, order, bounds, slots, {s: structs[s][3] for s in slots},
-                           {s: structs[s][4] for s in slots}, t_values, scales)
-        grads = k.grouped_sddmm(gy, x, order, bounds, slots, {s: structs[s][0] for s in slots},
-                                {s: structs[s][1] for s in slots})
-        return gx, grads
+            t_values = torch.empty_like(values)  # read at the present adapters' entries only
+            t_starts = {}
+            for s in slots:
+                o, e0, e1 = starts[s]
+                torch.index_select(values[e0:e1], 0, t_perm[e0:e1], out=t_values[e0:e1])
+                t_starts[s] = (o + gy.shape[1] + 1, e0, e1)
+            k.grouped_spmm(gx, gy, order, bounds, slots, t_starts, offsets, t_cols, t_values,
+                           scales)
+        g = k.grouped_sddmm(gy, x, order, bounds, slots, starts, rows, cols, scales)
+        return gx, g.to(values.dtype)
     return grouped_backward
 
 
@@ -159,18 +178,20 @@ class _CudaGrouped:
     def __init__(self):
         self._mod = _native.module("cuda")
 
-    def grouped_spmm(self, y, x, order, bounds, slots, offsets, cols, values, scales):
+    def grouped_spmm(self, y, x, order, bounds, slots, starts, offsets, cols, values, scales):
         if not slots or not y.shape[1]:
             return y
-        t = spmm_tables(bounds, slots, offsets, cols, values, scales, self.TILE_ROWS, y.device)
+        t = spmm_tables(bounds, slots, starts, scales, self.TILE_ROWS, y.device)
+        nnz = sum(starts[s][2] - starts[s][1] for s in slots)
+        avg_row_nnz = -(-nnz // (len(slots) * y.shape[1]))  # the present adapters' rows' mean
         return self._mod.grouped_spmm(y, x, order, t.tile_group, t.tile_start, t.group_end,
-                                      t.offsets, t.cols, t.values, t.scales, self.TILE_ROWS)
+                                      t.group_offsets, t.group_entries, offsets, cols, values,
+                                      t.scales, self.TILE_ROWS, avg_row_nnz)
 
-    def grouped_sddmm(self, gy, x, order, bounds, slots, rows, cols):
-        t = sddmm_tables(bounds, slots, rows, cols, self.TILE_ENTRIES, gy.device)
-        g = self._mod.grouped_sddmm(gy, x, order, t.tile_group, t.tile_start, t.entry_end,
-                                    t.group_rows, t.rows, t.cols, self.TILE_ENTRIES)
-        return list(g.split(t.sizes))
+    def grouped_sddmm(self, gy, x, order, bounds, slots, starts, rows, cols, scales):
+        t = sddmm_tables(bounds, slots, starts, scales, self.TILE_ENTRIES, gy.device)
+        return self._mod.grouped_sddmm(gy, x, order, t.tile_group, t.tile_start, t.entry_end,
+                                       t.group_rows, t.scales, rows, cols, self.TILE_ENTRIES)
 
 
 _cuda_grouped = functools.lru_cache(maxsize=1)(_CudaGrouped)
@@ -322,36 +343,14 @@ def _groups(row_adapter: torch.Tensor, live: list[int]):
         yield slot, order[b0:b1]
 
 
-class _Adapters(NamedTuple):
-    """The fields of the adapters present in a call, views of the set's buffers by slot."""
-    values: dict
-    row_offsets: dict
-    cols: dict
-    structs: dict  # (rows, cols, row_offsets, t_offsets, t_cols, t_perm)
-    scales: dict
-    starts: dict   # e0: where the adapter's entries start in the buffers
-
-
-def _present(shape, values, cols, rows, t_cols, t_perm, offsets, segments, scales,
-             row_adapter, backward: bool) -> tuple[torch.Tensor, list, list, _Adapters]:
-    """(order, bounds, slots) of the call's groups, and their adapters' fields (``structs``
-    for the backward only: each view costs a few µs, and a call makes them per adapter)."""
-    out_f, in_f = shape
+def _present(segments: torch.Tensor, scales: torch.Tensor, row_adapter: torch.Tensor):
+    """(order, bounds, slots) of the call's groups, and for the adapters present their
+    (o, e0, e1) in the set's buffers and their scales, keyed by slot."""
     segments, scales = segments.tolist(), scales.tolist()
     live = [s for s, (e0, _, _) in enumerate(segments) if e0 >= 0]
     order, bounds, slots = _sorted_groups(row_adapter, live)
-    a = _Adapters({}, {}, {}, {}, {}, {})
-    for s in slots:
-        e0, e1, o0 = segments[s]
-        t_at = o0 + out_f + 1
-        a.values[s] = values[e0:e1]
-        a.row_offsets[s] = offsets[o0:t_at]
-        a.cols[s] = cols[e0:e1]
-        if backward:
-            a.structs[s] = (rows[e0:e1], a.cols[s], a.row_offsets[s],
-                            offsets[t_at:t_at + in_f + 1], t_cols[e0:e1], t_perm[e0:e1])
-        a.scales[s], a.starts[s] = scales[s], e0
-    return order, bounds, slots, a
+    starts = {s: (segments[s][2], segments[s][0], segments[s][1]) for s in slots}
+    return order, bounds, slots, starts, {s: scales[s] for s in slots}
 
 
 def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -363,10 +362,9 @@ def _multi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x = x.contiguous()
     with reading(weight):
         y = _base_linear(x, weight, bias, base)
-    order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
-                                       offsets, segments, scales, row_adapter, backward=False)
-    return registry.kernel("grouped_spmm", x.device)(y, x, order, bounds, slots, a.row_offsets,
-                                                     a.cols, a.values, a.scales)
+    order, bounds, slots, starts, slot_scales = _present(segments, scales, row_adapter)
+    return registry.kernel("grouped_spmm", x.device)(y, x, order, bounds, slots, starts,
+                                                     offsets, cols, values, slot_scales)
 
 
 def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -378,14 +376,10 @@ def _multi_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     gy, x = gy.contiguous(), x.contiguous()
     with reading(weight):
         gx, gw = _base_backward(gy, x, weight, need_x, need_weight, base)
-    order, bounds, slots, a = _present(weight.shape, values, cols, rows, t_cols, t_perm,
-                                       offsets, segments, scales, row_adapter, backward=True)
-    gx, grads = registry.kernel("grouped_backward", gy.device)(
-        gx, gy, x, order, bounds, slots, a.values, a.structs, a.scales, need_x)
-    gvalues = torch.zeros_like(values)  # entries of adapters without rows: zero gradient
-    for s, g in zip(slots, grads):
-        e0 = a.starts[s]
-        gvalues[e0:e0 + g.numel()] = g if a.scales[s] == 1.0 else a.scales[s] * g
+    order, bounds, slots, starts, slot_scales = _present(segments, scales, row_adapter)
+    gx, gvalues = registry.kernel("grouped_backward", gy.device)(
+        gx, gy, x, order, bounds, slots, starts, (values, cols, rows, t_cols, t_perm, offsets),
+        slot_scales, need_x)
     return gx, gvalues, gw
 
 

@@ -129,44 +129,51 @@ def add_at_indices(out, weight, idx, values, scale: float, saved=None) -> int:
 
 
 @triton.jit
-def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, offsets, cols, values,
-                         scales, n_rows, n_cols, BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
+def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, group_offsets,
+                         group_entries, offsets, cols, values, scales, n_rows, n_cols,
+                         BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
     # _spmm_kernel over many adapters at once: one program per (output feature r, tile of one
-    # group's rows); the group's CSR is its block of the concatenated offsets, and its rows
-    # are order[tile_start .. group_end) (a tile never spans two groups).
+    # group's rows); the group's CSR row offsets start at offsets[group_offsets[g]], counted
+    # from entry group_entries[g] of the adapters' cols and values, and its rows are
+    # order[tile_start .. group_end) (a tile never spans two groups).
     r = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     g = tl.load(tile_group + tile).to(tl.int64)
     p = tl.load(tile_start + tile).to(tl.int64) + tl.arange(0, BLOCK_T)
     p_mask = p < tl.load(group_end + g)
     t = tl.load(order + p, mask=p_mask, other=0).to(tl.int64)
-    start = tl.load(offsets + g * (n_rows + 1) + r)
-    end = tl.load(offsets + g * (n_rows + 1) + r + 1)
+    row_offsets = offsets + tl.load(group_offsets + g)
+    e0 = tl.load(group_entries + g)
+    start = e0 + tl.load(row_offsets + r)
+    end = e0 + tl.load(row_offsets + r + 1)
     acc = _row_products(x, t, p_mask, cols, values, start, end, n_cols, BLOCK_T, BLOCK_NZ)
     scale = tl.load(scales + g)
     yv = tl.load(y + t * n_rows + r, mask=p_mask, other=0.0).to(tl.float32)
     tl.store(y + t * n_rows + r, to_element(yv + scale * acc, y.dtype.element_ty), mask=p_mask)
 
 
-def grouped_spmm(y, x, order, bounds, slots, offsets, cols, values, scales):
+def grouped_spmm(y, x, order, bounds, slots, starts, offsets, cols, values, scales):
     """In place, for each group i: y[rows] += scales[s]·x[rows]·S_sᵀ with s = slots[i] and
-    rows = order[bounds[i][0]:bounds[i][1]], in ONE launch (_group_tables.py: the groups' CSR
-    structures concatenated for the call, tiles of 64 rows of one group)."""
+    rows = order[bounds[i][0]:bounds[i][1]], in ONE launch (_group_tables.py: S_s read where
+    the buffers offsets, cols and values hold it, at (o, e0, e1) = starts[s]; tiles of 64 rows
+    of one group)."""
     n_rows = y.shape[1]
     if not slots or not n_rows:
         return y
-    t = spmm_tables(bounds, slots, offsets, cols, values, scales, 64, y.device)
+    t = spmm_tables(bounds, slots, starts, scales, 64, y.device)
     _grouped_spmm_kernel[(n_rows, t.tile_group.numel())](
-        y, x, order, t.tile_group, t.tile_start, t.group_end, t.offsets, t.cols, t.values,
-        t.scales, n_rows, x.shape[1], BLOCK_T=64, BLOCK_NZ=32)
+        y, x, order, t.tile_group, t.tile_start, t.group_end, t.group_offsets, t.group_entries,
+        offsets, cols, values, t.scales, n_rows, x.shape[1], BLOCK_T=64, BLOCK_NZ=32)
     return y
 
 
 @triton.jit
-def _grouped_sddmm_kernel(gy, x, order, tile_group, tile_start, entry_end, group_rows, rows,
-                          cols, g, n_out, n_in, BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr):
+def _grouped_sddmm_kernel(gy, x, order, tile_group, tile_start, entry_end, group_rows, scales,
+                          rows, cols, g, n_out, n_in, BLOCK_T: tl.constexpr,
+                          BLOCK_NZ: tl.constexpr):
     # _sddmm_kernel over many adapters at once: one program per block of one group's entries
-    # (in the concatenated rows/cols), over that group's rows order[b0:b1] only.
+    # (positions in the adapters' rows/cols, and in g), over that group's rows order[b0:b1]
+    # only, times the group's scale.
     tile = tl.program_id(0)
     grp = tl.load(tile_group + tile).to(tl.int64)
     j = tl.load(tile_start + tile).to(tl.int64) + tl.arange(0, BLOCK_NZ)
@@ -184,17 +191,19 @@ def _grouped_sddmm_kernel(gy, x, order, tile_group, tile_start, entry_end, group
         a = tl.load(gy + t[:, None] * n_out + r[None, :], mask=m, other=0.0).to(tl.float32)
         b = tl.load(x + t[:, None] * n_in + c[None, :], mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=0)
-    tl.store(g + j, acc, mask=j_mask)
+    tl.store(g + j, tl.load(scales + grp) * acc, mask=j_mask)
 
 
-def grouped_sddmm(gy, x, order, bounds, slots, rows, cols):
-    """For each group i, sddmm(gy[rows_i], x[rows_i]) over its slot's entries (rows_i =
-    order[bounds[i][0]:bounds[i][1]], s = slots[i]; rows/cols per slot), in ONE launch; a list
-    of fp32 [nnz_s], one per group."""
-    t = sddmm_tables(bounds, slots, rows, cols, 64, gy.device)
-    g = torch.empty(sum(t.sizes), dtype=torch.float32, device=gy.device)
-    if g.numel():
-        _grouped_sddmm_kernel[(t.tile_group.numel(),)](
-            gy, x, order, t.tile_group, t.tile_start, t.entry_end, t.group_rows, t.rows, t.cols,
-            g, gy.shape[1], x.shape[1], BLOCK_T=128, BLOCK_NZ=64)
-    return list(g.split(t.sizes))
+def grouped_sddmm(gy, x, order, bounds, slots, starts, rows, cols, scales):
+    """For each group i, scales[s]·sddmm(gy[rows_i], x[rows_i]) over its slot's entries (rows_i
+    = order[bounds[i][0]:bounds[i][1]], s = slots[i], its entries at [e0, e1) of the buffers
+    rows and cols, (_, e0, e1) = starts[s]), in ONE launch: fp32 like rows, each present
+    adapter's gradient at its entries, 0 elsewhere."""
+    g = torch.zeros(rows.numel(), dtype=torch.float32, device=gy.device)
+    if slots and g.numel():
+        t = sddmm_tables(bounds, slots, starts, scales, 64, gy.device)
+        if t.tile_group.numel():
+            _grouped_sddmm_kernel[(t.tile_group.numel(),)](
+                gy, x, order, t.tile_group, t.tile_start, t.entry_end, t.group_rows, t.scales,
+                rows, cols, g, gy.shape[1], x.shape[1], BLOCK_T=128, BLOCK_NZ=64)
+    return g
