@@ -175,22 +175,12 @@ def load_note(busy) -> str:
 # Timing.
 # ---------------------------------------------------------------------------------------------
 def interleaved(variants: dict, *, repeat: int, min_time: float, max_rounds: int) -> dict:
-    """Time the callables of ``variants`` round robin: one untimed warm-up round, then at least
-    ``repeat`` rounds, more (up to ``max_rounds``) while a configuration has taken less than
-    ``min_time`` seconds; each round starts at the next variant. {name: (median s, times)}."""
-    names = list(variants)
-    start = time.perf_counter()
-    for name in names:
-        variants[name]()
-    warm = time.perf_counter() - start
-    rounds = max(repeat, min(max_rounds, math.ceil(min_time / max(warm, 1e-9))))
-    times = {name: [] for name in names}
-    for k in range(rounds):
-        for j in range(len(names)):
-            name = names[(k + j) % len(names)]
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t0)
+    """Time the callables of ``variants`` in rounds (sb.round_robin_until_tight: one untimed
+    warm-up round, then rounds in a new random order each): at least ``repeat`` rounds, more
+    (up to ``max_rounds``) until ``min_time`` seconds of rounds have passed.
+    {name: (median s, times)}."""
+    times = sb.round_robin_until_tight(variants, least=repeat, cap_s=min_time, rel=0.0,
+                                       most=max(repeat, max_rounds))
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 
@@ -789,8 +779,8 @@ def report(results, memory, overhead, args, busy_start, busy_end, monitor, with_
         "network), nothing is updated. The frozen nn.Linear row has the same loss and only "
         "the input gradient: the floor for anything built on torch's matmul.",
         "",
-        "The variants of one configuration are timed round robin (each round calls every "
-        "variant once, starting one further along each time) after one untimed warm-up round: "
+        "The variants of one configuration are timed in rounds (each round calls every "
+        "variant once, in a new random order each time) after one untimed warm-up round: "
         f"at least {args.repeat} rounds, more (at most {args.max_rounds}) until a configuration "
         f"has run about {args.min_time:g} s. Times are medians; the spread is min–max; ratios "
         "are ratios of medians measured side by side in the same rounds.",

@@ -459,8 +459,8 @@ def _synced(fn, device: torch.device):
 def round_robin(fns: dict, *, repeat: int, device: torch.device, cap_s: float = 0.0,
                 rel: float = CI_TARGET) -> dict[str, list[float]]:
     """Times (ms) of each callable (benchmark.round_robin_until_tight): one untimed warm-up
-    round, then rounds calling each once, every round starting one further along, so that a
-    change of load on a shared machine hits all alike; at least ``repeat`` rounds, more until
+    round, then rounds calling each once, in a new random order each round, so that a change
+    of load on a shared machine, or a predecessor's traffic, hits all alike; at least ``repeat`` rounds, more until
     every median's ~95% interval is within ±``rel`` of it or ``cap_s`` seconds of rounds have
     passed. Each call is synchronised with the device."""
     runs = {name: _synced(fn, device) for name, fn in fns.items()}
