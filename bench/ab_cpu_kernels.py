@@ -308,16 +308,7 @@ def whole_step(builds, shape, r, tokens, dtype, rounds):
         calls["step, PEFT LoRA"] = hb.training_step(hb.peft_lora_layer(hb.clone_linear(base), r=r), x)
     calls["forward, nn.Linear"] = dense
     try:
-        times = {name: [] for name in calls}
-        for call in calls.values():
-            call()
-        order, shuffle = list(calls), random.Random(1).shuffle
-        for _ in range(rounds):
-            shuffle(order)
-            for name in order:
-                t = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - t)
+        times = hb.round_robin_until_tight(calls, least=rounds, cap_s=0.0, seed=1)
     finally:
         for op, fn in before.items():
             registry.register(op, "cpu", fn)
