@@ -5,10 +5,9 @@ A call's groups are the adapters present in the batch: group i has the rows orde
 set keeps it: its entries at [e0, e1) of the set's entry buffers (cols, values, rows) and its
 row offsets, counted from e0, at offsets[o : o + rows + 1], with (o, e0, e1) = starts[s]. The
 kernels read those buffers in place: a call's tables grow with its groups and tiles, never
-with the adapters' entries (concatenating the present adapters' entries per call had cost a
-copy of them, as many bytes as the sparse product itself reads). The work is cut into tiles
-that never span two groups, each tile one program (Triton) or one block row of the grid
-(CUDA):
+with the adapters' entries (a copy of those would move as many bytes as the sparse product
+reads). The work is cut into tiles that never span two groups, each tile one program (Triton)
+or one block row of the grid (CUDA):
 
   spmm_tables:  tiles of up to ``tile_rows`` rows of one group; per group where its row
                 offsets and its entries start in the buffers.
