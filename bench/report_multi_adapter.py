@@ -1,8 +1,8 @@
 """Time a batch whose sequences use different SHiRA adapters (multi_delta_linear) against its
-alternatives, in one run, on the CPU.
+alternatives, in one run, on the CPU (or a CUDA GPU: --device cuda).
 
     python bench/report_multi_adapter.py [--hidden 2048 --intermediate 5504] [--sequences 32]
-        [--tokens 128] [--adapters 1,8,32] [--repeat 3] [--dtypes fp32,bf16]
+        [--tokens 128] [--adapters 1,8,32] [--repeat 3] [--dtypes fp32,bf16] [--device cpu]
         [--out docs/benchmarks/multi_adapter_cpu.md]
 
 The seven projections of one Llama-shaped block (bias-free), the batch's sequences x tokens as
@@ -52,28 +52,32 @@ from shira_kernels.harness import benchmark as sb  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def layer_case(out_f, in_f, dtype, adapters, seed):
+def layer_case(out_f, in_f, dtype, adapters, seed, device="cpu"):
     """A weight, k adapters' deltas (a SparseDeltaSet, and each prepared for swapping: indices
-    and the values that stand in W while it is active), and k PEFT LoRA adapters if wanted."""
+    and the values that stand in W while it is active), on ``device`` (drawn on the CPU, so the
+    same numbers on every device)."""
     g = torch.Generator().manual_seed(seed)
-    weight = ((torch.rand(out_f, in_f, generator=g) * 2 - 1) / in_f ** 0.5).to(dtype)
+    weight = ((torch.rand(out_f, in_f, generator=g) * 2 - 1) / in_f ** 0.5).to(device, dtype)
     nnz = min(32 * (out_f + in_f), out_f * in_f)
     delta_set, swaps = shira_kernels.SparseDeltaSet((out_f, in_f)), []
     for a in range(adapters):
         flat = torch.randperm(out_f * in_f, generator=g)[:nnz]
         values = (torch.randn(nnz, generator=g) * 0.01).to(dtype)
-        delta = shira_kernels.SparseDelta.from_flat(flat, (out_f, in_f), values, dtype=dtype)
+        delta = shira_kernels.SparseDelta.from_flat(flat, (out_f, in_f), values,
+                                                    dtype=dtype).to(device)
         delta_set.add(f"a{a}", delta, 1.0)
         indices = delta.flat_indices.to(torch.int64)
         swaps.append((indices, (weight.view(-1)[indices].float() + delta.values.float()).to(dtype)))
     return weight, delta_set, swaps
 
 
-def binary_adapters(out_f, in_f, adapters, seed):
+def binary_adapters(out_f, in_f, adapters, seed, device="cpu"):
     """k packed 1-bit LoRA adapters (r = 32) for one weight: (down, up, scale) each."""
     g = torch.Generator().manual_seed(seed + 1000)
-    return [(shira_kernels.BinaryWeight.from_float(torch.randn(32, in_f, generator=g), "petl"),
-             shira_kernels.BinaryWeight.from_float(torch.randn(out_f, 32, generator=g), "row"),
+    return [(shira_kernels.BinaryWeight.from_float(torch.randn(32, in_f, generator=g),
+                                                   "petl").to(device),
+             shira_kernels.BinaryWeight.from_float(torch.randn(out_f, 32, generator=g),
+                                                   "row").to(device),
              0.01) for _ in range(adapters)]
 
 
@@ -94,7 +98,7 @@ def peft_lora_layer(weight, adapters):
     for module in layer.lora_B.values():
         with torch.no_grad():
             module.weight.normal_(0, 0.01)
-    return layer.to(weight.dtype)
+    return layer.to(weight.device, weight.dtype)
 
 
 BASE = "base only (F.linear, no adapter)"
@@ -170,21 +174,35 @@ def sb_shapes(hidden, intermediate):
     return [shape for _, shape in sb.llama_linear_shapes(hidden, intermediate, blocks=1)]
 
 
-def run(hidden, intermediate, sequences, tokens, adapters, dtype, repeat):
+def synced(fn, device: torch.device):
+    """``fn`` then, on a GPU, a synchronisation: the timed call includes the device's work."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+    return run
+
+
+def run(hidden, intermediate, sequences, tokens, adapters, dtype, repeat, device):
     shapes = sb_shapes(hidden, intermediate)
     layers = []
     for k, (out_f, in_f) in enumerate(shapes):
-        weight, delta_set, swaps = layer_case(out_f, in_f, dtype, adapters, seed=k)
+        weight, delta_set, swaps = layer_case(out_f, in_f, dtype, adapters, seed=k,
+                                              device=device)
         layers.append((weight, delta_set, swaps, peft_lora_layer(weight, adapters),
-                       binary_adapters(out_f, in_f, adapters, seed=k)))
+                       binary_adapters(out_f, in_f, adapters, seed=k, device=device)))
     g = torch.Generator().manual_seed(99)
-    x = {f: torch.randn(sequences * tokens, f, generator=g).to(dtype) for f in {s[1] for s in shapes}}
+    x = {f: torch.randn(sequences * tokens, f, generator=g).to(device, dtype)
+         for f in {s[1] for s in shapes}}
     per_sequence = [s % adapters for s in range(sequences)]
-    row_adapter = torch.tensor(per_sequence).repeat_interleave(tokens)
+    row_adapter = torch.tensor(per_sequence).repeat_interleave(tokens).to(device)
     lora_names = ["default" if a == 0 else f"a{a}" for a in per_sequence]
     names = [n for n in lora_names for _ in range(tokens)]
     groups = [(row_adapter == a).nonzero().view(-1) for a in range(adapters)]
-    fns = variants(layers, x, row_adapter, names, groups)
+    fns = {name: synced(fn, device)
+           for name, fn in variants(layers, x, row_adapter, names, groups).items()}
     with torch.no_grad():
         times = sb.round_robin_until_tight(fns, least=repeat, cap_s=15.0, most=repeat + 4)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -199,18 +217,28 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", default="1,8,32")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
-    parser.add_argument("--out", default="docs/benchmarks/multi_adapter_cpu.md",
-                        help="'-' only prints")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a CUDA GPU)")
+    parser.add_argument("--out", default=None,
+                        help="'-' only prints (default docs/benchmarks/multi_adapter_DEVICE.md, "
+                             "DEVICE cpu or cuda)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda"
+                                              and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device!r}: cpu, or cuda where torch sees a CUDA GPU")
+    out = args.out or f"docs/benchmarks/multi_adapter_{device.type}.md"
     counts = [int(v) for v in args.adapters.split(",")]
     labels = [v.strip() for v in args.dtypes.split(",") if v.strip()]
     unknown = [v for v in labels if v not in DTYPES]
     if unknown or not labels:
         parser.error(f"--dtypes takes a comma list of {', '.join(DTYPES)}; got {args.dtypes!r}")
     started = dt.datetime.now(dt.timezone.utc)
-    lines = ["# Many SHiRA adapters in one batch (CPU)", "",
+    where = ("CPU" if device.type == "cpu"
+             else f"GPU: {torch.cuda.get_device_name(device)}, backend for CUDA tensors "
+                  f"{shira_kernels.backends.select(device)}; CPU")
+    lines = [f"# Many SHiRA adapters in one batch ({device.type.upper()})", "",
              f"Made by `{sb.command_line()}` on {started:%Y-%m-%d %H:%M} UTC.", "",
-             f"- CPU: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}; torch "
+             f"- {where}: {sb.cpu_model()}; os.cpu_count() = {os.cpu_count()}; torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads",
              f"- The forward of one Llama-shaped block's seven projections (hidden {args.hidden}, "
              f"intermediate {args.intermediate}, no bias) on {args.sequences} sequences x "
@@ -231,17 +259,19 @@ def main(argv=None) -> int:
         for k in counts:
             print(f"{label}, {k} adapters", file=sys.stderr, flush=True)
             t = run(args.hidden, args.intermediate, args.sequences, args.tokens, k, dtype,
-                    args.repeat)
+                    args.repeat, device)
             ref = t["mixed (this package)"]
             for name, seconds in t.items():
                 lines.append(f"| {k} | {name} | {seconds * 1e3:.1f} | {seconds / ref:.2f} |")
             decided = []
             for out_f, in_f in sorted(set(sb_shapes(args.hidden, args.intermediate))):
-                e = multi_delta.base_entry("cpu", dtype, args.sequences * args.tokens, False,
+                e = multi_delta.base_entry(device, dtype, args.sequences * args.tokens, False,
                                            False, (out_f, in_f))
                 decided.append(f"{out_f}x{in_f} {e['value']} ("
                                + ", ".join(f"{n} {ms:.1f} ms" for n, ms in e["ms"].items())
-                               + ")" if e else f"{out_f}x{in_f} torch (tuning off)")
+                               + ")" if e else f"{out_f}x{in_f} torch ("
+                               + ("tuning off)" if device.type == "cpu"
+                                  else "the fold kernel is the CPU's)"))
             bases.append(f"- {label}, {k} adapters: " + "; ".join(decided))
             bounds.append(f"- {label}, {k} adapters: group and switch takes "
                           f"{t[SWITCH] / t[BASE]:.2f}x the base's F.linear alone, so no way "
@@ -254,7 +284,7 @@ def main(argv=None) -> int:
               "package's fold kernel with no entries, whichever measured faster on this machine "
               "per layer shape (tuning; the candidates' times on the slice it measured):", ""]
     lines += bases + ["", "## Bound (on torch's matmul)", ""] + bounds + [""]
-    sb.publish_report(lines, args.out)
+    sb.publish_report(lines, out)
     return 0
 
 

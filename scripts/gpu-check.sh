@@ -2,8 +2,10 @@
 # The GPU checks, in one call of a lent GPU machine (or any machine with a CUDA torch):
 # versions, the CUDA build, every backend test on CUDA tensors (compiled Triton, not the
 # interpreter), bench/report_gpu.py (and its --profile) and `shira-kernels bench --device cuda`.
-# STEPS picks and orders them (default: info tests report bench; also: profile). Everything lands
-# in $OUT (default gpu-out/): log.txt, gpu_report.md/.json, main_gpu.tar.gz.
+# STEPS picks and orders them (default: info tests report bench; also: profile, and multi:
+# bench/report_multi_adapter.py --device cuda, issue 19's batch of many adapters). Everything
+# lands in $OUT (default gpu-out/): log.txt, gpu_report.md/.json, main_gpu.tar.gz,
+# multi_adapter_gpu.md.
 # Uses the machine's own python3 and its torch/triton/peft; the package runs from the tree.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +35,10 @@ for s in $STEPS; do case $s in
   report)
     step "bench/report_gpu.py"
     timeout "${REPORT_TIMEOUT:-300}" python3 bench/report_gpu.py --out "$OUT/gpu_report.md" ${REPORT_ARGS:-} ;;
+  multi)
+    step "bench/report_multi_adapter.py --device cuda"
+    timeout "${MULTI_TIMEOUT:-300}" python3 bench/report_multi_adapter.py --device cuda \
+      --out "$OUT/multi_adapter_gpu.md" ${MULTI_ARGS:-} ;;
   bench)
     step "shira-kernels bench --device cuda"
     timeout "${BENCH_TIMEOUT:-300}" python3 -m shira_kernels bench --device cuda --no-progress \

@@ -207,6 +207,19 @@ def test_multi_adapter_report_at_toy_size(tmp_path):
     for row in ("| 3 | mixed (this package) |", "| 3 | group and switch",
                 "| 3 | 1-bit LoRA mixed (multi_binary_lora) |", "## bf16"):
         assert row in text, row
+    assert text.startswith("# Many SHiRA adapters in one batch (CPU)")
+
+
+def test_multi_adapter_report_names_a_device_it_cannot_use():
+    # --device cuda is for a GPU session; without a GPU it stops before any work, saying so.
+    import torch
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("a CUDA GPU is visible: --device cuda would run")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report_multi_adapter.py"),
+                           "--device", "cuda", "--out", "-"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "--device 'cuda'" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_mixed_overhead_bench_at_toy_size():
