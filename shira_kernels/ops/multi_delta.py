@@ -128,13 +128,13 @@ def _backward_by(backend: str):
     def grouped_backward(gx, gy, x, order, bounds, slots, starts, buffers, scales, need_x):
         both = registry.lookup("spmm_t_sddmm", backend)
         sddmm = registry.lookup("sddmm", backend)
-        values, cols, rows_, t_cols, t_perm, offsets = buffers
+        values, cols, entry_rows, t_cols, t_perm, offsets = buffers
         out_f, in_f = gy.shape[1], x.shape[1]
         gvalues = torch.zeros_like(values)  # entries of adapters without rows: zero gradient
         for rows, s in zip(_runs(order, bounds), slots):
             o, e0, e1 = starts[s]
             t_at = o + out_f + 1
-            struct = (rows_[e0:e1], cols[e0:e1], offsets[o:t_at],
+            struct = (entry_rows[e0:e1], cols[e0:e1], offsets[o:t_at],
                       offsets[t_at:t_at + in_f + 1], t_cols[e0:e1], t_perm[e0:e1])
             gy_s, x_s = _rows_of(gy, rows), _rows_of(x, rows)
             if need_x:
@@ -154,7 +154,7 @@ def _one_launch_backward(kernels):
     gradients."""
     def grouped_backward(gx, gy, x, order, bounds, slots, starts, buffers, scales, need_x):
         k = kernels()
-        values, cols, rows, t_cols, t_perm, offsets = buffers
+        values, cols, entry_rows, t_cols, t_perm, offsets = buffers
         if need_x and slots:
             t_values = torch.empty_like(values)  # read at the present adapters' entries only
             t_starts = {}
@@ -164,7 +164,7 @@ def _one_launch_backward(kernels):
                 t_starts[s] = (o + gy.shape[1] + 1, e0, e1)
             k.grouped_spmm(gx, gy, order, bounds, slots, t_starts, offsets, t_cols, t_values,
                            scales)
-        g = k.grouped_sddmm(gy, x, order, bounds, slots, starts, rows, cols, scales)
+        g = k.grouped_sddmm(gy, x, order, bounds, slots, starts, entry_rows, cols, scales)
         return gx, g.to(values.dtype)
     return grouped_backward
 
