@@ -174,17 +174,6 @@ def sb_shapes(hidden, intermediate):
     return [shape for _, shape in sb.llama_linear_shapes(hidden, intermediate, blocks=1)]
 
 
-def synced(fn, device: torch.device):
-    """``fn`` then, on a GPU, a synchronisation: the timed call includes the device's work."""
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        fn()
-        torch.cuda.synchronize(device)
-    return run
-
-
 def run(hidden, intermediate, sequences, tokens, adapters, dtype, repeat, device):
     shapes = sb_shapes(hidden, intermediate)
     layers = []
@@ -201,7 +190,7 @@ def run(hidden, intermediate, sequences, tokens, adapters, dtype, repeat, device
     lora_names = ["default" if a == 0 else f"a{a}" for a in per_sequence]
     names = [n for n in lora_names for _ in range(tokens)]
     groups = [(row_adapter == a).nonzero().view(-1) for a in range(adapters)]
-    fns = {name: synced(fn, device)
+    fns = {name: sb.synced(fn, device)
            for name, fn in variants(layers, x, row_adapter, names, groups).items()}
     with torch.no_grad():
         times = sb.round_robin_until_tight(fns, least=repeat, cap_s=15.0, most=repeat + 4)

@@ -3,11 +3,11 @@
 A call's groups are the adapters present in the batch: group i has the rows order[b0:b1] of
 (b0, b1) = bounds[i] and the adapter in slot s = slots[i], whose CSR structure lies where the
 set keeps it: its entries at [e0, e1) of the set's entry buffers (cols, values, rows) and its
-row offsets, counted from e0, at offsets[o : o + rows + 1], with (o, e0, e1) = starts[s]. The
-kernels read those buffers in place: a call's tables grow with its groups and tiles, never
-with the adapters' entries (a copy of those would move as many bytes as the sparse product
-reads). The work is cut into tiles that never span two groups, each tile one program (Triton)
-or one block row of the grid (CUDA):
+row offsets, counted from e0, at offsets[o : o + rows + 1], with (e0, e1, o) = starts[s] (the
+set's segments, formats.SparseDeltaSetState). The kernels read those buffers in place: a
+call's tables grow with its groups and tiles, never with the adapters' entries (a copy of
+those would move as many bytes as the sparse product reads). The work is cut into tiles that
+never span two groups, each tile one program (Triton) or one block row of the grid (CUDA):
 
   spmm_tables:  tiles of up to ``tile_rows`` rows of one group; per group where its row
                 offsets and its entries start in the buffers.
@@ -53,24 +53,24 @@ def _scales(scales, slots, device) -> torch.Tensor:
     return torch.tensor([float(scales[s]) for s in slots], dtype=torch.float32, device=device)
 
 
-def spmm_tables(bounds, slots, starts, scales, tile_rows: int, device) -> SpmmTables:
+def _tiles(spans, size: int) -> tuple[list[int], list[int]]:
+    """(tile_group, tile_start): group i's span [a, b) cut into tiles of up to ``size``."""
     tile_group, tile_start = [], []
-    for i, (b0, b1) in enumerate(bounds):
-        rows = range(b0, b1, tile_rows)
-        tile_group.extend([i] * len(rows))
-        tile_start.extend(rows)
-    tables = _int64_tables(device, tile_group, tile_start, [b1 for _, b1 in bounds],
-                           [starts[s][0] for s in slots], [starts[s][1] for s in slots])
+    for i, (a, b) in enumerate(spans):
+        starts = range(a, b, size)
+        tile_group.extend([i] * len(starts))
+        tile_start.extend(starts)
+    return tile_group, tile_start
+
+
+def spmm_tables(bounds, slots, starts, scales, tile_rows: int, device) -> SpmmTables:
+    tables = _int64_tables(device, *_tiles(bounds, tile_rows), [b1 for _, b1 in bounds],
+                           [starts[s][2] for s in slots], [starts[s][0] for s in slots])
     return SpmmTables(*tables, _scales(scales, slots, device))
 
 
 def sddmm_tables(bounds, slots, starts, scales, tile_entries: int, device) -> SddmmTables:
-    tile_group, tile_start = [], []
-    for i, s in enumerate(slots):
-        _, e0, e1 = starts[s]
-        entries = range(e0, e1, tile_entries)
-        tile_group.extend([i] * len(entries))
-        tile_start.extend(entries)
-    tables = _int64_tables(device, tile_group, tile_start, [starts[s][2] for s in slots],
+    entries = [starts[s][:2] for s in slots]
+    tables = _int64_tables(device, *_tiles(entries, tile_entries), [e1 for _, e1 in entries],
                            [b for bound in bounds for b in bound])
     return SddmmTables(*tables, _scales(scales, slots, device))

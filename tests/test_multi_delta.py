@@ -561,7 +561,8 @@ def test_triton_grouped_kernels_read_the_adapters_where_the_set_keeps_them():
             return launch
     delta_set.requires_grad_()
     with shira_kernels.use_backend("triton"), \
-            mock.patch.object(triton_sd, "_grouped_spmm_kernel", Recorded("_grouped_spmm_kernel")), \
+            mock.patch.object(triton_sd, "_grouped_spmm_kernel",
+                              Recorded("_grouped_spmm_kernel")), \
             mock.patch.object(triton_sd, "_grouped_sddmm_kernel",
                               Recorded("_grouped_sddmm_kernel")):
         y = shira_kernels.multi_delta_linear(x, weight, None, delta_set, torch.tensor(assignment))

@@ -67,7 +67,7 @@ def exercise_launchers() -> None:
             sparse_delta.spmm(x, y, s.t_offsets, s.t_cols, delta.values[s.t_perm], 0.5)
             sparse_delta.sddmm(y, x, s.rows, s.cols)
             order = torch.tensor([4, 0, 2, 1, 3])  # two groups of rows, the same adapter
-            starts = {0: (0, 0, delta.values.numel())}
+            starts = {0: (0, delta.values.numel(), 0)}
             sparse_delta.grouped_spmm(y, x, order, [(0, 2), (2, 5)], [0, 0], starts,
                                       s.row_offsets, s.cols, delta.values, {0: 0.5})
             sparse_delta.grouped_sddmm(y, x, order, [(0, 2), (2, 5)], [0, 0], starts, s.rows,

@@ -439,31 +439,14 @@ def _summary(m: Measurement) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Timing.
 # ---------------------------------------------------------------------------------------------
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def _synced(fn, device: torch.device):
-    """``fn`` followed by a device synchronisation: the timed call includes the device work."""
-    sync = _sync(device)
-
-    def run():
-        out = fn()
-        sync()
-        return out
-    return run
-
-
 def round_robin(fns: dict, *, repeat: int, device: torch.device, cap_s: float = 0.0,
                 rel: float = CI_TARGET) -> dict[str, list[float]]:
     """Times (ms) of each callable (benchmark.round_robin_until_tight): one untimed warm-up
     round, then rounds calling each once, in a new random order each round, so that a change
-    of load on a shared machine, or a predecessor's traffic, hits all alike; at least ``repeat`` rounds, more until
-    every median's ~95% interval is within ±``rel`` of it or ``cap_s`` seconds of rounds have
-    passed. Each call is synchronised with the device."""
-    runs = {name: _synced(fn, device) for name, fn in fns.items()}
+    of load on a shared machine, or a predecessor's traffic, hits all alike; at least
+    ``repeat`` rounds, more until every median's ~95% interval is within ±``rel`` of it or
+    ``cap_s`` seconds of rounds have passed. Each call is synchronised with the device."""
+    runs = {name: sb.synced(fn, device) for name, fn in fns.items()}
     times = sb.round_robin_until_tight(runs, least=repeat, cap_s=cap_s, rel=rel)
     return {name: [t * 1e3 for t in ts] for name, ts in times.items()}
 
@@ -705,7 +688,7 @@ def measure_switch(cfg: BenchConfig, results: Results, progress: Progress, devic
             switcher.begin()
             # One untimed switch here and one in round_robin's warm-up round: both directions'
             # plans and caches are built. This one also tells how long a switch takes.
-            _, (seconds,) = sb.median_time(_synced(switcher.switch, device), warmup=0, repeat=1)
+            _, (seconds,) = sb.median_time(sb.synced(switcher.switch, device), warmup=0, repeat=1)
             slowest = max(slowest, seconds)
         # At least --repeat rounds, fewer (at least 3) where they would run past the time cap.
         least = cfg.repeat
@@ -715,7 +698,7 @@ def measure_switch(cfg: BenchConfig, results: Results, progress: Progress, devic
                             device=device, cap_s=cfg.time_cap_s, rel=cfg.ci_target)
         for switcher in reversed(switchers.values()):
             switcher.end()
-        _sync(device)()
+        sb.device_sync(device)()
         setup.restore()
         for method in switchers:
             results.add("switch", metric, method, "ours" if method == BANK else "alternative",
@@ -743,7 +726,7 @@ def measure_drift(cfg: BenchConfig, results: Results, progress: Progress, device
         for _ in range(cfg.drift_switches):
             switcher.switch()
         switcher.end()
-        _sync(device)()
+        sb.device_sync(device)()
         worst, changed = setup.drift()
         setup.restore()
         results.add("drift", metric, method, "ours" if method == BANK else "alternative",

@@ -22,7 +22,8 @@ from .. import _machine, tuning
 from ..masks import sample_distinct
 
 __all__ = [
-    "SwapCase", "llama_linear_shapes", "make_swap_case", "median_time", "median_ci",
+    "SwapCase", "llama_linear_shapes", "make_swap_case", "device_sync", "synced",
+    "median_time", "median_ci",
     "interval_within", "round_robin_until_tight", "MIN_CI_VALUES", "copy_bandwidth",
     "read_bandwidth", "matmul_peak", "peak_size",
     "swap_traffic_bytes", "torch_loop_swap", "lora_addmm_fuse", "peft_lora_merge",
@@ -106,6 +107,24 @@ def make_swap_case(shapes, r: int = 32, dtype: torch.dtype = torch.float32,
         lora_b.append((torch.randn(m, r, generator=gen) * 0.01).to(dtype))
     return SwapCase(names=names, shapes=dims, dtype=dtype, r=r, weights=weights,
                     indices=indices, values=values, lora_A=lora_a, lora_B=lora_b)
+
+
+def device_sync(device: torch.device):
+    """A call that waits for ``device``'s queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def synced(fn, device: torch.device):
+    """``fn`` followed by a device synchronisation: the timed call includes the device work."""
+    sync = device_sync(device)
+
+    def run():
+        out = fn()
+        sync()
+        return out
+    return run
 
 
 def median_time(fn, *, warmup: int = 1, repeat: int = 5) -> tuple[float, list[float]]:

@@ -63,8 +63,8 @@ def multi_delta_linear_reference(x, weight, bias, deltas, scales, row_adapter) -
 # ---------------------------------------------------------------------------------------------
 # Kernels per backend, over the groups (rows = order[b0:b1] for each (b0, b1) of bounds, s its
 # slot; every adapter's fields where the set keeps them: its entries at [e0, e1) of the entry
-# buffers, its row offsets (counted from e0) at offsets[o : o + rows + 1], (o, e0, e1) =
-# starts[s], for the slots present only; scales[s] its scale):
+# buffers, its row offsets (counted from e0) at offsets[o : o + rows + 1], (e0, e1, o) =
+# starts[s] (the set's segments), for the slots present only; scales[s] its scale):
 #   grouped_spmm(y, x, order, bounds, slots, starts, offsets, cols, values, scales) -> y, in
 #       place: y[rows] += scales[s]·x[rows]·S_sᵀ
 #   grouped_backward(gx, gy, x, order, bounds, slots, starts, buffers, scales, need_x)
@@ -110,16 +110,12 @@ def _grouped_by(spmm):
     def grouped_spmm(y, x, order, bounds, slots, starts, offsets, cols, values, scales):
         n = y.shape[1] + 1
         for rows, s in zip(_runs(order, bounds), slots):
-            o, e0, e1 = starts[s]
+            e0, e1, o = starts[s]
             ya = spmm(_rows_of(y, rows), _rows_of(x, rows), offsets[o:o + n], cols[e0:e1],
                       values[e0:e1], scales[s], overwrite_y=True)
             _put_rows(y, rows, ya)
         return y
     return grouped_spmm
-
-
-def _scaled_into(gvalues: torch.Tensor, e0: int, g: torch.Tensor, scale: float) -> None:
-    gvalues[e0:e0 + g.numel()] = g if scale == 1.0 else scale * g
 
 
 def _backward_by(backend: str):
@@ -132,7 +128,7 @@ def _backward_by(backend: str):
         out_f, in_f = gy.shape[1], x.shape[1]
         gvalues = torch.zeros_like(values)  # entries of adapters without rows: zero gradient
         for rows, s in zip(_runs(order, bounds), slots):
-            o, e0, e1 = starts[s]
+            e0, e1, o = starts[s]
             t_at = o + out_f + 1
             struct = (entry_rows[e0:e1], cols[e0:e1], offsets[o:t_at],
                       offsets[t_at:t_at + in_f + 1], t_cols[e0:e1], t_perm[e0:e1])
@@ -142,7 +138,7 @@ def _backward_by(backend: str):
                 _put_rows(gx, rows, gx_s)
             else:
                 g = sddmm(gy_s, x_s, struct[0], struct[1], struct[2])
-            _scaled_into(gvalues, e0, g, scales[s])
+            gvalues[e0:e1] = g if scales[s] == 1.0 else scales[s] * g
         return gx, gvalues
     return grouped_backward
 
@@ -159,9 +155,9 @@ def _one_launch_backward(kernels):
             t_values = torch.empty_like(values)  # read at the present adapters' entries only
             t_starts = {}
             for s in slots:
-                o, e0, e1 = starts[s]
+                e0, e1, o = starts[s]
                 torch.index_select(values[e0:e1], 0, t_perm[e0:e1], out=t_values[e0:e1])
-                t_starts[s] = (o + gy.shape[1] + 1, e0, e1)
+                t_starts[s] = (e0, e1, o + gy.shape[1] + 1)
             k.grouped_spmm(gx, gy, order, bounds, slots, t_starts, offsets, t_cols, t_values,
                            scales)
         g = k.grouped_sddmm(gy, x, order, bounds, slots, starts, entry_rows, cols, scales)
@@ -182,7 +178,7 @@ class _CudaGrouped:
         if not slots or not y.shape[1]:
             return y
         t = spmm_tables(bounds, slots, starts, scales, self.TILE_ROWS, y.device)
-        nnz = sum(starts[s][2] - starts[s][1] for s in slots)
+        nnz = sum(starts[s][1] - starts[s][0] for s in slots)
         avg_row_nnz = -(-nnz // (len(slots) * y.shape[1]))  # the present adapters' rows' mean
         return self._mod.grouped_spmm(y, x, order, t.tile_group, t.tile_start, t.group_end,
                                       t.group_offsets, t.group_entries, offsets, cols, values,
@@ -345,11 +341,11 @@ def _groups(row_adapter: torch.Tensor, live: list[int]):
 
 def _present(segments: torch.Tensor, scales: torch.Tensor, row_adapter: torch.Tensor):
     """(order, bounds, slots) of the call's groups, and for the adapters present their
-    (o, e0, e1) in the set's buffers and their scales, keyed by slot."""
+    segments (e0, e1, o: where they lie in the set's buffers) and scales, keyed by slot."""
     segments, scales = segments.tolist(), scales.tolist()
     live = [s for s, (e0, _, _) in enumerate(segments) if e0 >= 0]
     order, bounds, slots = _sorted_groups(row_adapter, live)
-    starts = {s: (segments[s][2], segments[s][0], segments[s][1]) for s in slots}
+    starts = {s: tuple(segments[s]) for s in slots}
     return order, bounds, slots, starts, {s: scales[s] for s in slots}
 
 

@@ -155,7 +155,7 @@ def _grouped_spmm_kernel(y, x, order, tile_group, tile_start, group_end, group_o
 def grouped_spmm(y, x, order, bounds, slots, starts, offsets, cols, values, scales):
     """In place, for each group i: y[rows] += scales[s]·x[rows]·S_sᵀ with s = slots[i] and
     rows = order[bounds[i][0]:bounds[i][1]], in ONE launch (_group_tables.py: S_s read where
-    the buffers offsets, cols and values hold it, at (o, e0, e1) = starts[s]; tiles of 64 rows
+    the buffers offsets, cols and values hold it, at (e0, e1, o) = starts[s]; tiles of 64 rows
     of one group)."""
     n_rows = y.shape[1]
     if not slots or not n_rows:
@@ -197,7 +197,7 @@ def _grouped_sddmm_kernel(gy, x, order, tile_group, tile_start, entry_end, group
 def grouped_sddmm(gy, x, order, bounds, slots, starts, rows, cols, scales):
     """For each group i, scales[s]·sddmm(gy[rows_i], x[rows_i]) over its slot's entries (rows_i
     = order[bounds[i][0]:bounds[i][1]], s = slots[i], its entries at [e0, e1) of the buffers
-    rows and cols, (_, e0, e1) = starts[s]), in ONE launch: fp32 like rows, each present
+    rows and cols, (e0, e1, _) = starts[s]), in ONE launch: fp32 like rows, each present
     adapter's gradient at its entries, 0 elsewhere."""
     g = torch.zeros(rows.numel(), dtype=torch.float32, device=gy.device)
     if slots and g.numel():
