@@ -117,6 +117,14 @@ void check_same_dtype(const torch::Tensor& t, const char* name, const torch::Ten
               " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
+// The dtype of an spmm's operands: x's, which y and the values must share.
+shira::DType spmm_dtype(const torch::Tensor& y, const torch::Tensor& x,
+                        const torch::Tensor& values) {
+  check_same_dtype(y, "y", x, "x");
+  check_same_dtype(values, "values", x, "x");
+  return dtype_of(x, "x");
+}
+
 // Byte width of an int16 / int32 column-index tensor.
 int col_index_size(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kInt16 || t.scalar_type() == torch::kInt32, name,
@@ -138,9 +146,7 @@ torch::Tensor spmm(const torch::Tensor& y, const torch::Tensor& x, const torch::
   const torch::Device device = x.device();
   check_operands(device, {{x, "x", 2}, {y, "y", 2}, {offsets, "offsets", 1}, {cols, "cols", 1},
                           {values, "values", 1}});
-  const shira::DType dtype = dtype_of(x, "x");
-  check_same_dtype(y, "y", x, "x");
-  check_same_dtype(values, "values", x, "x");
+  const shira::DType dtype = spmm_dtype(y, x, values);
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64, "offsets must be int64, got ",
               offsets.scalar_type());
   const int col_size = col_index_size(cols, "cols");
@@ -228,9 +234,7 @@ torch::Tensor grouped_spmm(const torch::Tensor& y, const torch::Tensor& x,
                                {tile_start, "tile_start", 1}, {group_end, "group_end", 1},
                                {group_offsets, "group_offsets", 1},
                                {group_entries, "group_entries", 1}, {offsets, "offsets", 1}});
-  const shira::DType dtype = dtype_of(x, "x");
-  check_same_dtype(y, "y", x, "x");
-  check_same_dtype(values, "values", x, "x");
+  const shira::DType dtype = spmm_dtype(y, x, values);
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32, "scales must be float32, got ",
               scales.scalar_type());
   const int col_size = col_index_size(cols, "cols");

@@ -34,18 +34,25 @@ namespace {
 // y_in and y_out may be the same buffer: each element is read and then written
 // by the same thread, so they are deliberately not __restrict__.
 
+// S's rows over x, as both spmm kernels read them (built by brace initialisation, as the
+// structs holding it: the fields' order matters).
+template <typename T, typename Col>
+struct SparseRows {
+  const T* x;
+  const int64_t* offsets;  // CSR row offsets [rows + 1]
+  const Col* cols;
+  const T* values;
+  int64_t rows;         // = y's row length (y is [tokens, rows])
+  int64_t in_features;  // = x's row length (x is [tokens, in_features])
+};
+
 template <typename T, typename Col>
 struct SpmmArgs {
   const T* y_in;
   T* y_out;
-  const T* x;
-  const int64_t* row_offsets;
-  const Col* cols;
-  const T* values;
+  SparseRows<T, Col> s;
   float scale;
   int64_t num_tokens;
-  int64_t rows;         // = y's row length (y is [num_tokens, rows])
-  int64_t in_features;  // = x's row length (x is [num_tokens, in_features])
 };
 
 // acc[k] += sum_j values[j] * x_rows[k][cols[j]] for k < ntok, over the entries j of one row
@@ -85,21 +92,21 @@ __global__ void __launch_bounds__(kThreads) spmm_kernel(const SpmmArgs<T, Col> a
   static_assert(kThreads % kWarpSize == 0, "blocks must be whole warps");
   constexpr int kGroupsPerBlock = kThreads / kGroup;
 
-  const T* __restrict__ x = a.x;
-  const Col* __restrict__ cols = a.cols;
-  const T* __restrict__ values = a.values;
+  const T* __restrict__ x = a.s.x;
+  const Col* __restrict__ cols = a.s.cols;
+  const T* __restrict__ values = a.s.values;
 
   const int sub = static_cast<int>(threadIdx.x) % kGroup;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
                     static_cast<int64_t>(threadIdx.x) / kGroup;
-  const bool row_ok = r < a.rows;
+  const bool row_ok = r < a.s.rows;
   // Lanes past the last row keep an empty range instead of returning: every
   // lane of the warp must reach the full-mask shuffles below.
   int64_t begin = 0;
   int64_t end = 0;
   if (row_ok) {
-    begin = a.row_offsets[r];
-    end = a.row_offsets[r + 1];
+    begin = a.s.offsets[r];
+    end = a.s.offsets[r + 1];
   }
 
   const int64_t num_tiles = ceil_div(a.num_tokens, kTokens);
@@ -108,14 +115,14 @@ __global__ void __launch_bounds__(kThreads) spmm_kernel(const SpmmArgs<T, Col> a
   for (int64_t tile = blockIdx.y; tile < num_tiles; tile += gridDim.y) {
     const int64_t t0 = tile * kTokens;
     const int64_t ntok = min64(kTokens, a.num_tokens - t0);
-    const T* x_tile = x + t0 * a.in_features;
+    const T* x_tile = x + t0 * a.s.in_features;
 
     float acc[kTokens];
     const T* x_rows[kTokens];
 #pragma unroll
     for (int k = 0; k < kTokens; ++k) {
       acc[k] = 0.0f;
-      x_rows[k] = x_tile + k * a.in_features;
+      x_rows[k] = x_tile + k * a.s.in_features;
     }
     add_row_products<T, Col, kGroup, kTokens>(acc, x_rows, ntok, cols, values, begin, end, sub);
     reduce_over_group<kGroup, kTokens>(acc);
@@ -124,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) spmm_kernel(const SpmmArgs<T, Col> a
 #pragma unroll
       for (int k = 0; k < kTokens; ++k) {
         if (k % kGroup == sub && k < ntok) {
-          const int64_t i = (t0 + k) * a.rows + r;
+          const int64_t i = (t0 + k) * a.s.rows + r;
           a.y_out[i] = from_float<T>(fmaf(a.scale, acc[k], to_float(a.y_in[i])));
         }
       }
@@ -135,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) spmm_kernel(const SpmmArgs<T, Col> a
 template <typename T, typename Col, int kGroup, int kTokens>
 cudaError_t launch_spmm_shape(const SpmmArgs<T, Col>& a, cudaStream_t stream) {
   constexpr int64_t kGroupsPerBlock = kThreads / kGroup;
-  const int64_t blocks_x = ceil_div(a.rows, kGroupsPerBlock);
+  const int64_t blocks_x = ceil_div(a.s.rows, kGroupsPerBlock);
   if (blocks_x > kMaxGridX) return cudaErrorInvalidValue;
   const int64_t blocks_y = min64(ceil_div(a.num_tokens, kTokens), kMaxGridY);
   const dim3 grid(static_cast<unsigned int>(blocks_x), static_cast<unsigned int>(blocks_y));
@@ -156,17 +163,11 @@ cudaError_t launch_spmm_typed(const void* y_in, void* y_out, const void* x,
                               const void* values, int64_t num_tokens, int64_t rows,
                               int64_t in_features, int64_t nnz, float scale,
                               cudaStream_t stream) {
-  SpmmArgs<T, Col> a;
-  a.y_in = static_cast<const T*>(y_in);
-  a.y_out = static_cast<T*>(y_out);
-  a.x = static_cast<const T*>(x);
-  a.row_offsets = row_offsets;
-  a.cols = static_cast<const Col*>(col_indices);
-  a.values = static_cast<const T*>(values);
-  a.scale = scale;
-  a.num_tokens = num_tokens;
-  a.rows = rows;
-  a.in_features = in_features;
+  const SpmmArgs<T, Col> a{static_cast<const T*>(y_in), static_cast<T*>(y_out),
+                           {static_cast<const T*>(x), row_offsets,
+                            static_cast<const Col*>(col_indices), static_cast<const T*>(values),
+                            rows, in_features},
+                           scale, num_tokens};
 
   // Size the lane group to the average row length, so short rows do not
   // leave most of a warp idle.
@@ -265,21 +266,16 @@ constexpr int kGroupedTileRows = 8;  // the most rows of a tile (tile_rows <= th
 template <typename T, typename Col>
 struct GroupedSpmmArgs {
   T* y;
-  const T* x;
+  SparseRows<T, Col> s;  // offsets: every group's row offsets, one after another
   const int64_t* order;
   const int64_t* tile_group;
   const int64_t* tile_start;
   const int64_t* group_end;
   const int64_t* group_offsets;
   const int64_t* group_entries;
-  const int64_t* offsets;
-  const Col* cols;
-  const T* values;
   const float* scales;
   int64_t num_tiles;
   int64_t tile_rows;
-  int64_t rows;         // = y's row length
-  int64_t in_features;  // = x's row length
 };
 
 template <typename T, typename Col, int kGroup, int kTokens>
@@ -288,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) grouped_spmm_kernel(const GroupedSpm
   const int sub = static_cast<int>(threadIdx.x) % kGroup;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
                     static_cast<int64_t>(threadIdx.x) / kGroup;
-  const bool row_ok = r < a.rows;
+  const bool row_ok = r < a.s.rows;
 
   for (int64_t tile = blockIdx.y; tile < a.num_tiles; tile += gridDim.y) {
     const int64_t g = a.tile_group[tile];
@@ -297,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) grouped_spmm_kernel(const GroupedSpm
     int64_t begin = 0;
     int64_t end = 0;
     if (row_ok) {  // lanes past the last row keep an empty range (the shuffles need them)
-      const int64_t* row_offsets = a.offsets + a.group_offsets[g];
+      const int64_t* row_offsets = a.s.offsets + a.group_offsets[g];
       begin = a.group_entries[g] + row_offsets[r];
       end = a.group_entries[g] + row_offsets[r + 1];
     }
@@ -308,17 +304,17 @@ __global__ void __launch_bounds__(kThreads) grouped_spmm_kernel(const GroupedSpm
     for (int k = 0; k < kTokens; ++k) {
       t[k] = k < ntok ? a.order[p0 + k] : 0;
       acc[k] = 0.0f;
-      x_rows[k] = a.x + t[k] * a.in_features;
+      x_rows[k] = a.s.x + t[k] * a.s.in_features;
     }
-    add_row_products<T, Col, kGroup, kTokens>(acc, x_rows, ntok, a.cols, a.values, begin, end,
-                                              sub);
+    add_row_products<T, Col, kGroup, kTokens>(acc, x_rows, ntok, a.s.cols, a.s.values, begin,
+                                              end, sub);
     reduce_over_group<kGroup, kTokens>(acc);
     if (row_ok) {
       const float scale = a.scales[g];
 #pragma unroll
       for (int k = 0; k < kTokens; ++k) {
         if (k % kGroup == sub && k < ntok) {
-          const int64_t i = t[k] * a.rows + r;
+          const int64_t i = t[k] * a.s.rows + r;
           a.y[i] = from_float<T>(fmaf(scale, acc[k], to_float(a.y[i])));
         }
       }
@@ -329,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) grouped_spmm_kernel(const GroupedSpm
 template <typename T, typename Col, int kGroup>
 cudaError_t launch_grouped_spmm_group(const GroupedSpmmArgs<T, Col>& a, cudaStream_t stream) {
   constexpr int64_t kGroupsPerBlock = kThreads / kGroup;
-  const int64_t blocks_x = ceil_div(a.rows, kGroupsPerBlock);
+  const int64_t blocks_x = ceil_div(a.s.rows, kGroupsPerBlock);
   if (blocks_x > kMaxGridX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned int>(blocks_x),
                   static_cast<unsigned int>(min64(a.num_tiles, kMaxGridY)));
@@ -509,23 +505,12 @@ cudaError_t shira::cuda::grouped_spmm(void* y, const void* x, const int64_t* ord
     using T = typename decltype(t)::type;
     return dispatch_index<int16_t, int32_t>(col_index_size, cudaErrorInvalidValue, [&](auto c) {
       using Col = typename decltype(c)::type;
-      GroupedSpmmArgs<T, Col> a;
-      a.y = static_cast<T*>(y);
-      a.x = static_cast<const T*>(x);
-      a.order = order;
-      a.tile_group = tile_group;
-      a.tile_start = tile_start;
-      a.group_end = group_end;
-      a.group_offsets = group_offsets;
-      a.group_entries = group_entries;
-      a.offsets = row_offsets;
-      a.cols = static_cast<const Col*>(col_indices);
-      a.values = static_cast<const T*>(values);
-      a.scales = scales;
-      a.num_tiles = num_tiles;
-      a.tile_rows = tile_rows;
-      a.rows = rows;
-      a.in_features = in_features;
+      const GroupedSpmmArgs<T, Col> a{static_cast<T*>(y),
+                                      {static_cast<const T*>(x), row_offsets,
+                                       static_cast<const Col*>(col_indices),
+                                       static_cast<const T*>(values), rows, in_features},
+                                      order, tile_group, tile_start, group_end, group_offsets,
+                                      group_entries, scales, num_tiles, tile_rows};
       return launch_grouped_spmm_typed<T, Col>(a, avg_row_nnz, stream);
     });
   });
