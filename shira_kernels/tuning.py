@@ -481,10 +481,14 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     the first already took 3x the best first and over a quarter of the budget) then sizes the
     slice; a candidate 1.5x slower than the best there is not measured further. Neither kind
     is returned (it will not win; the description says which were left out), which leaves the
-    budget to a larger slice for the ones that might."""
+    budget to a larger slice for the ones that might. The first ``make`` and each candidate's
+    first call are not charged to the budget: they may build the native extension or compile
+    a kernel (30 s on a fresh install, which left a fresh machine's first decision to the
+    smallest probe)."""
     started = time.perf_counter()
     n = min(full, least)
     probe = make(n)
+    first_calls = time.perf_counter() - started  # seconds of first-time costs: not the budget's
     hopeless = budget_s() / 4
     screened: list[str] = []
     if n > PROBE_WARM_ROWS:
@@ -492,7 +496,7 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
         at_warm: dict[str, float] = {}
         for name, call in warm.items():
             try:
-                _time_once(call, sync)
+                first_calls += _time_once(call, sync)
                 at_warm[name] = _time_once(call, sync)
             except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
                 pass
@@ -508,7 +512,7 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     for name in candidates:
         try:
             if n <= PROBE_WARM_ROWS:
-                _time_once(probe[name], sync)
+                first_calls += _time_once(probe[name], sync)
             once[name] = _time_once(probe[name], sync)
         except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
             pass
@@ -527,7 +531,7 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     note = "".join(f" ({', '.join(names)} left out: {why})" for names, why in (
         (screened, f"≥3x slower on {PROBE_WARM_ROWS} rows"),
         (dropped, "≥1.5x slower on the probe")) if names)
-    left = budget_s() - (time.perf_counter() - started)
+    left = budget_s() - (time.perf_counter() - started - first_calls)
     per_round = sum(kept.values())
     if per_round * rounds > left:  # even the smallest slice is over budget
         return kept, f"the faster of two runs on {n} of {full} rows{note}"

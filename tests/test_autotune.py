@@ -180,6 +180,33 @@ def test_measure_sliced_ranks_on_the_largest_slice_the_budget_allows(tune, monke
     assert seen == [64, tuning.PROBE_WARM_ROWS, 100] and "on 100 of 100 rows" in how
 
 
+@pytest.mark.parametrize("full", [100_000, 10])
+@pytest.mark.parametrize("where", ["make", "call"])
+def test_measure_sliced_does_not_charge_first_time_costs_to_the_budget(tune, monkeypatch, full,
+                                                                        where):
+    # Building the inputs or a candidate's first call may build the native extension (about
+    # 30 s on a fresh install): the slice is sized as it would be without it, not shrunk to the
+    # smallest probe (a fresh machine's first decision was taken and kept on 256 of 11008
+    # rows). Large problems (a warm-up slice first) and small ones (measured whole) alike.
+    monkeypatch.setenv(tuning.BUDGET_ENV, "0.2")
+    seen, built = [], []
+
+    def build_once():
+        if not built:
+            built.append(True)
+            time.sleep(0.4)  # twice the budget
+
+    def make(rows):
+        seen.append(rows)
+        if where == "make":
+            build_once()
+        return {"fast": lambda: (where == "call" and build_once(), time.sleep(1e-5 * rows)),
+                "slow": lambda: time.sleep(1.3e-5 * rows)}
+    times, how = tuning.measure_sliced(make, full, least=64)
+    assert set(times) == {"fast", "slow"} and how.startswith("median of 5"), how
+    assert f"on {seen[-1]} of {full} rows" in how and (seen[-1] > 64 or seen[-1] == full), seen
+
+
 def test_measure_sliced_screens_out_a_crawling_candidate_on_the_warm_up_slice(tune, monkeypatch):
     # A candidate already 3x the best on the warm-up slice, whose time grown to the probe's
     # rows is over a quarter of the budget, never runs on the probe (torch's bf16 matmul on an
