@@ -1,8 +1,11 @@
 """Files shared between processes: written so that a failure never leaves a truncated file
-under the final name, and locked so that the lock goes when its holder dies."""
+under the final name, and locked so that the lock goes when its holder dies. And the package's
+own files: where its native sources are, and a digest of its code."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,3 +48,33 @@ def write_atomically(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def csrc_dir() -> Path:
+    """Where the C++/CUDA sources are: inside an installed package, or in the source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "cpu").is_dir():
+            return candidate
+    raise FileNotFoundError(f"csrc/ with the native sources was not found next to {here}")
+
+
+CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu", ".cuh")
+
+
+def code_digest(*folders: Path) -> str:
+    """A short hash of the code files under ``folders`` (CODE_SUFFIXES: names and contents, in
+    a fixed order); other files (docs, caches) do not count."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.suffix in CODE_SUFFIXES
+                           and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def package_code_digest() -> str:
+    """code_digest of this package's Python and native sources: what its measured choices
+    time, so that a change of the code (an upgrade) measures them again."""
+    return code_digest(Path(__file__).resolve().parent, csrc_dir())

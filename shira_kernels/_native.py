@@ -18,22 +18,13 @@ from pathlib import Path
 import torch
 
 from . import _machine
-from ._files import locked
+from ._files import csrc_dir, locked
 
 log = logging.getLogger("shira_kernels")
 
 _lock = threading.Lock()
 _modules: dict[str, object] = {}
 _failures: dict[str, str] = {}
-
-
-def csrc_dir() -> Path:
-    """Where the C++/CUDA sources are: inside an installed package, or in the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
-        if (candidate / "cpu").is_dir():
-            return candidate
-    raise FileNotFoundError(f"csrc/ with the native sources was not found next to {here}")
 
 
 def _cpu_key() -> str:

@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 
 from . import _machine
-from ._files import locked, write_atomically
+from ._files import locked, package_code_digest, write_atomically
 
 __all__ = ["Row", "ROWS", "arch_class", "lookup", "view", "mode", "decide", "measure",
            "measure_sliced", "measure_extrapolated", "token_class", "token_label", "place", "fingerprint", "cache_file", "entry",
@@ -252,8 +252,9 @@ def budget_s() -> float:
 @functools.cache
 def fingerprint() -> dict[str, str]:
     """What makes a measurement valid for another process: the CPU (model, ISA flags), the cores
-    this process may use, and the torch and BLAS build. GPUs are named in their decisions' keys
-    instead, so a CPU decision survives a GPU change."""
+    this process may use, the torch and BLAS build, and this package's code (its Python and
+    native sources: other kernels, or another way of measuring them, measure again). GPUs are
+    named in their decisions' keys instead, so a CPU decision survives a GPU change."""
     flags = _machine.cpu_flags()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
@@ -262,6 +263,7 @@ def fingerprint() -> dict[str, str]:
         "cores": str(cores),
         "torch": torch.__version__,
         "build": hashlib.sha256(torch.__config__.show().encode()).hexdigest()[:12],
+        "code": package_code_digest(),
     }
 
 

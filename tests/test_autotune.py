@@ -136,6 +136,37 @@ def test_another_machine_uses_another_file(tune, monkeypatch):
     assert tuning.cache_file() != here and tuning.cache_file().parent == here.parent
 
 
+def test_other_code_uses_another_file(tune, tmp_path):
+    # The fingerprint holds a digest of the package's code, so an upgrade (other kernels, or
+    # another way of timing them) measures again instead of reading the old decisions. The
+    # digest reads code files only: a change to a doc does not count.
+    from shira_kernels import _files
+    assert tuning.fingerprint()["code"] == _files.package_code_digest()
+    pkg, csrc = tmp_path / "pkg", tmp_path / "csrc"
+    (pkg / "ops").mkdir(parents=True)
+    (csrc / "cpu").mkdir(parents=True)
+    (pkg / "ops" / "op.py").write_text("x = 1\n")
+    (csrc / "cpu" / "k.cpp").write_text("int k;\n")
+    (pkg / "README.md").write_text("a\n")
+    first = _files.code_digest(pkg, csrc)
+    (pkg / "README.md").write_text("b\n")
+    assert _files.code_digest(pkg, csrc) == first
+    (csrc / "cpu" / "k.cpp").write_text("int k = 1;\n")
+    second = _files.code_digest(pkg, csrc)
+    (pkg / "ops" / "op.py").write_text("x = 2\n")
+    assert len({first, second, _files.code_digest(pkg, csrc)}) == 3
+    here, print_ = tuning.cache_file(), tuning.fingerprint()
+    try:
+        tuning.fingerprint.cache_clear()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(tuning, "package_code_digest", lambda: "another")
+            assert tuning.fingerprint() == {**print_, "code": "another"}
+            assert tuning.cache_file() != here
+    finally:
+        tuning.fingerprint.cache_clear()
+    assert tuning.cache_file() == here
+
+
 _WRITER = """
 import sys
 import shira_kernels
