@@ -68,7 +68,7 @@ def code_digest(*folders: Path) -> str:
     digest = hashlib.sha256()
     for folder in folders:
         for path in sorted(p for p in folder.rglob("*") if p.suffix in CODE_SUFFIXES
-                           and "__pycache__" not in p.parts):
+                           and "__pycache__" not in p.parts and p.is_file()):
             digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
