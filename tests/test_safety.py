@@ -178,6 +178,26 @@ def test_load_into_a_merged_layer_is_refused():
     layer.unmerge()
 
 
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+def test_unmerge_restores_where_merge_took_the_entries_after_the_indices_changed(how):
+    layer = shira_layer()
+    base = bits(layer.weight)
+    other = shira_layer(seed=7).shira_flat_indices
+    assert not torch.equal(other, layer.shira_flat_indices)
+    layer.merge()
+    merged_state = {k: bits(v) for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        if how == "in place":
+            layer.shira_flat_indices.copy_(other)
+        else:
+            layer.shira_flat_indices = other.clone()
+    # The state_dict of a merged layer holds the base weight, as it did before the change.
+    assert torch.equal(bits(layer.state_dict()["weight"]), merged_state["weight"])
+    assert torch.equal(bits(layer.state_dict()["weight"]), base)
+    layer.unmerge()
+    assert torch.equal(bits(layer.weight), base)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Unsorted indices: rejected by the constructors that take canonical indices, sorted by the
 # from_* factories, the same everywhere.

@@ -97,7 +97,10 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         self.shira_values = nn.Parameter(delta.values)
         self.register_buffer("shira_flat_indices", indices)
         self._set_structure(delta.structure)
+        # While merged: the base entries and the indices they came from (the layer's own may
+        # be written meanwhile; unmerge puts the entries back where they were taken).
         self.register_buffer("_shira_swapped", None, persistent=False)
+        self.register_buffer("_shira_merged_flat", None, persistent=False)
         self.register_load_state_dict_post_hook(ShiraLinear._after_load)
 
     @property
@@ -126,7 +129,7 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         if self.merged:  # W holds W + scale·S: save the base, or a load would add S twice
             with torch.no_grad():
                 base = self.weight.detach().clone()
-                base.view(-1)[self.shira_flat_indices.long()] = self._shira_swapped
+                base.view(-1)[self._merged_flat().long()] = self._shira_swapped
             destination[prefix + "weight"] = base
 
     def _check_loadable(self, state_dict, prefix: str) -> None:
@@ -183,26 +186,31 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         """Put W + scale·S into the weight (only S's entries are written); forward is then a
         plain linear. The base entries are kept for unmerge()."""
         def commit(held):  # `held` now holds the base entries
-            self._shira_swapped = held
+            self._shira_swapped, self._shira_merged_flat = held, flat
             self.merged = True
         with _state_lock:
             if self.merged:
                 return
+            flat = self.shira_flat_indices.clone()
             # One step: whatever interrupts it, the weight and the flags agree afterwards.
-            merge_by_swap(self.weight, self.shira_flat_indices, self.shira_values, self.scale,
-                          commit, "merge")
+            merge_by_swap(self.weight, flat, self.shira_values, self.scale, commit, "merge")
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight bit for bit."""
         def commit():
             self.merged = False
-            self._shira_swapped = None
+            self._shira_swapped = self._shira_merged_flat = None
         with _state_lock:
             if not self.merged:
                 return
-            swap_transaction([self.weight], [self.shira_flat_indices], [self._shira_swapped],
-                             commit)
+            swap_transaction([self.weight], [self._merged_flat()], [self._shira_swapped], commit)
+
+    def _merged_flat(self) -> torch.Tensor:
+        """Where merge() took the base entries it holds (a layer pickled merged by a version
+        that did not keep them apart: its own indices)."""
+        flat = self._buffers.get("_shira_merged_flat")
+        return self.shira_flat_indices if flat is None else flat
 
     @torch.no_grad()
     def hotswap_(self, delta: SparseDelta) -> None:
