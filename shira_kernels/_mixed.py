@@ -22,6 +22,14 @@ class NamedAdapters:
 
     _layers: dict
     _adapters: dict
+    _mixing: int = 0  # mixed() blocks open (only in the thread holding the bank's lock)
+
+    def _refuse_in_block(self, what: str) -> None:
+        """Inside a mixed() block (the bank's lock is reentrant: only the block's own thread
+        gets here) the rows' slots are fixed: an adapter removed or added meanwhile would make
+        a row run another adapter than the one it names."""
+        if self._mixing:
+            raise RuntimeError(f"a mixed() block is open; {what} after the block")
 
     @property
     def layers(self) -> tuple[str, ...]:

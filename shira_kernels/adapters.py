@@ -330,12 +330,14 @@ class AdapterBank(NamedAdapters):
         self._reshard()  # the sharded parameters registered, so the layers' weights are DTensors
         self._layers: dict[str, nn.Linear] = {}
         self._alias: dict[str, str] = {}
+        self._alias_modules: dict[str, nn.Linear] = {}
         first_owner: dict[int, str] = {}
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 owner = first_owner.setdefault(id(module.weight), name)
                 if owner != name:  # tied weight: two names for one tensor would swap it twice
                     self._alias[name] = owner
+                    self._alias_modules[name] = module
                 else:
                     self._layers[name] = module
         if not self._layers:
@@ -349,10 +351,12 @@ class AdapterBank(NamedAdapters):
         self._fusions: OrderedDict[tuple, _Slot] = OrderedDict()
         self._pairs: OrderedDict[tuple[_Slot, _Slot], _PairPlan] = OrderedDict()
         self._hotswapped: str | None = None
-        self._mixing = 0  # open mixed() blocks (only the thread holding the lock can be in one)
         # Per servable layer an adapter touches, its forward in mixed() blocks: made by the
         # first block, then kept up to date by add() and remove() (None until then).
         self._mixed: dict[str, MixedLayer] | None = None
+        # The same for each layer whose weight is tied to a served one (its own bias), kept as
+        # long as the owner's: a switch adapts the shared weight, so a mixed block adapts both.
+        self._mixed_aliases: dict[str, MixedLayer] = {}
         self._active: _Slot | None = None
         self._guard: _ForwardGuard | None = None
         self._held = threading.local()  # per-thread depth of reading()
@@ -552,6 +556,7 @@ class AdapterBank(NamedAdapters):
         from the base entries even while another adapter is active.
         """
         with self.lock:
+            self._refuse_in_block("add adapters")
             self._check_new_name(name)
             self._check_unmerged()
             entries = {}
@@ -597,6 +602,7 @@ class AdapterBank(NamedAdapters):
     def remove(self, name: str) -> None:
         """Remove adapter ``name`` (and the cached fusions that use it); not while active."""
         with self.lock:
+            self._refuse_in_block("remove adapters")
             slot = self._slot(name)
             if self._active is not None and name in self._active.names:
                 raise RuntimeError(f"adapter {name!r} is active ({self.active!r}); deactivate() "
@@ -641,9 +647,7 @@ class AdapterBank(NamedAdapters):
         current = self._active
         if target is current:
             return
-        if self._mixing:  # this thread is inside mixed(), whose forwards read the base weights
-            raise RuntimeError("a mixed() block is open and its layers read the base weights; "
-                               "activate or deactivate adapters after the block")
+        self._refuse_in_block("activate or deactivate adapters")  # its layers read the base
         self._check_unmerged()
         if current is None or target is None:
             slot = target if target is not None else current
@@ -779,7 +783,8 @@ class AdapterBank(NamedAdapters):
     def mixed(self, adapter_names: Sequence[str | None]):
         """``with bank.mixed(["a", None, "b", ...]): model(x)``: each row of the batch (the
         first dim of every adapted layer's input) through its own adapter (None or "__base__":
-        the base), by multi_delta_linear on every layer an adapter of the bank touches. No
+        the base), by multi_delta_linear on every layer an adapter of the bank touches (and on
+        the layers tied to its weight, as a switch adapts them too). No
         weight is written and no adapter needs activating; the bank's lock is held for the
         block (no switch meanwhile; put a backward inside it too). The values keep the
         adapter's scale and meet x in its dtype (a delta given in fp32 is rounded once to a
@@ -815,9 +820,12 @@ class AdapterBank(NamedAdapters):
                     if n not in layers[layer].adapters:
                         self._mixed_delta(layer, n)  # left out as it does not fit: the error
             serving = {layer: served for layer, served in layers.items() if len(served.adapters)}
+            for alias, owner in self._alias.items():
+                if owner in serving:
+                    serving[alias] = self._mixed_alias(alias, serving[owner])
             self._mixing += 1
             try:
-                with forwards_replaced(self._layers, serving):
+                with forwards_replaced({**self._layers, **self._alias_modules}, serving):
                     start_block(serving.values(), names)
                     yield self
             finally:
@@ -905,6 +913,19 @@ class AdapterBank(NamedAdapters):
         for layer in list(self._mixed):
             self._mixed_layer(layer)
         return self._mixed
+
+    def _mixed_alias(self, alias: str, served: MixedLayer) -> MixedLayer:
+        """The forward in mixed blocks of layer ``alias``, whose weight is ``served``'s: the
+        same adapters over that weight, with its own bias."""
+        module = self._alias_modules[alias]
+        if type(module) is not nn.Linear:
+            raise TypeError(f"layer {alias!r} shares its weight with {served.name!r} and is a "
+                            f"{type(module).__name__}; mixed batches run plain nn.Linear layers")
+        cached = self._mixed_aliases.get(alias)
+        if cached is None or cached.adapters is not served.adapters:
+            cached = self._mixed_aliases[alias] = MixedLayer(alias, module, served.adapters,
+                                                             served.compute, served.key)
+        return cached
 
     def _mixed_layer(self, layer: str) -> MixedLayer:
         """``layer``'s MixedLayer with every adapter on it that fits the weight's dtype; made

@@ -120,6 +120,7 @@ class BinaryAdapterBank(NamedAdapters):
                              f"adapter, got {type(adapter).__name__}")
         scale = check_scale(scale)
         with self.lock:
+            self._refuse_in_block("add adapters")
             if name in self._adapters:
                 raise ValueError(f"an adapter named {name!r} is already in the bank; remove() it "
                                  "first")
@@ -145,6 +146,7 @@ class BinaryAdapterBank(NamedAdapters):
 
     def remove(self, name: str) -> None:
         with self.lock:
+            self._refuse_in_block("remove adapters")
             for layer in self.adapter(name):  # KeyError naming it
                 self._mixed[layer].adapters.remove(name)
             del self._adapters[name]
@@ -166,6 +168,10 @@ class BinaryAdapterBank(NamedAdapters):
                 self.adapter(n)  # KeyError naming it
             serving = {layer: served for layer, served in self._mixed.items()
                        if len(served.adapters)}
-            with forwards_replaced(self._layers, serving):
-                start_block(serving.values(), names)
-                yield self
+            self._mixing += 1
+            try:
+                with forwards_replaced(self._layers, serving):
+                    start_block(serving.values(), names)
+                    yield self
+            finally:
+                self._mixing -= 1

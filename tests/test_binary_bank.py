@@ -298,3 +298,23 @@ def test_add_refuses_a_non_finite_scale_and_adds_nothing(bad):
     with pytest.raises(ValueError, match="layer '2': up's α or μ is not finite"):
         bank.add("a", {"0": first, "2": (down, broken)})
     assert "a" not in bank and len(bank) == 0
+
+
+def test_add_and_remove_inside_a_mixed_block_are_refused():
+    # The block's rows are fixed to slots when it starts: a remove then add in the block's own
+    # thread (the lock is re-entrant) would make the rows of the removed adapter run the new one.
+    model = base_model()
+    bank = BinaryAdapterBank(model)
+    bank.add("a", {"0": random_adapter(33, 20, 4, 1)})
+    bank.add("b", {"0": random_adapter(33, 20, 4, 2)})
+    x = torch.randn(2, 33)
+    with torch.no_grad(), bank.mixed(["a", "b"]):
+        y = model(x)
+        with pytest.raises(RuntimeError, match="mixed\\(\\) block is open; remove"):
+            bank.remove("a")
+        with pytest.raises(RuntimeError, match="mixed\\(\\) block is open; add"):
+            bank.add("c", {"0": random_adapter(33, 20, 4, 3)})
+        assert bank.names == ("a", "b")
+        assert torch.equal(model(x), y)
+    bank.remove("a")
+    bank.add("c", {"0": random_adapter(33, 20, 4, 3)})

@@ -150,6 +150,63 @@ def test_switch_inside_a_mixed_block_is_refused():
     assert all(torch.equal(bits(p), b) for p, b in zip(model.parameters(), base))
 
 
+# AdapterBank: remove() then add() inside a mixed() block gave the new adapter the removed one's
+# slot, and the rows naming the removed adapter ran the new one, silently.
+def test_add_and_remove_inside_a_mixed_block_are_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    bank = AdapterBank(model)
+    a = SparseDelta.from_flat([0, 5, 31], (4, 8), torch.tensor([1., 2., 3.]))
+    bank.add("a", {"0": a})
+    bank.add("b", {"0": a.with_values(torch.tensor([-1., 4., 0.5]))})
+    x = torch.randn(2, 8)
+    with torch.no_grad(), bank.mixed(["a", "b"]):
+        y = model(x)
+        with pytest.raises(RuntimeError, match="mixed\\(\\) block is open; remove"):
+            bank.remove("a")
+        with pytest.raises(RuntimeError, match="mixed\\(\\) block is open; add"):
+            bank.add("c", {"0": a})
+        assert bank.names == ("a", "b")
+        assert torch.equal(model(x), y)
+    bank.remove("a")  # after the block, as usual
+    bank.add("c", {"0": a})
+
+
+# AdapterBank.mixed served the layer that owns a tied weight but ran the layers sharing it on
+# the base weight, where activate() (which writes the shared weight) adapts them all.
+def test_mixed_serves_the_layers_that_share_a_tied_weight():
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.second.weight = self.first.weight
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x)))
+    model = Tied()
+    bank = AdapterBank(model)
+    bank.add("a", {"first": SparseDelta.from_flat(torch.arange(0, 64, 3), (8, 8),
+                                                  torch.randn(22))})
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        base = model(x)
+        with bank.mixed(["a", None, "a"]):
+            mixed = model(x)
+        bank.activate("a")
+        w = model.first.weight.double()  # W + S, in both layers
+        bank.deactivate()
+        b1, b2 = model.first.bias.double(), model.second.bias.double()
+    x64 = x.double()
+    exact = torch.relu(x64 @ w.T + b1) @ w.T + b2
+    magnitude = (x64.abs() @ w.abs().T + b1.abs()) @ w.abs().T + b2.abs()
+    # Each layer: 8 products and sums, S's separate sum joined, the bias.
+    assert_within_error_bound(mixed[0::2], exact[0::2], magnitude[0::2], 2 * (8 + 3), "mixed")
+    assert torch.equal(mixed[1], base[1])
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 # ---------------------------------------------------------------------------------------------
 # AdapterBank.hotswap: values rescaled to a layer of tiny scale overflowed its dtype and were
 # written as inf.
