@@ -10,7 +10,7 @@ files do not cover):
   x's dtype and bits (torch's matmul inside the op was recast to bf16 in eager mode, while the
   compiled graph, following the fake kernel, stayed in fp32);
 - multi_delta_linear and AdapterBank.mixed() under autocast: they run in the autocast dtype
-  like sparse_delta_linear (they raised: a bf16 input met the fp32 weight, or the op's inner
+  (whichever it is, compiled or not) like sparse_delta_linear (they raised: a bf16 input met the fp32 weight, or the op's inner
   matmul came out in bf16 while its sparse part stayed in fp32).
 """
 import copy
@@ -138,7 +138,8 @@ def test_binary_dequantize_strategy_under_autocast_keeps_x_dtype():
 # ---------------------------------------------------------------------------------------------
 # Mixed batches under autocast
 # ---------------------------------------------------------------------------------------------
-def test_multi_delta_linear_under_autocast_runs_in_bf16_like_sparse_delta_linear():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_multi_delta_linear_under_autocast_runs_in_its_dtype_like_sparse_delta_linear(dtype):
     g = torch.Generator().manual_seed(2)
     w = torch.randn(24, 16, generator=g)
     bias = torch.randn(24, generator=g)
@@ -148,17 +149,17 @@ def test_multi_delta_linear_under_autocast_runs_in_bf16_like_sparse_delta_linear
         delta_set.add(name, d, scale)
     names = ["a", "b", None, "a", "b", None, "b", "a"]  # every group has more than one row
     x = torch.randn(len(names), 16, generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = multi_delta_linear(x, w, bias, delta_set, names)
         alone = {n: sparse_delta_linear(x, w, bias, d, s, "spmm") for n, (d, s) in deltas.items()}
         alone[None] = torch.nn.functional.linear(x, w, bias)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == dtype
     for row, n in enumerate(names):
         same_bits(y[row], alone[n][row], f"row {row} ({n})")
     # and a training step through it: x and the values get gradients of their own dtype
     xi = x.clone().requires_grad_()
     delta_set.requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = multi_delta_linear(xi, w, bias, delta_set, names)
     out.float().square().sum().backward()
     assert xi.grad.dtype == torch.float32 and torch.isfinite(xi.grad).all()
@@ -166,6 +167,26 @@ def test_multi_delta_linear_under_autocast_runs_in_bf16_like_sparse_delta_linear
     assert grad.dtype == torch.float32
     for n in deltas:
         assert grad[delta_set.segment(n)].abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_compiled_layer_under_autocast_runs_in_its_dtype_as_eager(dtype):
+    # The ops' autocast rule reads the dtype in force when it runs (traced with the graph).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16))
+    replace_linear(model, ["0"], r=2)
+    with torch.no_grad():
+        model[0].shira_values.normal_()
+    x = torch.randn(4, 32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=dtype):
+        eager, traced = model(x), compiled(x)
+    assert eager.dtype == traced.dtype == dtype
+    same_bits(traced, eager, "output")
+    for got, want in zip(torch.autograd.grad(traced.float().sum(), (x, model[0].shira_values)),
+                         torch.autograd.grad(eager.float().sum(), (x, model[0].shira_values))):
+        same_bits(got, want, "gradient")
 
 
 @pytest.mark.parametrize("adapted", [("2",), ("0", "2")], ids=["second-layer", "both-layers"])

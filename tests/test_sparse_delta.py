@@ -3,6 +3,7 @@ checked against float64 with the forward-error bound of tests/tolerance.py (γ_K
 reduction lengths K and magnitude M, or twice torch's own error where that is larger)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.library import opcheck
 
 import shira_kernels
@@ -467,12 +468,19 @@ def test_auto_strategy_switches_at_the_measured_token_counts():
                 assert torch.equal(runs["auto"], runs[expected]), (dtype, tokens, training)
 
 
-def test_autocast_runs_in_the_autocast_dtype(backend, device):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_in_the_autocast_dtype(backend, device, dtype):
+    # Whichever 16-bit dtype autocast is given, as F.linear (a rule fixed per device ran CPU
+    # fp16 autocast in bf16 and GPU bf16 autocast in fp16).
     x, weight, bias, delta, _ = _linear_case((5, 6, 10), torch.float32, device=device)
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16  # each one's default
     with torch.autocast(device.type, dtype=dtype):
         y = shira_kernels.sparse_delta_linear(x, weight, bias, delta)
+        assert F.linear(x, weight, bias).dtype == dtype
     assert y.dtype == dtype
+    exact = x.double() @ (weight.double() + delta.to_dense().double()).T + bias.double()
+    magnitude = abs64(x) @ (abs64(weight) + abs64(delta.to_dense())).T + abs64(bias)
+    # x, W and S rounded to dtype on the way in: one rounding each along every term.
+    assert_within_error_bound(y, exact, magnitude, 10 + 3, "autocast", roundings=2)
     y.float().sum().backward()
     assert delta.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 

@@ -30,6 +30,36 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+# Each op's autocast kernels stay registered for the life of the process.
+_autocast_libraries: dict[str, torch.library.Library] = {}
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def run_in_the_autocast_dtype(qualname: str) -> None:
+    """Under autocast op ``qualname`` ("namespace::name") runs as F.linear does: its
+    floating-point tensors on the autocast device (not float64) cast to the autocast dtype in
+    force (torch.get_autocast_dtype), then the op with autocast off. torch.library's
+    register_autocast fixes one dtype per device, so bf16 autocast on a GPU (or fp16 on the
+    CPU) would run the op in the other 16-bit type."""
+    namespace, name = qualname.split("::")
+    library = _autocast_libraries.setdefault(namespace,
+                                             torch.library.Library(namespace, "FRAGMENT"))
+    op = getattr(getattr(torch.ops, namespace), name).default
+    for device_type, key in _AUTOCAST_KEYS.items():
+        def kernel(_keyset, *args, device_type=device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return op(*(_cast(a, device_type, dtype) for a in args))
+        library.impl(name, kernel, key, with_keyset=True)
+
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    if (isinstance(value, torch.Tensor) and value.is_floating_point()
+            and value.device.type == device_type and value.dtype is not torch.float64):
+        return value.to(dtype)
+    return value
+
+
 def eager_function(name: str, impl, setup_context, backward,
                    differentiable: tuple[int, ...] | None = None) -> Callable:
     """A call of ``impl`` (the op's implementation, same arguments) that records the op's

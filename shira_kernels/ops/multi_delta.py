@@ -38,6 +38,7 @@ from .._checks import check_float_tensor, check_linear
 from .._concurrency import reading
 from ..formats import SparseDeltaSet, SparseStructure
 from . import registry
+from ._eager import run_in_the_autocast_dtype
 from .._group_tables import sddmm_tables, spmm_tables
 from .sparse_delta.linear import _SLICE_BYTES, _backward_kind
 from .sparse_delta.naive import spmm_reference
@@ -422,8 +423,7 @@ def _backward(ctx, gy, backward=_multi_backward_op):
 _multi_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # Under autocast the op runs in the autocast dtype, like F.linear and sparse_delta_linear (an
 # op without this rule would run its inner matmul in that dtype and its sparse part in x's).
-torch.library.register_autocast("shira::multi_delta_linear", "cpu", torch.bfloat16)
-torch.library.register_autocast("shira::multi_delta_linear", "cuda", torch.float16)
+run_in_the_autocast_dtype("shira::multi_delta_linear")
 
 
 # The base product alone, for a mixed batch whose adapters are added by another op
@@ -472,8 +472,7 @@ def _base_only_autograd(ctx, gy):
 
 
 _base_only_op.register_autograd(_base_only_autograd, setup_context=_base_only_setup_context)
-torch.library.register_autocast("shira::base_linear", "cpu", torch.bfloat16)
-torch.library.register_autocast("shira::base_linear", "cuda", torch.float16)
+run_in_the_autocast_dtype("shira::base_linear")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ..._checks import check_float_tensor, check_linear, check_scale
 from ..._concurrency import weight_lock
 from ...formats import SparseDelta, SparseStructure, flat_index_dtype
 from .. import registry
-from .._eager import eager_function, looped_under_vmap, via_op
+from .._eager import eager_function, looped_under_vmap, run_in_the_autocast_dtype, via_op
 from ..scatter_swap import raise_outside, swap_in_range, swap_unchecked
 from .parts import _add_delta_holding, _check_delta, _check_delta_shape, _values_gradient
 
@@ -212,8 +212,7 @@ def _backward(ctx, gy, backward=_linear_backward_op):
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 # Under autocast the op runs in the autocast dtype, like F.linear.
-torch.library.register_autocast("shira::sparse_delta_linear", "cpu", torch.bfloat16)
-torch.library.register_autocast("shira::sparse_delta_linear", "cuda", torch.float16)
+run_in_the_autocast_dtype("shira::sparse_delta_linear")
 _eager_linear = eager_function(
     "_EagerLinear", _linear, _setup_context,
     functools.partial(_backward, backward=looped_under_vmap("_LinearBackward", _linear_backward)))
