@@ -464,6 +464,15 @@ class SparseDeltaSet:
                                           torch.empty(0, 3, dtype=torch.int64),
                                           torch.empty(0, dtype=torch.float64), 0, 0)
 
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle, torch.save: all but the lock
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def _offsets_per_adapter(self) -> int:
         return self.shape[0] + self.shape[1] + 2

@@ -3,6 +3,7 @@ in a form PEFT loads (outputs compared with PEFT's own), and accelerate() runs P
 layers on this package's kernels with PEFT's outputs, gradients, training, saving and
 bookkeeping (and an exact unmerge)."""
 import copy
+import io
 import json
 import warnings
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from shira_kernels import AdapterBank, SparseDelta  # noqa: E402
 from shira_kernels.integrations import peft as skpeft  # noqa: E402
+from tolerance import assert_within_error_bound  # noqa: E402
 
 TARGETS = ["fc1", "fc2", "blocks.0.0"]
 SHAPES = {"fc1": (24, 16), "fc2": (12, 24), "blocks.0.0": (8, 12)}
@@ -849,6 +851,54 @@ def test_adapter_names_sees_values_written_since_the_last_call():
     trained = [p for n, p in pa.named_parameters() if n.endswith("shira_weight.default")]
     assert trained and all(p.requires_grad for p in trained)
     assert all(g.abs().sum() > 0 for g in torch.autograd.grad(out, trained))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adapter_names_under_autocast(dtype):
+    # The layers' inputs after the first are in the autocast dtype while the weights stay fp32
+    # (PEFT's own forward runs so): each row within the 16-bit bound of its adapter's network.
+    pa = two_adapter_model()
+    names = ["other", "__base__", "default"]
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        mixed = pa(x, adapter_names=names)
+    assert mixed.dtype == dtype
+    layers = [("fc1", True), ("fc2", True), ("blocks.0.0", False)]  # (name, ReLU after)
+    modules = dict(pa.base_model.model.named_modules())
+    for row, name in enumerate(names):
+        exact, magnitude = x[row:row + 1].double(), x[row:row + 1].double().abs()
+        for layer, relu in layers:
+            m = modules[layer]
+            w = m.get_base_layer().weight.double()
+            if name in m.shira_weight:  # "other" is on fc1 and fc2 only
+                w = w + m.get_delta_weight(name).to_dense().double()
+            b = m.get_base_layer().bias
+            exact = exact @ w.T + (0 if b is None else b.double())
+            magnitude = magnitude @ w.abs().T + (0 if b is None else b.double().abs())
+            if relu:
+                exact = torch.relu(exact)
+        # fp32 steps: each layer's products and sums, the bias and S's separate sum; 16-bit
+        # roundings: x, each layer's W and S, the two hidden outputs.
+        assert_within_error_bound(mixed[row:row + 1], exact, magnitude, 16 + 24 + 12 + 3 * 2,
+                                  f"row {row} ({name})", roundings=1 + 3 * 2 + 2)
+
+
+def test_adapter_names_leaves_the_model_copyable():
+    # The layers keep the SparseDeltaSet of their last mixed call: the model must still
+    # deepcopy and pickle (the set's lock cannot be; the copy makes its own).
+    pa = two_adapter_model()
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mixed = pa(x, adapter_names=["other", "default"])
+        for copied in (copy.deepcopy(pa), torch.load(_saved(pa), weights_only=False)):
+            assert torch.equal(copied(x, adapter_names=["other", "default"]), mixed)
+
+
+def _saved(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def test_adapter_names_checks_as_peft_lora_does():

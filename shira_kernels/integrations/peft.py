@@ -244,9 +244,12 @@ class _AcceleratedShira:
             raise ValueError("Cannot pass `adapter_names` while an adapter is merged; unmerge "
                              "first")
         weight, bias = self._sk_plain_weight(), self.get_base_layer().bias
-        if weight is None or not isinstance(x, torch.Tensor) or x.dtype != weight.dtype:
-            raise ValueError("`adapter_names` with SHiRA needs a plain float weight and an "
-                             "input of its dtype")
+        if weight is None or not isinstance(x, torch.Tensor):
+            raise ValueError("`adapter_names` with SHiRA needs a plain float weight and a "
+                             "tensor input")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"`adapter_names` with SHiRA: the layer's input is {x.dtype} but "
+                             f"its weight {weight.dtype} (under autocast both run in its dtype)")
         if x.dim() < 2 or x.shape[0] != len(names):
             raise ValueError(f"adapter_names has {len(names)} entries but the layer's input has "
                              f"shape {tuple(x.shape)} (one name per batch row)")
