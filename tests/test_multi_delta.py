@@ -288,6 +288,17 @@ def test_values_given_in_place_of_the_sets_take_the_same_gradient():
     (g,) = torch.autograd.grad(want.square().sum(), [delta_set.values])
     for n, grad in zip(mine, grads):
         assert torch.equal(grad, g[delta_set.segment(n)]), n
+    # Values given for some adapters only: the others' gradients still go to the set's values.
+    some = {"a0": delta_set.delta("a0").values.detach().clone().requires_grad_()}
+    y = shira_kernels.multi_delta_linear(x, weight, None, delta_set, rows, values=some)
+    assert torch.equal(y, want)
+    g_set, g_some = torch.autograd.grad(y.square().sum(), [delta_set.values, some["a0"]])
+    assert torch.equal(g_some, g[delta_set.segment("a0")])
+    assert not g_set[delta_set.segment("a0")].any()
+    others = [n for n in delta_set.names if n != "a0"]
+    assert others and any(g[delta_set.segment(n)].any() for n in others)
+    for n in others:
+        assert torch.equal(g_set[delta_set.segment(n)], g[delta_set.segment(n)]), n
     with pytest.raises(ValueError, match=r"values\['a0'\] must be a tensor of shape"):
         shira_kernels.multi_delta_linear(x, weight, None, delta_set, rows,
                                          values={"a0": torch.zeros(3)})

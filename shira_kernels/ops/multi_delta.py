@@ -506,11 +506,12 @@ def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
 
 def _values_in_place_of_the_sets(state, given) -> torch.Tensor:
     """The state's values buffer (its used part) with ``given`` (name → values) in the named
-    adapters' segments: one cat, through which their gradients flow."""
+    adapters' segments: one cat, through which their gradients flow, and the other adapters'
+    to the set's values where those require grad."""
     if not isinstance(given, Mapping):
         raise TypeError(f"values must be a mapping of adapter names to value tensors, got "
                         f"{type(given).__name__}")
-    held = state.values.detach()
+    held = state.values
     segments = state.segments.tolist()
     named = {entry[0]: (segments[s], entry[1]) for s, entry in enumerate(state.slots)
              if entry is not None}
@@ -546,7 +547,7 @@ def multi_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     is adapter ``name``'s), the bias and (only if it requires grad) W. ``values``: a mapping
     of adapter names to value tensors (each its adapter's nnz, in the set's dtype) to use in
     place of the set's copies, which then take their gradients (as the values of a PEFT
-    model's adapters do through adapter_names). ``base``: the kernel of the dense matmul
+    model's adapters do through adapter_names; the other adapters' go to the set's values). ``base``: the kernel of the dense matmul
     of all rows (and gy·W), "torch", "fold" (on the CPU this package's fold kernel with no
     entries; elsewhere composed as torch's matmul) or "auto": the faster measured on this
     machine (tuning; "torch" with tuning off). No host sync before the op: under
