@@ -179,3 +179,10 @@ def test_bad_inputs_name_the_argument():
         shira_kernels.multi_binary_lora(x, {"a": adapters[0]}, ["zz", None, None, None])
     with pytest.raises(ValueError, match="row_adapter holds 2"):
         shira_kernels.multi_binary_lora(x, adapters, [2, 0, 0, 0])
+    with pytest.raises(ValueError, match="row_adapter names 'q', whose entry in adapters is None"):
+        shira_kernels.multi_binary_lora(x, {"p": adapters[0], "q": None}, ["p", "q", "p", "q"])
+    with pytest.raises(TypeError, match="row_adapter must be a list of adapter names"):
+        shira_kernels.multi_binary_lora(x, {"p": adapters[0]}, [b"p"] * 4)
+    # Rows all base: None names whatever form adapters takes, as multi_delta_linear takes them.
+    for base in ([None] * 4, ["__base__"] * 4):
+        assert not shira_kernels.multi_binary_lora(x, adapters, base).any()

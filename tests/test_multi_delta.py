@@ -319,6 +319,8 @@ def test_bad_inputs_name_the_argument():
         shira_kernels.multi_delta_linear(x, weight, None, delta_set, [0, 1])
     with pytest.raises(ValueError, match="row_adapter holds 7"):
         shira_kernels.multi_delta_linear(x, weight, None, delta_set, [7, 0, 0, 0])
+    with pytest.raises(TypeError, match="row_adapter must be a list of adapter names"):
+        shira_kernels.multi_delta_linear(x, weight, None, delta_set, [b"a0"] * 4)
     with pytest.raises(TypeError, match="row_adapter must hold integer slots"):
         shira_kernels.multi_delta_linear(x, weight, None, delta_set, torch.zeros(4))
     with pytest.raises(ValueError, match="delta_set is for"):

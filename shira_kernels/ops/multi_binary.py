@@ -179,12 +179,16 @@ def multi_binary_lora(x: torch.Tensor, adapters, row_adapter,
     _check_x(x, in_features, "the adapters")
 
     def by_name(names, device=None):
-        if index is None:
+        named = [n for n in names if n is not None and n != "__base__"]
+        if index is None and named:
             raise TypeError("row_adapter holds names, but adapters is a sequence: give a mapping "
                             "name → (down, up, scale), or slots")
-        unknown = [n for n in names if n is not None and n != "__base__" and n not in index]
+        unknown = [n for n in named if n not in index]
         if unknown:
             raise KeyError(f"no adapter {unknown[0]!r} (adapters: {list(index)})")
+        empty = [n for n in named if fields[index[n]] is None]
+        if empty:
+            raise ValueError(f"row_adapter names {empty[0]!r}, whose entry in adapters is None")
         return torch.tensor([-1 if n is None or n == "__base__" else index[n] for n in names],
                             dtype=torch.int64, device=device)
 

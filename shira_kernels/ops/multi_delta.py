@@ -491,7 +491,12 @@ def row_slots(x: torch.Tensor, row_adapter, slots_of_names) -> torch.Tensor:
         row_adapter = slots_of_names(row_adapter, device=x.device)
     elif not isinstance(row_adapter, torch.Tensor):
         # Not converted to int64 here: that would truncate 0.7 to slot 0 and take True as 1.
-        row_adapter = torch.as_tensor(row_adapter, device=x.device)
+        try:
+            row_adapter = torch.as_tensor(row_adapter, device=x.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"row_adapter must be a list of adapter names (str, or None for the "
+                            f"base) or integer slots, one per row, got {row_adapter!r:.80}"
+                            ) from None
         if row_adapter.numel() == 0:  # [] reads as float32
             row_adapter = row_adapter.long()
     if row_adapter.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
