@@ -167,10 +167,11 @@ def lora_to_sparse(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.
     entry summed in fp64 and rounded once to fp32 (so its value does not depend on the
     blocking), keeping a running top-k: a block's entries above the current k-th largest |ΔW|
     (at most k of them) are merged with the k best so far. Peak memory is a few block-sized
-    tensors (the fp64 block, then the fp32 block and its |·|) plus O(k), never the whole
-    [out, in] update. The ranking is a total order (|ΔW| descending, then flat index
-    ascending), so the result equals ranking the dense ΔW at once. The error is accumulated
-    from the squares of the entries dropped and kept (no cancellation).
+    tensors (the fp64 block, then the fp32 block, its |·| and its fp64 squares) plus O(k),
+    never the whole [out, in] update. The ranking is a total order (|ΔW| descending, then
+    flat index ascending), so the result equals ranking the dense ΔW at once. The error is
+    accumulated from the fp64 squares of the entries dropped and kept (no cancellation, no
+    underflow or overflow: it does not depend on the scale).
     """
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
@@ -226,7 +227,8 @@ def lora_to_sparse(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.
         cand_flat = pos + row0 * in_f
         cand_vals = block[pos]
         block[pos] = 0
-        dropped_sq += float(block.square_().sum())
+        # fp64 squares: an fp32 entry's square can underflow to 0 or overflow to inf in fp32.
+        dropped_sq += float(block.double().square_().sum())
         del block
         flat = torch.cat([top_flat, cand_flat])
         vals = torch.cat([top_vals, cand_vals])
@@ -240,6 +242,7 @@ def lora_to_sparse(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.
             threshold = top_vals.abs().min()
     kept_sq = float(top_vals.double().square().sum())
     total_sq = kept_sq + dropped_sq
+    # Finite fp32 entries' fp64 squares cannot sum to inf, so this is an entry that overflowed.
     if not math.isfinite(total_sq):
         raise ValueError("scale·lora_B·lora_A overflows float32")
     error = math.sqrt(dropped_sq / total_sq) if total_sq > 0 else 0.0

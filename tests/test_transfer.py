@@ -181,6 +181,23 @@ def test_lora_to_sparse_edge_cases():
     assert torch.equal(s.flat_indices, ref.flat_indices)
 
 
+def test_lora_to_sparse_error_does_not_depend_on_the_scale():
+    # A power-of-two scale multiplies every fp32 entry of ΔW exactly (no subnormals here),
+    # so S scales exactly and the relative error is the same number: squares that underflow
+    # (~1e-24 entries) or overflow (~1e19) in fp32 must not change it, and an update whose
+    # largest entry is just below fp32's maximum must not be refused.
+    a, b = lora(64, 64, 4)
+    ref, ref_err = lora_to_sparse(a, b, 1.0, r=1)
+    assert 0 < ref_err < 1
+    largest = dense_lora(a, b, 1.0).abs().max().item()
+    edge = math.floor(math.log2(torch.finfo(torch.float32).max / largest))
+    for exponent in (-80, 60, edge):
+        s, err = lora_to_sparse(a, b, 2.0 ** exponent, r=1)
+        assert torch.equal(s.flat_indices, ref.flat_indices), exponent
+        assert torch.equal(s.values, ref.values * 2.0 ** exponent), exponent
+        assert err == ref_err, exponent
+
+
 def test_lora_to_sparse_bad_arguments():
     a, b = lora(6, 5, 2)
     with pytest.raises(ValueError, match=r"lora_B must be \[out, 2\]"):
