@@ -10,7 +10,7 @@ from shira_kernels import cli
 from shira_kernels.nn import ShiraLinear
 
 from test_quantized import IN_F, SCALE, adapted, kind_params, make_base
-from unchanged import state_bits
+from unchanged import assert_same_bits, state_bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +119,8 @@ def test_cli_device_cuda_without_cuda_is_a_usage_error(command, capsys, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------
-# MoSA: merge() refuses a second merge and a non-bool into_weight, changing nothing.
+# MoSA: merge() refuses a second merge and a non-bool into_weight, and merge_mosa a layer that
+# does not fit, changing nothing.
 # ---------------------------------------------------------------------------------------------
 def _mosa_linear():
     from shira_kernels.methods.mosa import MoSAShiraLinear
@@ -156,3 +157,31 @@ def test_mosa_merge_into_weight_must_be_a_bool():
     assert model[0] is layer and torch.equal(linear.weight, weight)
     with pytest.raises(TypeError, match="model"):
         merge_mosa("model")  # was: AttributeError
+
+
+def test_merge_mosa_refused_part_way_leaves_every_layer():
+    from shira_kernels.methods.mosa import MoSAShiraLinear, merge_mosa
+
+    torch.manual_seed(0)
+
+    def layer(value):
+        m = MoSAShiraLinear.from_linear(torch.nn.Linear(8, 8).half(), k=2, active=1, r=1)
+        with torch.no_grad():
+            for values in m.shira_modules.module_values:
+                values.fill_(value)
+        m.scale = 2.0
+        return m
+
+    model = torch.nn.Sequential(layer(0.5), layer(6e4))  # layer 1: W + 2·6e4 overflows fp16
+    model[0].weight.requires_grad_(True)  # merge() freezes the weight: a refusal gives it back
+    layers, before = list(model), state_bits(model)
+    with pytest.raises(ValueError, match=r"layer '1'.*does not fit torch\.float16"):
+        merge_mosa(model)  # was: layer 0 replaced by a ShiraLinear merged into its weight
+    assert all(now is was for now, was in zip(model, layers))
+    assert_same_bits(state_bits(model), before)
+    assert model[0].weight.requires_grad and not any(m.merged for m in layers)
+    with torch.no_grad():
+        for values in model[1].shira_modules.module_values:
+            values.fill_(0.5)
+    assert merge_mosa(model) == ["0", "1"]  # both merge now: neither was left marked merged
+    assert all(type(m) is ShiraLinear and m.merged for m in model)

@@ -533,7 +533,9 @@ class MoSAShiraLinear(_Activation, nn.Linear):
 def merge_mosa(model: nn.Module, into_weight: bool = True) -> list[str]:
     """Replace every MoSA layer of ``model`` by its merge() (MoSABottleneck → Bottleneck,
     MoSAShiraLinear → ShiraLinear, merged into the weight unless into_weight=False); returns
-    the replaced names."""
+    the replaced names. All or nothing: every layer is merged before any is replaced, and if
+    one merge is refused (W + scale·S would overflow the weight's dtype) the ones before it
+    are undone, so the model is left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, (MoSABottleneck, MoSAShiraLinear)):
@@ -542,9 +544,24 @@ def merge_mosa(model: nn.Module, into_weight: bool = True) -> list[str]:
         raise TypeError(f"into_weight must be a bool, got {type(into_weight).__name__}")
     chosen = [(name, m) for name, m in model.named_modules()
               if isinstance(m, (MoSABottleneck, MoSAShiraLinear))]
-    for name, module in chosen:
-        merged = (module.merge(into_weight) if isinstance(module, MoSAShiraLinear)
-                  else module.merge())
+    trainable = [(p, p.requires_grad) for p in model.parameters()]  # merge() freezes W, b
+    done = []
+    try:
+        for name, module in chosen:
+            done.append(module.merge(into_weight) if isinstance(module, MoSAShiraLinear)
+                        else module.merge())
+    except BaseException as e:
+        # Newest first: layers sharing a weight get their entries back in swap order.
+        for (_, module), merged in reversed(list(zip(chosen, done))):
+            if isinstance(merged, ShiraLinear):
+                merged.unmerge()  # the base bit for bit
+            module.merged = False
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+        if isinstance(e, ValueError):  # merge()'s own message does not know the layer's name
+            raise ValueError(f"layer {name!r}: {e}") from None
+        raise
+    for (name, _), merged in zip(chosen, done):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, merged)
     return [name for name, _ in chosen]
