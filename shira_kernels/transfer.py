@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .formats import SparseDelta, flat_index_dtype
-from .masks import budget
+from .masks import budget, check_seed
 from .nn import BinaryAdapter, BinaryLoRALinear, ShiraLinear, replace_linear
 from .ops.sparse_delta import STRATEGIES
 
@@ -491,10 +491,14 @@ def _shira_kwargs(kwargs: Mapping, seed: int) -> tuple[dict, str | None]:
     return kwargs, kwargs.pop("strategy", None)
 
 
-def _check_adapter_kwargs(kind: str, layers: Mapping[str, nn.Linear], kwargs: Mapping) -> None:
-    """The budget or rank against every chosen layer, before any work."""
+def _check_adapter_kwargs(kind: str, layers: Mapping[str, nn.Linear], kwargs: Mapping,
+                          seed: int) -> None:
+    """The budget or rank against every chosen layer, and the layers' seeds, before any work."""
     if kind == "shira":
-        shira, strategy = _shira_kwargs(kwargs, 0)
+        shira, strategy = _shira_kwargs(kwargs, seed)
+        # _attach gives layer i the seed seed + i: the last one must fit torch's Generator too.
+        check_seed(shira["seed"], "adapter_kwargs['seed']" if "seed" in kwargs else "seed",
+                   count=len(layers))
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"adapter_kwargs: strategy must be one of {STRATEGIES}, got "
                              f"{strategy!r}")
@@ -635,9 +639,10 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
                          "trained as it is)")
     if adapter is None and target_modules is not None:
         raise ValueError("target_modules is given but adapter=None (nothing is wrapped)")
+    seed = check_seed(seed)
     if adapter is not None:
         layers = _chosen_layers(target_model, target_modules)
-        _check_adapter_kwargs(adapter, layers, adapter_kwargs)
+        _check_adapter_kwargs(adapter, layers, adapter_kwargs, seed)
     n_synthetic = _check_positive_int(n_synthetic, "n_synthetic")
     if max_generated is None:
         max_generated = 4 * n_synthetic
@@ -674,8 +679,6 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
     lr = _check_positive_float(lr, "lr")
     batch_size = _check_positive_int(batch_size, "batch_size")
     kl_temperature = _check_positive_float(kl_temperature, "kl_temperature")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, got {seed!r}")
     if isinstance(positions, str):
         if positions != "all":
             raise ValueError(f"positions must be 'all' or a list of position indices, got "

@@ -119,8 +119,8 @@ def test_cli_device_cuda_without_cuda_is_a_usage_error(command, capsys, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------
-# MoSA: merge() refuses a second merge and a non-bool into_weight, and merge_mosa a layer that
-# does not fit, changing nothing.
+# MoSA: merge() refuses a second merge and a non-bool into_weight, merge_mosa a layer that does
+# not fit, and the layers a seed outside torch's range, changing nothing.
 # ---------------------------------------------------------------------------------------------
 def _mosa_linear():
     from shira_kernels.methods.mosa import MoSAShiraLinear
@@ -185,3 +185,22 @@ def test_merge_mosa_refused_part_way_leaves_every_layer():
             values.fill_(0.5)
     assert merge_mosa(model) == ["0", "1"]  # both merge now: neither was left marked merged
     assert all(type(m) is ShiraLinear and m.merged for m in model)
+
+
+def test_mosa_seeds_beyond_torchs_range_are_refused_naming_seed():
+    from shira_kernels.methods.mosa import MoSABottleneck, MoSAShiraLinear
+
+    with pytest.raises(ValueError, match=r"^seed must lie"):
+        MoSABottleneck(8, 2, seed=2 ** 64)  # was: an overflow naming nothing
+    # Hierarchical: group g is split again with seed + 1 + g, up to seed + k.
+    with pytest.raises(ValueError, match=r"^seed \+ k .*must lie"):
+        MoSABottleneck(8, 2, k=4, hierarchical=True, k_fine=2, seed=2 ** 64 - 4)
+    MoSABottleneck(8, 2, k=4, hierarchical=True, k_fine=2, seed=2 ** 64 - 5)
+    MoSABottleneck(8, 2, seed=-2 ** 63)  # torch's range, as ShiraLinear takes it
+    layer = ShiraLinear.from_linear(torch.nn.Linear(8, 8), r=1)
+    layer.bias.requires_grad_(True)
+    before, flags = state_bits(layer), [p.requires_grad for p in layer.parameters()]
+    with pytest.raises(ValueError, match=r"^seed must lie"):
+        MoSAShiraLinear.from_shira(layer, k=2, active=1, seed=2 ** 64)
+    assert_same_bits(state_bits(layer), before)
+    assert [p.requires_grad for p in layer.parameters()] == flags

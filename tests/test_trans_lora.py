@@ -121,6 +121,11 @@ BAD = [
     (dict(positions=[LENGTH]), ValueError, "positions"),
     (dict(kl_temperature=-1.0), ValueError, "kl_temperature"),
     (dict(seed="0"), ValueError, "seed"),
+    (dict(seed=2 ** 64), ValueError, "^seed must lie"),  # was: an overflow naming nothing
+    # Layer i (up, down) gets seed + i: down's would not fit torch's Generator.
+    (dict(seed=2 ** 64 - 1), ValueError, "^seed must lie .*last layer"),
+    (dict(adapter_kwargs={"density": 0.25, "seed": -2 ** 63 - 1}), ValueError,
+     r"^adapter_kwargs\['seed'\] must lie"),
 ]
 
 

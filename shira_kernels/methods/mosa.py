@@ -47,7 +47,7 @@ from torch import nn
 
 from .._checks import check_float_tensor, check_scale, check_size
 from ..formats import SparseDelta, SparseStructure, flat_index_dtype
-from ..masks import split_mask
+from ..masks import check_seed, split_mask
 from ..nn import ShiraLinear
 from ..nn._wrap import adopt_linear
 from ..ops.sparse_delta import sparse_delta_linear_unpacked, sparse_product_add_unpacked
@@ -93,7 +93,10 @@ class _Activation:
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
         self.rescale = rescale
-        self.generator = torch.Generator().manual_seed(check_size(seed, "seed", minimum=0))
+        seed = check_seed(seed)
+        if self.k_fine > 1:  # SparseModules splits group g again with seed + 1 + g
+            check_seed(seed + self.k, "seed + k (the last group's second split)")
+        self.generator = torch.Generator().manual_seed(seed)
         self.pinned: tuple[int, ...] | None = None
         self.last_active: tuple[int, ...] | None = None
         self.merged = False  # merge() was called: the module it returned replaces this one
