@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -137,6 +138,9 @@ def bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"shira-kernels bench: {exc}", file=sys.stderr)
         return 2
+    problem = _folder_problem(args.out)
+    if problem:  # now, not after the measurements (the files are written last)
+        args.parser.error(f"--out {args.out}: {problem}")
     command = "shira-kernels " + " ".join(args.argv)
     try:
         bench_suite.run_bench(cfg, args.out, command=command, progress=not args.no_progress)
@@ -144,6 +148,21 @@ def bench(args: argparse.Namespace) -> int:
         print(f"shira-kernels bench: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _folder_problem(path: str) -> str | None:
+    """Why ``path`` cannot hold the bench's files, or None. The folder is made (the bench
+    makes it anyway) and a temporary file written in it: what would fail once the
+    measurements are done fails here instead."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"cannot write files there: {exc.strerror or exc}"
+    return None
 
 
 def _int_list(text: str) -> list[int]:
@@ -304,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="measure only these, comma-separated: forward (with the training "
                               "step), switch, drift, binary, memory (default: all)")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress on stderr")
-    p_bench.set_defaults(run=bench)
+    p_bench.set_defaults(run=bench, parser=p_bench)
     args = parser.parse_args(argv)
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         # a usage error here, not a traceback from the first CUDA call

@@ -2,6 +2,8 @@
 changes nothing, and a bad flag is a usage error (exit 2) with a message, not a traceback."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -116,6 +118,34 @@ def test_cli_device_cuda_without_cuda_is_a_usage_error(command, capsys, monkeypa
                   "--size-override", "64,160" if command == "tune" else "64,160,1"])
     assert exc.value.code == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", [
+    "a file", "under a file",
+    pytest.param("a read-only folder", marks=pytest.mark.skipif(
+        not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere"))])
+def test_cli_bench_out_that_cannot_hold_the_files_is_a_usage_error(where, tmp_path, capsys,
+                                                                     monkeypatch):
+    from shira_kernels.harness import bench_suite
+
+    ran = []
+    monkeypatch.setattr(bench_suite, "run_bench", lambda *a, **k: ran.append("bench"))
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    out = {"a file": afile, "under a file": afile / "sub", "a read-only folder": tmp_path}[where]
+    if where == "a read-only folder":
+        tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as exc:  # was: FileExistsError, NotADirectoryError or
+            cli.main(["bench", "--out", str(out)])  # PermissionError once run_bench was called
+    finally:
+        tmp_path.chmod(0o700)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}" in err and "usage:" in err and "Traceback" not in err
+    assert not ran and afile.read_text() == "kept"
+    assert cli.main(["bench", "--out", str(tmp_path / "new" / "dir")]) == 0  # made, then run
+    assert ran == ["bench"]
 
 
 # ---------------------------------------------------------------------------------------------
