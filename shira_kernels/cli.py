@@ -186,6 +186,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    # torch's generators take [-2**63, 2**64) (masks.check_seed), and the commands derive more
+    # seeds by adding offsets (a layer's index, a task's number): a signed 64-bit seed leaves
+    # them room.
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -2 ** 63 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**63), got {text!r}")
+    return value
+
+
 def _size_pair(text: str) -> list[int]:
     values = _int_list(text)
     if len(values) != 2:
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_demo = sub.add_parser("demo", help="train, switch, fuse, save and reload two adapters")
     p_demo.add_argument("--steps", type=_positive_int, default=40, help="training steps per adapter")
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--seed", type=_seed, default=0)
     p_demo.set_defaults(run=demo)
 
     p_tune = sub.add_parser("tune", description=tune.__doc__,
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                               "±5%% or the time cap is reached")
     p_bench.add_argument("--drift-switches", type=int, default=1000,
                          help="switches before the drift of the base weights is measured")
-    p_bench.add_argument("--seed", type=int, default=0)
+    p_bench.add_argument("--seed", type=_seed, default=0)
     p_bench.add_argument("--only", default=None, metavar="GROUPS",
                          help="measure only these, comma-separated: forward (with the training "
                               "step), switch, drift, binary, memory (default: all)")

@@ -88,6 +88,13 @@ BAD_FLAGS = [
     ["bench", "--repeat", "-2"],  # was: a traceback from the harness
     ["bench", "--repeat", "0"],  # was: silently the default
     ["bench", "--r", "0"],
+    # was: a traceback (torch's "Overflow when unpacking long long"), after bench made --out
+    ["demo", "--seed", str(2 ** 64)],
+    ["bench", "--seed", str(2 ** 64)],
+    ["demo", "--seed", str(-2 ** 63 - 1)],
+    # in torch's range, but the commands add offsets to it (demo: seed + 1000): was a traceback
+    ["demo", "--seed", str(2 ** 64 - 1)],
+    ["bench", "--seed", "1.5"],
 ]
 
 
@@ -146,6 +153,23 @@ def test_cli_bench_out_that_cannot_hold_the_files_is_a_usage_error(where, tmp_pa
     assert not ran and afile.read_text() == "kept"
     assert cli.main(["bench", "--out", str(tmp_path / "new" / "dir")]) == 0  # made, then run
     assert ran == ["bench"]
+
+
+def test_cli_seed_outside_the_range_makes_no_folder_and_its_bounds_run(tmp_path, capsys,
+                                                                         monkeypatch):
+    from shira_kernels.harness import bench_suite, demo
+
+    ran = []
+    monkeypatch.setattr(bench_suite, "run_bench", lambda *a, **k: ran.append("bench"))
+    monkeypatch.setattr(demo, "run", lambda **k: ran.append(k["seed"]) or 0)
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--seed", str(2 ** 63), "--out", str(out)])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert not out.exists() and not ran
+    for seed in (-2 ** 63, 2 ** 63 - 1):
+        assert cli.main(["demo", "--seed", str(seed)]) == 0
+    assert ran == [-2 ** 63, 2 ** 63 - 1]
 
 
 # ---------------------------------------------------------------------------------------------
