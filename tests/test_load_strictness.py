@@ -4,9 +4,12 @@ torch passes strict=True to each module's _load_from_state_dict whatever the cal
 applies the caller's choice only after every module was loaded. So a strict load that misses
 one of a layer's keys, or carries an unexpected one, must be refused before the layer copies
 anything; a lenient load (strict=False) of part of the keys must load that part and report
-the rest, as torch does for nn.Linear.
+the rest, as torch does for nn.Linear. Likewise a tensor torch's copy_ fails on (without data),
+which torch reports only after copying the layer's other tensors.
 """
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -144,3 +147,78 @@ def test_quantized_layer_strict_load(kind, fault):
     assert_same_bits(state_bits(model, derived=True, skip=skip), before)
     with torch.no_grad():
         assert torch.equal(model(x), y_before)
+
+
+# A tensor without data (meta, sparse, quantized) has the right shape, so torch's own checks let
+# it through to copy_, which fails only after the layer's other tensors were copied: each layer
+# refuses it first, naming the key.
+def _without_data(t: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "meta":
+        return torch.empty_like(t, device="meta")
+    if kind == "sparse":
+        return t.to_sparse()
+    with warnings.catch_warnings():  # torch deprecates quantized tensors; a pickle may hold one
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8)
+
+
+def _data_less_cases():
+    cases = []
+    for name, make in LAYERS.items():
+        for key, t in make(0).state_dict().items():
+            kinds = ("meta", "sparse") + (("quantized",) if t.is_floating_point() else ())
+            cases += [pytest.param(name, key, kind, id=f"{name}-{key}-{kind}") for kind in kinds]
+    return cases
+
+
+@pytest.mark.parametrize("name, key, kind", _data_less_cases())
+def test_load_of_a_tensor_without_data_is_refused_before_anything_is_copied(name, key, kind):
+    model = _model(LAYERS[name], 0)
+    state = _model(LAYERS[name], 1).state_dict()
+    key = "1." + key
+    state[key] = _without_data(state[key], kind)
+    before = state_bits(model[1], derived=True)
+    with pytest.raises((ValueError, TypeError)) as info:
+        model.load_state_dict(state)
+    assert key in str(info.value)
+    assert_same_bits(state_bits(model[1], derived=True), before)
+
+
+@pytest.mark.parametrize("name", ["binary_lora_packed", "binary_lora_float", "dylora"])
+def test_assign_load_of_meta_tensors_puts_them_in_place_as_torch_does(name):
+    model = _model(LAYERS[name], 0)
+    state = {key: t.to("meta") for key, t in _model(LAYERS[name], 1).state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    assert all(t.is_meta for t in model[1].state_dict().values())
+
+
+def test_assign_load_of_a_meta_weight_into_a_shira_layer_puts_it_in_place():
+    model, source = _model(_shira, 0), _model(_shira, 1)
+    state = dict(source.state_dict(), **{"1.weight": torch.empty(10, 24, device="meta")})
+    model.load_state_dict(state, assign=True)
+    assert model[1].weight.is_meta
+    assert torch.equal(model[1].shira_values, source[1].shira_values)
+
+
+@pytest.mark.parametrize("key", ["shira_values", "shira_flat_indices"])
+def test_assign_load_of_meta_adapter_entries_is_refused(key):
+    # The entries are read (checked, and the structure derived from them) even when assigned.
+    model = _model(_shira, 0)
+    state = _model(_shira, 1).state_dict()
+    state["1." + key] = state["1." + key].to("meta")
+    before = state_bits(model[1], derived=True)
+    with pytest.raises(ValueError, match=f"1.{key} is not a dense tensor with data"):
+        model.load_state_dict(state, assign=True)
+    assert_same_bits(state_bits(model[1], derived=True), before)
+
+
+def test_meta_layer_loads_meta_tensors_and_takes_real_ones_by_assign():
+    # Built on the meta device (as under accelerate's init_empty_weights): a meta state_dict
+    # copies into it (a no-op, as torch allows), and assign=True puts real tensors in place.
+    source = _binary_lora(1)
+    with torch.device("meta"):
+        layer = BinaryLoRALinear.from_linear(nn.Linear(24, 10), r=3).pack()
+    layer.load_state_dict({key: t.to("meta") for key, t in source.state_dict().items()})
+    layer.load_state_dict(source.state_dict(), assign=True)
+    x = torch.randn(4, 24)
+    assert torch.equal(layer(x), source(x))

@@ -14,6 +14,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES, tensor_stamp, unchanged, validate_indices
 from ..formats import SparseDelta, SparseStructure
+from ._wrap import check_copyable
 
 STRUCTURE_FIELDS = ("rows", "cols", "row_offsets", "t_offsets", "t_cols", "t_perm")
 STRUCTURE_BUFFERS = tuple(f"_shira_{name}" for name in STRUCTURE_FIELDS)
@@ -80,10 +81,13 @@ class SparseAdapterState:
     def _check_loadable_entries(self, indices, values, idx_key: str, val_key: str,
                                 build_hint: str) -> None:
         """The adapter entries a load would copy in, checked before torch copies any of them
-        (a refused load leaves the layer as it was; bad indices would reach the kernels)."""
+        (a refused load leaves the layer as it was; bad indices would reach the kernels). They
+        need data even for load_state_dict(assign=True): they are read (checked, and the
+        structure derived from them)."""
         for key, t in ((idx_key, indices), (val_key, values)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
+            check_copyable(key, t)
         out_f, in_f = self.adapted_shape
         try:
             validate_indices(indices, out_f * in_f, name=idx_key, ascending=True)

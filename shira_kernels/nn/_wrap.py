@@ -82,13 +82,26 @@ def check_strict_keys(module: nn.Module, state_dict, prefix: str, hint: str = ""
                          f"{type(module).__name__}{hint}")
 
 
+def check_copyable(key: str, t: torch.Tensor, current: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming ``key`` unless torch's load can copy ``t`` into ``current`` (of
+    the same shape): a meta, sparse or quantized ``t`` fails in copy_, which torch reports only
+    after copying the layer's other tensors. A meta ``t`` copies into a meta ``current`` (a
+    no-op); without ``current`` (a tensor the layer reads before loading it) it needs data."""
+    if (t.layout != torch.strided or t.is_quantized
+            or (t.is_meta and (current is None or not current.is_meta))):
+        raise ValueError(f"load_state_dict: {key} is not a dense tensor with data (layout "
+                         f"{t.layout}, device {t.device}, dtype {t.dtype})")
+
+
 def check_loadable(module: nn.Module, state_dict, prefix: str, finite: tuple[str, ...] = (),
-                   hint: str = "") -> None:
+                   hint: str = "", *, assign: bool = False) -> None:
     """Raise before torch copies anything unless ``state_dict`` fits ``module``'s own parameters
     and persistent buffers (torch copies every tensor that fits and reports the others after,
     which leaves a layer half loaded): each present key a tensor of the same shape and kind (an
-    integer buffer only its own dtype; a float one any float dtype), in a strict load none
-    missing or unexpected (check_strict_keys), and the names in ``finite`` finite."""
+    integer buffer only its own dtype; a float one any float dtype) that copies
+    (check_copyable; with ``assign``, load_state_dict(assign=True), torch puts it in place
+    instead, whatever its data), in a strict load none missing or unexpected
+    (check_strict_keys), and the names in ``finite`` finite."""
     for name, current in _own_state(module).items():
         key = prefix + name
         if key not in state_dict:
@@ -99,6 +112,8 @@ def check_loadable(module: nn.Module, state_dict, prefix: str, finite: tuple[str
         if tuple(t.shape) != tuple(current.shape):
             raise ValueError(f"load_state_dict: {key} has shape {tuple(t.shape)}, this layer's "
                              f"{tuple(current.shape)}")
+        if not assign:
+            check_copyable(key, t, current)
         if (t.is_floating_point() != current.is_floating_point()
                 or (not current.is_floating_point() and t.dtype != current.dtype)):
             raise TypeError(f"load_state_dict: {key} has dtype {t.dtype}, this layer's "

@@ -107,21 +107,23 @@ class BinaryAdapter(nn.Module):
         self.packed = True
         return self
 
-    def _check_loadable(self, state_dict, prefix: str) -> None:
+    def _check_loadable(self, state_dict, prefix: str, local_metadata) -> None:
+        assign = local_metadata.get("assign_to_params_buffers", False)
         if self.packed:
             hint = (" (the state_dict holds the float weights: load them before pack())"
                     if prefix + "down" in state_dict else "")
             check_loadable(self, state_dict, prefix, tuple(
-                f"{part}_{stat}" for part in ("down", "up") for stat in ("alpha", "mu")), hint)
+                f"{part}_{stat}" for part in ("down", "up") for stat in ("alpha", "mu")), hint,
+                assign=assign)
         else:
             hint = (" (the state_dict holds a packed adapter: pack() this one before loading it)"
                     if prefix + "down_packed" in state_dict else "")
-            check_loadable(self, state_dict, prefix, (), hint)
+            check_loadable(self, state_dict, prefix, (), hint, assign=assign)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Checked before torch copies any of it: a refused load leaves the adapter as it was.
-        self._check_loadable(state_dict, prefix)
+        self._check_loadable(state_dict, prefix, local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -164,8 +166,9 @@ class BinaryLoRALinear(nn.Linear):
                               unexpected_keys, error_msgs):
         # The branch's keys too are checked before torch copies the base's weight and bias (it
         # loads the branch after them): a refused load leaves the whole layer as it was.
-        check_loadable(self, state_dict, prefix)
-        self.lora._check_loadable(state_dict, prefix + "lora.")
+        check_loadable(self, state_dict, prefix,
+                       assign=local_metadata.get("assign_to_params_buffers", False))
+        self.lora._check_loadable(state_dict, prefix + "lora.", local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

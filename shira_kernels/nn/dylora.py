@@ -228,7 +228,8 @@ class DyLoRALinear(nn.Linear):
             # W holds W + ΔW, and unmerge() would put the old base back over the loaded one.
             raise RuntimeError(f"{prefix or 'layer'}: unmerge() before load_state_dict (the "
                                "layer is merged)")
-        check_loadable(self, state_dict, prefix)
+        check_loadable(self, state_dict, prefix,
+                       assign=local_metadata.get("assign_to_params_buffers", False))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

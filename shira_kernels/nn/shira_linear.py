@@ -29,7 +29,7 @@ from ..masks import check_seed, make_mask, mask_to_indices
 from ..ops.scatter_swap import merge_by_swap, swap_transaction
 from ..ops.sparse_delta import sparse_delta_linear_unpacked
 from ._adapter_state import STRUCTURE_FIELDS, SparseAdapterState
-from ._wrap import adopt_linear, check_strict_keys, load_is_strict
+from ._wrap import adopt_linear, check_copyable, check_strict_keys, load_is_strict
 from .quantized import QuantizedShiraLinear, quantized_format
 
 # Orders merge, unmerge and hotswap_ between threads (one lock for every layer: they are rare
@@ -118,7 +118,8 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         old, new = prefix + "shira_indices", prefix + "shira_flat_indices"
         if old in state_dict and new not in state_dict:  # saved before the buffer's rename
             state_dict = {(new if key == old else key): t for key, t in state_dict.items()}
-        self._check_loadable(state_dict, prefix)
+        self._check_loadable(state_dict, prefix,
+                             local_metadata.get("assign_to_params_buffers", False))
         if load_is_strict():  # torch's `strict` here is always True
             check_strict_keys(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -132,29 +133,31 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
                 base.view(-1)[self._merged_flat().long()] = self._shira_swapped
             destination[prefix + "weight"] = base
 
-    def _check_loadable(self, state_dict, prefix: str) -> None:
+    def _check_loadable(self, state_dict, prefix: str, assign: bool = False) -> None:
         names = {key: prefix + key for key in ("weight", "shira_flat_indices", "shira_values")}
         if not any(name in state_dict for name in names.values()):
             return
         if self.merged:
             raise RuntimeError(f"{prefix or 'layer'}: unmerge() before load_state_dict (the "
                                "held-aside base entries belong to the current weight)")
-        weight = state_dict.get(names["weight"], self.weight)
-        indices = state_dict.get(names["shira_flat_indices"], self.shira_flat_indices)
-        values = state_dict.get(names["shira_values"], self.shira_values)
-        for key, t in ((names["weight"], weight), (names["shira_flat_indices"], indices),
-                       (names["shira_values"], values)):
+        # torch would skip only a tensor it cannot copy (not a tensor, of the wrong size, without
+        # data) and copy the others (the adapter's entries, unchecked): refuse the whole load
+        # before anything is copied.
+        for name, own in (("weight", self.weight), ("bias", self.bias)):
+            key = prefix + name
+            if own is None or key not in state_dict:
+                continue
+            t = state_dict[key]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{key} must be a tensor, got {type(t).__name__}")
-        # torch would skip only a tensor of the wrong size and copy the others (the adapter's
-        # entries, unchecked): refuse the whole load before anything is copied.
-        for key, t, own in ((names["weight"], weight, self.weight),
-                            (prefix + "bias", state_dict.get(prefix + "bias"), self.bias)):
-            if (isinstance(t, torch.Tensor) and own is not None
-                    and tuple(t.shape) != tuple(own.shape)):
+            if tuple(t.shape) != tuple(own.shape):
                 raise RuntimeError(f"load_state_dict: size mismatch for {key}: the state_dict's "
                                    f"has shape {tuple(t.shape)}, this layer's "
                                    f"{tuple(own.shape)}; nothing was loaded")
+            if not assign:  # assign=True puts the tensor in place, whatever its data
+                check_copyable(key, t, own)
+        indices = state_dict.get(names["shira_flat_indices"], self.shira_flat_indices)
+        values = state_dict.get(names["shira_values"], self.shira_values)
         self._check_loadable_entries(indices, values, names["shira_flat_indices"],
                                      names["shira_values"], "ShiraLinear(..., indices=...)")
 
