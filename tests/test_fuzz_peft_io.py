@@ -31,6 +31,17 @@ def test_write_peft_adapter_refuses_an_adapter_with_no_entries(tmp_path, shape, 
     assert not (tmp_path / "out").exists()
 
 
+def test_write_peft_adapter_writes_one_delta_for_two_layers(tmp_path):
+    # The layers' values shared memory, which safetensors refused to write.
+    delta = SparseDelta.from_flat(torch.tensor([0, 1, 3, 4, 6, 8, 11]), (3, 4),
+                                  torch.randn(7))
+    write_peft_adapter(tmp_path / "out", {"a": delta, "b": delta})
+    loaded = peft_adapter_deltas(tmp_path / "out", {"a": (3, 4), "b": (3, 4)})
+    for layer in ("a", "b"):
+        assert torch.equal(loaded[layer][0].flat_indices, delta.flat_indices.to(torch.int64))
+        assert torch.equal(bits(loaded[layer][0].values), bits(delta.values))
+
+
 @pytest.mark.parametrize("edit, message", [(lambda f: f.__setitem__(1, 0), "repeated"),
                                            (lambda f: f.__setitem__(4, 99), "out of range")],
                          ids=["repeated", "out of range"])

@@ -70,6 +70,20 @@ def test_scales_in_tuples_and_a_single_scale(tmp_path):
     assert not (tmp_path / "b.safetensors").exists()
 
 
+@pytest.mark.parametrize("share", ["one delta", "with_values"])
+def test_layers_whose_deltas_share_tensors_round_trip(tmp_path, share):
+    # Two layers' deltas sharing a tensor (the same delta twice, or with_values sharing the
+    # indices): safetensors refused to write tensors that share memory.
+    d = _adapter()["0"]
+    e = d if share == "one delta" else d.with_values(torch.randn_like(d.values))
+    save_adapter(tmp_path / "a.safetensors", {"q": d, "k": (e, 0.5)})
+    loaded = load_adapter(tmp_path / "a.safetensors")
+    for layer, delta, scale in (("q", d, 1.0), ("k", e, 0.5)):
+        assert loaded[layer][1] == scale
+        assert torch.equal(loaded[layer][0].flat_indices, delta.flat_indices)
+        assert torch.equal(bits(loaded[layer][0].values), bits(delta.values))
+
+
 def test_huge_layers_store_int64_indices(tmp_path):
     shape = (2**16, 2**16)  # out·in = 2³², past int32 (only the delta exists, no weight)
     flat = torch.tensor([5, 2**31 + 7, 2**32 - 1], dtype=torch.int64)

@@ -320,7 +320,10 @@ def write_peft_adapter(path, deltas: Mapping[str, object], *,
             raise ValueError(f"layer {layer!r}: non-finite values")
         rows = torch.div(flat, in_f, rounding_mode="floor")
         coo = torch.stack([rows, flat - rows * in_f]).to(torch.int32)
-        tensors[f"{PEFT_PREFIX}{layer}{_WEIGHT_SUFFIX}"] = values.cpu().contiguous()
+        # A copy of its own: two layers' deltas may share their values (one delta for both),
+        # which safetensors refuses.
+        tensors[f"{PEFT_PREFIX}{layer}{_WEIGHT_SUFFIX}"] = values.cpu().clone(
+            memory_format=torch.contiguous_format)
         tensors[f"{PEFT_PREFIX}{layer}{_INDEX_SUFFIX}"] = coo.cpu().contiguous()
     config = {
         "peft_type": "SHIRA",

@@ -272,8 +272,11 @@ def save_adapter(path, adapter_deltas, scales=1.0, base_model: nn.Module | None 
             _check_fits("", layer, sorted_delta, scale, base)
             base_dtype = _DTYPE_NAMES.get(base.dtype, str(base.dtype))
             base_sha = base_checksum(base)
-        tensors[f"{layer}.indices"] = indices.detach().cpu().contiguous()
-        tensors[f"{layer}.values"] = values.detach().cpu().contiguous()
+        # Copies of their own: two layers' deltas may share a tensor (one delta for both, or
+        # one made by with_values, which shares the indices), which safetensors refuses.
+        for name, t in (("indices", indices), ("values", values)):
+            tensors[f"{layer}.{name}"] = t.detach().cpu().clone(
+                memory_format=torch.contiguous_format)
         meta[layer] = {"shape": list(delta.shape), "dtype": _DTYPE_NAMES[delta.dtype],
                        "scale": scale, "nnz": int(indices.numel()), "base_dtype": base_dtype,
                        "base_sha256": base_sha}
