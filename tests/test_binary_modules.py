@@ -1,4 +1,5 @@
 """BinaryAdapter and BinaryLoRALinear: training with the STE, packing, size, equal outputs."""
+import copy
 import io
 
 import pytest
@@ -192,3 +193,61 @@ def test_bi_lora_under_autocast_gives_autocast_dtype_packed_or_not(packed):
     assert torch.equal(y, base + branch)
     if packed:  # the fp32 branch rounded once
         assert torch.equal(branch, plain_branch.to(torch.bfloat16))
+
+
+def _stat_bits(adapter):
+    return {name: adapter._buffers[name].detach().view(torch.int32).clone()
+            for name in ("down_alpha", "down_mu", "up_alpha", "up_mu")}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("convert", ["to", "method"])
+def test_packed_layer_keeps_fp32_alpha_and_mu_through_a_dtype_conversion(dtype, convert):
+    # nn.Module.to(dtype) and .half() cast α and μ with the weights; BinaryWeight refused them
+    # ("alpha must be a float32 tensor") and the converted layer no longer ran.
+    torch.manual_seed(0)
+    layer = BinaryLoRALinear.from_linear(nn.Linear(40, 20), r=4, scale=0.5, method="row")
+    with torch.no_grad():
+        layer.lora.up.normal_()
+    layer.pack()
+    stats = _stat_bits(layer.lora)
+    x = torch.randn(3, 40).to(dtype)
+    with torch.no_grad():
+        branch = layer.lora(x)  # x in that dtype, before the conversion
+        model = nn.Sequential(layer)
+        if convert == "to":
+            model.to(dtype)
+        else:
+            model.half() if dtype == torch.float16 else model.bfloat16()
+        y = model(x)
+    assert layer.weight.dtype == dtype
+    for name, before in stats.items():
+        assert layer.lora._buffers[name].dtype == torch.float32
+        assert torch.equal(layer.lora._buffers[name].view(torch.int32), before)
+    assert y.dtype == dtype
+    assert torch.equal(y, F.linear(x, layer.weight, layer.bias) + branch)
+
+
+def test_packed_adapter_after_a_dtype_conversion_moves_devices_and_round_trips():
+    torch.manual_seed(0)
+    float_adapter = BinaryAdapter(40, 4, 20).to(torch.bfloat16)  # unpacked: weights converted
+    assert float_adapter.down.dtype == float_adapter.up.dtype == torch.bfloat16
+    assert float_adapter(torch.randn(2, 40, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    adapter = BinaryAdapter(40, 4, 20, scale=0.5)
+    with torch.no_grad():
+        adapter.up.normal_()
+    adapter.pack()
+    stats = _stat_bits(adapter)
+    moved = copy.deepcopy(adapter).to("meta", torch.bfloat16)  # a device move still applies
+    assert all(moved._buffers[name].is_meta and moved._buffers[name].dtype == torch.float32
+               for name in stats)
+    converted = copy.deepcopy(adapter).double()
+    assert _stat_bits(converted).keys() == stats.keys()
+    assert all(torch.equal(b, stats[name]) for name, b in _stat_bits(converted).items())
+    restored = BinaryAdapter(40, 4, 20, scale=0.5).pack()
+    restored.load_state_dict(converted.state_dict())
+    converted.load_state_dict(adapter.state_dict())
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        assert torch.equal(restored(x), adapter(x))
+        assert torch.equal(converted(x), adapter(x))

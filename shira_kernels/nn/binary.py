@@ -4,7 +4,9 @@ and BinaryLoRALinear (an nn.Linear plus a 1-bit LoRA branch).
 Training: the branch keeps float weights and fake-quantizes them on every forward with the
 straight-through estimator (quant.fake_quantize). Inference: .pack() replaces the float weights
 with packed sign words and fp32 α, μ (buffers; the state_dict then holds nothing else for the
-branch) and forward runs binary_lora, one kernel for down, activation and up.
+branch; they stay fp32 through a dtype conversion of the module, .half() or .to(dtype), which
+moves them to another device all the same) and forward runs binary_lora, one kernel for down,
+activation and up.
 
 The rank is ``r`` (argument and attribute); ``rank``, its old name, is still accepted with a
 DeprecationWarning.
@@ -23,6 +25,10 @@ from ..formats import BinaryWeight
 from ..ops.binary import ACTIVATIONS, binary_lora
 from ..quant import METHODS, fake_quantize
 from ._wrap import REQUIRED, adopt_linear, check_loadable, renamed_argument
+
+
+# The packed form's α and μ buffers (BinaryWeight takes them in fp32 only).
+_STATS = tuple(f"{part}_{stat}" for part in ("down", "up") for stat in ("alpha", "mu"))
 
 
 def _linear_dtype(x: torch.Tensor) -> torch.dtype:
@@ -107,14 +113,23 @@ class BinaryAdapter(nn.Module):
         self.packed = True
         return self
 
+    def _apply(self, fn, *args, **kwargs):
+        # nn.Module.to(dtype), .half() and the like cast every float buffer, α and μ too: keep
+        # them fp32 (the originals, bit for bit) on the device fn put them on.
+        stats = {name: self._buffers[name] for name in _STATS if name in self._buffers}
+        result = super()._apply(fn, *args, **kwargs)
+        for name, before in stats.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return result
+
     def _check_loadable(self, state_dict, prefix: str, local_metadata) -> None:
         assign = local_metadata.get("assign_to_params_buffers", False)
         if self.packed:
             hint = (" (the state_dict holds the float weights: load them before pack())"
                     if prefix + "down" in state_dict else "")
-            check_loadable(self, state_dict, prefix, tuple(
-                f"{part}_{stat}" for part in ("down", "up") for stat in ("alpha", "mu")), hint,
-                assign=assign)
+            check_loadable(self, state_dict, prefix, _STATS, hint, assign=assign)
         else:
             hint = (" (the state_dict holds a packed adapter: pack() this one before loading it)"
                     if prefix + "down_packed" in state_dict else "")
