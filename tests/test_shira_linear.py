@@ -405,6 +405,16 @@ def test_masks_are_passed_through():
     assert wm.shira_values.numel() == 8
 
 
+def test_a_float64_layer_is_refused_naming_the_supported_dtypes():
+    # float64 is a float weight, just not one the kernels take: the message called it "neither
+    # a float weight nor a supported quantized layer".
+    base = nn.Linear(8, 6).double()
+    with pytest.raises(TypeError, match="linear.weight has dtype torch.float64; supported: "
+                                        "float32, float16, bfloat16, or a quantized layer"):
+        ShiraLinear.from_linear(base, r=1)
+    assert base.weight.requires_grad  # refused before the base layer is frozen
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         ShiraLinear.from_linear(nn.Conv1d(2, 2, 1))

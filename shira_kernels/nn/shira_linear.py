@@ -74,8 +74,8 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
             return QuantizedShiraLinear.from_quantized(linear, r=r, density=density, mask=mask,
                                                        seed=seed, scale=scale, grads=grads)
         if linear.weight.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"linear.weight has dtype {linear.weight.dtype}: neither a float "
-                            "weight nor a supported quantized layer (bitsandbytes "
+            raise TypeError(f"linear.weight has dtype {linear.weight.dtype}; supported: float32, "
+                            "float16, bfloat16, or a quantized layer (bitsandbytes "
                             "Linear8bitLt / Linear4bit, torchao)")
         if not linear.weight.is_contiguous():
             raise ValueError("linear.weight must be contiguous (adapted entries are swapped into it)")
