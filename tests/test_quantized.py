@@ -408,6 +408,8 @@ def test_bad_arguments(kind):
     bad = torch.tensor([5, 3], dtype=torch.int32)  # not ascending
     with pytest.raises(ValueError, match="indices"):
         QuantizedShiraLinear(base, indices=bad)
+    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
+        QuantizedShiraLinear(base, indices=bad.flip(0), dtype=torch.float64)
     with pytest.raises(ValueError, match="scale"):
         ShiraLinear.from_linear(base, r=2, scale=float("nan"))
     assert [p.requires_grad for p in base.parameters()] == flags  # nothing changed

@@ -167,7 +167,7 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
         if dtype is None:
             dtype = _adapter_dtype(base_layer, fmt)
         elif dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         delta = SparseDelta(shape, indices, torch.zeros(indices.numel(), dtype=dtype,
                                                          device=device))
         super().__init__()
