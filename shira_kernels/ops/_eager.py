@@ -42,8 +42,9 @@ def run_in_the_autocast_dtype(qualname: str) -> None:
     register_autocast fixes one dtype per device, so bf16 autocast on a GPU (or fp16 on the
     CPU) would run the op in the other 16-bit type."""
     namespace, name = qualname.split("::")
-    library = _autocast_libraries.setdefault(namespace,
-                                             torch.library.Library(namespace, "FRAGMENT"))
+    if namespace not in _autocast_libraries:
+        _autocast_libraries[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    library = _autocast_libraries[namespace]
     op = getattr(getattr(torch.ops, namespace), name).default
     for device_type, key in _AUTOCAST_KEYS.items():
         def kernel(_keyset, *args, device_type=device_type):
