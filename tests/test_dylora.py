@@ -142,6 +142,32 @@ def test_training_forward_and_which_components_get_gradients(train_lower):
     assert len(seen) >= 4
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_drawn_rank(use_reentrant):
+    # The recomputation inside the backward must run the forward's rank (checkpoint restores
+    # torch's RNG, not the layer's generator): the same gradients as without checkpointing, and
+    # one draw per step.
+    from torch.utils.checkpoint import checkpoint
+    x = torch.randn(5, 8)
+    grads = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        layer = DyLoRALinear.from_linear(nn.Linear(8, 6), r=4, seed=3).train()
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        ranks = []
+        for _ in range(3):
+            xi = x.clone().requires_grad_()
+            y = checkpoint(layer, xi, use_reentrant=use_reentrant) if checkpointed else layer(xi)
+            ranks.append(layer.last_rank)
+            y.square().sum().backward()
+            assert layer.last_rank == ranks[-1]
+        grads[checkpointed] = (ranks, xi.grad, layer.lora_A.grad, layer.lora_B.grad)
+    assert grads[True][0] == grads[False][0] and len(set(grads[False][0])) > 1
+    for got, want in zip(grads[True][1:], grads[False][1:]):
+        assert torch.equal(got, want)
+
+
 def test_training_does_not_change_the_inference_rank():
     layer = make_layer(seed=2)
     layer.set_rank(2)

@@ -185,6 +185,11 @@ class DyLoRALinear(nn.Linear):
     @torch.compiler.disable
     def _sample_rank(self) -> None:
         # Runs eagerly even inside torch.compile (a graph break): the generator is Python state.
+        if self.last_rank is not None and torch._C._current_graph_task_id() != -1:
+            # A forward inside a backward is activation checkpointing's recomputation: it must
+            # run the rank the forward drew (checkpoint restores torch's RNG, not this
+            # generator), which the buffers still hold.
+            return
         b = int(torch.randint(1, self.r + 1, (1,), generator=self.generator))
         self._write_rank(self._train_mask, self._train_scale, b)
         with torch.no_grad():
