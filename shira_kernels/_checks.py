@@ -289,6 +289,10 @@ def check_representable(adapted: torch.Tensor, where: str, *, base: torch.Tensor
     if count == 0:
         return
     first = int(bad.reshape(-1).nonzero()[0])
+    nan = int((bad & torch.isnan(adapted)).sum())
+    if nan:  # a finite base plus scale·value is NaN only for a NaN value (the scale is checked)
+        raise ValueError(f"{where}: {nan} of the adapter's values are NaN (the first of "
+                         f"{count} non-finite adapted entries at position {first})")
     limit = torch.finfo(adapted.dtype).max  # integer tensors are always finite: not here
     raise ValueError(f"{where}: the adapted weight does not fit {adapted.dtype}: {count} of "
                      f"{adapted.numel()} entries become non-finite (first at position {first}; "

@@ -131,6 +131,10 @@ def test_check_representable_names_place_and_dtype(dtype):
         check_representable(bad, "layer 'x'", base=base)
     with pytest.raises(ValueError, match=rf"{dtype}"):
         check_representable(bad, "layer 'x'")
+    # A NaN value is named as such, not as a magnitude the dtype cannot hold.
+    nan = (base.float() + torch.tensor([0.0, float("nan"), 0.0, 0.0])).to(dtype)
+    with pytest.raises(ValueError, match=r"^layer 'x': 1 of the adapter's values are NaN"):
+        check_representable(nan, "layer 'x'", base=base)
 
 
 # ---------------------------------------------------------------------------------------------
