@@ -273,6 +273,11 @@ class SparseDelta:
     def structure(self) -> SparseStructure:
         """The derived index arrays, computed once per index tensor."""
         if self._structure is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "a SparseDelta's structure is derived eagerly: touch delta.structure once "
+                    "before torch.compile traces a call with it, or build the delta with "
+                    "structure=... (ShiraLinear keeps its structure in buffers)")
             self._structure = _structure_of(self.flat_indices, self.shape)
         return self._structure
 

@@ -169,6 +169,26 @@ def test_multi_delta_linear_under_autocast_runs_in_its_dtype_like_sparse_delta_l
         assert grad[delta_set.segment(n)].abs().sum() > 0, n
 
 
+def test_a_delta_without_its_structure_under_fullgraph_says_to_derive_it():
+    # The structure is derived eagerly (its checks read the indices); inside a graph the error
+    # was torch's "tensor.is_inference() during tracing", naming nothing of the package.
+    torch.manual_seed(0)
+    w, b = torch.randn(12, 16), torch.randn(12)
+    delta = SparseDelta.from_flat(torch.randperm(192)[:30], (12, 16), torch.randn(30))
+
+    def f(x):
+        return sparse_delta_linear(x, w, b, delta, 0.5, "spmm")
+    x = torch.randn(5, 16)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="touch delta.structure once"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    same_bits(torch.compile(f, backend="aot_eager")(x), f(x), "with a graph break")
+    delta.structure
+    torch._dynamo.reset()
+    same_bits(torch.compile(f, backend="aot_eager", fullgraph=True)(x), f(x), "derived first")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_compiled_layer_under_autocast_runs_in_its_dtype_as_eager(dtype):
     # The ops' autocast rule reads the dtype in force when it runs (traced with the graph).
