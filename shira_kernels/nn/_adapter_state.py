@@ -4,7 +4,9 @@
 (sorted flat indices into the [out, in] weight, saved in the state_dict); the structure derived
 from them (CSR by rows and columns) in non-persistent buffers, so .to() moves it and
 torch.compile sees plain tensors. Derived again whenever the indices change (a load, an in-place
-write), before any kernel could read through the old structure.
+write), before an eager forward's kernels could read through the old structure. A compiled
+forward does not look (a version check would break the graph): there the mask changes by
+hotswap_, which writes the structure with the indices.
 """
 from __future__ import annotations
 
