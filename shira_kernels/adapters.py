@@ -71,8 +71,8 @@ from torch import nn
 from ._checks import (FLOAT_DTYPES, check_representable, check_scale, check_size,
                       validate_indices)
 from ._concurrency import reading as weight_reading
-from ._mixed import (MixedLayer, NamedAdapters, batch_names, forwards_replaced, start_block,
-                     used_names)
+from ._mixed import (BASE, MixedLayer, NamedAdapters, batch_names, forwards_replaced,
+                     start_block, used_names)
 from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
 from .nn.shira_linear import ShiraLinear
 from .ops.multi_delta import multi_delta_linear
@@ -455,8 +455,10 @@ class AdapterBank(NamedAdapters):
                     "held-aside base entries would be wrong)")
 
     def _check_new_name(self, name) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
+        # BASE names the base in mixed() rows: an adapter of that name could not be served.
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"an adapter name must be a non-empty str other than {BASE!r}, got "
+                             f"{name!r}")
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is already in the bank; remove() it first")
 
@@ -549,7 +551,8 @@ class AdapterBank(NamedAdapters):
 
     # -- adding and removing ----------------------------------------------------------------------
     def add(self, name: str, adapter: Mapping, scale: float = 1.0) -> None:
-        """Add adapter ``name``: {layer: SparseDelta} or {layer: (SparseDelta, layer_scale)}.
+        """Add adapter ``name`` (a non-empty str other than "__base__", which names the base in
+        mixed() rows): {layer: SparseDelta} or {layer: (SparseDelta, layer_scale)}.
 
         Everything is checked first (ValueError naming the adapter and the layer; the bank and
         the model are unchanged on failure). The values that will stand in W are prepared here,
@@ -573,12 +576,16 @@ class AdapterBank(NamedAdapters):
                     check_representable(active, f"adapter {name!r}, layer {layer!r}", base=base)
                     entries[layer] = _Entry(indices, active, values, layer_scale, full)
             self._adapters[name] = _Slot(name, entries)
-            if self._mixed is not None:
-                for layer in entries:
-                    if self._servable(layer):
-                        served = self._mixed_layer(layer)  # a new one already has it
-                        if name not in served.adapters:
-                            self._offer(served, name)
+            try:
+                if self._mixed is not None:
+                    for layer in entries:
+                        if self._servable(layer):
+                            served = self._mixed_layer(layer)  # a new one already has it
+                            if name not in served.adapters:
+                                self._offer(served, name)
+            except BaseException:  # all or nothing: out of the mixed layers' sets, and the bank
+                self._forget(name)
+                raise
 
     def add_from_model(self, name: str, model: nn.Module) -> None:
         """Add every ShiraLinear of ``model`` (this bank's model or one of the same structure)
@@ -607,15 +614,18 @@ class AdapterBank(NamedAdapters):
             if self._active is not None and name in self._active.names:
                 raise RuntimeError(f"adapter {name!r} is active ({self.active!r}); deactivate() "
                                    "or switch away first")
-            del self._adapters[name]
-            for layer in slot.entries:
-                served = (self._mixed or {}).get(layer)
-                if served is not None and name in served.adapters:
-                    served.adapters.remove(name)
+            self._forget(name)
             dropped = {slot} | {f for key, f in self._fusions.items() if name in key[0]}
             for fusion in dropped - {slot}:
                 del self._fusions[fusion.key]
             self._forget_pairs(dropped)
+
+    def _forget(self, name: str) -> None:
+        """Take adapter ``name`` out of the bank and of the mixed layers' sets."""
+        for layer in self._adapters.pop(name).entries:
+            served = (self._mixed or {}).get(layer)
+            if served is not None and name in served.adapters:
+                served.adapters.remove(name)
 
     def _forget_pairs(self, slots) -> None:
         for key in [key for key in self._pairs if key[0] in slots or key[1] in slots]:

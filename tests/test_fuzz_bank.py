@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from shira_kernels import AdapterBank, SparseDelta
+from shira_kernels import AdapterBank, SparseDelta, SparseDeltaSet
 from shira_kernels.nn import ShiraLinear
 
 from tolerance import abs64, assert_within_error_bound
-from unchanged import bits
+from unchanged import assert_same_bits, bits, state_bits
 
 
 def other_thread_can_lock(bank: AdapterBank) -> bool:
@@ -139,3 +139,58 @@ def test_activate_after_the_model_was_converted_names_the_layer():
         bank.activate("a")
     assert bank.active is None
     assert all(torch.equal(bits(p), b) for p, b in zip(model.parameters(), before))
+
+
+# ---------------------------------------------------------------------------------------------
+# add("__base__", ...): the name that means the base in mixed() rows was taken as an adapter's.
+# After a mixed() block the layers' sets refused it only once the bank had registered it (add
+# raised, the adapter stayed); before one, add succeeded and every later block raised.
+# ---------------------------------------------------------------------------------------------
+def _two_layer_bank():
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    bank = AdapterBank(model)
+    bank.add("a", {"0": SparseDelta.from_flat([1, 7, 20], (6, 8), torch.tensor([1., 2., 3.])),
+                   "2": SparseDelta.from_flat([0, 9], (4, 6), torch.tensor([4., 5.]))})
+    return model, bank
+
+
+@pytest.mark.parametrize("after_a_block", [False, True], ids=["fresh", "after-a-block"])
+def test_an_adapter_named_base_is_refused_and_changes_nothing(after_a_block):
+    model, bank = _two_layer_bank()
+    x = torch.randn(2, 8)
+    if after_a_block:
+        with bank.mixed(["a", None]):
+            model(x)
+    before = state_bits(model)
+    with pytest.raises(ValueError, match="other than '__base__'"):
+        bank.add("__base__", {"0": SparseDelta.from_flat([2], (6, 8), torch.tensor([1.]))})
+    assert bank.names == ("a",)
+    assert_same_bits(state_bits(model), before)
+    with bank.mixed(["a", "__base__"]):  # still served, the second row by the base
+        mixed = model(x)
+    assert torch.equal(mixed[1], model(x)[1])
+
+
+def test_an_add_that_fails_in_the_mixed_layers_registers_nothing(monkeypatch):
+    model, bank = _two_layer_bank()
+    with bank.mixed(["a", None]):
+        model(torch.randn(2, 8))
+    real = SparseDeltaSet.add
+
+    def failing(self, name, delta, scale=1.0):
+        if self.shape == (4, 6):  # the second layer: the first one's set already holds it
+            raise MemoryError("no room")
+        return real(self, name, delta, scale)
+    monkeypatch.setattr(SparseDeltaSet, "add", failing)
+    before = state_bits(model)
+    adapter = {"0": SparseDelta.from_flat([2], (6, 8), torch.tensor([1.])),
+               "2": SparseDelta.from_flat([3], (4, 6), torch.tensor([1.]))}
+    with pytest.raises(MemoryError):
+        bank.add("b", adapter)
+    assert bank.names == ("a",)
+    assert all("b" not in served.adapters for served in bank._mixed.values())
+    assert_same_bits(state_bits(model), before)
+    monkeypatch.undo()
+    bank.add("b", adapter)  # and the name is free
+    with bank.mixed(["a", "b"]):
+        model(torch.randn(2, 8))
