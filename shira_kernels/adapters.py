@@ -845,14 +845,17 @@ class AdapterBank(NamedAdapters):
         """Serve adapter ``name`` unfused through the model's own ShiraLinear layers (None: their
         adapters all zero, the base): each adapted layer gets the adapter's entries in place by
         ShiraLinear.hotswap_ (a smaller mask padded with zero-valued entries), a layer the
-        adapter does not touch an all-zero adapter. The tensors stay the same objects, so a
-        compiled model serves every adapter without recompiling (PEFT's compiled hot-swap, for
-        SHiRA). The values are the adapter's times its scale over the layer's ``scale``
-        (rounded once to the layer's values' dtype; exact when the scales are equal).
+        adapter does not touch an all-zero adapter. A layer whose weight is tied to an adapted
+        one gets the same entries (as activate() adapts it through the shared weight). The
+        tensors stay the same objects, so a compiled model serves every adapter without
+        recompiling (PEFT's compiled hot-swap, for SHiRA). The values are the adapter's times
+        its scale over the layer's ``scale`` (rounded once to the layer's values' dtype; exact
+        when the scales are equal).
 
-        All or nothing: every layer is checked before any is written (an entry on a layer that
-        is not a ShiraLinear, more entries than a layer holds, a merged layer). Refused while an
-        adapter is active (fused into the weights) and on FSDP2-sharded layers.
+        All or nothing: every layer, tied ones included, is checked before any is written (an
+        entry on a layer that is not a ShiraLinear, more entries than a layer holds, a merged
+        layer, a layer of scale 0). Refused while an adapter is active (fused into the weights)
+        and on FSDP2-sharded layers.
         """
         with self.lock:
             if self._active is not None:
@@ -860,35 +863,41 @@ class AdapterBank(NamedAdapters):
                                    "deactivate() before a hot-swap")
             entries = {} if name is None else self._slot(name).entries  # KeyError naming it
             plan = []
-            for layer, module in self._layers.items():
-                if layer in entries and not isinstance(module, ShiraLinear):
-                    raise TypeError(f"layer {layer!r} is a {type(module).__name__}, not a "
+            # A layer tied to an earlier one's weight gets its owner's adapter (zeros where the
+            # owner gets zeros), as activate() and mixed() adapt it with the shared weight.
+            layers = [(layer, module, layer) for layer, module in self._layers.items()]
+            layers += [(alias, self._alias_modules[alias], owner)
+                       for alias, owner in self._alias.items()]
+            for layer, module, owner in layers:
+                tied = "" if layer == owner else f" (its weight tied to layer {owner!r})"
+                if owner in entries and not isinstance(module, ShiraLinear):
+                    raise TypeError(f"layer {layer!r}{tied} is a {type(module).__name__}, not a "
                                     f"ShiraLinear: adapter {name!r} cannot be hot-swapped into "
                                     "it (nn.replace_linear makes the layers)")
                 if not isinstance(module, ShiraLinear):
                     continue
-                if self._shards[layer] is not None:
+                if self._shards[owner] is not None:
                     raise TypeError(f"layer {layer!r} is FSDP2-sharded; hot-swap needs the whole "
                                     "layer on every rank")
                 if module.merged:
                     raise RuntimeError(f"layer {layer!r} is merged; unmerge() it before a "
                                        "hot-swap")
-                if layer in entries and module.scale == 0:
-                    raise ValueError(f"layer {layer!r} has scale 0: no values can carry adapter "
-                                     f"{name!r} through it")
+                if owner in entries and module.scale == 0:
+                    raise ValueError(f"layer {layer!r}{tied} has scale 0: no values can carry "
+                                     f"adapter {name!r} through it")
                 shape = tuple(module.weight.shape)
-                if layer in entries:
-                    e = entries[layer]
+                if owner in entries:
+                    e = entries[owner]
                     indices, values = e.given()
                     capacity = module.shira_values.numel()
                     if indices.numel() > capacity:
                         raise ValueError(f"adapter {name!r} has {indices.numel()} entries on "
-                                         f"layer {layer!r}, more than its {capacity}")
+                                         f"layer {layer!r}{tied}, more than its {capacity}")
                     values = (values.float() * (e.scale / module.scale)).to(
                         module.shira_values.dtype)
                     if not bool(torch.isfinite(values).all()):
-                        raise ValueError(f"adapter {name!r}, layer {layer!r}: its values times "
-                                         f"its scale {e.scale} over the layer's scale "
+                        raise ValueError(f"adapter {name!r}, layer {layer!r}{tied}: its values "
+                                         f"times its scale {e.scale} over the layer's scale "
                                          f"{module.scale} do not fit {values.dtype}")
                     delta = SparseDelta(shape, indices, values)
                 else:

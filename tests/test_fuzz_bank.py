@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from shira_kernels import AdapterBank, SparseDelta, SparseDeltaSet
-from shira_kernels.nn import ShiraLinear
+from shira_kernels.nn import ShiraLinear, replace_linear
 
 from tolerance import abs64, assert_within_error_bound
 from unchanged import assert_same_bits, bits, state_bits
@@ -194,3 +194,63 @@ def test_an_add_that_fails_in_the_mixed_layers_registers_nothing(monkeypatch):
     bank.add("b", adapter)  # and the name is free
     with bank.mixed(["a", "b"]):
         model(torch.randn(2, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# hotswap() wrote the bank's layers only: a ShiraLinear whose weight is tied to an earlier one
+# kept its own adapter, so hotswap(None) did not serve the base through it and hotswap(name)
+# gave it neither the adapter (which activate() puts in the shared weight) nor zeros.
+# ---------------------------------------------------------------------------------------------
+def _tied_shira_model(tied_shira=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    model[1].weight = model[0].weight
+    replace_linear(model, ["0"], r=2)  # 24 entries
+    if tied_shira:
+        replace_linear(model, ["1"], r=1, scale=0.5)  # 12 entries, its own scale
+    assert model[0].weight is model[1].weight
+    with torch.no_grad():
+        for layer in model[:2 if tied_shira else 1]:
+            layer.shira_values.fill_(1.0)  # "trained"
+    return model
+
+
+def test_hotswap_gives_a_tied_shira_layer_its_owners_adapter():
+    model = _tied_shira_model()
+    bank = AdapterBank(model)
+    bank.hotswap(None)
+    assert all(not layer.shira_values.any() for layer in model)
+    delta = SparseDelta.from_flat([1, 8, 20, 33], (6, 6), torch.tensor([1., -2., 3., 4.]))
+    bank.add("a", {"0": delta}, scale=2.0)
+    bank.hotswap("a")
+    for layer in model:  # each through its own scale: 2·delta either way
+        assert torch.equal(layer.scale * layer.delta.to_dense(), 2.0 * delta.to_dense())
+    x = torch.randn(3, 6)
+    y_hotswapped = model[1](x)
+    bank.hotswap(None)
+    bank.activate("a")  # the shared weight: the tied layer sees the adapter too
+    torch.testing.assert_close(y_hotswapped, model[1](x))
+    bank.deactivate()
+
+
+@pytest.mark.parametrize("case", ["capacity", "scale 0", "merged", "not a ShiraLinear"])
+def test_hotswap_checks_a_tied_layer_before_writing_any(case):
+    model = _tied_shira_model(tied_shira=case != "not a ShiraLinear")
+    bank = AdapterBank(model)
+    bank.hotswap(None)
+    nnz = 13 if case == "capacity" else 4  # fits the owner's 24 entries, not the tied 12
+    bank.add("a", {"0": SparseDelta.from_flat(torch.arange(nnz) * 2, (6, 6), torch.ones(nnz))})
+    error, match = ValueError, "layer '1' .*tied to layer '0'.*more than its 12"
+    if case == "scale 0":
+        model[1].scale = 0.0
+        match = "layer '1' .*tied to layer '0'.* scale 0"
+    elif case == "merged":
+        model[1].merge()  # its (zero) adapter: W unchanged
+        error, match = RuntimeError, "layer '1' is merged"
+    elif case == "not a ShiraLinear":  # it could not carry what the shared weight would
+        error, match = TypeError, "layer '1' .*tied to layer '0'.* is a Linear, not a ShiraLinear"
+    before = state_bits(model, derived=True)
+    with pytest.raises(error, match=match):
+        bank.hotswap("a")
+    assert_same_bits(state_bits(model, derived=True), before)
+    assert bank.hotswapped is None
