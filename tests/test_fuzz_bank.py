@@ -2,6 +2,7 @@
 after a guarded forward raises, and a merged layer's state_dict loads back to the same layer."""
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 
@@ -254,3 +255,20 @@ def test_hotswap_checks_a_tied_layer_before_writing_any(case):
         bank.hotswap("a")
     assert_same_bits(state_bits(model, derived=True), before)
     assert bank.hotswapped is None
+
+
+# ---------------------------------------------------------------------------------------------
+# bank.load of a missing file or a directory raised FileNotFoundError / IsADirectoryError, where
+# its docstring promises a ValueError for any problem (add_peft already named a missing file).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["missing", "directory"])
+def test_load_of_a_path_that_is_not_a_file_is_a_value_error_naming_it(tmp_path, where):
+    model, bank = _two_layer_bank()
+    bank.activate("a")
+    path = tmp_path / "nope.safetensors" if where == "missing" else tmp_path
+    before = state_bits(model)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: cannot read an adapter file there")):
+        bank.load("b", path)
+    assert bank.names == ("a",) and bank.active == "a"
+    assert_same_bits(state_bits(model), before)
+    bank.deactivate()

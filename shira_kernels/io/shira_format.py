@@ -402,7 +402,11 @@ def read_adapter(path) -> tuple[dict[str, tuple[SparseDelta, float]], dict[str, 
     """Read and check a file: ({layer: (SparseDelta, scale)}, {layer: (base dtype, sha256)}),
     the second holding only the layers that carry a base checksum. No base check (see
     load_adapter). Any problem is a ValueError naming the file (and the layer)."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:  # missing, a directory, unreadable: a ValueError naming it, as documented
+        raise ValueError(f"{path}: cannot read an adapter file there ({e.strerror or e})") \
+            from None
     metadata, tensors = _read_safetensors(path, raw)
     if metadata.get("format") != FORMAT_NAME:
         raise _bad(path, f"format is {metadata.get('format')!r:.80}, expected {FORMAT_NAME!r}")
