@@ -633,8 +633,9 @@ class AdapterBank(NamedAdapters):
 
     # -- switching --------------------------------------------------------------------------------
     def activate(self, name, weights: Sequence[float] | None = None) -> None:
-        """Make adapter ``name`` active, or the fusion of a list of names (``weights`` default
-        to 1 each); None deactivates. One batched scatter_swap_ whatever was active before."""
+        """Make adapter ``name`` active, or the fusion of a list of names (``weights``, one
+        number per name as a list or a 1-D tensor, default to 1 each); None deactivates. One
+        batched scatter_swap_ whatever was active before."""
         with self.lock:
             if name is None:
                 if weights is not None:
@@ -729,6 +730,10 @@ class AdapterBank(NamedAdapters):
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names:
             raise ValueError(f"a fusion needs a non-empty list of adapter names, got {names!r}")
         names = tuple(names)
+        for i, name in enumerate(names):  # before set(), which cannot hash a list among them
+            if not isinstance(name, str):
+                raise TypeError(f"name[{i}] must be an adapter name (str), got "
+                                f"{type(name).__name__} {name!r:.60}")
         if len(set(names)) != len(names):
             raise ValueError(f"a fusion lists an adapter twice: {names!r}")
         for name in names:
@@ -736,13 +741,16 @@ class AdapterBank(NamedAdapters):
         if weights is None:
             weights = (1.0,) * len(names)
         if isinstance(weights, torch.Tensor):
+            if weights.dim() != 1:  # tolist() would give nested lists or a bare number
+                raise ValueError(f"weights must be one number per adapter (a list, or a 1-D "
+                                 f"tensor), got a tensor of shape {tuple(weights.shape)}")
             weights = weights.tolist()
         try:
             weights = tuple(weights)
         except TypeError:  # a bare number: one weight per name is needed
             raise TypeError(f"weights must be a list of numbers, one per adapter, got "
                             f"{type(weights).__name__} {weights!r:.60}") from None
-        weights = tuple(_finite_number(w, "a fusion weight") for w in weights)
+        weights = tuple(_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights))
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} names but {len(weights)} weights")
         key = (names, weights)

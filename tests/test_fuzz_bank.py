@@ -272,3 +272,31 @@ def test_load_of_a_path_that_is_not_a_file_is_a_value_error_naming_it(tmp_path, 
     assert bank.names == ("a",) and bank.active == "a"
     assert_same_bits(state_bits(model), before)
     bank.deactivate()
+
+
+# ---------------------------------------------------------------------------------------------
+# activate(names, weights) of a fusion: a list among the names raised "unhashable type: 'list'"
+# (a set of the names was made before their types were checked), and a 2-D tensor of weights
+# became a list of lists, refused as "a fusion weight ... got list [1.0]".
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("names,weights,error,match", [
+    ([["a"], "b"], None, TypeError, r"name\[0\] must be an adapter name \(str\), got list"),
+    (["a", 3], None, TypeError, r"name\[1\] must be an adapter name \(str\), got int 3"),
+    (["a", "b"], torch.ones(2, 1), ValueError, r"weights must be one number per adapter.*"
+                                               r"shape \(2, 1\)"),
+    (["a", "b"], torch.tensor(1.0), ValueError, r"weights must be one number per adapter.*"
+                                                r"shape \(\)"),
+    (["a", "b"], [1.0, [2.0]], TypeError, r"weights\[1\] must be a real number"),
+], ids=["list-name", "int-name", "2d-weights", "0d-weights", "nested-weight"])
+def test_bad_fusions_name_the_argument_and_change_nothing(names, weights, error, match):
+    model, bank = _two_layer_bank()
+    bank.add("b", {"2": SparseDelta.from_flat([0, 3], (4, 6), torch.tensor([1., 1.]))})
+    bank.activate("b")
+    before = state_bits(model)
+    with pytest.raises(error, match=match):
+        bank.activate(names, weights=weights)
+    assert bank.active == "b" and bank.names == ("a", "b") and not bank._fusions
+    assert_same_bits(state_bits(model), before)
+    bank.activate(["a", "b"], weights=torch.tensor([1.0, 0.5]))  # a 1-D tensor is fine
+    assert bank.active_weights == (1.0, 0.5)
+    bank.deactivate()
