@@ -52,9 +52,11 @@ entries' checksum; a bit-exact sum of bit patterns, over the adapter's entries o
 add_from_model() (the sharded adapter values). mixed() is refused on a sharded layer.
 
 Rules the bank relies on: the model's structure does not change while the bank is in use (build
-the bank after replace_linear), no ShiraLinear of the model is merged (its merge swaps entries
-of the same weights; the bank refuses to work while one is), and nothing else writes the
-weights while an adapter is active. All adapted layers must live on one device.
+the bank after replace_linear), its layers' weights are distinct memory or one tied Parameter
+(the bank refuses others: an adapter of one would be read as another's base), no ShiraLinear
+of the model is merged (its merge swaps entries of the same weights; the bank refuses to work
+while one is), and nothing else writes the weights while an adapter is active. All adapted
+layers must live on one device.
 """
 from __future__ import annotations
 
@@ -93,6 +95,18 @@ _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16:
 
 def _is_dtensor(t) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _memory(weight) -> tuple[str, int, int] | None:
+    """(device, first byte, end byte) of the memory ``weight``'s elements span, or None where
+    its address means nothing here: a meta tensor (address 0), a DTensor or other tensor
+    subclass (the address of a wrapper, or none), an empty tensor."""
+    if (type(weight) not in (torch.Tensor, nn.Parameter) or weight.is_meta
+            or weight.layout != torch.strided or not weight.numel()):
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(weight.shape, weight.stride()))
+    start = weight.data_ptr()
+    return str(weight.device), start, start + extent * weight.element_size()
 
 
 class _RowShard:
@@ -300,7 +314,8 @@ class AdapterBank(NamedAdapters):
 
     The layers that can take adapters are the model's nn.Linear modules (ShiraLinear included),
     addressed by their names in ``model.named_modules()``. A layer whose weight Parameter is
-    shared with an earlier one is addressed by the earlier name only.
+    shared with an earlier one is addressed by the earlier name only; distinct weight tensors
+    over the same memory are refused (ValueError naming both layers: tie them as one Parameter).
 
     >>> bank = AdapterBank(model)
     >>> bank.add("task_a", {"fc1": delta_a1, "fc2": (delta_a2, 0.5)}, scale=2.0)
@@ -342,6 +357,7 @@ class AdapterBank(NamedAdapters):
                     self._layers[name] = module
         if not self._layers:
             raise ValueError("the model has no nn.Linear layer to take adapters")
+        self._check_distinct_memory()
         # Per layer: its FSDP2 row shard, or None for a whole (unsharded) weight.
         self._shards: dict[str, _RowShard | None] = {
             name: _RowShard(name, module.weight) if _is_dtensor(module.weight) else None
@@ -453,6 +469,24 @@ class AdapterBank(NamedAdapters):
                     f"layer {name!r} is a merged ShiraLinear; unmerge() it before using the "
                     "AdapterBank (its merge swaps entries of the same weight, so the bank's "
                     "held-aside base entries would be wrong)")
+
+    def _check_distinct_memory(self) -> None:
+        """Refuse distinct weight tensors over the same memory (``nn.Parameter(w.data)``, a
+        load_state_dict(assign=True) of a tied model): an adapter of one would be read as the
+        other's base, and a switch of one would adapt the other unseen. They are not taken as
+        tied, since torch does not keep them so (a .half() or .to() gives each its own copy)."""
+        spans = sorted((*span, layer) for layer, module in self._layers.items()
+                       if (span := _memory(module.weight)) is not None)
+        furthest = None  # (device, end, layer) of the span reaching furthest so far
+        for device, start, end, layer in spans:
+            if furthest is not None and furthest[0] == device and start < furthest[1]:
+                raise ValueError(
+                    f"layers {furthest[2]!r} and {layer!r} have distinct weight tensors over the "
+                    "same memory, which the bank would take for two weights; tie them if they "
+                    f"are one (model.get_submodule({layer!r}).weight = "
+                    f"model.get_submodule({furthest[2]!r}).weight) or give each its own copy")
+            if furthest is None or furthest[0] != device or end > furthest[1]:
+                furthest = (device, end, layer)
 
     def _check_new_name(self, name) -> None:
         # BASE names the base in mixed() rows: an adapter of that name could not be served.

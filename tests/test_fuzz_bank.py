@@ -300,3 +300,49 @@ def test_bad_fusions_name_the_argument_and_change_nothing(names, weights, error,
     bank.activate(["a", "b"], weights=torch.tensor([1.0, 0.5]))  # a 1-D tensor is fine
     assert bank.active_weights == (1.0, 0.5)
     bank.deactivate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Two layers whose distinct weight Parameters share one storage (nn.Parameter(w.data), or a
+# load_state_dict(assign=True) of a tied model) were taken for two weights: an adapter added on
+# one while another was active on the other took that one's values as its base. Such a model
+# is refused when the bank is built; weights tied as one Parameter, views of one storage that
+# do not overlap, and meta weights (all at address 0) are not.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["same-view", "overlapping-views", "assign-load"])
+def test_distinct_weights_over_the_same_memory_are_refused(how):
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False))
+    if how == "same-view":
+        model[1].weight = nn.Parameter(model[0].weight.data)
+    elif how == "overlapping-views":
+        storage = torch.randn(5, 4)
+        model[0].weight, model[1].weight = nn.Parameter(storage[:3]), nn.Parameter(storage[2:])
+    else:
+        tied = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False))
+        tied[1].weight = tied[0].weight
+        model.load_state_dict(tied.state_dict(), assign=True)
+    assert model[0].weight is not model[1].weight
+    with pytest.raises(ValueError, match="layers '0' and '1' have distinct weight tensors over "
+                                         "the same memory"):
+        AdapterBank(model)
+
+
+def test_weights_in_one_storage_that_do_not_overlap_are_two_layers():
+    storage = torch.randn(6, 4)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False))
+    model[0].weight, model[1].weight = nn.Parameter(storage[:3]), nn.Parameter(storage[3:])
+    base = storage.clone()
+    bank = AdapterBank(model)
+    assert bank.layers == ("0", "1")
+    def delta(value):
+        return SparseDelta.from_flat([2], (3, 4), torch.tensor([value]))
+    bank.add("a", {"0": delta(1.0)})
+    bank.activate("a")
+    bank.add("c", {"1": delta(100.0)})  # its base: storage row 3, untouched by "a"
+    bank.activate("c")
+    assert storage[3, 2] == (base[3, 2] + 100.0) and torch.equal(storage[:3], base[:3])
+    bank.deactivate()
+    assert torch.equal(bits(storage), bits(base))
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 3), nn.Linear(4, 3))
+    assert AdapterBank(meta).layers == ("0", "1")
