@@ -165,6 +165,21 @@ def test_binary_linear_at_any_scale(backend, device, in_f):
     (gx,) = torch.autograd.grad(y, x, gy)
     assert_within_error_bound(gx, gy.double() @ w.double(), abs64(gy) @ binary_abs(bw),
                               binary_k(70), "grad x")
+    # Near fp32's largest value: W = μ + α = 0.5 where s = +1 (α = 2, μ = −1.5; one −3.5 in the
+    # second row), so α·(x·sᵀ) and μ·Σx overflow fp32 where y fits (the sums themselves fit).
+    signs = torch.ones(2, in_f, dtype=torch.bool)
+    signs[1, 0] = False
+    top = BinaryWeight.from_signs(signs, 2.0, -1.5).to(device)
+    x = (torch.rand(3, in_f, generator=torch.Generator().manual_seed(6)) + 3) * (0.7e38 / in_f)
+    x = x.to(device).requires_grad_(True)
+    y = binary_linear(x, top)
+    w = top.dequantize()
+    assert_within_error_bound(y, F.linear(x.double(), w.double()), abs64(x) @ binary_abs(top).T,
+                              binary_k(in_f), "y near fp32's largest value")
+    gy = torch.full((3, 2), 5e37, device=device)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    assert_within_error_bound(gx, gy.double() @ w.double(), abs64(gy) @ binary_abs(top),
+                              binary_k(2), "grad x near fp32's largest value")
 
 
 def test_binary_linear_propagates_inf_and_nan(backend, device):

@@ -55,8 +55,15 @@ inline float row_sum(const float* x, int64_t in) {
   return total;
 }
 
+// The epilogue's arithmetic, in double: α·P and μ·Σx overflow fp32 where y fits (μ close to
+// −α: W = μ + α·s small where s = +1), and in double both products are exact, so nothing
+// overflows before y's own rounding to fp32 and no contraction into an FMA changes the result.
+// Once per output element, against the sum's steps per element.
+typedef double dvec __attribute__((vector_size(8 * kLanes), aligned(8)));
+inline dvec widen(fvec v) { return __builtin_convertvector(v, dvec); }
+
 // y[t, l] = scale·(alpha[l]·P[t, l] + mu[l]·add[t] + bias[l]) (alpha, mu per lane or one value;
-// bias may be null).
+// bias may be null), in double (above).
 struct Epilogue {
   const float* alpha;
   bool alpha_per_lane;
@@ -74,20 +81,22 @@ struct Epilogue {
     // epilogue cost as much as they did.
     int whole = 0;
     for (; whole + kLanes <= n; whole += kLanes) {
-      const fvec al = alpha_per_lane ? loadv(alpha + l0 + whole) : fvec{} + alpha[0];
-      const fvec m = mu_per_lane ? loadv(mu + l0 + whole) : fvec{} + mu[0];
-      const fvec b = bias ? loadv(bias + l0 + whole) : fvec{};
-      for (int t = 0; t < TT; ++t)
-        storev(y + (t0 + t) * lanes + l0 + whole,
-               scale * (al * loadv(total[t] + whole) + m * add[t0 + t] + b));
+      const dvec al = widen(alpha_per_lane ? loadv(alpha + l0 + whole) : fvec{} + alpha[0]);
+      const dvec m = widen(mu_per_lane ? loadv(mu + l0 + whole) : fvec{} + mu[0]);
+      const dvec b = widen(bias ? loadv(bias + l0 + whole) : fvec{});
+      for (int t = 0; t < TT; ++t) {
+        const dvec v = double{scale} * (al * widen(loadv(total[t] + whole)) +
+                                        m * double{add[t0 + t]} + b);
+        storev(y + (t0 + t) * lanes + l0 + whole, __builtin_convertvector(v, fvec));
+      }
     }
     for (int t = 0; t < TT; ++t) {
       float* row = y + (t0 + t) * lanes + l0;
       for (int l = whole; l < n; ++l) {
-        const float al = alpha[alpha_per_lane ? l0 + l : 0];
-        const float m = mu[mu_per_lane ? l0 + l : 0];
-        const float b = bias ? bias[l0 + l] : 0.0f;
-        row[l] = scale * (al * total[t][l] + m * add[t0 + t] + b);
+        const double al = alpha[alpha_per_lane ? l0 + l : 0];
+        const double m = mu[mu_per_lane ? l0 + l : 0];
+        const double b = bias ? bias[l0 + l] : 0.0;
+        row[l] = static_cast<float>(scale * (al * total[t][l] + m * add[t0 + t] + b));
       }
     }
   }
