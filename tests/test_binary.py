@@ -183,20 +183,30 @@ def test_binary_linear_at_any_scale(backend, device, in_f):
 
 
 def test_binary_linear_propagates_inf_and_nan(backend, device):
-    # A token holding inf or NaN gives non-finite outputs where float64 does (the AVX2 kernel
-    # takes its float tables for them), and the other tokens stay within their bound. μ = 0:
-    # μ·Σx would carry the inf or NaN past a lookup that lost it.
+    # A token holding inf or NaN gives non-finite outputs where float64 does, though not
+    # always float64's: NaN where α·(x·sᵀ) + μ·Σx meets inf − inf or 0·inf and x·Wᵀ is ±inf
+    # (the AVX2 kernel's fixed-point lookups are meaningless for such a token). The other
+    # tokens stay within their bound; the gradient alike. μ = 0: μ·Σx would carry the inf or
+    # NaN past a lookup that lost it.
     signs = _weight(40, 300, "row", seed=6)
     bw = BinaryWeight(signs.packed, signs.alpha, torch.zeros_like(signs.mu), 300).to(device)
     x = _x(4, 300, torch.float32, seed=7)
     x[1, 17], x[2, 200] = float("inf"), float("nan")
-    x = x.to(device)
+    x = x.to(device).requires_grad_(True)
     y = binary_linear(x, bw)
-    exact = F.linear(x.double(), bw.dequantize(torch.float64))
+    w = bw.dequantize(torch.float64)
+    exact = F.linear(x.double(), w)
     assert not torch.isfinite(y[1:3]).any() and not torch.isfinite(exact[1:3]).any()
     rows = [0, 3]
     assert_within_error_bound(y[rows], exact[rows], abs64(x[rows]) @ binary_abs(bw).T,
                               binary_k(300), "y of the finite tokens")
+    gy = _x(4, 40, torch.float32, seed=8)
+    gy[1, 5], gy[2, 30] = float("inf"), float("nan")
+    gy = gy.to(device)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    assert not torch.isfinite(gx[1:3]).any() and not torch.isfinite((gy.double() @ w)[1:3]).any()
+    assert_within_error_bound(gx[rows], gy[rows].double() @ w, abs64(gy[rows]) @ binary_abs(bw),
+                              binary_k(40), "grad x of the finite tokens")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -366,7 +366,11 @@ def binary_linear(x: torch.Tensor, bw: BinaryWeight, bias: torch.Tensor | None =
     block of rows at a time, in cache) and runs torch's matmul on it, so W is rounded once to
     x's dtype as in F.linear(x, bw.dequantize(x.dtype), bias); "auto" picks between them on the
     CPU by measuring both on this machine (tuning.decide; "lut" with tuning off, at one token,
-    and on other devices). The gradient of x always goes through the 1-bit kernel."""
+    and on other devices). The gradient of x always goes through the 1-bit kernel.
+
+    Non-finite inputs (an inf or NaN in x, or in the gradient) give non-finite outputs on
+    their token, but not always the dense product's: the 1-bit kernels sum α·(x·sᵀ) and μ·Σx
+    apart, which gives NaN where they meet inf − inf or 0·inf and x·Wᵀ is ±inf."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     _check_binary("bw", bw, getattr(x, "device", None))
