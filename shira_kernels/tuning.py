@@ -279,7 +279,8 @@ def _read(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return {}
-    except (OSError, ValueError) as exc:
+    # Every way a parse fails: JSON nested past the parser's recursion raises RecursionError.
+    except (OSError, ValueError, RecursionError) as exc:
         warnings.warn(f"shira_kernels: ignoring unreadable tuning cache {path}: {exc}",
                       RuntimeWarning, stacklevel=3)
         return {}

@@ -111,10 +111,14 @@ def test_bad_settings_name_the_variable(tune, monkeypatch, var, value):
             else tuning.budget_s()
 
 
-def test_unreadable_file_is_ignored_and_replaced(tune):
+# Not JSON; JSON nested deeper than the parser recurses (RecursionError, not ValueError);
+# bytes that are not UTF-8.
+@pytest.mark.parametrize("body", [b"{not json", b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe{"],
+                         ids=["not json", "deeply nested", "not utf-8"])
+def test_unreadable_file_is_ignored_and_replaced(tune, body):
     path = tuning.cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("{not json")
+    path.write_bytes(body)
     with pytest.warns(RuntimeWarning, match="unreadable tuning cache"):
         assert tuning.decide("d", (1,), "a", Timings(a=1.0, b=0.5)) == "b"
     assert json.loads(path.read_text())["decisions"]["d|1"]["value"] == "b"
