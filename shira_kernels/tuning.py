@@ -43,7 +43,8 @@ kernels) or ``SHIRA_KERNELS_TUNE_CACHE`` where set (a fresh tuning cache without
 the kernels); each write merges under a file lock and replaces the file
 atomically, so concurrent processes lose nothing. Each measurement is given
 ``SHIRA_KERNELS_TUNE_BUDGET`` seconds (default 0.5), measuring the
-largest slice of the problem that fits in it (``measure_sliced``).
+largest slice of the problem that fits in it (``measure_sliced``; ``measure_extrapolated``: the
+slices and rounds that fit); first-time costs (building the native extension) are not charged.
 """
 from __future__ import annotations
 
@@ -402,6 +403,7 @@ def _decide(decision: str, key: tuple, default: str,
                 # transform (vmap refuses their random inputs): the static choice for this
                 # call, nothing kept, and the first call outside measures.
                 return default
+            budget_s()  # a bad setting is the caller's error, not a measurement that failed
             started = time.perf_counter()
             try:
                 times, how = timings()
@@ -553,20 +555,64 @@ def measure_extrapolated(make: Callable[[int], Mapping[str, Callable]], full: in
     cost is a fixed part plus a part per row (a 1-bit kernel builds its tables per token
     whatever the rows; a slice alone would favour whatever has no fixed part): measured (median
     of ``rounds``, in turn) on ``least`` and 4·least rows and extrapolated along the line
-    through the two, or measured whole where 4·least rows is the whole."""
-    small = min(full, least)
-    large = min(full, 4 * small)
-    if large == full:
-        times, how = measure(make(full), rounds=rounds, sync=sync)
-        return times, f"{how} on {full} of {full} rows"
-    at_small, _ = measure(make(small), rounds=rounds, sync=sync)
-    at_large, _ = measure(make(large), rounds=rounds, sync=sync)
+    through the two, or measured whole where 4·least rows is the whole.
+
+    Within the budget (budget_s), charged as measure_sliced charges it: the first ``make`` and
+    each candidate's first call are not the budget's (they may build the native extension). One
+    timed run of each on the first slice sizes the rest: where ``rounds`` rounds would not fit,
+    the larger slice shrinks (to twice the smaller at the least), then the rounds (to one); where
+    even one run on twice the rows would not fit, the times are that first run's on ``least``
+    rows, not extrapolated (as measure_sliced's where its smallest slice is over the budget)."""
+    budget = budget_s()
+    started = time.perf_counter()
+    small = full if full <= 4 * least else least
+    calls = make(small)
+    first_calls = time.perf_counter() - started  # seconds of first-time costs: not the budget's
+    once: dict[str, float] = {}
+    for name, call in calls.items():
+        try:
+            first_calls += _time_once(call, sync)
+            once[name] = _time_once(call, sync)
+        except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
+            pass
+    if not once:
+        return {}, f"no candidate ran on {small} of {full} rows"
+    left = budget - (time.perf_counter() - started - first_calls)
+    per_run = max(sum(once.values()), 1e-9)  # one run of every candidate on the first slice
+    if small == full:
+        n = max(1, min(rounds, 1 + int(left // per_run)))
+        return _more_rounds(calls, once, n, sync), f"median of {n} on {full} of {full} rows"
+    # A plan of n rounds: n - 1 more on the first slice, a warm-up and n on `large` rows, each
+    # at most large/small times the first slice's (a candidate's cost grows no faster than
+    # its rows).
+    for n in range(rounds, 0, -1):
+        large = min(4 * small, int(small * (left - (n - 1) * per_run) / ((n + 1) * per_run)))
+        if large >= 2 * small:
+            break
+    else:
+        return once, f"one run on {small} of {full} rows, not extrapolated (over the budget)"
+    at_small = _more_rounds(calls, once, n, sync)
+    at_large, _ = measure(make(large), rounds=n, sync=sync)
     per_row = {name: (at_large[name] - at_small[name]) / (large - small)
                for name in at_small if name in at_large}
     times = {name: max(at_large[name] + per_row[name] * (full - large), at_large[name])
              for name in per_row}
-    return times, (f"median of {rounds} on {small} and {large} of {full} rows, extrapolated to "
+    return times, (f"median of {n} on {small} and {large} of {full} rows, extrapolated to "
                    f"{full} along the line through them")
+
+
+def _more_rounds(calls: Mapping[str, Callable], once: dict[str, float], rounds: int,
+                 sync) -> dict[str, float]:
+    """The median of ``once`` (each candidate's timed run) and rounds - 1 more, in turn; a
+    candidate that raises is left out."""
+    times = {name: [t] for name, t in once.items()}
+    for _ in range(rounds - 1):
+        for name in list(times):
+            try:
+                times[name].append(_time_once(calls[name], sync))
+            except Exception:  # noqa: BLE001 - as in the first run
+                del times[name]
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def entry(decision: str, key: tuple) -> dict | None:

@@ -1,6 +1,7 @@
 """Autotuning (tuning.decide and the strategy of sparse_delta_linear): measured once per key and
 machine, kept in a file that survives processes and concurrent writers, never measured with
 tuning off, and decided outside the graph under torch.compile."""
+import functools
 import json
 import os
 import re
@@ -293,6 +294,42 @@ def test_measure_extrapolated_accounts_for_a_fixed_cost():
     seen.clear()
     times, how = tuning.measure_extrapolated(make, 200, least=64)  # 4·64 covers it: measured
     assert seen == [200] and "on 200 of 200 rows" in how
+
+
+def test_measure_extrapolated_keeps_to_the_budget(tune, monkeypatch):
+    # Each candidate's first call aside (first-time costs: not the budget's), the calls' own
+    # seconds fit in the budget: "table" pays 5 ms and 0.1 ms a row, "gemm" 0.2 ms a row, so 3
+    # rounds on 64 and 256 rows (0.4 s) would not; the larger slice shrinks, then the rounds.
+    cost = {"table": lambda rows: 0.005 + 1e-4 * rows, "gemm": lambda rows: 2e-4 * rows}
+    for budget in (0.2, 0.06):
+        monkeypatch.setenv(tuning.BUDGET_ENV, str(budget))
+        seen, charged, first = [], [], set()
+
+        def run(name, rows):
+            if name in first:
+                charged.append(cost[name](rows))
+            first.add(name)
+            time.sleep(cost[name](rows))
+
+        def make(rows):
+            seen.append(rows)
+            return {name: functools.partial(run, name, rows) for name in cost}
+        times, how = tuning.measure_extrapolated(make, 100_000, least=64)
+        assert set(times) == {"table", "gemm"} and sum(charged) <= budget, (budget, how)
+        if budget == 0.2:  # a second slice of 128 to 255 rows
+            assert len(seen) == 2 and 128 <= seen[1] < 256 and "extrapolated" in how, how
+        else:  # one run on 64 rows is all it allows
+            assert seen == [64] and len(charged) == 2 and "not extrapolated" in how, how
+    # A bad budget is the caller's error, raised before anything is measured, not a failed
+    # measurement the static choice papers over.
+    monkeypatch.setenv(tuning.BUDGET_ENV, "abc")
+    with pytest.raises(ValueError, match=tuning.BUDGET_ENV):
+        tuning.measure_extrapolated(make, 100_000, least=64)
+    with pytest.raises(ValueError, match=tuning.BUDGET_ENV):
+        binary_ops.auto_strategy("cpu", torch.bfloat16, 9, (48, 64))
+    assert tuning.entry(binary_ops.STRATEGY_DECISION,
+                        binary_ops.strategy_key(torch.bfloat16, 48, 64, tuning.token_class(9))) \
+        is None
 
 
 def test_measure_takes_rounds_in_turn_and_drops_failures():
