@@ -232,7 +232,13 @@ def tune(args: argparse.Namespace) -> int:
 
     if args.force:
         os.environ[tuning.MODE_ENV] = "force"
-    if tuning.mode() == "off":
+    try:  # the settings up front: each decision would raise on a bad one, mid-table
+        tune_mode = tuning.mode()
+        tuning.budget_s()
+    except ValueError as exc:
+        print(f"shira-kernels tune: {exc}", file=sys.stderr)
+        return 2
+    if tune_mode == "off":
         print(f"shira-kernels tune: {tuning.MODE_ENV}=off: nothing is measured", file=sys.stderr)
         return 2
     hidden, intermediate = args.size

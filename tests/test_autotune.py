@@ -576,6 +576,20 @@ def test_tune_command_refuses_when_tuning_is_off(tune, monkeypatch, capsys):
     assert "positive integers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("var, value", [(tuning.BUDGET_ENV, "abc"), (tuning.MODE_ENV, "sometimes")])
+def test_tune_command_refuses_a_bad_setting_up_front(tune, monkeypatch, capsys, var, value):
+    # Exit status 2 and the variable named, before anything is measured (the budget's error
+    # was a "measuring failed" per row and status 0; the mode's a traceback).
+    from shira_kernels import cli
+
+    monkeypatch.setenv(var, value)
+    assert cli.main(["tune", "--size", "64,160", "--dtype", "fp32", "--tokens", "2",
+                     "--mode", "inference"]) == 2
+    captured = capsys.readouterr()
+    assert var in captured.err and "inference" not in captured.out
+    assert not list(tune.glob("tuning-*.json"))
+
+
 def test_a_cached_value_that_is_no_strategy_gives_the_static_choice(tune):
     _, nnz = _layer()
     key = sd._strategy_key(torch.device("cpu"), torch.float32, 48, 64, nnz,
