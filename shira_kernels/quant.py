@@ -8,11 +8,12 @@ Two methods, both W ≈ μ + α·s with s = ±1:
           a single entry, which is then exact).
   "row"   per output row: μ_row = row mean, α_row = mean |w − μ_row| (the least-squares α for
           fixed signs), s = sign(w − μ_row).
-A zero after centring counts as +1.
+s is the sign of w − μ, a zero counting as +1.
 
-fake_quantize(w, method) returns the dequantized weight; its gradient is the STE: the rounding
-is treated as the identity on the standardised weight, so gradients reach w directly and
-through the mean and the scale (std or α).
+fake_quantize(w, method) returns the dequantized weight, bit for bit
+BinaryWeight.from_float(w, method).dequantize(w.dtype) (the packed weight's); its gradient is
+the STE: the rounding is treated as the identity on the standardised weight, so gradients reach
+w directly and through the mean and the scale (std or α).
 """
 from __future__ import annotations
 
@@ -58,12 +59,19 @@ def binarize(weight: torch.Tensor, method: str = "petl"):
 
 
 def fake_quantize(weight: torch.Tensor, method: str = "petl") -> torch.Tensor:
-    """The dequantized weight μ + α·s, with the straight-through gradient."""
+    """The dequantized weight μ + α·s, bit for bit the packed weight's
+    (BinaryWeight.from_float(weight, method).dequantize(weight.dtype)), with the
+    straight-through gradient."""
     _check_weight(weight)
     w = weight.float()
     mu, spread, alpha = _stats(w, method)
+    # binarize's sign rule: z below can round a tiny negative w − μ to −0, which is ≥ 0.
+    positive = (w - mu) >= 0
     z = (w - mu) / spread
     level = alpha / spread  # ±level is the code; 0.6745·std/(std+ε) for "petl", ≈1 for "row"
-    code = torch.where(z >= 0, level, -level)
+    code = torch.where(positive, level, -level)
     z_q = z + (code - z).detach()  # forward: the code; backward: identity
-    return (mu + spread * z_q).to(weight.dtype)
+    ste = mu + spread * z_q  # the gradient's path; its value rounds at |z|'s scale, not μ ± α
+    dequantized = torch.where(positive, mu + alpha, mu - alpha).detach()  # as BinaryWeight's
+    # dequantized's value (ste.detach() − ste is +0, which keeps a −0) with ste's gradient.
+    return (dequantized - (ste.detach() - ste)).to(weight.dtype)

@@ -14,6 +14,7 @@ from shira_kernels.quant import PETL_LEVEL, fake_quantize
 
 from conftest import DTYPES, with_threads
 from tolerance import abs64, assert_within_error_bound
+from unchanged import bits
 
 
 @pytest.mark.parametrize("width", [1, 31, 32, 33, 4097])
@@ -44,7 +45,7 @@ def test_petl_quantizer_levels():
     torch.testing.assert_close(bw.alpha, (PETL_LEVEL * std).view(1))
     torch.testing.assert_close(deq, torch.where(w >= mean, mean + PETL_LEVEL * std, mean - PETL_LEVEL * std))
     assert abs(PETL_LEVEL - 0.6744897501960817) < 1e-12
-    torch.testing.assert_close(fake_quantize(w, "petl"), deq)
+    assert torch.equal(fake_quantize(w, "petl"), deq)
 
 
 def test_row_quantizer():
@@ -53,16 +54,13 @@ def test_row_quantizer():
     mu = w.mean(1)
     torch.testing.assert_close(bw.mu, mu)
     torch.testing.assert_close(bw.alpha, (w - mu[:, None]).abs().mean(1))
-    torch.testing.assert_close(fake_quantize(w, "row"), bw.dequantize(), rtol=0, atol=1e-5)
+    assert torch.equal(fake_quantize(w, "row"), bw.dequantize())
 
 
-@pytest.mark.parametrize("method", ["petl", "row"])
-def test_straight_through_gradient_reaches_w_through_mean_and_scale(method):
-    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-    g = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
-    (fake_quantize(w, method) * g).sum().backward()
-    # Written out: w_q = w + spread·D with D = (code − z) held constant, so the gradient is
-    # g plus the path through the spread (std or α) and, by the centring, the mean.
+def straight_through_gradient(w: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
+    """fake_quantize's gradient written out: w_q = w + spread·D with D = (code − z) held
+    constant, so the gradient is g plus the path through the spread (std or α) and, by the
+    centring, the mean."""
     w2 = w.detach().clone().requires_grad_(True)
     if method == "petl":
         mu, spread = w2.mean(), w2.std() + 1e-5
@@ -72,10 +70,46 @@ def test_straight_through_gradient_reaches_w_through_mean_and_scale(method):
         alpha = (w2 - mu).abs().mean(1, keepdim=True)
         spread, level = alpha + 1e-5, alpha / (alpha + 1e-5)
     z = (w2 - mu) / spread
-    D = (torch.where(z >= 0, level, -level) - z).detach()
+    D = (torch.where(w2 - mu >= 0, level, -level) - z).detach()
     ((w2 + spread * D) * g).sum().backward()
-    torch.testing.assert_close(w.grad, w2.grad)
+    return w2.grad
+
+
+@pytest.mark.parametrize("method", ["petl", "row"])
+def test_straight_through_gradient_reaches_w_through_mean_and_scale(method):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    g = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+    (fake_quantize(w, method) * g).sum().backward()
+    torch.testing.assert_close(w.grad, straight_through_gradient(w, g, method))
     assert not torch.allclose(w.grad, g)  # the statistics' path is really there
+
+
+def _outlier_row():
+    w = torch.randn(1, 4096, generator=torch.Generator().manual_seed(35))
+    w[0, 0] = 1e3
+    return w
+
+
+@pytest.mark.parametrize("method", ["petl", "row"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("make", [lambda: torch.tensor([[3e3, -3e3, 0.0, 1e-42]]), _outlier_row,
+                                  lambda: torch.randn(64, 96) * 3 + 1],
+                         ids=["tiny mean", "outlier", "randn"])
+def test_fake_quantize_is_the_packed_weight_bit_for_bit(method, dtype, make):
+    # The forward is what the packed layer runs: the same sign rule, where (w − μ)/spread
+    # could round a tiny negative w − μ to −0 and count it +1 (the 0.0 of "tiny mean", whose
+    # mean is a subnormal), and μ ± α rounded once, where the straight-through form rounded
+    # at |z|'s scale (66 ulps off beside the outlier). The gradient stays the
+    # straight-through one (written out in fp32).
+    torch.manual_seed(0)
+    w = make().to(dtype).requires_grad_(True)
+    q = fake_quantize(w, method)
+    assert q.dtype == dtype
+    assert torch.equal(bits(q), bits(BinaryWeight.from_float(w, method).dequantize(dtype)))
+    if dtype == torch.float32:
+        g = torch.randn(w.shape, generator=torch.Generator().manual_seed(4))
+        (q * g).sum().backward()
+        torch.testing.assert_close(w.grad, straight_through_gradient(w, g, method))
 
 
 def test_binary_weight_checks():

@@ -33,7 +33,7 @@ def test_packed_output_equals_fake_quantized_output(backend, device, method, act
         packed = adapter(x)
     assert packed.shape == fake.shape
     # Against float64 with the packed weights; the fake-quantized dense path is torch's own
-    # formulation (its weights are μ ± α up to fake_quantize's roundings).
+    # formulation (on the same weights, μ ± α bit for bit).
     down, up = adapter.binary_weights()
     exact, magnitude, _ = lora_exact_and_magnitude(x.double(), down, up, 0.1,
                                                    activation == "relu")
