@@ -250,6 +250,23 @@ def check_scale(value, name: str = "scale") -> float:
     return value
 
 
+def check_real_values(value, name: str, device: torch.device) -> torch.Tensor:
+    """``value`` as a 1-D fp32 tensor on ``device``, for per-tensor or per-row statistics (a
+    1-bit weight's α and μ): a real number, or real values (a tensor or a sequence). Refused
+    with TypeError naming ``name``: anything torch cannot read as numbers (str, None, nested
+    lists of unequal lengths), and bool and complex values, which the cast would take silently.
+    """
+    if (_is_bool(value) or isinstance(value, (str, bytes))
+            or isinstance(value, torch.Tensor) and (value.dtype == torch.bool
+                                                    or value.is_complex())):
+        raise TypeError(f"{name} must be a real number or real values, got {_describe(value)}")
+    try:
+        return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a real number or real values, got "
+                        f"{_describe(value)}") from None
+
+
 def check_size(value, name: str, *, minimum: int | None = 1) -> int:
     """``value`` as a Python int ≥ ``minimum``, for a size (a dimension, a rank, a count).
 

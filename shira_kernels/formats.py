@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import TensorCache, check_scale, check_size, validate_indices
+from ._checks import TensorCache, check_real_values, check_scale, check_size, validate_indices
 
 __all__ = ["BinaryWeight", "SparseDelta", "SparseDeltaSet", "SparseDeltaSetState", "SparseStructure", "flat_index_dtype", "pack_signs",
            "unpack_signs"]
@@ -317,11 +317,18 @@ def _bit_shifts(device) -> torch.Tensor:
     return torch.arange(32, dtype=torch.int64, device=device)
 
 
+def _kind(value) -> str:
+    """What a refused argument was, for the message: a tensor's dtype and shape, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     """Bool [out, in] (True = +1) → int32 [out, ceil(in/32)]: bit k of word j is column 32·j + k
     (least significant bit first); each row is padded with 0 bits on its own."""
-    if signs.dtype != torch.bool or signs.dim() != 2:
-        raise TypeError("signs must be a 2-D bool tensor")
+    if not isinstance(signs, torch.Tensor) or signs.dtype != torch.bool or signs.dim() != 2:
+        raise TypeError(f"signs must be a 2-D bool tensor, got {_kind(signs)}")
     out_features, in_features = signs.shape
     words = (in_features + 31) // 32
     padded = torch.zeros(out_features, words * 32, dtype=torch.int64, device=signs.device)
@@ -351,8 +358,9 @@ class BinaryWeight:
 
     def __init__(self, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                  in_features: int):
-        if packed.dtype != torch.int32 or packed.dim() != 2:
-            raise TypeError("packed must be a 2-D int32 tensor")
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32 \
+                or packed.dim() != 2:
+            raise TypeError(f"packed must be a 2-D int32 tensor, got {_kind(packed)}")
         in_features = check_size(in_features, "in_features")
         if not (packed.shape[1] - 1) * 32 < in_features <= packed.shape[1] * 32:
             raise ValueError(f"packed has {packed.shape[1]} words per row, which cannot hold "
@@ -360,7 +368,7 @@ class BinaryWeight:
         out_features = packed.shape[0]
         for name, t in (("alpha", alpha), ("mu", mu)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-                raise TypeError(f"{name} must be a float32 tensor")
+                raise TypeError(f"{name} must be a float32 tensor, got {_kind(t)}")
             if t.shape not in ((1,), (out_features,)):
                 raise ValueError(f"{name} must have shape (1,) or ({out_features},), got "
                                  f"{tuple(t.shape)}")
@@ -373,17 +381,18 @@ class BinaryWeight:
 
     @classmethod
     def from_signs(cls, signs: torch.Tensor, alpha, mu) -> "BinaryWeight":
-        device = signs.device
-        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=device).reshape(-1)
-        mu = torch.as_tensor(mu, dtype=torch.float32, device=device).reshape(-1)
-        return cls(pack_signs(signs), alpha, mu, signs.shape[1])
+        """From bool signs [out, in] (True = +1) and α, μ: each a real number or real values
+        (a tensor or a sequence) of 1 or ``out`` entries."""
+        packed = pack_signs(signs)  # signs checked first: α and μ go to its device
+        return cls(packed, check_real_values(alpha, "alpha", signs.device),
+                   check_real_values(mu, "mu", signs.device), signs.shape[1])
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, method: str = "petl") -> "BinaryWeight":
         """Quantize a float [out, in] weight to 1 bit (shira_kernels.quant has the methods)."""
         from .quant import binarize
 
-        signs, alpha, mu = binarize(weight.detach(), method)
+        signs, alpha, mu = binarize(weight, method)  # checks weight, and detaches it
         return cls.from_signs(signs, alpha, mu)
 
     @property
@@ -404,6 +413,19 @@ class BinaryWeight:
         return torch.where(self.signs(), mu + alpha, mu - alpha).to(dtype)
 
     def to(self, device) -> "BinaryWeight":
+        """This weight on ``device`` (a torch.device, or its name or index). Devices only: the
+        signs are packed bits and α, μ stay fp32 (dequantize(dtype) forms W in a dtype)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"BinaryWeight.to takes a device, got the dtype {device}: its signs "
+                            "are packed bits and α, μ stay fp32 (dequantize(dtype) forms W in a "
+                            "dtype)")
+        try:
+            device = torch.device(device)
+        except TypeError:
+            raise TypeError(f"device must be a torch.device, str or int, got "
+                            f"{_kind(device)}") from None
+        except RuntimeError as exc:  # an unknown name, an index with no such device
+            raise ValueError(f"device {device!r}: {exc}") from None
         return BinaryWeight(self.packed.to(device), self.alpha.to(device), self.mu.to(device),
                             self.shape[1])
 

@@ -43,8 +43,11 @@ def _stats(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _check_weight(w) -> None:
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise ValueError("weight must be a 2-D floating-point tensor")
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"weight must be a 2-D floating-point tensor, got {type(w).__name__}")
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"weight must be a 2-D floating-point tensor, got {w.dtype} of shape "
+                         f"{tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError(f"weight has no entries, got shape {tuple(w.shape)}")
 

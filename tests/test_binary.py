@@ -123,6 +123,35 @@ def test_binary_weight_checks():
         BinaryWeight.from_float(torch.randn(3, 3), "ternary")
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s: BinaryWeight.from_signs(s, "a", 0.0), TypeError, "alpha must be a real number"),
+    (lambda s: BinaryWeight.from_signs(s, 1.0, None), TypeError, "mu must be a real number"),
+    (lambda s: BinaryWeight.from_signs(s, True, 0.0), TypeError, "alpha .* got bool"),
+    (lambda s: BinaryWeight.from_signs(s, torch.ones(3, dtype=torch.complex64), 0.0), TypeError,
+     "alpha must be a real number"),
+    (lambda s: BinaryWeight.from_signs(s.tolist(), 1.0, 0.0), TypeError,
+     "signs must be a 2-D bool tensor, got list"),
+    (lambda s: BinaryWeight.from_float([[1.0, 2.0]]), TypeError,
+     "weight must be a 2-D floating-point tensor, got list"),
+    (lambda s: BinaryWeight.from_float(torch.ones(3, dtype=torch.int32)), ValueError,
+     r"weight must be a 2-D floating-point tensor, got torch.int32 of shape \(3,\)"),
+    (lambda s: BinaryWeight([[0]], torch.ones(1), torch.zeros(1), 5), TypeError,
+     "packed must be a 2-D int32 tensor, got list"),
+    (lambda s: BinaryWeight(torch.zeros(1, 1, dtype=torch.int32), [1.0], torch.zeros(1), 5),
+     TypeError, "alpha must be a float32 tensor, got list"),
+    (lambda s: BinaryWeight.from_signs(s, 1.0, 0.0).to(torch.float16), TypeError,
+     "BinaryWeight.to takes a device, got the dtype torch.float16"),
+    (lambda s: BinaryWeight.from_signs(s, 1.0, 0.0).to(None), TypeError,
+     "device must be a torch.device, str or int, got NoneType"),
+    (lambda s: BinaryWeight.from_signs(s, 1.0, 0.0).to("nowhere"), ValueError,
+     "device 'nowhere'"),
+], ids=["alpha str", "mu None", "alpha bool", "alpha complex", "signs list", "weight list",
+        "weight int", "packed list", "alpha list", "to dtype", "to None", "to unknown"])
+def test_binary_weight_errors_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.ones(3, 5, dtype=torch.bool))
+
+
 def _weight(out_f, in_f, method, seed, device="cpu"):
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
     return BinaryWeight.from_float(w, method).to(device)
