@@ -503,6 +503,37 @@ def test_binary_linear_auto_measures_lut_and_dequantize(tune):
                         binary_ops.strategy_key(torch.bfloat16, 48, 64, 1)) is None
 
 
+@pytest.mark.parametrize("which", ["binary_linear", "binary_lora"])
+def test_binary_decisions_are_kept_per_backend(tune, which):
+    # One measured under use_backend("reference") timed the reference's kernels: the backend
+    # chosen automatically (the cpu one where it builds) measures its own, in this process and
+    # in a later one that reads the file, as sparse_delta_linear's decisions do.
+    if which == "binary_linear":
+        decision = binary_ops.STRATEGY_DECISION
+        choose = functools.partial(binary_ops.auto_strategy, "cpu", torch.bfloat16, 9, (48, 64))
+        key_of = functools.partial(binary_ops.strategy_key, torch.bfloat16, 48, 64,
+                                   tuning.token_class(9))
+    else:
+        decision = binary_ops.LORA_STRATEGY_DECISION
+        choose = functools.partial(binary_ops.lora_auto_strategy, "cpu", torch.bfloat16, 9, 8,
+                                   64, 48)
+        key_of = functools.partial(binary_ops.lora_strategy_key, torch.bfloat16, 8, 64, 48,
+                                   tuning.token_class(9))
+    with backends.use_backend("reference"):
+        choose()
+        reference_key = key_of()
+    assert "reference" in reference_key
+    assert tuning.entry(decision, reference_key)["source"] == "measured"
+    choose()
+    assert key_of() != reference_key and tuning.entry(decision, key_of())["source"] == "measured"
+    tuning.forget_decisions()  # a later process: each backend reads its own from the file
+    with backends.use_backend("reference"):
+        choose()
+    choose()
+    assert tuning.entry(decision, reference_key)["source"] == "cache"
+    assert tuning.entry(decision, key_of())["source"] == "cache"
+
+
 def test_compiled_binary_linear_is_tuned_at_trace_time_without_breaks_or_recompiles(tune):
     torch.manual_seed(0)
     bw = shira_kernels.BinaryWeight.from_float(torch.randn(48, 64), "row")

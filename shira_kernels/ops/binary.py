@@ -407,12 +407,13 @@ _decided = tuning.memo()
 
 
 def _measured_choice(decision: str, args: tuple, key_of, make, rows: int) -> str:
-    """decision's value (a candidate of STRATEGIES) for the raw ``args``: this process's, the
-    machine's cache file's at key_of(*args), or measured now by make(rows) calls
-    (tuning.measure_extrapolated)."""
-    return tuning.remembered(_decided, (decision, *args), lambda: tuning.decide(
-        decision, key_of(*args), "lut", lambda: tuning.measure_extrapolated(make, rows),
-        candidates=STRATEGIES[1:]))
+    """decision's value (a candidate of STRATEGIES) for the raw ``args`` and the backend asked
+    for: this process's, the machine's cache file's at key_of(*args), or measured now by
+    make(rows) calls (tuning.measure_extrapolated)."""
+    return tuning.remembered(
+        _decided, (decision, *args, backends.requested()), lambda: tuning.decide(
+            decision, key_of(*args), "lut", lambda: tuning.measure_extrapolated(make, rows),
+            candidates=STRATEGIES[1:]))
 
 
 @torch.compiler.assume_constant_result  # decided at trace time: no graph break, no recompile
@@ -422,10 +423,11 @@ def _tuned_strategy(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> s
 
 
 def strategy_key(dtype: torch.dtype, out_f: int, in_f: int, tokens: int) -> tuple:
-    """The decision's key: the CPU threads torch uses, the dtype, the layer's shape and the
-    token class of ``tokens`` (a count tuning.token_class gives)."""
-    return (f"cpu {torch.get_num_threads()} threads", str(dtype).removeprefix("torch."),
-            f"{out_f}x{in_f}", tuning.token_label(tokens))
+    """The decision's key: the CPU threads torch uses, the backend asked for (its kernels are
+    what was timed), the dtype, the layer's shape and the token class of ``tokens`` (a count
+    tuning.token_class gives)."""
+    return (f"cpu {torch.get_num_threads()} threads", backends.requested() or "auto",
+            str(dtype).removeprefix("torch."), f"{out_f}x{in_f}", tuning.token_label(tokens))
 
 
 def lora_auto_strategy(device: torch.device | str, dtype: torch.dtype, tokens: int, rank: int,
@@ -452,8 +454,9 @@ def _tuned_lora_strategy(dtype: torch.dtype, rank: int, in_f: int, out_f: int,
 
 def lora_strategy_key(dtype: torch.dtype, rank: int, in_f: int, out_f: int, tokens: int) -> tuple:
     """binary_lora's decision key: as binary_linear's, the shape being in -> rank -> out."""
-    return (f"cpu {torch.get_num_threads()} threads", str(dtype).removeprefix("torch."),
-            f"{in_f}->{rank}->{out_f}", tuning.token_label(tokens))
+    return (f"cpu {torch.get_num_threads()} threads", backends.requested() or "auto",
+            str(dtype).removeprefix("torch."), f"{in_f}->{rank}->{out_f}",
+            tuning.token_label(tokens))
 
 
 def _lora_strategy_calls(dtype: torch.dtype, rank: int, in_f: int, tokens: int,
