@@ -784,7 +784,7 @@ class AdapterBank(NamedAdapters):
         except TypeError:  # a bare number: one weight per name is needed
             raise TypeError(f"weights must be a list of numbers, one per adapter, got "
                             f"{type(weights).__name__} {weights!r:.60}") from None
-        weights = tuple(_finite_number(w, f"weights[{i}]") for i, w in enumerate(weights))
+        weights = tuple(_finite_number(w, f"fusion weights[{i}]") for i, w in enumerate(weights))
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} names but {len(weights)} weights")
         key = (names, weights)
