@@ -497,14 +497,8 @@ def measure_sliced(make: Callable[[int], Mapping[str, Callable]], full: int, *,
     hopeless = budget_s() / 4
     screened: list[str] = []
     if n > PROBE_WARM_ROWS:
-        warm = make(PROBE_WARM_ROWS)
-        at_warm: dict[str, float] = {}
-        for name, call in warm.items():
-            try:
-                first_calls += _time_once(call, sync)
-                at_warm[name] = _time_once(call, sync)
-            except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
-                pass
+        first, at_warm = _timed_after_a_first_call(make(PROBE_WARM_ROWS), sync)
+        first_calls += first
         best_warm = min(at_warm.values(), default=0.0)
         screened = sorted(name for name, t in at_warm.items()
                           if t > 3 * best_warm and t * n / PROBE_WARM_ROWS > hopeless)
@@ -568,13 +562,8 @@ def measure_extrapolated(make: Callable[[int], Mapping[str, Callable]], full: in
     small = full if full <= 4 * least else least
     calls = make(small)
     first_calls = time.perf_counter() - started  # seconds of first-time costs: not the budget's
-    once: dict[str, float] = {}
-    for name, call in calls.items():
-        try:
-            first_calls += _time_once(call, sync)
-            once[name] = _time_once(call, sync)
-        except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
-            pass
+    first, once = _timed_after_a_first_call(calls, sync)
+    first_calls += first
     if not once:
         return {}, f"no candidate ran on {small} of {full} rows"
     left = budget - (time.perf_counter() - started - first_calls)
@@ -599,6 +588,21 @@ def measure_extrapolated(make: Callable[[int], Mapping[str, Callable]], full: in
              for name in per_row}
     return times, (f"median of {n} on {small} and {large} of {full} rows, extrapolated to "
                    f"{full} along the line through them")
+
+
+def _timed_after_a_first_call(calls: Mapping[str, Callable], sync
+                              ) -> tuple[float, dict[str, float]]:
+    """(seconds of every candidate's first call, {candidate: its second call's seconds}): the
+    first calls' costs (a native build, a kernel compiled) are not the budget's. A candidate
+    that raises does not compete."""
+    first, times = 0.0, {}
+    for name, call in calls.items():
+        try:
+            first += _time_once(call, sync)
+            times[name] = _time_once(call, sync)
+        except Exception:  # noqa: BLE001 - a candidate that cannot run here does not compete
+            pass
+    return first, times
 
 
 def _more_rounds(calls: Mapping[str, Callable], once: dict[str, float], rounds: int,
