@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from . import _native, tuning
+from . import _machine, _native, tuning
 
 log = logging.getLogger("shira_kernels")
 
@@ -73,7 +73,7 @@ def requested() -> str | None:
     """The explicit choice in force: use_backend's, else SHIRA_KERNELS_BACKEND's, else None."""
     name = _explicit.get()
     if name is None:
-        env = os.environ.get(ENV_VAR, "").strip()
+        env = _machine.environment(ENV_VAR).strip()
         if env and env != "auto":
             name = _check_name(env)
     return name

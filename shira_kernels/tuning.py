@@ -229,7 +229,7 @@ _FORMAT = 1
 @torch.compiler.assume_constant_result  # under torch.compile: as it was at trace time
 def mode() -> str:
     """The tuning mode from SHIRA_KERNELS_TUNE: "auto" (unset or empty), "off" or "force"."""
-    raw = os.environ.get(MODE_ENV, "")
+    raw = _machine.environment(MODE_ENV)
     value = raw.strip().lower() or "auto"
     if value not in MODES:
         raise ValueError(f"{MODE_ENV}={raw!r}: expected one of {', '.join(MODES)}")
@@ -328,8 +328,10 @@ def place(device: torch.device) -> str:
 
 def token_class(tokens: int) -> int:
     """The token count measured for ``tokens``' class."""
-    return next((measured for upper, measured in _TOKEN_CLASSES if tokens <= upper),
-                _MANY_TOKENS)
+    for upper, measured in _TOKEN_CLASSES:  # a loop, not next(generator): asked every call
+        if tokens <= upper:
+            return measured
+    return _MANY_TOKENS
 
 
 def token_label(measured: int) -> str:

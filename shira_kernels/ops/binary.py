@@ -223,9 +223,11 @@ def _binary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
                    mu: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                    strategy: str = "lut") -> torch.Tensor:
     if strategy == "dequantize":
-        with autocast_off(x.device.type):  # torch's matmul on the dequantized weight: x's dtype
-            return registry.kernel("binary_linear_dequantized", x.device)(
-                x.contiguous(), packed, alpha, mu, bias, in_features)
+        kernel = registry.kernel("binary_linear_dequantized", x.device)
+        if torch.is_autocast_enabled(x.device.type):  # torch's matmul on the dequantized weight
+            with autocast_off(x.device.type):         # in x's dtype
+                return kernel(x.contiguous(), packed, alpha, mu, bias, in_features)
+        return kernel(x.contiguous(), packed, alpha, mu, bias, in_features)
     order = backends.TRITON_FIRST if x.shape[0] > GEMV_MAX_TOKENS else None
     return registry.kernel("binary_linear", x.device, order)(x.contiguous(), packed, alpha, mu,
                                                              bias, in_features)
@@ -282,8 +284,11 @@ def _binary_lora(x: torch.Tensor, down_packed: torch.Tensor, down_alpha: torch.T
                  relu: bool, strategy: str = "lut") -> torch.Tensor:
     down = (down_packed, down_alpha, down_mu, down_in)
     up = (up_packed, up_alpha, up_mu, up_in)
-    with in_x_dtype(strategy, x.device):
-        return lora_kernel(strategy, x.device)(x.contiguous(), down, up, scale, relu)
+    kernel = lora_kernel(strategy, x.device)
+    if strategy == "dequantize" and torch.is_autocast_enabled(x.device.type):
+        with autocast_off(x.device.type):
+            return kernel(x.contiguous(), down, up, scale, relu)
+    return kernel(x.contiguous(), down, up, scale, relu)
 
 
 def in_x_dtype(strategy: str, device: torch.device):
