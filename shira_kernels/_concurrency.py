@@ -34,18 +34,24 @@ class SharedExclusiveLock:
     holder may take it again, in either mode (a merge holds its weight while it reads the base
     entries and swaps the new ones in); it is free once every such hold is released."""
 
-    __slots__ = ("_cond", "_shared", "_exclusive", "_waiting", "_owner", "_depth")
+    __slots__ = ("_mutex", "_cond", "_shared", "_exclusive", "_waiting", "_owner", "_depth")
 
     def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
+        # The state under a plain mutex (its with-statement is one C call, where a Condition's
+        # is Python code): every forward takes and releases a lock; waiting is the rare case.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._shared = 0
         self._exclusive = False
-        self._waiting = 0
+        self._waiting = 0  # threads waiting for an exclusive hold
         self._owner = None  # the exclusive holder's thread id
         self._depth = 0  # its holds
 
     def acquire_shared(self) -> None:
-        with self._cond:
+        with self._mutex:
+            if not (self._exclusive or self._waiting):
+                self._shared += 1
+                return
             if self._owner == threading.get_ident():
                 self._depth += 1
                 return
@@ -54,17 +60,17 @@ class SharedExclusiveLock:
             self._shared += 1
 
     def release_shared(self) -> None:
-        with self._cond:
-            if self._owner == threading.get_ident():
+        with self._mutex:
+            if self._exclusive and self._owner == threading.get_ident():
                 self._release_owned()
                 return
             self._shared -= 1
-            if not self._shared:
+            if not self._shared and self._waiting:  # only exclusive waiters wait for this
                 self._cond.notify_all()
 
     def acquire_exclusive(self) -> None:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._owner == me:
                 self._depth += 1
                 return
@@ -72,12 +78,15 @@ class SharedExclusiveLock:
             try:
                 while self._exclusive or self._shared:
                     self._cond.wait()
-            finally:
+            except BaseException:  # interrupted (KeyboardInterrupt): it may have held readers back
                 self._waiting -= 1
+                self._cond.notify_all()
+                raise
+            self._waiting -= 1
             self._exclusive, self._owner, self._depth = True, me, 1
 
     def release_exclusive(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._release_owned()
 
     def _release_owned(self) -> None:

@@ -586,6 +586,68 @@ def test_a_weights_exclusive_holder_may_take_its_lock_again():
     assert got.is_set()
 
 
+def test_a_waiting_exclusive_holder_goes_before_new_shared_ones():
+    """Readers hold a weight's lock: an exclusive taker waits for them, a reader arriving
+    after it waits for it (a stream of forwards cannot starve a switch), and each gets the lock
+    once the one before lets go."""
+    from shira_kernels._concurrency import SharedExclusiveLock
+    lock = SharedExclusiveLock()
+    lock.acquire_shared()
+    lock.acquire_shared()  # two readers
+    order = []
+    writer = _start(lambda: (lock.acquire_exclusive(), order.append("writer"),
+                             lock.release_exclusive()))
+    assert _until(lambda: len(lock._cond._waiters) == 1)
+    reader = _start(lambda: (lock.acquire_shared(), order.append("reader"),
+                             lock.release_shared()))
+    assert _until(lambda: len(lock._cond._waiters) == 2)
+    lock.release_shared()
+    assert not order  # one reader still holds it
+    lock.release_shared()
+    _join(writer)
+    _join(reader)
+    assert order == ["writer", "reader"]
+
+
+def test_an_interrupted_exclusive_waiter_lets_the_readers_behind_it_in(monkeypatch):
+    """An exclusive taker whose wait is interrupted (KeyboardInterrupt on the main thread) no
+    longer holds back the readers that queued behind it."""
+    from shira_kernels._concurrency import SharedExclusiveLock
+    lock = SharedExclusiveLock()
+    lock.acquire_shared()
+    interrupted = threading.Event()
+
+    class Interrupting(threading.Condition):
+        def wait(self, timeout=None):
+            if threading.current_thread() is writer:  # as Condition.wait: the lock let go
+                lock._mutex.release()                  # meanwhile, held again on raising
+                interrupted.wait(JOIN)
+                lock._mutex.acquire()
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+    lock._cond = Interrupting(lock._mutex)
+    errors = []
+
+    def take_exclusive():
+        try:
+            lock.acquire_exclusive()
+        except KeyboardInterrupt:
+            errors.append("interrupted")
+    writer = threading.Thread(target=take_exclusive, daemon=True)
+    writer.start()
+    assert _until(lambda: lock._waiting == 1)
+    got = threading.Event()
+    reader = _start(lambda: (lock.acquire_shared(), got.set(), lock.release_shared()))
+    assert not got.wait(BLOCKED)  # queued behind the waiting writer
+    interrupted.set()
+    writer.join(JOIN)
+    _join(reader)
+    assert errors == ["interrupted"] and got.is_set()
+    lock.release_shared()
+    lock.acquire_exclusive()  # free again
+    lock.release_exclusive()
+
+
 def test_mixed_blocks_guarded_forwards_and_switches_from_many_threads():
     """mixed() blocks, switches (adapters and a fusion), guarded forwards and add/remove in
     five threads: every output is a sequential one, nothing deadlocks, the base is intact."""
