@@ -50,6 +50,22 @@ def test_environment_variable(monkeypatch):
         backends.select("cpu")
 
 
+def test_environment_reads_what_os_environ_holds_now(monkeypatch):
+    """The per-call reader of the package's variables sees every write through os.environ at
+    once (set, changed, deleted; non-ASCII values as os.environ decodes them)."""
+    from shira_kernels import _machine
+    name = "SHIRA_KERNELS_TEST_VARIABLE"
+    monkeypatch.delenv(name, raising=False)
+    assert _machine.environment(name) == ""
+    for value in ("reference", " off ", "ünïcode", ""):
+        monkeypatch.setenv(name, value)
+        assert _machine.environment(name) == os.environ[name] == value
+    os.environ[name] = "direct"
+    assert _machine.environment(name) == "direct"
+    del os.environ[name]
+    assert _machine.environment(name) == ""
+
+
 def test_automatic_choice_on_cpu_is_the_native_kernel(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     assert backends.select("cpu") == "cpu"
