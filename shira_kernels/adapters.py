@@ -309,6 +309,23 @@ class _ForwardGuard:
         self.remove()
 
 
+def _same_adapter(a, b) -> bool:
+    """Whether two (SparseDelta, scale) entries of tied layers are one adapter: nonzero
+    entries at the same indices, with scale·values equal up to each value's rounding in its
+    dtype. (hotswap gives a tied layer the owner's adapter divided by its own scale, each
+    value rounded once, in a mask of the layer's own capacity padded with zero values.)"""
+    (da, sa), (db, sb) = a, b
+    if da.values.dtype != db.values.dtype:
+        return False
+    va, vb = sa * da.values.double(), sb * db.values.double()
+    nonzero_a, nonzero_b = va != 0, vb != 0
+    if not torch.equal(da.flat_indices[nonzero_a].long(), db.flat_indices[nonzero_b].long()):
+        return False
+    info = torch.finfo(da.values.dtype)
+    return torch.allclose(va[nonzero_a], vb[nonzero_b], rtol=info.eps,
+                          atol=info.tiny * max(abs(sa), abs(sb)))
+
+
 class AdapterBank(NamedAdapters):
     """Many named sparse adapters for one model; exact switching, fusion, save and load.
 
@@ -627,15 +644,24 @@ class AdapterBank(NamedAdapters):
         Collective where ``model`` is FSDP2-sharded (its values are gathered)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        adapter = {}
+        adapter, came_from = {}, {}
         for layer, module in model.named_modules():
             if isinstance(module, ShiraLinear):
                 values = module.shira_values.detach()
                 if _is_dtensor(values):  # FSDP2 shards the values too: gather them (collective)
                     values = values.full_tensor()
-                adapter[layer] = (SparseDelta(module.weight.shape,
-                                              module.shira_flat_indices.detach(), values),
-                                  module.scale)
+                entry = (SparseDelta(module.weight.shape, module.shira_flat_indices.detach(),
+                                     values), module.scale)
+                # Layers that share one weight (tied) go to the weight's first layer: the bank
+                # holds one adapter per weight, so their adapters must be the same one.
+                owner = self._alias.get(layer, layer)
+                if owner in adapter and not _same_adapter(adapter[owner], entry):
+                    raise ValueError(
+                        f"adapter {name!r}: layers {came_from[owner]!r} and {layer!r} share one "
+                        "weight but carry different adapters (indices, or scale·values); a bank "
+                        "holds one adapter per weight")
+                adapter.setdefault(owner, entry)
+                came_from.setdefault(owner, layer)
         if not adapter:
             raise ValueError(f"adapter {name!r}: the model has no ShiraLinear layer")
         self.add(name, adapter)

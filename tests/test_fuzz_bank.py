@@ -234,6 +234,34 @@ def test_hotswap_gives_a_tied_shira_layer_its_owners_adapter():
     bank.deactivate()
 
 
+def test_add_from_model_takes_tied_shira_layers_as_their_owners_adapter():
+    """add_from_model on a model whose ShiraLinear layers share a weight: the tied layer holds
+    the owner's adapter through its own scale (as hotswap leaves it), so the bank gets that one
+    adapter under the owner's name; tied layers with different adapters are refused, nothing
+    added."""
+    model = _tied_shira_model()
+    bank = AdapterBank(model)
+    delta = SparseDelta.from_flat([1, 8, 20, 33], (6, 6), torch.tensor([1., -2., 3., 0.7]))
+    bank.add("a", {"0": delta}, scale=2.0)
+    bank.hotswap("a")  # layer 1 (scale 0.5) gets 4·values, layer 0 (scale 1) 2·values
+    bank.add_from_model("copy", model)
+    bank.hotswap(None)
+    x = torch.randn(3, 6)
+    for name in ("a", "copy"):
+        bank.activate(name)
+        y = model(x)
+        bank.deactivate()
+        if name == "a":
+            want = y
+    assert torch.equal(bits(y), bits(want))
+    model = _tied_shira_model()  # each layer trained on its own: two adapters for one weight
+    bank = AdapterBank(model)
+    with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight but carry "
+                                         r"different adapters"):
+        bank.add_from_model("both", model)
+    assert bank.names == ()
+
+
 @pytest.mark.parametrize("case", ["capacity", "scale 0", "merged", "not a ShiraLinear"])
 def test_hotswap_checks_a_tied_layer_before_writing_any(case):
     model = _tied_shira_model(tied_shira=case != "not a ShiraLinear")
