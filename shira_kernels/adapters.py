@@ -480,7 +480,8 @@ class AdapterBank(NamedAdapters):
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_unmerged(self) -> None:
-        for name, module in self._layers.items():
+        # Tied layers too: a merged alias holds base entries of the owner's weight.
+        for name, module in (*self._layers.items(), *self._alias_modules.items()):
             if isinstance(module, ShiraLinear) and module.merged:
                 raise RuntimeError(
                     f"layer {name!r} is a merged ShiraLinear; unmerge() it before using the "

@@ -234,6 +234,28 @@ def test_hotswap_gives_a_tied_shira_layer_its_owners_adapter():
     bank.deactivate()
 
 
+def test_a_merged_tied_shira_layer_blocks_switches_as_a_merged_owner_does():
+    """A ShiraLinear tied to an earlier layer's weight and merged holds base entries of that
+    weight: switching the bank meanwhile let an unmerge put them back over the adapter's and
+    the base came back changed. Every switch now refuses while it is merged, changing nothing."""
+    model = _tied_shira_model()
+    bank = AdapterBank(model)
+    taken = model[1].shira_flat_indices[:3]
+    bank.add("a", {"0": SparseDelta(model[0].weight.shape, taken, torch.tensor([5., 6., 7.]))})
+    before = bits(model[0].weight)
+    model[1].merge()
+    merged = bits(model[0].weight)
+    for switch in (lambda: bank.activate("a"), lambda: bank.activate(["a"], [0.5])):
+        with pytest.raises(RuntimeError, match="layer '1' is a merged ShiraLinear"):
+            switch()
+        assert torch.equal(bits(model[0].weight), merged) and bank.active is None
+    model[1].unmerge()
+    assert torch.equal(bits(model[0].weight), before)
+    bank.activate("a")
+    bank.deactivate()
+    assert torch.equal(bits(model[0].weight), before)
+
+
 def test_add_from_model_takes_tied_shira_layers_as_their_owners_adapter():
     """add_from_model on a model whose ShiraLinear layers share a weight: the tied layer holds
     the owner's adapter through its own scale (as hotswap leaves it), so the bank gets that one
