@@ -19,19 +19,21 @@ def cache_dir() -> Path:
 # os.environ.get of an unset variable costs about 1.3 µs (a KeyError raised and caught), and
 # every op call asks for the backend and tuning variables: on POSIX the bytes-keyed dict that
 # os.environ keeps in step with its own writes (os.environ[...] = ..., monkeypatch.setenv)
-# answers in one lookup. Variables set by os.putenv directly are seen by neither.
-_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+# answers in one lookup. Variables set by os.putenv directly are seen by neither. os.environ is
+# looked up each call (a test may replace it with a plain mapping).
+_POSIX = os.name == "posix"
 _ENV_KEYS: dict[str, bytes] = {}
 
 
 def environment(name: str) -> str:
     """$name as os.environ has it now ("" where unset), cheaply enough for every op call."""
-    if _ENVIRON_BYTES is None:
+    data = getattr(os.environ, "_data", None) if _POSIX else None
+    if type(data) is not dict:
         return os.environ.get(name, "")
     key = _ENV_KEYS.get(name)
     if key is None:
         key = _ENV_KEYS[name] = os.fsencode(name)
-    raw = _ENVIRON_BYTES.get(key)
+    raw = data.get(key)
     return "" if raw is None else os.fsdecode(raw)
 
 

@@ -64,6 +64,8 @@ def test_environment_reads_what_os_environ_holds_now(monkeypatch):
     assert _machine.environment(name) == "direct"
     del os.environ[name]
     assert _machine.environment(name) == ""
+    monkeypatch.setattr(os, "environ", {name: "replaced"})  # as mock.patch("os.environ", ...)
+    assert _machine.environment(name) == "replaced"
 
 
 def test_automatic_choice_on_cpu_is_the_native_kernel(monkeypatch):
