@@ -234,6 +234,25 @@ def test_hotswap_gives_a_tied_shira_layer_its_owners_adapter():
     bank.deactivate()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_from_model_takes_what_hotswap_left_in_tied_layers_of_any_scales(dtype):
+    """hotswap rounds each tied layer's values through its own scale (0.3 and 0.7 here, whose
+    ratios to the adapter's are not exact): add_from_model still reads them as one adapter."""
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+        model[1].weight = model[0].weight
+        replace_linear(model, ["0"], r=2, scale=0.3)
+        replace_linear(model, ["1"], r=2, scale=0.7)
+        model.to(dtype)
+        bank = AdapterBank(model)
+        taken = model[0].shira_flat_indices[:40]
+        bank.add("a", {"0": SparseDelta((16, 16), taken, torch.randn(40, dtype=dtype))})
+        bank.hotswap("a")
+        bank.add_from_model("b", model)
+        assert bank.names == ("a", "b")
+
+
 def test_a_merged_tied_shira_layer_blocks_switches_as_a_merged_owner_does():
     """A ShiraLinear tied to an earlier layer's weight and merged holds base entries of that
     weight: switching the bank meanwhile let an unmerge put them back over the adapter's and
