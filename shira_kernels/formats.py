@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import TensorCache, check_real_values, check_scale, check_size, validate_indices
+from ._checks import (TensorCache, check_real_values, check_scale, check_size, tensor_stamp,
+                      unchanged, validate_indices)
 
 __all__ = ["BinaryWeight", "SparseDelta", "SparseDeltaSet", "SparseDeltaSetState", "SparseStructure", "flat_index_dtype", "pack_signs",
            "unpack_signs"]
@@ -173,7 +174,23 @@ class SparseDelta:
         self._values = values
         if structure is not None and not compiling:
             _check_structure(structure, flat_indices, shape)
+        self._set_structure(structure)
+
+    def _set_structure(self, structure: SparseStructure | None) -> None:
+        # With the indices' stamp: an in-place write to them (which the setter does not see)
+        # makes the structure stale, and the indices are checked and it derived again.
         self._structure = structure
+        self._structure_stamp = (None if structure is None or torch.compiler.is_compiling()
+                                 else tensor_stamp(self._flat_indices))
+
+    def _current_structure(self) -> SparseStructure | None:
+        """The structure kept, if the indices were not written since it was derived or checked
+        (inside torch.compile: as kept, the check cannot run there)."""
+        structure = self._structure
+        if structure is None or torch.compiler.is_compiling():
+            return structure
+        stamp = self._structure_stamp
+        return structure if stamp is not None and unchanged(self._flat_indices, stamp) else None
 
     @property
     def flat_indices(self) -> torch.Tensor:
@@ -183,7 +200,8 @@ class SparseDelta:
     def flat_indices(self, flat_indices: torch.Tensor) -> None:
         # Checked like the constructor's; the structure was derived from the old indices.
         SparseDelta(self.shape, flat_indices, self._values)
-        self._flat_indices, self._structure = flat_indices, None
+        self._flat_indices = flat_indices
+        self._set_structure(None)
 
     @property
     def values(self) -> torch.Tensor:
@@ -191,7 +209,7 @@ class SparseDelta:
 
     @values.setter
     def values(self, values: torch.Tensor) -> None:
-        SparseDelta(self.shape, self._flat_indices, values, structure=self._structure)
+        SparseDelta(self.shape, self._flat_indices, values, structure=self._current_structure())
         self._values = values
 
     # -- constructors ----------------------------------------------------------------------
@@ -271,15 +289,22 @@ class SparseDelta:
 
     @property
     def structure(self) -> SparseStructure:
-        """The derived index arrays, computed once per index tensor."""
-        if self._structure is None:
+        """The derived index arrays, computed once per index tensor (and again, after the
+        indices are checked again, once they were written in place)."""
+        structure = self._current_structure()
+        if structure is None:
             if torch.compiler.is_compiling():
                 raise RuntimeError(
                     "a SparseDelta's structure is derived eagerly: touch delta.structure once "
                     "before torch.compile traces a call with it, or build the delta with "
                     "structure=... (ShiraLinear keeps its structure in buffers)")
-            self._structure = _structure_of(self.flat_indices, self.shape)
-        return self._structure
+            # Checked again if written in place since the constructor's check (cached per
+            # version of the index tensor: free otherwise).
+            validate_indices(self._flat_indices, self.shape[0] * self.shape[1],
+                             name="flat_indices", ascending=True)
+            structure = _structure_of(self._flat_indices, self.shape)
+            self._set_structure(structure)
+        return structure
 
     def with_values(self, values: torch.Tensor) -> "SparseDelta":
         """The same sparsity pattern (and structure) with other values."""
@@ -292,7 +317,7 @@ class SparseDelta:
         buffers)."""
         delta = cls.__new__(cls)
         delta.shape, delta._flat_indices, delta._values = shape, flat_indices, values
-        delta._structure = structure
+        delta._set_structure(structure)
         return delta
 
     def to(self, *args, **kwargs) -> "SparseDelta":
@@ -523,8 +548,12 @@ class SparseDeltaSet:
         # Derived here if the delta has none yet, and not kept beyond the copy: the buffers hold
         # it (the deltas the set hands out view them), so a bank of many adapters does not
         # hold each structure twice.
-        structure = (delta._structure or _STRUCTURES.get(delta.flat_indices, self.shape)
-                     or SparseStructure.build(delta.flat_indices, self.shape))
+        structure = delta._current_structure()
+        if structure is None:  # indices written in place since their check are checked again
+            validate_indices(delta.flat_indices, self.shape[0] * self.shape[1],
+                             name=f"adapter {name!r}: flat_indices", ascending=True)
+            structure = (_STRUCTURES.get(delta.flat_indices, self.shape)
+                         or SparseStructure.build(delta.flat_indices, self.shape))
         with self._lock, torch.inference_mode(False), torch.no_grad():
             if name in self._index:
                 raise ValueError(f"adapter {name!r} is already in this set")

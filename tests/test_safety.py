@@ -553,6 +553,33 @@ def test_guard_forward_warns_once_when_a_backward_will_follow():
                 model(x).sum().backward()
 
 
+def test_a_sparse_deltas_indices_written_in_place_are_checked_and_rederived():
+    """A SparseDelta kept the structure derived from its indices after they were written in
+    place (its setter was not involved), so products used the old mask; unsorted or repeated
+    indices written so were used as they were. Now the structure follows the indices, which
+    are checked again first, for every consumer (the ops and SparseDeltaSet.add)."""
+    from shira_kernels import SparseDeltaSet, sparse_product_add
+    x, y = torch.eye(4), torch.zeros(4, 4)
+    delta = SparseDelta.from_flat(torch.tensor([0, 5, 9]), (4, 4), torch.tensor([1., 2., 3.]))
+    sparse_product_add(y, x, delta)  # the structure derived and kept
+    delta.flat_indices.copy_(torch.tensor([1, 6, 15]))
+    assert torch.equal(sparse_product_add(y, x, delta), x @ delta.to_dense().T)
+    weight = torch.zeros(4, 4)
+    assert torch.equal(shira_kernels.sparse_delta_linear(x, weight, None, delta),
+                       x @ delta.to_dense().T)
+    for bad, message in (([9, 5, 0], "sorted ascending"), ([5, 5, 5], "repeated")):
+        for derived_before in (False, True):
+            delta = SparseDelta.from_flat(torch.tensor([0, 5, 9]), (4, 4),
+                                          torch.tensor([1., 2., 3.]))
+            if derived_before:
+                delta.structure
+            delta.flat_indices.copy_(torch.tensor(bad))
+            with pytest.raises(ValueError, match=message):
+                sparse_product_add(y, x, delta)
+            with pytest.raises(ValueError, match=message):
+                SparseDeltaSet((4, 4)).add("a", delta)
+
+
 def test_indices_written_in_place_are_checked_and_rederived():
     layer = shira_layer()
     other = shira_layer(seed=5)
