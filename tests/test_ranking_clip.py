@@ -393,3 +393,52 @@ def test_example_quick_two_instructions_rank_by_what_the_text_asks():
     # The adapters and prompt are what separate the two instructions here.
     assert result["tau_after"] > result["tau_head_only"] + 0.15
     assert result["tau_size_after"] > result["tau_size_head_only"] + 0.15
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def test_prepare_inference_is_all_or_nothing_when_a_merge_is_refused():
+    clip, tokenizer = tiny_clip()
+    model = RankingCLIPAdapter(clip, adapter="shira", tokenizer=tokenizer)
+    names = [n for n, m in model.named_modules() if isinstance(m, ShiraLinear)]
+    layers = [model.get_submodule(n) for n in names]
+    with torch.no_grad():
+        for m in layers:
+            m.shira_values.normal_()
+        layers[-1].shira_values.fill_(3e38)  # W + S overflows fp32 in the last layer only
+        layers[-1].weight.fill_(3e38)
+    layers[0].merge()  # merged before the call: stays so
+    model.train()
+    flags = {n: m.training for n, m in model.named_modules()}
+    before = _state(model)
+    with pytest.raises(ValueError, match=f"layer '{names[-1]}'.*does not fit"):
+        model.prepare_inference()
+    assert [m.merged for m in layers] == [True] + [False] * (len(layers) - 1)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    after = _state(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before), \
+        [k for k in before if not torch.equal(after[k], before[k])]
+
+
+def test_prepare_inference_packs_no_branch_when_one_cannot_be_packed(monkeypatch):
+    clip, tokenizer = tiny_clip()
+    model = RankingCLIPAdapter(clip, adapter="binary", tokenizer=tokenizer)
+    layers = [m for m in model.clip.modules() if isinstance(m, BinaryLoRALinear)]
+
+    def refuse():
+        raise MemoryError("no room for the packed form")
+    monkeypatch.setattr(layers[-1].lora, "binary_weights", refuse)
+    model.train()
+    before = _state(model)
+    with pytest.raises(MemoryError):
+        model.prepare_inference()
+    assert not any(m.lora.packed for m in layers) and model.training
+    after = _state(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    monkeypatch.undo()
+    model.prepare_inference()
+    assert all(m.lora.packed for m in layers) and not model.training

@@ -316,12 +316,31 @@ class RankingCLIPAdapter(nn.Module):
         its weight (a plain linear then; exact, and ``unmerge()`` on the layers restores the
         base bit for bit) and every 1-bit branch packed into sign words (its binary_lora
         kernel then; irreversible: the float latent weights are dropped). Scores stay the same
-        up to fp32 rounding. Returns self, in eval mode."""
-        for module in self.clip.modules():
-            if isinstance(module, ShiraLinear):
-                module.merge()
-            elif isinstance(module, BinaryLoRALinear):
-                module.pack()
+        up to fp32 rounding. Returns self, in eval mode.
+
+        All or nothing: every branch's packed form is computed before anything changes, and if
+        a merge is refused (W + scale·S would overflow the weight's dtype; the ValueError names
+        the layer) the layers this call merged are unmerged, newest first, bit for bit, before
+        the error goes on: no layer is merged or packed and the train/eval flags are as they
+        were. Layers merged or packed before the call stay so."""
+        packs = [(module.lora, module.lora._packed_form()) for module in self.clip.modules()
+                 if isinstance(module, BinaryLoRALinear) and not module.lora.packed]
+        merged = []
+        name = None
+        try:
+            for name, module in self.named_modules():
+                if isinstance(module, ShiraLinear) and not module.merged:
+                    module.merge()
+                    merged.append(module)
+        except BaseException as e:
+            # Newest first: layers sharing a weight get their entries back in swap order.
+            for module in reversed(merged):
+                module.unmerge()  # the base bit for bit
+            if isinstance(e, ValueError):  # merge()'s own message does not know the layer
+                raise ValueError(f"layer {name!r}: {e}") from None
+            raise
+        for lora, form in packs:  # nothing here refuses
+            lora._install_packed(form)
         return self.eval()
 
     # -- encoders ----------------------------------------------------------------------------

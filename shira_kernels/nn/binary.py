@@ -99,19 +99,27 @@ class BinaryAdapter(nn.Module):
     @torch.no_grad()
     def pack(self) -> "BinaryAdapter":
         """Switch to the packed inference form (irreversible: the float weights are dropped)."""
-        if self.packed:
-            return self
+        if not self.packed:
+            self._install_packed(self._packed_form())
+        return self
+
+    def _packed_form(self) -> tuple[BinaryWeight, BinaryWeight]:
+        """pack()'s first step, the one that can fail: the packed (down, up), computed without
+        changing anything (so a caller packing many branches can compute all before any is
+        packed)."""
         # Normal tensors even under torch.inference_mode: inference-tensor buffers could not be
         # saved for a later backward (binary_lora is differentiable in x).
-        with torch.inference_mode(False):
-            down, up = self.binary_weights()
+        with torch.inference_mode(False), torch.no_grad():
+            return self.binary_weights()
+
+    def _install_packed(self, form: tuple[BinaryWeight, BinaryWeight]) -> None:
+        """pack()'s second step: ``form`` (from _packed_form) in place of the float weights."""
         del self.down, self.up
-        for name, bw in (("down", down), ("up", up)):
+        for name, bw in zip(("down", "up"), form):
             self.register_buffer(f"{name}_packed", bw.packed)
             self.register_buffer(f"{name}_alpha", bw.alpha)
             self.register_buffer(f"{name}_mu", bw.mu)
         self.packed = True
-        return self
 
     def _apply(self, fn, *args, **kwargs):
         # nn.Module.to(dtype), .half() and the like cast every float buffer, α and μ too: keep
