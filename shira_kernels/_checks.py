@@ -291,13 +291,15 @@ def check_size(value, name: str, *, minimum: int | None = 1) -> int:
     return value
 
 
-def check_representable(adapted: torch.Tensor, where: str, *, base: torch.Tensor | None = None
-                        ) -> None:
+def check_representable(adapted: torch.Tensor, where: str, *, base: torch.Tensor | None = None,
+                        index: torch.Tensor | None = None) -> None:
     """Raise ValueError if ``adapted`` (new weight entries, already rounded to the weight's
     dtype, e.g. ``(base.float() + scale * values.float()).to(weight.dtype)``) holds an Inf or
     NaN: the values overflow the dtype (1e5 into float16). With ``base`` (the entries they
     replace, same shape), entries whose base is itself non-finite are not counted (the adapter
     did not make them so). ``where`` starts the message (e.g. "adapter 'a', layer 'fc1'").
+    With ``index`` (the entries' flat indices in the weight, same shape), the message names
+    the first bad entry by its flat index rather than by its position in ``adapted``.
     Reads the tensor once (a device sync for a GPU tensor)."""
     bad = ~torch.isfinite(adapted)
     if base is not None:
@@ -306,12 +308,14 @@ def check_representable(adapted: torch.Tensor, where: str, *, base: torch.Tensor
     if count == 0:
         return
     first = int(bad.reshape(-1).nonzero()[0])
+    first = (f"position {first}" if index is None
+             else f"flat index {int(index.reshape(-1)[first])}")
     nan = int((bad & torch.isnan(adapted)).sum())
     if nan:  # a finite base plus scale·value is NaN only for a NaN value (the scale is checked)
         raise ValueError(f"{where}: {nan} of the adapter's values are NaN (the first of "
-                         f"{count} non-finite adapted entries at position {first})")
+                         f"{count} non-finite adapted entries at {first})")
     limit = torch.finfo(adapted.dtype).max  # integer tensors are always finite: not here
     raise ValueError(f"{where}: the adapted weight does not fit {adapted.dtype}: {count} of "
-                     f"{adapted.numel()} entries become non-finite (first at position {first}; "
+                     f"{adapted.numel()} entries become non-finite (first at {first}; "
                      f"{adapted.dtype} holds magnitudes up to {limit:.4g}); the values or the "
                      f"scale are too large for this weight")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._checks import check_representable
 from .formats import SparseDelta, flat_index_dtype
 from .masks import budget, check_seed
 from .nn import BinaryAdapter, BinaryLoRALinear, ShiraLinear, replace_linear
@@ -132,8 +133,16 @@ def sparse_diff(finetuned_state_dict: Mapping[str, torch.Tensor],
 
 
 def add_sparse(a: SparseDelta, b: SparseDelta, wa: float = 1.0, wb: float = 1.0) -> SparseDelta:
-    """wa·a + wb·b: the union of the two index sets, values summed (in fp32, then cast to the
-    promoted dtype of a's and b's values). Entries that cancel stay as explicit zeros."""
+    """wa·a + wb·b: the union of the two index sets, values summed. Entries that cancel stay as
+    explicit zeros.
+
+    The values come out in the promoted dtype of a's and b's. Each entry's wa·a + wb·b is
+    computed in float64 and rounded once to that dtype, so an intermediate beyond the output's
+    range (60000 + 60000 in float16 weighted by 0.5, or 10·3e38 − 10·3e38) does not overflow.
+    Refused with ValueError: NaN or ±inf among a's or b's values, and a sum that does not fit
+    the output dtype (the message names the first such entry by its flat index). Weights past
+    about 1e269 can overflow the float64 products themselves; those sums are refused as well.
+    """
     for name, d in (("a", a), ("b", b)):
         if not isinstance(d, SparseDelta):
             raise TypeError(f"{name} must be a SparseDelta, got {type(d).__name__}")
@@ -144,13 +153,21 @@ def add_sparse(a: SparseDelta, b: SparseDelta, wa: float = 1.0, wb: float = 1.0)
         raise ValueError(f"a has shape {a.shape} but b has shape {b.shape}")
     if a.device != b.device:
         raise ValueError(f"a is on {a.device} but b is on {b.device}")
+    for name, d in (("a", a), ("b", b)):
+        bad = ~torch.isfinite(d.values)
+        if bool(bad.any()):
+            raise ValueError(f"{name} has {int(bad.sum())} NaN or infinite values (the first at "
+                             f"flat index {int(d.flat_indices[bad][0])})")
     flat = torch.cat([a.flat_indices.long(), b.flat_indices.long()])
-    values = torch.cat([a.values.float() * float(wa), b.values.float() * float(wb)])
+    values = torch.cat([a.values.double() * float(wa), b.values.double() * float(wb)])
     union, where = torch.unique(flat, sorted=True, return_inverse=True)
-    summed = torch.zeros(union.numel(), dtype=torch.float32, device=values.device)
+    summed = torch.zeros(union.numel(), dtype=torch.float64, device=values.device)
     summed.index_add_(0, where, values)
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return SparseDelta(a.shape, union.to(flat_index_dtype(a.shape)), summed.to(dtype))
+    # The inputs are finite: a NaN is inf − inf, two products past float64's range.
+    result = summed.nan_to_num(nan=math.inf).to(torch.promote_types(a.dtype, b.dtype))
+    check_representable(result, f"add_sparse(wa={float(wa)!r}, wb={float(wb)!r}): wa·a + wb·b",
+                        index=union)
+    return SparseDelta(a.shape, union.to(flat_index_dtype(a.shape)), result)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,3 +270,36 @@ def test_lora_to_sparse_of_a_large_layer_stays_within_one_block():
 def test_exported_at_the_top_level():
     assert shira_kernels.sparse_diff is sparse_diff
     assert shira_kernels.lora_to_sparse is lora_to_sparse
+
+
+def test_add_sparse_sums_in_float64_and_rounds_once():
+    big = SparseDelta.from_flat(torch.tensor([0]), (2, 2), torch.tensor([3e38]))
+    # 10·3e38 − 10·3e38 is 0; fp32 products overflowed to inf − inf = NaN.
+    assert add_sparse(big, big, wa=10.0, wb=-10.0).values.tolist() == [0.0]
+    # 1 + (1 + 2⁻²⁸)·2⁻²⁴ rounds once to 1 + 2⁻²³ (above the tie); rounding the product to
+    # fp32 first gave the tie 1 + 2⁻²⁴, rounded to even: 1.
+    one = SparseDelta.from_flat(torch.tensor([1]), (2, 2), torch.tensor([1.0]))
+    tiny = SparseDelta.from_flat(torch.tensor([1]), (2, 2), torch.tensor([2.0 ** -24]))
+    assert add_sparse(one, tiny, wb=1 + 2.0 ** -28).values.item() == 1 + 2.0 ** -23
+    # fp16 values whose weighted sum fits fp16 although a plain sum would not.
+    h = SparseDelta.from_flat(torch.tensor([0, 3]), (2, 2),
+                              torch.tensor([60000.0, 1.0], dtype=torch.float16))
+    s = add_sparse(h, h, wa=0.75, wb=0.25)
+    assert s.dtype == torch.float16 and s.values.tolist() == [60000.0, 1.0]
+
+
+def test_add_sparse_refuses_a_sum_past_the_dtype_and_non_finite_values():
+    a = SparseDelta.from_flat(torch.tensor([0, 3]), (2, 2),
+                              torch.tensor([1.0, 60000.0], dtype=torch.float16))
+    b = SparseDelta.from_flat(torch.tensor([3, 1]), (2, 2),
+                              torch.tensor([60000.0, 2.0], dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"add_sparse.*does not fit torch\.float16: 1 of 3 "
+                                         r"entries.*flat index 3"):
+        add_sparse(a, b)
+    big = SparseDelta.from_flat(torch.tensor([2]), (2, 2), torch.tensor([3e38]))
+    with pytest.raises(ValueError, match=r"does not fit torch\.float32.*flat index 2"):
+        add_sparse(big, big, wa=1e300, wb=-1e300)  # the fp64 products themselves overflow
+    for bad in (float("inf"), float("nan")):
+        c = SparseDelta.from_flat(torch.tensor([0, 2]), (2, 2), torch.tensor([1.0, bad]))
+        with pytest.raises(ValueError, match=r"b has 1 NaN or infinite values.*flat index 2"):
+            add_sparse(a, c)
