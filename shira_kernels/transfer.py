@@ -98,7 +98,9 @@ def sparse_diff(finetuned_state_dict: Mapping[str, torch.Tensor],
                 base_state_dict: Mapping[str, torch.Tensor], density: float | None = None,
                 r: int | None = None, keys: Iterable[str] | None = None) -> dict[str, SparseDelta]:
     """A full fine-tune as sparse adapters: for each weight, the budget's entries of largest
-    |ΔW|, ΔW = finetuned − base (in fp32), with ΔW's values there.
+    |ΔW|, ΔW = finetuned − base (rounded once to fp32: taken in fp32, or in fp64 for fp64
+    weights), with ΔW's values there. A weight holding NaN or ±inf, or a ΔW past fp32's range,
+    is refused with a ValueError naming the key.
 
     keys: the weights to convert (each must be a 2-D floating tensor in both dicts); None takes
     every 2-D floating tensor present in both. Give exactly one of density or r; every weight
@@ -121,12 +123,22 @@ def sparse_diff(finetuned_state_dict: Mapping[str, torch.Tensor],
             k = budget(tuned.shape, r=r, density=density)
         except ValueError as e:
             raise ValueError(f"{name!r}: {e}") from None
-        delta = (tuned.detach().float() - base.detach().to(tuned.device).float()).view(-1)
-        # NaN cannot be ranked; ±inf (an fp16 fine-tune that overflowed) would rank first, with
-        # a value no weight can take.
+        # The difference in fp32 (exact, then rounded once, for fp32/fp16/bf16 weights), or in
+        # fp64 for an fp64 weight (rounding both to fp32 first would round twice, and turn two
+        # equal weights past fp32's range into inf − inf); then rounded once to fp32.
+        wide = torch.promote_types(torch.promote_types(tuned.dtype, base.dtype), torch.float32)
+        delta = (tuned.detach().to(wide)
+                 - base.detach().to(tuned.device, wide)).view(-1).to(torch.float32)
         if not bool(torch.isfinite(delta).all()):
-            raise ValueError(f"{name!r}: finetuned − base contains NaN or ±inf; cannot rank "
-                             "its entries")
+            # NaN cannot be ranked; ±inf (an fp16 fine-tune that overflowed) would rank first,
+            # with a value no weight can take.
+            for what, t in (("finetuned_state_dict", tuned), ("base_state_dict", base)):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name!r}: {what}[{name!r}] contains NaN or ±inf; cannot "
+                                     "rank the entries of finetuned − base")
+            # Finite weights whose difference is past fp32's range (the values' dtype).
+            check_representable(delta, f"{name!r}: finetuned − base",
+                                index=torch.arange(delta.numel(), device=delta.device))
         pos = _largest(delta.abs(), k)
         result[name] = SparseDelta.from_flat(pos, tuned.shape, delta[pos])
     return result

@@ -100,6 +100,22 @@ def test_sparse_diff_bad_arguments():
         sparse_diff(tuned, [1, 2], density=0.1)
 
 
+def test_sparse_diff_rounds_a_float64_difference_once_and_names_an_overflow():
+    # fp64 weights: the difference is taken in fp64 and rounded once to fp32 (rounding each
+    # weight to fp32 first loses 1e-12, and makes 1e300 − 1e300 into inf − inf).
+    tuned = {"w": torch.tensor([[1 + 1e-12, 1e300, 2.0]], dtype=torch.float64)}
+    base = {"w": torch.tensor([[1.0, 1e300, 0.0]], dtype=torch.float64)}
+    d = sparse_diff(tuned, base, density=1.0)["w"]
+    assert d.dtype == torch.float32 and d.flat_indices.tolist() == [0, 1, 2]
+    exact = torch.tensor((1 + 1e-12) - 1.0, dtype=torch.float64)  # exact (Sterbenz)
+    assert d.values.tolist() == [exact.float().item(), 0.0, 2.0]
+    # Finite fp32 weights whose difference is past fp32's range: named as an overflow.
+    tuned, base = {"w": torch.tensor([[0.0, 3e38]])}, {"w": torch.tensor([[0.0, -3e38]])}
+    with pytest.raises(ValueError, match=r"'w': finetuned − base.*does not fit torch\.float32"
+                                         r".*flat index 1"):
+        sparse_diff(tuned, base, density=0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # add_sparse
 # ---------------------------------------------------------------------------------------------
