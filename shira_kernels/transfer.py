@@ -224,6 +224,10 @@ def lora_to_sparse(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.
             or block_rows < 1):
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
     if r is None and density is None:
+        if rank == 0:
+            raise ValueError(f"the LoRA has rank 0 (lora_A {tuple(lora_A.shape)}, lora_B "
+                             f"{tuple(lora_B.shape)}), so its own rank gives no budget; pass r= "
+                             "or density= to set one")
         r = rank
     _check_budget_args(r, density)
     k = budget((out_f, in_f), r=r, density=density)

@@ -238,6 +238,14 @@ def test_lora_to_sparse_bad_arguments():
         lora_to_sparse(a * 1e30, b * 1e30, 1.0)
 
 
+def test_lora_to_sparse_of_a_rank_0_lora_says_so():
+    a, b = torch.zeros(0, 4), torch.zeros(3, 0)
+    with pytest.raises(ValueError, match=r"the LoRA has rank 0 .*pass r= or density="):
+        lora_to_sparse(a, b)
+    s, err = lora_to_sparse(a, b, r=1)  # a budget given: ΔW = 0, so its entries are zeros
+    assert s.nnz == 7 and s.values.abs().sum() == 0 and err == 0.0
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the element count of the largest tensor any aten op returns while active.
 
