@@ -644,7 +644,11 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
        ``kl_temperature`` (the loss is scaled by its square).
 
     Everything is checked, and the synthetic data drawn and filtered, before the target is
-    touched; if training fails the wrapped layers are put back. The source is never changed.
+    touched. If training fails (a non-finite loss, an exception from a model, an interrupt)
+    the target is left as it was: the wrapped layers are put back, every adapter parameter
+    trained (the target's own with adapter=None) gets back its values and its .grad, every
+    parameter its requires_grad flag, and the model its train/eval mode. The source is never
+    changed.
     Random draws use a torch.Generator seeded with ``seed``; the global RNG is left alone.
     """
     # -- arguments ---------------------------------------------------------------------------
@@ -821,11 +825,17 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
     undo = None
     adapted: list[str] = []
     flags = {name: p.requires_grad for name, p in target_model.named_parameters()}
+    saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
     try:
         if adapter is not None:
             adapted, undo = _attach(target_model, adapter, layers, adapter_kwargs, int(seed))
             target_model.eval()
         trainable = adapter_parameters(target_model)
+        # What training writes in place (the values, by the optimizer) or replaces (.grad), kept
+        # to put back if the call fails: an adapter the target already had (adapter=None, or
+        # one outside the wrapped layers) must not be left part-trained. The copies are the
+        # adapter's size, not the model's.
+        saved = [(p, p.detach().clone(), p.grad) for p in trainable.values()]
         for p in target_model.parameters():
             p.requires_grad_(False)
         for p in trainable.values():
@@ -858,6 +868,10 @@ def distill_adapter(source_model, target_model: nn.Module, seed_examples: torch.
             optimizer.step()
             losses.append(float(kl.detach()))
     except BaseException:
+        with torch.no_grad():
+            for p, value, grad in saved:
+                p.copy_(value)
+                p.grad = grad
         if undo is not None:
             undo()
         else:

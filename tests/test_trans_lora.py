@@ -356,3 +356,31 @@ def test_example_quick_transfers():
     assert result["target_after_transfer"] > result["target_seed_only"]
     assert result["verdict"] == "transferred"
     assert 0 < result["kept"] <= result["generated"]
+
+
+def test_a_failure_while_training_the_targets_own_adapter_leaves_it_as_it_was():
+    source, target = TinyLM(12, 0), TinyLM(8, 1)
+    replace_linear(target, ["up"], density=0.5, seed=0)
+    target.down.requires_grad_(False)  # a flag the call changes while it trains
+    grad = torch.full_like(target.up.shira_values, 0.5)
+    target.up.shira_values.grad = grad  # a gradient the caller had accumulated
+    target.train()
+    calls = {"n": 0}
+
+    def failing_source(ids, **kwargs):  # fails on the 3rd training step, after 2 Adam steps
+        if ids.shape == (8, LENGTH):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("source failed")
+        return source(ids, **kwargs)
+    flags = {name: p.requires_grad for name, p in target.named_parameters()}
+    before = snapshot(target)
+    with pytest.raises(RuntimeError, match="source failed"):
+        transfer.distill_adapter(failing_source, target, seeds(), adapter=None, n_synthetic=24,
+                                 steps=5, batch_size=8, discriminator=None)
+    assert calls["n"] == 3
+    assert_same(before, target)
+    assert {name: p.requires_grad for name, p in target.named_parameters()} == flags
+    assert target.up.shira_values.grad is grad and torch.equal(grad, torch.full_like(grad, 0.5))
+    assert all(p.grad is None for name, p in target.named_parameters() if "shira" not in name)
+    assert target.training
