@@ -504,3 +504,42 @@ def test_accelerated_peft_shira_on_a_quantized_base(kind, dtype):
     with pytest.raises(RuntimeError, match="requantize"):
         pm.merge_adapter()
     assert not layer.merged and torch.equal(values, before) and torch.equal(pm(x), y.detach())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", kind_params("bnb-nf4", "bnb-fp4"))
+def test_4bit_weight_packed_for_the_cpu_kernel_dequantizes_as_bitsandbytes_saves_it(kind,
+                                                                                     dtype):
+    # An inference forward on a CPU repacks a Linear4bit's weight in place for bitsandbytes'
+    # CPU kernel (another layout, absmax in bf16, quant_state.dtype bf16). dequantize_weight,
+    # the score masks and the values' dtype read the weight as bitsandbytes saves it (its
+    # _save_to_state_dict unpacks), and leave the layer packed.
+    import copy
+    import bitsandbytes as bnb
+    base = make_base(kind, dtype, out_f=64, in_f=128)
+    base.eval()
+    with torch.no_grad():
+        base(torch.randn(3, 128).to(dtype))
+    state = base.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):  # no avx512bf16 here: pack it
+        pack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+        if pack is None:
+            pytest.skip("this bitsandbytes has no CPU packing")
+        base.weight.data, base.weight.quant_state = pack(base.weight.data, state)
+        state = base.weight.quant_state
+    unpacked = copy.deepcopy(base)
+    unpacked.state_dict()  # bitsandbytes unpacks the weight in place to save it
+    assert not unpacked.weight.quant_state.packing_format_for_cpu
+    codes, absmax = base.weight.data.clone(), state.absmax.clone()
+    expected = q.dequantize_weight(unpacked)
+    assert expected.dtype == dtype
+    assert torch.equal(q.dequantize_weight(base), expected)
+    wm = ShiraLinear.from_linear(base, r=4, mask="wm")
+    assert torch.equal(wm.shira_flat_indices.long(), masks.mask_to_indices(
+        masks.wm_mask(expected, r=4)).long())
+    assert wm.shira_values.dtype == dtype
+    assert torch.equal(wm.dequantize().weight, expected)
+    # the layer was left as it was: packed, the same codes and state
+    assert base.weight.quant_state is state and state.packing_format_for_cpu
+    assert state.dtype == torch.bfloat16 and torch.equal(state.absmax, absmax)
+    assert torch.equal(base.weight.data, codes)

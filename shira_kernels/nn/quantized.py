@@ -19,6 +19,7 @@ sddmm, fused on the CPU).
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -101,7 +102,23 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
         functional = _bnb().functional
         if fmt.startswith("bitsandbytes int8"):
             return functional.int8_vectorwise_dequant(weight.data, _bnb_int8_scales(layer))
-        return functional.dequantize_4bit(weight.data, weight.quant_state)
+        data, quant_state = _bnb_4bit_unpacked(weight)
+        return functional.dequantize_4bit(data, quant_state)
+
+
+def _bnb_4bit_unpacked(weight) -> tuple[torch.Tensor, object]:
+    """A bitsandbytes Params4bit's codes and quant_state in bitsandbytes' storage layout,
+    without changing the weight. An inference forward on a CPU repacks the weight in place for
+    bitsandbytes' CPU kernel (quant_state.packing_format_for_cpu: another code layout, absmax
+    transposed to bf16, quant_state.dtype bf16); its _save_to_state_dict undoes that with
+    functional._convert_weight_packed_for_cpu_inverse, which this runs on a copy of the
+    quant_state (it replaces the state's fields, never writes the weight's codes), so the result
+    is what bitsandbytes would save, and the layer keeps its packed layout."""
+    quant_state = weight.quant_state
+    if not getattr(quant_state, "packing_format_for_cpu", False):
+        return weight.data, quant_state
+    inverse = _bnb().functional._convert_weight_packed_for_cpu_inverse
+    return inverse(weight.data, copy.copy(quant_state))
 
 
 def merge_error(quant_format: str) -> RuntimeError:
@@ -128,7 +145,10 @@ def _adapter_dtype(layer: nn.Module, fmt: str) -> torch.dtype:
     elif fmt.startswith("bitsandbytes int8"):
         dtype = layer.bias.dtype if layer.bias is not None else torch.float32
     else:
-        dtype = layer.weight.quant_state.dtype
+        quant_state = layer.weight.quant_state
+        dtype = quant_state.dtype
+        if getattr(quant_state, "packing_format_for_cpu", False):  # bf16 there: the original
+            dtype = getattr(quant_state, "original_dtype", dtype)  # (see _bnb_4bit_unpacked)
     return dtype if dtype in FLOAT_DTYPES else torch.float32
 
 
