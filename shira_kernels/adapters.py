@@ -76,6 +76,7 @@ from ._concurrency import reading as weight_reading
 from ._mixed import (BASE, MixedLayer, NamedAdapters, batch_names, forwards_replaced,
                      start_block, used_names)
 from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
+from .nn.quantized import QuantizedShiraLinear
 from .nn.shira_linear import ShiraLinear
 from .ops.multi_delta import multi_delta_linear
 from .ops.scatter_swap import adapted_entries, swap_transaction
@@ -645,11 +646,22 @@ class AdapterBank(NamedAdapters):
     def add_from_model(self, name: str, model: nn.Module) -> None:
         """Add every ShiraLinear of ``model`` (this bank's model or one of the same structure)
         as adapter ``name``: its indices, current values and scale, under its module name.
-        Collective where ``model`` is FSDP2-sharded (its values are gathered)."""
+        Collective where ``model`` is FSDP2-sharded (its values are gathered). A
+        QuantizedShiraLinear in ``model`` is a ValueError naming it (the bank holds no adapter
+        on a quantized weight: docs/quantized.md); nothing is added then."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         adapter, came_from = {}, {}
         for layer, module in model.named_modules():
+            if isinstance(module, QuantizedShiraLinear):
+                # Not dropped unseen: the bank switches adapters into the weights, and a
+                # quantized weight cannot take one (docs/quantized.md, "AdapterBank").
+                raise ValueError(
+                    f"adapter {name!r}: layer {layer!r} is a QuantizedShiraLinear "
+                    f"({module.quant_format}); the bank cannot switch an adapter into a "
+                    "quantized weight, so it cannot hold this layer's adapter. Serve it through "
+                    "the layer itself, or add the other layers' adapters with bank.add(), or "
+                    "dequantize() the layer first")
             if isinstance(module, ShiraLinear):
                 values = module.shira_values.detach()
                 if _is_dtensor(values):  # FSDP2 shards the values too: gather them (collective)
@@ -928,6 +940,11 @@ class AdapterBank(NamedAdapters):
         entry on a layer that is not a ShiraLinear, more entries than a layer holds, a merged
         layer, a layer of scale 0). Refused while an adapter is active (fused into the weights)
         and on FSDP2-sharded layers.
+
+        The model's QuantizedShiraLinear layers get an all-zero adapter (their values zeroed in
+        place, their base never written): no adapter of the bank touches a quantized weight
+        (add() refuses one), so each serves its base, as a ShiraLinear the adapter does not
+        touch does.
         """
         with self.lock:
             if self._active is not None:
@@ -976,10 +993,14 @@ class AdapterBank(NamedAdapters):
                     delta = SparseDelta(shape, torch.empty(0, dtype=torch.int64),
                                         torch.empty(0, dtype=module.shira_values.dtype))
                 plan.append((module, delta))
-            if not plan:
+            quantized = [m for m in self.model.modules() if isinstance(m, QuantizedShiraLinear)]
+            if not plan and not quantized:
                 raise ValueError("the model has no ShiraLinear layer to hot-swap into")
             for module, delta in plan:
                 module.hotswap_(delta)
+            with torch.no_grad():
+                for module in quantized:
+                    module.shira_values.zero_()
             self._hotswapped = name
 
     @property

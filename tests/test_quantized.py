@@ -543,3 +543,33 @@ def test_4bit_weight_packed_for_the_cpu_kernel_dequantizes_as_bitsandbytes_saves
     assert base.weight.quant_state is state and state.packing_format_for_cpu
     assert state.dtype == torch.bfloat16 and torch.equal(state.absmax, absmax)
     assert torch.equal(base.weight.data, codes)
+
+
+@pytest.mark.parametrize("kind", kind_params())
+def test_adapter_bank_holds_no_adapter_of_a_quantized_layer_and_hotswap_zeroes_it(kind):
+    # The bank switches adapters into weights, which a quantized one cannot take: a
+    # QuantizedShiraLinear's adapter is refused by add_from_model (not dropped unseen), and
+    # hotswap, which never writes a weight, gives it the all-zero adapter (the base).
+    from shira_kernels import AdapterBank
+    torch.manual_seed(0)
+    model = nn.Sequential(adapted(kind), nn.ReLU(), ShiraLinear.from_linear(
+        nn.Linear(OUT_F, 16), r=2))
+    with torch.no_grad():
+        model[2].shira_values.normal_()
+    bank = AdapterBank(model)
+    with pytest.raises(ValueError, match=r"layer '0' is a QuantizedShiraLinear"):
+        bank.add_from_model("task", model)
+    assert "task" not in bank
+    bank.add("plain", {"2": model[2].delta})
+    x = torch.randn(3, IN_F)
+    with torch.no_grad():
+        base = model[0].base_layer(x)
+    bank.hotswap("plain")
+    assert not model[0].shira_values.any()
+    assert torch.equal(model[2].shira_values, bank.deltas("plain")["2"][0].values)
+    with torch.no_grad():
+        model[0].shira_values.normal_()
+    bank.hotswap(None)
+    assert not model[0].shira_values.any() and not model[2].shira_values.any()
+    with torch.no_grad():
+        assert torch.equal(model[0](x), base)
