@@ -573,3 +573,21 @@ def test_adapter_bank_holds_no_adapter_of_a_quantized_layer_and_hotswap_zeroes_i
     assert not model[0].shira_values.any() and not model[2].shira_values.any()
     with torch.no_grad():
         assert torch.equal(model[0](x), base)
+
+
+@pytest.mark.parametrize("kind", kind_params("bnb-int8"))
+def test_int8_assign_load_that_bitsandbytes_refuses_changes_nothing(kind):
+    # assign=True would put the state_dict's plain weight tensor in the Int8Params' place
+    # (bitsandbytes then refuses its SCB, after the adapter was replaced): refused first.
+    src = adapted(kind, seed=0)
+    layer = ShiraLinear.from_linear(make_base(kind, seed=1), r=4, seed=9, scale=SCALE)
+    x = torch.randn(3, IN_F)
+    before = layer(x)
+    weight = layer.base_layer.weight
+    values, indices = layer.shira_values.detach().clone(), layer.shira_flat_indices.clone()
+    with pytest.raises(RuntimeError, match=r"assign=True.*base_layer\.weight"):
+        layer.load_state_dict(src.state_dict(), assign=True)
+    assert layer.base_layer.weight is weight
+    assert torch.equal(layer.shira_values, values)
+    assert torch.equal(layer.shira_flat_indices, indices)
+    assert torch.equal(layer(x), before)

@@ -331,10 +331,24 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
             except ValueError as e:
                 raise ValueError(f"load_state_dict: {prefix}weight_format: {e}; nothing was "
                                  "loaded") from None
-        key = prefix + "SCB"
+        weight, key = module.weight, prefix + "SCB"
+        if local_metadata.get("assign_to_params_buffers", False) and prefix + "weight" in part:
+            # assign=True puts the state_dict's tensor in the weight's place before
+            # bitsandbytes reads the scales from it: a tensor that is not an Int8Params would
+            # leave the layer without its int8 state (its next forward fails).
+            weight = part[prefix + "weight"]
+            int8_params = getattr(_bnb().nn, "Int8Params", None)
+            if int8_params is not None and not isinstance(weight, int8_params):
+                raise RuntimeError(
+                    f"load_state_dict(assign=True): {prefix}weight is a "
+                    f"{type(weight).__name__}, not a bitsandbytes Int8Params: assigned, it "
+                    "would replace the quantized weight of this Linear8bitLt with a plain one "
+                    "(bitsandbytes refuses its scales, and the layer's forward fails); load it "
+                    "without assign=True, which copies into the quantized weight; nothing was "
+                    "loaded")
         if key not in part:
             return
-        scales = getattr(module.weight, "SCB", None)
+        scales = getattr(weight, "SCB", None)
         if scales is None:  # moved to the layer's state by its first forward
             raise RuntimeError(f"load_state_dict: {key}: bitsandbytes loads a Linear8bitLt's "
                                "scales only before its first forward (it refuses this one); "
