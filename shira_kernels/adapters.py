@@ -76,7 +76,7 @@ from ._concurrency import reading as weight_reading
 from ._mixed import (BASE, MixedLayer, NamedAdapters, batch_names, forwards_replaced,
                      start_block, used_names)
 from .formats import SparseDelta, SparseDeltaSet, flat_index_dtype
-from .nn.quantized import QuantizedShiraLinear
+from .nn.quantized import QuantizedShiraLinear, _is_torchao_weight, quantized_format
 from .nn.shira_linear import ShiraLinear
 from .ops.multi_delta import multi_delta_linear
 from .ops.scatter_swap import adapted_entries, swap_transaction
@@ -547,6 +547,10 @@ class AdapterBank(NamedAdapters):
                 raise TypeError(f"{where}: expected a SparseDelta or (SparseDelta, scale), got "
                                 f"{type(item).__name__}")
             weight = module.weight
+            if _is_torchao_weight(weight):  # it reports the dtype it was quantized from
+                raise ValueError(f"{where}: the weight is quantized ({quantized_format(module)}); "
+                                 "the bank cannot switch an adapter into a quantized weight "
+                                 "(docs/quantized.md, \"AdapterBank\")")
             if weight.dtype not in FLOAT_DTYPES or not weight.is_contiguous():
                 raise ValueError(f"{where}: the weight must be a contiguous float32/float16/"
                                  f"bfloat16 tensor, got {weight.dtype}"

@@ -591,3 +591,26 @@ def test_int8_assign_load_that_bitsandbytes_refuses_changes_nothing(kind):
     assert torch.equal(layer.shira_values, values)
     assert torch.equal(layer.shira_flat_indices, indices)
     assert torch.equal(layer(x), before)
+
+
+@pytest.mark.parametrize("config", ["Int8WeightOnlyConfig", "Float8WeightOnlyConfig"])
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed")
+def test_adapter_bank_refuses_a_torchao_weight_clearly(config):
+    # A torchao tensor subclass reports a float dtype: refused as a quantized weight, with the
+    # layer named, before torchao is asked to index it.
+    import torchao.quantization as tq
+    from shira_kernels import AdapterBank, SparseDelta
+    if not hasattr(tq, config):
+        pytest.skip(f"this torchao has no {config}")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN_F, OUT_F))
+    try:
+        tq.quantize_(model, getattr(tq, config)())
+    except Exception as e:  # a config without a CPU path here
+        pytest.skip(f"{config} does not quantize on this machine: {e}")
+    bank = AdapterBank(model)
+    delta = SparseDelta.from_flat(torch.tensor([0, 5, 97]), (OUT_F, IN_F),
+                                  torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"layer '0'.*quantized"):
+        bank.add("a", {"0": delta})
+    assert "a" not in bank
