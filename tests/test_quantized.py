@@ -614,3 +614,25 @@ def test_adapter_bank_refuses_a_torchao_weight_clearly(config):
     with pytest.raises(ValueError, match=r"layer '0'.*quantized"):
         bank.add("a", {"0": delta})
     assert "a" not in bank
+
+
+@pytest.mark.parametrize("kind", kind_params("torchao-int8", "torchao-int4"))
+def test_torchao_assign_load_of_a_plain_weight_is_refused(kind):
+    # assign=True of a float base weight would dequantize the base unseen (quant_format still
+    # naming torchao, merge and dequantize failing): refused before anything is copied.
+    layer = adapted(kind, seed=0)
+    x = torch.randn(3, IN_F)
+    before = layer(x)
+    weight = layer.base_layer.weight
+    values = layer.shira_values.detach().clone()
+    state = dict(layer.state_dict(), shira_values=torch.zeros_like(values))
+    state["base_layer.weight"] = torch.randn(OUT_F, IN_F)
+    with pytest.raises(RuntimeError, match=r"assign=True.*base_layer\.weight"):
+        layer.load_state_dict(state, assign=True)
+    assert layer.base_layer.weight is weight and torch.equal(layer.shira_values, values)
+    assert torch.equal(layer(x), before)
+    assert type(layer.dequantize()) is ShiraLinear
+    # a weight of the layer's own kind still assigns
+    other = adapted(kind, seed=1)
+    layer.load_state_dict(other.state_dict(), assign=True)
+    assert torch.equal(layer(x), other(x))

@@ -308,6 +308,15 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
                     raise RuntimeError(f"load_state_dict: size mismatch for {key}: the "
                                        f"state_dict's has shape {tuple(t.shape)}, this layer's "
                                        f"{tuple(current.shape)}; nothing was loaded")
+                if assign and _is_torchao_weight(current) and type(t) is not type(current):
+                    # assigned, it would replace the quantized weight by another kind (a plain
+                    # float one: the base dequantized, quant_format no longer true)
+                    raise RuntimeError(f"load_state_dict(assign=True): {key} is a "
+                                       f"{type(t).__name__}, not this layer's "
+                                       f"{type(current).__name__}: assigned, it would replace "
+                                       "the quantized base weight by another kind; load it "
+                                       "without assign=True (a copy into the quantized weight) "
+                                       "or quantize it the same way first; nothing was loaded")
                 if not assign and _is_torchao_weight(current) and type(t) is not type(current):
                     # torchao copies only from a tensor of its own kind (a float one fails
                     # after the adapter was copied): try the copy on a clone.
