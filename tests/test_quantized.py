@@ -636,3 +636,15 @@ def test_torchao_assign_load_of_a_plain_weight_is_refused(kind):
     other = adapted(kind, seed=1)
     layer.load_state_dict(other.state_dict(), assign=True)
     assert torch.equal(layer(x), other(x))
+
+
+@pytest.mark.parametrize("kind", kind_params())
+def test_forward_names_x_of_an_unsupported_dtype(kind):
+    layer = adapted(kind)
+    ran = []
+    layer.base_layer.register_forward_pre_hook(lambda m, i: ran.append(1))
+    with pytest.raises(TypeError, match=r"^x has dtype torch\.float64"):
+        layer(torch.randn(3, IN_F, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x must be a torch\.Tensor"):
+        layer([[0.0] * IN_F])
+    assert not ran  # checked before the base's forward

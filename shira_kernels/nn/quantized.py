@@ -25,7 +25,7 @@ import sys
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES, check_scale, validate_indices
+from .._checks import FLOAT_DTYPES, check_float_tensor, check_scale, validate_indices
 from ..formats import SparseDelta
 from ..masks import make_mask, mask_to_indices
 from ..ops.sparse_delta import sparse_product_add_unpacked
@@ -371,6 +371,7 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base_layer(x), the quantized layer's own forward, plus scale·x·Sᵀ by spmm."""
+        check_float_tensor("x", x)  # before the base runs: named as the caller knows it
         structure = self._structure_for_forward()
         y = self.base_layer(x)
         return sparse_product_add_unpacked(y, x, self.shape, self.shira_values, structure,
