@@ -21,6 +21,7 @@ from shira_kernels.nn import ShiraLinear
 
 from test_sparse_delta import delta_linear_bound
 from tolerance import assert_within_error_bound
+from unchanged import assert_same_bits, state_bits
 
 DTYPES = (torch.float32, torch.bfloat16)
 # CUDA tensors too where a GPU is visible (the ops pick the cuda or triton backend there).
@@ -308,6 +309,24 @@ def test_state_dict_round_trip_and_refused_load():
         other.load_state_dict(state)
     for key, t in other.state_dict().items():
         assert torch.equal(t, kept[key]), key
+
+
+@pytest.mark.parametrize("fault", ["wraps_in_int32", "fractional", "negative"])
+def test_load_refuses_indices_a_cast_would_change(fault):
+    # The indices are checked as the state_dict holds them, not after the cast to the buffer's
+    # int32: an int64 index 2**32 + i is not entry i, and a float index 3.5 is not entry 3.
+    layer = _mosa_bottleneck(8, 4, torch.float32, k=4)
+    state, key = layer.state_dict(), "down_modules.module_flat_indices"
+    last = torch.zeros(state[key].shape, dtype=torch.bool)
+    last[-1, -1] = True
+    bad, error = {"wraps_in_int32": (state[key].long() + 2 ** 32 * last, ValueError),
+                  "fractional": (state[key].float() + 0.5, TypeError),
+                  "negative": (state[key].long() - 2 ** 32 * last, ValueError)}[fault]
+    before = state_bits(layer, derived=True)
+    with pytest.raises(error, match=rf"{key}\[\d\] .*(out of range|int32 or int64)"):
+        layer.load_state_dict({**state, key: bad})  # was: accepted
+    assert_same_bits(state_bits(layer, derived=True), before)
+    layer.load_state_dict({**state, key: state[key].long()})  # in range: int64 loads
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_float_tensor, check_scale, check_size
+from .._checks import check_float_tensor, check_scale, check_size, validate_indices
 from ..formats import SparseDelta, SparseStructure, flat_index_dtype
 from ..masks import check_seed, split_mask
 from ..nn import ShiraLinear
@@ -156,6 +156,18 @@ class _Activation:
 # ---------------------------------------------------------------------------------------------
 # One sparse matrix split into modules.
 # ---------------------------------------------------------------------------------------------
+def _check_module_indices(indices: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    """Raise unless ``indices`` [modules, size] are a split of entries of a ``shape`` matrix as
+    SparseModules holds one: each module's row int32/int64, in range, unique and sorted
+    ascending (validate_indices, naming ``name[j]``), and no entry in two modules."""
+    numel = shape[0] * shape[1]
+    for j in range(indices.shape[0]):
+        validate_indices(indices[j], numel, name=f"{name}[{j}]", ascending=True)
+    flat = torch.sort(indices.reshape(-1)).values
+    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+        raise ValueError(f"{name}: modules overlap (an entry is in two modules)")
+
+
 class SparseModules(nn.Module):
     """A sparse matrix [out, in] on a fixed mask, dealt out into n disjoint equal modules, each
     module's values a Parameter of its own (``module_values[j]``, in the order of its sorted
@@ -208,18 +220,11 @@ class SparseModules(nn.Module):
 
     def _derive(self) -> None:
         """The whole mask's sorted indices and structure, each position's module and place."""
-        indices = self.module_flat_indices
+        indices = self.module_flat_indices  # valid: split_mask's, or checked before a load
         n, size = indices.shape
         flat = indices.reshape(-1).long()
-        numel = self.shape[0] * self.shape[1]
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= numel):
-            raise ValueError(f"module_flat_indices must lie in [0, {numel})")
-        if size > 1 and not bool((indices[:, 1:] > indices[:, :-1]).all()):
-            raise ValueError("each module's flat indices must be sorted ascending and unique")
         order = torch.argsort(flat)
         sorted_flat = flat[order]
-        if sorted_flat.numel() > 1 and not bool((sorted_flat[1:] > sorted_flat[:-1]).all()):
-            raise ValueError("modules overlap: module_flat_indices repeat an entry")
         structure = SparseStructure.build(sorted_flat, self.shape)
         self.register_buffer("_flat", sorted_flat.to(indices.dtype), persistent=False)
         self.register_buffer("_owner", torch.div(order, size, rounding_mode="floor"),
@@ -236,17 +241,18 @@ class SparseModules(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Checked before torch copies anything: a rejected load leaves the modules as they were.
+        # As the state_dict holds them: the cast to the buffer's dtype would wrap an int64
+        # index past int32 and truncate a float one.
         key = prefix + "module_flat_indices"
         if key in state_dict:
             new = state_dict[key]
             if not isinstance(new, torch.Tensor) or new.shape != self.module_flat_indices.shape:
                 raise ValueError(f"load_state_dict: {key} must be a tensor of shape "
                                  f"{tuple(self.module_flat_indices.shape)}")
-            probe = SparseModules.__new__(SparseModules)
-            nn.Module.__init__(probe)
-            probe.shape = self.shape
-            probe.register_buffer("module_flat_indices", new.to(self.module_flat_indices))
-            probe._derive()  # raises ValueError on indices out of range, unsorted or overlapping
+            try:
+                _check_module_indices(new, self.shape, key)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"load_state_dict: {e}") from None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._derive()
