@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from shira_kernels.methods.mosa import MoSABottleneck, MoSAShiraLinear
 from shira_kernels.nn import BinaryLoRALinear, DyLoRALinear, ShiraLinear
 from unchanged import assert_same_bits, state_bits
 
@@ -52,8 +53,20 @@ def _dylora(seed):
     return _randomized(DyLoRALinear.from_linear(nn.Linear(24, 10), 4, seed=seed), seed)
 
 
+def _mosa_shira(seed):
+    torch.manual_seed(seed)
+    return _randomized(MoSAShiraLinear.from_linear(nn.Linear(24, 10), k=2, active=1, r=2,
+                                                   seed=seed), seed)
+
+
+def _mosa_bottleneck(seed):
+    torch.manual_seed(seed)
+    return _randomized(MoSABottleneck(24, 2, k=4, active=2, seed=seed), seed)
+
+
 LAYERS = {"shira": _shira, "binary_lora_packed": _binary_lora,
-          "binary_lora_float": _binary_lora_float, "dylora": _dylora}
+          "binary_lora_float": _binary_lora_float, "dylora": _dylora,
+          "mosa_shira": _mosa_shira, "mosa_bottleneck": _mosa_bottleneck}
 
 
 def _model(make, seed):

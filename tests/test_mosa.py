@@ -311,6 +311,51 @@ def test_state_dict_round_trip_and_refused_load():
         assert torch.equal(t, kept[key]), key
 
 
+def _mosa_shira(k, seed):
+    torch.manual_seed(seed)
+    layer = MoSAShiraLinear.from_linear(nn.Linear(16, 8), k=k, active=1, r=2, seed=seed)
+    _randomize(layer.shira_modules, seed)
+    return layer
+
+
+def _refused_load_cases():
+    """(layer, state_dict it refuses, the key the refusal names), each refusal found by torch
+    only after copying some of the layer's tensors."""
+    def other_k_shira():
+        return _mosa_shira(4, 0), _mosa_shira(2, 1).state_dict(), "shira_modules.module_flat_indices"
+
+    def other_k_bottleneck():
+        state = _mosa_bottleneck(8, 4, torch.float32, k=2, seed=1).state_dict()
+        return _mosa_bottleneck(8, 4, torch.float32, k=4), state, "down_modules.module_flat_indices"
+
+    def permuted_and_missized(make, prefix):
+        def case():
+            layer = make()
+            state = layer.state_dict()
+            state[prefix + "module_flat_indices"] = state[prefix + "module_flat_indices"].flip(0)
+            key = prefix + "module_values.1"
+            state[key] = torch.zeros(state[key].numel() + 1)
+            return layer, state, key
+        return case
+
+    return {"other_k_shira": other_k_shira, "other_k_bottleneck": other_k_bottleneck,
+            "permuted_missized_bottleneck": permuted_and_missized(
+                lambda: _mosa_bottleneck(8, 4, torch.float32, k=4), "up_modules."),
+            "permuted_missized_shira": permuted_and_missized(lambda: _mosa_shira(4, 0),
+                                                             "shira_modules."),
+            "permuted_missized_modules": permuted_and_missized(
+                lambda: _mosa_bottleneck(8, 4, torch.float32, k=4).down_modules, "")}
+
+
+@pytest.mark.parametrize("case", list(_refused_load_cases()))
+def test_refused_load_changes_nothing(case):
+    layer, state, key = _refused_load_cases()[case]()
+    before = state_bits(layer, derived=True)
+    with pytest.raises((ValueError, RuntimeError), match=key.replace(".", r"\.")):
+        layer.load_state_dict(state)  # was: the base weight, biases or indices copied first
+    assert_same_bits(state_bits(layer, derived=True), before)
+
+
 @pytest.mark.parametrize("fault", ["wraps_in_int32", "fractional", "negative"])
 def test_load_refuses_indices_a_cast_would_change(fault):
     # The indices are checked as the state_dict holds them, not after the cast to the buffer's

@@ -49,7 +49,8 @@ from .._checks import check_float_tensor, check_scale, check_size, validate_indi
 from ..formats import SparseDelta, SparseStructure, flat_index_dtype
 from ..masks import check_seed, split_mask
 from ..nn import ShiraLinear
-from ..nn._wrap import adopt_linear
+from ..nn._wrap import (adopt_linear, check_copyable, check_loadable, check_strict_keys,
+                        load_is_strict)
 from ..ops.sparse_delta import sparse_delta_linear_unpacked, sparse_product_add_unpacked
 
 __all__ = ["Bottleneck", "MoSABottleneck", "MoSAShiraLinear", "ParallelAdapter", "SparseModules",
@@ -84,7 +85,8 @@ def _check_split(k, active, hierarchical, k_fine, active_fine) -> tuple[int, int
 
 class _Activation:
     """What the MoSA layers share: the split's sizes, the random draw of a step's modules, a
-    pinned choice (set_active) and eval mode's "all modules"."""
+    pinned choice (set_active), eval mode's "all modules", and a load checked whole (the
+    layer's own tensors and every SparseModules) before torch copies any of it."""
 
     def _init_activation(self, k, active, hierarchical, k_fine, active_fine, rescale, seed):
         self.k, self.active, self.k_fine, self.active_fine = _check_split(
@@ -146,6 +148,19 @@ class _Activation:
 
     def _factor(self, chosen) -> float:
         return self.n_modules / len(chosen) if self.rescale else 1.0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checked before torch copies any of it: torch copies this layer's own tensors (the base
+        # weight and bias, the biases) before its modules load theirs, so a module refusing its
+        # part after that would leave the layer changed.
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        check_loadable(self, state_dict, prefix, assign=assign)
+        for name, child in self.named_children():
+            if isinstance(child, SparseModules):
+                child._check_loadable(state_dict, f"{prefix}{name}.", assign)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _split_repr(self) -> str:
         split = (f"k={self.k}x{self.k_fine}, active={self.active}x{self.active_fine}"
@@ -241,21 +256,38 @@ class SparseModules(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Checked before torch copies anything: a rejected load leaves the modules as they were.
-        # As the state_dict holds them: the cast to the buffer's dtype would wrap an int64
-        # index past int32 and truncate a float one.
+        self._check_loadable(state_dict, prefix,
+                             local_metadata.get("assign_to_params_buffers", False))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._derive()
+
+    def _check_loadable(self, state_dict, prefix: str, assign: bool = False) -> None:
+        """Raise before torch copies anything unless this split's part of ``state_dict``
+        loads: the indices (checked as the state_dict holds them: the cast to the buffer's
+        dtype would wrap an int64 index past int32 and truncate a float one), every module's
+        values (check_loadable on module_values: torch loads them after the indices) and, in
+        a strict load, no key missing or unexpected. A MoSA layer calls it for its modules
+        before torch copies the layer's own tensors."""
         key = prefix + "module_flat_indices"
         if key in state_dict:
             new = state_dict[key]
-            if not isinstance(new, torch.Tensor) or new.shape != self.module_flat_indices.shape:
-                raise ValueError(f"load_state_dict: {key} must be a tensor of shape "
-                                 f"{tuple(self.module_flat_indices.shape)}")
+            if not isinstance(new, torch.Tensor):
+                raise TypeError(f"load_state_dict: {key} must be a tensor, got "
+                                f"{type(new).__name__}")
+            if tuple(new.shape) != tuple(self.module_flat_indices.shape):
+                n, size = self.module_flat_indices.shape
+                raise ValueError(f"load_state_dict: {key} has shape {tuple(new.shape)}, this "
+                                 f"layer's ({n}, {size}) ({n} modules of {size} entries); build "
+                                 "the layer with that split to load it")
+            check_copyable(key, new)  # read (checked, derived from) even by an assign load
             try:
                 _check_module_indices(new, self.shape, key)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"load_state_dict: {e}") from None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        self._derive()
+        check_loadable(self.module_values, state_dict, prefix + "module_values.", assign=assign)
+        if load_is_strict():  # torch's `strict` in _load_from_state_dict is always True
+            check_strict_keys(self, state_dict, prefix)
 
     def _plan(self, chosen: tuple[int, ...]):
         """(sorted flat indices, SparseStructure, gather) of the chosen modules' entries:
