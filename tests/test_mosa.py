@@ -223,6 +223,41 @@ def test_merged_shira_linear_is_the_sum_of_its_modules(dtype):
     assert_within_error_bound(merged(x), exact, magnitude, k, "unmerged", roundings=n)
 
 
+def _shared_layer(kind, dtype=torch.float32, value=None):
+    if kind == "bottleneck":
+        return _mosa_bottleneck(8, 4, dtype, k=4)
+    layer = MoSAShiraLinear.from_linear(nn.Linear(8, 8, dtype=dtype), k=4, active=2, r=2)
+    _randomize(layer.shira_modules, 1)
+    if value is not None:
+        with torch.no_grad():
+            for values in layer.shira_modules.module_values:
+                values.fill_(value)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "shira"])
+def test_merge_mosa_replaces_a_shared_layer_in_every_place(kind):
+    # named_modules() names a shared module once: the other places kept the merged-away layer.
+    layer = _shared_layer(kind)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Sequential(layer)).eval()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    assert merge_mosa(model) == ["0", "2.0"]  # was: ["0"]
+    merged = model[0]
+    assert model[2][0] is merged and not isinstance(merged, (MoSABottleneck, MoSAShiraLinear))
+    torch.testing.assert_close(model(x), expected)  # was: RuntimeError, the layer was merged
+    # Refused part way (a later layer overflows fp16): every place keeps the shared layer.
+    shared = _shared_layer("shira", torch.float16, 0.5)
+    overflow = _shared_layer("shira", torch.float16, 6e4)
+    overflow.scale = 2.0
+    model = nn.Sequential(shared, overflow, nn.Sequential(shared))
+    before = state_bits(model)
+    with pytest.raises(ValueError, match=r"layer '1'"):
+        merge_mosa(model)
+    assert model[0] is shared and model[2][0] is shared and not shared.merged
+    assert_same_bits(state_bits(model), before)
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()

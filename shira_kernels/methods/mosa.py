@@ -574,17 +574,24 @@ class MoSAShiraLinear(_Activation, nn.Linear):
 def merge_mosa(model: nn.Module, into_weight: bool = True) -> list[str]:
     """Replace every MoSA layer of ``model`` by its merge() (MoSABottleneck → Bottleneck,
     MoSAShiraLinear → ShiraLinear, merged into the weight unless into_weight=False); returns
-    the replaced names. All or nothing: every layer is merged before any is replaced, and if
-    one merge is refused (W + scale·S would overflow the weight's dtype) the ones before it
-    are undone, so the model is left as it was."""
+    the replaced names. A layer held in several places (shared) is merged once and that one
+    result put in each of them, every place named. All or nothing: every layer is merged
+    before any is replaced, and if one merge is refused (W + scale·S would overflow the
+    weight's dtype) the ones before it are undone, so the model is left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, (MoSABottleneck, MoSAShiraLinear)):
         raise TypeError("model is itself a MoSA layer: call its merge()")
     if not isinstance(into_weight, bool):
         raise TypeError(f"into_weight must be a bool, got {type(into_weight).__name__}")
-    chosen = [(name, m) for name, m in model.named_modules()
+    # Every place (named_modules() would name a shared layer once), and each layer once,
+    # under its first name: merging it twice would add a ShiraLinear's delta twice into W.
+    places = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
               if isinstance(m, (MoSABottleneck, MoSAShiraLinear))]
+    first: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in places:
+        first.setdefault(id(module), (name, module))
+    chosen = list(first.values())
     trainable = [(p, p.requires_grad) for p in model.parameters()]  # merge() freezes W, b
     done = []
     try:
@@ -602,7 +609,8 @@ def merge_mosa(model: nn.Module, into_weight: bool = True) -> list[str]:
         if isinstance(e, ValueError):  # merge()'s own message does not know the layer's name
             raise ValueError(f"layer {name!r}: {e}") from None
         raise
-    for (name, _), merged in zip(chosen, done):
+    result = {id(module): merged for (_, module), merged in zip(chosen, done)}
+    for name, module in places:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, merged)
-    return [name for name, _ in chosen]
+        setattr(model.get_submodule(parent) if parent else model, child, result[id(module)])
+    return [name for name, _ in places]
