@@ -258,6 +258,15 @@ def test_merge_mosa_replaces_a_shared_layer_in_every_place(kind):
     assert_same_bits(state_bits(model), before)
 
 
+def test_merged_layers_take_the_training_flag_of_the_original():
+    for training in (False, True):
+        model = nn.Sequential(_shared_layer("bottleneck"), _shared_layer("shira")).train(training)
+        merge_mosa(model)
+        assert [m.training for m in model.modules()] == [training] * len(list(model.modules()))
+        layer = _shared_layer("bottleneck").train(training)
+        assert layer.merge().training == training  # was: True, a new module's default
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()

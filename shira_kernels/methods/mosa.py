@@ -464,8 +464,9 @@ class MoSABottleneck(_Activation, nn.Module):
 
     @torch.no_grad()
     def merge(self) -> Bottleneck:
-        """The dense Bottleneck whose weights are every module's entries (a new module; this
-        one refuses further forwards). merge_mosa(model) swaps it into the model."""
+        """The dense Bottleneck whose weights are every module's entries (a new module, in this
+        one's training mode; this one refuses further forwards). merge_mosa(model) swaps it
+        into the model."""
         first = self.down_modules.module_values[0]
         dense = Bottleneck(self.d, self.r, scale=self.scale, bias=self.down_bias is not None,
                            device=first.device, dtype=first.dtype)
@@ -474,6 +475,7 @@ class MoSABottleneck(_Activation, nn.Module):
         if self.down_bias is not None:
             dense.down.bias.copy_(self.down_bias)
             dense.up.bias.copy_(self.up_bias)
+        dense.train(self.training)  # it takes this layer's place: in eval mode if this one was
         self.merged = True
         return dense
 
@@ -544,10 +546,11 @@ class MoSAShiraLinear(_Activation, nn.Linear):
 
     @torch.no_grad()
     def merge(self, into_weight: bool = True) -> ShiraLinear:
-        """One ShiraLinear over the same weight and bias Parameters, its delta the union of the
-        modules; with into_weight (default) its merge() has put W + scale·S into the weight
-        (forward is then a plain linear; unmerge() restores the base bit for bit). This layer
-        refuses further forwards; merge_mosa(model) swaps the result into the model."""
+        """One ShiraLinear over the same weight and bias Parameters (in this layer's training
+        mode), its delta the union of the modules; with into_weight (default) its merge() has
+        put W + scale·S into the weight (forward is then a plain linear; unmerge() restores
+        the base bit for bit). This layer refuses further forwards; merge_mosa(model) swaps
+        the result into the model."""
         if not isinstance(into_weight, bool):
             raise TypeError(f"into_weight must be a bool, got {type(into_weight).__name__}")
         if self.merged:  # a second merge would add the delta into the shared weight again
@@ -560,6 +563,7 @@ class MoSAShiraLinear(_Activation, nn.Linear):
             new.shira_values.copy_(delta.values)
             new.strategy = self.strategy
         merged = adopt_linear(ShiraLinear, self, init)
+        merged.train(self.training)  # it takes this layer's place: in eval mode if this one was
         merged.shira_values.requires_grad_(False)
         if into_weight:
             merged.merge()
