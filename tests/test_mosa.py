@@ -366,7 +366,8 @@ def _refused_load_cases():
     """(layer, state_dict it refuses, the key the refusal names), each refusal found by torch
     only after copying some of the layer's tensors."""
     def other_k_shira():
-        return _mosa_shira(4, 0), _mosa_shira(2, 1).state_dict(), "shira_modules.module_flat_indices"
+        state = _mosa_shira(2, 1).state_dict()
+        return _mosa_shira(4, 0), state, "shira_modules.module_flat_indices"
 
     def other_k_bottleneck():
         state = _mosa_bottleneck(8, 4, torch.float32, k=2, seed=1).state_dict()
