@@ -304,6 +304,18 @@ def test_full_state_dict_round_trip(kind):
 
 
 @pytest.mark.parametrize("kind", kind_params("torchao-int8", "bnb-int8"))
+def test_the_layer_owns_a_copy_of_the_indices_it_was_given(kind):
+    """QuantizedShiraLinear(base, indices=t) used to register t itself as its buffer: a
+    load_state_dict, which copies into the buffer in place, overwrote the caller's tensor."""
+    given = torch.tensor([0, 5, 9])
+    layer = QuantizedShiraLinear(make_base(kind), indices=given)
+    loaded = torch.tensor([2, 3, 4])
+    layer.load_state_dict({**layer.state_dict(), "shira_flat_indices": loaded})
+    assert layer.shira_flat_indices.tolist() == [2, 3, 4]
+    assert given.tolist() == [0, 5, 9]
+
+
+@pytest.mark.parametrize("kind", kind_params("torchao-int8", "bnb-int8"))
 def test_bad_load_leaves_the_layer_as_it_was(kind):
     layer = adapted(kind)
     x = torch.randn(3, IN_F)

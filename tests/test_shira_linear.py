@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shira_kernels import sparse_delta_linear
 from shira_kernels.nn import ShiraLinear, mark_only_adapters_trainable, replace_linear
 
 from conftest import DTYPES
@@ -307,6 +308,29 @@ def test_hotswap_refuses_bad_input_and_changes_nothing():
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
     assert all(torch.equal(a, b) for a, b in zip(
         structure, [b for n, b in layer.named_buffers() if n.startswith("_shira_")]))
+
+
+@pytest.mark.parametrize("write", ["hotswap_", "load_state_dict"])
+def test_the_layer_owns_a_copy_of_the_indices_it_was_given(write):
+    """ShiraLinear(indices=t) used to register t itself as its buffer (and derive its
+    structure buffers from t's cache entry): hotswap_ and load_state_dict, which write the
+    buffers in place, overwrote the caller's tensor and any SparseDelta built on it."""
+    from shira_kernels import SparseDelta
+    idx = torch.tensor([0, 5, 9])
+    layer = ShiraLinear(4, 4, indices=idx)
+    original = SparseDelta((4, 4), idx, torch.tensor([1., 2., 3.]))
+    dense = original.to_dense()
+    x = torch.randn(2, 4)
+    out = sparse_delta_linear(x, torch.zeros(4, 4), None, original)
+    other = SparseDelta((4, 4), torch.tensor([2, 3, 4]), torch.tensor([7., 8., 9.]))
+    if write == "hotswap_":
+        layer.hotswap_(other)
+    else:
+        layer.load_state_dict({**layer.state_dict(), "shira_flat_indices": other.flat_indices})
+    assert layer.shira_flat_indices.tolist() == [2, 3, 4]
+    assert idx.tolist() == [0, 5, 9]
+    assert torch.equal(original.to_dense(), dense)
+    assert torch.equal(sparse_delta_linear(x, torch.zeros(4, 4), None, original), out)
 
 
 def test_bank_switch_in_a_compiled_model_recompiles_nothing():

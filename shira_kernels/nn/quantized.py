@@ -182,7 +182,9 @@ class QuantizedShiraLinear(SparseAdapterState, nn.Module):
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be a tensor, got {type(indices).__name__}")
         device = _device(base_layer)
-        indices = indices.to(device)
+        # The layer's own copy: load_state_dict writes the buffer in place, which must not
+        # reach the caller's tensor.
+        indices = indices.to(device, copy=True)
         validate_indices(indices, shape[0] * shape[1], name="indices", ascending=True)
         if dtype is None:
             dtype = _adapter_dtype(base_layer, fmt)

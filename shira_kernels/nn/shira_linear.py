@@ -88,6 +88,12 @@ class ShiraLinear(SparseAdapterState, nn.Linear):
         return adopt_linear(cls, linear, lambda layer: layer._init_adapter(indices, scale))
 
     def _init_adapter(self, indices: torch.Tensor, scale: float) -> None:
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a tensor, got {type(indices).__name__}")
+        # The layer's own copy, before the structure is derived (it is cached per index
+        # tensor): hotswap_ and load_state_dict write these buffers in place, which must not
+        # reach the caller's tensor or a SparseDelta built on it.
+        indices = indices.clone()
         delta = SparseDelta(self.weight.shape, indices, torch.zeros(
             indices.numel(), dtype=self.weight.dtype, device=self.weight.device))
         self.scale = check_scale(scale)
