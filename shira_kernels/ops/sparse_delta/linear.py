@@ -38,7 +38,7 @@ from ..._checks import check_float_tensor, check_linear, check_scale
 from ..._concurrency import weight_lock
 from ...formats import SparseDelta, SparseStructure, flat_index_dtype
 from .. import registry
-from .._eager import eager_function, looped_under_vmap, run_in_the_autocast_dtype, via_op
+from .._eager import eager_function, looped_under_vmap, run_in_the_autocast_dtype
 from ..scatter_swap import raise_outside, swap_in_range, swap_unchecked
 from .parts import _add_delta_holding, _check_delta, _check_delta_shape, _values_gradient
 
@@ -369,7 +369,8 @@ def sparse_delta_linear_unpacked(x: torch.Tensor, weight: torch.Tensor,
         strategy = auto_strategy(x.device, run_dtype, x2.shape[0], training, weight.shape,
                                  values.shape[0], x.requires_grad)
     s = structure
-    run = _linear_op if autocast or torch.compiler.is_compiling() else _eager_linear  # via_op(x)
+    # _eager.via_op's test, with check_linear's autocast answer instead of asking again
+    run = _linear_op if autocast or torch.compiler.is_compiling() else _eager_linear
     y = run(x2, weight, bias, values, flat_indices, s.row_offsets, s.cols, s.rows,
             s.t_offsets, s.t_cols, s.t_perm, check_scale(scale), strategy)
     return y.view(*x.shape[:-1], weight.shape[0])
